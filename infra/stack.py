@@ -1,0 +1,242 @@
+"""The local stack: a Temporal dev server, a catalog PostgreSQL and N shard PostgreSQLs.
+
+``Stack.up()`` is idempotent: it creates what is missing, starts what is stopped and waits for
+every server to be healthy. ``Stack.down()`` stops everything it started and waits until no
+process is left. The stack file (``stack.json`` in the state directory) records what exists,
+so ``status`` and other processes (the worker, tests, the demo) find the servers' addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from infra.errors import InfraError
+from infra.postgres import PostgresInstance, binary_version, embedded_bin_dir, ensure_os_user
+from infra.temporal import TemporalDevServer
+from settings import InfraSettings, Settings
+
+STACK_FILE = "stack.json"
+
+
+class ServerRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    role: str  # "catalog" | "shard"
+    port: int
+    major_version: int
+    bin_dir: str
+
+
+class StackRecord(BaseModel):
+    """What ``stack.json`` holds: every server of the stack and how to reach it."""
+
+    state_dir: str
+    temporal_port: int
+    ui_port: int
+    servers: list[ServerRecord]
+
+    def shard_names(self) -> list[str]:
+        return [s.name for s in self.servers if s.role == "shard"]
+
+
+class ServerStatus(BaseModel):
+    name: str
+    role: str
+    address: str
+    version: str
+    healthy: bool
+    detail: str = ""
+
+
+class Stack:
+    """The local stack rooted at one state directory."""
+
+    def __init__(self, state_dir: Path, infra: InfraSettings) -> None:
+        self.state_dir = state_dir.resolve()
+        self.infra = infra
+        self.passfile = self.state_dir / "pgpass"
+        existing = self.record()
+        # A running stack keeps the ports it was created with, whatever this caller's settings say.
+        self.temporal = TemporalDevServer(
+            self.state_dir,
+            port=existing.temporal_port if existing else infra.temporal_port,
+            ui_port=existing.ui_port if existing else infra.ui_port,
+            headless=infra.headless,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Stack:
+        return cls(settings.state_dir, settings.infra)
+
+    # -- the stack file ----------------------------------------------------------------------
+
+    @property
+    def stack_file(self) -> Path:
+        return self.state_dir / STACK_FILE
+
+    def record(self) -> StackRecord | None:
+        try:
+            return StackRecord.model_validate_json(self.stack_file.read_text())
+        except FileNotFoundError:
+            return None
+
+    def _planned(self) -> StackRecord:
+        """The servers this configuration wants, merged with those that already exist."""
+        existing = self.record()
+        pg18 = self.infra.pg_bin_dir or embedded_bin_dir()
+        servers: dict[str, ServerRecord] = {s.name: s for s in existing.servers} if existing else {}
+        base = self.infra.base_port
+        if "catalog" not in servers:
+            servers["catalog"] = ServerRecord(
+                name="catalog", role="catalog", port=base, major_version=binary_version(pg18),
+                bin_dir=str(pg18),
+            )
+        shards = [s for s in servers.values() if s.role == "shard"]
+        n18 = sum(1 for s in shards if s.bin_dir == str(pg18))
+        n15 = sum(1 for s in shards if s.bin_dir == str(self.infra.pg15_bin_dir))
+        next_index = len(shards) + 1
+        wanted: list[Path] = [pg18] * max(0, self.infra.shards - n18)
+        if self.infra.pg15_shards > n15:
+            if not (self.infra.pg15_bin_dir / "postgres").exists():
+                raise InfraError(
+                    f"PostgreSQL 15 binaries not found in {self.infra.pg15_bin_dir}; "
+                    "install them with: apt-get install -y postgresql-15"
+                )
+            wanted += [self.infra.pg15_bin_dir] * (self.infra.pg15_shards - n15)
+        for bin_dir in wanted:
+            name = f"shard-{next_index}"
+            servers[name] = ServerRecord(
+                name=name, role="shard", port=base + next_index,
+                major_version=binary_version(bin_dir), bin_dir=str(bin_dir),
+            )
+            next_index += 1
+        return StackRecord(
+            state_dir=str(self.state_dir),
+            temporal_port=self.temporal.port,
+            ui_port=self.temporal.ui_port,
+            servers=list(servers.values()),
+        )
+
+    # -- servers -------------------------------------------------------------------------------
+
+    def _password(self) -> str:
+        """The stack's database password, kept in a 0600 libpq passfile."""
+        if self.passfile.exists():
+            line = self.passfile.read_text().splitlines()[0]
+            return line.rsplit(":", 1)[1]
+        password = secrets.token_urlsafe(24)
+        self.passfile.write_text(f"127.0.0.1:*:*:postgres:{password}\n")
+        os.chmod(self.passfile, 0o600)
+        return password
+
+    def instance(self, server: ServerRecord) -> PostgresInstance:
+        return PostgresInstance(
+            server.name,
+            data_dir=self.state_dir / "pg" / server.name,
+            port=server.port,
+            bin_dir=Path(server.bin_dir),
+            passfile=self.passfile,
+            password=self._password(),
+            run_as=self.infra.run_as,
+        )
+
+    def instances(self) -> list[PostgresInstance]:
+        record = self.record()
+        return [self.instance(s) for s in record.servers] if record else []
+
+    def dsn(self, name: str) -> str:
+        record = self.record()
+        if record is None:
+            raise InfraError(f"no local stack in {self.state_dir}: run `shardshift infra up`")
+        for server in record.servers:
+            if server.name == name:
+                return self.instance(server).dsn()
+        raise InfraError(f"unknown server {name!r}; the stack has {[s.name for s in record.servers]}")
+
+    @property
+    def catalog_dsn(self) -> str:
+        return self.dsn("catalog")
+
+    def shard_dsns(self) -> dict[str, str]:
+        record = self.record()
+        return {s.name: self.instance(s).dsn() for s in record.servers if s.role == "shard"} if record else {}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def up(self) -> StackRecord:
+        """Create and start every server of the stack; wait until all are healthy."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o755)
+        (self.state_dir / "pg").mkdir(exist_ok=True)
+        os.chmod(self.state_dir / "pg", 0o755)
+        if os.geteuid() == 0:
+            ensure_os_user(self.infra.run_as)
+        planned = self._planned()
+        timeout = self.infra.startup_timeout_s
+        for server in planned.servers:
+            instance = self.instance(server)
+            instance.init()
+        self.stack_file.write_text(planned.model_dump_json(indent=2))
+        for server in planned.servers:
+            self.instance(server).start(timeout)
+        self.temporal.start(timeout)
+        return planned
+
+    def down(self) -> None:
+        """Stop every server of the stack (data stays; ``destroy`` removes it)."""
+        errors: list[str] = []
+        try:
+            self.temporal.stop()
+        except Exception as exc:  # noqa: BLE001 - keep stopping the others
+            errors.append(f"temporal: {exc}")
+        for instance in self.instances():
+            try:
+                instance.stop()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"{instance.name}: {exc}")
+        if errors:
+            raise InfraError("; ".join(errors))
+
+    def destroy(self) -> None:
+        """Stop everything and delete the state directory."""
+        import shutil  # noqa: PLC0415
+
+        self.down()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def status(self) -> list[ServerStatus]:
+        record = self.record()
+        if record is None:
+            return []
+        out: list[ServerStatus] = []
+        ok, detail = self.temporal.health()
+        out.append(
+            ServerStatus(
+                name="temporal", role="temporal", address=self.temporal.address,
+                version=self.temporal.version() if ok else "-", healthy=ok,
+                detail=f"Web UI http://127.0.0.1:{self.temporal.ui_port}"
+                if ok and not self.infra.headless else detail,
+            )
+        )
+        for server in record.servers:
+            instance = self.instance(server)
+            healthy, version = instance.health()
+            out.append(
+                ServerStatus(
+                    name=server.name, role=server.role, address=f"127.0.0.1:{server.port}",
+                    version=version if healthy else f"{server.major_version} (down)",
+                    healthy=healthy, detail="" if healthy else version,
+                )
+            )
+        return out
+
+    def pids(self) -> list[int]:
+        """Every server process of this stack that is still alive."""
+        pids = [p for p in (i.pid() for i in self.instances()) if p]
+        tpid = self.temporal.pid()
+        return pids + ([tpid] if tpid else [])

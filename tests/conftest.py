@@ -1,0 +1,69 @@
+"""Session fixtures: a private local stack (own state directory and ports) for the whole run.
+
+The stack never touches one a user is running: it lives in a fresh temporary directory with
+ports picked free at start-up, and it is destroyed at the end of the session even when tests
+fail (pytest runs fixture finalizers on failure and on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra import Stack
+from infra.net import free_port_block
+from settings import InfraSettings
+
+PG15_BIN = Path("/usr/lib/postgresql/15/bin")
+HAS_PG15 = (PG15_BIN / "postgres").exists()
+
+
+def make_stack_settings(shards: int, pg15_shards: int = 0) -> InfraSettings:
+    base = free_port_block(shards + pg15_shards + 1)
+    temporal = free_port_block(2)
+    return InfraSettings(
+        shards=shards,
+        pg15_shards=pg15_shards,
+        base_port=base,
+        temporal_port=temporal,
+        ui_port=temporal + 1,
+        headless=True,
+    )
+
+
+def new_state_dir(prefix: str) -> Path:
+    # /tmp rather than pytest's tmp_path: the unprivileged PostgreSQL user must traverse it,
+    # and unix-socket-free TCP keeps long paths harmless.
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    """A running stack: catalog, 3 PostgreSQL 18 shards, 1 PostgreSQL 15 shard when installed,
+    and a headless Temporal dev server."""
+    state = new_state_dir("shardshift-test-")
+    st = Stack(state, make_stack_settings(3, 1 if HAS_PG15 else 0))
+    try:
+        st.up()
+        yield st
+    finally:
+        try:
+            st.down()
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_PG15:
+        return
+    skip = pytest.mark.skip(reason="PostgreSQL 15 not installed (apt-get install -y postgresql-15)")
+    for item in items:
+        if "pg15" in item.keywords:
+            item.add_marker(skip)

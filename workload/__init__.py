@@ -1,0 +1,1 @@
+"""Load generation and the correctness checker that judges every move."""
