@@ -1,0 +1,1 @@
+"""The router: shard-key hashing, chunk-map cache, fenced routing across cutovers."""

@@ -1,0 +1,64 @@
+"""The contract of a shard storage engine.
+
+A move touches a shard only through this protocol, so another database (MongoDB, say) can
+stand beside ``shards.postgres``. Document and fence operations are async (the router's hot
+path); the data-movement operations are blocking and run in activity worker threads, where
+they heartbeat through the ``progress`` callback they are given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from shards.models import Fence, FenceRef, FenceState, IndexDefinition, KeyRange
+
+
+@runtime_checkable
+class DocumentShard(Protocol):
+    """Documents and fences of one shard."""
+
+    shard_id: str
+    engine: str
+
+    async def ensure_schema(self) -> None: ...
+    async def create_collection(
+        self, collection: str, indexes: Sequence[IndexDefinition] = ()
+    ) -> None: ...
+
+    # fences: the version-token protocol of the cutover
+    async def fences(self, collection: str | None = None) -> list[Fence]: ...
+    async def fence(self, collection: str, chunk_id: int) -> Fence | None: ...
+    async def put_fence(
+        self, collection: str, chunk_id: int, key_range: KeyRange, token: int,
+        state: FenceState, migration_id: str | None = None,
+    ) -> Fence: ...
+    async def freeze(self, collection: str, chunk_id: int, token: int) -> tuple[Fence, str]: ...
+    async def unfreeze(self, collection: str, chunk_id: int, frozen_token: int) -> Fence: ...
+    async def activate(self, collection: str, chunk_id: int, token: int) -> Fence: ...
+    async def retire(self, collection: str, chunk_id: int) -> Fence: ...
+    async def drop_fence(self, collection: str, chunk_id: int) -> None: ...
+
+    # fenced single-document operations (each one round trip)
+    async def insert(
+        self, collection: str, ref: FenceRef, khash: int, doc: Mapping[str, Any]
+    ) -> None: ...
+    async def replace(
+        self, collection: str, ref: FenceRef, khash: int, doc: Mapping[str, Any]
+    ) -> bool: ...
+    async def patch(
+        self, collection: str, ref: FenceRef, khash: int, _id: Any,
+        update: Mapping[str, Any], protected: Sequence[str] = ("_id",),
+    ) -> dict[str, Any] | None: ...
+    async def delete(self, collection: str, ref: FenceRef, khash: int, _id: Any) -> bool: ...
+    async def get(
+        self, collection: str, ref: FenceRef, khash: int, _id: Any
+    ) -> dict[str, Any] | None: ...
+    async def find_by_shard_key(
+        self, collection: str, ref: FenceRef, khash: int, shard_key: str, value: Any,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]: ...
+    async def find_by_field(
+        self, collection: str, refs: Sequence[FenceRef], path: str, value: Any,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]: ...

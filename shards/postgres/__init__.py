@@ -1,0 +1,5 @@
+"""The PostgreSQL document shard engine."""
+
+from shards.postgres.engine import PostgresShard
+
+__all__ = ["PostgresShard"]

@@ -1,0 +1,179 @@
+"""Fenced single-document operations, each one statement and one round trip.
+
+Every statement computes the fence check as a MATERIALIZED CTE ``f`` and its top-level SELECT
+reads ``f``, so the check runs even when no document matches (an operation that finds nothing
+on a shard that no longer owns the chunk must fail with a fence error, not answer "not found").
+Data-modifying CTEs read ``f`` too, so the fence row is share-locked before the statement's
+transaction commits; see ``schema.py`` for why that orders every accepted write before a freeze.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from shards.codec import decode_document, encode_document, encode_value
+from shards.errors import (
+    DuplicateDocumentError,
+    FenceRejectedError,
+    InvalidDocumentError,
+    KeyOutsideChunkError,
+)
+from shards.models import FenceRef
+from shards.names import check_collection, check_field_path
+from shards.postgres.schema import collection_table, field_expr
+
+_FENCE_W = "SELECT shardshift.fence_check(%(c)s, %(k)s, %(t)s, %(h)s, true) AS ok"
+_FENCE_R = "SELECT shardshift.fence_check(%(c)s, %(k)s, %(t)s, %(h)s, false) AS ok"
+
+PATCH_OPERATORS = {"$set": "set", "$unset": "unset", "$inc": "inc"}
+_NUMERIC_KEYS = {"$numberInt", "$numberLong", "$numberDouble", "$numberDecimal"}
+
+
+def translate_error(exc: psycopg.Error, collection: str, chunk_id: int) -> Exception:
+    """Map the fence's SQLSTATEs to typed errors; anything else passes through."""
+    state = getattr(exc, "sqlstate", None)
+    message = exc.diag.message_primary if exc.diag and exc.diag.message_primary else str(exc)
+    if state == "SS001":
+        return FenceRejectedError(message, collection=collection, chunk_id=chunk_id)
+    if state == "SS002":
+        return KeyOutsideChunkError(message)
+    if state == "SS003":
+        return InvalidDocumentError(message)
+    return exc
+
+
+class DocumentStatements:
+    """SQL of the document operations of one collection, composed once and reused."""
+
+    def __init__(self, collection: str) -> None:
+        self.collection = check_collection(collection)
+        t = collection_table(collection)
+        w, r = sql.SQL(_FENCE_W), sql.SQL(_FENCE_R)
+        self.insert = sql.SQL(
+            "WITH f AS MATERIALIZED ({w}),"
+            " ins AS (INSERT INTO {t} (khash, id, doc)"
+            "  SELECT %(h)s, %(id)s, %(doc)s::jsonb FROM f ON CONFLICT DO NOTHING RETURNING 1)"
+            " SELECT (SELECT ok FROM f), (SELECT count(*) FROM ins)"
+        ).format(w=w, t=t)
+        self.replace = sql.SQL(
+            "WITH f AS MATERIALIZED ({w}),"
+            " upd AS (UPDATE {t} d SET doc = %(doc)s::jsonb FROM f"
+            "  WHERE d.khash = %(h)s AND d.id = %(id)s RETURNING 1)"
+            " SELECT (SELECT ok FROM f), (SELECT count(*) FROM upd)"
+        ).format(w=w, t=t)
+        self.patch = sql.SQL(
+            "WITH f AS MATERIALIZED ({w}),"
+            " upd AS (UPDATE {t} d SET doc = shardshift.apply_patch(d.doc, %(patch)s::jsonb)"
+            "  FROM f WHERE d.khash = %(h)s AND d.id = %(id)s RETURNING d.doc::text AS doc)"
+            " SELECT (SELECT ok FROM f), (SELECT doc FROM upd)"
+        ).format(w=w, t=t)
+        self.delete = sql.SQL(
+            "WITH f AS MATERIALIZED ({w}),"
+            " del AS (DELETE FROM {t} d USING f WHERE d.khash = %(h)s AND d.id = %(id)s"
+            "  RETURNING 1)"
+            " SELECT (SELECT ok FROM f), (SELECT count(*) FROM del)"
+        ).format(w=w, t=t)
+        self.get = sql.SQL(
+            "WITH f AS MATERIALIZED ({r})"
+            " SELECT (SELECT ok FROM f),"
+            "  (SELECT doc::text FROM {t} WHERE khash = %(h)s AND id = %(id)s)"
+        ).format(r=r, t=t)
+        self._t = t
+
+    def find_key_sql(self, shard_key: str) -> sql.Composed:
+        """Find by shard-key value within one chunk (the khash narrows it to one index range)."""
+        return sql.SQL(
+            "WITH f AS MATERIALIZED ({r})"
+            " SELECT (SELECT ok FROM f),"
+            "  array(SELECT doc::text FROM {t} WHERE khash = %(h)s AND {sk} = %(v)s::jsonb"
+            "   ORDER BY id LIMIT %(n)s)"
+        ).format(r=sql.SQL(_FENCE_R), t=self._t, sk=field_expr(check_field_path(shard_key)))
+
+    def find_field_sql(self, path: str) -> sql.Composed:
+        """Scatter leg: documents of the given chunks whose field equals a value."""
+        return sql.SQL(
+            "WITH f AS MATERIALIZED ("
+            "  SELECT shardshift.fence_check(%(c)s, u.k, u.t, NULL, false) AS ok"
+            "  FROM unnest(%(ks)s::bigint[], %(ts)s::bigint[]) AS u(k, t))"
+            " SELECT (SELECT count(*) FROM f),"
+            "  array(SELECT d.doc::text FROM {t} d JOIN shardshift.chunk_fence cf"
+            "   ON cf.collection = %(c)s AND cf.chunk_id = ANY(%(ks)s::bigint[])"
+            "   AND d.khash >= cf.lo AND (cf.hi IS NULL OR d.khash < cf.hi)"
+            "   WHERE {e} = %(v)s::jsonb ORDER BY d.khash, d.id LIMIT %(n)s)"
+        ).format(t=self._t, e=field_expr(check_field_path(path)))
+
+
+def validate_patch(update: Mapping[str, Any], protected: Sequence[str]) -> str:
+    """A MongoDB-style update (``$set``, ``$unset``, ``$inc``) as the JSON ``apply_patch`` takes.
+
+    ``protected`` field paths (``_id`` and the shard key) cannot be changed, nor any path
+    inside or above them.
+    """
+    if not isinstance(update, Mapping) or not update:
+        raise InvalidDocumentError("a patch must be a non-empty mapping of update operators")
+    out: dict[str, Any] = {}
+    seen: list[tuple[str, ...]] = []
+    for op, fields in update.items():
+        if op not in PATCH_OPERATORS:
+            raise InvalidDocumentError(
+                f"unsupported update operator {op!r}; use one of {sorted(PATCH_OPERATORS)}"
+            )
+        if not isinstance(fields, Mapping) or not fields:
+            raise InvalidDocumentError(f"{op} needs a non-empty mapping of field paths")
+        for path in fields:
+            parts = check_field_path(path)
+            for p in protected:
+                pp = tuple(p.split("."))
+                n = min(len(pp), len(parts))
+                if pp[:n] == parts[:n]:
+                    raise InvalidDocumentError(f"{op} may not change {p!r} (field {path!r})")
+            for other in seen:
+                n = min(len(other), len(parts))
+                if other[:n] == parts[:n]:
+                    raise InvalidDocumentError(f"conflicting update paths at {path!r}")
+            seen.append(parts)
+        key = PATCH_OPERATORS[op]
+        if key == "unset":
+            out[key] = list(fields)
+        elif key == "inc":
+            inc: dict[str, Any] = {}
+            for path, value in fields.items():
+                if isinstance(value, bool):
+                    raise InvalidDocumentError(f"$inc needs a number for {path!r}, not a bool")
+                encoded = _loads(encode_value(value))
+                if not (isinstance(encoded, dict) and set(encoded) <= _NUMERIC_KEYS):
+                    raise InvalidDocumentError(f"$inc needs a number for {path!r}")
+                inc[path] = encoded
+            out[key] = inc
+        else:
+            out[key] = {path: _loads(encode_value(value)) for path, value in fields.items()}
+    import json  # noqa: PLC0415
+
+    return json.dumps(out, separators=(",", ":"))
+
+
+def _loads(text: str) -> Any:
+    import json  # noqa: PLC0415
+
+    return json.loads(text)
+
+
+def encode_for_store(doc: Mapping[str, Any]) -> tuple[str, str]:
+    """(id text, document text) for a document that must carry an ``_id``."""
+    if not isinstance(doc, Mapping):
+        raise InvalidDocumentError(f"a document must be a mapping, not {type(doc).__name__}")
+    if "_id" not in doc:
+        raise InvalidDocumentError("a document needs an _id")
+    return encode_value(doc["_id"]), encode_document(doc)
+
+
+def decode_many(texts: Sequence[str]) -> list[dict[str, Any]]:
+    return [decode_document(t) for t in texts]
+
+
+def fence_params(collection: str, ref: FenceRef, khash: int | None) -> dict[str, Any]:
+    return {"c": collection, "k": ref.chunk_id, "t": ref.token, "h": khash}

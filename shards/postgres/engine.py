@@ -1,0 +1,354 @@
+"""``PostgresShard``: the PostgreSQL document shard engine (one instance per shard).
+
+Document and fence operations are async (the router's hot path, over a connection pool).
+Data movement (snapshot export, bulk import, change stream and apply, checksums, range delete)
+lives in its sibling modules as blocking functions that activities run in worker threads;
+``PostgresShard`` hands them the shard's DSN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from shards.codec import decode_document, encode_value
+from shards.errors import DuplicateDocumentError, FenceStateError
+from shards.models import Fence, FenceRef, FenceState, IndexDefinition, KeyRange
+from shards.names import check_collection, check_field_path
+from shards.postgres import documents as D
+from shards.postgres.schema import DDL, collection_ddl, collection_table, field_expr, index_table_name
+
+_DDL_LOCK = 0x5348_4152_4453_4846  # "SHARDSHF": serializes schema DDL across processes
+
+
+class PostgresShard:
+    """One PostgreSQL shard: its documents, fences and (via sibling modules) data movement."""
+
+    engine = "postgres"
+
+    def __init__(self, shard_id: str, dsn: str, *, min_size: int = 1, max_size: int = 8) -> None:
+        self.shard_id = shard_id
+        self.dsn = dsn
+        self._pool = AsyncConnectionPool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            kwargs={"autocommit": True},
+            name=f"shard-{shard_id}",
+        )
+        self._statements: dict[str, D.DocumentStatements] = {}
+        self._find_sql: dict[tuple[str, str, str], sql.Composed] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> PostgresShard:
+        await self._pool.open(wait=True)
+        return self
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def __aenter__(self) -> PostgresShard:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        """A new blocking connection to this shard (for data-movement code in threads)."""
+        return psycopg.connect(self.dsn, **kwargs)
+
+    # -- schema ------------------------------------------------------------------------------
+
+    async def ensure_schema(self) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
+            await conn.execute(DDL)
+
+    async def create_collection(
+        self, collection: str, indexes: Sequence[IndexDefinition] = ()
+    ) -> None:
+        """Create the collection's table and secondary indexes (idempotent).
+
+        Indexes are created before any data is loaded, as the design requires for targets.
+        """
+        check_collection(collection)
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
+            await conn.execute(collection_ddl(collection))
+            for index in indexes:
+                exprs = sql.SQL(", ").join(
+                    sql.SQL("({})").format(field_expr(check_field_path(f))) for f in index.fields
+                )
+                await conn.execute(
+                    sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                        sql.Identifier(index_table_name(collection, index.name)),
+                        collection_table(collection),
+                        exprs,
+                    )
+                )
+
+    async def collections(self) -> list[str]:
+        async with self._pool.connection() as conn:
+            rows = await conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'docs' ORDER BY 1"
+            )
+            return [r[0] for r in await rows.fetchall()]
+
+    async def drop_collection(self, collection: str) -> None:
+        check_collection(collection)
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(collection_table(collection)))
+            await conn.execute(
+                "DELETE FROM shardshift.chunk_fence WHERE collection = %s", (collection,)
+            )
+
+    # -- fences ------------------------------------------------------------------------------
+
+    async def fences(self, collection: str | None = None) -> list[Fence]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT collection, chunk_id, lo, hi, token, state FROM shardshift.chunk_fence"
+                " WHERE %(c)s::text IS NULL OR collection = %(c)s ORDER BY collection, lo",
+                {"c": collection},
+            )
+            return [_fence(row) for row in await cur.fetchall()]
+
+    async def fence(self, collection: str, chunk_id: int) -> Fence | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT collection, chunk_id, lo, hi, token, state FROM shardshift.chunk_fence"
+                " WHERE collection = %s AND chunk_id = %s",
+                (collection, chunk_id),
+            )
+            row = await cur.fetchone()
+            return _fence(row) if row else None
+
+    async def put_fence(
+        self,
+        collection: str,
+        chunk_id: int,
+        key_range: KeyRange,
+        token: int,
+        state: FenceState,
+        migration_id: str | None = None,
+    ) -> Fence:
+        """Create a fence row, or confirm an identical one exists (idempotent)."""
+        check_collection(collection)
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO shardshift.chunk_fence"
+                " (collection, chunk_id, lo, hi, token, state, migration_id)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (collection, chunk_id, key_range.lo, key_range.sql_hi, token, state.value,
+                 migration_id),
+            )
+        existing = await self.fence(collection, chunk_id)
+        assert existing is not None
+        if existing.range != key_range or (existing.token, existing.state) != (token, state):
+            raise FenceStateError(
+                f"{self.shard_id}: chunk {collection}/{chunk_id} already has a fence "
+                f"{existing.range.lo}..{existing.range.hi} token {existing.token} "
+                f"({existing.state}); wanted token {token} ({state})"
+            )
+        return existing
+
+    async def transition(
+        self,
+        collection: str,
+        chunk_id: int,
+        *,
+        expect_token: int,
+        expect_state: Sequence[FenceState],
+        new_token: int,
+        new_state: FenceState,
+    ) -> Fence:
+        """Compare-and-set a fence row; already in the wanted state is success (idempotent)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE shardshift.chunk_fence SET token = %s, state = %s, updated_at = now()"
+                " WHERE collection = %s AND chunk_id = %s AND token = %s AND state = ANY(%s)"
+                " RETURNING collection, chunk_id, lo, hi, token, state",
+                (new_token, new_state.value, collection, chunk_id, expect_token,
+                 [s.value for s in expect_state]),
+            )
+            row = await cur.fetchone()
+        if row:
+            return _fence(row)
+        current = await self.fence(collection, chunk_id)
+        if current and current.token == new_token and current.state == new_state:
+            return current
+        raise FenceStateError(
+            f"{self.shard_id}: chunk {collection}/{chunk_id} fence is "
+            f"{'absent' if current is None else f'at token {current.token} ({current.state})'}; "
+            f"expected token {expect_token} in {[s.value for s in expect_state]}"
+        )
+
+    async def freeze(self, collection: str, chunk_id: int, token: int) -> tuple[Fence, str]:
+        """Freeze an active chunk (token+1, frozen). Waits for writes in flight; every later
+        write is rejected. Returns the fence and an LSN at or after the freeze's commit."""
+        fence = await self.transition(
+            collection, chunk_id, expect_token=token, expect_state=[FenceState.ACTIVE],
+            new_token=token + 1, new_state=FenceState.FROZEN,
+        )
+        async with self._pool.connection() as conn:
+            cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+            row = await cur.fetchone()
+        assert row is not None
+        return fence, row[0]
+
+    async def unfreeze(self, collection: str, chunk_id: int, frozen_token: int) -> Fence:
+        """Undo a freeze before the commit point: back to active at the pre-freeze token (no
+        write was accepted in between, so routers' cached token is valid again)."""
+        return await self.transition(
+            collection, chunk_id, expect_token=frozen_token, expect_state=[FenceState.FROZEN],
+            new_token=frozen_token - 1, new_state=FenceState.ACTIVE,
+        )
+
+    async def activate(self, collection: str, chunk_id: int, token: int) -> Fence:
+        """Open a receiving chunk for traffic at ``token`` (the catalog's new token)."""
+        current = await self.fence(collection, chunk_id)
+        if current is None:
+            raise FenceStateError(f"{self.shard_id}: no fence for {collection}/{chunk_id}")
+        return await self.transition(
+            collection, chunk_id, expect_token=current.token,
+            expect_state=[FenceState.RECEIVING, FenceState.FROZEN], new_token=token,
+            new_state=FenceState.ACTIVE,
+        )
+
+    async def retire(self, collection: str, chunk_id: int) -> Fence:
+        current = await self.fence(collection, chunk_id)
+        if current is None:
+            raise FenceStateError(f"{self.shard_id}: no fence for {collection}/{chunk_id}")
+        return await self.transition(
+            collection, chunk_id, expect_token=current.token,
+            expect_state=[FenceState.FROZEN, FenceState.RETIRED, FenceState.RECEIVING],
+            new_token=current.token, new_state=FenceState.RETIRED,
+        )
+
+    async def drop_fence(self, collection: str, chunk_id: int) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "DELETE FROM shardshift.chunk_fence WHERE collection = %s AND chunk_id = %s",
+                (collection, chunk_id),
+            )
+
+    # -- documents ---------------------------------------------------------------------------
+
+    def _st(self, collection: str) -> D.DocumentStatements:
+        st = self._statements.get(collection)
+        if st is None:
+            st = self._statements[collection] = D.DocumentStatements(collection)
+        return st
+
+    async def _run(self, query: sql.Composed, params: dict[str, Any], collection: str,
+                   chunk_id: int) -> tuple[Any, ...]:
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(query, params)
+                row = await cur.fetchone()
+        except psycopg.Error as exc:
+            raise D.translate_error(exc, collection, chunk_id) from exc
+        assert row is not None
+        return tuple(row)
+
+    async def insert(self, collection: str, ref: FenceRef, khash: int,
+                     doc: Mapping[str, Any]) -> None:
+        """Insert a new document; ``DuplicateDocumentError`` when its key and _id exist."""
+        st = self._st(collection)
+        id_text, doc_text = D.encode_for_store(doc)
+        params = D.fence_params(collection, ref, khash) | {"id": id_text, "doc": doc_text}
+        _, n = await self._run(st.insert, params, collection, ref.chunk_id)
+        if n == 0:
+            raise DuplicateDocumentError(
+                f"{collection}: a document with _id {id_text} and this shard key already exists"
+            )
+
+    async def replace(self, collection: str, ref: FenceRef, khash: int,
+                      doc: Mapping[str, Any]) -> bool:
+        """Replace a whole document (same shard key and _id); False when none matched."""
+        st = self._st(collection)
+        id_text, doc_text = D.encode_for_store(doc)
+        params = D.fence_params(collection, ref, khash) | {"id": id_text, "doc": doc_text}
+        _, n = await self._run(st.replace, params, collection, ref.chunk_id)
+        return bool(n)
+
+    async def patch(self, collection: str, ref: FenceRef, khash: int, _id: Any,
+                    update: Mapping[str, Any], protected: Sequence[str] = ("_id",)
+                    ) -> dict[str, Any] | None:
+        """Apply ``$set``/``$unset``/``$inc``; returns the new document, None if none matched."""
+        st = self._st(collection)
+        patch = D.validate_patch(update, protected)
+        params = D.fence_params(collection, ref, khash) | {"id": encode_value(_id), "patch": patch}
+        _, doc = await self._run(st.patch, params, collection, ref.chunk_id)
+        return decode_document(doc) if doc is not None else None
+
+    async def delete(self, collection: str, ref: FenceRef, khash: int, _id: Any) -> bool:
+        st = self._st(collection)
+        params = D.fence_params(collection, ref, khash) | {"id": encode_value(_id)}
+        _, n = await self._run(st.delete, params, collection, ref.chunk_id)
+        return bool(n)
+
+    async def get(self, collection: str, ref: FenceRef, khash: int,
+                  _id: Any) -> dict[str, Any] | None:
+        st = self._st(collection)
+        params = D.fence_params(collection, ref, khash) | {"id": encode_value(_id)}
+        _, doc = await self._run(st.get, params, collection, ref.chunk_id)
+        return decode_document(doc) if doc is not None else None
+
+    async def find_by_shard_key(self, collection: str, ref: FenceRef, khash: int,
+                                shard_key: str, value: Any, limit: int = 1000
+                                ) -> list[dict[str, Any]]:
+        key = (collection, "key", shard_key)
+        query = self._find_sql.get(key)
+        if query is None:
+            query = self._find_sql[key] = self._st(collection).find_key_sql(shard_key)
+        params = D.fence_params(collection, ref, khash) | {"v": encode_value(value), "n": limit}
+        _, docs = await self._run(query, params, collection, ref.chunk_id)
+        return D.decode_many(docs)
+
+    async def find_by_field(self, collection: str, refs: Sequence[FenceRef], path: str,
+                            value: Any, limit: int = 1000) -> list[dict[str, Any]]:
+        """Documents of the given chunks (all on this shard) whose field equals ``value``."""
+        if not refs:
+            return []
+        key = (collection, "field", path)
+        query = self._find_sql.get(key)
+        if query is None:
+            query = self._find_sql[key] = self._st(collection).find_field_sql(path)
+        params = {
+            "c": collection, "ks": [r.chunk_id for r in refs], "ts": [r.token for r in refs],
+            "v": encode_value(value), "n": limit,
+        }
+        _, docs = await self._run(query, params, collection, refs[0].chunk_id)
+        return D.decode_many(docs)
+
+    async def count(self, collection: str, key_range: KeyRange | None = None) -> int:
+        """Documents stored in a collection (optionally in a khash range), unfenced: for
+        operators and tests, never for routed traffic."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE khash >= %s AND (%s::bigint IS NULL OR khash < %s)")
+                .format(collection_table(check_collection(collection))),
+                (key_range.lo if key_range else -(2**63), key_range.sql_hi if key_range else None,
+                 key_range.sql_hi if key_range else None),
+            )
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+
+def _fence(row: Sequence[Any]) -> Fence:
+    collection, chunk_id, lo, hi, token, state = row
+    return Fence(
+        collection=collection, chunk_id=chunk_id,
+        range=KeyRange(lo=lo, hi=hi if hi is not None else 2**63),
+        token=token, state=FenceState(state),
+    )
+
+
+__all__ = ["PostgresShard"]
