@@ -67,3 +67,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "pg15" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pg18_dsns(stack: Stack) -> list[str]:
+    """DSNs of the PostgreSQL 18 shards of the session stack (at least 3)."""
+    record = stack.record()
+    assert record is not None
+    return [
+        stack.instance(s).dsn() for s in record.servers if s.role == "shard" and s.major_version >= 16
+    ]
+
+
+@pytest.fixture(scope="session")
+def pg15_dsn(stack: Stack) -> str:
+    """DSN of the PostgreSQL 15 shard (tests using it are marked ``pg15``)."""
+    record = stack.record()
+    assert record is not None
+    for s in record.servers:
+        if s.role == "shard" and s.major_version == 15:
+            return stack.instance(s).dsn()
+    pytest.skip("no PostgreSQL 15 shard in the session stack")
+
+
+@pytest.fixture(scope="session")
+def catalog_dsn(stack: Stack) -> str:
+    return stack.catalog_dsn
+
+
+_names = iter(range(1, 10**9))
+
+
+@pytest.fixture
+def collection_name(request: pytest.FixtureRequest) -> str:
+    """A fresh collection name per test (valid identifier, unique within the session)."""
+    import re  # noqa: PLC0415
+
+    base = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:30]
+    return f"c{next(_names)}_{base}"

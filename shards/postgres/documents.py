@@ -17,7 +17,6 @@ from psycopg import sql
 
 from shards.codec import decode_document, encode_document, encode_value
 from shards.errors import (
-    DuplicateDocumentError,
     FenceRejectedError,
     InvalidDocumentError,
     KeyOutsideChunkError,

@@ -20,7 +20,13 @@ from shards.errors import DuplicateDocumentError, FenceStateError
 from shards.models import Fence, FenceRef, FenceState, IndexDefinition, KeyRange
 from shards.names import check_collection, check_field_path
 from shards.postgres import documents as D
-from shards.postgres.schema import DDL, collection_ddl, collection_table, field_expr, index_table_name
+from shards.postgres.schema import (
+    DDL,
+    collection_ddl,
+    collection_table,
+    field_expr,
+    index_table_name,
+)
 
 _DDL_LOCK = 0x5348_4152_4453_4846  # "SHARDSHF": serializes schema DDL across processes
 
