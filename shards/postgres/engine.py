@@ -69,6 +69,10 @@ class PostgresShard:
         """A new blocking connection to this shard (for data-movement code in threads)."""
         return psycopg.connect(self.dsn, **kwargs)
 
+    async def connect_async(self, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
+        """A new async connection outside the pool (autocommit)."""
+        return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, **kwargs)
+
     # -- schema ------------------------------------------------------------------------------
 
     async def ensure_schema(self) -> None:
