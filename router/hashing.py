@@ -33,6 +33,6 @@ def khash(value: Any) -> int:
         raise InvalidDocumentError("a shard key value must be a scalar, not a document or array")
     try:
         encoded = bson.encode({"": value}, codec_options=_CODEC)
-    except (InvalidDocument, TypeError, ValueError) as exc:
+    except (InvalidDocument, TypeError, ValueError, OverflowError) as exc:
         raise InvalidDocumentError(f"shard key value cannot be encoded as BSON: {exc}") from exc
     return int.from_bytes(blake2b(encoded, digest_size=8).digest(), "big", signed=True)

@@ -29,7 +29,7 @@ def encode_document(doc: Mapping[str, Any]) -> str:
         raise InvalidDocumentError(f"a document must be a mapping, not {type(doc).__name__}")
     try:
         return json_util.dumps(doc, json_options=JSON_OPTIONS, separators=(",", ":"))
-    except (TypeError, ValueError, InvalidDocument) as exc:
+    except (TypeError, ValueError, OverflowError, InvalidDocument) as exc:
         raise InvalidDocumentError(f"document cannot be encoded as BSON: {exc}") from exc
 
 
@@ -37,7 +37,7 @@ def encode_value(value: Any) -> str:
     """One BSON value as canonical Extended JSON text (for ids, filters and patches)."""
     try:
         return json_util.dumps(value, json_options=JSON_OPTIONS, separators=(",", ":"))
-    except (TypeError, ValueError, InvalidDocument) as exc:
+    except (TypeError, ValueError, OverflowError, InvalidDocument) as exc:
         raise InvalidDocumentError(f"value cannot be encoded as BSON: {exc}") from exc
 
 

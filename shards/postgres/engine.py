@@ -338,6 +338,19 @@ class PostgresShard:
         _, docs = await self._run(query, params, collection, refs[0].chunk_id)
         return D.decode_many(docs)
 
+    async def scan(self, collection: str, key_range: KeyRange) -> list[dict[str, Any]]:
+        """Every document of a khash range, unfenced and in key order: for checkers and
+        operators, never for routed traffic."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT doc::text FROM {} WHERE khash >= %s AND (%s::bigint IS NULL OR khash < %s)"
+                    " ORDER BY khash, id"
+                ).format(collection_table(check_collection(collection))),
+                (key_range.lo, key_range.sql_hi, key_range.sql_hi),
+            )
+            return [decode_document(r[0]) for r in await cur.fetchall()]
+
     async def count(self, collection: str, key_range: KeyRange | None = None) -> int:
         """Documents stored in a collection (optionally in a khash range), unfenced: for
         operators and tests, never for routed traffic."""
