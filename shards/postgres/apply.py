@@ -1,0 +1,807 @@
+"""The change applier: a chunk's source transactions applied to the target, exactly once.
+
+The apply loop
+--------------
+One :class:`ChangeApplier` per stream. It reads the source's committed transactions from
+the slot (``replication.ChangeStream``), groups consecutive ones into a *batch* and applies
+the batch in ONE target transaction:
+
+1. ``pg_advisory_xact_lock(stream)`` and a read of the stream's control row (the hold);
+2. the batch's changes, collapsed to the last change per ``(khash, id)`` (changes to
+   different keys commute, so only each key's last change matters; a truncate drops every
+   earlier change and deletes the chunk's range first), copied into a temporary table and
+   applied as one ``DELETE ... USING`` and one ``INSERT ... ON CONFLICT DO UPDATE``;
+3. ``pg_replication_origin_xact_setup(end_lsn_of_last_source_txn, its_commit_time)``;
+4. the stream's state row (applied LSN, lag, markers seen) updated;
+5. COMMIT; then, and only then, feedback to the source (flush = that end LSN).
+
+Invariants
+----------
+* **Exactly once.** The origin's progress commits atomically with the rows (step 3 + 5 are
+  one transaction), so after any crash the origin says precisely which source transactions
+  the target holds. A restarted applier asks the slot for the stream from that LSN, and
+  drops any transaction whose end LSN is not beyond it (the server may resend from its own,
+  older, confirmed position). A crash between the commit and the feedback therefore costs a
+  resend, never a double apply; a crash before the commit loses nothing because the source
+  keeps everything after the last feedback.
+* **Feedback never runs ahead of the target.** The flush LSN sent to the source is the end of
+  the last committed batch, or a keepalive position that arrived after every transaction
+  already applied (nothing of ours lies before it). Since the server discards WAL only up to
+  the flush LSN, the target's history plus the slot is always the full source history.
+* **Order.** Batches are applied in commit order and each batch keeps, per key, the last
+  change in source order, so the target passes through source states at batch boundaries
+  only: after each commit it equals the source as of that batch's last commit.
+* **No loops.** The applier's session runs under the stream's replication origin, so every
+  row it writes carries the origin. A stream out of the target (the reverse stream) asks
+  pgoutput for ``origin 'none'`` (PostgreSQL 16+) or drops transactions carrying an Origin
+  message (PostgreSQL 15), so applied changes never travel back.
+* **One applier per stream.** A replication origin can be active in one session at a time
+  and a slot streams to one walsender at a time; a second applier fails to start instead of
+  interleaving with the first.
+
+Control surface (other processes, through the target)
+------------------------------------------------------
+``shardshift.stream_state`` holds one row per stream, keyed by the stream's name:
+
+* ``applied_lsn`` / ``applied_commit_at``: end LSN and source commit time of the last
+  applied source transaction (equal to the origin's progress: same transaction).
+* ``caught_up_lsn``: every source transaction committing before it is applied (advances on
+  idle keepalives too), ``source_lsn``: the source position last reported by the server,
+  ``lag_s``: source commit to target commit of the last batch (0 when caught up).
+* ``hold_at_lsn`` / ``held``: a hold request. With ``hold_at_lsn = L`` the applier applies
+  every transaction whose commit record starts before L (exactly those an exported snapshot
+  at L sees) and none after; once it knows no more such transactions can come (it has seen a
+  later transaction or a server position at or past L) it sets ``held``. The target then
+  equals the source as of L until :func:`release_hold`. :func:`request_hold` takes the same
+  advisory lock as a batch, so a hold never races a batch that would overshoot it; a hold
+  below what is already applied is refused (:class:`HoldTooLateError`). The verify phase
+  pauses first (``request_hold(lsn=None)``: hold at the applied LSN), then takes its source
+  snapshot at L, then moves the hold forward to L.
+* ``fence_lsn`` / ``fence_token`` / ``fence_state``: the last change of the chunk's fence row
+  on the source, with the commit LSN that carried it; the cutover waits here for the freeze
+  (:func:`wait_for_fence`). ``last_marker``: the last logical message of the stream.
+  ``shardshift.stream_markers`` keeps every marker (they are rare) for audit.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from pydantic import BaseModel, ConfigDict
+
+from shards.models import KeyRange
+from shards.names import check_collection
+from shards.postgres.pgoutput import (
+    Delete,
+    FenceMarker,
+    MessageMarker,
+    Position,
+    Transaction,
+    TruncateChunk,
+    Upsert,
+    lsn_from_str,
+    lsn_to_str,
+    pg_time_to_datetime,
+)
+from shards.postgres.replication import ChangeStream, StreamNames, current_lsn, stream_names
+from shards.postgres.schema import collection_table
+
+APPLY_DDL = r"""
+CREATE TABLE IF NOT EXISTS shardshift.stream_state (
+    stream            text PRIMARY KEY,      -- the stream's name (= its origin's name)
+    migration_id      text NOT NULL,
+    applied_lsn       pg_lsn,                -- end LSN of the last applied source transaction
+    applied_commit_at timestamptz,           -- its commit time on the source
+    caught_up_lsn     pg_lsn,                -- everything committing before it is applied
+    source_lsn        pg_lsn,                -- latest position the source reported
+    lag_s             double precision,      -- source commit -> target commit, last batch
+    hold_at_lsn       pg_lsn,                -- hold request (NULL: none)
+    held              boolean NOT NULL DEFAULT false,
+    fence_lsn         pg_lsn,                -- commit LSN of the last fence change seen
+    fence_token       bigint,
+    fence_state       text,
+    last_marker       jsonb,
+    applier_pid       int,
+    updated_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS shardshift.stream_markers (
+    stream      text   NOT NULL,
+    commit_lsn  pg_lsn NOT NULL,
+    ord         int    NOT NULL,
+    kind        text   NOT NULL,            -- 'fence' | 'message'
+    body        jsonb  NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream, commit_lsn, ord)
+);
+"""
+
+_DDL_LOCK = 0x5348_4152_4453_4846  # the engine's schema DDL lock (engine._DDL_LOCK)
+
+
+class ApplyError(Exception):
+    """The applier cannot continue (its state disagrees with the target's)."""
+
+
+class HoldTooLateError(ApplyError):
+    """The applier has already applied past the requested hold LSN."""
+
+
+class StreamSpec(BaseModel):
+    """What a stream carries: one chunk of one collection, for one migration."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    migration_id: str
+    part: str = "fwd"
+    collection: str
+    chunk_id: int
+    key_range: KeyRange
+
+    @property
+    def names(self) -> StreamNames:
+        return stream_names(self.migration_id, self.part)
+
+
+class StreamState(BaseModel):
+    """A stream's row of ``shardshift.stream_state`` (LSNs in ``pg_lsn`` text form)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stream: str
+    migration_id: str
+    applied_lsn: str | None
+    applied_commit_at: datetime | None
+    caught_up_lsn: str | None
+    source_lsn: str | None
+    lag_s: float | None
+    hold_at_lsn: str | None
+    held: bool
+    fence_lsn: str | None
+    fence_token: int | None
+    fence_state: str | None
+    last_marker: dict[str, Any] | None
+    updated_at: datetime
+
+
+class Lag(BaseModel):
+    """How far a stream's target is behind its source."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source_lsn: str
+    caught_up_lsn: str | None
+    lag_bytes: int
+    commit_lag_s: float | None
+
+
+@dataclass(slots=True)
+class ApplierStats:
+    """Counters of one :meth:`ChangeApplier.run` (lag samples are source commit to target
+    commit, per applied source transaction)."""
+
+    batches: int = 0
+    applied_txns: int = 0
+    applied_changes: int = 0
+    rows_written: int = 0
+    skipped_txns: int = 0
+    applied_lsn: int = 0
+    started_lsn: int = 0
+    lag_samples: deque[float] = field(default_factory=lambda: deque(maxlen=500_000))
+    applied_commit_lsns: deque[int] = field(default_factory=lambda: deque(maxlen=1_000_000))
+    markers: list[tuple[int, FenceMarker | MessageMarker]] = field(default_factory=list)
+
+
+def ensure_apply_schema(conn: psycopg.Connection[Any]) -> None:
+    """Create the stream state tables on a shard (idempotent)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
+        conn.execute(APPLY_DDL)
+
+
+def _lock_sql() -> str:
+    return "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7411))"
+
+
+def _lsn_text(lsn: int | None) -> str | None:
+    return lsn_to_str(lsn) if lsn else None
+
+
+def _as_lsn(value: str | int) -> int:
+    return value if isinstance(value, int) else lsn_from_str(value)
+
+
+class ChangeApplier:
+    """Streams one chunk from a source shard and applies it to a target shard.
+
+    Args:
+        spec: the stream (migration, part, collection, chunk, range).
+        source_dsn: the shard the slot is on.
+        target_dsn: the shard the changes are applied to (the collection's table must exist).
+        max_batch_changes: upper bound on source changes per target transaction (a source
+            transaction is never split, so one larger transaction is applied whole).
+        control_interval: seconds between reads of the control row while idle or held.
+        reply_interval: seconds between requests for the server's position while idle or
+            waiting for a hold.
+        heartbeat_interval: seconds between state-row refreshes while idle.
+        after_commit: fault-injection hook for tests, called after a batch's target commit
+            and before the feedback is sent (the window the exactly-once proof is about).
+        on_batch: called after each applied batch with the stats (activity heartbeats).
+    """
+
+    def __init__(
+        self,
+        spec: StreamSpec,
+        source_dsn: str,
+        target_dsn: str,
+        *,
+        max_batch_changes: int = 50_000,
+        max_pending_changes: int = 500_000,
+        control_interval: float = 0.1,
+        reply_interval: float = 0.2,
+        heartbeat_interval: float = 1.0,
+        after_commit: Callable[[int], None] | None = None,
+        on_batch: Callable[[ApplierStats], None] | None = None,
+    ) -> None:
+        check_collection(spec.collection)
+        self.spec = spec
+        self.names = spec.names
+        self.source_dsn = source_dsn
+        self.target_dsn = target_dsn
+        self.max_batch_changes = max_batch_changes
+        self.max_pending_changes = max_pending_changes
+        self.control_interval = control_interval
+        self.reply_interval = reply_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.after_commit = after_commit
+        self.on_batch = on_batch
+        self.stats = ApplierStats()
+        self._pending: deque[Transaction | Position] = deque()
+        self._pending_changes = 0
+        self._applied_lsn = 0
+        self._caught_up_lsn = 0
+        self._hold: int | None = None
+        self._held = False
+        self._last_control = 0.0
+        self._last_heartbeat = 0.0
+        self._last_reply_request = 0.0
+        self._lag_s = 0.0
+        self._last_commit_us = 0
+        self._pending_markers: list[tuple[int, FenceMarker | MessageMarker]] = []
+        t = collection_table(spec.collection)
+        r = spec.key_range
+        self._sql_delete = sql.SQL(
+            "DELETE FROM {t} d USING pg_temp.ss_apply s"
+            " WHERE NOT s.up AND d.khash = s.khash AND d.id = s.id"
+        ).format(t=t)
+        self._sql_upsert = sql.SQL(
+            "INSERT INTO {t} (khash, id, doc) SELECT khash, id, doc FROM pg_temp.ss_apply"
+            " WHERE up ON CONFLICT (khash, id) DO UPDATE SET doc = EXCLUDED.doc"
+        ).format(t=t)
+        self._sql_truncate = sql.SQL(
+            "DELETE FROM {t} WHERE khash >= {lo}::bigint AND ({hi}::bigint IS NULL OR khash < {hi}::bigint)"
+        ).format(t=t, lo=sql.Literal(str(r.lo)),
+                 hi=sql.Literal(None if r.sql_hi is None else str(r.sql_hi)))
+
+    @property
+    def applied_lsn(self) -> int:
+        """End LSN of the last source transaction committed on the target."""
+        return self._applied_lsn
+
+    @property
+    def caught_up_lsn(self) -> int:
+        """Every source transaction committing before this LSN is on the target."""
+        return self._caught_up_lsn
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _open_target(self, timeout: float) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self.target_dsn, autocommit=True)
+        try:
+            ensure_apply_schema(conn)
+            name = self.names.origin
+            with conn.transaction():
+                conn.execute(_lock_sql(), (name,))
+                conn.execute(
+                    "SELECT pg_replication_origin_create(%s) WHERE NOT EXISTS"
+                    " (SELECT 1 FROM pg_replication_origin WHERE roname = %s)", (name, name),
+                )
+                conn.execute(
+                    "INSERT INTO shardshift.stream_state (stream, migration_id) VALUES (%s, %s)"
+                    " ON CONFLICT (stream) DO NOTHING", (name, self.spec.migration_id),
+                )
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    conn.execute("SELECT pg_replication_origin_session_setup(%s)", (name,))
+                    break
+                except psycopg.errors.ObjectInUse:
+                    # A crashed applier's backend may not have noticed its client is gone.
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            row = conn.execute(
+                "SELECT pg_replication_origin_progress(%s, true)::text", (name,)
+            ).fetchone()
+            progress = lsn_from_str(row[0]) if row and row[0] else 0
+            state = conn.execute(
+                "SELECT applied_lsn::text, hold_at_lsn::text, held FROM shardshift.stream_state"
+                " WHERE stream = %s", (name,),
+            ).fetchone()
+            assert state is not None
+            if state[0] and lsn_from_str(state[0]) != progress:
+                # Both are written by the same transactions; a mismatch means someone else
+                # wrote under this origin or edited the row. Refuse rather than guess.
+                raise ApplyError(
+                    f"stream {name}: origin progress {lsn_to_str(progress)} disagrees with "
+                    f"stream_state.applied_lsn {state[0]}"
+                )
+            conn.execute("SELECT set_config('application_name', %s, false)",
+                         (f"shardshift-apply {name}"[:63],))
+            conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS ss_apply"
+                " (up boolean NOT NULL, khash bigint NOT NULL, id text NOT NULL, doc jsonb)"
+                " ON COMMIT DELETE ROWS"
+            )
+            conn.execute(
+                "UPDATE shardshift.stream_state SET applier_pid = pg_backend_pid(),"
+                " updated_at = now() WHERE stream = %s", (name,),
+            )
+            self._applied_lsn = progress
+            self._caught_up_lsn = progress
+            self._hold = lsn_from_str(state[1]) if state[1] else None
+            self._held = bool(state[2])
+            self.stats.applied_lsn = progress
+            self.stats.started_lsn = progress
+            return conn
+        except BaseException:
+            conn.close()
+            raise
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        *,
+        until: Callable[[ChangeApplier], bool] | None = None,
+        startup_timeout: float = 30.0,
+        start_lsn: int | None = None,
+    ) -> ApplierStats:
+        """Apply until ``stop`` is set (or ``until(self)`` is true); returns the stats.
+
+        Blocking; run it in a worker thread. Any error propagates after the connections are
+        closed; rerunning resumes exactly where the target's origin says.
+
+        Args:
+            start_lsn: where to ask the server to start instead of the origin's progress
+                (diagnostics and tests; 0 means the slot's confirmed position). Whatever is
+                asked, transactions the origin already has are skipped.
+        """
+        stop = stop or threading.Event()
+        conn = self._open_target(startup_timeout)
+        try:
+            stream = ChangeStream(
+                self.source_dsn, self.names, self.spec.collection, self.spec.chunk_id,
+                self.spec.key_range,
+                start_lsn=self._applied_lsn if start_lsn is None else start_lsn,
+            )
+            with stream:
+                self._stream = stream
+                while not stop.is_set():
+                    if until is not None and until(self):
+                        break
+                    self._cycle(conn, stream)
+        finally:
+            conn.close()
+        return self.stats
+
+    def _cycle(self, conn: psycopg.Connection[Any], stream: ChangeStream) -> None:
+        ready = self._ready_txn()
+        if self._pending_changes < self.max_pending_changes:
+            items = stream.poll(0.0 if ready else self.control_interval)
+            for item in items:
+                self._pending.append(item)
+                if isinstance(item, Transaction):
+                    self._pending_changes += len(item.changes)
+        else:
+            # Backpressure: leave the rest in the server's socket; keep the session alive.
+            stream.maybe_send_status()
+        now = time.monotonic()
+        if self._ready_txn() or self._pending or now - self._last_control >= self.control_interval:
+            self._step(conn, stream)
+        waiting_hold = self._hold is not None and not self._held
+        idle = not self._pending
+        if (waiting_hold or idle) and now - self._last_reply_request > self.reply_interval:
+            # Learn the server's position promptly: an idle chunk's caught-up position (and
+            # the slot's confirmed position, which frees WAL) advance only with it, and it
+            # decides whether a hold is reached.
+            self._last_reply_request = now
+            stream.request_reply()
+        if not self._ready_txn() and self._pending_changes >= self.max_pending_changes:
+            time.sleep(self.control_interval)  # held with a full buffer: wait for release
+
+    def _ready_txn(self) -> bool:
+        """Is there a pending transaction the current hold allows to apply?"""
+        for item in self._pending:
+            if isinstance(item, Transaction):
+                return self._hold is None or item.commit_lsn < self._hold
+        return False
+
+    def _take_batch(self) -> tuple[list[Transaction], int]:
+        """Pending transactions for one batch (in order, within the hold) and the highest
+        position consumed with them."""
+        txns: list[Transaction] = []
+        position = 0
+        n = 0
+        pending = self._pending
+        while pending:
+            item = pending[0]
+            if isinstance(item, Position):
+                pending.popleft()
+                position = max(position, item.lsn)
+                continue
+            if item.end_lsn <= self._applied_lsn:
+                # Resent after a crash between target commit and feedback: already applied.
+                pending.popleft()
+                self._pending_changes -= len(item.changes)
+                self.stats.skipped_txns += 1
+                position = max(position, item.end_lsn)
+                continue
+            if self._hold is not None and item.commit_lsn >= self._hold:
+                break
+            if txns and n + len(item.changes) > self.max_batch_changes:
+                break
+            pending.popleft()
+            self._pending_changes -= len(item.changes)
+            txns.append(item)
+            n += len(item.changes)
+        return txns, position
+
+    def _step(self, conn: psycopg.Connection[Any], stream: ChangeStream) -> None:
+        name = self.names.origin
+        now = time.monotonic()
+        self._last_control = now
+        with conn.transaction():
+            conn.execute(_lock_sql(), (name,))
+            row = conn.execute(
+                "SELECT hold_at_lsn::text FROM shardshift.stream_state WHERE stream = %s", (name,)
+            ).fetchone()
+            if row is None:
+                raise ApplyError(f"stream {name}: its stream_state row was deleted")
+            hold = lsn_from_str(row[0]) if row[0] else None
+            if hold != self._hold:
+                self._hold = hold
+                self._held = False
+            txns, position = self._take_batch()
+            if txns:
+                self._apply(conn, txns)
+            # Positions are consumed only behind applied transactions (see _take_batch), so
+            # once this commits everything before them is on the target.
+            self._caught_up_lsn = max(self._caught_up_lsn, self._applied_lsn, position)
+            held = self._reached_hold(stream)
+            heartbeat = now - self._last_heartbeat >= self.heartbeat_interval
+            if txns or held != self._held or heartbeat:
+                self._write_state(conn, stream, txns, held)
+                self._held = held
+                self._last_heartbeat = now
+        commit_wall = time.time()
+        if txns:
+            end = txns[-1].end_lsn
+            for txn in txns:
+                self.stats.lag_samples.append(commit_wall - txn.commit_time_unix)
+                self.stats.applied_commit_lsns.append(txn.commit_lsn)
+            self.stats.markers.extend(self._pending_markers)
+            self._pending_markers = []
+            self.stats.batches += 1
+            self.stats.applied_lsn = end
+            if self.after_commit is not None:
+                self.after_commit(end)
+        # Feedback strictly after the commit above.
+        if self._caught_up_lsn:
+            stream.confirm(self._caught_up_lsn)
+        if txns and self.on_batch is not None:
+            self.on_batch(self.stats)
+
+    def _reached_hold(self, stream: ChangeStream) -> bool:
+        if self._hold is None:
+            return False
+        if self._ready_txn():
+            return False
+        # The stream has delivered a transaction or a position at or past the hold, and no
+        # transaction before the hold is still pending: nothing committing before it can come.
+        return stream.received_lsn >= self._hold or self._applied_lsn >= self._hold
+
+    def _apply(self, conn: psycopg.Connection[Any], txns: Sequence[Transaction]) -> None:
+        ops: dict[tuple[int, str], Upsert | Delete] = {}
+        truncate = False
+        markers: list[tuple[int, FenceMarker | MessageMarker]] = []
+        changes = 0
+        for txn in txns:
+            for change in txn.changes:
+                changes += 1
+                if type(change) is Upsert:
+                    key = (change.khash, change.id)
+                    if change.doc is None:
+                        # "Unchanged TOAST": the document did not change; an earlier change of
+                        # this batch (if any) still holds the right document.
+                        continue
+                    ops[key] = change
+                elif type(change) is Delete:
+                    ops[(change.khash, change.id)] = change
+                elif type(change) is TruncateChunk:
+                    ops.clear()
+                    truncate = True
+            for marker in txn.markers:
+                markers.append((txn.commit_lsn, marker))
+        if truncate:
+            conn.execute(self._sql_truncate)
+        if ops:
+            cur = conn.cursor()
+            with cur.copy("COPY pg_temp.ss_apply (up, khash, id, doc) FROM STDIN") as copy:
+                write = copy.write_row
+                for op in ops.values():
+                    if type(op) is Upsert:
+                        write((True, op.khash, op.id, op.doc))
+                    else:
+                        write((False, op.khash, op.id, None))
+            conn.execute(self._sql_delete)
+            conn.execute(self._sql_upsert)
+        last = txns[-1]
+        conn.execute(
+            "SELECT pg_replication_origin_xact_setup(%s::pg_lsn, %s)",
+            (lsn_to_str(last.end_lsn), pg_time_to_datetime(last.commit_time_us)),
+        )
+        self._applied_lsn = last.end_lsn
+        self._last_commit_us = last.commit_time_us
+        self._lag_s = max(0.0, time.time() - last.commit_time_unix)
+        self._pending_markers = markers
+        self.stats.applied_txns += len(txns)
+        self.stats.applied_changes += changes
+        self.stats.rows_written += len(ops)
+
+    def _write_state(self, conn: psycopg.Connection[Any], stream: ChangeStream,
+                     txns: Sequence[Transaction], held: bool) -> None:
+        name = self.names.origin
+        fence: tuple[int, FenceMarker] | None = None
+        message: tuple[int, MessageMarker] | None = None
+        for ord_, (lsn, marker) in enumerate(self._pending_markers):
+            if isinstance(marker, FenceMarker):
+                fence = (lsn, marker)
+                body: dict[str, Any] = {
+                    "collection": marker.collection, "chunk_id": marker.chunk_id,
+                    "token": marker.token, "state": marker.state, "deleted": marker.deleted,
+                }
+                kind = "fence"
+            else:
+                message = (lsn, marker)
+                body = {"prefix": marker.prefix, "lsn": lsn_to_str(marker.lsn),
+                        "content": marker.content.decode(errors="replace")}
+                kind = "message"
+            conn.execute(
+                "INSERT INTO shardshift.stream_markers (stream, commit_lsn, ord, kind, body)"
+                " VALUES (%s, %s::pg_lsn, %s, %s, %s::jsonb) ON CONFLICT DO NOTHING",
+                (name, lsn_to_str(lsn), ord_, kind, json.dumps(body)),
+            )
+        if txns:
+            lag = self._lag_s
+        else:
+            oldest = next((i for i in self._pending if isinstance(i, Transaction)), None)
+            lag = 0.0 if oldest is None else max(0.0, time.time() - oldest.commit_time_unix)
+        params: dict[str, Any] = {
+            "s": name,
+            "applied": _lsn_text(self._applied_lsn),
+            "commit_at": pg_time_to_datetime(self._last_commit_us) if self._last_commit_us else None,
+            "caught_up": _lsn_text(self._caught_up_lsn),
+            "source": _lsn_text(max(stream.server_lsn, stream.received_lsn)),
+            "lag": lag,
+            "held": held,
+            "f_lsn": _lsn_text(fence[0]) if fence else None,
+            "f_token": fence[1].token if fence else None,
+            "f_state": (("deleted" if fence[1].deleted else fence[1].state) if fence else None),
+            "marker": json.dumps({"lsn": lsn_to_str(message[0]),
+                                  "content": message[1].content.decode(errors="replace")})
+            if message else None,
+        }
+        conn.execute(
+            "UPDATE shardshift.stream_state SET"
+            " applied_lsn = %(applied)s::pg_lsn,"
+            " applied_commit_at = coalesce(%(commit_at)s, applied_commit_at),"
+            " caught_up_lsn = %(caught_up)s::pg_lsn,"
+            " source_lsn = %(source)s::pg_lsn,"
+            " lag_s = %(lag)s, held = %(held)s,"
+            " fence_lsn = CASE WHEN %(f_lsn)s::pg_lsn IS NULL THEN fence_lsn ELSE %(f_lsn)s::pg_lsn END,"
+            " fence_token = CASE WHEN %(f_lsn)s::pg_lsn IS NULL THEN fence_token ELSE %(f_token)s END,"
+            " fence_state = CASE WHEN %(f_lsn)s::pg_lsn IS NULL THEN fence_state ELSE %(f_state)s END,"
+            " last_marker = coalesce(%(marker)s::jsonb, last_marker),"
+            " updated_at = now()"
+            " WHERE stream = %(s)s",
+            params,
+        )
+
+
+# -- control surface (any process) -------------------------------------------------------------
+
+_STATE_COLUMNS = (
+    "stream, migration_id, applied_lsn::text, applied_commit_at, caught_up_lsn::text,"
+    " source_lsn::text, lag_s, hold_at_lsn::text, held, fence_lsn::text, fence_token,"
+    " fence_state, last_marker, updated_at"
+)
+
+
+def _state(row: Sequence[Any]) -> StreamState:
+    keys = ("stream", "migration_id", "applied_lsn", "applied_commit_at", "caught_up_lsn",
+            "source_lsn", "lag_s", "hold_at_lsn", "held", "fence_lsn", "fence_token",
+            "fence_state", "last_marker", "updated_at")
+    return StreamState(**dict(zip(keys, row, strict=True)))
+
+
+def read_state(target_dsn: str, names: StreamNames) -> StreamState | None:
+    """The stream's state row on the target, or None before its applier first started."""
+    with psycopg.connect(target_dsn, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT to_regclass('shardshift.stream_state') IS NOT NULL"
+        ).fetchone()
+        if not exists or not exists[0]:
+            return None
+        row = conn.execute(
+            f"SELECT {_STATE_COLUMNS} FROM shardshift.stream_state WHERE stream = %s",  # noqa: S608 - fixed column list
+            (names.origin,),
+        ).fetchone()
+        return _state(row) if row else None
+
+
+def request_hold(target_dsn: str, names: StreamNames, lsn: str | int | None = None) -> str:
+    """Ask the applier to hold at ``lsn`` (None: at what it has applied now); returns the hold.
+
+    Raises:
+        HoldTooLateError: the applier has applied a transaction committing at or after ``lsn``.
+        ApplyError: the stream has no state row (its applier never started).
+    """
+    with psycopg.connect(target_dsn, autocommit=True) as conn, conn.transaction():
+        conn.execute(_lock_sql(), (names.origin,))
+        row = conn.execute(
+            "SELECT applied_lsn::text FROM shardshift.stream_state WHERE stream = %s",
+            (names.origin,),
+        ).fetchone()
+        if row is None:
+            raise ApplyError(f"stream {names.origin} has no state on this shard")
+        applied = lsn_from_str(row[0]) if row[0] else 0
+        hold = applied if lsn is None else _as_lsn(lsn)
+        if applied > hold:
+            raise HoldTooLateError(
+                f"stream {names.origin} has applied through {lsn_to_str(applied)}, past the "
+                f"requested hold {lsn_to_str(hold)}; pause first (request_hold(lsn=None)), "
+                "then take the snapshot and move the hold forward"
+            )
+        conn.execute(
+            "UPDATE shardshift.stream_state SET hold_at_lsn = %s::pg_lsn,"
+            " held = (held AND hold_at_lsn = %s::pg_lsn) WHERE stream = %s",
+            (lsn_to_str(hold), lsn_to_str(hold), names.origin),
+        )
+        return lsn_to_str(hold)
+
+
+def release_hold(target_dsn: str, names: StreamNames) -> None:
+    """Let the applier continue past its hold."""
+    with psycopg.connect(target_dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE shardshift.stream_state SET hold_at_lsn = NULL, held = false"
+            " WHERE stream = %s", (names.origin,),
+        )
+
+
+def _wait(target_dsn: str, names: StreamNames, ok: Callable[[StreamState], bool],
+          timeout: float, what: str, interval: float = 0.02) -> StreamState:
+    deadline = time.monotonic() + timeout
+    last: StreamState | None = None
+    with psycopg.connect(target_dsn, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                f"SELECT {_STATE_COLUMNS} FROM shardshift.stream_state WHERE stream = %s",  # noqa: S608 - fixed column list
+                (names.origin,),
+            ).fetchone()
+            last = _state(row) if row else None
+            if last is not None and ok(last):
+                return last
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stream {names.origin}: {what} not reached in {timeout}s "
+                                   f"(state: {last})")
+            time.sleep(interval)
+
+
+def wait_held(target_dsn: str, names: StreamNames, lsn: str | int, timeout: float = 30.0
+              ) -> StreamState:
+    """Wait until the applier holds exactly at ``lsn`` (the target equals the source as of
+    ``lsn`` while it stays held)."""
+    want = _as_lsn(lsn)
+    return _wait(
+        target_dsn, names,
+        lambda s: s.held and s.hold_at_lsn is not None and lsn_from_str(s.hold_at_lsn) == want,
+        timeout, f"hold at {lsn_to_str(want)}",
+    )
+
+
+def wait_caught_up(target_dsn: str, names: StreamNames, lsn: str | int, timeout: float = 30.0
+                   ) -> StreamState:
+    """Wait until every source transaction committing before ``lsn`` is applied."""
+    want = _as_lsn(lsn)
+    return _wait(
+        target_dsn, names,
+        lambda s: s.caught_up_lsn is not None and lsn_from_str(s.caught_up_lsn) >= want,
+        timeout, f"caught up through {lsn_to_str(want)}",
+    )
+
+
+def wait_for_fence(
+    target_dsn: str,
+    names: StreamNames,
+    *,
+    token: int,
+    state: str = "frozen",
+    after_lsn: str | int | None = None,
+    through_lsn: str | int | None = None,
+    timeout: float = 30.0,
+) -> StreamState:
+    """Wait until the applier has applied the source's fence change to ``(token, state)``.
+
+    The cutover passes ``after_lsn``, a source LSN read *before* it froze the fence: a fence
+    change at or after it is this freeze, not an older one (a freeze that was undone and
+    redone reaches the same token twice). Or ``through_lsn``, an LSN read after the freeze:
+    once everything before it is applied, the last fence change seen is the current one.
+    """
+    after = _as_lsn(after_lsn) if after_lsn is not None else None
+    through = _as_lsn(through_lsn) if through_lsn is not None else None
+
+    def ok(s: StreamState) -> bool:
+        if s.fence_token != token or s.fence_state != state or s.fence_lsn is None:
+            return False
+        if after is not None and lsn_from_str(s.fence_lsn) < after:
+            return False
+        return through is None or (
+            s.caught_up_lsn is not None and lsn_from_str(s.caught_up_lsn) >= through
+        )
+
+    return _wait(target_dsn, names, ok, timeout, f"fence token {token} ({state})")
+
+
+def measure_lag(source_dsn: str, target_dsn: str, names: StreamNames) -> Lag:
+    """Source WAL position vs the target's caught-up position, and the commit-time lag."""
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        source = current_lsn(conn)
+    st = read_state(target_dsn, names)
+    caught = lsn_from_str(st.caught_up_lsn) if st and st.caught_up_lsn else 0
+    return Lag(
+        source_lsn=lsn_to_str(source),
+        caught_up_lsn=st.caught_up_lsn if st else None,
+        lag_bytes=max(0, source - caught) if caught else source,
+        commit_lag_s=st.lag_s if st else None,
+    )
+
+
+__all__ = [
+    "APPLY_DDL",
+    "ApplierStats",
+    "ApplyError",
+    "ChangeApplier",
+    "HoldTooLateError",
+    "Lag",
+    "StreamSpec",
+    "StreamState",
+    "ensure_apply_schema",
+    "measure_lag",
+    "read_state",
+    "release_hold",
+    "request_hold",
+    "wait_caught_up",
+    "wait_for_fence",
+    "wait_held",
+]
