@@ -1,0 +1,343 @@
+"""Bulk import: staged Parquet parts into a target shard with binary ``COPY``.
+
+Invariants
+----------
+* **A part's rows and its completion commit together.** Each part is one target transaction:
+  claim ``shardshift.import_parts (migration_id, part)``, delete whatever the target holds in
+  the part's sub-range, ``COPY`` the rows, record the row count, commit. A crash anywhere
+  before the commit leaves neither rows nor the record; after it, both. An interrupted import
+  therefore resumes at the first part without a record, and the data is exact: no row is
+  loaded twice, none is lost.
+* **Claiming is the lock.** The claim is an ``INSERT ... ON CONFLICT DO NOTHING`` of the
+  progress row: a second importer of the same part (a zombie activity and its retry) blocks on
+  the first one's uncommitted row and then finds the part done, instead of loading it twice.
+* **A part file must belong where it is found.** Its Parquet metadata must name this
+  migration, collection, part number and the manifest's sub-range, and every khash in it must
+  lie in that sub-range (checked per batch, vectorized), or the import stops before commit.
+* The delete of the sub-range is a no-op on a first attempt (a failed attempt rolls back); it
+  exists for re-imports of verified-bad ranges. Import runs before the change stream is applied
+  to the target; re-loading a range later is :func:`shards.postgres.checksum.recopy_range`'s job.
+
+Speed
+-----
+The binary COPY stream is built with Arrow compute kernels, a whole record batch at a time:
+each row is ``int16 3 | int32 8 | int64 khash | int32 len | id | int32 len+1 | 0x01 | doc``
+(jsonb's binary input is a version byte and its text), assembled by
+``binary_join_element_wise`` from byte-reversed (big-endian) views of the integer columns.
+The joined array's data buffer *is* the COPY payload, handed to the server without a per-row
+Python step, so the import runs at the speed of the target's ``COPY`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from psycopg import sql
+from pydantic import BaseModel, ConfigDict
+
+from shards.models import KeyRange
+from shards.names import check_collection
+from shards.postgres.schema import collection_table
+from shards.postgres.snapshot import (
+    PART_SCHEMA,
+    ExportManifest,
+    load_manifest,
+    range_predicate,
+    read_part_metadata,
+)
+from shards.staging import Staging, check_migration_id
+
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+COPY_TRAILER = struct.pack("!h", -1)
+_ROW_PREFIX = pa.scalar(struct.pack("!hi", 3, 8), pa.binary())  # 3 fields; khash is 8 bytes
+_JSONB_VERSION = pa.scalar(b"\x01", pa.binary())
+_T = TypeVar("_T")
+
+
+class StagedPartError(RuntimeError):
+    """A staged part that cannot be imported as it is (missing, foreign or corrupt).
+
+    Retrying does not help; re-export the migration's snapshot.
+    """
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ImportProgress(_Frozen):
+    """Handed to the ``progress`` callback: a heartbeat checkpoint of an import."""
+
+    rows_done: int
+    parts_done: int
+    parts_total: int
+    part_in_flight: int | None = None
+    """The part being loaded (its rows are not committed yet), or None between parts."""
+
+
+class ImportResult(_Frozen):
+    migration_id: str
+    parts_total: int
+    imported_parts: tuple[int, ...]
+    skipped_parts: tuple[int, ...]
+    rows_imported: int
+    seconds: float
+
+
+ImportProgressFn = Callable[[ImportProgress], None]
+
+
+# -- the COPY encoding ------------------------------------------------------------------------
+
+
+def _big_endian(values: pa.Array, width: int) -> pa.Array:
+    """Fixed-width little-endian integers as big-endian byte strings (no copy until reverse)."""
+    raw = pa.Array.from_buffers(pa.binary(width), len(values), [None, values.buffers()[1]],
+                                offset=values.offset)
+    return pc.binary_reverse(raw.cast(pa.binary()))
+
+
+def encode_copy_rows(batch: pa.RecordBatch) -> memoryview:
+    """Rows of a staged batch in PostgreSQL's binary COPY tuple format (no header/trailer).
+
+    Every column is NOT NULL, so no field carries the -1 null length.
+    """
+    khash = batch.column("khash")
+    ids = batch.column("id").cast(pa.binary())
+    docs = batch.column("doc").cast(pa.binary())
+    if khash.null_count or ids.null_count or docs.null_count:
+        raise StagedPartError("a staged part holds NULLs; the table's columns are NOT NULL")
+    id_len = _big_endian(pc.binary_length(ids).cast(pa.int32()), 4)
+    doc_len = _big_endian(pc.add(pc.binary_length(docs), 1).cast(pa.int32()), 4)
+    rows = pc.binary_join_element_wise(
+        _ROW_PREFIX, _big_endian(khash, 8), id_len, ids, doc_len, _JSONB_VERSION, docs, b""
+    )
+    if rows.type != pa.binary():
+        rows = rows.cast(pa.binary())
+    offsets = rows.buffers()[1]
+    (start,) = struct.unpack_from("<i", offsets, 4 * rows.offset)
+    (end,) = struct.unpack_from("<i", offsets, 4 * (rows.offset + len(rows)))
+    return memoryview(rows.buffers()[2])[start:end]
+
+
+def copy_from_sql(collection: str) -> sql.Composed:
+    return sql.SQL("COPY {} (khash, id, doc) FROM STDIN (FORMAT binary)").format(
+        collection_table(check_collection(collection))
+    )
+
+
+# -- import -----------------------------------------------------------------------------------
+
+
+def done_parts(conn: psycopg.Connection, migration_id: str) -> dict[int, int]:
+    """Parts of a migration already imported on a target: part -> rows."""
+    rows = conn.execute(
+        "SELECT part, rows FROM shardshift.import_parts WHERE migration_id = %s",
+        (migration_id,),
+    ).fetchall()
+    return {int(p): int(n) for p, n in rows}
+
+
+def import_parts(
+    dsn: str,
+    collection: str,
+    staging: Staging,
+    migration_id: str,
+    *,
+    batch_rows: int = 16_384,
+    progress: ImportProgressFn | None = None,
+    follow_export_s: float | None = None,
+    poll_s: float = 0.05,
+) -> ImportResult:
+    """Load every staged part of a migration into the target, resuming where it stopped.
+
+    Args:
+        dsn: The target shard (its collection table and secondary indexes already exist).
+        collection: The collection (validated before anything is touched).
+        staging: Where the parts are.
+        migration_id: The migration whose parts to load.
+        batch_rows: Rows per record batch read from Parquet and encoded at once.
+        progress: Called after every batch and part with an :class:`ImportProgress`.
+        follow_export_s: When set, import while the export is still running: wait for the
+            manifest and for each missing part to appear, at most this many seconds per part.
+            Without it, a missing part is an error.
+        poll_s: How often to look for a part while following an export.
+
+    Returns:
+        An :class:`ImportResult`; ``skipped_parts`` were already imported by earlier attempts.
+
+    Raises:
+        StagedPartError: a part is missing (export incomplete) or does not belong to this
+            migration.
+    """
+    check_collection(collection)
+    check_migration_id(migration_id)
+    started = time.monotonic()
+    manifest = _wait_for(lambda: load_manifest(staging, migration_id), follow_export_s, poll_s)
+    if manifest is None:
+        raise StagedPartError(f"migration {migration_id}: nothing staged (no manifest)")
+    if manifest.collection != collection:
+        raise StagedPartError(
+            f"migration {migration_id} staged collection {manifest.collection}, not {collection}"
+        )
+    total = len(manifest.parts)
+    imported: list[int] = []
+    with psycopg.connect(dsn, application_name=f"shardshift-import-{migration_id}") as conn:
+        done = done_parts(conn, migration_id)
+        conn.rollback()
+        skipped = [p for p in range(total) if p in done]
+        rows_done = sum(done.values())
+        for part in range(total):
+            if part in done:
+                continue
+            if not staging.exists(migration_id, part):
+                found = _wait_for(lambda p=part: staging.exists(migration_id, p) or None,
+                                  follow_export_s, poll_s)
+                if not found:
+                    raise StagedPartError(
+                        f"migration {migration_id}: part {part} is not staged (export incomplete)"
+                    )
+
+            def on_batch(rows: int, _before: int = rows_done, _part: int = part) -> None:
+                if progress:
+                    progress(ImportProgress(rows_done=_before + rows,
+                                            parts_done=len(skipped) + len(imported),
+                                            parts_total=total, part_in_flight=_part))
+
+            n = import_part(conn, manifest, staging, part, batch_rows=batch_rows,
+                            on_batch=on_batch)
+            if n is None:  # another importer committed it meanwhile
+                skipped.append(part)
+                continue
+            rows_done += n
+            imported.append(part)
+            if progress:
+                progress(ImportProgress(rows_done=rows_done,
+                                        parts_done=len(skipped) + len(imported),
+                                        parts_total=total))
+    return ImportResult(
+        migration_id=migration_id, parts_total=total, imported_parts=tuple(imported),
+        skipped_parts=tuple(sorted(skipped)), rows_imported=rows_done,
+        seconds=time.monotonic() - started,
+    )
+
+
+def import_part(
+    conn: psycopg.Connection,
+    manifest: ExportManifest,
+    staging: Staging,
+    part: int,
+    *,
+    batch_rows: int = 16_384,
+    on_batch: Callable[[int], None] | None = None,
+) -> int | None:
+    """Load one staged part in one transaction with its ``import_parts`` record.
+
+    Returns:
+        Rows loaded, or None when the part was already imported (nothing changed).
+    """
+    migration_id, collection = manifest.migration_id, manifest.collection
+    sub = manifest.parts[part]
+    table = collection_table(check_collection(collection))
+    rows = 0
+    with staging.open_part(migration_id, part) as f:
+        pf = pq.ParquetFile(f)
+        _check_part_file(pf, manifest, part)
+        with conn.transaction():
+            claimed = conn.execute(
+                "INSERT INTO shardshift.import_parts (migration_id, part, rows)"
+                " VALUES (%s, %s, 0) ON CONFLICT DO NOTHING",
+                (migration_id, part),
+            ).rowcount
+            if not claimed:
+                return None
+            conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(table, range_predicate(sub)))
+            with conn.cursor().copy(copy_from_sql(collection)) as copy:
+                copy.write(COPY_HEADER)
+                for batch in pf.iter_batches(batch_size=batch_rows):
+                    _check_batch_range(batch, sub, migration_id, part)
+                    copy.write(encode_copy_rows(batch))
+                    rows += batch.num_rows
+                    if on_batch:
+                        on_batch(rows)
+                copy.write(COPY_TRAILER)
+            if rows != pf.metadata.num_rows:
+                raise StagedPartError(
+                    f"migration {migration_id} part {part}: read {rows} rows, the file "
+                    f"declares {pf.metadata.num_rows}"
+                )
+            conn.execute(
+                "UPDATE shardshift.import_parts SET rows = %s, done_at = now()"
+                " WHERE migration_id = %s AND part = %s",
+                (rows, migration_id, part),
+            )
+    return rows
+
+
+def _check_part_file(pf: pq.ParquetFile, manifest: ExportManifest, part: int) -> None:
+    meta = read_part_metadata(pf.schema_arrow.metadata)
+    sub = manifest.parts[part]
+    expected = {
+        "migration_id": manifest.migration_id,
+        "collection": manifest.collection,
+        "part": str(part),
+        "range": json.dumps([sub.lo, sub.hi]),
+    }
+    wrong = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        raise StagedPartError(
+            f"migration {manifest.migration_id} part {part}: the staged file does not belong "
+            f"here (metadata {wrong}, expected {expected})"
+        )
+    if pf.schema_arrow.remove_metadata() != PART_SCHEMA:
+        raise StagedPartError(
+            f"migration {manifest.migration_id} part {part}: unexpected schema {pf.schema_arrow}"
+        )
+
+
+def _check_batch_range(batch: pa.RecordBatch, sub: KeyRange, migration_id: str,
+                       part: int) -> None:
+    if batch.num_rows == 0:
+        return
+    mm = pc.min_max(batch.column("khash"))
+    lo, hi = mm["min"].as_py(), mm["max"].as_py()
+    if lo < sub.lo or hi >= sub.hi:
+        raise StagedPartError(
+            f"migration {migration_id} part {part}: khash values [{lo}, {hi}] fall outside "
+            f"the part's range [{sub.lo}, {sub.hi})"
+        )
+
+
+def _wait_for(probe: Callable[[], _T | None], timeout_s: float | None,
+                 poll_s: float) -> _T | None:
+    """``probe()`` until it returns a value, for at most ``timeout_s`` (once when None)."""
+    value = probe()
+    if value is not None or timeout_s is None:
+        return value
+    deadline = time.monotonic() + timeout_s
+    while value is None and time.monotonic() < deadline:
+        time.sleep(poll_s)  # polling the staging area *is* the condition check here
+        value = probe()
+    return value
+
+
+__all__ = [
+    "COPY_HEADER",
+    "COPY_TRAILER",
+    "StagedPartError",
+    "ImportProgress",
+    "ImportResult",
+    "copy_from_sql",
+    "done_parts",
+    "encode_copy_rows",
+    "import_part",
+    "import_parts",
+]

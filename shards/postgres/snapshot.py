@@ -1,0 +1,405 @@
+"""Snapshot export: a chunk read at one point in time, staged as Parquet parts.
+
+The protocol
+------------
+The replication module creates the move's logical slot with an exported snapshot; the slot's
+consistent point is time T (an LSN) and the snapshot name lets another session see the source
+exactly as of T. :func:`export_chunk` imports that snapshot (``SET TRANSACTION SNAPSHOT`` in a
+``REPEATABLE READ, READ ONLY`` transaction) and reads the chunk in khash sub-ranges, sorted by
+the primary key ``(khash, id)``, one Parquet file per sub-range ("part").
+
+Invariants
+----------
+* **The part plan is fixed per migration.** The first export writes ``manifest.json`` with the
+  sub-range of every part; every later export of the same migration id reuses it (whatever
+  the row count is by then), so ``(migration_id, part)`` names the same key range forever.
+  That is what makes a retry overwrite instead of duplicate, and what lets the importer and
+  its ``import_parts`` progress rows trust part numbers across attempts.
+* **A part file is complete or absent.** It is written under a temporary name and renamed
+  (see ``shards.staging``); the Parquet key-value metadata repeats the part's range, collection
+  and migration id so the importer can refuse a file that does not belong where it is found.
+* **Every part is read at one snapshot per attempt.** Within one call all parts are read in a
+  single transaction. With ``snapshot`` given, that is time T exactly.
+
+Resuming without the exported snapshot
+--------------------------------------
+An exported snapshot lives only as long as the transaction of the session that exported it
+(the replication connection). A resumed export after that session is gone passes
+``snapshot=None``: the missing parts are read at a fresh snapshot T' > T. This is still
+correct because the change stream is replayed from T (the slot's consistent point, which does
+not move until the applier confirms) and applying it is idempotent: the applier writes the
+full new row image for inserts and updates (an upsert by primary key) and deletes by primary
+key, so each change leaves a row in the state that change produced whatever the row held
+before. A row staged at T' has already seen the changes in (T, T']; replaying them re-applies
+states that the later changes in the same window overwrite again, and the row ends in its
+latest state, exactly like a row staged at T. The mix of T and T' parts is not a consistent
+snapshot by itself, but it is never used without the replay from T.
+
+Memory
+------
+Rows stream from ``COPY (SELECT ...) TO STDOUT (FORMAT csv)``: the server quotes every value
+that needs it, and pyarrow's C++ CSV reader turns each block of about ``batch_bytes`` into an
+Arrow record batch (no per-row Python objects besides the COPY messages themselves), which the
+Parquet writer appends as a row group. Memory is a few blocks, flat in the number of rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from psycopg import sql
+from psycopg.abc import Buffer
+from pydantic import BaseModel, ConfigDict, Field
+
+from shards.models import KeyRange
+from shards.names import check_collection
+from shards.postgres.schema import collection_table
+from shards.staging import Staging, check_migration_id
+
+FORMAT_VERSION = 1
+
+PART_SCHEMA = pa.schema(
+    [
+        pa.field("khash", pa.int64(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("doc", pa.string(), nullable=False),
+    ]
+)
+"""Staged rows: the table's primary key and the document as canonical jsonb text."""
+
+_SNAPSHOT_NAME = re.compile(r"[0-9A-Fa-f]{1,16}-[0-9A-Fa-f]{1,16}(-[0-9]{1,10})?")
+_META_PREFIX = "shardshift."
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ExportManifest(_Frozen):
+    """The immutable part plan of one migration's snapshot (``manifest.json``)."""
+
+    format_version: int = FORMAT_VERSION
+    migration_id: str
+    collection: str
+    range: KeyRange
+    parts: tuple[KeyRange, ...] = Field(min_length=1)
+
+
+class ExportProgress(_Frozen):
+    """Handed to the ``progress`` callback: a heartbeat checkpoint of an export."""
+
+    rows_done: int
+    parts_done: int
+    parts_total: int
+
+
+class ExportResult(_Frozen):
+    """What an export did: parts written now, parts found already staged, rows written."""
+
+    migration_id: str
+    parts_total: int
+    exported_parts: tuple[int, ...]
+    skipped_parts: tuple[int, ...]
+    rows_exported: int
+    bytes_exported: int
+    seconds: float
+
+
+ExportProgressFn = Callable[[ExportProgress], None]
+
+
+# -- helpers shared by the sibling modules (checksum, import, range delete) -------------------
+
+
+def check_snapshot_name(name: object) -> str:
+    """An exported snapshot name as ``pg_export_snapshot`` returns it (``0000000A-0000001B-1``)."""
+    if not isinstance(name, str) or not _SNAPSHOT_NAME.fullmatch(name):
+        raise ValueError(f"invalid exported snapshot name {name!r}")
+    return name
+
+
+def open_snapshot(dsn: str, snapshot: str | None, *, application_name: str) -> psycopg.Connection:
+    """A connection inside a ``REPEATABLE READ, READ ONLY`` transaction at a given snapshot.
+
+    Args:
+        dsn: The shard's DSN.
+        snapshot: An exported snapshot name (the transaction then sees exactly what that
+            snapshot saw), or None for a fresh snapshot taken by the first statement.
+        application_name: Shown in ``pg_stat_activity`` (operators see who holds the snapshot).
+
+    Returns:
+        An open connection whose transaction is already started; the caller closes it.
+    """
+    conn = psycopg.connect(dsn, application_name=application_name)
+    try:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        if snapshot is not None:
+            # SET TRANSACTION SNAPSHOT must be the transaction's first statement and takes no
+            # bind parameters; the name is validated and passed as a quoted literal.
+            conn.execute(
+                sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                    sql.Literal(check_snapshot_name(snapshot))
+                )
+            )
+        else:
+            conn.execute("SELECT 1")  # takes the transaction's snapshot now
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def range_predicate(key_range: KeyRange) -> sql.Composed:
+    """``khash >= lo AND khash < hi`` as literals (COPY takes no parameters); an unbounded
+    top omits the upper bound, which keeps the predicate an index range scan."""
+    lo = sql.SQL("khash >= {}").format(sql.Literal(key_range.lo))
+    if key_range.sql_hi is None:
+        return lo
+    return sql.SQL("{} AND khash < {}").format(lo, sql.Literal(key_range.sql_hi))
+
+
+def select_rows_sql(collection: str, key_range: KeyRange) -> sql.Composed:
+    """The rows of a key range in primary-key order (an index range scan on the PK)."""
+    return sql.SQL("SELECT khash, id, doc FROM {} WHERE {} ORDER BY khash, id").format(
+        collection_table(check_collection(collection)), range_predicate(key_range)
+    )
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+
+def plan_parts(conn: psycopg.Connection, collection: str, key_range: KeyRange,
+               target_part_rows: int) -> tuple[KeyRange, ...]:
+    """Split a chunk into sub-ranges of about ``target_part_rows`` rows each.
+
+    Equal-width split of the khash range into ``ceil(rows / target)`` parts. khash is a
+    cryptographic hash of the shard key, so rows are spread uniformly over any khash range:
+    equal widths give parts within a few standard deviations (~sqrt(rows per part)) of the
+    target, without the sort that ``percentile_disc`` over millions of keys would cost. The
+    one skew hashing cannot remove is many documents sharing one shard-key value, and those
+    share one khash, which no khash split can divide anyway. The count is exact (an index-only
+    scan of the PK, inside the export's snapshot).
+    """
+    if target_part_rows < 1:
+        raise ValueError("target_part_rows must be at least 1")
+    row = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+            collection_table(collection), range_predicate(key_range)
+        )
+    ).fetchone()
+    rows = int(row[0]) if row else 0
+    parts = max(1, min(math.ceil(rows / target_part_rows), 10_000))
+    return tuple(key_range.split(parts))
+
+
+def load_manifest(staging: Staging, migration_id: str) -> ExportManifest | None:
+    data = staging.read_manifest(migration_id)
+    return ExportManifest.model_validate_json(data) if data is not None else None
+
+
+def _manifest_for(conn: psycopg.Connection, staging: Staging, migration_id: str,
+                  collection: str, key_range: KeyRange, target_part_rows: int) -> ExportManifest:
+    existing = load_manifest(staging, migration_id)
+    if existing is not None:
+        if existing.collection != collection or existing.range != key_range:
+            raise ValueError(
+                f"migration {migration_id} already staged {existing.collection} "
+                f"[{existing.range.lo}, {existing.range.hi}); refusing to export {collection} "
+                f"[{key_range.lo}, {key_range.hi}) under the same id"
+            )
+        return existing
+    manifest = ExportManifest(
+        migration_id=migration_id, collection=collection, range=key_range,
+        parts=plan_parts(conn, collection, key_range, target_part_rows),
+    )
+    staging.write_manifest(migration_id, manifest.model_dump_json(indent=1).encode())
+    return manifest
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def export_chunk(
+    dsn: str,
+    collection: str,
+    key_range: KeyRange,
+    staging: Staging,
+    migration_id: str,
+    *,
+    snapshot: str | None = None,
+    target_part_rows: int = 50_000,
+    resume: bool = True,
+    compression: str = "zstd",
+    batch_bytes: int = 8 << 20,
+    progress: ExportProgressFn | None = None,
+) -> ExportResult:
+    """Stage a chunk of a source shard as Parquet parts read at one snapshot.
+
+    Args:
+        dsn: The source shard.
+        collection: The collection (validated before anything is touched).
+        key_range: The chunk's khash range.
+        staging: Where the parts go.
+        migration_id: Names the staged files (validated; no path traversal).
+        snapshot: The slot's exported snapshot (time T), or None for a fresh snapshot (valid
+            on resume; see the module docstring).
+        target_part_rows: Rows per part when planning a new migration (ignored once a
+            manifest exists).
+        resume: Skip parts already staged. False re-exports every part (same names, so the
+            files are overwritten).
+        compression: Parquet codec (``zstd``, ``lz4``, ``snappy``, ``none``).
+        batch_bytes: Size of the CSV blocks turned into record batches (bounds memory).
+        progress: Called after every batch and part with an :class:`ExportProgress`.
+
+    Returns:
+        An :class:`ExportResult`.
+    """
+    check_collection(collection)
+    check_migration_id(migration_id)
+    if snapshot is not None:
+        check_snapshot_name(snapshot)
+    started = time.monotonic()
+    exported: list[int] = []
+    skipped: list[int] = []
+    rows_done = bytes_done = 0
+    with open_snapshot(dsn, snapshot, application_name=f"shardshift-export-{migration_id}") as conn:
+        manifest = _manifest_for(conn, staging, migration_id, collection, key_range,
+                                 target_part_rows)
+        total = len(manifest.parts)
+        for part, sub in enumerate(manifest.parts):
+            if resume and staging.exists(migration_id, part):
+                skipped.append(part)
+                continue
+
+            def on_batch(rows: int, _part_rows_before: int = rows_done) -> None:
+                if progress:
+                    progress(ExportProgress(rows_done=_part_rows_before + rows,
+                                            parts_done=len(exported) + len(skipped),
+                                            parts_total=total))
+
+            rows = _export_part(conn, collection, sub, staging, migration_id, part,
+                                compression=compression, batch_bytes=batch_bytes,
+                                on_batch=on_batch)
+            rows_done += rows
+            bytes_done += staging.part_size(migration_id, part)
+            exported.append(part)
+            if progress:
+                progress(ExportProgress(rows_done=rows_done, parts_done=len(exported) + len(skipped),
+                                        parts_total=total))
+        conn.rollback()  # read-only: nothing to commit; ends the snapshot promptly
+    return ExportResult(
+        migration_id=migration_id, parts_total=total, exported_parts=tuple(exported),
+        skipped_parts=tuple(skipped), rows_exported=rows_done, bytes_exported=bytes_done,
+        seconds=time.monotonic() - started,
+    )
+
+
+def part_metadata(migration_id: str, collection: str, part: int, sub: KeyRange) -> dict[str, str]:
+    return {
+        f"{_META_PREFIX}format_version": str(FORMAT_VERSION),
+        f"{_META_PREFIX}migration_id": migration_id,
+        f"{_META_PREFIX}collection": collection,
+        f"{_META_PREFIX}part": str(part),
+        f"{_META_PREFIX}range": json.dumps([sub.lo, sub.hi]),
+    }
+
+
+def read_part_metadata(metadata: dict[bytes, bytes] | None) -> dict[str, str]:
+    """The ``shardshift.*`` key-value metadata of a staged Parquet file."""
+    out: dict[str, str] = {}
+    for k, v in (metadata or {}).items():
+        key = k.decode()
+        if key.startswith(_META_PREFIX):
+            out[key[len(_META_PREFIX):]] = v.decode()
+    return out
+
+
+_CSV_READ = pacsv.ReadOptions(column_names=PART_SCHEMA.names, use_threads=True,
+                              block_size=16 << 20)
+# Values may hold newlines (inside quotes); only quoting and "" doubling are used by
+# PostgreSQL's CSV output, which is exactly pyarrow's default dialect.
+_CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
+_CSV_CONVERT = pacsv.ConvertOptions(
+    column_types=PART_SCHEMA, strings_can_be_null=False, quoted_strings_can_be_null=False,
+)
+
+
+def _csv_batches(conn: psycopg.Connection, query: sql.Composed,
+                 batch_bytes: int) -> Iterator[pa.Table]:
+    """Tables of about ``batch_bytes`` CSV each, from ``COPY (query) TO STDOUT``.
+
+    COPY sends one message per row, so joining messages never splits a row across blocks.
+    """
+    copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
+    chunks: list[Buffer] = []
+    size = 0
+    with conn.cursor().copy(copy_sql) as copy:
+        for data in copy:
+            # Each message owns its buffer (psycopg frees it with the object): keep, don't copy.
+            chunks.append(data)
+            size += len(data)
+            if size >= batch_bytes:
+                yield _parse_csv(chunks)
+                chunks, size = [], 0
+    if chunks:
+        yield _parse_csv(chunks)
+
+
+def _parse_csv(chunks: list[Buffer]) -> pa.Table:
+    table = pacsv.read_csv(pa.py_buffer(b"".join(chunks)), read_options=_CSV_READ,
+                           parse_options=_CSV_PARSE, convert_options=_CSV_CONVERT)
+    return table.cast(PART_SCHEMA)  # the CSV reader marks columns nullable
+
+
+def _export_part(conn: psycopg.Connection, collection: str, sub: KeyRange, staging: Staging,
+                 migration_id: str, part: int, *, compression: str, batch_bytes: int,
+                 on_batch: Callable[[int], None]) -> int:
+    schema = PART_SCHEMA.with_metadata(part_metadata(migration_id, collection, part, sub))
+    rows = 0
+    with staging.write_part(migration_id, part) as out:
+        writer = pq.ParquetWriter(
+            out, schema, compression=compression,
+            # Documents and ids are nearly unique: dictionaries would only cost time.
+            use_dictionary=False,
+            write_statistics=["khash"],
+        )
+        try:
+            for table in _csv_batches(conn, select_rows_sql(collection, sub), batch_bytes):
+                writer.write_table(table.replace_schema_metadata(schema.metadata))
+                rows += table.num_rows
+                on_batch(rows)
+        finally:
+            writer.close()
+    return rows
+
+
+def read_part(staging: Staging, migration_id: str, part: int,
+              batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:
+    """Record batches of a staged part (for tests, tools and the importer)."""
+    with staging.open_part(migration_id, part) as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
+
+
+__all__ = [
+    "PART_SCHEMA",
+    "ExportManifest",
+    "ExportProgress",
+    "ExportResult",
+    "check_snapshot_name",
+    "export_chunk",
+    "load_manifest",
+    "open_snapshot",
+    "plan_parts",
+    "range_predicate",
+    "read_part",
+    "select_rows_sql",
+]

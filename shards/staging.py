@@ -1,0 +1,185 @@
+"""The staging area: where a migration's snapshot parts wait between export and import.
+
+Layout (one directory per migration, nothing else in it)::
+
+    {root}/{migration_id}/manifest.json           the part plan (sub-ranges), written once
+    {root}/{migration_id}/part-{part:05d}.parquet one Parquet file per khash sub-range
+
+Invariants
+----------
+* Names derive only from ``(migration_id, part)``: a retried export writes the same names, so it
+  overwrites rather than duplicates, and cleanup is "remove the migration's directory".
+* A file is visible under its final name only when complete. On filesystems with an atomic
+  rename (local disk, the in-memory ``mock`` filesystem) a writer writes a private temporary
+  name in the same directory and renames it; object stores (S3, GCS, ...) publish an object only
+  when its upload completes, so the final name is written directly there. Hence
+  ``exists(part)`` means "complete", and an interrupted writer leaves at most a temporary file
+  that listings ignore and ``remove`` deletes.
+* Migration ids are validated (``^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$``, no ``..``) before any
+  path is built, so an id can never address anything outside its own directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+_MIGRATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,100}")
+_PART_FILE = re.compile(r"part-(\d{5})\.parquet")
+MANIFEST = "manifest.json"
+MAX_PARTS = 100_000
+"""Part numbers are written with five digits."""
+
+# Filesystems whose ``move`` is an atomic rename within a directory.
+_ATOMIC_RENAME = {"local", "mock"}
+
+
+class StagingError(ValueError):
+    """A bad migration id or part number, or a staging area that cannot be used."""
+
+
+def check_migration_id(migration_id: object) -> str:
+    """Validate a migration id for use in staging paths; returns it unchanged.
+
+    Raises:
+        StagingError: the id could escape its directory or is not a plain name.
+    """
+    if (
+        not isinstance(migration_id, str)
+        or not _MIGRATION_ID.fullmatch(migration_id)
+        or ".." in migration_id
+    ):
+        raise StagingError(
+            f"invalid migration id {migration_id!r}: use a letter or digit followed by up to "
+            "100 letters, digits, '_', '-' or '.' (no '..')"
+        )
+    return migration_id
+
+
+def _check_part(part: object) -> int:
+    if not isinstance(part, int) or isinstance(part, bool) or not 0 <= part < MAX_PARTS:
+        raise StagingError(f"invalid part number {part!r}: expected 0..{MAX_PARTS - 1}")
+    return part
+
+
+class Staging:
+    """A staging area on any pyarrow filesystem.
+
+    Args:
+        url: A local directory (``/var/tmp/staging``), a ``file://`` URI, or any URI that
+            ``pyarrow.fs.FileSystem.from_uri`` understands (``s3://bucket/prefix``, ...).
+        filesystem: An already-built filesystem; ``url`` is then a path inside it.
+    """
+
+    def __init__(self, url: str | Path, filesystem: pafs.FileSystem | None = None) -> None:
+        text = str(url)
+        if filesystem is not None:
+            self.fs, root = filesystem, text
+        elif "://" in text:
+            self.fs, root = pafs.FileSystem.from_uri(text)
+        else:
+            self.fs, root = pafs.LocalFileSystem(), os.path.abspath(text)
+        self.root = root.rstrip("/") or "/"
+        self.url = text
+        self._atomic_rename = self.fs.type_name in _ATOMIC_RENAME
+
+    def __repr__(self) -> str:
+        return f"Staging({self.url!r})"
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def migration_dir(self, migration_id: str) -> str:
+        return f"{self.root}/{check_migration_id(migration_id)}"
+
+    def part_path(self, migration_id: str, part: int) -> str:
+        return f"{self.migration_dir(migration_id)}/part-{_check_part(part):05d}.parquet"
+
+    def manifest_path(self, migration_id: str) -> str:
+        return f"{self.migration_dir(migration_id)}/{MANIFEST}"
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type == pafs.FileType.File
+
+    def exists(self, migration_id: str, part: int) -> bool:
+        """Whether the part is staged (complete: partial files never carry the final name)."""
+        return self._exists(self.part_path(migration_id, part))
+
+    def parts(self, migration_id: str) -> list[int]:
+        """Part numbers staged for a migration, ascending (temporary files are ignored)."""
+        selector = pafs.FileSelector(self.migration_dir(migration_id), allow_not_found=True)
+        found = []
+        for info in self.fs.get_file_info(selector):
+            m = _PART_FILE.fullmatch(info.base_name)
+            if m and info.type == pafs.FileType.File:
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def part_size(self, migration_id: str, part: int) -> int:
+        return int(self.fs.get_file_info(self.part_path(migration_id, part)).size or 0)
+
+    # -- reading and writing -----------------------------------------------------------------
+
+    def open_part(self, migration_id: str, part: int) -> pa.NativeFile:
+        """A random-access reader of a staged part (Parquet needs to seek to its footer)."""
+        return self.fs.open_input_file(self.part_path(migration_id, part))
+
+    @contextmanager
+    def write_part(self, migration_id: str, part: int) -> Iterator[pa.NativeFile]:
+        """An output stream for a part, published under its final name only on success."""
+        with self._atomic_output(self.part_path(migration_id, part)) as out:
+            yield out
+
+    def read_manifest(self, migration_id: str) -> bytes | None:
+        path = self.manifest_path(migration_id)
+        if not self._exists(path):
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def write_manifest(self, migration_id: str, data: bytes) -> None:
+        with self._atomic_output(self.manifest_path(migration_id)) as out:
+            out.write(data)
+
+    def remove(self, migration_id: str) -> None:
+        """Delete everything staged for a migration (idempotent)."""
+        path = self.migration_dir(migration_id)
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(path)
+
+    @contextmanager
+    def _atomic_output(self, final: str) -> Iterator[Any]:
+        directory = final.rsplit("/", 1)[0]
+        self.fs.create_dir(directory, recursive=True)
+        if not self._atomic_rename:
+            # Object stores publish the object only when the upload completes.
+            with self.fs.open_output_stream(final) as out:
+                yield out
+            return
+        # Private temporary name: a zombie writer and its retry never interleave their bytes.
+        tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
+        out: IO[bytes] | Any = self.fs.open_output_stream(tmp)
+        try:
+            yield out
+            out.close()
+            self.fs.move(tmp, final)
+        except BaseException:
+            if not out.closed:
+                out.close()
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:  # already gone: nothing to clean
+                pass
+            raise
+
+
+__all__ = ["MANIFEST", "Staging", "StagingError", "check_migration_id"]

@@ -1,0 +1,369 @@
+"""Snapshot export, bulk import and range delete against real PostgreSQL servers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from bson import Binary, Decimal128, Int64, ObjectId, Regex, Timestamp
+from psycopg import sql
+
+from infra.net import free_port_block
+from infra.postgres import PostgresInstance, embedded_bin_dir, ensure_os_user
+from router.hashing import khash
+from settings import InfraSettings
+from shards.codec import decode_document
+from shards.errors import InvalidNameError
+from shards.models import KHASH_END, KHASH_MIN, FenceState, IndexDefinition, KeyRange
+from shards.postgres import PostgresShard
+from shards.postgres.bulk_import import StagedPartError, import_parts
+from shards.postgres.checksum import checksum_range, diff_checksums, recopy_range
+from shards.postgres.documents import encode_for_store
+from shards.postgres.range_delete import DeleteProgress, LiveChunkError, delete_range
+from shards.postgres.snapshot import ExportProgress, export_chunk, read_part
+from shards.staging import Staging, StagingError
+from tests.conftest import new_state_dir
+
+FULL = KeyRange(lo=KHASH_MIN, hi=KHASH_END)
+INDEXES = (IndexDefinition(name="acct", fields=("account",)),)
+TRICKY = 'quote " comma , newline \n cr \r tab \t backslash \\ "" \\" unicode é 😀 \\N'
+
+
+# -- helpers (also used by test_checksum) --------------------------------------------------------
+
+
+async def prepare(dsn: str, collection: str) -> None:
+    """Schema, the collection's table and its secondary index (before any data, as on a target)."""
+    async with PostgresShard("t", dsn) as shard:
+        await shard.ensure_schema()
+        await shard.create_collection(collection, INDEXES)
+
+
+def make_docs(n: int, tag: str = "d") -> list[dict[str, Any]]:
+    """Documents covering every BSON type the codec keeps, and CSV-hostile strings."""
+    base = dt.datetime(2024, 2, 29, 23, 59, 59, 123000, tzinfo=dt.UTC)
+    docs = []
+    for i in range(n):
+        docs.append({
+            "_id": ObjectId() if i % 3 else f"{tag}-{i},\"x\"\n",
+            "account": f"acct-{tag}-{i}",
+            "amount": Decimal128(Decimal(f"{i}.{i % 100:02d}")),
+            "when": base + dt.timedelta(seconds=i),
+            "i32": i,
+            "i64": Int64(2**40 + i),
+            "dbl": i / 3,
+            "bin": bytes([i % 256, 0, 255]) * 3,  # subtype 0 reads back as bytes
+            "bin80": Binary(bytes([i % 256]) * 5, 0x80),
+            "uid": uuid.UUID(int=i + 1),
+            "nested": {"a": [1, {"b": Int64(i)}, [TRICKY]], "empty": {}, "none": None},
+            "re": Regex(r"^a.*\d$", "i"),
+            "ts": Timestamp(1_700_000_000 + i, i % 7),
+            "flag": bool(i % 2),
+            "text": TRICKY,
+        })
+    return docs
+
+
+def load_docs(dsn: str, collection: str, docs: Sequence[dict[str, Any]]) -> None:
+    """Write documents straight into a shard's table (test setup; no fences involved)."""
+    table = sql.SQL("docs.{}").format(sql.Identifier(collection))
+    with psycopg.connect(dsn) as conn, conn.cursor().copy(
+        sql.SQL("COPY {} (khash, id, doc) FROM STDIN").format(table)
+    ) as copy:
+        for doc in docs:
+            id_text, doc_text = encode_for_store(doc)
+            copy.write_row((khash(doc["account"]), id_text, doc_text))
+
+
+def read_docs(dsn: str, collection: str, key_range: KeyRange = FULL) -> list[dict[str, Any]]:
+    """Every document of a range, decoded, in primary-key order."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT doc::text FROM docs.{} WHERE khash >= %s AND (%s::bigint IS NULL"
+                    " OR khash < %s) ORDER BY khash, id").format(sql.Identifier(collection)),
+            (key_range.lo, key_range.sql_hi, key_range.sql_hi),
+        ).fetchall()
+    return [decode_document(r[0]) for r in rows]
+
+
+def keyed(docs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["account"]: d for d in docs}
+
+
+@pytest.fixture
+def staging() -> Iterator[Staging]:
+    path = Path(new_state_dir("shardshift-staging-"))
+    yield Staging(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- export and import ---------------------------------------------------------------------------
+
+
+async def test_round_trip_keeps_every_bson_type(pg18_dsns, collection_name, staging):
+    src, dst = pg18_dsns[0], pg18_dsns[1]
+    await prepare(src, collection_name)
+    await prepare(dst, collection_name)
+    docs = make_docs(60)
+    load_docs(src, collection_name, docs)
+    seen: list[ExportProgress] = []
+
+    exported = export_chunk(src, collection_name, FULL, staging, "rt-1", target_part_rows=16,
+                            batch_bytes=4096, progress=seen.append)
+    assert exported.parts_total == 4 and exported.rows_exported == 60
+    assert seen[-1] == ExportProgress(rows_done=60, parts_done=4, parts_total=4)
+    staged = [b for p in range(4) for b in read_part(staging, "rt-1", p)]
+    keys = [(k, i) for b in staged for k, i in zip(b.column("khash").to_pylist(),
+                                                     b.column("id").to_pylist(), strict=True)]
+    assert keys == sorted(keys), "parts are sorted by the primary key"
+
+    imported = import_parts(dst, collection_name, staging, "rt-1", batch_rows=7)
+    assert imported.imported_parts == (0, 1, 2, 3) and imported.rows_imported == 60
+
+    assert keyed(read_docs(dst, collection_name)) == keyed(docs)
+    got = keyed(read_docs(dst, collection_name))[docs[4]["account"]]
+    for field in ("_id", "amount", "when", "i64", "dbl", "bin", "bin80", "uid", "re", "ts"):
+        assert type(got[field]) is type(docs[4][field]), field
+    assert got["text"] == TRICKY
+
+
+async def test_export_at_exported_snapshot_ignores_later_writes(pg18_dsns, collection_name,
+                                                                staging):
+    src, dst = pg18_dsns[0], pg18_dsns[2]
+    await prepare(src, collection_name)
+    await prepare(dst, collection_name)
+    docs = make_docs(20)
+    load_docs(src, collection_name, docs)
+    with psycopg.connect(src) as holder:
+        holder.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        row = holder.execute("SELECT pg_export_snapshot()").fetchone()
+        assert row is not None
+        load_docs(src, collection_name, make_docs(5, tag="late"))  # after the snapshot
+        export_chunk(src, collection_name, FULL, staging, "snap-1", snapshot=row[0])
+    import_parts(dst, collection_name, staging, "snap-1")
+    assert keyed(read_docs(dst, collection_name)) == keyed(docs)
+
+
+async def test_export_retry_overwrites_same_files(pg18_dsns, collection_name, staging):
+    src, dst = pg18_dsns[0], pg18_dsns[1]
+    await prepare(src, collection_name)
+    await prepare(dst, collection_name)
+    docs = make_docs(30)
+    load_docs(src, collection_name, docs)
+    first = export_chunk(src, collection_name, FULL, staging, "retry-1", target_part_rows=10)
+    files = sorted(os.listdir(Path(staging.root) / "retry-1"))
+    assert files == ["manifest.json"] + [f"part-{p:05d}.parquet" for p in range(3)]
+
+    # Resume skips staged parts; a full retry rewrites the same names with the current data
+    # (the plan is fixed by the manifest even though the row count changed).
+    load_docs(src, collection_name, make_docs(30, tag="more"))
+    again = export_chunk(src, collection_name, FULL, staging, "retry-1")
+    assert again.skipped_parts == (0, 1, 2) and again.rows_exported == 0
+    redo = export_chunk(src, collection_name, FULL, staging, "retry-1", resume=False)
+    assert redo.exported_parts == (0, 1, 2) and redo.rows_exported == 60
+    assert sorted(os.listdir(Path(staging.root) / "retry-1")) == files
+    assert first.parts_total == redo.parts_total
+
+    import_parts(dst, collection_name, staging, "retry-1")
+    assert len(read_docs(dst, collection_name)) == 60
+
+
+async def test_import_refuses_a_foreign_part(pg18_dsns, collection_name, staging):
+    src, dst = pg18_dsns[0], pg18_dsns[1]
+    await prepare(src, collection_name)
+    await prepare(dst, collection_name)
+    load_docs(src, collection_name, make_docs(20))
+    export_chunk(src, collection_name, FULL, staging, "own", target_part_rows=10)
+    export_chunk(src, collection_name, FULL, staging, "other", target_part_rows=10)
+    root = Path(staging.root)
+    shutil.copy(root / "other" / "part-00001.parquet", root / "own" / "part-00001.parquet")
+    with pytest.raises(StagedPartError, match="does not belong"):
+        import_parts(dst, collection_name, staging, "own")
+    # Part 0 committed before the foreign part was found; nothing of part 1 did.
+    with psycopg.connect(dst) as conn:
+        parts = conn.execute("SELECT part FROM shardshift.import_parts WHERE migration_id = 'own'")
+        assert [r[0] for r in parts] == [0]
+
+
+@pytest.fixture(scope="module")
+def private_pg() -> Iterator[PostgresInstance]:
+    """A PostgreSQL 18 of this module's own, which a test may stop without disturbing others."""
+    state = new_state_dir("shardshift-import-")
+    password = secrets.token_urlsafe(16)
+    passfile = state / "pgpass"
+    passfile.write_text(f"127.0.0.1:*:*:postgres:{password}\n")
+    os.chmod(passfile, 0o600)
+    (state / "pg").mkdir()
+    os.chmod(state / "pg", 0o755)
+    run_as = InfraSettings().run_as
+    if os.geteuid() == 0:
+        ensure_os_user(run_as)
+    instance = PostgresInstance(
+        "import-target", data_dir=state / "pg" / "import-target", port=free_port_block(1),
+        bin_dir=embedded_bin_dir(), passfile=passfile, password=password, run_as=run_as,
+    )
+    try:
+        instance.init()
+        instance.start(60)
+        yield instance
+    finally:
+        try:
+            instance.destroy()
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+async def test_import_resumes_after_target_stops_mid_import(pg18_dsns, collection_name,
+                                                            staging, private_pg):
+    src, dst = pg18_dsns[0], private_pg.dsn()
+    await prepare(src, collection_name)
+    await prepare(dst, collection_name)
+    docs = make_docs(120)
+    load_docs(src, collection_name, docs)
+    export_chunk(src, collection_name, FULL, staging, "crash-1", target_part_rows=20)
+
+    def stop_in_third_part(p) -> None:
+        # Rows of part 2 are in flight (sent, not committed) when the server goes down.
+        if p.part_in_flight == 2 and p.parts_done == 2:
+            private_pg.stop()
+
+    with pytest.raises(psycopg.OperationalError):
+        import_parts(dst, collection_name, staging, "crash-1", batch_rows=5,
+                     progress=stop_in_third_part)
+    assert private_pg.pid() is None
+    private_pg.start(60)
+    with psycopg.connect(dst) as conn:
+        done = conn.execute("SELECT part FROM shardshift.import_parts"
+                            " WHERE migration_id = 'crash-1' ORDER BY 1").fetchall()
+    assert [r[0] for r in done] == [0, 1]
+
+    resumed = import_parts(dst, collection_name, staging, "crash-1")
+    assert resumed.skipped_parts == (0, 1)
+    assert resumed.imported_parts == tuple(range(2, resumed.parts_total))
+    assert resumed.rows_imported == 120
+    got = read_docs(dst, collection_name)
+    assert len(got) == 120 and keyed(got) == keyed(docs)
+    a = checksum_range(src, collection_name, FULL, buckets=16)
+    b = checksum_range(dst, collection_name, FULL, buckets=16)
+    assert diff_checksums(a, b) == []
+
+
+@pytest.mark.pg15
+async def test_pg15_to_pg18_round_trip_with_equal_checksums(pg15_dsn, pg18_dsns,
+                                                            collection_name, staging):
+    src, dst = pg15_dsn, pg18_dsns[2]
+    await prepare(src, collection_name)
+    await prepare(dst, collection_name)
+    docs = make_docs(50)
+    load_docs(src, collection_name, docs)
+    export_chunk(src, collection_name, FULL, staging, "upgrade-1", target_part_rows=20)
+    import_parts(dst, collection_name, staging, "upgrade-1")
+    assert keyed(read_docs(dst, collection_name)) == keyed(docs)
+    a = checksum_range(src, collection_name, FULL, buckets=8)
+    b = checksum_range(dst, collection_name, FULL, buckets=8)
+    assert a.count == 50 and a.buckets == b.buckets
+
+
+# -- range delete --------------------------------------------------------------------------------
+
+
+async def test_range_delete_removes_exactly_the_range(pg18_dsns, collection_name):
+    dsn = pg18_dsns[1]
+    await prepare(dsn, collection_name)
+    docs = make_docs(200)
+    load_docs(dsn, collection_name, docs)
+    left, middle, right = FULL.split(3)
+    expected_kept = [d for d in docs if not middle.contains(khash(d["account"]))]
+    in_middle = len(docs) - len(expected_kept)
+    seen: list[DeleteProgress] = []
+
+    # Resuming from a checkpoint, and re-running after completion, delete the same rows.
+    first = delete_range(dsn, collection_name, middle, batch_size=7, progress=seen.append)
+    assert first.rows_deleted == in_middle and len(seen) == -(-in_middle // 7)
+    assert [s.rows_deleted for s in seen] == sorted(s.rows_deleted for s in seen)
+    again = delete_range(dsn, collection_name, middle, batch_size=7,
+                         after=(seen[0].after_khash, seen[0].after_id))
+    assert again.rows_deleted == 0
+    assert keyed(read_docs(dsn, collection_name)) == keyed(expected_kept)
+    assert read_docs(dsn, collection_name, middle) == []
+
+
+async def test_range_delete_refuses_a_served_chunk(pg18_dsns, collection_name):
+    dsn = pg18_dsns[1]
+    await prepare(dsn, collection_name)
+    load_docs(dsn, collection_name, make_docs(20))
+    left, right = FULL.split(2)
+    async with PostgresShard("t", dsn) as shard:
+        await shard.put_fence(collection_name, 7, right, 1, FenceState.ACTIVE)
+    with pytest.raises(LiveChunkError, match="nothing deleted"):
+        delete_range(dsn, collection_name, KeyRange(lo=right.lo - 10, hi=right.lo + 10))
+    assert len(read_docs(dsn, collection_name)) == 20
+    deleted = delete_range(dsn, collection_name, left)  # no fence serves the left half
+    assert deleted.rows_deleted == 20 - len(read_docs(dsn, collection_name, right))
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+HOSTILE = ['x"; DROP TABLE docs.y; --', "../etc", "", "a b", "pg_catalog.pg_class", 'a"b']
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_collection_names_are_rejected_before_anything(name, pg18_dsns, staging):
+    dsn = pg18_dsns[0]
+    calls = [
+        lambda: export_chunk(dsn, name, FULL, staging, "hostile"),
+        lambda: import_parts(dsn, name, staging, "hostile"),
+        lambda: checksum_range(dsn, name, FULL),
+        lambda: recopy_range(dsn, dsn, name, FULL),
+        lambda: delete_range(dsn, name, FULL),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidNameError):
+            call()
+    assert staging.parts("hostile") == [] and staging.read_manifest("hostile") is None
+
+
+@pytest.mark.parametrize(
+    "migration_id", ["../x", "..", "a/b", "/abs", ".hidden", "a..b", "", "x" * 102, "a\x00b", 7]
+)
+def test_staging_rejects_path_traversal(migration_id, staging):
+    with pytest.raises(StagingError):
+        staging.part_path(migration_id, 0)
+    with pytest.raises(StagingError):
+        staging.remove(migration_id)
+
+
+def test_staging_layout_and_cleanup(staging):
+    for mid in ("m-1", "m.2"):
+        for part in (0, 2):
+            with staging.write_part(mid, part) as out:
+                out.write(b"x")
+    assert staging.parts("m-1") == [0, 2] and staging.exists("m-1", 2)
+    with pytest.raises(RuntimeError), staging.write_part("m-1", 5) as out:
+        out.write(b"partial")
+        raise RuntimeError("writer died")
+    assert staging.parts("m-1") == [0, 2], "a failed write publishes nothing"
+    assert sorted(os.listdir(Path(staging.root) / "m-1")) == [
+        "part-00000.parquet", "part-00002.parquet"], "no temporary file is left behind"
+    staging.remove("m-1")
+    assert staging.parts("m-1") == [] and staging.parts("m.2") == [0, 2]
+    with pytest.raises(StagingError):
+        staging.part_path("m-1", 100_000)
+
+
+def test_staging_on_an_arrow_filesystem_uri():
+    mem = Staging("mock:///stage")  # pyarrow's in-memory filesystem, by URI
+    with mem.write_part("m1", 3) as out:
+        out.write(b"data")
+    assert mem.parts("m1") == [3]
+    mem.remove("m1")
+    assert mem.parts("m1") == []
