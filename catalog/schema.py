@@ -1,0 +1,181 @@
+"""The catalog's SQL schema: schema ``catalog`` in database ``shardshift`` of the catalog instance.
+
+Invariants the database itself enforces
+---------------------------------------
+The store checks every operation in Python first, so a person gets a precise error; the
+schema repeats the checks that matter most, so a bug (or a hand-written ``UPDATE``) cannot
+commit a broken catalog either:
+
+* **Cover, no gap, no overlap.** A deferred constraint trigger on ``chunks`` re-reads the
+  touched collection's ranges at ``COMMIT`` and raises SQLSTATE ``SC001`` unless they tile
+  ``[-2^63, 2^63)`` exactly. It fires only when ranges change (insert, delete, update of
+  ``lo``/``hi``), not on a placement change, and checks each collection once per
+  transaction (a transaction-local setting remembers it), so pre-splitting K chunks costs
+  one scan, not K.
+* **One active migration per chunk.** A partial unique index on ``migrations`` over
+  ``(collection, chunk_id) WHERE outcome IS NULL``.
+* **Placement on registered shards**: foreign keys from ``chunks``, ``migrations`` and
+  ``leases`` to ``shards``; shards are never deleted (``retired`` instead), so history keeps
+  its references.
+
+Representation
+--------------
+``hi`` is NULL for the top of the khash space (2^63 does not fit a bigint), exactly as the
+shards' ``chunk_fence`` stores it, so ``int8range(lo, hi)`` is the chunk's range in SQL too.
+Chunk ids come from one sequence: unique per collection (and globally), never reused, so a
+fence row left behind by an aborted split can never be mistaken for a later chunk's.
+``meta.version`` is the catalog version; every change increments it in the same transaction,
+which also serializes all catalog changes into one total order.
+"""
+
+from __future__ import annotations
+
+SCHEMA = "catalog"
+SCHEMA_VERSION = 1
+NOTIFY_CHANNEL = "shardshift_catalog"
+LAYOUT_ERRCODE = "SC001"
+
+DDL = r"""
+CREATE SCHEMA IF NOT EXISTS catalog;
+
+CREATE TABLE IF NOT EXISTS catalog.meta (
+    id              smallint PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    version         bigint   NOT NULL,
+    schema_version  int      NOT NULL
+);
+INSERT INTO catalog.meta (id, version, schema_version) VALUES (1, 0, 1)
+    ON CONFLICT (id) DO NOTHING;
+
+CREATE TABLE IF NOT EXISTS catalog.shards (
+    shard_id            text PRIMARY KEY,
+    address             text NOT NULL,
+    engine              text NOT NULL,
+    major_version       int  NOT NULL CHECK (major_version > 0),
+    state               text NOT NULL CHECK (state IN ('active', 'draining', 'retired')),
+    capacity_bytes      bigint CHECK (capacity_bytes >= 0),
+    capacity_ops_per_s  double precision CHECK (capacity_ops_per_s >= 0),
+    registered_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS catalog.collections (
+    name            text PRIMARY KEY,
+    shard_key       text NOT NULL,
+    indexes         jsonb NOT NULL DEFAULT '[]',
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    layout_version  bigint NOT NULL
+);
+
+CREATE SEQUENCE IF NOT EXISTS catalog.chunk_ids AS bigint START 1;
+
+CREATE TABLE IF NOT EXISTS catalog.chunks (
+    collection  text   NOT NULL REFERENCES catalog.collections (name) ON DELETE CASCADE,
+    chunk_id    bigint NOT NULL,
+    lo          bigint NOT NULL,
+    hi          bigint,             -- NULL: the top of the khash space (2^63)
+    shard_id    text   NOT NULL REFERENCES catalog.shards (shard_id),
+    token       bigint NOT NULL CHECK (token >= 1),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (collection, chunk_id),
+    UNIQUE (collection, lo),
+    CHECK (hi IS NULL OR lo < hi)
+);
+CREATE INDEX IF NOT EXISTS chunks_by_shard ON catalog.chunks (shard_id);
+
+-- Observations, not metadata: written without a version bump (see catalog.models).
+CREATE TABLE IF NOT EXISTS catalog.chunk_stats (
+    collection  text   NOT NULL,
+    chunk_id    bigint NOT NULL,
+    size_bytes  bigint NOT NULL CHECK (size_bytes >= 0),
+    doc_count   bigint NOT NULL CHECK (doc_count >= 0),
+    ops_per_s   double precision NOT NULL CHECK (ops_per_s >= 0),
+    measured_at timestamptz,        -- NULL: an estimate (carried over by a split or merge)
+    PRIMARY KEY (collection, chunk_id),
+    FOREIGN KEY (collection, chunk_id) REFERENCES catalog.chunks ON DELETE CASCADE
+);
+
+CREATE TABLE IF NOT EXISTS catalog.migrations (
+    migration_id  text PRIMARY KEY,
+    kind          text   NOT NULL,
+    collection    text   NOT NULL,
+    chunk_id      bigint NOT NULL,
+    source        text   NOT NULL REFERENCES catalog.shards (shard_id),
+    target        text   NOT NULL REFERENCES catalog.shards (shard_id),
+    phase         text   NOT NULL,
+    outcome       text CHECK (outcome IN ('completed', 'rolled_back', 'aborted', 'failed')),
+    token_before  bigint NOT NULL,
+    cutover_token bigint,
+    cutover_shard text REFERENCES catalog.shards (shard_id),
+    pause_ms      double precision,
+    detail        text,
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    committed_at  timestamptz,
+    finished_at   timestamptz,
+    CHECK (source <> target),
+    CHECK ((outcome IS NULL) = (finished_at IS NULL))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS migrations_one_active_per_chunk
+    ON catalog.migrations (collection, chunk_id) WHERE outcome IS NULL;
+
+CREATE TABLE IF NOT EXISTS catalog.leases (
+    lease_id      text PRIMARY KEY,   -- "{migration_id}@{shard_id}"
+    shard_id      text NOT NULL REFERENCES catalog.shards (shard_id),
+    migration_id  text NOT NULL,
+    holder        text NOT NULL,
+    acquired_at   timestamptz NOT NULL,
+    expires_at    timestamptz NOT NULL,
+    CHECK (expires_at > acquired_at)
+);
+CREATE INDEX IF NOT EXISTS leases_by_shard ON catalog.leases (shard_id, expires_at);
+CREATE INDEX IF NOT EXISTS leases_by_migration ON catalog.leases (migration_id);
+
+-- Deferred layout check: the touched collection's chunks must tile [-2^63, 2^63) at COMMIT.
+CREATE OR REPLACE FUNCTION catalog.check_layout() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    coll   text := CASE WHEN TG_OP = 'DELETE' THEN OLD.collection ELSE NEW.collection END;
+    flag   text := 'shardshift_catalog.layout_' || md5(coll);
+    expect numeric := -9223372036854775808;
+    n      bigint := 0;
+    r      record;
+BEGIN
+    IF coalesce(current_setting(flag, true), '') = 'checked' THEN
+        RETURN NULL;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM catalog.collections WHERE name = coll) THEN
+        IF EXISTS (SELECT 1 FROM catalog.chunks WHERE collection = coll) THEN
+            RAISE EXCEPTION 'collection % has chunks but no collection row', coll
+                USING ERRCODE = 'SC001';
+        END IF;
+        RETURN NULL;
+    END IF;
+    FOR r IN SELECT lo, hi FROM catalog.chunks WHERE collection = coll ORDER BY lo LOOP
+        IF r.lo <> expect THEN
+            RAISE EXCEPTION 'collection %: chunk layout has % at khash %', coll,
+                CASE WHEN r.lo > expect THEN 'a gap' ELSE 'an overlap' END, expect
+                USING ERRCODE = 'SC001';
+        END IF;
+        expect := coalesce(r.hi::numeric, 9223372036854775808);
+        n := n + 1;
+    END LOOP;
+    IF n = 0 OR expect <> 9223372036854775808 THEN
+        RAISE EXCEPTION 'collection %: chunks do not cover the khash space up to 2^63', coll
+            USING ERRCODE = 'SC001';
+    END IF;
+    PERFORM set_config(flag, 'checked', true);
+    RETURN NULL;
+END
+$fn$;
+
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'chunks_layout'
+                   AND tgrelid = 'catalog.chunks'::regclass) THEN
+        CREATE CONSTRAINT TRIGGER chunks_layout
+            AFTER INSERT OR DELETE OR UPDATE OF lo, hi, collection ON catalog.chunks
+            DEFERRABLE INITIALLY DEFERRED
+            FOR EACH ROW EXECUTE FUNCTION catalog.check_layout();
+    END IF;
+END
+$do$;
+"""

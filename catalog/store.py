@@ -1,0 +1,1583 @@
+"""``Catalog``: the chunk metadata service over its own PostgreSQL database.
+
+How the catalog stays correct
+-----------------------------
+* **One serializable transaction per operation.** Every method runs in exactly one
+  ``SERIALIZABLE`` transaction, retried from scratch on a serialization failure (SQLSTATE
+  40001) or deadlock, with jittered backoff, up to ``max_attempts`` times. A retry re-reads
+  everything, so its checks see the winner's commit. Every failure raises a typed
+  ``CatalogError`` and leaves the catalog unchanged.
+* **Compare-and-set on tokens.** Splits, merges and placement changes name the token(s) they
+  expect; the transaction locks the chunk row, compares, and refuses with
+  ``TokenMismatchError`` (expected vs actual) before changing anything. Of N concurrent
+  writers expecting the same token exactly one commits: the others either find the new token
+  or lose a serialization conflict, retry, and then find it.
+* **``move_chunk`` is the cutover's commit point.** It switches placement (new token =
+  expected + 1, which is the token the shard engine's freeze gave the source fence and the
+  token the target fence was activated at) and records the cutover in the migration record in
+  the same transaction. A lost ``COMMIT`` reply surfaces as ``CatalogUnavailableError``; the
+  caller reads ``migration(id).cutover_token`` / ``cutover_shard`` to learn whether its switch
+  committed. The CAS itself is never made "idempotent" by guessing: a second call with the same
+  expected token always fails, so "exactly one wins" holds even for calls with the same
+  migration id.
+* **A total order of changes.** Every change increments ``meta.version`` and sends
+  ``pg_notify('shardshift_catalog', {"version", "change", "collection"})`` in the same
+  transaction, so a notification is delivered only if its change committed, and never before.
+  Because every change writes the same row, changes are also serialized (cheaply: catalog
+  changes are rare next to routed traffic). Two kinds of write are deliberately *not* changes:
+  chunk statistics reports and renewals of a lease already held, both frequent and neither
+  affecting routing or ownership.
+* **At most one active migration per chunk** (partial unique index) and at most
+  ``max_moves_per_shard`` live move leases per shard. A lease is live until ``expires_at``;
+  expired leases are ignored when counting and deleted when next seen, so a dead holder
+  frees its slots by simply not renewing. Lease time is the catalog database's clock (one
+  clock for every worker); tests inject ``now``.
+
+Reads (``chunk_map``, ``chunk_maps``) run in a read-only serializable transaction: a snapshot
+consistent with the catalog version they report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import AsyncCursor, IsolationLevel, errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+from pydantic import ValidationError
+
+from catalog.errors import (
+    CatalogBusyError,
+    CatalogUnavailableError,
+    ChunkBusyError,
+    CollectionExistsError,
+    InvalidLayoutError,
+    InvariantViolation,
+    LeaseUnavailableError,
+    MigrationStateError,
+    ShardStateError,
+    TokenMismatchError,
+    UnknownChunkError,
+    UnknownCollectionError,
+    UnknownMigrationError,
+    UnknownShardError,
+)
+from catalog.models import (
+    CatalogChange,
+    ChangeKind,
+    Chunk,
+    ChunkMap,
+    ChunkStats,
+    CollectionInfo,
+    Lease,
+    MigrationKind,
+    MigrationOutcome,
+    MigrationPhase,
+    MigrationRecord,
+    ShardInfo,
+    ShardState,
+    Violation,
+    ViolationKind,
+    lease_id,
+)
+from catalog.schema import DDL, LAYOUT_ERRCODE, NOTIFY_CHANNEL
+from shards.base import DocumentShard
+from shards.errors import InvalidNameError
+from shards.models import KHASH_END, KHASH_MIN, Fence, FenceState, IndexDefinition, KeyRange
+from shards.names import check_collection, check_field_path
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_DDL_LOCK = 0x5348_4152_4443_4154  # "SHARDCAT": serializes catalog DDL across processes
+_SHARD_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
+_MIGRATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,199}")
+_HOLDER = re.compile(r"[ -~]{1,200}")  # printable ASCII: it is shown to people
+MAX_CHUNKS_PER_COLLECTION_CREATE = 65_536
+_RETRY_ON = (errors.SerializationFailure, errors.DeadlockDetected)
+# Unique violations that a concurrent transaction can cause between our check and our insert;
+# the retry's explicit check then reports the conflict precisely.
+_RACE_CONSTRAINTS = frozenset({
+    "migrations_one_active_per_chunk", "migrations_pkey", "leases_pkey", "shards_pkey",
+    "collections_pkey",
+})
+
+_CHUNK_SELECT = (
+    "SELECT c.collection, c.chunk_id, c.lo, c.hi, c.shard_id, c.token, c.updated_at,"
+    " s.size_bytes, s.doc_count, s.ops_per_s, s.measured_at"
+    " FROM catalog.chunks c LEFT JOIN catalog.chunk_stats s"
+    " ON s.collection = c.collection AND s.chunk_id = c.chunk_id"
+)
+_SHARD_SELECT = (
+    "SELECT shard_id, address, engine, major_version, state, capacity_bytes,"
+    " capacity_ops_per_s, registered_at, updated_at FROM catalog.shards"
+)
+_COLLECTION_SELECT = (
+    "SELECT name, shard_key, indexes, created_at, layout_version FROM catalog.collections"
+)
+_MIGRATION_SELECT = (
+    "SELECT migration_id, kind, collection, chunk_id, source, target, phase, outcome,"
+    " token_before, cutover_token, cutover_shard, pause_ms, detail, started_at, updated_at,"
+    " committed_at, finished_at FROM catalog.migrations"
+)
+_LEASE_SELECT = (
+    "SELECT lease_id, shard_id, migration_id, holder, acquired_at, expires_at FROM catalog.leases"
+)
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def check_shard_id(shard_id: object) -> str:
+    """A shard id: a letter, then up to 62 letters, digits, ``_``, ``.`` or ``-``."""
+    if not isinstance(shard_id, str) or not _SHARD_ID.fullmatch(shard_id):
+        raise InvalidNameError(
+            f"invalid shard id {shard_id!r}: use a letter followed by up to 62 letters, digits, "
+            "'_', '.' or '-'"
+        )
+    return shard_id
+
+
+def check_migration_id(migration_id: object) -> str:
+    """A migration id (a Temporal workflow id such as ``rebalance-7/42``)."""
+    if not isinstance(migration_id, str) or not _MIGRATION_ID.fullmatch(migration_id):
+        raise InvalidNameError(
+            f"invalid migration id {migration_id!r}: use a letter or digit followed by up to 199 "
+            "letters, digits, '_', '.', ':', '/' or '-'"
+        )
+    return migration_id
+
+
+def check_address(address: object) -> str:
+    """A libpq DSN without secrets: the catalog is readable by every router and worker."""
+    if not isinstance(address, str) or not address.strip():
+        raise ValueError(f"invalid shard address {address!r}: expected a libpq DSN")
+    try:
+        params = conninfo_to_dict(address)
+    except psycopg.ProgrammingError as exc:
+        raise ValueError(f"invalid shard address: not a libpq DSN ({exc})") from None
+    if params.get("password"):
+        raise ValueError(
+            "the shard address contains a password; the catalog stores addresses in the clear. "
+            "Put the password in a libpq passfile and pass passfile=... instead"
+        )
+    return address
+
+
+def _check_chunk_id(chunk_id: object) -> int:
+    if not isinstance(chunk_id, int) or isinstance(chunk_id, bool) or not 0 < chunk_id < 2**63:
+        raise ValueError(f"invalid chunk id {chunk_id!r}: expected a positive 64-bit integer")
+    return chunk_id
+
+
+def _check_token(token: object) -> int:
+    if not isinstance(token, int) or isinstance(token, bool) or not 0 < token < 2**63 - 1:
+        raise ValueError(f"invalid token {token!r}: expected a positive 64-bit integer")
+    return token
+
+
+# -- row mapping -----------------------------------------------------------------------------
+
+
+def _range(lo: int, hi: int | None) -> KeyRange:
+    return KeyRange(lo=lo, hi=KHASH_END if hi is None else hi)
+
+
+def _chunk(row: Sequence[Any]) -> Chunk:
+    coll, chunk_id, lo, hi, shard_id, token, updated_at, size, docs, ops, measured = row
+    return Chunk(
+        collection=coll, chunk_id=chunk_id, range=_range(lo, hi), shard_id=shard_id,
+        token=token, size_bytes=size or 0, doc_count=docs or 0, ops_per_s=ops or 0.0,
+        stats_at=measured, updated_at=updated_at,
+    )
+
+
+def _shard(row: Sequence[Any]) -> ShardInfo:
+    sid, address, engine, major, state, cap_b, cap_ops, registered, updated = row
+    return ShardInfo(
+        shard_id=sid, address=address, engine=engine, major_version=major,
+        state=ShardState(state), capacity_bytes=cap_b, capacity_ops_per_s=cap_ops,
+        registered_at=registered, updated_at=updated,
+    )
+
+
+def _collection(row: Sequence[Any]) -> CollectionInfo:
+    name, shard_key, indexes, created_at, layout_version = row
+    return CollectionInfo(
+        name=name, shard_key=shard_key,
+        indexes=tuple(IndexDefinition.model_validate(i) for i in indexes),
+        created_at=created_at, layout_version=layout_version,
+    )
+
+
+def _migration(row: Sequence[Any]) -> MigrationRecord:
+    (mid, kind, coll, chunk_id, source, target, phase, outcome, token_before, cut_token,
+     cut_shard, pause_ms, detail, started, updated, committed, finished) = row
+    return MigrationRecord(
+        migration_id=mid, kind=MigrationKind(kind), collection=coll, chunk_id=chunk_id,
+        source=source, target=target, phase=MigrationPhase(phase),
+        outcome=MigrationOutcome(outcome) if outcome else None, token_before=token_before,
+        cutover_token=cut_token, cutover_shard=cut_shard, pause_ms=pause_ms, detail=detail,
+        started_at=started, updated_at=updated, committed_at=committed, finished_at=finished,
+    )
+
+
+def _lease(row: Sequence[Any]) -> Lease:
+    lid, sid, mid, holder, acquired, expires = row
+    return Lease(lease_id=lid, shard_id=sid, migration_id=mid, holder=holder,
+                 acquired_at=acquired, expires_at=expires)
+
+
+async def _one(cur: AsyncCursor[Any], query: str, params: Any = None) -> tuple[Any, ...] | None:
+    await cur.execute(query, params)
+    row = await cur.fetchone()
+    return tuple(row) if row is not None else None
+
+
+class Catalog:
+    """The catalog: shards, collections, chunks, migrations and leases.
+
+    Build one per process, ``await catalog.open()`` (or ``async with``), share it: methods are
+    safe to call concurrently (each takes its own pooled connection).
+
+    Args:
+        dsn: libpq DSN of the catalog database.
+        min_size: Connections kept open.
+        max_size: Connections at most.
+        max_attempts: Attempts per transaction before ``CatalogBusyError``.
+        max_moves_per_shard: Default limit of live move leases per shard.
+        lease_ttl: Default lease lifetime; holders renew well within it.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 8,
+        max_attempts: int = 40,
+        max_moves_per_shard: int = 2,
+        lease_ttl: timedelta = timedelta(seconds=120),
+    ) -> None:
+        if max_moves_per_shard < 1:
+            raise ValueError("max_moves_per_shard must be at least 1")
+        self.dsn = dsn
+        self.max_attempts = max_attempts
+        self.max_moves_per_shard = max_moves_per_shard
+        self.lease_ttl = lease_ttl
+        self._pool = AsyncConnectionPool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            kwargs={"autocommit": True},
+            configure=self._configure,
+            name="catalog",
+        )
+
+    @staticmethod
+    async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        # With autocommit on, psycopg opens each `transaction()` with
+        # BEGIN ISOLATION LEVEL SERIALIZABLE.
+        await conn.set_isolation_level(IsolationLevel.SERIALIZABLE)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> Catalog:
+        await self._pool.open(wait=True)
+        return self
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def __aenter__(self) -> Catalog:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def ensure_schema(self) -> None:
+        """Create the catalog schema if it does not exist (idempotent, safe to race)."""
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
+            await conn.execute(DDL)
+
+    # -- transactions ------------------------------------------------------------------------
+
+    async def _txn(
+        self, body: Callable[[AsyncCursor[Any]], Awaitable[T]], *, read_only: bool = False
+    ) -> T:
+        """Run ``body`` in one serializable transaction, retrying it on conflicts."""
+        delay = 0.002
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    if read_only:
+                        await conn.execute("SET TRANSACTION READ ONLY")
+                    async with conn.cursor() as cur:
+                        return await body(cur)
+            except _RETRY_ON:
+                pass
+            except errors.UniqueViolation as exc:
+                if exc.diag.constraint_name not in _RACE_CONSTRAINTS:
+                    raise
+            except psycopg.OperationalError as exc:
+                # A read can simply run again. A change may have committed before the
+                # connection broke: only the caller, re-reading, can tell.
+                if not read_only or attempt == self.max_attempts:
+                    raise CatalogUnavailableError(
+                        f"catalog connection failed ({exc}); "
+                        + ("" if read_only else "the change may or may not have committed: "
+                           "re-read the catalog before retrying")
+                    ) from exc
+            except psycopg.Error as exc:
+                if exc.sqlstate == LAYOUT_ERRCODE:
+                    raise InvalidLayoutError(
+                        f"the catalog refused a chunk layout that would not tile the khash "
+                        f"space: {exc.diag.message_primary}"
+                    ) from exc
+                raise
+            # Jittered exponential backoff so that N losers do not collide again in lockstep.
+            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - not cryptographic
+            delay = min(delay * 2, 0.2)
+        raise CatalogBusyError(
+            f"the catalog transaction lost {self.max_attempts} serialization conflicts in a "
+            "row; nothing changed, retry later"
+        )
+
+    @staticmethod
+    async def _bump(cur: AsyncCursor[Any], change: ChangeKind, collection: str | None) -> int:
+        """Increment the catalog version and queue the notification (sent at COMMIT)."""
+        row = await _one(
+            cur, "UPDATE catalog.meta SET version = version + 1 WHERE id = 1 RETURNING version"
+        )
+        assert row is not None, "catalog.meta is missing its row: run ensure_schema()"
+        version = int(row[0])
+        payload = CatalogChange(version=version, change=change, collection=collection)
+        await cur.execute(
+            "SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload.model_dump_json())
+        )
+        if collection is not None and change is ChangeKind.LAYOUT:
+            await cur.execute(
+                "UPDATE catalog.collections SET layout_version = %s WHERE name = %s",
+                (version, collection),
+            )
+        return version
+
+    @staticmethod
+    async def _now(cur: AsyncCursor[Any], now: datetime | None) -> datetime:
+        if now is not None:
+            if now.tzinfo is None:
+                raise ValueError("now must be timezone-aware")
+            return now
+        row = await _one(cur, "SELECT clock_timestamp()")
+        assert row is not None
+        return row[0]  # type: ignore[no-any-return]
+
+    async def version(self) -> int:
+        """The current catalog version."""
+
+        async def body(cur: AsyncCursor[Any]) -> int:
+            row = await _one(cur, "SELECT version FROM catalog.meta WHERE id = 1")
+            assert row is not None
+            return int(row[0])
+
+        return await self._txn(body, read_only=True)
+
+    # -- shards ------------------------------------------------------------------------------
+
+    async def register_shard(
+        self,
+        shard_id: str,
+        address: str,
+        *,
+        engine: str,
+        major_version: int,
+        capacity_bytes: int | None = None,
+        capacity_ops_per_s: float | None = None,
+    ) -> ShardInfo:
+        """Register a shard, or update the address, engine and hints of a registered one.
+
+        A new shard starts ``active``; re-registering keeps the state (a draining shard stays
+        draining). Re-registering with identical values changes nothing.
+
+        Raises:
+            InvalidNameError: a malformed shard id.
+            ValueError: an address that is not a DSN or that carries a password.
+        """
+        check_shard_id(shard_id)
+        check_address(address)
+        if not engine or not isinstance(engine, str):
+            raise ValueError("engine must be a non-empty string, for example 'postgres'")
+        if major_version < 1:
+            raise ValueError(f"invalid major_version {major_version}")
+
+        async def body(cur: AsyncCursor[Any]) -> ShardInfo:
+            row = await _one(cur, _SHARD_SELECT + " WHERE shard_id = %s FOR UPDATE", (shard_id,))
+            wanted = (address, engine, major_version, capacity_bytes, capacity_ops_per_s)
+            if row is not None:
+                current = _shard(row)
+                if (current.address, current.engine, current.major_version,
+                        current.capacity_bytes, current.capacity_ops_per_s) == wanted:
+                    return current
+                await cur.execute(
+                    "UPDATE catalog.shards SET address = %s, engine = %s, major_version = %s,"
+                    " capacity_bytes = %s, capacity_ops_per_s = %s, updated_at = now()"
+                    " WHERE shard_id = %s",
+                    (*wanted, shard_id),
+                )
+            else:
+                await cur.execute(
+                    "INSERT INTO catalog.shards (shard_id, address, engine, major_version,"
+                    " capacity_bytes, capacity_ops_per_s, state) VALUES (%s, %s, %s, %s, %s, %s,"
+                    " 'active')",
+                    (shard_id, *wanted),
+                )
+            await self._bump(cur, ChangeKind.SHARDS, None)
+            return await self._shard_in(cur, shard_id)
+
+        return await self._txn(body)
+
+    async def set_shard_state(self, shard_id: str, state: ShardState) -> ShardInfo:
+        """Move a shard between ``active``, ``draining`` and ``retired``.
+
+        Raises:
+            UnknownShardError: the shard is not registered.
+            ShardStateError: retiring a shard that still holds chunks or takes part in an
+                active migration, or reviving a retired shard.
+        """
+        check_shard_id(shard_id)
+        state = ShardState(state)
+
+        async def body(cur: AsyncCursor[Any]) -> ShardInfo:
+            current = await self._shard_in(cur, shard_id, lock=True)
+            if current.state == state:
+                return current
+            if current.state == ShardState.RETIRED:
+                raise ShardStateError(
+                    f"shard {shard_id!r} is retired; register a new shard id instead of "
+                    "reviving it (its history refers to the old server)"
+                )
+            if state == ShardState.RETIRED:
+                row = await _one(
+                    cur, "SELECT count(*) FROM catalog.chunks WHERE shard_id = %s", (shard_id,)
+                )
+                held = int(row[0]) if row else 0
+                row = await _one(
+                    cur,
+                    "SELECT count(*) FROM catalog.migrations WHERE outcome IS NULL"
+                    " AND (source = %s OR target = %s)",
+                    (shard_id, shard_id),
+                )
+                moving = int(row[0]) if row else 0
+                if held or moving:
+                    raise ShardStateError(
+                        f"shard {shard_id!r} still holds {held} chunk(s) and takes part in "
+                        f"{moving} active migration(s); drain it before retiring it"
+                    )
+            await cur.execute(
+                "UPDATE catalog.shards SET state = %s, updated_at = now() WHERE shard_id = %s",
+                (state.value, shard_id),
+            )
+            await self._bump(cur, ChangeKind.SHARDS, None)
+            return await self._shard_in(cur, shard_id)
+
+        return await self._txn(body)
+
+    async def shard(self, shard_id: str) -> ShardInfo:
+        """One registered shard. Raises ``UnknownShardError``."""
+        check_shard_id(shard_id)
+        return await self._txn(lambda cur: self._shard_in(cur, shard_id), read_only=True)
+
+    async def list_shards(self, state: ShardState | None = None) -> list[ShardInfo]:
+        """Registered shards (optionally in one state), by id."""
+
+        async def body(cur: AsyncCursor[Any]) -> list[ShardInfo]:
+            await cur.execute(
+                _SHARD_SELECT + " WHERE %(s)s::text IS NULL OR state = %(s)s ORDER BY shard_id",
+                {"s": state.value if state else None},
+            )
+            return [_shard(r) for r in await cur.fetchall()]
+
+        return await self._txn(body, read_only=True)
+
+    async def _shard_in(
+        self, cur: AsyncCursor[Any], shard_id: str, *, lock: bool = False
+    ) -> ShardInfo:
+        row = await _one(
+            cur, _SHARD_SELECT + " WHERE shard_id = %s" + (" FOR UPDATE" if lock else ""),
+            (shard_id,),
+        )
+        if row is None:
+            raise UnknownShardError(shard_id)
+        return _shard(row)
+
+    # -- collections -------------------------------------------------------------------------
+
+    async def create_collection(
+        self,
+        name: str,
+        shard_key: str,
+        indexes: Sequence[IndexDefinition] = (),
+        shards: Sequence[str] = (),
+        *,
+        chunks_per_shard: int = 1,
+    ) -> ChunkMap:
+        """Create a collection pre-split into ``len(shards) * chunks_per_shard`` chunks.
+
+        The khash space is cut into equal-width chunks assigned round-robin to ``shards`` (in
+        the given order), each at token 1. Records metadata only: the caller creates tables
+        and fence rows on the shards (``catalog.admin.provision_collection`` does both).
+
+        Creating a collection that exists with the same shard key and indexes returns its
+        current map (a retried provisioning); a different definition is refused.
+
+        Raises:
+            InvalidNameError: a malformed collection name, shard key or shard id.
+            UnknownShardError, ShardStateError: a shard that is unknown or not active.
+            CollectionExistsError: the name is taken by a different definition.
+        """
+        check_collection(name)
+        check_field_path(shard_key)
+        idx = tuple(IndexDefinition.model_validate(i) for i in indexes)
+        if len({i.name for i in idx}) != len(idx):
+            raise ValueError(f"collection {name}: index names must be unique")
+        shard_ids = [check_shard_id(s) for s in shards]
+        if not shard_ids:
+            raise ValueError(f"collection {name}: name at least one shard to place chunks on")
+        if len(set(shard_ids)) != len(shard_ids):
+            raise ValueError(f"collection {name}: shard ids must be distinct, got {shard_ids}")
+        if chunks_per_shard < 1:
+            raise ValueError("chunks_per_shard must be at least 1")
+        k = chunks_per_shard * len(shard_ids)
+        if k > MAX_CHUNKS_PER_COLLECTION_CREATE:
+            raise ValueError(
+                f"{k} initial chunks is more than {MAX_CHUNKS_PER_COLLECTION_CREATE}; "
+                "pre-split less and let splits follow the data"
+            )
+        ranges = KeyRange(lo=KHASH_MIN, hi=KHASH_END).split(k)
+        index_json = [i.model_dump(mode="json") for i in idx]
+
+        async def body(cur: AsyncCursor[Any]) -> ChunkMap:
+            row = await _one(cur, _COLLECTION_SELECT + " WHERE name = %s FOR UPDATE", (name,))
+            if row is not None:
+                existing = _collection(row)
+                if existing.shard_key != shard_key or existing.indexes != idx:
+                    raise CollectionExistsError(
+                        f"collection {name!r} already exists with shard key "
+                        f"{existing.shard_key!r} and indexes "
+                        f"{[i.name for i in existing.indexes]}; pick another name"
+                    )
+                return await self._map_in(cur, name)
+            for sid in shard_ids:
+                info = await self._shard_in(cur, sid)
+                if info.state != ShardState.ACTIVE:
+                    raise ShardStateError(
+                        f"shard {sid!r} is {info.state}; only active shards receive chunks"
+                    )
+            await cur.execute(
+                "INSERT INTO catalog.collections (name, shard_key, indexes, layout_version)"
+                " VALUES (%s, %s, %s, 0)",
+                (name, shard_key, Jsonb(index_json)),
+            )
+            await cur.execute(
+                "SELECT nextval('catalog.chunk_ids') FROM generate_series(1, %s)", (k,)
+            )
+            ids = [r[0] for r in await cur.fetchall()]
+            await cur.execute(
+                "INSERT INTO catalog.chunks (collection, chunk_id, lo, hi, shard_id, token)"
+                " SELECT %s, * , 1 FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[],"
+                " %s::text[])",
+                (name, ids, [r.lo for r in ranges], [r.sql_hi for r in ranges],
+                 [shard_ids[i % len(shard_ids)] for i in range(k)]),
+            )
+            await self._bump(cur, ChangeKind.LAYOUT, name)
+            return await self._map_in(cur, name)
+
+        return await self._txn(body)
+
+    async def drop_collection(self, name: str) -> bool:
+        """Remove a collection and its chunks from the catalog; False if it did not exist.
+
+        The shards' tables and fence rows are the caller's to remove afterwards.
+
+        Raises:
+            ChunkBusyError: a chunk of the collection is moving.
+        """
+        check_collection(name)
+
+        async def body(cur: AsyncCursor[Any]) -> bool:
+            row = await _one(cur, "SELECT 1 FROM catalog.collections WHERE name = %s FOR UPDATE",
+                             (name,))
+            if row is None:
+                return False
+            await self._refuse_busy(cur, name, None)
+            await cur.execute("DELETE FROM catalog.collections WHERE name = %s", (name,))
+            await self._bump(cur, ChangeKind.LAYOUT, name)
+            return True
+
+        return await self._txn(body)
+
+    async def collection(self, name: str) -> CollectionInfo:
+        """One collection's definition. Raises ``UnknownCollectionError``."""
+        check_collection(name)
+
+        async def body(cur: AsyncCursor[Any]) -> CollectionInfo:
+            return await self._collection_in(cur, name)
+
+        return await self._txn(body, read_only=True)
+
+    async def list_collections(self) -> list[CollectionInfo]:
+        async def body(cur: AsyncCursor[Any]) -> list[CollectionInfo]:
+            await cur.execute(_COLLECTION_SELECT + " ORDER BY name")
+            return [_collection(r) for r in await cur.fetchall()]
+
+        return await self._txn(body, read_only=True)
+
+    async def _collection_in(self, cur: AsyncCursor[Any], name: str) -> CollectionInfo:
+        row = await _one(cur, _COLLECTION_SELECT + " WHERE name = %s", (name,))
+        if row is None:
+            raise UnknownCollectionError(name)
+        return _collection(row)
+
+    # -- chunk maps --------------------------------------------------------------------------
+
+    async def chunk_map(self, collection: str) -> ChunkMap:
+        """A consistent snapshot of one collection's chunks and the catalog version.
+
+        Raises:
+            UnknownCollectionError: no such collection.
+        """
+        check_collection(collection)
+        return await self._txn(lambda cur: self._map_in(cur, collection), read_only=True)
+
+    async def chunk_maps(self) -> dict[str, ChunkMap]:
+        """Every collection's chunk map, all read at one catalog version."""
+
+        async def body(cur: AsyncCursor[Any]) -> dict[str, ChunkMap]:
+            version = await self._version_in(cur)
+            await cur.execute(_COLLECTION_SELECT + " ORDER BY name")
+            infos = {r[0]: _collection(r) for r in await cur.fetchall()}
+            await cur.execute(_CHUNK_SELECT + " ORDER BY c.collection, c.lo")
+            chunks: dict[str, list[Chunk]] = {n: [] for n in infos}
+            for r in await cur.fetchall():
+                chunks[r[0]].append(_chunk(r))
+            return {
+                n: ChunkMap(collection=info, chunks=tuple(chunks[n]), version=version)
+                for n, info in infos.items()
+            }
+
+        return await self._txn(body, read_only=True)
+
+    async def chunk(self, collection: str, chunk_id: int) -> Chunk:
+        """One chunk as the catalog holds it now.
+
+        Raises:
+            UnknownCollectionError, UnknownChunkError.
+        """
+        check_collection(collection)
+        _check_chunk_id(chunk_id)
+        return await self._txn(
+            lambda cur: self._chunk_in(cur, collection, chunk_id), read_only=True
+        )
+
+    async def allocate_chunk_ids(self, n: int) -> list[int]:
+        """``n`` fresh chunk ids (never handed out again), for a split or merge whose shard
+        fences are created before the catalog change commits."""
+        if not 1 <= n <= 1024:
+            raise ValueError("allocate between 1 and 1024 chunk ids at a time")
+
+        async def body(cur: AsyncCursor[Any]) -> list[int]:
+            await cur.execute(
+                "SELECT nextval('catalog.chunk_ids') FROM generate_series(1, %s)", (n,)
+            )
+            return [int(r[0]) for r in await cur.fetchall()]
+
+        return await self._txn(body)
+
+    @staticmethod
+    async def _version_in(cur: AsyncCursor[Any]) -> int:
+        row = await _one(cur, "SELECT version FROM catalog.meta WHERE id = 1")
+        if row is None:
+            raise CatalogUnavailableError("the catalog schema is missing: run ensure_schema()")
+        return int(row[0])
+
+    async def _map_in(self, cur: AsyncCursor[Any], collection: str) -> ChunkMap:
+        version = await self._version_in(cur)
+        info = await self._collection_in(cur, collection)
+        await cur.execute(_CHUNK_SELECT + " WHERE c.collection = %s ORDER BY c.lo", (collection,))
+        chunks = tuple(_chunk(r) for r in await cur.fetchall())
+        return ChunkMap(collection=info, chunks=chunks, version=version)
+
+    async def _chunk_in(
+        self, cur: AsyncCursor[Any], collection: str, chunk_id: int, *, lock: bool = False
+    ) -> Chunk:
+        row = await _one(
+            cur,
+            _CHUNK_SELECT + " WHERE c.collection = %s AND c.chunk_id = %s"
+            + (" FOR UPDATE OF c" if lock else ""),
+            (collection, chunk_id),
+        )
+        if row is None:
+            await self._collection_in(cur, collection)  # the more useful error if it is unknown
+            raise UnknownChunkError(collection, chunk_id)
+        return _chunk(row)
+
+    async def _refuse_busy(
+        self, cur: AsyncCursor[Any], collection: str, chunk_ids: Sequence[int] | None
+    ) -> None:
+        row = await _one(
+            cur,
+            "SELECT migration_id, chunk_id, phase FROM catalog.migrations"
+            " WHERE outcome IS NULL AND collection = %s"
+            " AND (%s::bigint[] IS NULL OR chunk_id = ANY(%s::bigint[])) LIMIT 1",
+            (collection, chunk_ids, chunk_ids),
+        )
+        if row is not None:
+            raise ChunkBusyError(collection, row[1], row[0], row[2])
+
+    @staticmethod
+    def _expect(chunk: Chunk, expect_token: int) -> None:
+        if chunk.token != expect_token:
+            raise TokenMismatchError(
+                chunk.collection, chunk.chunk_id, expected=expect_token, actual=chunk.token,
+                shard_id=chunk.shard_id,
+            )
+
+    async def _fresh_ids(
+        self, cur: AsyncCursor[Any], collection: str, given: Sequence[int] | None, n: int
+    ) -> list[int]:
+        """Ids for new chunks: fresh from the sequence, or ones allocated earlier by
+        ``allocate_chunk_ids`` and not yet used (never an id a chunk had before)."""
+        if given is None:
+            await cur.execute(
+                "SELECT nextval('catalog.chunk_ids') FROM generate_series(1, %s)", (n,)
+            )
+            return [int(r[0]) for r in await cur.fetchall()]
+        ids = [_check_chunk_id(i) for i in given]
+        if len(ids) != n or len(set(ids)) != n:
+            raise ValueError(f"expected {n} distinct new chunk ids, got {list(given)}")
+        row = await _one(cur, "SELECT last_value FROM catalog.chunk_ids")
+        assert row is not None
+        if max(ids) > row[0]:
+            raise InvalidLayoutError(
+                f"chunk ids {ids} were not allocated by the catalog; use allocate_chunk_ids()"
+            )
+        await cur.execute(
+            "SELECT chunk_id FROM catalog.chunks WHERE chunk_id = ANY(%s)"
+            " UNION SELECT chunk_id FROM catalog.migrations WHERE chunk_id = ANY(%s)",
+            (ids, ids),
+        )
+        used = sorted(r[0] for r in await cur.fetchall())
+        if used:
+            raise InvalidLayoutError(
+                f"chunk ids {used} are already used; new chunks need fresh ids "
+                "(allocate_chunk_ids())"
+            )
+        return ids
+
+    # -- splits, merges, moves -----------------------------------------------------------------
+
+    async def split_chunk(
+        self,
+        collection: str,
+        chunk_id: int,
+        at_khash: int,
+        expect_token: int,
+        *,
+        child_ids: Sequence[int] | None = None,
+    ) -> tuple[Chunk, Chunk]:
+        """Split a chunk at ``at_khash`` into ``[lo, at)`` and ``[at, hi)`` on the same shard.
+
+        The children get new ids (``child_ids`` if the caller allocated them to create fence
+        rows first) and token ``expect_token + 1``: the parent's token bump, so tokens stay
+        monotone along a range's history. Statistics are halved between the children as an
+        estimate until the next measurement.
+
+        Raises:
+            TokenMismatchError: the chunk is not at ``expect_token``.
+            ChunkBusyError: the chunk is moving.
+            InvalidLayoutError: ``at_khash`` is not strictly inside the chunk, or bad child ids.
+            UnknownCollectionError, UnknownChunkError.
+        """
+        check_collection(collection)
+        _check_chunk_id(chunk_id)
+        _check_token(expect_token)
+        if not isinstance(at_khash, int) or not KHASH_MIN < at_khash < KHASH_END:
+            raise InvalidLayoutError(f"split point {at_khash!r} is not a khash")
+
+        async def body(cur: AsyncCursor[Any]) -> tuple[Chunk, Chunk]:
+            parent = await self._chunk_in(cur, collection, chunk_id, lock=True)
+            self._expect(parent, expect_token)
+            await self._refuse_busy(cur, collection, [chunk_id])
+            if not parent.range.lo < at_khash < parent.range.hi:
+                raise InvalidLayoutError(
+                    f"split point {at_khash} is not strictly inside chunk {collection}/"
+                    f"{chunk_id} [{parent.range.lo}, {parent.range.hi})"
+                )
+            left_id, right_id = await self._fresh_ids(cur, collection, child_ids, 2)
+            token = expect_token + 1
+            await cur.execute(
+                "DELETE FROM catalog.chunks WHERE collection = %s AND chunk_id = %s",
+                (collection, chunk_id),
+            )
+            await cur.execute(
+                "INSERT INTO catalog.chunks (collection, chunk_id, lo, hi, shard_id, token)"
+                " VALUES (%s, %s, %s, %s, %s, %s), (%s, %s, %s, %s, %s, %s)",
+                (collection, left_id, parent.range.lo, at_khash, parent.shard_id, token,
+                 collection, right_id, at_khash, parent.range.sql_hi, parent.shard_id, token),
+            )
+            if parent.stats_at is not None or parent.size_bytes or parent.doc_count:
+                for cid, share in ((left_id, 0), (right_id, 1)):
+                    await cur.execute(
+                        "INSERT INTO catalog.chunk_stats (collection, chunk_id, size_bytes,"
+                        " doc_count, ops_per_s, measured_at) VALUES (%s, %s, %s, %s, %s, NULL)",
+                        (collection, cid, parent.size_bytes // 2 + share * (parent.size_bytes % 2),
+                         parent.doc_count // 2 + share * (parent.doc_count % 2),
+                         parent.ops_per_s / 2),
+                    )
+            await self._bump(cur, ChangeKind.LAYOUT, collection)
+            return (await self._chunk_in(cur, collection, left_id),
+                    await self._chunk_in(cur, collection, right_id))
+
+        return await self._txn(body)
+
+    async def merge_chunks(
+        self,
+        collection: str,
+        chunk_ids: Sequence[int],
+        expect_tokens: Sequence[int],
+        *,
+        new_chunk_id: int | None = None,
+    ) -> Chunk:
+        """Merge adjacent chunks on one shard into one chunk with a new id.
+
+        The merged chunk's token is ``max(expect_tokens) + 1``; statistics are summed.
+
+        Args:
+            chunk_ids: Two or more chunks, in any order, together one contiguous range.
+            expect_tokens: The token each chunk is expected at, in ``chunk_ids`` order.
+            new_chunk_id: An id from ``allocate_chunk_ids`` (to create the fence first).
+
+        Raises:
+            TokenMismatchError: a chunk is not at its expected token.
+            ChunkBusyError: a chunk is moving.
+            InvalidLayoutError: the chunks are not adjacent or not on one shard.
+        """
+        check_collection(collection)
+        ids = [_check_chunk_id(c) for c in chunk_ids]
+        tokens = [_check_token(t) for t in expect_tokens]
+        if len(ids) < 2 or len(set(ids)) != len(ids):
+            raise InvalidLayoutError("merge needs two or more distinct chunk ids")
+        if len(tokens) != len(ids):
+            raise ValueError("give one expected token per chunk id, in the same order")
+
+        async def body(cur: AsyncCursor[Any]) -> Chunk:
+            # Lock in id order so two merges over shared chunks cannot deadlock.
+            chunks = {i: await self._chunk_in(cur, collection, i, lock=True) for i in sorted(ids)}
+            for i, t in zip(ids, tokens, strict=True):
+                self._expect(chunks[i], t)
+            await self._refuse_busy(cur, collection, ids)
+            ordered = sorted(chunks.values(), key=lambda c: c.range.lo)
+            shards = {c.shard_id for c in ordered}
+            if len(shards) != 1:
+                raise InvalidLayoutError(
+                    f"chunks {ids} of {collection} are on different shards {sorted(shards)}; "
+                    "move them onto one shard before merging"
+                )
+            for a, b in zip(ordered, ordered[1:], strict=False):
+                if a.range.hi != b.range.lo:
+                    raise InvalidLayoutError(
+                        f"chunks {a.chunk_id} [{a.range.lo}, {a.range.hi}) and {b.chunk_id} "
+                        f"[{b.range.lo}, {b.range.hi}) of {collection} are not adjacent"
+                    )
+            (new_id,) = await self._fresh_ids(
+                cur, collection, None if new_chunk_id is None else [new_chunk_id], 1
+            )
+            merged = KeyRange(lo=ordered[0].range.lo, hi=ordered[-1].range.hi)
+            await cur.execute(
+                "DELETE FROM catalog.chunks WHERE collection = %s AND chunk_id = ANY(%s)",
+                (collection, ids),
+            )
+            await cur.execute(
+                "INSERT INTO catalog.chunks (collection, chunk_id, lo, hi, shard_id, token)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (collection, new_id, merged.lo, merged.sql_hi, ordered[0].shard_id,
+                 max(tokens) + 1),
+            )
+            if any(c.stats_at is not None or c.size_bytes for c in ordered):
+                stamps = [c.stats_at for c in ordered]
+                await cur.execute(
+                    "INSERT INTO catalog.chunk_stats (collection, chunk_id, size_bytes,"
+                    " doc_count, ops_per_s, measured_at) VALUES (%s, %s, %s, %s, %s, %s)",
+                    (collection, new_id, sum(c.size_bytes for c in ordered),
+                     sum(c.doc_count for c in ordered), sum(c.ops_per_s for c in ordered),
+                     None if None in stamps else min(s for s in stamps if s is not None)),
+                )
+            await self._bump(cur, ChangeKind.LAYOUT, collection)
+            return await self._chunk_in(cur, collection, new_id)
+
+        return await self._txn(body)
+
+    async def move_chunk(
+        self,
+        collection: str,
+        chunk_id: int,
+        expect_token: int,
+        new_shard: str,
+        migration_id: str,
+        *,
+        pause_ms: float | None = None,
+    ) -> Chunk:
+        """Switch a chunk's placement: the commit point of a cutover (compare-and-set).
+
+        Places the chunk on ``new_shard`` at token ``expect_token + 1`` and records the cutover
+        (token, shard, time, pause) in the migration record, in one transaction. The migration
+        must be active and for this chunk; ``new_shard`` is its target (forward) or its source
+        (a rollback during the rollback window).
+
+        Raises:
+            TokenMismatchError: the chunk is not at ``expect_token`` (nothing changed; if the
+                caller's own earlier call may have committed, compare ``migration(id)``).
+            UnknownMigrationError, MigrationStateError: no such active migration for this
+                chunk and direction.
+            ShardStateError: the target is no longer active.
+        """
+        check_collection(collection)
+        _check_chunk_id(chunk_id)
+        _check_token(expect_token)
+        check_shard_id(new_shard)
+        check_migration_id(migration_id)
+        if pause_ms is not None and pause_ms < 0:
+            raise ValueError("pause_ms cannot be negative")
+
+        async def body(cur: AsyncCursor[Any]) -> Chunk:
+            chunk = await self._chunk_in(cur, collection, chunk_id, lock=True)
+            self._expect(chunk, expect_token)
+            mig = await self._migration_in(cur, migration_id, lock=True)
+            if not mig.active:
+                raise MigrationStateError(
+                    f"migration {migration_id!r} already finished ({mig.outcome}); it cannot "
+                    "move the chunk any more"
+                )
+            if (mig.collection, mig.chunk_id) != (collection, chunk_id):
+                raise MigrationStateError(
+                    f"migration {migration_id!r} moves chunk {mig.collection}/{mig.chunk_id}, "
+                    f"not {collection}/{chunk_id}"
+                )
+            if new_shard == mig.target and chunk.shard_id == mig.source:
+                target = await self._shard_in(cur, new_shard)
+                if target.state != ShardState.ACTIVE:
+                    raise ShardStateError(
+                        f"target shard {new_shard!r} is {target.state}; abort the migration"
+                    )
+            elif not (new_shard == mig.source and chunk.shard_id == mig.target):
+                raise MigrationStateError(
+                    f"migration {migration_id!r} moves between {mig.source!r} and "
+                    f"{mig.target!r}; the chunk is on {chunk.shard_id!r} and cannot go to "
+                    f"{new_shard!r}"
+                )
+            new_token = expect_token + 1
+            await cur.execute(
+                "UPDATE catalog.chunks SET shard_id = %s, token = %s, updated_at = now()"
+                " WHERE collection = %s AND chunk_id = %s",
+                (new_shard, new_token, collection, chunk_id),
+            )
+            await cur.execute(
+                "UPDATE catalog.migrations SET cutover_token = %s, cutover_shard = %s,"
+                " committed_at = now(), pause_ms = coalesce(%s, pause_ms), updated_at = now()"
+                " WHERE migration_id = %s",
+                (new_token, new_shard, pause_ms, migration_id),
+            )
+            await self._bump(cur, ChangeKind.LAYOUT, collection)
+            return await self._chunk_in(cur, collection, chunk_id)
+
+        return await self._txn(body)
+
+    async def report_stats(
+        self, collection: str, stats: Sequence[ChunkStats], *, measured_at: datetime | None = None
+    ) -> int:
+        """Record chunk statistics (not a catalog change: no version bump, no notification).
+
+        Stats for chunks that no longer exist (split or merged since they were measured) are
+        dropped. Returns how many chunks were updated.
+        """
+        check_collection(collection)
+        if not stats:
+            return 0
+
+        async def body(cur: AsyncCursor[Any]) -> int:
+            at = await self._now(cur, measured_at)
+            await cur.execute(
+                "INSERT INTO catalog.chunk_stats AS s (collection, chunk_id, size_bytes,"
+                " doc_count, ops_per_s, measured_at)"
+                " SELECT c.collection, c.chunk_id, x.size_bytes, x.doc_count, x.ops_per_s, %s"
+                " FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::float8[])"
+                "   AS x(chunk_id, size_bytes, doc_count, ops_per_s)"
+                " JOIN catalog.chunks c ON c.collection = %s AND c.chunk_id = x.chunk_id"
+                " ON CONFLICT (collection, chunk_id) DO UPDATE SET size_bytes = EXCLUDED.size_bytes,"
+                " doc_count = EXCLUDED.doc_count, ops_per_s = EXCLUDED.ops_per_s,"
+                " measured_at = EXCLUDED.measured_at",
+                (at, [s.chunk_id for s in stats], [s.size_bytes for s in stats],
+                 [s.doc_count for s in stats], [s.ops_per_s for s in stats], collection),
+            )
+            return cur.rowcount
+
+        return await self._txn(body)
+
+    # -- migrations --------------------------------------------------------------------------
+
+    async def register_migration(
+        self,
+        migration_id: str,
+        *,
+        kind: MigrationKind,
+        collection: str,
+        chunk_id: int,
+        source: str,
+        target: str,
+    ) -> MigrationRecord:
+        """Record a new chunk migration (phase ``registered``); idempotent for the same id.
+
+        Raises:
+            ChunkBusyError: another migration of this chunk is active.
+            MigrationStateError: the chunk is not on ``source``, or the id was used for a
+                different migration.
+            UnknownShardError, ShardStateError: the target is unknown or not active.
+            UnknownCollectionError, UnknownChunkError.
+        """
+        check_migration_id(migration_id)
+        kind = MigrationKind(kind)
+        check_collection(collection)
+        _check_chunk_id(chunk_id)
+        check_shard_id(source)
+        check_shard_id(target)
+        if source == target:
+            raise MigrationStateError(f"source and target are both {source!r}")
+
+        async def body(cur: AsyncCursor[Any]) -> MigrationRecord:
+            row = await _one(
+                cur, _MIGRATION_SELECT + " WHERE migration_id = %s",
+                (migration_id,),
+            )
+            if row is not None:
+                existing = _migration(row)
+                if (existing.kind, existing.collection, existing.chunk_id, existing.source,
+                        existing.target) != (kind, collection, chunk_id, source, target):
+                    raise MigrationStateError(
+                        f"migration id {migration_id!r} is already used for {existing.kind} of "
+                        f"{existing.collection}/{existing.chunk_id} {existing.source} -> "
+                        f"{existing.target}"
+                    )
+                return existing
+            chunk = await self._chunk_in(cur, collection, chunk_id, lock=True)
+            await self._refuse_busy(cur, collection, [chunk_id])
+            if chunk.shard_id != source:
+                raise MigrationStateError(
+                    f"chunk {collection}/{chunk_id} is on {chunk.shard_id!r}, not on the "
+                    f"requested source {source!r}; re-read the chunk map"
+                )
+            tgt = await self._shard_in(cur, target)
+            if tgt.state != ShardState.ACTIVE:
+                raise ShardStateError(
+                    f"target shard {target!r} is {tgt.state}; only active shards receive chunks"
+                )
+            await cur.execute(
+                "INSERT INTO catalog.migrations (migration_id, kind, collection, chunk_id,"
+                " source, target, phase, token_before) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (migration_id, kind.value, collection, chunk_id, source, target,
+                 MigrationPhase.REGISTERED.value, chunk.token),
+            )
+            await self._bump(cur, ChangeKind.MIGRATION, collection)
+            return await self._migration_in(cur, migration_id)
+
+        return await self._txn(body)
+
+    async def set_migration_phase(
+        self, migration_id: str, phase: MigrationPhase, *, detail: str | None = None
+    ) -> MigrationRecord:
+        """Record the phase an active migration has reached (idempotent).
+
+        Raises:
+            UnknownMigrationError, MigrationStateError: unknown, or already finished.
+        """
+        check_migration_id(migration_id)
+        phase = MigrationPhase(phase)
+
+        async def body(cur: AsyncCursor[Any]) -> MigrationRecord:
+            mig = await self._migration_in(cur, migration_id, lock=True)
+            if not mig.active:
+                raise MigrationStateError(
+                    f"migration {migration_id!r} already finished ({mig.outcome})"
+                )
+            if mig.phase == phase and (detail is None or detail == mig.detail):
+                return mig
+            await cur.execute(
+                "UPDATE catalog.migrations SET phase = %s, detail = coalesce(%s, detail),"
+                " updated_at = now() WHERE migration_id = %s",
+                (phase.value, detail, migration_id),
+            )
+            await self._bump(cur, ChangeKind.MIGRATION, mig.collection)
+            return await self._migration_in(cur, migration_id)
+
+        return await self._txn(body)
+
+    async def finish_migration(
+        self, migration_id: str, outcome: MigrationOutcome, *, detail: str | None = None
+    ) -> MigrationRecord:
+        """Close a migration with its outcome and release its leases (idempotent).
+
+        The outcome must agree with the chunk's placement: ``completed`` only when the chunk
+        is on the target, ``aborted``/``rolled_back`` only when it is on the source. ``failed``
+        is accepted anywhere (it asks for a person).
+
+        Raises:
+            UnknownMigrationError.
+            MigrationStateError: finished already with another outcome, or the outcome
+                contradicts the placement.
+        """
+        check_migration_id(migration_id)
+        outcome = MigrationOutcome(outcome)
+
+        async def body(cur: AsyncCursor[Any]) -> MigrationRecord:
+            mig = await self._migration_in(cur, migration_id, lock=True)
+            if not mig.active:
+                if mig.outcome == outcome:
+                    return mig
+                raise MigrationStateError(
+                    f"migration {migration_id!r} already finished as {mig.outcome}, not "
+                    f"{outcome}"
+                )
+            chunk = await self._chunk_in(cur, mig.collection, mig.chunk_id)
+            want = {MigrationOutcome.COMPLETED: mig.target, MigrationOutcome.ABORTED: mig.source,
+                    MigrationOutcome.ROLLED_BACK: mig.source}.get(outcome)
+            if want is not None and chunk.shard_id != want:
+                raise MigrationStateError(
+                    f"migration {migration_id!r} cannot finish as {outcome}: chunk "
+                    f"{mig.collection}/{mig.chunk_id} is on {chunk.shard_id!r}, not {want!r}"
+                )
+            await cur.execute(
+                "UPDATE catalog.migrations SET outcome = %s, detail = coalesce(%s, detail),"
+                " finished_at = now(), updated_at = now() WHERE migration_id = %s",
+                (outcome.value, detail, migration_id),
+            )
+            await cur.execute("DELETE FROM catalog.leases WHERE migration_id = %s",
+                              (migration_id,))
+            await self._bump(cur, ChangeKind.MIGRATION, mig.collection)
+            return await self._migration_in(cur, migration_id)
+
+        return await self._txn(body)
+
+    async def migration(self, migration_id: str) -> MigrationRecord:
+        """One migration record. Raises ``UnknownMigrationError``."""
+        check_migration_id(migration_id)
+        return await self._txn(lambda cur: self._migration_in(cur, migration_id), read_only=True)
+
+    async def migrations(
+        self, *, collection: str | None = None, active_only: bool = False, limit: int = 1000
+    ) -> list[MigrationRecord]:
+        """Migration records, newest first."""
+        if collection is not None:
+            check_collection(collection)
+
+        async def body(cur: AsyncCursor[Any]) -> list[MigrationRecord]:
+            await cur.execute(
+                _MIGRATION_SELECT + " WHERE (%(c)s::text IS NULL OR collection = %(c)s)"
+                " AND (NOT %(a)s OR outcome IS NULL) ORDER BY started_at DESC, migration_id"
+                " LIMIT %(n)s",
+                {"c": collection, "a": active_only, "n": limit},
+            )
+            return [_migration(r) for r in await cur.fetchall()]
+
+        return await self._txn(body, read_only=True)
+
+    async def _migration_in(
+        self, cur: AsyncCursor[Any], migration_id: str, *, lock: bool = False
+    ) -> MigrationRecord:
+        row = await _one(
+            cur,
+            _MIGRATION_SELECT + " WHERE migration_id = %s"
+            + (" FOR UPDATE" if lock else ""),
+            (migration_id,),
+        )
+        if row is None:
+            raise UnknownMigrationError(migration_id)
+        return _migration(row)
+
+    # -- leases ------------------------------------------------------------------------------
+
+    async def take_leases(
+        self,
+        migration_id: str,
+        shard_ids: Sequence[str],
+        *,
+        holder: str,
+        ttl: timedelta | None = None,
+        max_moves_per_shard: int | None = None,
+        now: datetime | None = None,
+    ) -> list[Lease]:
+        """Take (or renew) a move lease on every listed shard, all or none.
+
+        A shard grants at most ``max_moves_per_shard`` live leases. Taking a lease this
+        migration already holds renews it without using a second slot; a lease of this
+        migration held by another holder is refused until it expires.
+
+        Args:
+            migration_id: The move the leases are for (lease ids derive from it).
+            shard_ids: Usually ``[source, target]``.
+            holder: Who renews them (the workflow id), shown to people in errors.
+            ttl: Lifetime from ``now``; default ``self.lease_ttl``.
+            max_moves_per_shard: Default ``self.max_moves_per_shard``.
+            now: The time to judge expiry by; default the catalog database's clock.
+
+        Raises:
+            LeaseUnavailableError: a shard is at its limit (says which moves hold it).
+            UnknownShardError, ShardStateError: a shard is unknown or retired.
+            MigrationStateError: the migration is recorded as finished.
+        """
+        check_migration_id(migration_id)
+        if not isinstance(holder, str) or not _HOLDER.fullmatch(holder):
+            raise ValueError("holder must be 1 to 200 printable ASCII characters")
+        wanted = sorted({check_shard_id(s) for s in shard_ids})
+        if not wanted:
+            raise ValueError("name at least one shard to lease")
+        ttl = self.lease_ttl if ttl is None else ttl
+        if ttl <= timedelta(0):
+            raise ValueError("lease ttl must be positive")
+        limit = self.max_moves_per_shard if max_moves_per_shard is None else max_moves_per_shard
+        if limit < 1:
+            raise ValueError("max_moves_per_shard must be at least 1")
+
+        async def body(cur: AsyncCursor[Any]) -> list[Lease]:
+            at = await self._now(cur, now)
+            row = await _one(
+                cur, "SELECT outcome FROM catalog.migrations WHERE migration_id = %s",
+                (migration_id,),
+            )
+            if row is not None and row[0] is not None:
+                raise MigrationStateError(
+                    f"migration {migration_id!r} already finished ({row[0]}); it takes no leases"
+                )
+            changed = False
+            for sid in wanted:
+                info = await self._shard_in(cur, sid)
+                if info.state == ShardState.RETIRED:
+                    raise ShardStateError(f"shard {sid!r} is retired; it takes part in no moves")
+                lid = lease_id(migration_id, sid)
+                # Expired leases free their slot now; deleting them keeps the table small.
+                await cur.execute(
+                    "DELETE FROM catalog.leases WHERE shard_id = %s AND expires_at <= %s"
+                    " AND lease_id <> %s",
+                    (sid, at, lid),
+                )
+                row = await _one(
+                    cur, _LEASE_SELECT + " WHERE lease_id = %s FOR UPDATE",
+                    (lid,),
+                )
+                mine = _lease(row) if row else None
+                if mine is not None and mine.live(at) and mine.holder != holder:
+                    raise LeaseUnavailableError(
+                        f"the lease of migration {migration_id!r} on shard {sid!r} is held by "
+                        f"{mine.holder!r} until {mine.expires_at.isoformat()}",
+                        shard_id=sid, holders=[mine.holder],
+                    )
+                if mine is None or not mine.live(at):
+                    await cur.execute(
+                        "SELECT migration_id FROM catalog.leases WHERE shard_id = %s"
+                        " AND expires_at > %s AND lease_id <> %s ORDER BY migration_id",
+                        (sid, at, lid),
+                    )
+                    others = [r[0] for r in await cur.fetchall()]
+                    if len(others) >= limit:
+                        raise LeaseUnavailableError(
+                            f"shard {sid!r} already takes part in {len(others)} move(s) "
+                            f"({', '.join(others)}), its limit is {limit}; retry when one "
+                            "finishes",
+                            shard_id=sid, holders=others,
+                        )
+                    changed = True
+                await cur.execute(
+                    "INSERT INTO catalog.leases (lease_id, shard_id, migration_id, holder,"
+                    " acquired_at, expires_at) VALUES (%s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (lease_id) DO UPDATE SET holder = EXCLUDED.holder,"
+                    " acquired_at = CASE WHEN catalog.leases.expires_at > %s"
+                    "   THEN catalog.leases.acquired_at ELSE EXCLUDED.acquired_at END,"
+                    " expires_at = EXCLUDED.expires_at",
+                    (lid, sid, migration_id, holder, at, at + ttl, at),
+                )
+            if changed:
+                await self._bump(cur, ChangeKind.LEASE, None)
+            await cur.execute(
+                _LEASE_SELECT + " WHERE migration_id = %s"
+                " AND shard_id = ANY(%s) ORDER BY shard_id",
+                (migration_id, wanted),
+            )
+            return [_lease(r) for r in await cur.fetchall()]
+
+        return await self._txn(body)
+
+    async def renew_leases(
+        self,
+        migration_id: str,
+        *,
+        holder: str,
+        ttl: timedelta | None = None,
+        max_moves_per_shard: int | None = None,
+        now: datetime | None = None,
+    ) -> list[Lease]:
+        """Extend every lease of a migration (call it from the holder's heartbeat).
+
+        A lease that expired in the meantime is re-taken if its shard has room, so a holder
+        that paused too long either gets it back or learns it lost it.
+
+        Raises:
+            LeaseUnavailableError: the migration holds no lease, or lost one and the shard is
+                now full.
+        """
+        check_migration_id(migration_id)
+        held = [lease.shard_id for lease in await self.leases(migration_id=migration_id,
+                                                               live_only=False)]
+        if not held:
+            raise LeaseUnavailableError(
+                f"migration {migration_id!r} holds no lease to renew; take them again",
+                shard_id="",
+            )
+        return await self.take_leases(
+            migration_id, held, holder=holder, ttl=ttl,
+            max_moves_per_shard=max_moves_per_shard, now=now,
+        )
+
+    async def release_leases(self, migration_id: str) -> int:
+        """Release every lease of a migration (idempotent); returns how many were held."""
+        check_migration_id(migration_id)
+
+        async def body(cur: AsyncCursor[Any]) -> int:
+            await cur.execute("DELETE FROM catalog.leases WHERE migration_id = %s",
+                              (migration_id,))
+            n = cur.rowcount
+            if n:
+                await self._bump(cur, ChangeKind.LEASE, None)
+            return n
+
+        return await self._txn(body)
+
+    async def leases(
+        self,
+        shard_id: str | None = None,
+        *,
+        migration_id: str | None = None,
+        live_only: bool = True,
+        now: datetime | None = None,
+    ) -> list[Lease]:
+        """Leases, optionally of one shard or one migration; by default only live ones."""
+        if shard_id is not None:
+            check_shard_id(shard_id)
+        if migration_id is not None:
+            check_migration_id(migration_id)
+
+        async def body(cur: AsyncCursor[Any]) -> list[Lease]:
+            at = await self._now(cur, now)
+            await cur.execute(
+                _LEASE_SELECT + " WHERE (%(s)s::text IS NULL OR shard_id = %(s)s)"
+                " AND (%(m)s::text IS NULL OR migration_id = %(m)s)"
+                " AND (NOT %(l)s OR expires_at > %(t)s) ORDER BY shard_id, lease_id",
+                {"s": shard_id, "m": migration_id, "l": live_only, "t": at},
+            )
+            return [_lease(r) for r in await cur.fetchall()]
+
+        return await self._txn(body, read_only=True)
+
+    async def reap_expired_leases(self, *, now: datetime | None = None) -> int:
+        """Delete every expired lease; returns how many. Expired leases are already ignored,
+        so this is housekeeping, not a correctness step."""
+
+        async def body(cur: AsyncCursor[Any]) -> int:
+            at = await self._now(cur, now)
+            await cur.execute("DELETE FROM catalog.leases WHERE expires_at <= %s", (at,))
+            n = cur.rowcount
+            if n:
+                await self._bump(cur, ChangeKind.LEASE, None)
+            return n
+
+        return await self._txn(body)
+
+    # -- notifications -----------------------------------------------------------------------
+
+    async def listen(
+        self, *, reconnect_delay_s: float = 0.2, max_reconnect_delay_s: float = 5.0
+    ) -> AsyncGenerator[CatalogChange, None]:
+        """Catalog changes as they commit, forever (cancel the consuming task or ``break``).
+
+        The first item, and the first after every reconnect, is a ``RESYNC`` change carrying
+        the current version: from that moment on no change is missed, so a router starts
+        listening, waits for that item, then (re)reads its maps. Notifications are a latency
+        optimisation: a lost one is caught by the router's stale-token retry.
+        """
+        delay = reconnect_delay_s
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+            except psycopg.OperationalError as exc:
+                log.warning("catalog listen: cannot connect (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max_reconnect_delay_s)
+                continue
+            try:
+                async with conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    cur = await conn.execute("SELECT version FROM catalog.meta WHERE id = 1")
+                    row = await cur.fetchone()
+                    delay = reconnect_delay_s
+                    yield CatalogChange(version=int(row[0]) if row else 0,
+                                        change=ChangeKind.RESYNC)
+                    async for note in conn.notifies():
+                        try:
+                            yield CatalogChange.model_validate_json(note.payload)
+                        except ValidationError:
+                            log.warning("catalog listen: malformed payload %r", note.payload[:200])
+            except psycopg.OperationalError as exc:
+                log.warning("catalog listen: connection lost (%s); reconnecting", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max_reconnect_delay_s)
+
+    # -- invariants --------------------------------------------------------------------------
+
+    async def check_invariants(
+        self,
+        collection: str | None = None,
+        shards: Mapping[str, DocumentShard] | None = None,
+    ) -> list[Violation]:
+        """Check the chunk layout, and with ``shards`` the fences, against the invariants.
+
+        Checked: each collection's chunks tile ``[-2^63, 2^63)`` with no gap or overlap;
+        every chunk is on a registered, non-retired shard; and, for the shards given, every
+        chunk's fence row on its shard is ``active`` with the catalog's token and range, and
+        no shard has an ``active`` fence for a chunk the catalog places elsewhere.
+
+        The catalog is read at one version and the fences just after, so a cutover, split or
+        merge in flight can show up: such violations name the active migration when there is
+        one. Re-check before acting on a violation.
+
+        Args:
+            collection: One collection, or all of them.
+            shards: Shard engines by catalog shard id; omitted: layout only. A shard holding
+                chunks but missing from the mapping (or unreachable) gives an ``unchecked``
+                violation: a check that could not look says so.
+        """
+        if collection is not None:
+            check_collection(collection)
+            maps = {collection: await self.chunk_map(collection)}
+        else:
+            maps = await self.chunk_maps()
+        registry = {s.shard_id: s for s in await self.list_shards()}
+        moving: dict[tuple[str, int], MigrationRecord] = {
+            (m.collection, m.chunk_id): m
+            for m in await self.migrations(collection=collection, active_only=True, limit=100_000)
+        }
+        out: list[Violation] = []
+
+        def add(kind: ViolationKind, coll: str, message: str, *, chunk_id: int | None = None,
+                shard_id: str | None = None) -> None:
+            mig = moving.get((coll, chunk_id)) if chunk_id is not None else None
+            out.append(Violation(
+                kind=kind, collection=coll, chunk_id=chunk_id, shard_id=shard_id,
+                migration_id=mig.migration_id if mig else None,
+                message=message + (f" (migration {mig.migration_id} is active, phase "
+                                   f"{mig.phase})" if mig else ""),
+            ))
+
+        for name, cmap in maps.items():
+            if not cmap.chunks:
+                add(ViolationKind.NO_CHUNKS, name, f"collection {name} has no chunks")
+                continue
+            expect = KHASH_MIN
+            for c in cmap.chunks:
+                if c.range.lo > expect:
+                    add(ViolationKind.GAP, name,
+                        f"{name}: khash [{expect}, {c.range.lo}) is in no chunk",
+                        chunk_id=c.chunk_id)
+                elif c.range.lo < expect:
+                    add(ViolationKind.OVERLAP, name,
+                        f"{name}: chunk {c.chunk_id} starts at {c.range.lo}, inside the "
+                        f"previous chunk (which ends at {expect})", chunk_id=c.chunk_id)
+                expect = max(expect, c.range.hi)
+                info = registry.get(c.shard_id)
+                if info is None or info.state == ShardState.RETIRED:
+                    add(ViolationKind.BAD_SHARD, name,
+                        f"{name}: chunk {c.chunk_id} is placed on "
+                        f"{'unregistered' if info is None else 'retired'} shard {c.shard_id!r}",
+                        chunk_id=c.chunk_id, shard_id=c.shard_id)
+            if expect != KHASH_END:
+                add(ViolationKind.GAP, name, f"{name}: khash [{expect}, 2^63) is in no chunk")
+
+        if shards is None:
+            return out
+        fences: dict[str, dict[tuple[str, int], Fence]] = {}
+        for sid, engine in shards.items():
+            try:
+                fences[sid] = {(f.collection, f.chunk_id): f for f in await engine.fences(collection)}
+            except Exception as exc:  # noqa: BLE001 - an unreachable shard is a finding
+                for name in maps:
+                    if maps[name].on_shard(sid):
+                        add(ViolationKind.UNCHECKED, name,
+                            f"{name}: fences on shard {sid!r} could not be read ({exc})",
+                            shard_id=sid)
+        for name, cmap in maps.items():
+            unchecked: dict[str, int] = {}
+            for c in cmap.chunks:
+                held = fences.get(c.shard_id)
+                if held is None:
+                    if c.shard_id not in shards:
+                        unchecked[c.shard_id] = unchecked.get(c.shard_id, 0) + 1
+                    continue
+                f = held.get((name, c.chunk_id))
+                where = f"{name}: chunk {c.chunk_id} on shard {c.shard_id!r}"
+                if f is None:
+                    add(ViolationKind.FENCE_MISSING, name, f"{where} has no fence row",
+                        chunk_id=c.chunk_id, shard_id=c.shard_id)
+                elif (f.state, f.token, f.range) != (FenceState.ACTIVE, c.token, c.range):
+                    add(ViolationKind.FENCE_MISMATCH, name,
+                        f"{where}: fence is {f.state} at token {f.token} "
+                        f"[{f.range.lo}, {f.range.hi}), the catalog says active at token "
+                        f"{c.token} [{c.range.lo}, {c.range.hi})",
+                        chunk_id=c.chunk_id, shard_id=c.shard_id)
+            for sid, n in unchecked.items():
+                add(ViolationKind.UNCHECKED, name,
+                    f"{name}: {n} chunk(s) on shard {sid!r} were not checked: no engine for "
+                    "that shard was given", shard_id=sid)
+            by_id = {c.chunk_id: c for c in cmap.chunks}
+            for sid, held in fences.items():
+                for (coll, cid), f in held.items():
+                    if coll != name or f.state != FenceState.ACTIVE:
+                        continue
+                    placed = by_id.get(cid)
+                    if placed is None or placed.shard_id != sid:
+                        add(ViolationKind.STRAY_FENCE, name,
+                            f"{name}: shard {sid!r} has an active fence for chunk {cid} at "
+                            f"token {f.token}, but the catalog "
+                            + ("has no such chunk" if placed is None
+                               else f"places it on {placed.shard_id!r}"),
+                            chunk_id=cid, shard_id=sid)
+        return out
+
+    async def assert_invariants(
+        self,
+        collection: str | None = None,
+        shards: Mapping[str, DocumentShard] | None = None,
+    ) -> None:
+        """``check_invariants``, raising ``InvariantViolation`` if anything is wrong."""
+        found = await self.check_invariants(collection, shards)
+        if found:
+            raise InvariantViolation(found)
+
+
+__all__ = ["Catalog", "check_address", "check_migration_id", "check_shard_id"]
