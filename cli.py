@@ -3,6 +3,7 @@
     shardshift infra up [--shards N] [--pg15 K] [--headless]
     shardshift infra status [--json]
     shardshift infra down [--destroy]
+    shardshift router serve [--host H] [--port P]
     shardshift demo
 """
 
@@ -60,6 +61,20 @@ def cmd_infra(args: argparse.Namespace) -> int:
     return 0 if _print_status(stack, args.json) else 1
 
 
+def catalog_dsn(settings: Settings) -> str:
+    """The catalog DSN: from settings, else the local stack's catalog instance."""
+    return settings.catalog_dsn or Stack.from_settings(settings).catalog_dsn
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from router.service import serve  # noqa: PLC0415
+
+    settings = get_settings()
+    print(f"router HTTP service on http://{args.host}:{args.port} (OpenAPI: /docs)")
+    serve(catalog_dsn(settings), settings, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from workload.demo import run_demo  # noqa: PLC0415 - heavy imports only for this command
 
@@ -81,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = infra_sub.add_parser("status", help="each server, version, port and health")
     status.add_argument("--json", action="store_true")
     infra.set_defaults(func=cmd_infra)
+
+    router = sub.add_parser("router", help="the router's HTTP service")
+    router_sub = router.add_subparsers(dest="action", required=True)
+    serve = router_sub.add_parser("serve", help="serve the HTTP/JSON API (bearer-token auth)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    router.set_defaults(func=cmd_router)
 
     demo = sub.add_parser("demo", help="the main job: a live chunk migration under load")
     demo.set_defaults(func=cmd_demo)

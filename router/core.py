@@ -94,6 +94,9 @@ class Router:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> Router:
+        opener = getattr(self.source, "open", None)
+        if opener is not None:
+            await opener()
         if self._listen and self._listener is None:
             self._listener = asyncio.create_task(self._follow_changes(), name="router-listen")
         return self
@@ -108,6 +111,9 @@ class Router:
             self._listener = None
         shards, self._shards = list(self._shards.values()), {}
         await asyncio.gather(*(s.close() for s in shards), return_exceptions=True)
+        closer = getattr(self.source, "close", None)
+        if closer is not None:
+            await closer()
 
     async def __aenter__(self) -> Router:
         return await self.start()
@@ -125,6 +131,8 @@ class Router:
                     else:
                         self._routes.pop(collection, None)
                     metrics.map_refreshes.add(1, {"reason": "notification"})
+                # The source stopped (or never follows changes): rejections keep us correct.
+                await asyncio.sleep(0.5)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the catalog may restart; rejections still work

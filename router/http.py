@@ -15,7 +15,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Annotated, Any
+from typing import Any
 
 from bson import json_util
 from fastapi import Depends, FastAPI, Request
@@ -113,9 +113,7 @@ def create_app(
     )
     bearer = HTTPBearer(auto_error=False)
 
-    def authorize(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
+    def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         given = creds.credentials.encode() if creds else b""
         # Compare against every token so the time taken does not reveal which one matched.
         ok = False

@@ -1,0 +1,24 @@
+"""Running the router's HTTP service (``shardshift router serve``)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from router.catalog_source import CatalogRouteSource
+from router.core import Router
+from router.http import create_app
+from settings import Settings
+
+
+def build_app(catalog_dsn: str, settings: Settings) -> FastAPI:
+    """The HTTP app with a router that opens its own catalog connection at start-up."""
+    def factory() -> Router:
+        return Router(CatalogRouteSource.from_dsn(catalog_dsn), settings.router)
+
+    return create_app(factory, settings.router)
+
+
+def serve(catalog_dsn: str, settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None:
+    import uvicorn  # noqa: PLC0415
+
+    uvicorn.run(build_app(catalog_dsn, settings), host=host, port=port, log_level="warning")

@@ -1,0 +1,156 @@
+"""The router's HTTP face: auth, Extended JSON, bad input, and a schema-based fuzz."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import httpx
+import hypothesis
+import pytest
+import schemathesis
+import uvicorn
+
+from infra.net import free_port_block
+from router.core import Router
+from router.http import create_app
+from router.service import build_app
+from settings import Settings
+from tests.router.conftest import Deployment
+
+TOKEN = "shardshift-local"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def client(router: Router):
+    app = create_app(router)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as c:
+        yield c
+
+
+async def _total(deployment: Deployment) -> int:
+    return sum([await s.count(deployment.collection) for s in deployment.shards.values()])
+
+
+async def test_missing_or_wrong_token_is_401_and_touches_nothing(
+    client: httpx.AsyncClient, deployment: Deployment
+) -> None:
+    c = deployment.collection
+    body = {"document": {"_id": 1, "acct": "a"}}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eDp5"},
+                    {"Authorization": f"Bearer {TOKEN}x"}):
+        r = await client.post(f"/v1/collections/{c}/insert", json=body, headers=headers)
+        assert r.status_code == 401, (headers, r.text)
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert await _total(deployment) == 0
+    assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_extended_json_round_trip(client: httpx.AsyncClient, deployment: Deployment) -> None:
+    c = deployment.collection
+    doc = {"_id": {"$oid": "6b0a4e15a1eb6a99b1b98cb6"}, "acct": "alice", "email": "a@x",
+           "bal": {"$numberDecimal": "10.50"}, "n": {"$numberLong": "5"}}
+    r = await client.post(f"/v1/collections/{c}/insert", json={"document": doc}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    r = await client.post(f"/v1/collections/{c}/patch", headers=AUTH, json={
+        "key": "alice", "id": {"$oid": "6b0a4e15a1eb6a99b1b98cb6"},
+        "update": {"$inc": {"bal": {"$numberDecimal": "0.25"}, "n": 1}}})
+    assert r.status_code == 200, r.text
+    r = await client.post(f"/v1/collections/{c}/get", headers=AUTH,
+                          json={"key": "alice", "id": {"$oid": "6b0a4e15a1eb6a99b1b98cb6"}})
+    got = r.json()["document"]
+    assert got["bal"] == {"$numberDecimal": "10.75"}
+    assert got["n"] == {"$numberLong": "6"}
+    r = await client.post(f"/v1/collections/{c}/find", headers=AUTH, json={"filter": {"email": "a@x"}})
+    assert [d["acct"] for d in r.json()["documents"]] == ["alice"]
+    r = await client.post(f"/v1/collections/{c}/insert", json={"document": doc}, headers=AUTH)
+    assert r.status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/collections/nosuch/insert", {"document": {"_id": 1, "acct": "a"}}, 404),
+        ("/v1/collections/bad%22name/insert", {"document": {"_id": 1, "acct": "a"}}, 400),
+        ("{c}/insert", {"document": {"_id": 1}}, 400),                      # no shard key
+        ("{c}/insert", {"document": {"acct": "a"}}, 400),                   # no _id
+        ("{c}/insert", {"doc": {"_id": 1, "acct": "a"}}, 422),              # wrong body
+        ("{c}/insert", {"document": {"_id": 1, "acct": "a", "pad": "x" * (5 << 20)}}, 413),
+        ("{c}/replace", {"document": {"_id": 1, "acct": "b"}, "key": "a"}, 400),  # key change
+        ("{c}/patch", {"key": "a", "id": 1, "update": {"$set": {"acct": "b"}}}, 400),
+        ("{c}/patch", {"key": "a", "id": 1, "update": {"$where": {"x": 1}}}, 400),
+        ("{c}/find", {"filter": {"nope": 1}}, 400),
+        ("{c}/find", {"filter": {}}, 400),
+        ("{c}/find", {"filter": {"acct": "a"}, "limit": 0}, 422),
+        ("{c}/get", {"key": {"$numberLong": "x"}, "id": 1}, 400),
+    ],
+)
+async def test_bad_input_is_4xx_and_writes_nothing(
+    client: httpx.AsyncClient, deployment: Deployment, path: str, body: dict, status: int
+) -> None:
+    url = path.replace("{c}", f"/v1/collections/{deployment.collection}")
+    r = await client.post(url, json=body, headers=AUTH)
+    assert r.status_code == status, r.text
+    assert await _total(deployment) == 0
+
+
+async def test_malformed_json_is_422(client: httpx.AsyncClient, deployment: Deployment) -> None:
+    r = await client.post(f"/v1/collections/{deployment.collection}/insert",
+                          content=b'{"document": {', headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 422
+    assert await _total(deployment) == 0
+
+
+# -- schema-based fuzz against a real server --------------------------------------------------
+
+
+@pytest.fixture
+def http_server(deployment: Deployment, catalog_dsn: str) -> Iterator[str]:
+    """The HTTP service under uvicorn in its own thread and event loop."""
+    port = free_port_block(1)
+    app = build_app(catalog_dsn, Settings())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            threading.Event().wait(0.01)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_fuzz_finds_no_server_error(http_server: str, deployment: Deployment) -> None:
+    """Schema-driven fuzz of every operation (schemathesis strategies, hypothesis engine).
+
+    Half the generated cases are aimed at the real collection so they reach the shards.
+    """
+    api = schemathesis.openapi.from_url(f"{http_server}/openapi.json")
+    failures: list[str] = []
+    operations = 0
+    for result in api.get_all_operations():
+        operation = result.ok()
+        operations += 1
+
+        @hypothesis.given(case=operation.as_strategy())
+        @hypothesis.settings(
+            max_examples=40, deadline=None, derandomize=True, database=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
+        def fuzz(case) -> None:  # noqa: ANN001 - schemathesis Case
+            params = case.path_parameters or {}
+            if "collection" in params and len(repr(case.body)) % 2 == 0:
+                params["collection"] = deployment.collection
+            response = case.call(headers=AUTH)
+            if response.status_code >= 500:
+                failures.append(f"{case.method} {case.formatted_path} {case.body!r}: "
+                                f"{response.status_code} {response.text[:300]}")
+
+        fuzz()
+    assert operations >= 8
+    assert not failures, "\n".join(failures[:10])
