@@ -215,8 +215,8 @@ async def test_freeze_waits_for_writes_in_flight(shard: PostgresShard, coll: str
         deadline = asyncio.get_running_loop().time() + 10
         while True:
             cur = await conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND query LIKE 'UPDATE shardshift.chunk_fence%%'"
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE pg_blocking_pids(pid) @> ARRAY[pg_backend_pid()]"
             )
             if (await cur.fetchone())[0] == 1:
                 break
