@@ -44,11 +44,34 @@ def new_state_dir(prefix: str) -> Path:
     return path
 
 
+def reap_abandoned_stacks() -> None:
+    """Stop stacks left by test sessions that were killed before their finalizers ran.
+
+    Each session writes its pid to ``owner.pid`` in its state directory; a directory whose
+    owner is gone is a leftover: stop its servers and remove it.
+    """
+    for state in Path("/tmp").glob("shardshift-test-*"):
+        try:
+            owner = int((state / "owner.pid").read_text())
+            os.kill(owner, 0)
+            continue  # its session is still running
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue  # not ours to judge (no owner file yet, or unreadable)
+        try:
+            Stack(state, InfraSettings()).down()
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     """A running stack: catalog, 3 PostgreSQL 18 shards, 1 PostgreSQL 15 shard when installed,
     and a headless Temporal dev server."""
+    reap_abandoned_stacks()
     state = new_state_dir("shardshift-test-")
+    (state / "owner.pid").write_text(str(os.getpid()))
     st = Stack(state, make_stack_settings(3, 1 if HAS_PG15 else 0))
     try:
         st.up()
