@@ -750,6 +750,7 @@ def wait_for_fence(
     after_lsn: str | int | None = None,
     through_lsn: str | int | None = None,
     timeout: float = 30.0,
+    interval: float = 0.02,
 ) -> StreamState:
     """Wait until the applier has applied the source's fence change to ``(token, state)``.
 
@@ -770,7 +771,7 @@ def wait_for_fence(
             s.caught_up_lsn is not None and lsn_from_str(s.caught_up_lsn) >= through
         )
 
-    return _wait(target_dsn, names, ok, timeout, f"fence token {token} ({state})")
+    return _wait(target_dsn, names, ok, timeout, f"fence token {token} ({state})", interval)
 
 
 def measure_lag(source_dsn: str, target_dsn: str, names: StreamNames) -> Lag:

@@ -1,0 +1,101 @@
+"""Catalog activities: register a move, record its phase, renew its leases, finish it."""
+
+from __future__ import annotations
+
+from temporalio import activity
+
+from activities.context import MoveContext, catalog_failure, non_retryable
+from activities.models import FinishInput, MoveSpec, PhaseInput, RegisterInput
+from catalog import CatalogError, ShardState
+from catalog.models import MigrationOutcome, MigrationRecord
+from shards.errors import ShardError
+from shards.models import FenceState
+
+
+class CatalogActivities:
+    def __init__(self, ctx: MoveContext) -> None:
+        self.ctx = ctx
+
+    @activity.defn(name="migrate.register")
+    async def register(self, inp: RegisterInput) -> MoveSpec:
+        """Phase 1: migration record, move leases, the target's indexes and receiving fence.
+
+        Idempotent: a retry finds the record, renews the leases and confirms the fence.
+        Bad input (unknown collection, chunk or shard, a chunk already moving, moving a chunk
+        to the shard it is on) fails the move at once with a clear message.
+        """
+        cat = self.ctx.catalog
+        try:
+            chunk = await cat.chunk(inp.collection, inp.chunk_id)
+            target = await cat.shard(inp.target)
+            if target.state != ShardState.ACTIVE:
+                raise non_retryable(ValueError(f"target shard {inp.target} is {target.state}"),
+                                    "cannot move there")
+            existing = await _existing(cat, inp.migration_id)
+            source = existing.source if existing else chunk.shard_id
+            if existing is None and chunk.shard_id == inp.target:
+                raise non_retryable(
+                    ValueError(f"chunk {inp.collection}/{inp.chunk_id} is already on {inp.target}"),
+                    "nothing to move",
+                )
+            record = await cat.register_migration(
+                inp.migration_id, kind=inp.kind, collection=inp.collection,
+                chunk_id=inp.chunk_id, source=source, target=inp.target,
+            )
+            await cat.take_leases(inp.migration_id, [record.source, record.target], holder=inp.holder)
+            info = await cat.collection(inp.collection)
+        except CatalogError as exc:
+            raise catalog_failure(exc, "register") from exc
+        spec = MoveSpec(
+            migration_id=inp.migration_id, kind=inp.kind, collection=inp.collection,
+            chunk_id=inp.chunk_id, key_range=chunk.range, source=record.source,
+            target=record.target, token=record.token_before,
+        )
+        try:
+            engine = await self.ctx.engine(spec.target)
+            await engine.ensure_schema()
+            await engine.create_collection(spec.collection, info.indexes)  # before any data
+            fence = await engine.fence(spec.collection, spec.chunk_id)
+            if fence is None or fence.state == FenceState.RETIRED:
+                if fence is not None:
+                    await engine.drop_fence(spec.collection, spec.chunk_id)
+                await engine.put_fence(spec.collection, spec.chunk_id, spec.key_range, spec.token,
+                                       FenceState.RECEIVING, spec.migration_id)
+        except ShardError as exc:
+            # Unusable target: close the record so the chunk is not left "busy".
+            await cat.finish_migration(spec.migration_id, MigrationOutcome.ABORTED,
+                                       detail=f"target {spec.target}: {exc}"[:500])
+            raise non_retryable(exc, f"preparing target {spec.target}") from exc
+        return spec
+
+    @activity.defn(name="migrate.set_phase")
+    async def set_phase(self, inp: PhaseInput) -> None:
+        try:
+            await self.ctx.catalog.set_migration_phase(inp.migration_id, inp.phase, detail=inp.detail)
+        except CatalogError as exc:
+            raise catalog_failure(exc, "set phase") from exc
+
+    @activity.defn(name="migrate.renew_leases")
+    async def renew_leases(self, inp: RegisterInput) -> None:
+        try:
+            await self.ctx.catalog.renew_leases(inp.migration_id, holder=inp.holder)
+        except CatalogError as exc:
+            raise catalog_failure(exc, "renew leases") from exc
+
+    @activity.defn(name="migrate.finish")
+    async def finish(self, inp: FinishInput) -> None:
+        try:
+            await self.ctx.catalog.finish_migration(
+                inp.spec.migration_id, inp.outcome, detail=inp.detail
+            )
+        except CatalogError as exc:
+            raise catalog_failure(exc, "finish") from exc
+
+
+async def _existing(cat, migration_id: str) -> MigrationRecord | None:  # noqa: ANN001
+    from catalog import UnknownMigrationError  # noqa: PLC0415
+
+    try:
+        return await cat.migration(migration_id)
+    except UnknownMigrationError:
+        return None

@@ -1,0 +1,96 @@
+"""Phases 7-8 and abort: stop streams, drop what the move made, delete the copy nobody serves.
+
+``complete`` after a committed move: every slot, publication and origin of the migration on
+both shards, the staged files, the source's fence retired and its rows deleted in throttled
+batches (resumable from the heartbeated last key). After a rollback the same happens to the
+target's copy instead. ``abort`` before the commit point: the same cleanup of streams and
+staging, the source fence unfrozen if a cutover was interrupted, the target's partial copy
+deleted and its receiving fence dropped. All steps are idempotent, so a retry (or a second
+abort) is harmless.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from temporalio import activity
+
+from activities.context import MoveContext
+from activities.models import CleanupInput, CleanupResult, DeleteCheckpoint, MoveSpec
+from catalog.models import MigrationOutcome
+from shards.models import FenceState
+from shards.postgres.range_delete import DeleteProgress, delete_range
+from shards.postgres.replication import cleanup_stream_objects
+
+
+class CleanupActivities:
+    def __init__(self, ctx: MoveContext) -> None:
+        self.ctx = ctx
+
+    @activity.defn(name="migrate.cleanup")
+    async def cleanup(self, inp: CleanupInput) -> CleanupResult:
+        spec = inp.spec
+        committed = inp.outcome == MigrationOutcome.COMPLETED
+        # The shard whose copy nobody serves any more.
+        loser = spec.source if committed else spec.target
+        winner = spec.target if committed else spec.source
+        dropped = await self._drop_streams(spec)
+        winner_engine = await self.ctx.engine(winner)
+        loser_engine = await self.ctx.engine(loser)
+        c, k = spec.collection, spec.chunk_id
+        if not committed:
+            # Before the commit point the source must serve again at its own token; after a
+            # rollback it already does.
+            fence = await winner_engine.fence(c, k)
+            if fence is not None and fence.state == FenceState.FROZEN and fence.token == spec.token + 1:
+                await winner_engine.unfreeze(c, k, spec.token + 1)
+        fence = await loser_engine.fence(c, k)
+        if inp.outcome == MigrationOutcome.ABORTED and fence is not None \
+                and fence.state == FenceState.ACTIVE:
+            # An interrupted cutover had activated the target; it never committed.
+            await loser_engine.transition(c, k, expect_token=fence.token,
+                                          expect_state=[FenceState.ACTIVE],
+                                          new_token=spec.token, new_state=FenceState.RECEIVING)
+        if fence is not None:
+            await loser_engine.retire(c, k)
+        deleted = await self._delete(spec, loser, inp)
+        if inp.outcome != MigrationOutcome.COMPLETED:
+            # The target never owned the chunk for good: forget its fence entirely.
+            await loser_engine.drop_fence(c, k)
+        await self.ctx.run_blocking(lambda _stop: self.ctx.staging.remove(spec.migration_id))
+        return CleanupResult(rows_deleted=deleted, **dropped)
+
+    async def _drop_streams(self, spec: MoveSpec) -> dict[str, int]:
+        dsns = [await self.ctx.dsn(spec.source), await self.ctx.dsn(spec.target)]
+
+        def work(stop: threading.Event) -> dict[str, int]:
+            out = {"slots_dropped": 0, "publications_dropped": 0, "origins_dropped": 0}
+            for dsn in dsns:
+                report = cleanup_stream_objects(dsn, spec.migration_id)
+                out["slots_dropped"] += len(report.slots)
+                out["publications_dropped"] += len(report.publications)
+                out["origins_dropped"] += len(report.origins)
+            return out
+
+        return await self.ctx.run_blocking(work)
+
+    async def _delete(self, spec: MoveSpec, shard: str, inp: CleanupInput) -> int:
+        dsn = await self.ctx.dsn(shard)
+        details = activity.info().heartbeat_details
+        resume: tuple[int, str] | None = None
+        if details:
+            cp = DeleteCheckpoint.model_validate(details[0]) if isinstance(details[0], dict) else details[0]
+            if isinstance(cp, DeleteCheckpoint) and cp.after_khash is not None and cp.after_id is not None:
+                resume = (cp.after_khash, cp.after_id)
+        state = {"cp": DeleteCheckpoint(rows_deleted=0)}
+
+        def progress(p: DeleteProgress) -> None:
+            state["cp"] = DeleteCheckpoint(rows_deleted=p.rows_deleted, after_khash=p.after_khash,
+                                           after_id=p.after_id)
+
+        def work(stop: threading.Event) -> int:
+            return delete_range(dsn, spec.collection, spec.key_range, batch_size=inp.delete_batch,
+                                pause_s=inp.delete_pause_s, after=resume,
+                                progress=progress).rows_deleted
+
+        return await self.ctx.run_blocking(work, lambda: state["cp"].model_dump())

@@ -1,0 +1,287 @@
+"""Phase 6 (and rollback): the version-token cutover, as a sequence of named steps.
+
+Forward (``old`` = source, ``new`` = target, token ``t`` -> ``t+1``); a rollback runs the same
+steps with the roles swapped (``old`` = target at ``t+1``, ``new`` = source, -> ``t+2``):
+
+1. ``admit``: the stream must be within ``max_lag_bytes`` of the old owner, so the pause
+   that follows only has to drain a few transactions.
+2. ``create_reverse_stream`` (forward only): publication and slot on the new owner for the
+   rollback window, created *before* the new owner can take a write, so none is missed.
+3. ``freeze_old``: the old owner's fence goes to ``t+1, frozen``. In-flight writes commit
+   first; every later one is rejected and the router retries. **The pause starts.**
+4. ``wait_for_catchup``: the freeze travels through the stream as a fence marker; once the
+   applier has applied it, the new owner holds every write the old owner ever accepted.
+5. ``activate_new``: the new owner's fence becomes ``active`` at the new token.
+6. ``switch_catalog``: compare-and-set of the chunk's placement in the catalog, expecting the
+   old token. **The commit point; the pause ends** (routers refresh and find the new owner).
+
+Before the commit point every failure undoes what was done (the new fence back to its prior
+state, the old fence unfrozen to its old token) and reports ``committed=False``; the workflow
+keeps replicating and tries again. If the catalog's answer to the switch is lost, the activity
+re-reads the catalog: committed or not is then a fact, never a guess; while the catalog cannot
+be read the old fence stays frozen (unavailable, never inconsistent) and the activity fails
+retryably. A retried activity starts by ``recover``: it finishes a committed switch or undoes
+a half-done one, then proceeds normally.
+
+No Temporal round trip happens inside the pause: steps 3 to 6 run in this one activity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+from temporalio import activity
+
+from activities.context import MoveContext, non_retryable
+from activities.models import (
+    CutoverInput,
+    CutoverResult,
+    CutoverStep,
+    Direction,
+    MoveSpec,
+    PlanInput,
+)
+from activities.replicate import endpoints, stream_spec
+from catalog import CatalogError, CatalogUnavailableError, TokenMismatchError
+from catalog.models import Chunk
+from shards.errors import FenceStateError
+from shards.models import FenceState
+from shards.postgres import replication as repl
+from shards.postgres.apply import measure_lag, wait_for_fence
+from shards.postgres.pgoutput import lsn_to_str
+
+STEPS: list[tuple[str, str]] = [
+    ("admit", "check the stream is within {max_lag} bytes of {old}"),
+    ("create_reverse_stream", "create publication and slot on {new} for the rollback window"),
+    ("freeze_old", "freeze fence {chunk} on {old}: token {t} -> {t1} (frozen); writes pause"),
+    ("wait_for_catchup", "wait (<= {catchup}s) until {new} has applied the freeze marker"),
+    ("activate_new", "activate fence {chunk} on {new} at token {t1}"),
+    ("switch_catalog", "catalog CAS: {chunk} on {old}@{t} -> {new}@{t1} (commit point)"),
+]
+
+
+@dataclass
+class _Run:
+    inp: CutoverInput
+    old: str
+    new: str
+    old_token: int
+    steps: list[CutoverStep] = field(default_factory=list)
+
+    @property
+    def new_token(self) -> int:
+        return self.old_token + 1
+
+    @property
+    def spec(self) -> MoveSpec:
+        return self.inp.spec
+
+
+def plan(inp: CutoverInput) -> list[CutoverStep]:
+    """The exact steps a cutover would run (the dry run prints these)."""
+    spec = inp.spec
+    forward = inp.direction == Direction.FORWARD
+    old, new = (spec.source, spec.target) if forward else (spec.target, spec.source)
+    t = spec.token if forward else spec.token + 1
+    out = []
+    for name, text in STEPS:
+        if name == "create_reverse_stream" and not forward:
+            continue
+        out.append(CutoverStep(name=name, description=text.format(
+            max_lag=inp.max_lag_bytes, old=old, new=new, chunk=f"{spec.collection}/{spec.chunk_id}",
+            t=t, t1=t + 1, catchup=inp.catchup_timeout_s,
+        )))
+    return out
+
+
+class CutoverActivities:
+    def __init__(self, ctx: MoveContext) -> None:
+        self.ctx = ctx
+
+    @activity.defn(name="migrate.plan")
+    async def plan(self, inp: PlanInput) -> CutoverResult:
+        """Dry run: validate the move against the catalog (read only) and return its plan."""
+        cat = self.ctx.catalog
+        try:
+            chunk = await cat.chunk(inp.collection, inp.chunk_id)
+            await cat.shard(inp.target)
+        except CatalogError as exc:
+            raise non_retryable(exc, "plan") from exc
+        if chunk.shard_id == inp.target:
+            raise non_retryable(ValueError(f"chunk is already on {inp.target}"), "plan")
+        spec = MoveSpec(migration_id=inp.migration_id, collection=inp.collection,
+                        chunk_id=inp.chunk_id, key_range=chunk.range, source=chunk.shard_id,
+                        target=inp.target, token=chunk.token)
+        steps = plan(CutoverInput(spec=spec, max_lag_bytes=inp.max_lag_bytes,
+                                  catchup_timeout_s=inp.catchup_timeout_s))
+        return CutoverResult(committed=False, steps=steps, reason="dry run: nothing was changed")
+
+    @activity.defn(name="migrate.cutover")
+    async def cutover(self, inp: CutoverInput) -> CutoverResult:
+        spec = inp.spec
+        forward = inp.direction == Direction.FORWARD
+        old, new = endpoints(spec, inp.direction)
+        run = _Run(inp, old, new, spec.token if forward else spec.token + 1, plan(inp))
+        if inp.dry_run:
+            return CutoverResult(committed=False, steps=run.steps, reason="dry run")
+        recovered = await self._recover(run)
+        if recovered is not None:
+            return recovered
+        try:
+            return await self._attempt(run)
+        except CatalogError as exc:
+            if exc.retryable:
+                raise
+            raise non_retryable(exc, "cutover") from exc
+
+    # -- the steps ------------------------------------------------------------------------------
+
+    async def _attempt(self, run: _Run) -> CutoverResult:
+        spec, inp = run.spec, run.inp
+        old_dsn, new_dsn = await self.ctx.dsn(run.old), await self.ctx.dsn(run.new)
+        old_engine, new_engine = await self.ctx.engine(run.old), await self.ctx.engine(run.new)
+        names = stream_spec(spec, inp.direction).names
+        steps = {s.name: s for s in run.steps}
+
+        def done(name: str, started: float) -> None:
+            s = steps[name]
+            steps[name] = s.model_copy(update={"done": True,
+                                               "ms": (time.perf_counter() - started) * 1000})
+
+        def result(**kw: object) -> CutoverResult:
+            return CutoverResult(steps=[steps[s.name] for s in run.steps], **kw)  # type: ignore[arg-type]
+
+        # 1. admit
+        t0 = time.perf_counter()
+        lag = await asyncio.to_thread(measure_lag, old_dsn, new_dsn, names)
+        done("admit", t0)
+        if lag.caught_up_lsn is None or lag.lag_bytes > inp.max_lag_bytes:
+            return result(committed=False,
+                          reason=f"admission refused: stream {lag.lag_bytes} bytes behind")
+
+        # 2. reverse stream (forward only), outside the pause
+        if "create_reverse_stream" in steps:
+            t0 = time.perf_counter()
+            await asyncio.to_thread(_ensure_reverse_stream, new_dsn, spec)
+            done("create_reverse_stream", t0)
+
+        # 3. freeze: the pause starts
+        before = await asyncio.to_thread(_current_lsn, old_dsn)
+        pause_start = t0 = time.perf_counter()
+        fence, _ = await old_engine.freeze(spec.collection, spec.chunk_id, run.old_token)
+        done("freeze_old", t0)
+        activated = False
+        try:
+            # 4. catch-up through the freeze marker
+            t0 = time.perf_counter()
+            try:
+                await asyncio.to_thread(
+                    wait_for_fence, new_dsn, names, token=fence.token, state="frozen",
+                    after_lsn=before, timeout=inp.catchup_timeout_s, interval=0.002,
+                )
+            except TimeoutError:
+                await self._undo(run, activated=False)
+                return result(committed=False, reason=f"catch-up took over {inp.catchup_timeout_s}s")
+            done("wait_for_catchup", t0)
+
+            # 5. activate the new owner
+            t0 = time.perf_counter()
+            await new_engine.activate(spec.collection, spec.chunk_id, run.new_token)
+            activated = True
+            done("activate_new", t0)
+
+            # 6. the commit point
+            t0 = time.perf_counter()
+            pause_ms = (t0 - pause_start) * 1000
+            try:
+                await self.ctx.catalog.move_chunk(
+                    spec.collection, spec.chunk_id, run.old_token, run.new, spec.migration_id,
+                    pause_ms=pause_ms,
+                )
+            except CatalogUnavailableError:
+                if not await self._committed(run):
+                    raise  # unknown and unreadable: stay frozen; the retry's recover decides
+            done("switch_catalog", t0)
+            pause_ms = (time.perf_counter() - pause_start) * 1000
+            return result(committed=True, new_token=run.new_token, new_owner=run.new,
+                          pause_ms=pause_ms)
+        except (asyncio.CancelledError, Exception) as exc:
+            if isinstance(exc, CatalogUnavailableError):
+                raise
+            if await self._committed(run):
+                raise
+            await self._undo(run, activated=activated)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(exc, TokenMismatchError | FenceStateError):
+                return result(committed=False, reason=f"{type(exc).__name__}: {exc}")
+            raise
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    async def _committed(self, run: _Run) -> bool:
+        """Whether the catalog places the chunk on the new owner at the new token (reads the
+        catalog, retrying for a while: the answer decides between finishing and undoing)."""
+        for attempt in range(50):
+            try:
+                chunk: Chunk = await self.ctx.catalog.chunk(run.spec.collection, run.spec.chunk_id)
+                return chunk.shard_id == run.new and chunk.token == run.new_token
+            except CatalogUnavailableError:
+                await asyncio.sleep(min(0.05 * (attempt + 1), 1.0))
+        raise CatalogUnavailableError("catalog unreadable while resolving a cutover")
+
+    async def _recover(self, run: _Run) -> CutoverResult | None:
+        """Finish a committed switch, or undo a half-done attempt (a retried activity)."""
+        spec = run.spec
+        old_engine, new_engine = await self.ctx.engine(run.old), await self.ctx.engine(run.new)
+        if await self._committed(run):
+            await new_engine.activate(spec.collection, spec.chunk_id, run.new_token)
+            record = await self.ctx.catalog.migration(spec.migration_id)
+            return CutoverResult(committed=True, new_token=run.new_token, new_owner=run.new,
+                                 pause_ms=record.pause_ms, steps=run.steps,
+                                 reason="recovered: the switch had committed")
+        old_fence = await old_engine.fence(spec.collection, spec.chunk_id)
+        new_fence = await new_engine.fence(spec.collection, spec.chunk_id)
+        half_done = (old_fence is not None and old_fence.state == FenceState.FROZEN
+                     and old_fence.token == run.new_token) or (
+            new_fence is not None and new_fence.state == FenceState.ACTIVE)
+        if half_done:
+            await self._undo(run, activated=True)
+        return None
+
+    async def _undo(self, run: _Run, *, activated: bool) -> None:
+        """Before the commit point: new owner's fence back, old owner's fence unfrozen."""
+        spec = run.spec
+        old_engine, new_engine = await self.ctx.engine(run.old), await self.ctx.engine(run.new)
+        if activated:
+            fence = await new_engine.fence(spec.collection, spec.chunk_id)
+            if fence is not None and fence.state == FenceState.ACTIVE:
+                # Forward: back to receiving at t; rollback: the source goes back to frozen.
+                back = FenceState.RECEIVING if run.inp.direction == Direction.FORWARD else FenceState.FROZEN
+                await new_engine.transition(
+                    spec.collection, spec.chunk_id, expect_token=fence.token,
+                    expect_state=[FenceState.ACTIVE], new_token=run.old_token, new_state=back,
+                )
+        fence = await old_engine.fence(spec.collection, spec.chunk_id)
+        if fence is not None and fence.state == FenceState.FROZEN and fence.token == run.new_token:
+            await old_engine.unfreeze(spec.collection, spec.chunk_id, run.new_token)
+
+
+def _current_lsn(dsn: str) -> str:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return lsn_to_str(repl.current_lsn(conn))
+
+
+def _ensure_reverse_stream(new_dsn: str, spec: MoveSpec) -> None:
+    names = repl.stream_names(spec.migration_id, Direction.REVERSE.value)
+    repl.create_publication(new_dsn, names, spec.collection, spec.chunk_id, spec.key_range)
+    with psycopg.connect(new_dsn, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (names.slot,)
+        ).fetchone()
+    if not exists:
+        with repl.create_slot(new_dsn, names, export_snapshot=False):
+            pass

@@ -1,0 +1,213 @@
+"""Inputs, outputs and checkpoints of the migration activities (frozen pydantic models).
+
+They cross the Temporal boundary through the pydantic data converter, so everything a
+workflow decides with is typed and validated on both sides.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from catalog.models import MigrationKind, MigrationOutcome, MigrationPhase
+from shards.models import KeyRange
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MoveSpec(_Frozen):
+    """Everything about one chunk move that stays fixed while it runs."""
+
+    migration_id: str
+    kind: MigrationKind = MigrationKind.MOVE
+    collection: str
+    chunk_id: int
+    key_range: KeyRange
+    source: str
+    target: str
+    token: int
+    """The chunk's token when the move was registered (the cutover CAS expects it)."""
+
+
+class RegisterInput(_Frozen):
+    migration_id: str
+    kind: MigrationKind = MigrationKind.MOVE
+    collection: str
+    chunk_id: int
+    target: str
+    holder: str
+    """Who holds the move leases (the workflow id)."""
+
+
+class PhaseInput(_Frozen):
+    migration_id: str
+    phase: MigrationPhase
+    detail: str | None = None
+
+
+class FinishInput(_Frozen):
+    spec: MoveSpec
+    outcome: MigrationOutcome
+    detail: str | None = None
+
+
+class SnapshotInput(_Frozen):
+    spec: MoveSpec
+    part_rows: int = Field(default=50_000, ge=100)
+
+
+class SnapshotResult(_Frozen):
+    consistent_lsn: str
+    parts: int
+    rows: int
+    bytes: int
+
+
+class ImportInput(_Frozen):
+    spec: MoveSpec
+    follow_export_s: float | None = 600.0
+    """Import parts as the export writes them (None: only parts already staged)."""
+
+
+class ImportResult(_Frozen):
+    parts: int
+    rows: int
+
+
+class CopyProgressInput(_Frozen):
+    spec: MoveSpec
+    count_source: bool = False
+
+
+class CopyProgress(_Frozen):
+    rows_total: int | None
+    rows_imported: int
+    parts_imported: int
+    parts_total: int | None
+
+
+class CopyCheckpoint(_Frozen):
+    """Heartbeat details of snapshot and import: shown in the Temporal UI."""
+
+    stage: str
+    rows_done: int
+    parts_done: int
+    parts_total: int
+
+
+class Direction(StrEnum):
+    FORWARD = "fwd"
+    """Source to target, before the cutover."""
+    REVERSE = "rev"
+    """Target back to source, during the rollback window."""
+
+
+class ReplicateInput(_Frozen):
+    spec: MoveSpec
+    direction: Direction = Direction.FORWARD
+
+
+class ReplicateCheckpoint(_Frozen):
+    """Heartbeat details of a running stream (resume comes from the target's origin)."""
+
+    direction: Direction
+    applied_lsn: str
+    applied_txns: int
+    applied_changes: int
+    lag_s: float
+
+
+class ReplicateResult(_Frozen):
+    applied_txns: int
+    applied_changes: int
+    applied_lsn: str
+
+
+class LagInput(_Frozen):
+    spec: MoveSpec
+    direction: Direction = Direction.FORWARD
+
+
+class LagResult(_Frozen):
+    lag_bytes: int
+    lag_s: float | None
+    applied_lsn: str | None
+    streaming: bool
+    """The stream's state row exists (the applier has started at least once)."""
+
+
+class VerifyInput(_Frozen):
+    spec: MoveSpec
+    buckets: int = Field(default=64, ge=1, le=65_536)
+    max_repair_rounds: int = Field(default=3, ge=0)
+    hold_timeout_s: float = 60.0
+
+
+class VerifyResult(_Frozen):
+    verified: bool
+    documents: int
+    buckets: int
+    mismatched_buckets: int
+    repaired_ranges: int
+    rounds: int
+    lsn: str
+
+
+class CutoverInput(_Frozen):
+    spec: MoveSpec
+    direction: Direction = Direction.FORWARD
+    max_lag_bytes: int = 4 * 1024 * 1024
+    """Admission: start the pause only when the stream is this close to the source."""
+    catchup_timeout_s: float = 2.0
+    """Longest the writes may stay paused waiting for the target to apply the freeze."""
+    dry_run: bool = False
+
+
+class PlanInput(_Frozen):
+    migration_id: str
+    collection: str
+    chunk_id: int
+    target: str
+    max_lag_bytes: int = 4 * 1024 * 1024
+    catchup_timeout_s: float = 2.0
+
+
+class CutoverStep(_Frozen):
+    name: str
+    description: str
+    ms: float | None = None
+    done: bool = False
+
+
+class CutoverResult(_Frozen):
+    committed: bool
+    """The catalog now places the chunk on the new owner (the commit point passed)."""
+    new_token: int | None = None
+    new_owner: str | None = None
+    pause_ms: float | None = None
+    steps: list[CutoverStep] = []
+    reason: str | None = None
+    """Why the cutover did not commit (admission refused, catch-up timeout, ...)."""
+
+
+class CleanupInput(_Frozen):
+    spec: MoveSpec
+    outcome: MigrationOutcome
+    delete_batch: int = 5_000
+    delete_pause_s: float = 0.0
+
+
+class CleanupResult(_Frozen):
+    rows_deleted: int
+    slots_dropped: int
+    publications_dropped: int
+    origins_dropped: int
+
+
+class DeleteCheckpoint(_Frozen):
+    rows_deleted: int
+    after_khash: int | None = None
+    after_id: str | None = None

@@ -1,0 +1,73 @@
+"""Phase 2: a consistent snapshot of the chunk at time T, staged as Parquet parts.
+
+The publication is created first (pgoutput resolves publications as of each decoded
+transaction), then the slot with an exported snapshot: the slot's consistent point is T and
+the snapshot reads the source exactly at T. A retry keeps the slot (its position is still T)
+and exports the remaining parts at a fresh snapshot: replay from T is idempotent, so parts
+read later than T converge once the stream is applied (see ``shards/postgres/snapshot.py``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+from temporalio import activity
+
+from activities.context import MoveContext, Stopped, non_retryable
+from activities.models import CopyCheckpoint, SnapshotInput, SnapshotResult
+from shards.errors import ShardError
+from shards.postgres import replication as repl
+from shards.postgres.snapshot import ExportProgress, export_chunk
+
+
+class SnapshotActivities:
+    def __init__(self, ctx: MoveContext) -> None:
+        self.ctx = ctx
+
+    @activity.defn(name="migrate.snapshot")
+    async def snapshot(self, inp: SnapshotInput) -> SnapshotResult:
+        spec = inp.spec
+        dsn = await self.ctx.dsn(spec.source)
+        names = repl.stream_names(spec.migration_id, "fwd")
+        state = {"cp": CopyCheckpoint(stage="snapshot", rows_done=0, parts_done=0, parts_total=0)}
+
+        def work(stop: threading.Event) -> SnapshotResult:
+            def progress(p: ExportProgress) -> None:
+                state["cp"] = CopyCheckpoint(stage="snapshot", rows_done=p.rows_done,
+                                             parts_done=p.parts_done, parts_total=p.parts_total)
+                if stop.is_set():
+                    raise Stopped()  # cancelled: stop between batches (a retry resumes)
+
+            repl.create_publication(dsn, names, spec.collection, spec.chunk_id, spec.key_range)
+            if _slot_lsn(dsn, names.slot) is None:
+                with repl.create_slot(dsn, names, export_snapshot=True) as slot:
+                    result = export_chunk(
+                        dsn, spec.collection, spec.key_range, self.ctx.staging, spec.migration_id,
+                        snapshot=slot.snapshot_name, target_part_rows=inp.part_rows,
+                        progress=progress,
+                    )
+                    lsn = slot.consistent_lsn
+            else:
+                # Resumed: the slot still starts at T; finish the export at a fresh snapshot.
+                lsn = _slot_lsn(dsn, names.slot) or "0/0"
+                result = export_chunk(
+                    dsn, spec.collection, spec.key_range, self.ctx.staging, spec.migration_id,
+                    snapshot=None, target_part_rows=inp.part_rows, progress=progress,
+                )
+            return SnapshotResult(consistent_lsn=lsn, parts=result.parts_total,
+                                  rows=result.rows_exported, bytes=result.bytes_exported)
+
+        try:
+            return await self.ctx.run_blocking(work, lambda: state["cp"])
+        except ShardError as exc:
+            raise non_retryable(exc, "snapshot") from exc
+
+
+def _slot_lsn(dsn: str, slot: str) -> str | None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT coalesce(confirmed_flush_lsn, restart_lsn)::text FROM pg_replication_slots"
+            " WHERE slot_name = %s", (slot,),
+        ).fetchone()
+        return row[0] if row else None

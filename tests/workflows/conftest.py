@@ -1,0 +1,64 @@
+"""Workflow fixtures: a Temporal client on the session stack and an in-process worker on a
+fresh task queue per test, plus the router fixtures (a provisioned collection)."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from infra import Stack
+from settings import Settings, TemporalSettings
+from tests.router.conftest import deployment, router, router_catalog  # noqa: F401 - fixtures
+from worker import run_worker
+
+
+@pytest.fixture(scope="session")
+async def temporal_client(stack: Stack) -> Client:
+    return await Client.connect(stack.temporal.address, data_converter=pydantic_data_converter)
+
+
+@pytest.fixture
+def worker_settings(stack: Stack) -> Settings:
+    staging = tempfile.mkdtemp(prefix="shardshift-staging-")
+    return Settings(
+        catalog_dsn=stack.catalog_dsn, staging_url=staging,
+        temporal=TemporalSettings(address=stack.temporal.address,
+                                  task_queue=f"test-{uuid.uuid4().hex[:8]}"),
+    )
+
+
+@dataclass
+class WorkerHandle:
+    settings: Settings
+    task: asyncio.Task[None]
+    stop: asyncio.Event
+
+    @property
+    def task_queue(self) -> str:
+        return self.settings.temporal.task_queue
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await self.task
+
+
+@pytest.fixture
+async def worker(worker_settings: Settings, temporal_client: Client) -> AsyncIterator[WorkerHandle]:
+    import shutil  # noqa: PLC0415
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(worker_settings, stop=stop, client=temporal_client))
+    handle = WorkerHandle(worker_settings, task, stop)
+    try:
+        yield handle
+    finally:
+        if not task.done():
+            await handle.shutdown()
+        shutil.rmtree(worker_settings.staging, ignore_errors=True)

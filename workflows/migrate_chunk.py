@@ -1,0 +1,430 @@
+"""``MigrateChunkWorkflow``: move one chunk to another shard without downtime.
+
+Phases (each recorded in the catalog's migration record and the ``ShardshiftPhase`` search
+attribute): register -> snapshot + bulk import (concurrently, the import following the
+export part by part) -> replicate (a long-running applier activity) -> verify -> cutover
+(retried while it does not commit) -> rollback window (reverse stream; the ``rollback``
+update moves the chunk back) -> cleanup -> done.
+
+Cancellation: before the commit point a cancel aborts cleanly (streams stopped, slots,
+publications and origins dropped, the target's partial copy deleted, fences restored, leases
+released). A cutover in flight is never interrupted: the workflow waits for it and then
+decides. After the commit point a cancel finishes the move (skipping the rollback window).
+
+Orchestration only: every side effect is an activity; timers are input settings so tests
+can shorten them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.workflow import ActivityCancellationType
+
+with workflow.unsafe.imports_passed_through():
+    from activities.bulk_import import ImportActivities
+    from activities.catalog_ops import CatalogActivities
+    from activities.cleanup import CleanupActivities
+    from activities.cutover import CutoverActivities
+    from activities.models import (
+        CleanupInput,
+        CopyProgressInput,
+        CutoverInput,
+        CutoverResult,
+        CutoverStep,
+        Direction,
+        FinishInput,
+        ImportInput,
+        LagInput,
+        MoveSpec,
+        PhaseInput,
+        PlanInput,
+        RegisterInput,
+        ReplicateInput,
+        SnapshotInput,
+        VerifyInput,
+        VerifyResult,
+    )
+    from activities.replicate import ReplicateActivities
+    from activities.snapshot import SnapshotActivities
+    from activities.verify import VerifyActivities
+    from catalog.models import MigrationKind, MigrationOutcome, MigrationPhase
+
+SA_KIND = SearchAttributeKey.for_keyword("ShardshiftKind")
+SA_COLLECTION = SearchAttributeKey.for_keyword("ShardshiftCollection")
+SA_CHUNK = SearchAttributeKey.for_keyword("ShardshiftChunk")
+SA_SOURCE = SearchAttributeKey.for_keyword("ShardshiftSource")
+SA_TARGET = SearchAttributeKey.for_keyword("ShardshiftTarget")
+SA_PHASE = SearchAttributeKey.for_keyword("ShardshiftPhase")
+
+_QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
+                     maximum_attempts=20)
+_DATA = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30),
+                    maximum_attempts=50)
+_FOREVER = RetryPolicy(initial_interval=timedelta(seconds=1),
+                       maximum_interval=timedelta(seconds=15))
+
+
+class MigrateChunkInput(BaseModel):
+    """What to move and how. Durations are seconds (settings a test can shorten)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    collection: str
+    chunk_id: int
+    target: str
+    kind: MigrationKind = MigrationKind.MOVE
+    part_rows: int = Field(default=50_000, ge=100)
+    max_lag_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
+    """Cutover admission: the stream must be at most this far behind."""
+    catchup_timeout_s: float = Field(default=2.0, gt=0)
+    """Longest the writes may stay paused waiting for the target to apply the freeze."""
+    cutover_attempts: int = Field(default=10, ge=1)
+    cutover_retry_s: float = Field(default=2.0, ge=0)
+    poll_s: float = Field(default=1.0, gt=0)
+    """How often lag and copy progress are sampled."""
+    rollback_window_s: float = Field(default=0.0, ge=0)
+    """How long after the cutover a ``rollback`` update is accepted (0: no window)."""
+    verify_buckets: int = Field(default=64, ge=1, le=65_536)
+    verify: bool = True
+    delete_batch: int = Field(default=5_000, ge=1)
+    delete_pause_s: float = Field(default=0.0, ge=0)
+    dry_run: bool = False
+
+
+class MigrateChunkResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    migration_id: str
+    outcome: MigrationOutcome
+    source: str | None = None
+    target: str
+    documents: int = 0
+    pause_ms: float | None = None
+    rollback_pause_ms: float | None = None
+    cutover_attempts: int = 0
+    verified: bool | None = None
+    phase_seconds: dict[str, float] = {}
+    plan: list[CutoverStep] = []
+    detail: str | None = None
+
+
+class Progress(BaseModel):
+    """Answer of the ``progress`` query."""
+
+    migration_id: str = ""
+    phase: str = "starting"
+    source: str | None = None
+    target: str | None = None
+    rows_total: int | None = None
+    rows_copied: int = 0
+    parts_copied: int = 0
+    parts_total: int | None = None
+    lag_bytes: int | None = None
+    lag_s: float | None = None
+    pause_ms: float | None = None
+    cutover_attempts: int = 0
+    rollback_open: bool = False
+    outcome: str | None = None
+
+
+def migration_id_for(workflow_id: str, run_id: str) -> str:
+    """A catalog/staging-safe id, unique per run, stable across activity retries."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", workflow_id).lstrip("_.-") or "move"
+    return f"{base[:80]}.{run_id[:8]}"
+
+
+@workflow.defn
+class MigrateChunkWorkflow:
+    def __init__(self) -> None:
+        self._progress = Progress()
+        self._rollback_requested = False
+        self._phase_started: dict[str, Any] = {}
+        self._phase_seconds: dict[str, float] = {}
+
+    # -- operator surface -------------------------------------------------------------------------
+
+    @workflow.query
+    def progress(self) -> Progress:
+        return self._progress
+
+    @workflow.update
+    async def rollback(self) -> str:
+        """Move the chunk back to its source through the reverse stream (rollback window only)."""
+        self._rollback_requested = True
+        return "rollback requested"
+
+    @rollback.validator
+    def _validate_rollback(self) -> None:
+        if not self._progress.rollback_open:
+            raise ApplicationError(
+                f"rollback is only possible during the rollback window (phase is "
+                f"{self._progress.phase})", non_retryable=True,
+            )
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    async def _phase(self, spec_or_id: MoveSpec | str, phase: MigrationPhase) -> None:
+        now = workflow.now()
+        prev = self._progress.phase
+        if prev in self._phase_started:
+            self._phase_seconds[prev] = (now - self._phase_started[prev]).total_seconds()
+        self._phase_started[phase.value] = now
+        self._progress.phase = phase.value
+        workflow.upsert_search_attributes([SA_PHASE.value_set(phase.value)])
+        if phase == MigrationPhase.DONE:
+            return  # finish_migration already closed the record with its outcome
+        mid = spec_or_id if isinstance(spec_or_id, str) else spec_or_id.migration_id
+        await workflow.execute_activity_method(
+            CatalogActivities.set_phase, PhaseInput(migration_id=mid, phase=phase),
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
+        )
+
+    @staticmethod
+    async def _stop(handle: asyncio.Task[Any] | None) -> None:
+        """Cancel a long-running activity and wait until it has stopped."""
+        if handle is None or handle.done():
+            return
+        handle.cancel()
+        try:
+            await handle
+        except (asyncio.CancelledError, ActivityError, CancelledError):
+            pass
+
+    def _start_stream(self, spec: MoveSpec, direction: Direction) -> asyncio.Task[Any]:
+        return workflow.start_activity_method(
+            ReplicateActivities.replicate, ReplicateInput(spec=spec, direction=direction),
+            start_to_close_timeout=timedelta(days=30), heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=_FOREVER, cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+
+    async def _cutover(self, inp: MigrateChunkInput, spec: MoveSpec,
+                       direction: Direction) -> CutoverResult:
+        """Run one cutover activity to its end, even if the workflow is cancelled meanwhile."""
+        handle = workflow.start_activity_method(
+            CutoverActivities.cutover,
+            CutoverInput(spec=spec, direction=direction, max_lag_bytes=inp.max_lag_bytes,
+                         catchup_timeout_s=inp.catchup_timeout_s),
+            start_to_close_timeout=timedelta(seconds=60), retry_policy=_QUICK,
+        )
+        try:
+            return await asyncio.shield(handle)
+        except asyncio.CancelledError:
+            result = await handle
+            self._cancel_pending = True
+            return result
+
+    async def _wait_lag(self, inp: MigrateChunkInput, spec: MoveSpec, direction: Direction,
+                        stream: asyncio.Task[Any]) -> None:
+        while True:
+            if stream.done():
+                stream.result()  # surfaces a failed applier
+            lag = await workflow.execute_activity_method(
+                ReplicateActivities.lag, LagInput(spec=spec, direction=direction),
+                start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
+            )
+            self._progress.lag_bytes = lag.lag_bytes if lag.streaming else None
+            self._progress.lag_s = lag.lag_s
+            if lag.streaming and lag.lag_bytes <= inp.max_lag_bytes:
+                return
+            await workflow.sleep(inp.poll_s)
+
+    # -- the run ------------------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, inp: MigrateChunkInput) -> MigrateChunkResult:
+        info = workflow.info()
+        mid = migration_id_for(info.workflow_id, info.run_id)
+        self._progress.migration_id = mid
+        self._progress.target = inp.target
+        self._cancel_pending = False
+        workflow.upsert_search_attributes([
+            SA_KIND.value_set(inp.kind.value), SA_COLLECTION.value_set(inp.collection),
+            SA_CHUNK.value_set(str(inp.chunk_id)), SA_TARGET.value_set(inp.target),
+        ])
+
+        if inp.dry_run:
+            planned = await workflow.execute_activity_method(
+                CutoverActivities.plan,
+                PlanInput(migration_id=mid, collection=inp.collection, chunk_id=inp.chunk_id,
+                          target=inp.target, max_lag_bytes=inp.max_lag_bytes,
+                          catchup_timeout_s=inp.catchup_timeout_s),
+                start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
+            )
+            self._progress.phase = "dry_run"
+            return MigrateChunkResult(migration_id=mid, outcome=MigrationOutcome.ABORTED,
+                                      target=inp.target, plan=planned.steps, detail=planned.reason)
+
+        spec = await workflow.execute_activity_method(
+            CatalogActivities.register,
+            RegisterInput(migration_id=mid, kind=inp.kind, collection=inp.collection,
+                          chunk_id=inp.chunk_id, target=inp.target, holder=info.workflow_id),
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
+                                     maximum_interval=timedelta(seconds=20)),
+        )
+        self._progress.source = spec.source
+        workflow.upsert_search_attributes([SA_SOURCE.value_set(spec.source)])
+        self._phase_started["registered"] = workflow.now()
+        self._progress.phase = "registered"
+
+        streams: dict[Direction, asyncio.Task[Any] | None] = {Direction.FORWARD: None,
+                                                             Direction.REVERSE: None}
+        committed = False
+        result_kw: dict[str, Any] = {}
+        try:
+            # -- snapshot + bulk import ---------------------------------------------------------
+            await self._phase(spec, MigrationPhase.SNAPSHOT)
+            snap = workflow.start_activity_method(
+                SnapshotActivities.snapshot, SnapshotInput(spec=spec, part_rows=inp.part_rows),
+                start_to_close_timeout=timedelta(days=1), heartbeat_timeout=timedelta(seconds=30),
+                retry_policy=_DATA,
+            )
+            imp = workflow.start_activity_method(
+                ImportActivities.bulk_import, ImportInput(spec=spec),
+                start_to_close_timeout=timedelta(days=1), heartbeat_timeout=timedelta(seconds=30),
+                retry_policy=_DATA,
+            )
+            first = True
+            while not (snap.done() and imp.done()):
+                if snap.done():
+                    snap.result()  # raises if the snapshot failed
+                    if self._progress.phase == MigrationPhase.SNAPSHOT.value:
+                        await self._phase(spec, MigrationPhase.IMPORT)
+                if imp.done():
+                    imp.result()
+                cp = await workflow.execute_activity_method(
+                    ImportActivities.copy_progress, CopyProgressInput(spec=spec, count_source=first),
+                    start_to_close_timeout=timedelta(seconds=60), retry_policy=_QUICK,
+                )
+                if first:
+                    self._progress.rows_total = cp.rows_total
+                    first = False
+                self._progress.rows_copied = cp.rows_imported
+                self._progress.parts_copied = cp.parts_imported
+                self._progress.parts_total = cp.parts_total
+                await workflow.wait([snap, imp], timeout=inp.poll_s,
+                                    return_when=asyncio.ALL_COMPLETED)
+            snapshot_result, import_result = snap.result(), imp.result()
+            self._progress.rows_copied = import_result.rows
+            self._progress.parts_copied = self._progress.parts_total = import_result.parts
+            result_kw["documents"] = snapshot_result.rows
+
+            # -- replicate until caught up -------------------------------------------------------
+            await self._phase(spec, MigrationPhase.REPLICATE)
+            streams[Direction.FORWARD] = self._start_stream(spec, Direction.FORWARD)
+            await self._wait_lag(inp, spec, Direction.FORWARD, streams[Direction.FORWARD])
+
+            # -- verify --------------------------------------------------------------------------
+            if inp.verify:
+                await self._phase(spec, MigrationPhase.VERIFY)
+                verified: VerifyResult = await workflow.execute_activity_method(
+                    VerifyActivities.verify, VerifyInput(spec=spec, buckets=inp.verify_buckets),
+                    start_to_close_timeout=timedelta(hours=6),
+                    heartbeat_timeout=timedelta(seconds=60), retry_policy=_DATA,
+                )
+                result_kw["verified"] = verified.verified
+                result_kw["documents"] = verified.documents
+
+            # -- cutover ---------------------------------------------------------------------------
+            await self._phase(spec, MigrationPhase.CUTOVER)
+            cut: CutoverResult | None = None
+            for attempt in range(1, inp.cutover_attempts + 1):
+                self._progress.cutover_attempts = attempt
+                await self._wait_lag(inp, spec, Direction.FORWARD, streams[Direction.FORWARD])
+                cut = await self._cutover(inp, spec, Direction.FORWARD)
+                if cut.committed or self._cancel_pending:
+                    break
+                workflow.logger.info("cutover attempt %d did not commit: %s", attempt, cut.reason)
+                await workflow.sleep(inp.cutover_retry_s)
+            assert cut is not None
+            result_kw["cutover_attempts"] = self._progress.cutover_attempts
+            if not cut.committed:
+                if self._cancel_pending:
+                    raise asyncio.CancelledError()
+                raise ApplicationError(
+                    f"cutover did not commit in {inp.cutover_attempts} attempts: {cut.reason}",
+                    non_retryable=True,
+                )
+            committed = True
+            self._progress.pause_ms = result_kw["pause_ms"] = cut.pause_ms
+        except (asyncio.CancelledError, CancelledError, ActivityError, ApplicationError) as exc:
+            if committed:
+                raise
+            await self._stop(streams[Direction.FORWARD])
+            await self._abort(spec, exc)
+            raise
+
+        # -- after the commit point: the move is done whatever happens -------------------------
+        await self._stop(streams[Direction.FORWARD])
+        outcome = MigrationOutcome.COMPLETED
+        if inp.rollback_window_s > 0 and not self._cancel_pending:
+            await self._phase(spec, MigrationPhase.ROLLBACK_WINDOW)
+            streams[Direction.REVERSE] = self._start_stream(spec, Direction.REVERSE)
+            self._progress.rollback_open = True
+            try:
+                await workflow.wait_condition(lambda: self._rollback_requested,
+                                              timeout=timedelta(seconds=inp.rollback_window_s))
+            except TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                self._cancel_pending = True
+            self._progress.rollback_open = False
+            if self._rollback_requested and not self._cancel_pending:
+                back: CutoverResult | None = None
+                for _ in range(inp.cutover_attempts):
+                    await self._wait_lag(inp, spec, Direction.REVERSE, streams[Direction.REVERSE])
+                    back = await self._cutover(inp, spec, Direction.REVERSE)
+                    if back.committed:
+                        break
+                    await workflow.sleep(inp.cutover_retry_s)
+                if back is not None and back.committed:
+                    outcome = MigrationOutcome.ROLLED_BACK
+                    result_kw["rollback_pause_ms"] = back.pause_ms
+            await self._stop(streams[Direction.REVERSE])
+
+        await self._phase(spec, MigrationPhase.CLEANUP)
+        await workflow.execute_activity_method(
+            CleanupActivities.cleanup,
+            CleanupInput(spec=spec, outcome=outcome, delete_batch=inp.delete_batch,
+                         delete_pause_s=inp.delete_pause_s),
+            start_to_close_timeout=timedelta(hours=12), heartbeat_timeout=timedelta(seconds=60),
+            retry_policy=_DATA,
+        )
+        await workflow.execute_activity_method(
+            CatalogActivities.finish, FinishInput(spec=spec, outcome=outcome),
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
+        )
+        await self._phase(spec, MigrationPhase.DONE)
+        self._progress.outcome = outcome.value
+        return MigrateChunkResult(
+            migration_id=mid, outcome=outcome, source=spec.source, target=spec.target,
+            phase_seconds=dict(self._phase_seconds), **result_kw,
+        )
+
+    async def _abort(self, spec: MoveSpec, exc: BaseException) -> None:
+        """Before the commit point: undo everything, then record the outcome."""
+        cancelled = isinstance(exc, asyncio.CancelledError | CancelledError)
+        self._progress.phase = "aborting"
+        detail = "cancelled" if cancelled else f"{type(exc).__name__}: {exc}"
+        await workflow.execute_activity_method(
+            CleanupActivities.cleanup,
+            CleanupInput(spec=spec, outcome=MigrationOutcome.ABORTED),
+            start_to_close_timeout=timedelta(hours=12), heartbeat_timeout=timedelta(seconds=60),
+            retry_policy=_DATA,
+        )
+        await workflow.execute_activity_method(
+            CatalogActivities.finish,
+            FinishInput(spec=spec, outcome=MigrationOutcome.ABORTED, detail=detail[:500]),
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
+        )
+        workflow.upsert_search_attributes([SA_PHASE.value_set("aborted")])
+        self._progress.phase = "aborted"
+        self._progress.outcome = MigrationOutcome.ABORTED.value
