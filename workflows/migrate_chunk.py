@@ -68,6 +68,7 @@ _QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=tim
                      maximum_attempts=20)
 _DATA = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30),
                     maximum_attempts=50)
+_WAIT = ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
 _FOREVER = RetryPolicy(initial_interval=timedelta(seconds=1),
                        maximum_interval=timedelta(seconds=15))
 
@@ -202,7 +203,7 @@ class MigrateChunkWorkflow:
         return workflow.start_activity_method(
             ReplicateActivities.replicate, ReplicateInput(spec=spec, direction=direction),
             start_to_close_timeout=timedelta(days=30), heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=_FOREVER, cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            retry_policy=_FOREVER, cancellation_type=_WAIT,
         )
 
     async def _cutover(self, inp: MigrateChunkInput, spec: MoveSpec,
@@ -279,19 +280,21 @@ class MigrateChunkWorkflow:
                                                              Direction.REVERSE: None}
         committed = False
         result_kw: dict[str, Any] = {}
+        running: list[asyncio.Task[Any]] = []
         try:
             # -- snapshot + bulk import ---------------------------------------------------------
             await self._phase(spec, MigrationPhase.SNAPSHOT)
             snap = workflow.start_activity_method(
                 SnapshotActivities.snapshot, SnapshotInput(spec=spec, part_rows=inp.part_rows),
                 start_to_close_timeout=timedelta(days=1), heartbeat_timeout=timedelta(seconds=30),
-                retry_policy=_DATA,
+                retry_policy=_DATA, cancellation_type=_WAIT,
             )
             imp = workflow.start_activity_method(
                 ImportActivities.bulk_import, ImportInput(spec=spec),
                 start_to_close_timeout=timedelta(days=1), heartbeat_timeout=timedelta(seconds=30),
-                retry_policy=_DATA,
+                retry_policy=_DATA, cancellation_type=_WAIT,
             )
+            running += [snap, imp]
             first = True
             while not (snap.done() and imp.done()):
                 if snap.done():
@@ -329,6 +332,7 @@ class MigrateChunkWorkflow:
                     VerifyActivities.verify, VerifyInput(spec=spec, buckets=inp.verify_buckets),
                     start_to_close_timeout=timedelta(hours=6),
                     heartbeat_timeout=timedelta(seconds=60), retry_policy=_DATA,
+                    cancellation_type=_WAIT,
                 )
                 result_kw["verified"] = verified.verified
                 result_kw["documents"] = verified.documents
@@ -358,7 +362,9 @@ class MigrateChunkWorkflow:
         except (asyncio.CancelledError, CancelledError, ActivityError, ApplicationError) as exc:
             if committed:
                 raise
-            await self._stop(streams[Direction.FORWARD])
+            # Nothing of the move may still run while it is undone.
+            for handle in [*running, streams[Direction.FORWARD]]:
+                await self._stop(handle)
             await self._abort(spec, exc)
             raise
 
