@@ -4,14 +4,24 @@
     shardshift infra status [--json]
     shardshift infra down [--destroy]
     shardshift router serve [--host H] [--port P]
+    shardshift worker
+    shardshift collection create NAME --shard-key F [--index name:field[,field]...]
+                                      [--chunks-per-shard N] [--shards S1,S2]
+    shardshift migrate --collection C --chunk K --to SHARD [--dry-run]
+                       [--rollback-window S] [--no-wait] [--id WORKFLOW_ID]
+    shardshift moves [--collection C] [--phase P] [--catalog]
+    shardshift rollback --id WORKFLOW_ID
     shardshift demo
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+import time
+from typing import IO, Any
 
 from infra import InfraError, Stack
 from settings import Settings, get_settings
@@ -81,6 +91,349 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(get_settings())
 
 
+class CliError(Exception):
+    """A failure the operator can act on: printed as one line, exit code 2."""
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker import main as worker_main  # noqa: PLC0415
+
+    worker_main()
+    return 0
+
+
+# -- Temporal ---------------------------------------------------------------------------------
+
+
+async def _client(settings: Settings) -> Any:
+    from worker import connect  # noqa: PLC0415
+
+    try:
+        return await connect(settings.temporal)
+    except Exception as exc:  # noqa: BLE001 - a connection failure becomes one line
+        raise CliError(
+            f"cannot reach Temporal at {settings.temporal.address} "
+            f"(namespace {settings.temporal.namespace}): {exc} "
+            "(local stack: ./dev shardshift infra up)"
+        ) from exc
+
+
+def _bar(done: int, total: int | None, width: int = 24) -> str:
+    frac = min(1.0, done / total) if total else (1.0 if total == 0 else 0.0)
+    n = int(round(frac * width))
+    return "[" + "#" * n + "." * (width - n) + "]"
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def format_progress(p: Any, elapsed: float) -> str:
+    """One line for a ``Progress``: phase, rows copied/total with a bar, lag, pause."""
+    parts = [f"{elapsed:6.1f}s", f"{p.phase:<15}"]
+    total = p.rows_total
+    rows = f"{p.rows_copied}/{total}" if total is not None else f"{p.rows_copied}/?"
+    parts.append(f"{_bar(p.rows_copied, total)} {rows} rows")
+    if p.lag_bytes is not None:
+        lag = f"lag {_bytes(p.lag_bytes)}"
+        if p.lag_s is not None:
+            lag += f" ({p.lag_s * 1000:.0f} ms)"
+        parts.append(lag)
+    if p.cutover_attempts > 1:
+        parts.append(f"cutover attempt {p.cutover_attempts}")
+    if p.pause_ms is not None:
+        parts.append(f"pause {p.pause_ms:.1f} ms")
+    if p.rollback_open:
+        parts.append("rollback window OPEN")
+    return "  ".join(parts)
+
+
+async def watch_migration(handle: Any, *, interval: float = 0.5, out: IO[str] | None = None,
+                          tty: bool | None = None) -> Any:
+    """Poll the ``progress`` query every ``interval`` seconds until the workflow ends.
+
+    On a terminal the line is redrawn in place; otherwise a plain line is printed whenever
+    the phase changes (and every 5 s). Returns the workflow's result (raises its failure).
+    """
+    from workflows.migrate_chunk import MigrateChunkWorkflow  # noqa: PLC0415
+
+    out = out or sys.stdout
+    tty = out.isatty() if tty is None else tty
+    result = asyncio.ensure_future(handle.result())
+    start = time.monotonic()
+    last_phase, last_print = None, 0.0
+    try:
+        while not result.done():
+            try:
+                p = await handle.query(MigrateChunkWorkflow.progress)
+            except Exception:  # noqa: BLE001 - not started yet, or already closed
+                p = None
+            now = time.monotonic()
+            if p is not None:
+                line = format_progress(p, now - start)
+                if tty:
+                    out.write("\r\x1b[2K" + line)
+                    out.flush()
+                elif p.phase != last_phase or now - last_print >= 5.0:
+                    out.write(line + "\n")
+                    out.flush()
+                    last_phase, last_print = p.phase, now
+            await asyncio.wait([result], timeout=interval)
+    finally:
+        if tty:
+            out.write("\n")
+            out.flush()
+        if not result.done():
+            result.cancel()
+    return result.result()
+
+
+def print_result(r: Any, *, indent: str = "") -> None:
+    """The result of a ``MigrateChunkWorkflow``: outcome, documents, pause, phase times."""
+    print(f"{indent}outcome            {r.outcome.value}" + (f" ({r.detail})" if r.detail else ""))
+    print(f"{indent}migration id       {r.migration_id}")
+    if r.plan:
+        print(f"{indent}plan (dry run, to {r.target}):")
+        for i, step in enumerate(r.plan, 1):
+            print(f"{indent}  {i}. {step.name:<16} {step.description}")
+        return
+    print(f"{indent}source -> target   {r.source} -> {r.target}")
+    print(f"{indent}documents moved    {r.documents}"
+          + ("" if r.verified is None else f" (verified: {'yes' if r.verified else 'NO'})"))
+    pause = "-" if r.pause_ms is None else f"{r.pause_ms:.1f} ms"
+    print(f"{indent}cutover pause      {pause} (attempts: {r.cutover_attempts})")
+    if r.rollback_pause_ms is not None:
+        print(f"{indent}rollback pause     {r.rollback_pause_ms:.1f} ms")
+    if r.phase_seconds:
+        phases = ", ".join(f"{k} {v:.1f}s" for k, v in r.phase_seconds.items())
+        print(f"{indent}time per phase     {phases}")
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    return asyncio.run(_migrate(args))
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    from temporalio.client import WorkflowFailureError  # noqa: PLC0415
+    from temporalio.exceptions import WorkflowAlreadyStartedError  # noqa: PLC0415
+
+    from workflows import MigrateChunkInput, MigrateChunkWorkflow  # noqa: PLC0415
+
+    settings = get_settings()
+    try:
+        inp = MigrateChunkInput(collection=args.collection, chunk_id=args.chunk, target=args.to,
+                                dry_run=args.dry_run, rollback_window_s=args.rollback_window)
+    except ValueError as exc:
+        raise CliError(f"invalid move: {exc}".replace("\n", " ")) from exc
+    wf_id = args.id or f"move-{args.collection}-{args.chunk}" + ("-dry-run" if args.dry_run else "")
+    await _check_move(settings, args.collection, args.chunk, args.to)
+    client = await _client(settings)
+    task_queue = args.task_queue or settings.temporal.task_queue
+    try:
+        handle = await client.start_workflow(MigrateChunkWorkflow.run, inp, id=wf_id,
+                                             task_queue=task_queue)
+    except WorkflowAlreadyStartedError:
+        raise CliError(
+            f"workflow {wf_id} is already running: chunk {args.chunk} of {args.collection} is "
+            f"being moved (watch: temporal workflow query --workflow-id {wf_id} --name progress; "
+            f"stop: temporal workflow cancel --workflow-id {wf_id})"
+        ) from None
+    ui = _ui_url(settings, wf_id)
+    print(f"started {wf_id} (run {handle.result_run_id}) on task queue {task_queue}")
+    if ui:
+        print(f"watch: {ui}")
+    if args.no_wait:
+        return 0
+    try:
+        result = await watch_migration(handle)
+    except WorkflowFailureError as exc:
+        cause = exc.cause
+        while getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        print(f"move {wf_id} failed: {cause or exc}", file=sys.stderr)
+        return 1
+    print_result(result)
+    ok = result.outcome.value in ("completed", "rolled_back") or (args.dry_run and result.plan)
+    return 0 if ok else 1
+
+
+async def _check_move(settings: Settings, collection: str, chunk_id: int, target: str) -> None:
+    """Refuse a move the catalog cannot accept before starting a workflow for it."""
+    from catalog import Catalog  # noqa: PLC0415
+    from catalog.errors import CatalogError  # noqa: PLC0415
+
+    async with Catalog(catalog_dsn(settings), max_size=1) as cat:
+        try:
+            chunk = await cat.chunk(collection, chunk_id)
+            shard = await cat.shard(target)
+        except CatalogError as exc:
+            raise CliError(str(exc)) from None
+    if chunk.shard_id == target:
+        raise CliError(f"chunk {chunk_id} of {collection} is already on {target}")
+    if shard.state.value != "active":
+        raise CliError(f"shard {target} is {shard.state.value}; it takes no chunks")
+
+
+def _ui_url(settings: Settings, wf_id: str) -> str | None:
+    if not settings.temporal.address.startswith(("127.0.0.1:", "localhost:")):
+        return None
+    try:
+        ui_port = Stack.from_settings(settings).temporal.ui_port
+    except Exception:  # noqa: BLE001 - best effort
+        ui_port = settings.infra.ui_port
+    return f"http://127.0.0.1:{ui_port}/namespaces/{settings.temporal.namespace}/workflows/{wf_id}"
+
+
+def cmd_moves(args: argparse.Namespace) -> int:
+    return asyncio.run(_moves_catalog(args) if args.catalog else _moves_temporal(args))
+
+
+async def _moves_temporal(args: argparse.Namespace) -> int:
+    from workflows.migrate_chunk import (  # noqa: PLC0415
+        SA_CHUNK,
+        SA_COLLECTION,
+        SA_PHASE,
+        SA_SOURCE,
+        SA_TARGET,
+    )
+
+    settings = get_settings()
+    client = await _client(settings)
+    query = "WorkflowType = 'MigrateChunkWorkflow'"
+    for sa, value in (("ShardshiftCollection", args.collection), ("ShardshiftPhase", args.phase)):
+        if value:
+            if "'" in value:
+                raise CliError(f"invalid filter value {value!r}")
+            query += f" AND {sa} = '{value}'"
+    rows = []
+    async for wf in client.list_workflows(query, limit=args.limit):
+        sa = wf.typed_search_attributes
+        rows.append((
+            wf.id, wf.status.name.lower() if wf.status else "?",
+            sa.get(SA_PHASE) or "-", sa.get(SA_COLLECTION) or "-", sa.get(SA_CHUNK) or "-",
+            f"{sa.get(SA_SOURCE) or '?'} -> {sa.get(SA_TARGET) or '?'}",
+            wf.start_time.strftime("%Y-%m-%d %H:%M:%S") if wf.start_time else "-",
+        ))
+    if not rows:
+        print(f"no moves found (query: {query})")
+        return 0
+    print(f"{'WORKFLOW ID':<40} {'STATUS':<11} {'PHASE':<15} {'COLLECTION':<22} "
+          f"{'CHUNK':<6} {'SOURCE -> TARGET':<22} STARTED")
+    for r in rows:
+        print(f"{r[0]:<40} {r[1]:<11} {r[2]:<15} {r[3]:<22} {r[4]:<6} {r[5]:<22} {r[6]}")
+    return 0
+
+
+async def _moves_catalog(args: argparse.Namespace) -> int:
+    from catalog import Catalog  # noqa: PLC0415
+
+    settings = get_settings()
+    async with Catalog(catalog_dsn(settings), max_size=2) as cat:
+        await cat.ensure_schema()
+        records = await cat.migrations(collection=args.collection, limit=args.limit)
+    records = [m for m in records if not args.phase or m.phase.value == args.phase]
+    if not records:
+        print("no migrations in the catalog")
+        return 0
+    print(f"{'MIGRATION ID':<44} {'COLLECTION':<22} {'CHUNK':<6} {'SOURCE -> TARGET':<22} "
+          f"{'PHASE':<15} {'OUTCOME':<11} PAUSE")
+    for m in records:
+        pause = "-" if m.pause_ms is None else f"{m.pause_ms:.1f} ms"
+        print(f"{m.migration_id:<44} {m.collection:<22} {m.chunk_id:<6} "
+              f"{m.source + ' -> ' + m.target:<22} {m.phase.value:<15} "
+              f"{(m.outcome.value if m.outcome else 'active'):<11} {pause}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    return asyncio.run(_rollback(args))
+
+
+async def _rollback(args: argparse.Namespace) -> int:
+    from temporalio.client import WorkflowUpdateFailedError  # noqa: PLC0415
+    from temporalio.service import RPCError  # noqa: PLC0415
+
+    from workflows.migrate_chunk import MigrateChunkWorkflow  # noqa: PLC0415
+
+    client = await _client(get_settings())
+    handle = client.get_workflow_handle_for(MigrateChunkWorkflow.run, args.id)
+    try:
+        answer = await handle.execute_update(MigrateChunkWorkflow.rollback)
+    except WorkflowUpdateFailedError as exc:
+        raise CliError(f"rollback of {args.id} refused: {exc.cause or exc}") from exc
+    except RPCError as exc:
+        raise CliError(f"rollback of {args.id} failed: {exc}") from exc
+    print(f"{args.id}: {answer} (the workflow moves the chunk back, then cleans up; "
+          f"watch: shardshift moves)")
+    return 0
+
+
+# -- collections ------------------------------------------------------------------------------
+
+
+def _index(spec: str) -> Any:
+    from shards.models import IndexDefinition  # noqa: PLC0415
+
+    name, sep, fields = spec.partition(":")
+    if not sep or not name or not fields:
+        raise CliError(f"invalid --index {spec!r}: expected name:field[,field...]")
+    try:
+        return IndexDefinition(name=name, fields=tuple(f for f in fields.split(",") if f))
+    except ValueError as exc:
+        raise CliError(f"invalid --index {spec!r}: {exc}".replace("\n", " ")) from exc
+
+
+def cmd_collection(args: argparse.Namespace) -> int:
+    return asyncio.run(_collection_create(args))
+
+
+async def _collection_create(args: argparse.Namespace) -> int:
+    from catalog import Catalog  # noqa: PLC0415
+    from catalog.admin import provision_collection  # noqa: PLC0415
+    from catalog.errors import CatalogError  # noqa: PLC0415
+    from workload.demo import close_engines, open_engines, register_stack_shards  # noqa: PLC0415
+
+    settings = get_settings()
+    indexes = [_index(s) for s in args.index or []]
+    wanted = [s for s in (args.shards or "").split(",") if s] or None
+    stack = Stack.from_settings(settings)
+    async with Catalog(catalog_dsn(settings), max_size=4) as cat:
+        await cat.ensure_schema()
+        if stack.record() is not None:
+            await register_stack_shards(cat, stack)
+        registered = {s.shard_id: s for s in await cat.list_shards()}
+        if wanted:
+            missing = sorted(set(wanted) - set(registered))
+            if missing:
+                raise CliError(f"unknown shards {missing}; registered: {sorted(registered)}")
+            ids = wanted
+        else:
+            ids = sorted(s.shard_id for s in registered.values() if s.state.value == "active")
+        if not ids:
+            raise CliError("no shards registered in the catalog (run: shardshift infra up)")
+        engines = await open_engines([registered[i] for i in ids], max_size=2)
+        try:
+            cmap = await provision_collection(
+                cat, engines, args.name, args.shard_key, indexes,
+                chunks_per_shard=args.chunks_per_shard,
+            )
+        except (CatalogError, ValueError) as exc:
+            raise CliError(f"cannot create collection {args.name!r}: {exc}") from exc
+        finally:
+            await close_engines(engines)
+    print(f"collection {args.name} (shard key {args.shard_key!r}, "
+          f"{len(cmap.collection.indexes)} indexes): {len(cmap.chunks)} chunks")
+    print(f"{'CHUNK':<6} {'SHARD':<10} {'TOKEN':<6} RANGE")
+    for c in cmap.chunks:
+        print(f"{c.chunk_id:<6} {c.shard_id:<10} {c.token:<6} [{c.range.lo}, {c.range.hi})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardshift", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +457,49 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     router.set_defaults(func=cmd_router)
 
+    worker = sub.add_parser("worker", help="run a Temporal worker (workflows + activities)")
+    worker.set_defaults(func=cmd_worker)
+
+    coll = sub.add_parser("collection", help="collections in the catalog")
+    coll_sub = coll.add_subparsers(dest="action", required=True)
+    create = coll_sub.add_parser(
+        "create", help="create a collection: catalog entry, tables, indexes, fences",
+        description="Registers the local stack's shards in the catalog if missing, then "
+                    "provisions the collection over them.")
+    create.add_argument("name")
+    create.add_argument("--shard-key", required=True, metavar="FIELD")
+    create.add_argument("--index", action="append", metavar="NAME:FIELD[,FIELD]",
+                        help="a secondary index (repeatable)")
+    create.add_argument("--chunks-per-shard", type=int, default=1, metavar="N")
+    create.add_argument("--shards", metavar="S1,S2",
+                        help="shards to place chunks on (default: every active shard)")
+    coll.set_defaults(func=cmd_collection)
+
+    migrate = sub.add_parser("migrate", help="move one chunk to another shard (a workflow)")
+    migrate.add_argument("--collection", required=True)
+    migrate.add_argument("--chunk", required=True, type=int, metavar="K")
+    migrate.add_argument("--to", required=True, metavar="SHARD")
+    migrate.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
+    migrate.add_argument("--rollback-window", type=float, default=0.0, metavar="S",
+                         help="seconds after the cutover during which `rollback` is accepted")
+    migrate.add_argument("--no-wait", action="store_true", help="start it and return")
+    migrate.add_argument("--id", metavar="WORKFLOW_ID",
+                         help="workflow id (default: move-COLLECTION-CHUNK)")
+    migrate.add_argument("--task-queue", help="default: settings' temporal.task_queue")
+    migrate.set_defaults(func=cmd_migrate)
+
+    moves = sub.add_parser("moves", help="list chunk migrations (Temporal visibility)")
+    moves.add_argument("--collection")
+    moves.add_argument("--phase", help="only moves in this phase (e.g. replicate)")
+    moves.add_argument("--catalog", action="store_true",
+                       help="read the catalog's migration records instead")
+    moves.add_argument("--limit", type=int, default=50)
+    moves.set_defaults(func=cmd_moves)
+
+    rollback = sub.add_parser("rollback", help="move a chunk back during its rollback window")
+    rollback.add_argument("--id", required=True, metavar="WORKFLOW_ID")
+    rollback.set_defaults(func=cmd_rollback)
+
     demo = sub.add_parser("demo", help="the main job: a live chunk migration under load")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -112,12 +508,39 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
-    except InfraError as exc:
+        return _run(args)
+    except (InfraError, CliError) as exc:
         print(f"shardshift: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if not _operator_error(exc):
+            raise
+        print(f"shardshift: {type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return int(args.func(args))
+    finally:
+        # Free Temporal clients caught in exception reference cycles now: the SDK's native
+        # runtime must not be torn down during interpreter finalization (it aborts).
+        import gc  # noqa: PLC0415
+
+        gc.collect()
+
+
+def _operator_error(exc: BaseException) -> bool:
+    """Errors of the catalog, a database or Temporal: one line for the operator, not a trace."""
+    kinds: list[type] = []
+    for module, name in (("catalog.errors", "CatalogError"), ("psycopg", "Error"),
+                         ("temporalio.service", "RPCError")):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            kinds.append(getattr(mod, name))
+    return isinstance(exc, tuple(kinds))
 
 
 if __name__ == "__main__":

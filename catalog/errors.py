@@ -31,7 +31,8 @@ class UnknownShardError(CatalogError, LookupError):
     def __init__(self, shard_id: str) -> None:
         super().__init__(
             f"shard {shard_id!r} is not registered in the catalog; register it first "
-            "(Catalog.register_shard) or check the id with `shardshift shards list`"
+            "(Catalog.register_shard; `shardshift collection create` registers the local stack's "
+            "shards) or check the id with `shardshift infra status`"
         )
         self.shard_id = shard_id
 

@@ -98,6 +98,9 @@ class MigrateChunkInput(BaseModel):
     delete_batch: int = Field(default=5_000, ge=1)
     delete_pause_s: float = Field(default=0.0, ge=0)
     dry_run: bool = False
+    heartbeat_timeout_s: float = Field(default=30.0, gt=0)
+    """Heartbeat timeout of the long-running activities (snapshot, import, replicate, verify,
+    cleanup): how soon a crashed worker's activity is retried elsewhere."""
 
 
 class MigrateChunkResult(BaseModel):
@@ -139,7 +142,8 @@ class Progress(BaseModel):
 def migration_id_for(workflow_id: str, run_id: str) -> str:
     """A catalog/staging-safe id, unique per run, stable across activity retries."""
     base = re.sub(r"[^A-Za-z0-9_.-]", "_", workflow_id).lstrip("_.-") or "move"
-    return f"{base[:80]}.{run_id[:8]}"
+    # Run ids are UUIDv7: the leading characters are a timestamp, the tail is random.
+    return f"{base[:80]}.{run_id.replace('-', '')[-12:]}"
 
 
 @workflow.defn
@@ -149,6 +153,7 @@ class MigrateChunkWorkflow:
         self._rollback_requested = False
         self._phase_started: dict[str, Any] = {}
         self._phase_seconds: dict[str, float] = {}
+        self._heartbeat = timedelta(seconds=30)
 
     # -- operator surface -------------------------------------------------------------------------
 
@@ -202,7 +207,7 @@ class MigrateChunkWorkflow:
     def _start_stream(self, spec: MoveSpec, direction: Direction) -> asyncio.Task[Any]:
         return workflow.start_activity_method(
             ReplicateActivities.replicate, ReplicateInput(spec=spec, direction=direction),
-            start_to_close_timeout=timedelta(days=30), heartbeat_timeout=timedelta(seconds=30),
+            start_to_close_timeout=timedelta(days=30), heartbeat_timeout=self._heartbeat,
             retry_policy=_FOREVER, cancellation_type=_WAIT,
         )
 
@@ -246,6 +251,7 @@ class MigrateChunkWorkflow:
         self._progress.migration_id = mid
         self._progress.target = inp.target
         self._cancel_pending = False
+        self._heartbeat = timedelta(seconds=inp.heartbeat_timeout_s)
         workflow.upsert_search_attributes([
             SA_KIND.value_set(inp.kind.value), SA_COLLECTION.value_set(inp.collection),
             SA_CHUNK.value_set(str(inp.chunk_id)), SA_TARGET.value_set(inp.target),
@@ -286,12 +292,12 @@ class MigrateChunkWorkflow:
             await self._phase(spec, MigrationPhase.SNAPSHOT)
             snap = workflow.start_activity_method(
                 SnapshotActivities.snapshot, SnapshotInput(spec=spec, part_rows=inp.part_rows),
-                start_to_close_timeout=timedelta(days=1), heartbeat_timeout=timedelta(seconds=30),
+                start_to_close_timeout=timedelta(days=1), heartbeat_timeout=self._heartbeat,
                 retry_policy=_DATA, cancellation_type=_WAIT,
             )
             imp = workflow.start_activity_method(
                 ImportActivities.bulk_import, ImportInput(spec=spec),
-                start_to_close_timeout=timedelta(days=1), heartbeat_timeout=timedelta(seconds=30),
+                start_to_close_timeout=timedelta(days=1), heartbeat_timeout=self._heartbeat,
                 retry_policy=_DATA, cancellation_type=_WAIT,
             )
             running += [snap, imp]
@@ -331,7 +337,7 @@ class MigrateChunkWorkflow:
                 verified: VerifyResult = await workflow.execute_activity_method(
                     VerifyActivities.verify, VerifyInput(spec=spec, buckets=inp.verify_buckets),
                     start_to_close_timeout=timedelta(hours=6),
-                    heartbeat_timeout=timedelta(seconds=60), retry_policy=_DATA,
+                    heartbeat_timeout=self._heartbeat, retry_policy=_DATA,
                     cancellation_type=_WAIT,
                 )
                 result_kw["verified"] = verified.verified
@@ -401,7 +407,7 @@ class MigrateChunkWorkflow:
             CleanupActivities.cleanup,
             CleanupInput(spec=spec, outcome=outcome, delete_batch=inp.delete_batch,
                          delete_pause_s=inp.delete_pause_s),
-            start_to_close_timeout=timedelta(hours=12), heartbeat_timeout=timedelta(seconds=60),
+            start_to_close_timeout=timedelta(hours=12), heartbeat_timeout=self._heartbeat,
             retry_policy=_DATA,
         )
         await workflow.execute_activity_method(
@@ -423,7 +429,7 @@ class MigrateChunkWorkflow:
         await workflow.execute_activity_method(
             CleanupActivities.cleanup,
             CleanupInput(spec=spec, outcome=MigrationOutcome.ABORTED),
-            start_to_close_timeout=timedelta(hours=12), heartbeat_timeout=timedelta(seconds=60),
+            start_to_close_timeout=timedelta(hours=12), heartbeat_timeout=self._heartbeat,
             retry_policy=_DATA,
         )
         await workflow.execute_activity_method(

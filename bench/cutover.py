@@ -1,0 +1,235 @@
+"""Benchmark of chunk moves under write load: the cutover pause and what clients see.
+
+    python -m bench.cutover --moves 10 --rate 500 [--docs 3000] [--keys 64]
+
+Starts a private two-shard stack in a temporary directory (removed at the end), provisions a
+collection with one chunk per shard, starts a worker in-process on a fresh task queue and a
+load generator writing through the router at ``--rate`` writes/s, all aimed at the moving
+chunk. Then it moves that chunk back and forth between the two shards ``--moves`` times, one
+``MigrateChunkWorkflow`` after the other, under that load. At the end the checker compares
+every acknowledged write with what the shards hold.
+
+Prints ONE JSON object:
+
+* ``moves`` / ``moves_completed``: moves run / moves whose outcome was ``completed``.
+* ``pause_ms_p50`` / ``pause_ms_p99`` / ``pause_ms_max``: the writes' pause per cutover as
+  the workflow measured it (fence freeze to catalog switch).
+* ``client_gap_ms_p50`` / ``client_gap_ms_max``: per move, the longest gap between two
+  successful writes on the chunk as the clients saw it (includes the router's retry and
+  map refresh, and the load's own spacing).
+* ``client_errors``: operations that failed in the client; ``unknown_outcomes``.
+* ``lost_writes``: checker lost + altered + duplicated + resurrected documents.
+* ``move_seconds_p50`` / ``move_seconds_max``: workflow start to result, per move.
+* ``writes_acked``, ``writes_per_s``: acknowledged writes and their rate over the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+COLLECTION = "bench_cutover"
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(q / 100 * (len(s) - 1) + 0.4999))))
+    return round(s[k], 2)
+
+
+async def _worker(settings: Any, client: Any, stop: asyncio.Event, stock: bool) -> None:
+    """The shardshift worker in-process. Unless ``stock``: with a 1 s heartbeat throttle, so
+    a cancelled replication activity learns of it at once (see the module's report)."""
+    from worker import run_worker  # noqa: PLC0415
+
+    if stock:
+        await run_worker(settings, stop=stop, client=client)
+        return
+    from temporalio.worker import Worker  # noqa: PLC0415
+
+    from activities import MoveContext, all_activities  # noqa: PLC0415
+    from catalog import Catalog  # noqa: PLC0415
+    from shards.staging import Staging  # noqa: PLC0415
+    from workflows import ALL_WORKFLOWS  # noqa: PLC0415
+
+    catalog = await Catalog(settings.catalog_dsn, max_size=8).open()
+    ctx = MoveContext(catalog, Staging(settings.staging))
+    try:
+        async with Worker(client, task_queue=settings.temporal.task_queue,
+                          workflows=list(ALL_WORKFLOWS), activities=all_activities(ctx),
+                          max_concurrent_activities=64,
+                          graceful_shutdown_timeout=timedelta(seconds=10),
+                          max_heartbeat_throttle_interval=timedelta(seconds=1),
+                          default_heartbeat_throttle_interval=timedelta(seconds=1)):
+            await stop.wait()
+    finally:
+        await ctx.close()
+        await catalog.close()
+
+
+def _max_gap_ms(times: list[float], lo: float, hi: float) -> float:
+    ts = sorted(t for t in times if lo <= t <= hi)
+    return max((b - a for a, b in zip(ts, ts[1:], strict=False)), default=0.0) * 1000
+
+
+async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys: int,
+              stock_worker: bool) -> dict[str, Any]:
+    from temporalio.client import Client  # noqa: PLC0415
+    from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: PLC0415
+
+    from catalog import Catalog  # noqa: PLC0415
+    from catalog.admin import provision_collection  # noqa: PLC0415
+    from router.catalog_source import CatalogRouteSource  # noqa: PLC0415
+    from router.core import Router  # noqa: PLC0415
+    from settings import RouterSettings, Settings, TemporalSettings  # noqa: PLC0415
+    from workflows import MigrateChunkInput, MigrateChunkWorkflow  # noqa: PLC0415
+    from workload.checker import check, collect_stored  # noqa: PLC0415
+    from workload.demo import (  # noqa: PLC0415
+        close_engines,
+        keys_in,
+        open_engines,
+        register_stack_shards,
+    )
+    from workload.generator import LoadGenerator, WorkloadConfig  # noqa: PLC0415
+
+    settings = Settings(
+        state_dir=state, catalog_dsn=stack.catalog_dsn, staging_url=str(state / "staging"),
+        temporal=TemporalSettings(address=stack.temporal.address, task_queue="bench-cutover"),
+    )
+    catalog = await Catalog(stack.catalog_dsn, max_size=8).open()
+    await catalog.ensure_schema()
+    shards = await register_stack_shards(catalog, stack)
+    engines = await open_engines(shards)
+    stop = asyncio.Event()
+    worker_task: asyncio.Task[None] | None = None
+    try:
+        cmap = await provision_collection(catalog, engines, COLLECTION, "acct",
+                                          chunks_per_shard=1)
+        chunk = cmap.chunks[0]
+        names = [s.shard_id for s in shards]
+        chunk_keys = keys_in(chunk.range, keys)
+        client = await Client.connect(stack.temporal.address,
+                                      data_converter=pydantic_data_converter)
+        worker_task = asyncio.create_task(_worker(settings, client, stop, stock_worker))
+        router_settings = RouterSettings(retry_deadline_s=5.0, pool_max_size=8)
+        async with Router(CatalogRouteSource(catalog), router_settings) as router:
+            await asyncio.gather(*(
+                router.insert(COLLECTION, {"_id": f"seed-{i}", "acct": chunk_keys[i % keys],
+                                           "v": 0, "pad": "s" * 200})
+                for i in range(docs)
+            ))
+            load = LoadGenerator(router, WorkloadConfig(
+                collection=COLLECTION, rate=rate, workers=16, only_keys=chunk_keys,
+                mix={"insert": 0.35, "replace": 0.25, "inc": 0.3, "delete": 0.1},
+            ))
+            t_load = time.monotonic()
+            await load.start()
+            await asyncio.sleep(1.0)
+            results: list[Any] = []
+            windows: list[tuple[float, float]] = []
+            try:
+                for i in range(moves):
+                    current = (await catalog.chunk(COLLECTION, chunk.chunk_id)).shard_id
+                    target = next(s for s in names if s != current)
+                    t0 = time.monotonic()
+                    res = await client.execute_workflow(
+                        MigrateChunkWorkflow.run,
+                        MigrateChunkInput(collection=COLLECTION, chunk_id=chunk.chunk_id,
+                                          target=target, poll_s=0.2, cutover_retry_s=0.2,
+                                          part_rows=1000),
+                        id=f"bench-move-{i}-{int(time.time() * 1000)}",
+                        task_queue=settings.temporal.task_queue,
+                    )
+                    windows.append((t0, time.monotonic()))
+                    results.append(res)
+                    print(f"move {i + 1}/{moves}: {current} -> {target} {res.outcome.value} "
+                          f"pause {res.pause_ms or 0:.1f} ms in {windows[-1][1] - t0:.1f} s",
+                          file=sys.stderr, flush=True)
+                await asyncio.sleep(1.0)
+            finally:
+                await load.stop()
+            t_end = time.monotonic()
+        stored = await collect_stored(engines, COLLECTION)
+        report = check(load.records, stored)
+        seeds_ok = sum(1 for d in stored if d.startswith("seed-")) == docs
+        write_times = [r.finished for r in load.records if r.op != "get" and r.outcome == "ok"]
+        gaps = [_max_gap_ms(write_times, lo, hi) for lo, hi in windows]
+        pauses = [r.pause_ms for r in results if r.pause_ms is not None]
+        secs = [hi - lo for lo, hi in windows]
+        return {
+            "moves": moves,
+            "moves_completed": sum(1 for r in results if r.outcome.value == "completed"),
+            "rate_target_writes_per_s": rate,
+            "pause_ms_p50": _pct(pauses, 50),
+            "pause_ms_p99": _pct(pauses, 99),
+            "pause_ms_max": round(max(pauses), 2) if pauses else None,
+            "client_gap_ms_p50": _pct(gaps, 50),
+            "client_gap_ms_max": round(max(gaps), 2) if gaps else None,
+            "client_errors": report.client_errors,
+            "error_samples": report.error_samples,
+            "unknown_outcomes": report.unknown_outcomes,
+            "lost_writes": len(report.lost) + len(report.altered) + len(report.duplicated)
+            + len(report.resurrected),
+            "preloaded_docs_intact": seeds_ok,
+            "documents_per_move_p50": statistics.median(r.documents for r in results),
+            "move_seconds_p50": _pct(secs, 50),
+            "move_seconds_max": round(max(secs), 2) if secs else None,
+            "writes_acked": report.acknowledged_writes,
+            "writes_per_s": round(report.acknowledged_writes / (t_end - t_load), 1),
+            "worker": "stock" if stock_worker else "heartbeat-throttle-1s",
+        }
+    finally:
+        stop.set()
+        if worker_task is not None:
+            await asyncio.gather(worker_task, return_exceptions=True)
+        await asyncio.gather(*(e.drop_collection(COLLECTION) for e in engines.values()),
+                             return_exceptions=True)
+        await close_engines(engines)
+        await catalog.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--moves", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=500.0, help="writes/s on the moving chunk")
+    parser.add_argument("--docs", type=int, default=3000, help="documents preloaded in the chunk")
+    parser.add_argument("--keys", type=int, default=64, help="shard-key values the load uses")
+    parser.add_argument("--stock-worker", action="store_true",
+                        help="worker.run_worker as is (default heartbeat throttling)")
+    args = parser.parse_args(argv)
+
+    from infra import Stack  # noqa: PLC0415
+    from infra.net import free_port_block  # noqa: PLC0415
+    from settings import InfraSettings  # noqa: PLC0415
+
+    with ExitStack() as es:
+        state = Path(tempfile.mkdtemp(prefix="shardshift-bench-", dir="/tmp"))
+        state.chmod(0o755)
+        es.callback(shutil.rmtree, state, ignore_errors=True)
+        base, temporal = free_port_block(3), free_port_block(2)
+        st = Stack(state, InfraSettings(shards=2, base_port=base, temporal_port=temporal,
+                                        ui_port=temporal + 1, headless=True))
+        es.callback(st.down)
+        st.up()
+        result = asyncio.run(run(st, state, args.moves, args.rate, args.docs, args.keys,
+                                 args.stock_worker))
+    print(json.dumps(result))
+    ok = (result["client_errors"] == 0 and result["lost_writes"] == 0
+          and result["moves_completed"] == result["moves"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
