@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 import pytest
 from bson import Binary, Decimal128, Int64, ObjectId, Regex, Timestamp
 from psycopg import sql
@@ -25,11 +26,17 @@ from shards.codec import decode_document
 from shards.errors import InvalidNameError
 from shards.models import KHASH_END, KHASH_MIN, FenceState, IndexDefinition, KeyRange
 from shards.postgres import PostgresShard
-from shards.postgres.bulk_import import StagedPartError, import_parts
+from shards.postgres.bulk_import import StagedPartError, encode_copy_rows, import_parts
 from shards.postgres.checksum import checksum_range, diff_checksums, recopy_range
 from shards.postgres.documents import encode_for_store
 from shards.postgres.range_delete import DeleteProgress, LiveChunkError, delete_range
-from shards.postgres.snapshot import ExportProgress, export_chunk, read_part
+from shards.postgres.snapshot import (
+    PART_SCHEMA,
+    ExportProgress,
+    _decode_rows,
+    export_chunk,
+    read_part,
+)
 from shards.staging import Staging, StagingError
 from tests.conftest import new_state_dir
 
@@ -271,6 +278,32 @@ async def test_pg15_to_pg18_round_trip_with_equal_checksums(pg15_dsn, pg18_dsns,
     a = checksum_range(src, collection_name, FULL, buckets=8)
     b = checksum_range(dst, collection_name, FULL, buckets=8)
     assert a.count == 50 and a.buckets == b.buckets
+
+
+def test_binary_copy_rows_decode_and_bad_framing_is_refused():
+    """The export's decoder reads exactly the rows the importer's encoder writes (one COPY
+    message per row), and refuses a stream whose rows do not frame as (int8, text, jsonb)."""
+    table = pa.table({"khash": [KHASH_MIN, -1, 0, 2**62], "id": ["a", "", "é😀", TRICKY],
+                      "doc": ["{}", TRICKY, '{"x": "\\N"}', "[" + "1," * 5000 + "1]"]},
+                     schema=PART_SCHEMA)
+    payload = bytes(encode_copy_rows(table.to_batches()[0]))
+    sizes = [23 + len(i.encode()) + len(d.encode())
+             for i, d in zip(table["id"].to_pylist(), table["doc"].to_pylist(), strict=True)]
+    rows, at = [], 0
+    for n in sizes:
+        rows.append(payload[at:at + n])
+        at += n
+    assert _decode_rows(rows, [len(r) for r in rows]).equals(table)
+
+    merged = [rows[0] + rows[1], *rows[2:]]  # two rows in one message
+    with pytest.raises(ValueError, match="malformed"):
+        _decode_rows(merged, [len(r) for r in merged])
+    bad_len = [rows[0][:14] + (10**6).to_bytes(4, "big") + rows[0][18:]]  # id past the row
+    with pytest.raises(ValueError, match="malformed"):
+        _decode_rows(bad_len, [len(bad_len[0])])
+    bad_utf8 = [rows[0][:-1] + b"\xff"]
+    with pytest.raises(pa.ArrowInvalid):
+        _decode_rows(bad_utf8, [len(bad_utf8[0])])
 
 
 # -- range delete --------------------------------------------------------------------------------
