@@ -19,10 +19,14 @@ class ChunkRoute(BaseModel):
     range: KeyRange
     shard_id: str
     token: int
+    _ref: FenceRef | None = PrivateAttr(default=None)
 
     @property
     def ref(self) -> FenceRef:
-        return FenceRef(chunk_id=self.chunk_id, token=self.token)
+        """The fence reference routed operations carry (built once per route)."""
+        if self._ref is None:
+            self._ref = FenceRef(chunk_id=self.chunk_id, token=self.token)
+        return self._ref
 
 
 class CollectionRoute(BaseModel):

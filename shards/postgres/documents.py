@@ -25,8 +25,29 @@ from shards.models import FenceRef
 from shards.names import check_collection, check_field_path
 from shards.postgres.schema import collection_table, field_expr
 
-_FENCE_W = "SELECT shardshift.fence_check(%(c)s, %(k)s, %(t)s, %(h)s, true) AS ok"
-_FENCE_R = "SELECT shardshift.fence_check(%(c)s, %(k)s, %(t)s, %(h)s, false) AS ok"
+# The fence check, inline: a plain SQL CASE on the fence row, so the accepted path costs no
+# function call; ``fence_reject`` (PL/pgSQL) runs only to raise the error when it fails. It
+# must stay VOLATILE so the planner never folds it. Writes read the row through a
+# ``FOR SHARE`` sub-select: under READ COMMITTED a row updated meanwhile (a freeze that
+# committed while we waited for the lock) is re-read at its newest version, so the CASE
+# judges the fence as it is *now*, and the share lock orders this write before any later
+# freeze (see schema.py).
+_FENCE_OK = (
+    "CASE WHEN cf.token = %(t)s::bigint AND cf.state = 'active'"
+    " AND (%(h)s::bigint IS NULL OR (%(h)s::bigint >= cf.lo"
+    " AND (cf.hi IS NULL OR %(h)s::bigint < cf.hi)))"
+    " THEN true ELSE shardshift.fence_reject(%(c)s, %(k)s::bigint, %(t)s::bigint, %(h)s::bigint)"
+    " END AS ok"
+)
+_FENCE_W = (
+    f"SELECT {_FENCE_OK} FROM (SELECT 1) AS one LEFT JOIN ("
+    "SELECT token, state, lo, hi FROM shardshift.chunk_fence"
+    " WHERE collection = %(c)s AND chunk_id = %(k)s::bigint FOR SHARE) AS cf ON true"
+)
+_FENCE_R = (
+    f"SELECT {_FENCE_OK} FROM (SELECT 1) AS one LEFT JOIN shardshift.chunk_fence AS cf"
+    " ON cf.collection = %(c)s AND cf.chunk_id = %(k)s::bigint"
+)
 
 PATCH_OPERATORS = {"$set": "set", "$unset": "unset", "$inc": "inc"}
 _NUMERIC_KEYS = {"$numberInt", "$numberLong", "$numberDouble", "$numberDecimal"}

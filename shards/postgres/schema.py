@@ -82,6 +82,18 @@ BEGIN
 END
 $fn$;
 
+-- Called only when the inline fence check of a routed statement fails: says why, as an error.
+CREATE OR REPLACE FUNCTION shardshift.fence_reject(
+    p_collection text, p_chunk bigint, p_token bigint, p_khash bigint
+) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
+BEGIN
+    PERFORM shardshift.fence_check(p_collection, p_chunk, p_token, p_khash, false);
+    -- The fence changed back between the check and now: still a rejection (retry).
+    RAISE EXCEPTION 'chunk %/% changed during the request', p_collection, p_chunk
+        USING ERRCODE = 'SS001';
+END
+$fn$;
+
 -- Set a value at a path, creating intermediate objects (MongoDB $set semantics).
 CREATE OR REPLACE FUNCTION shardshift.jsonb_set_path(doc jsonb, path text[], value jsonb)
 RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $fn$

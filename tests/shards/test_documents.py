@@ -255,3 +255,52 @@ async def test_invalid_documents_rejected(shard: PostgresShard, coll: str) -> No
     with pytest.raises(InvalidDocumentError):
         await shard.insert(coll, REF, 0, {"_id": 1, "bad": object()})
     assert await shard.count(coll) == 0
+
+
+async def _blocked_by(conn, timeout: float = 10.0) -> None:  # noqa: ANN001
+    """Wait until some backend is blocked by ``conn``'s transaction."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pg_blocking_pids(pid) @> ARRAY[pg_backend_pid()]"
+        )
+        if (await cur.fetchone())[0] >= 1:
+            return
+        assert asyncio.get_running_loop().time() < deadline, "nothing blocked"
+        await asyncio.sleep(0.01)
+
+
+async def test_routed_write_in_flight_commits_before_the_freeze(shard: PostgresShard, coll: str) -> None:
+    """The real insert statement (inline fence, FOR SHARE) holds off a freeze until it commits."""
+    from shards.postgres.documents import DocumentStatements, encode_for_store, fence_params  # noqa: PLC0415
+
+    st = DocumentStatements(coll)
+    h = khash("ivy")
+    id_text, doc_text = encode_for_store({"_id": 1, "user": "ivy"})
+    async with await shard.connect_async() as conn:
+        await conn.execute("BEGIN")
+        await conn.execute(st.insert, fence_params(coll, REF, h) | {"id": id_text, "doc": doc_text})
+        freeze = asyncio.create_task(shard.freeze(coll, 1, 1))
+        await _blocked_by(conn)
+        assert not freeze.done()
+        await conn.execute("COMMIT")
+    fence, _ = await freeze
+    assert fence.state == FenceState.FROZEN
+    assert await shard.count(coll) == 1
+
+
+async def test_write_waiting_on_a_freeze_is_rejected_after_it(shard: PostgresShard, coll: str) -> None:
+    """A write that arrives while a freeze is uncommitted waits, then sees the frozen fence."""
+    h = khash("jack")
+    async with await shard.connect_async() as conn:
+        await conn.execute("BEGIN")
+        await conn.execute(
+            "UPDATE shardshift.chunk_fence SET token = 2, state = 'frozen'"
+            " WHERE collection = %s AND chunk_id = 1", (coll,),
+        )
+        write = asyncio.create_task(shard.insert(coll, REF, h, {"_id": 1, "user": "jack"}))
+        await _blocked_by(conn)
+        await conn.execute("COMMIT")
+    with pytest.raises(FenceRejectedError, match="frozen"):
+        await write
+    assert await shard.count(coll) == 0
