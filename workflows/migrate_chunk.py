@@ -304,7 +304,8 @@ class MigrateChunkWorkflow:
             first = True
             while not (snap.done() and imp.done()):
                 if snap.done():
-                    snap.result()  # raises if the snapshot failed
+                    # Raises if the snapshot failed; else its row count is the exact total.
+                    self._progress.rows_total = snap.result().rows
                     if self._progress.phase == MigrationPhase.SNAPSHOT.value:
                         await self._phase(spec, MigrationPhase.IMPORT)
                 if imp.done():
@@ -314,7 +315,8 @@ class MigrateChunkWorkflow:
                     start_to_close_timeout=timedelta(seconds=60), retry_policy=_QUICK,
                 )
                 if first:
-                    self._progress.rows_total = cp.rows_total
+                    if not snap.done():
+                        self._progress.rows_total = cp.rows_total  # an estimate until then
                     first = False
                 self._progress.rows_copied = cp.rows_imported
                 self._progress.parts_copied = cp.parts_imported
