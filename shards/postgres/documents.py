@@ -40,12 +40,12 @@ _FENCE_OK = (
     " END AS ok"
 )
 _FENCE_W = (
-    "SELECT " + _FENCE_OK + " FROM (SELECT 1) AS one LEFT JOIN ("
+    "SELECT " + _FENCE_OK + " FROM (SELECT 1) AS one LEFT JOIN ("  # noqa: S608 - constants only
     "SELECT token, state, lo, hi FROM shardshift.chunk_fence"
     " WHERE collection = %(c)s AND chunk_id = %(k)s::bigint FOR SHARE) AS cf ON true"
 )
 _FENCE_R = (
-    "SELECT " + _FENCE_OK + " FROM (SELECT 1) AS one LEFT JOIN shardshift.chunk_fence AS cf"
+    "SELECT " + _FENCE_OK + " FROM (SELECT 1) AS one LEFT JOIN shardshift.chunk_fence AS cf"  # noqa: S608
     " ON cf.collection = %(c)s AND cf.chunk_id = %(k)s::bigint"
 )
 
