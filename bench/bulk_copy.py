@@ -40,9 +40,7 @@ import psycopg
 from psycopg import sql
 
 from infra import Stack
-from infra.net import free_port_block
 from router.hashing import khash
-from settings import InfraSettings
 from shards.models import KHASH_END, KHASH_MIN, IndexDefinition, KeyRange
 from shards.postgres import PostgresShard
 from shards.postgres.bulk_import import import_parts
@@ -54,13 +52,11 @@ INDEX = IndexDefinition(name="account", fields=("account",))
 
 
 def private_stack(shards: int) -> tuple[Stack, Path]:
-    """A stack of its own: fresh state directory under /tmp, free ports."""
-    state = Path(tempfile.mkdtemp(prefix="shardshift-bench-", dir="/tmp"))
-    os.chmod(state, 0o755)  # the unprivileged server user must traverse it
-    base, temporal = free_port_block(shards + 1), free_port_block(2)
-    infra = InfraSettings(shards=shards, base_port=base, temporal_port=temporal,
-                          ui_port=temporal + 1, headless=True)
-    stack = Stack(state, infra)
+    """A stack of its own (caller stops it and removes the state directory)."""
+    from infra.private import new_state_dir, private_settings  # noqa: PLC0415
+
+    state = new_state_dir("shardshift-bench-")
+    stack = Stack(state, private_settings(shards))
     stack.up()
     return stack, state
 

@@ -30,13 +30,10 @@ import asyncio
 import json
 import multiprocessing as mp
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -342,18 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dsn_source and args.dsn_target:
             source, target = args.dsn_source, args.dsn_target
         else:
-            from infra import Stack  # noqa: PLC0415
-            from infra.net import free_port_block  # noqa: PLC0415
-            from settings import InfraSettings  # noqa: PLC0415
+            from infra.private import private_stack  # noqa: PLC0415
 
-            state = Path(tempfile.mkdtemp(prefix="shardshift-bench-", dir="/tmp"))
-            state.chmod(0o755)
-            stack.callback(shutil.rmtree, state, ignore_errors=True)
-            base, temporal = free_port_block(3), free_port_block(2)
-            st = Stack(state, InfraSettings(shards=2, base_port=base, temporal_port=temporal,
-                                            ui_port=temporal + 1, headless=True))
-            stack.callback(st.down)
-            st.up()
+            st = stack.enter_context(private_stack(2))
             dsns = list(st.shard_dsns().values())
             source, target = dsns[0], dsns[1]
         result = run(source, target, args.seconds, args.writers, args.rate, args.backlog,

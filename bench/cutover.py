@@ -28,12 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -210,19 +207,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker.run_worker as is (default heartbeat throttling)")
     args = parser.parse_args(argv)
 
-    from infra import Stack  # noqa: PLC0415
-    from infra.net import free_port_block  # noqa: PLC0415
-    from settings import InfraSettings  # noqa: PLC0415
+    from infra.private import private_stack  # noqa: PLC0415
 
-    with ExitStack() as es:
-        state = Path(tempfile.mkdtemp(prefix="shardshift-bench-", dir="/tmp"))
-        state.chmod(0o755)
-        es.callback(shutil.rmtree, state, ignore_errors=True)
-        base, temporal = free_port_block(3), free_port_block(2)
-        st = Stack(state, InfraSettings(shards=2, base_port=base, temporal_port=temporal,
-                                        ui_port=temporal + 1, headless=True))
-        es.callback(st.down)
-        st.up()
+    with private_stack(2) as st:
+        state = st.state_dir
         result = asyncio.run(run(st, state, args.moves, args.rate, args.docs, args.keys,
                                  args.stock_worker))
     print(json.dumps(result))

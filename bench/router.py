@@ -35,17 +35,14 @@ import io
 import json
 import pstats
 import random
-import shutil
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -468,19 +465,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cProfile the routed sequential loop (adds its overhead to it)")
     args = parser.parse_args(argv)
 
-    from infra import Stack  # noqa: PLC0415
-    from infra.net import free_port_block  # noqa: PLC0415
-    from settings import InfraSettings  # noqa: PLC0415
+    from infra.private import private_stack  # noqa: PLC0415
 
-    with ExitStack() as stack:
-        state = Path(tempfile.mkdtemp(prefix="shardshift-bench-", dir="/tmp"))
-        state.chmod(0o755)
-        stack.callback(shutil.rmtree, state, ignore_errors=True)
-        base, temporal = free_port_block(3), free_port_block(2)
-        st = Stack(state, InfraSettings(shards=2, base_port=base, temporal_port=temporal,
-                                        ui_port=temporal + 1, headless=True))
-        stack.callback(st.down)
-        st.up()
+    with private_stack(2) as st:
         shard_dsns = {f"bench-s{i}": dsn for i, dsn in enumerate(st.shard_dsns().values())}
         result = asyncio.run(run(st.catalog_dsn, shard_dsns, args.ops, args.docs,
                                  args.concurrency, args.http_ops or args.ops, args.profile))

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from infra import Stack
-from infra.net import free_port_block
+from infra.private import new_state_dir, private_settings
 from settings import InfraSettings
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -24,24 +23,7 @@ HAS_PG15 = (PG15_BIN / "postgres").exists()
 
 
 def make_stack_settings(shards: int, pg15_shards: int = 0) -> InfraSettings:
-    base = free_port_block(shards + pg15_shards + 1)
-    temporal = free_port_block(2)
-    return InfraSettings(
-        shards=shards,
-        pg15_shards=pg15_shards,
-        base_port=base,
-        temporal_port=temporal,
-        ui_port=temporal + 1,
-        headless=True,
-    )
-
-
-def new_state_dir(prefix: str) -> Path:
-    # /tmp rather than pytest's tmp_path: the unprivileged PostgreSQL user must traverse it,
-    # and unix-socket-free TCP keeps long paths harmless.
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    os.chmod(path, 0o755)
-    return path
+    return private_settings(shards, pg15_shards)
 
 
 def reap_abandoned_stacks() -> None:
