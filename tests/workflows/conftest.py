@@ -4,9 +4,10 @@ fresh task queue per test, plus the router fixtures (a provisioned collection)."
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -25,13 +26,18 @@ async def temporal_client(stack: Stack) -> Client:
 
 
 @pytest.fixture
-def worker_settings(stack: Stack) -> Settings:
+def worker_settings(stack: Stack) -> Iterator[Settings]:
+    """Settings of a test's workers: the session stack, a fresh task queue and staging dir
+    (removed after the test)."""
     staging = tempfile.mkdtemp(prefix="shardshift-staging-")
-    return Settings(
-        catalog_dsn=stack.catalog_dsn, staging_url=staging,
-        temporal=TemporalSettings(address=stack.temporal.address,
-                                  task_queue=f"test-{uuid.uuid4().hex[:8]}"),
-    )
+    try:
+        yield Settings(
+            catalog_dsn=stack.catalog_dsn, staging_url=staging,
+            temporal=TemporalSettings(address=stack.temporal.address,
+                                      task_queue=f"test-{uuid.uuid4().hex[:8]}"),
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass
@@ -51,8 +57,6 @@ class WorkerHandle:
 
 @pytest.fixture
 async def worker(worker_settings: Settings, temporal_client: Client) -> AsyncIterator[WorkerHandle]:
-    import shutil  # noqa: PLC0415
-
     stop = asyncio.Event()
     task = asyncio.create_task(run_worker(worker_settings, stop=stop, client=temporal_client))
     handle = WorkerHandle(worker_settings, task, stop)
@@ -61,4 +65,3 @@ async def worker(worker_settings: Settings, temporal_client: Client) -> AsyncIte
     finally:
         if not task.done():
             await handle.shutdown()
-        shutil.rmtree(worker_settings.staging, ignore_errors=True)
