@@ -19,6 +19,7 @@ from activities.context import MoveContext
 from activities.models import CleanupInput, CleanupResult, DeleteCheckpoint, MoveSpec
 from catalog.models import MigrationOutcome
 from shards.models import FenceState
+from shards.postgres.bulk_import import forget_parts
 from shards.postgres.range_delete import DeleteProgress, delete_range
 from shards.postgres.replication import cleanup_stream_objects
 
@@ -57,7 +58,9 @@ class CleanupActivities:
         if inp.outcome != MigrationOutcome.COMPLETED:
             # The target never owned the chunk for good: forget its fence entirely.
             await loser_engine.drop_fence(c, k)
+        target_dsn = await self.ctx.dsn(spec.target)
         await self.ctx.run_blocking(lambda _stop: self.ctx.staging.remove(spec.migration_id))
+        await self.ctx.run_blocking(lambda _stop: forget_parts(target_dsn, spec.migration_id))
         return CleanupResult(rows_deleted=deleted, **dropped)
 
     async def _drop_streams(self, spec: MoveSpec) -> dict[str, int]:

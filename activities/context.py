@@ -45,7 +45,7 @@ class MoveContext:
             engine = self._engines.get(shard_id)
             if engine is None:
                 info = await self.catalog.shard(shard_id)
-                engine = await PostgresShard(shard_id, info.address, max_size=4).open()
+                engine = await PostgresShard(shard_id, info.address, max_size=4, check=True).open()
                 self._engines[shard_id] = engine
             return engine
 

@@ -29,7 +29,9 @@ No Temporal round trip happens inside the pause: steps 3 to 6 run in this one ac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import psycopg
@@ -127,15 +129,42 @@ class CutoverActivities:
         run = _Run(inp, old, new, spec.token if forward else spec.token + 1, plan(inp))
         if inp.dry_run:
             return CutoverResult(committed=False, steps=run.steps, reason="dry run")
-        recovered = await self._recover(run)
-        if recovered is not None:
-            return recovered
+        async with self._exclusive(run):
+            recovered = await self._recover(run)
+            if recovered is not None:
+                return recovered
+            try:
+                return await self._attempt(run)
+            except CatalogError as exc:
+                if exc.retryable:
+                    raise
+                raise non_retryable(exc, "cutover") from exc
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, run: _Run) -> AsyncIterator[None]:
+        """One attempt of this cutover at a time, even across workers.
+
+        A retried attempt (the previous one's heartbeat timed out) must never run while the
+        previous one is still alive: its recovery could unfreeze a source the other is about
+        to switch away from. A session advisory lock on the old owner, keyed by the migration,
+        serializes them; a crashed worker's connection closes and frees the lock at once.
+        """
+        dsn = await self.ctx.dsn(run.old)
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        key = f"shardshift-cutover:{run.spec.migration_id}"
         try:
-            return await self._attempt(run)
-        except CatalogError as exc:
-            if exc.retryable:
-                raise
-            raise non_retryable(exc, "cutover") from exc
+            while True:
+                cur = await conn.execute(
+                    "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
+                )
+                row = await cur.fetchone()
+                if row and row[0]:
+                    break
+                activity.heartbeat("waiting for a previous cutover attempt to end")
+                await asyncio.sleep(0.1)
+            yield
+        finally:
+            await conn.close()  # releases the session lock
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -156,7 +185,8 @@ class CutoverActivities:
 
         # 1. admit
         t0 = time.perf_counter()
-        lag = await asyncio.to_thread(measure_lag, old_dsn, new_dsn, names)
+        lag = await self.ctx.run_blocking(lambda _s: measure_lag(old_dsn, new_dsn, names),
+                                          interval=0.5)
         done("admit", t0)
         if lag.caught_up_lsn is None or lag.lag_bytes > inp.max_lag_bytes:
             return result(committed=False,
@@ -165,11 +195,13 @@ class CutoverActivities:
         # 2. reverse stream (forward only), outside the pause
         if "create_reverse_stream" in steps:
             t0 = time.perf_counter()
-            await asyncio.to_thread(_ensure_reverse_stream, new_dsn, spec)
+            await self.ctx.run_blocking(lambda _s: _ensure_reverse_stream(new_dsn, spec),
+                                        interval=0.5)
             done("create_reverse_stream", t0)
 
         # 3. freeze: the pause starts
         before = await asyncio.to_thread(_current_lsn, old_dsn)
+        activity.heartbeat("freezing")
         pause_start = t0 = time.perf_counter()
         fence, _ = await old_engine.freeze(spec.collection, spec.chunk_id, run.old_token)
         done("freeze_old", t0)
@@ -178,9 +210,11 @@ class CutoverActivities:
             # 4. catch-up through the freeze marker
             t0 = time.perf_counter()
             try:
-                await asyncio.to_thread(
-                    wait_for_fence, new_dsn, names, token=fence.token, state="frozen",
-                    after_lsn=before, timeout=inp.catchup_timeout_s, interval=0.002,
+                await self.ctx.run_blocking(
+                    lambda _s: wait_for_fence(new_dsn, names, token=fence.token, state="frozen",
+                                              after_lsn=before, timeout=inp.catchup_timeout_s,
+                                              interval=0.002),
+                    interval=0.5,
                 )
             except TimeoutError:
                 await self._undo(run, activated=False)

@@ -68,6 +68,8 @@ _QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=tim
                      maximum_attempts=20)
 _DATA = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30),
                     maximum_attempts=50)
+_SHORT = timedelta(seconds=10)
+"""Start-to-close of quick activities: a dead worker's call is retried elsewhere this soon."""
 _WAIT = ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
 _FOREVER = RetryPolicy(initial_interval=timedelta(seconds=1),
                        maximum_interval=timedelta(seconds=15))
@@ -98,6 +100,9 @@ class MigrateChunkInput(BaseModel):
     delete_batch: int = Field(default=5_000, ge=1)
     delete_pause_s: float = Field(default=0.0, ge=0)
     dry_run: bool = False
+    cutover_heartbeat_s: float = Field(default=2.0, gt=0)
+    """Heartbeat timeout of the cutover activity: bounds how long a crashed worker can leave
+    the source frozen (plus the retry's recovery)."""
     heartbeat_timeout_s: float = Field(default=30.0, gt=0)
     """Heartbeat timeout of the long-running activities (snapshot, import, replicate, verify,
     cleanup): how soon a crashed worker's activity is retried elsewhere."""
@@ -190,7 +195,7 @@ class MigrateChunkWorkflow:
         mid = spec_or_id if isinstance(spec_or_id, str) else spec_or_id.migration_id
         await workflow.execute_activity_method(
             CatalogActivities.set_phase, PhaseInput(migration_id=mid, phase=phase),
-            start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
+            start_to_close_timeout=_SHORT, retry_policy=_QUICK,
         )
 
     @staticmethod
@@ -218,7 +223,13 @@ class MigrateChunkWorkflow:
             CutoverActivities.cutover,
             CutoverInput(spec=spec, direction=direction, max_lag_bytes=inp.max_lag_bytes,
                          catchup_timeout_s=inp.catchup_timeout_s),
-            start_to_close_timeout=timedelta(seconds=60), retry_policy=_QUICK,
+            # A worker that dies inside the pause leaves the source frozen: a short heartbeat
+            # timeout gets the retry (whose first step undoes or finishes the switch) going
+            # within seconds, inside the router's retry deadline.
+            start_to_close_timeout=timedelta(seconds=inp.catchup_timeout_s + 30),
+            heartbeat_timeout=timedelta(seconds=inp.cutover_heartbeat_s),
+            retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=200),
+                                     maximum_interval=timedelta(seconds=5), maximum_attempts=20),
         )
         try:
             return await asyncio.shield(handle)
@@ -234,7 +245,7 @@ class MigrateChunkWorkflow:
                 stream.result()  # surfaces a failed applier
             lag = await workflow.execute_activity_method(
                 ReplicateActivities.lag, LagInput(spec=spec, direction=direction),
-                start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
+                start_to_close_timeout=_SHORT, retry_policy=_QUICK,
             )
             self._progress.lag_bytes = lag.lag_bytes if lag.streaming else None
             self._progress.lag_s = lag.lag_s
@@ -263,7 +274,7 @@ class MigrateChunkWorkflow:
                 PlanInput(migration_id=mid, collection=inp.collection, chunk_id=inp.chunk_id,
                           target=inp.target, max_lag_bytes=inp.max_lag_bytes,
                           catchup_timeout_s=inp.catchup_timeout_s),
-                start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
+                start_to_close_timeout=_SHORT, retry_policy=_QUICK,
             )
             self._progress.phase = "dry_run"
             return MigrateChunkResult(migration_id=mid, outcome=MigrationOutcome.ABORTED,
@@ -312,7 +323,7 @@ class MigrateChunkWorkflow:
                     imp.result()
                 cp = await workflow.execute_activity_method(
                     ImportActivities.copy_progress, CopyProgressInput(spec=spec, count_source=first),
-                    start_to_close_timeout=timedelta(seconds=60), retry_policy=_QUICK,
+                    start_to_close_timeout=_SHORT, retry_policy=_QUICK,
                 )
                 if first:
                     if not snap.done():
@@ -414,7 +425,7 @@ class MigrateChunkWorkflow:
         )
         await workflow.execute_activity_method(
             CatalogActivities.finish, FinishInput(spec=spec, outcome=outcome),
-            start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
+            start_to_close_timeout=_SHORT, retry_policy=_QUICK,
         )
         await self._phase(spec, MigrationPhase.DONE)
         self._progress.outcome = outcome.value
@@ -437,7 +448,7 @@ class MigrateChunkWorkflow:
         await workflow.execute_activity_method(
             CatalogActivities.finish,
             FinishInput(spec=spec, outcome=MigrationOutcome.ABORTED, detail=detail[:500]),
-            start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
+            start_to_close_timeout=_SHORT, retry_policy=_QUICK,
         )
         workflow.upsert_search_attributes([SA_PHASE.value_set("aborted")])
         self._progress.phase = "aborted"

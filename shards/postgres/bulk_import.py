@@ -137,6 +137,14 @@ def copy_from_sql(collection: str) -> sql.Composed:
 # -- import -----------------------------------------------------------------------------------
 
 
+def forget_parts(dsn: str, migration_id: str) -> int:
+    """Delete a finished (or abandoned) migration's import-progress rows; returns how many."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute("DELETE FROM shardshift.import_parts WHERE migration_id = %s",
+                           (migration_id,))
+        return cur.rowcount
+
+
 def done_parts(conn: psycopg.Connection, migration_id: str) -> dict[int, int]:
     """Parts of a migration already imported on a target: part -> rows."""
     rows = conn.execute(

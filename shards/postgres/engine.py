@@ -36,7 +36,15 @@ class PostgresShard:
 
     engine = "postgres"
 
-    def __init__(self, shard_id: str, dsn: str, *, min_size: int = 1, max_size: int = 8) -> None:
+    def __init__(
+        self, shard_id: str, dsn: str, *, min_size: int = 1, max_size: int = 8,
+        check: bool = False,
+    ) -> None:
+        """Args:
+            check: test each pooled connection before use (one extra round trip). Worth it
+                for control-plane callers that must survive a shard restart cleanly; the
+                router leaves it off (its latency matters, and it retries what is safe).
+        """
         self.shard_id = shard_id
         self.dsn = dsn
         self._pool = AsyncConnectionPool(
@@ -46,6 +54,7 @@ class PostgresShard:
             open=False,
             kwargs={"autocommit": True},
             name=f"shard-{shard_id}",
+            check=AsyncConnectionPool.check_connection if check else None,
         )
         self._statements: dict[str, D.DocumentStatements] = {}
         self._find_sql: dict[tuple[str, str, str], sql.Composed] = {}
