@@ -308,6 +308,9 @@ class Catalog:
     async def ensure_schema(self) -> None:
         """Create the catalog schema if it does not exist (idempotent, safe to race)."""
         async with self._pool.connection() as conn, conn.transaction():
+            # READ COMMITTED: a serializable snapshot taken before the lock is granted would
+            # fail against any catalog change committed while waiting for it.
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
             await conn.execute(DDL)
 

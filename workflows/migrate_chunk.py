@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -199,6 +200,14 @@ class MigrateChunkWorkflow:
         )
 
     @staticmethod
+    def _raise_if_cancelled() -> None:
+        """Before the commit point a cancel must abort, even one whose CancelledError never
+        surfaced (an activity that completed just as its cancellation was requested hands
+        the workflow its result instead)."""
+        if workflow.cancellation_reason() is not None:
+            raise asyncio.CancelledError()
+
+    @staticmethod
     async def _stop(handle: asyncio.Task[Any] | None) -> None:
         """Cancel a long-running activity and wait until it has stopped."""
         if handle is None or handle.done():
@@ -340,11 +349,13 @@ class MigrateChunkWorkflow:
             result_kw["documents"] = snapshot_result.rows
 
             # -- replicate until caught up -------------------------------------------------------
+            self._raise_if_cancelled()
             await self._phase(spec, MigrationPhase.REPLICATE)
             streams[Direction.FORWARD] = self._start_stream(spec, Direction.FORWARD)
             await self._wait_lag(inp, spec, Direction.FORWARD, streams[Direction.FORWARD])
 
             # -- verify --------------------------------------------------------------------------
+            self._raise_if_cancelled()
             if inp.verify:
                 await self._phase(spec, MigrationPhase.VERIFY)
                 verified: VerifyResult = await workflow.execute_activity_method(
@@ -361,7 +372,9 @@ class MigrateChunkWorkflow:
             cut: CutoverResult | None = None
             for attempt in range(1, inp.cutover_attempts + 1):
                 self._progress.cutover_attempts = attempt
+                self._raise_if_cancelled()
                 await self._wait_lag(inp, spec, Direction.FORWARD, streams[Direction.FORWARD])
+                self._raise_if_cancelled()
                 cut = await self._cutover(inp, spec, Direction.FORWARD)
                 if cut.committed or self._cancel_pending:
                     break
@@ -388,10 +401,11 @@ class MigrateChunkWorkflow:
             raise
 
         # -- after the commit point: the move is done whatever happens -------------------------
-        await self._stop(streams[Direction.FORWARD])
+        # A cancel from here on finishes the move: every await is made immune to it.
+        await self._steady(lambda: self._stop(streams[Direction.FORWARD]))
         outcome = MigrationOutcome.COMPLETED
         if inp.rollback_window_s > 0 and not self._cancel_pending:
-            await self._phase(spec, MigrationPhase.ROLLBACK_WINDOW)
+            await self._steady(lambda: self._phase(spec, MigrationPhase.ROLLBACK_WINDOW))
             streams[Direction.REVERSE] = self._start_stream(spec, Direction.REVERSE)
             self._progress.rollback_open = True
             try:
@@ -402,37 +416,54 @@ class MigrateChunkWorkflow:
             except asyncio.CancelledError:
                 self._cancel_pending = True
             self._progress.rollback_open = False
-            if self._rollback_requested and not self._cancel_pending:
-                back: CutoverResult | None = None
-                for _ in range(inp.cutover_attempts):
-                    await self._wait_lag(inp, spec, Direction.REVERSE, streams[Direction.REVERSE])
-                    back = await self._cutover(inp, spec, Direction.REVERSE)
-                    if back.committed:
-                        break
-                    await workflow.sleep(inp.cutover_retry_s)
-                if back is not None and back.committed:
-                    outcome = MigrationOutcome.ROLLED_BACK
-                    result_kw["rollback_pause_ms"] = back.pause_ms
-            await self._stop(streams[Direction.REVERSE])
+            try:
+                if self._rollback_requested and not self._cancel_pending:
+                    back = await self._roll_back(inp, spec, streams[Direction.REVERSE])
+                    if back is not None and back.committed:
+                        outcome = MigrationOutcome.ROLLED_BACK
+                        result_kw["rollback_pause_ms"] = back.pause_ms
+            except asyncio.CancelledError:
+                self._cancel_pending = True  # stop trying to roll back; finish the move
+            await self._steady(lambda: self._stop(streams[Direction.REVERSE]))
 
-        await self._phase(spec, MigrationPhase.CLEANUP)
-        await workflow.execute_activity_method(
+        await self._steady(lambda: self._phase(spec, MigrationPhase.CLEANUP))
+        await self._steady(lambda: workflow.execute_activity_method(
             CleanupActivities.cleanup,
             CleanupInput(spec=spec, outcome=outcome, delete_batch=inp.delete_batch,
                          delete_pause_s=inp.delete_pause_s),
             start_to_close_timeout=timedelta(hours=12), heartbeat_timeout=self._heartbeat,
-            retry_policy=_DATA,
-        )
-        await workflow.execute_activity_method(
+            retry_policy=_DATA, cancellation_type=_WAIT,
+        ))
+        await self._steady(lambda: workflow.execute_activity_method(
             CatalogActivities.finish, FinishInput(spec=spec, outcome=outcome),
             start_to_close_timeout=_SHORT, retry_policy=_QUICK,
-        )
+        ))
         await self._phase(spec, MigrationPhase.DONE)
         self._progress.outcome = outcome.value
         return MigrateChunkResult(
             migration_id=mid, outcome=outcome, source=spec.source, target=spec.target,
             phase_seconds=dict(self._phase_seconds), **result_kw,
         )
+
+    async def _roll_back(self, inp: MigrateChunkInput, spec: MoveSpec,
+                         stream: asyncio.Task[Any] | None) -> CutoverResult | None:
+        back: CutoverResult | None = None
+        for _ in range(inp.cutover_attempts):
+            assert stream is not None
+            await self._wait_lag(inp, spec, Direction.REVERSE, stream)
+            back = await self._cutover(inp, spec, Direction.REVERSE)
+            if back.committed:
+                break
+            await workflow.sleep(inp.cutover_retry_s)
+        return back
+
+    async def _steady(self, make: Callable[[], Awaitable[Any]]) -> Any:
+        """Await ``make()`` to its end; a cancel meanwhile is remembered, not obeyed."""
+        while True:
+            try:
+                return await make()
+            except asyncio.CancelledError:
+                self._cancel_pending = True
 
     async def _abort(self, spec: MoveSpec, exc: BaseException) -> None:
         """Before the commit point: undo everything, then record the outcome."""
