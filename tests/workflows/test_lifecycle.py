@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -148,6 +149,12 @@ def stream_objects(dsns: list[str], prefix: str = NAME_PREFIX) -> list[str]:
     return out
 
 
+def prefix_of(d: Deployment, kind: str = "lc") -> str:
+    """Name prefix of every replication object of this test's moves (workflow ids start with
+    ``<kind>-<collection>``), so one test's leftovers never fail another test."""
+    return "ss_" + re.sub(r"[^a-z0-9_]", "_", f"{kind}-{d.collection}".lower())[:32]
+
+
 def dsns(d: Deployment) -> list[str]:
     return [s.dsn for s in d.shards.values()]
 
@@ -236,7 +243,7 @@ async def test_move_empty_chunk(deployment: Deployment, lc_worker: WorkerHandle,
     assert (chunk.shard_id, chunk.token) == (target, moving.token + 1)
     fence = await deployment.shards[target].fence(c, moving.chunk_id)
     assert fence is not None and (fence.state, fence.token) == (FenceState.ACTIVE, moving.token + 1)
-    assert stream_objects(dsns(deployment)) == []
+    assert stream_objects(dsns(deployment), prefix_of(deployment)) == []
     assert await deployment.catalog.leases(migration_id=result.migration_id) == []
     record = await deployment.catalog.migration(result.migration_id)
     assert record.outcome == MigrationOutcome.COMPLETED
@@ -290,7 +297,7 @@ async def test_rollback_under_load(deployment: Deployment, lc_worker: WorkerHand
     assert report.ok, report
     assert await deployment.shards[target].count(c, moving.range) == 0
     assert await deployment.shards[target].fence(c, moving.chunk_id) is None
-    assert stream_objects(dsns(deployment)) == []
+    assert stream_objects(dsns(deployment), prefix_of(deployment)) == []
     assert await deployment.catalog.leases(migration_id=result.migration_id) == []
     # After the window (here: the workflow has finished) the server refuses the update.
     with pytest.raises(RPCError, match="already completed"):
@@ -347,7 +354,7 @@ async def test_cancel_before_commit(phase: str, deployment: Deployment, lc_worke
     assert await unfinished_activities(handle) == []
     await assert_untouched(deployment, moving, target)
     assert stream_objects(dsns(deployment), migration_prefix(mid)) == []
-    assert stream_objects(dsns(deployment)) == []
+    assert stream_objects(dsns(deployment), prefix_of(deployment)) == []
     record = await deployment.catalog.migration(mid)
     assert record.outcome == MigrationOutcome.ABORTED, record
     assert await deployment.catalog.leases(migration_id=mid) == []
@@ -364,7 +371,7 @@ async def test_cancel_before_commit(phase: str, deployment: Deployment, lc_worke
     assert staging.parts(mid) == [], "staged parts written after the abort's cleanup"
     assert await deployment.shards[target].count(c, moving.range) == 0
     assert await deployment.shards[target].fence(c, moving.chunk_id) is None
-    assert stream_objects(dsns(deployment)) == []
+    assert stream_objects(dsns(deployment), prefix_of(deployment)) == []
 
 
 # -- 4. cancel after the commit point ------------------------------------------------------------
@@ -387,7 +394,7 @@ async def test_cancel_in_rollback_window_completes(deployment: Deployment, lc_wo
     assert (chunk.shard_id, chunk.token) == (target, moving.token + 1)
     assert await deployment.shards[source].count(c, moving.range) == 0
     assert await deployment.shards[target].count(c, moving.range) == 500
-    assert stream_objects(dsns(deployment)) == []
+    assert stream_objects(dsns(deployment), prefix_of(deployment)) == []
     assert await deployment.catalog.leases(migration_id=result.migration_id) == []
     assert (await deployment.catalog.migration(result.migration_id)).outcome == \
         MigrationOutcome.COMPLETED
@@ -423,7 +430,7 @@ async def test_two_chunks_at_once_same_chunk_refused(deployment: Deployment,
     assert (await deployment.catalog.chunk(c, b.chunk_id)).shard_id == tb
     assert await deployment.shards[ta].count(c, a.range) == 300
     assert await deployment.shards[tb].count(c, b.range) == 300
-    assert stream_objects(dsns(deployment)) == []
+    assert stream_objects(dsns(deployment), prefix_of(deployment)) == []
     assert await deployment.catalog.migrations(collection=c, active_only=True) == []
 
 
@@ -448,7 +455,7 @@ async def test_dry_run_changes_nothing(deployment: Deployment, lc_worker: Worker
     await assert_untouched(deployment, moving, target)
     assert {s: await e.fences(c) for s, e in deployment.shards.items()} == fences_before
     assert await deployment.catalog.migrations(collection=c) == []
-    assert stream_objects(dsns(deployment)) == []
+    assert stream_objects(dsns(deployment), prefix_of(deployment)) == []
 
 
 # -- 7. bad input ---------------------------------------------------------------------------------

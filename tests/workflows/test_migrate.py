@@ -13,6 +13,7 @@ from catalog.models import MigrationOutcome
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.hashing import khash
+from shards.postgres.replication import migration_prefix
 from tests.router.conftest import Deployment, router_settings
 from tests.workflows.conftest import WorkerHandle
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
@@ -33,11 +34,15 @@ async def wait_for(predicate, timeout: float = 30.0) -> None:  # noqa: ANN001
         await asyncio.sleep(0.02)
 
 
-def slots_left(dsns: list[str]) -> list[str]:
+def slots_left(dsns: list[str], migration_id: str) -> list[str]:
+    """Replication slots a migration left behind (scoped, so tests stay independent)."""
+    prefix = migration_prefix(migration_id)
     out = []
     for dsn in dsns:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            out += [r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots")]
+            out += [r[0] for r in conn.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE starts_with(slot_name::text, %s)",
+                (prefix,))]
     return out
 
 
@@ -74,4 +79,4 @@ async def test_move_under_load(deployment: Deployment, worker: WorkerHandle,
     assert report.ok, report
     # The source's copy is gone and nothing of the move is left behind.
     assert await deployment.shards[moving.shard_id].count(c, moving.range) == 0
-    assert slots_left([s.dsn for s in deployment.shards.values()]) == []
+    assert slots_left([s.dsn for s in deployment.shards.values()], result.migration_id) == []
