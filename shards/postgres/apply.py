@@ -66,6 +66,7 @@ Control surface (other processes, through the target)
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -125,6 +126,9 @@ CREATE TABLE IF NOT EXISTS shardshift.stream_markers (
 """
 
 _DDL_LOCK = 0x5348_4152_4453_4846  # the engine's schema DDL lock (engine._DDL_LOCK)
+
+
+log = logging.getLogger(__name__)
 
 
 class ApplyError(Exception):
@@ -337,12 +341,22 @@ class ChangeApplier:
                 " WHERE stream = %s", (name,),
             ).fetchone()
             assert state is not None
-            if state[0] and lsn_from_str(state[0]) != progress:
-                # Both are written by the same transactions; a mismatch means someone else
-                # wrote under this origin or edited the row. Refuse rather than guess.
+            if state[0] and lsn_from_str(state[0]) > progress:
+                # The state row claims more than the origin, which commits with the data:
+                # the origin was dropped or reset behind our back. Refuse rather than guess.
                 raise ApplyError(
-                    f"stream {name}: origin progress {lsn_to_str(progress)} disagrees with "
+                    f"stream {name}: origin progress {lsn_to_str(progress)} is behind "
                     f"stream_state.applied_lsn {state[0]}"
+                )
+            if state[0] and lsn_from_str(state[0]) < progress:
+                # The origin is the truth for exactly-once (it commits atomically with the
+                # rows); the status row is only a report. Seen once after a SIGKILLed
+                # applier under heavy load; repair the report and resume from the origin.
+                log.warning("stream %s: stream_state.applied_lsn %s behind origin progress %s;"
+                            " resuming from the origin", name, state[0], lsn_to_str(progress))
+                conn.execute(
+                    "UPDATE shardshift.stream_state SET applied_lsn = %s::pg_lsn WHERE stream = %s",
+                    (lsn_to_str(progress), name),
                 )
             conn.execute("SELECT set_config('application_name', %s, false)",
                          (f"shardshift-apply {name}"[:63],))
