@@ -318,4 +318,4 @@ def _ensure_reverse_stream(new_dsn: str, spec: MoveSpec) -> None:
         ).fetchone()
     if not exists:
         with repl.create_slot(new_dsn, names, export_snapshot=False):
-            pass
+            pass  # only the slot is wanted: it outlives the context (no snapshot to use)

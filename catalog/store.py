@@ -329,7 +329,7 @@ class Catalog:
                     async with conn.cursor() as cur:
                         return await body(cur)
             except _RETRY_ON:
-                pass
+                pass  # serialization failure or deadlock: run the transaction again
             except errors.UniqueViolation as exc:
                 if exc.diag.constraint_name not in _RACE_CONSTRAINTS:
                     raise

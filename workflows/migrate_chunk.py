@@ -216,7 +216,7 @@ class MigrateChunkWorkflow:
         try:
             await handle
         except (asyncio.CancelledError, ActivityError, CancelledError):
-            pass
+            pass  # the cancellation we asked for (or a failure): either way it has stopped
 
     def _start_stream(self, spec: MoveSpec, direction: Direction) -> asyncio.Task[Any]:
         return workflow.start_activity_method(
@@ -412,7 +412,7 @@ class MigrateChunkWorkflow:
                 await workflow.wait_condition(lambda: self._rollback_requested,
                                               timeout=timedelta(seconds=inp.rollback_window_s))
             except TimeoutError:
-                pass
+                pass  # the window closed without a rollback request: keep the move
             except asyncio.CancelledError:
                 self._cancel_pending = True
             self._progress.rollback_open = False
