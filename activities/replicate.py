@@ -13,7 +13,7 @@ import threading
 
 from temporalio import activity
 
-from activities.context import MoveContext
+from activities.context import MoveContext, non_retryable
 from activities.models import (
     Direction,
     LagInput,
@@ -23,8 +23,15 @@ from activities.models import (
     ReplicateInput,
     ReplicateResult,
 )
-from shards.postgres.apply import ChangeApplier, StreamSpec, measure_lag, read_state
+from shards.postgres.apply import (
+    ChangeApplier,
+    StreamSpec,
+    StreamStateError,
+    measure_lag,
+    read_state,
+)
 from shards.postgres.pgoutput import lsn_to_str
+from shards.postgres.replication import SlotMissingError
 
 
 def stream_spec(spec: MoveSpec, direction: Direction) -> StreamSpec:
@@ -57,7 +64,13 @@ class ReplicateActivities:
             )
 
         def work(stop: threading.Event) -> ReplicateResult:
-            stats = applier.run(stop)
+            try:
+                stats = applier.run(stop)
+            except (StreamStateError, SlotMissingError) as exc:
+                # Retrying cannot bring back a dropped slot or a contradicted origin: fail
+                # the activity for good, so the workflow aborts the move instead of waiting
+                # on an applier that retries forever.
+                raise non_retryable(exc, f"{inp.direction.value} stream") from exc
             return ReplicateResult(applied_txns=stats.applied_txns,
                                    applied_changes=stats.applied_changes,
                                    applied_lsn=lsn_to_str(applier.applied_lsn))

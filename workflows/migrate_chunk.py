@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, FailureError
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
@@ -143,6 +143,18 @@ class Progress(BaseModel):
     cutover_attempts: int = 0
     rollback_open: bool = False
     outcome: str | None = None
+    detail: str | None = None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What a person needs from a failure chain: the innermost cause's type and message
+    (an ``ActivityError`` only says "Activity task failed")."""
+    cur: BaseException = exc
+    while isinstance(cur, FailureError) and cur.cause is not None:
+        cur = cur.cause
+    kind = cur.type if isinstance(cur, ApplicationError) and cur.type else type(cur).__name__
+    message = cur.message if isinstance(cur, FailureError) else str(cur)
+    return f"{kind}: {message}"
 
 
 def migration_id_for(workflow_id: str, run_id: str) -> str:
@@ -406,10 +418,11 @@ class MigrateChunkWorkflow:
         outcome = MigrationOutcome.COMPLETED
         if inp.rollback_window_s > 0 and not self._cancel_pending:
             await self._steady(lambda: self._phase(spec, MigrationPhase.ROLLBACK_WINDOW))
-            streams[Direction.REVERSE] = self._start_stream(spec, Direction.REVERSE)
+            reverse = streams[Direction.REVERSE] = self._start_stream(spec, Direction.REVERSE)
             self._progress.rollback_open = True
             try:
-                await workflow.wait_condition(lambda: self._rollback_requested,
+                # A reverse stream that fails for good (its slot lost) closes the window early.
+                await workflow.wait_condition(lambda: self._rollback_requested or reverse.done(),
                                               timeout=timedelta(seconds=inp.rollback_window_s))
             except TimeoutError:
                 pass  # the window closed without a rollback request: keep the move
@@ -418,12 +431,26 @@ class MigrateChunkWorkflow:
             self._progress.rollback_open = False
             try:
                 if self._rollback_requested and not self._cancel_pending:
-                    back = await self._roll_back(inp, spec, streams[Direction.REVERSE])
+                    back = await self._roll_back(inp, spec, reverse)
                     if back is not None and back.committed:
                         outcome = MigrationOutcome.ROLLED_BACK
                         result_kw["rollback_pause_ms"] = back.pause_ms
             except asyncio.CancelledError:
                 self._cancel_pending = True  # stop trying to roll back; finish the move
+            except ActivityError as exc:
+                # Only the reverse stream can fail here without the switch having started
+                # (a failed reverse cutover propagates: its outcome would be unknown).
+                # Rolling back is impossible now; the move itself stands.
+                self._progress.detail = result_kw["detail"] = f"rollback impossible: {describe_failure(exc)}"
+                workflow.logger.warning("%s", self._progress.detail)
+            if reverse.done() and not self._rollback_requested:
+                try:
+                    reverse.result()
+                except ActivityError as exc:
+                    self._progress.detail = result_kw["detail"] = (
+                        f"rollback window closed early, the reverse stream failed: "
+                        f"{describe_failure(exc)}")
+                    workflow.logger.warning("%s", self._progress.detail)
             await self._steady(lambda: self._stop(streams[Direction.REVERSE]))
 
         await self._steady(lambda: self._phase(spec, MigrationPhase.CLEANUP))
@@ -450,8 +477,15 @@ class MigrateChunkWorkflow:
         back: CutoverResult | None = None
         for _ in range(inp.cutover_attempts):
             assert stream is not None
-            await self._wait_lag(inp, spec, Direction.REVERSE, stream)
-            back = await self._cutover(inp, spec, Direction.REVERSE)
+            await self._wait_lag(inp, spec, Direction.REVERSE, stream)  # raises if it failed
+            try:
+                back = await self._cutover(inp, spec, Direction.REVERSE)
+            except ActivityError as exc:
+                raise ApplicationError(
+                    "the rollback cutover failed for good and its outcome is unknown: check "
+                    f"the chunk's owner in the catalog before acting ({describe_failure(exc)})",
+                    non_retryable=True,
+                ) from exc
             if back.committed:
                 break
             await workflow.sleep(inp.cutover_retry_s)
@@ -469,7 +503,7 @@ class MigrateChunkWorkflow:
         """Before the commit point: undo everything, then record the outcome."""
         cancelled = isinstance(exc, asyncio.CancelledError | CancelledError)
         self._progress.phase = "aborting"
-        detail = "cancelled" if cancelled else f"{type(exc).__name__}: {exc}"
+        detail = "cancelled" if cancelled else describe_failure(exc)
         await workflow.execute_activity_method(
             CleanupActivities.cleanup,
             CleanupInput(spec=spec, outcome=MigrationOutcome.ABORTED),

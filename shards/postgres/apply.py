@@ -135,6 +135,11 @@ class ApplyError(Exception):
     """The applier cannot continue (its state disagrees with the target's)."""
 
 
+class StreamStateError(ApplyError):
+    """The stream's state on the target is gone or contradicts itself: no retry can fix it,
+    so the move must be aborted (and may be started again)."""
+
+
 class HoldTooLateError(ApplyError):
     """The applier has already applied past the requested hold LSN."""
 
@@ -344,7 +349,7 @@ class ChangeApplier:
             if state[0] and lsn_from_str(state[0]) > progress:
                 # The state row claims more than the origin, which commits with the data:
                 # the origin was dropped or reset behind our back. Refuse rather than guess.
-                raise ApplyError(
+                raise StreamStateError(
                     f"stream {name}: origin progress {lsn_to_str(progress)} is behind "
                     f"stream_state.applied_lsn {state[0]}"
                 )
@@ -490,7 +495,7 @@ class ChangeApplier:
                 "SELECT hold_at_lsn::text FROM shardshift.stream_state WHERE stream = %s", (name,)
             ).fetchone()
             if row is None:
-                raise ApplyError(f"stream {name}: its stream_state row was deleted")
+                raise StreamStateError(f"stream {name}: its stream_state row was deleted")
             hold = lsn_from_str(row[0]) if row[0] else None
             if hold != self._hold:
                 self._hold = hold
@@ -806,6 +811,7 @@ __all__ = [
     "APPLY_DDL",
     "ApplierStats",
     "ApplyError",
+    "StreamStateError",
     "ChangeApplier",
     "HoldTooLateError",
     "Lag",

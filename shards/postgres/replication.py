@@ -89,6 +89,11 @@ class SlotExistsError(ReplicationError):
     phase that is retried must drop it (``replace_existing=True``) and copy again."""
 
 
+class SlotMissingError(ReplicationError):
+    """The stream's slot does not exist on the source (dropped, or never created): the changes
+    it was keeping are gone, so no retry can resume the stream; the move must start over."""
+
+
 class _SlotBusy(ReplicationError):
     """The slot is active in another walsender (SQLSTATE 55006)."""
 
@@ -390,8 +395,11 @@ class ChangeStream:
         if res.status != pq.ExecStatus.COPY_BOTH:
             message = (res.error_message or b"").decode(errors="replace")
             self.close()
-            if res.error_field(pq.DiagnosticField.SQLSTATE) == b"55006":
+            sqlstate = res.error_field(pq.DiagnosticField.SQLSTATE)
+            if sqlstate == b"55006":
                 raise _SlotBusy(message)
+            if sqlstate == b"42704":
+                raise SlotMissingError(f"START_REPLICATION on {self.names.slot}: {message}")
             raise ReplicationError(f"START_REPLICATION on {self.names.slot} failed: {message}")
         conn.nonblocking = 1
         self.confirmed_lsn = self.start_lsn
@@ -595,6 +603,7 @@ __all__ = [
     "CleanupReport",
     "ReplicationError",
     "SlotExistsError",
+    "SlotMissingError",
     "SlotSnapshot",
     "StreamNames",
     "cleanup_stream_objects",

@@ -41,7 +41,7 @@ from router.hashing import khash
 from settings import Settings, TemporalSettings
 from shards.models import FenceState, KeyRange
 from shards.postgres.documents import encode_for_store
-from shards.postgres.replication import NAME_PREFIX, migration_prefix
+from shards.postgres.replication import NAME_PREFIX, migration_prefix, stream_names
 from shards.staging import Staging
 from tests.router.conftest import Deployment, router_settings
 from tests.workflows.conftest import WorkerHandle
@@ -374,6 +374,72 @@ async def test_cancel_before_commit(phase: str, deployment: Deployment, lc_worke
     assert stream_objects(dsns(deployment), prefix_of(deployment)) == []
 
 
+async def drop_slot(dsn: str, slot: str) -> None:
+    """Drop a replication slot behind a move's back, cutting off its walsender first."""
+    def attempt() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                         " WHERE slot_name = %s AND active_pid IS NOT NULL", (slot,))
+            try:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            except psycopg.errors.ObjectInUse:
+                return False  # the applier reconnected meanwhile: cut it off again
+            return True
+
+    await wait_until(lambda: asyncio.to_thread(attempt), what=f"dropping {slot}")
+
+
+# -- 3b. the stream's slot is lost before the commit point -----------------------------------------
+
+
+async def test_slot_lost_aborts_the_move(deployment: Deployment, lc_worker: WorkerHandle,
+                                         temporal_client: Client) -> None:
+    """A slot dropped behind the move's back (an operator, a failover) loses the changes it
+    kept: the move must fail for good and abort cleanly, not retry its applier forever."""
+    c = deployment.collection
+    moving = deployment.initial.chunks[0]
+    source = moving.shard_id
+    target = other_shard(deployment, source)
+    load_chunk(deployment.shards[source].dsn, c, moving.range, 20_000)
+    async with Router(CatalogRouteSource(deployment.catalog), router_settings()) as router:
+        load = LoadGenerator(router, WorkloadConfig(
+            collection=c, rate=150, workers=3, only_keys=keys_in(moving.range, 12),
+        ))
+        await load.start()
+        try:
+            await wait_until(lambda: ok_count(load) >= 20, what="load warm-up")
+            handle = await start_move(temporal_client, lc_worker, c, moving.chunk_id, target,
+                                      part_rows=100)
+            # Once the snapshot is taken its walsender lets go of the slot: drop it.
+            seen = await wait_progress(
+                handle, lambda p: p.phase in ORDER and ORDER.index(p.phase) >= ORDER.index("import"),
+                what="the import phase")
+            await drop_slot(deployment.shards[source].dsn,
+                            stream_names(seen.migration_id, "fwd").slot)
+            dropped_in = (await handle.query(MigrateChunkWorkflow.progress)).phase
+            assert ORDER.index(dropped_in) < ORDER.index("cutover"), dropped_in
+            with pytest.raises(WorkflowFailureError) as failed:
+                await asyncio.wait_for(handle.result(), 120)
+            acked = ok_count(load)
+            await wait_until(lambda: ok_count(load) >= acked + 30, what="writes after the abort")
+        finally:
+            await load.stop()
+    chain = failure_chain(failed.value)
+    app = next((e for e in chain if isinstance(e, ApplicationError)), None)
+    assert app is not None and app.non_retryable and "does not exist" in str(app), chain
+    mid = seen.migration_id
+    record = await deployment.catalog.migration(mid)
+    assert record.outcome == MigrationOutcome.ABORTED, record
+    assert "slot" in (record.detail or ""), record
+    assert await unfinished_activities(handle) == []
+    await assert_untouched(deployment, moving, target)
+    assert stream_objects(dsns(deployment), migration_prefix(mid)) == []
+    assert await deployment.catalog.leases(migration_id=mid) == []
+    report = check(load.records, await collect_stored(deployment.shards, c))
+    assert report.client_errors == 0, report.error_samples
+    assert report.ok, report
+
+
 # -- 4. cancel after the commit point ------------------------------------------------------------
 
 
@@ -398,6 +464,33 @@ async def test_cancel_in_rollback_window_completes(deployment: Deployment, lc_wo
     assert await deployment.catalog.leases(migration_id=result.migration_id) == []
     assert (await deployment.catalog.migration(result.migration_id)).outcome == \
         MigrationOutcome.COMPLETED
+
+
+async def test_reverse_slot_lost_closes_the_window(deployment: Deployment,
+                                                   lc_worker: WorkerHandle,
+                                                   temporal_client: Client) -> None:
+    """Losing the reverse stream makes a rollback impossible, not the move: the window closes
+    early, the move completes and says why."""
+    c = deployment.collection
+    moving = deployment.initial.chunks[0]
+    source = moving.shard_id
+    target = other_shard(deployment, source)
+    load_chunk(deployment.shards[source].dsn, c, moving.range, 500)
+    handle = await start_move(temporal_client, lc_worker, c, moving.chunk_id, target,
+                              rollback_window_s=600)
+    seen = await wait_progress(handle, lambda p: p.rollback_open, what="rollback window")
+    await drop_slot(deployment.shards[target].dsn, stream_names(seen.migration_id, "rev").slot)
+    result = await asyncio.wait_for(handle.result(), 120)  # long before the window's end
+    assert result.outcome == MigrationOutcome.COMPLETED, result
+    assert result.detail and "reverse stream failed" in result.detail, result
+    assert "does not exist" in result.detail, result
+    chunk = await deployment.catalog.chunk(c, moving.chunk_id)
+    assert (chunk.shard_id, chunk.token) == (target, moving.token + 1)
+    assert await deployment.shards[target].count(c, moving.range) == 500
+    assert await deployment.shards[source].count(c, moving.range) == 0
+    assert stream_objects(dsns(deployment), migration_prefix(result.migration_id)) == []
+    progress = await handle.query(MigrateChunkWorkflow.progress)
+    assert not progress.rollback_open and progress.detail == result.detail
 
 
 # -- 5. concurrent moves --------------------------------------------------------------------------
