@@ -145,6 +145,13 @@ class Stack:
             run_as=self.infra.run_as,
         )
 
+    def instance_for_dsn(self, dsn: str) -> PostgresInstance:
+        """The stack's server behind a DSN (to stop, start or inspect it)."""
+        for inst in self.instances():
+            if inst.dsn() == dsn:
+                return inst
+        raise InfraError(f"no server of the stack in {self.state_dir} has the DSN {dsn!r}")
+
     def instances(self) -> list[PostgresInstance]:
         record = self.record()
         return [self.instance(s) for s in record.servers] if record else []

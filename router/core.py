@@ -35,6 +35,7 @@ from router.errors import (
     DocumentTooLargeError,
     OutcomeUnknownError,
     RetryDeadlineExceeded,
+    RouterClosedError,
     ShardKeyChangeError,
 )
 from router.hashing import khash
@@ -90,10 +91,12 @@ class Router:
         self._shards: dict[str, PostgresShard] = {}
         self._shard_lock = asyncio.Lock()
         self._listener: asyncio.Task[None] | None = None
+        self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> Router:
+        self._closed = False
         opener = getattr(self.source, "open", None)
         if opener is not None:
             await opener()
@@ -102,6 +105,7 @@ class Router:
         return self
 
     async def close(self) -> None:
+        self._closed = True  # an operation still in flight must not reopen a pool
         if self._listener:
             self._listener.cancel()
             try:
@@ -171,6 +175,8 @@ class Router:
         if s is not None:
             return s
         async with self._shard_lock:
+            if self._closed:
+                raise RouterClosedError(f"the router is closed (operation on {shard_id})")
             s = self._shards.get(shard_id)
             if s is None:
                 dsn = await self.source.shard_dsn(shard_id)

@@ -32,3 +32,7 @@ class RetryDeadlineExceeded(RouterError, TimeoutError):
 class OutcomeUnknownError(RouterError):
     """The connection to the shard failed mid-operation: the write may or may not have been
     applied. Non-idempotent operations ($inc) are never retried blindly; read to find out."""
+
+
+class RouterClosedError(RouterError):
+    """The router was closed: it opens no new shard connections and serves no operation."""

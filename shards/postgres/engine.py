@@ -8,11 +8,14 @@ lives in its sibling modules as blocking functions that activities run in worker
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import select
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import ConnStatus
 from psycopg_pool import AsyncConnectionPool
 
 from shards.codec import decode_document, encode_value
@@ -31,6 +34,25 @@ from shards.postgres.schema import (
 _DDL_LOCK = 0x5348_4152_4453_4846  # "SHARDSHF": serializes schema DDL across processes
 
 
+def _hung_up(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Has the server let go of this idle pooled connection? Checked without a round trip.
+
+    An idle autocommit connection has nothing to read unless the server wrote to it, and the
+    server writes to an idle session only to end it (shutdown or restart, an idle timeout,
+    ``pg_terminate_backend``): a readable socket means the connection is gone. Sending a
+    statement down it would fail *after* the statement left, and a failed insert or ``$inc``
+    could then only be reported as "outcome unknown".
+    """
+    pgconn = conn.pgconn
+    if pgconn.status != ConnStatus.OK:
+        return True
+    try:
+        readable, _, _ = select.select((pgconn.socket,), (), (), 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 class PostgresShard:
     """One PostgreSQL shard: its documents, fences and (via sibling modules) data movement."""
 
@@ -41,12 +63,14 @@ class PostgresShard:
         check: bool = False,
     ) -> None:
         """Args:
-            check: test each pooled connection before use (one extra round trip). Worth it
-                for control-plane callers that must survive a shard restart cleanly; the
-                router leaves it off (its latency matters, and it retries what is safe).
+            check: test each pooled connection before use (one extra round trip), for
+                control-plane callers. Document operations need no round trip for it: they
+                skip connections the server has hung up on (see ``_hung_up``), so after a
+                shard restart even inserts and ``$inc`` run on fresh connections.
         """
         self.shard_id = shard_id
         self.dsn = dsn
+        self._max_size = max_size
         self._pool = AsyncConnectionPool(
             dsn,
             min_size=min_size,
@@ -74,6 +98,19 @@ class PostgresShard:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection the server has not hung up on."""
+        for _ in range(self._max_size + 1):
+            async with self._pool.connection() as conn:
+                if _hung_up(conn):
+                    await conn.close()  # the pool replaces it
+                    continue
+                yield conn
+                return
+        raise psycopg.OperationalError(
+            f"{self.shard_id}: the server closed every pooled connection")
+
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         """A new blocking connection to this shard (for data-movement code in threads)."""
         return psycopg.connect(self.dsn, **kwargs)
@@ -85,7 +122,7 @@ class PostgresShard:
     # -- schema ------------------------------------------------------------------------------
 
     async def ensure_schema(self) -> None:
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
             await conn.execute(DDL)
 
@@ -97,7 +134,7 @@ class PostgresShard:
         Indexes are created before any data is loaded, as the design requires for targets.
         """
         check_collection(collection)
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
             await conn.execute(collection_ddl(collection))
             for index in indexes:
@@ -113,7 +150,7 @@ class PostgresShard:
                 )
 
     async def collections(self) -> list[str]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             rows = await conn.execute(
                 "SELECT tablename FROM pg_tables WHERE schemaname = 'docs' ORDER BY 1"
             )
@@ -121,7 +158,7 @@ class PostgresShard:
 
     async def drop_collection(self, collection: str) -> None:
         check_collection(collection)
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(collection_table(collection)))
             await conn.execute(
                 "DELETE FROM shardshift.chunk_fence WHERE collection = %s", (collection,)
@@ -130,7 +167,7 @@ class PostgresShard:
     # -- fences ------------------------------------------------------------------------------
 
     async def fences(self, collection: str | None = None) -> list[Fence]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(
                 "SELECT collection, chunk_id, lo, hi, token, state FROM shardshift.chunk_fence"
                 " WHERE %(c)s::text IS NULL OR collection = %(c)s ORDER BY collection, lo",
@@ -139,7 +176,7 @@ class PostgresShard:
             return [_fence(row) for row in await cur.fetchall()]
 
     async def fence(self, collection: str, chunk_id: int) -> Fence | None:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(
                 "SELECT collection, chunk_id, lo, hi, token, state FROM shardshift.chunk_fence"
                 " WHERE collection = %s AND chunk_id = %s",
@@ -159,7 +196,7 @@ class PostgresShard:
     ) -> Fence:
         """Create a fence row, or confirm an identical one exists (idempotent)."""
         check_collection(collection)
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             await conn.execute(
                 "INSERT INTO shardshift.chunk_fence"
                 " (collection, chunk_id, lo, hi, token, state, migration_id)"
@@ -188,7 +225,7 @@ class PostgresShard:
         new_state: FenceState,
     ) -> Fence:
         """Compare-and-set a fence row; already in the wanted state is success (idempotent)."""
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(
                 "UPDATE shardshift.chunk_fence SET token = %s, state = %s, updated_at = now()"
                 " WHERE collection = %s AND chunk_id = %s AND token = %s AND state = ANY(%s)"
@@ -215,7 +252,7 @@ class PostgresShard:
             collection, chunk_id, expect_token=token, expect_state=[FenceState.ACTIVE],
             new_token=token + 1, new_state=FenceState.FROZEN,
         )
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
             row = await cur.fetchone()
         assert row is not None
@@ -251,7 +288,7 @@ class PostgresShard:
         )
 
     async def drop_fence(self, collection: str, chunk_id: int) -> None:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             await conn.execute(
                 "DELETE FROM shardshift.chunk_fence WHERE collection = %s AND chunk_id = %s",
                 (collection, chunk_id),
@@ -268,7 +305,7 @@ class PostgresShard:
     async def _run(self, query: sql.Composed, params: dict[str, Any], collection: str,
                    chunk_id: int) -> tuple[Any, ...]:
         try:
-            async with self._pool.connection() as conn:
+            async with self._connection() as conn:
                 cur = await conn.execute(query, params)
                 row = await cur.fetchone()
         except psycopg.Error as exc:
@@ -350,7 +387,7 @@ class PostgresShard:
     async def scan(self, collection: str, key_range: KeyRange) -> list[dict[str, Any]]:
         """Every document of a khash range, unfenced and in key order: for checkers and
         operators, never for routed traffic."""
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(
                 sql.SQL(
                     "SELECT doc::text FROM {} WHERE khash >= %s AND (%s::bigint IS NULL OR khash < %s)"
@@ -363,7 +400,7 @@ class PostgresShard:
     async def count(self, collection: str, key_range: KeyRange | None = None) -> int:
         """Documents stored in a collection (optionally in a khash range), unfenced: for
         operators and tests, never for routed traffic."""
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(
                 sql.SQL("SELECT count(*) FROM {} WHERE khash >= %s AND (%s::bigint IS NULL OR khash < %s)")
                 .format(collection_table(check_collection(collection))),

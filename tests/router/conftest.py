@@ -56,8 +56,12 @@ async def deployment(
     try:
         yield Deployment(router_catalog, collection_name, shards, cmap)
     finally:
-        for s in shards.values():
-            await s.drop_collection(collection_name)
+        try:
+            for s in shards.values():
+                await s.drop_collection(collection_name)
+        finally:
+            for s in shards.values():
+                await s.close()
             await s.close()
 
 

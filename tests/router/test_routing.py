@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from bson import Decimal128, Int64, ObjectId
 
+from infra import Stack
 from router.core import Router
 from router.errors import (
     BadRequestError,
@@ -101,3 +102,30 @@ async def test_concurrent_operations_share_pools(router: Router, deployment: Dep
     await asyncio.gather(*(router.insert(c, {"_id": i, "acct": f"k{i}"}) for i in range(200)))
     found = await asyncio.gather(*(router.get(c, f"k{i}", i) for i in range(200)))
     assert all(d is not None and d["_id"] == i for i, d in enumerate(found))
+
+
+async def test_shard_restart_costs_no_write(stack: Stack, router: Router,
+                                            deployment: Deployment) -> None:
+    """A restarted shard leaves the router's pooled connections to it dead. The router must
+    notice before it sends anything, so even writes it can never retry blindly (insert,
+    ``$inc``) succeed, each exactly once."""
+    c = deployment.collection
+    owner = deployment.initial.chunks[0].shard_id
+    keys = [k for k in (f"r-{i}" for i in range(400))
+            if deployment.initial.locate(khash(k)).shard_id == owner][:24]
+    # Concurrent operations open several pooled connections to the shard.
+    async with asyncio.TaskGroup() as tg:
+        for k in keys:
+            tg.create_task(router.insert(c, {"_id": k, "acct": k, "n": 0}))
+    pg = stack.instance_for_dsn(deployment.shards[owner].dsn)
+    await asyncio.to_thread(pg.stop, 30)
+    await asyncio.to_thread(pg.start, 60)
+    async with asyncio.TaskGroup() as tg:  # a failure cancels the rest
+        for k in keys:
+            tg.create_task(router.patch(c, k, k, {"$inc": {"n": 1}}))
+    async with asyncio.TaskGroup() as tg:
+        for k in keys:
+            tg.create_task(router.insert(c, {"_id": f"{k}-new", "acct": k, "n": 0}))
+    for k in keys:
+        assert (await router.get(c, k, k))["n"] == 1, k
+        assert await router.get(c, k, f"{k}-new") is not None, k

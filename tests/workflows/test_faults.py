@@ -118,14 +118,7 @@ async def assert_moved(deployment: Deployment, result: MigrateChunkResult, movin
 # -- 1. the worker process is SIGKILLed in each phase ------------------------------------------
 
 
-CUTOVER_KILL_FLAKE = pytest.mark.xfail(strict=False, raises=TimeoutError, reason=(
-    "OPEN BUG: twice, in full-suite runs only, the move did not finish within the timeout "
-    "after the worker was killed at the start of the cutover phase (passes alone and under "
-    "artificial load); the test now prints the workflow timeline and worker log on timeout"))
-
-
-@pytest.mark.parametrize("phase", ["snapshot", "import", "replicate",
-                                   pytest.param("cutover", marks=CUTOVER_KILL_FLAKE)])
+@pytest.mark.parametrize("phase", ["snapshot", "import", "replicate", "cutover"])
 async def test_worker_killed(phase: str, deployment: Deployment, worker_settings: Settings,
                              temporal_client: Client, tmp_path: Path) -> None:
     moving, target, other = pick(deployment)
@@ -253,22 +246,12 @@ async def test_worker_killed_inside_cutover_pause(deployment: Deployment, worker
 # -- 2. the target PostgreSQL stops during the bulk import -------------------------------------
 
 
-def instance_for(stack: Stack, dsn: str):  # noqa: ANN201 - infra.postgres.PostgresInstance
-    record = stack.record()
-    assert record is not None
-    for server in record.servers:
-        inst = stack.instance(server)
-        if inst.dsn() == dsn:
-            return inst
-    raise AssertionError(f"no stack server with dsn {dsn}")
-
-
 async def test_target_down_during_import(stack: Stack, deployment: Deployment,
                                          worker: WorkerHandle, temporal_client: Client) -> None:
     moving, target, other = pick(deployment)
     source_dsn, target_dsn = deployment.shards[moving.shard_id].dsn, deployment.shards[target].dsn
     await asyncio.to_thread(preload_chunk, source_dsn, deployment.collection, moving, PRELOAD)
-    pg = instance_for(stack, target_dsn)
+    pg = stack.instance_for_dsn(target_dsn)
     try:
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
