@@ -7,8 +7,11 @@ fail (pytest runs fixture finalizers on failure and on Ctrl-C).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,13 +29,44 @@ def make_stack_settings(shards: int, pg15_shards: int = 0) -> InfraSettings:
     return private_settings(shards, pg15_shards)
 
 
-def reap_abandoned_stacks() -> None:
-    """Stop stacks left by test sessions that were killed before their finalizers ran.
+TEST_STATE_PREFIX = "shardshift-test-"
 
-    Each session writes its pid to ``owner.pid`` in its state directory; a directory whose
-    owner is gone is a leftover: stop its servers and remove it.
+
+def owned_state_dir(kind: str = "") -> Path:
+    """A fresh directory for this test session's servers or files, reaped by the next session
+    if this one is killed before its finalizers run."""
+    state = new_state_dir(f"{TEST_STATE_PREFIX}{kind}-" if kind else TEST_STATE_PREFIX)
+    (state / "owner.pid").write_text(str(os.getpid()))
+    return state
+
+
+def _stop_postmasters(state: Path) -> None:
+    """Stop every PostgreSQL whose data directory lies under ``state`` (fast shutdown)."""
+    for pidfile in state.rglob("postmaster.pid"):
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            os.kill(pid, signal.SIGINT)
+        except (OSError, ValueError, IndexError):
+            continue
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def reap_abandoned_stacks() -> None:
+    """Stop servers left by test sessions that were killed before their finalizers ran.
+
+    Each session writes its pid to ``owner.pid`` in its state directories; a directory whose
+    owner is gone is a leftover: stop its stack and any other PostgreSQL under it, remove it.
     """
-    for state in Path("/tmp").glob("shardshift-test-*"):
+    for state in Path("/tmp").glob(f"{TEST_STATE_PREFIX}*"):
         try:
             owner = int((state / "owner.pid").read_text())
             os.kill(owner, 0)
@@ -43,6 +77,7 @@ def reap_abandoned_stacks() -> None:
             continue  # not ours to judge (no owner file yet, or unreadable)
         try:
             Stack(state, InfraSettings()).down()
+            _stop_postmasters(state)
         finally:
             shutil.rmtree(state, ignore_errors=True)
 
@@ -52,8 +87,7 @@ def stack() -> Iterator[Stack]:
     """A running stack: catalog, 3 PostgreSQL 18 shards, 1 PostgreSQL 15 shard when installed,
     and a headless Temporal dev server."""
     reap_abandoned_stacks()
-    state = new_state_dir("shardshift-test-")
-    (state / "owner.pid").write_text(str(os.getpid()))
+    state = owned_state_dir()
     st = Stack(state, make_stack_settings(3, 1 if HAS_PG15 else 0))
     try:
         st.up()

@@ -11,12 +11,12 @@ import pytest
 
 from infra import InfraError, Stack
 from infra.net import port_is_free
-from tests.conftest import make_stack_settings, new_state_dir
+from tests.conftest import make_stack_settings, owned_state_dir
 
 
 @pytest.fixture
 def state_dir():
-    path = new_state_dir("shardshift-infra-")
+    path = owned_state_dir("infra")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

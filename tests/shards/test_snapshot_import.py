@@ -38,7 +38,7 @@ from shards.postgres.snapshot import (
     read_part,
 )
 from shards.staging import Staging, StagingError
-from tests.conftest import new_state_dir
+from tests.conftest import owned_state_dir
 
 FULL = KeyRange(lo=KHASH_MIN, hi=KHASH_END)
 INDEXES = (IndexDefinition(name="acct", fields=("account",)),)
@@ -108,7 +108,7 @@ def keyed(docs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture
 def staging() -> Iterator[Staging]:
-    path = Path(new_state_dir("shardshift-staging-"))
+    path = owned_state_dir("staging")
     yield Staging(path)
     shutil.rmtree(path, ignore_errors=True)
 
@@ -204,7 +204,7 @@ async def test_import_refuses_a_foreign_part(pg18_dsns, collection_name, staging
 @pytest.fixture(scope="module")
 def private_pg() -> Iterator[PostgresInstance]:
     """A PostgreSQL 18 of this module's own, which a test may stop without disturbing others."""
-    state = new_state_dir("shardshift-import-")
+    state = owned_state_dir("import")
     password = secrets.token_urlsafe(16)
     passfile = state / "pgpass"
     passfile.write_text(f"127.0.0.1:*:*:postgres:{password}\n")

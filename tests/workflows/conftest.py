@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from infra import Stack
 from settings import Settings, TemporalSettings
+from tests.conftest import owned_state_dir
 from tests.router.conftest import deployment, router, router_catalog  # noqa: F401 - fixtures
 from worker import run_worker
 
@@ -29,7 +29,7 @@ async def temporal_client(stack: Stack) -> Client:
 def worker_settings(stack: Stack) -> Iterator[Settings]:
     """Settings of a test's workers: the session stack, a fresh task queue and staging dir
     (removed after the test)."""
-    staging = tempfile.mkdtemp(prefix="shardshift-staging-")
+    staging = str(owned_state_dir("staging"))
     try:
         yield Settings(
             catalog_dsn=stack.catalog_dsn, staging_url=staging,

@@ -11,7 +11,6 @@ import asyncio
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +42,7 @@ from shards.models import FenceState, KeyRange
 from shards.postgres.documents import encode_for_store
 from shards.postgres.replication import NAME_PREFIX, migration_prefix, stream_names
 from shards.staging import Staging
+from tests.conftest import owned_state_dir
 from tests.router.conftest import Deployment, router_settings
 from tests.workflows.conftest import WorkerHandle
 from tests.workflows.test_migrate import FAST, keys_in
@@ -62,7 +62,7 @@ RECORDED = HISTORIES / "migrate_chunk_completed.json"
 @pytest.fixture(scope="module")
 async def lc_worker(stack: Stack, temporal_client: Client) -> AsyncIterator[WorkerHandle]:
     """One in-process worker on a fresh task queue for the whole module."""
-    staging = tempfile.mkdtemp(prefix="shardshift-staging-")
+    staging = str(owned_state_dir("staging"))
     settings = Settings(
         catalog_dsn=stack.catalog_dsn, staging_url=staging,
         temporal=TemporalSettings(address=stack.temporal.address,
