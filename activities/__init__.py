@@ -1,5 +1,6 @@
 """Every side effect of a move, one module per phase: catalog_ops (register, phases,
-finish), snapshot, bulk_import, replicate, verify, cutover, cleanup.
+finish), snapshot, bulk_import, replicate, verify, cutover, cleanup; fleet plans and
+finishes the draining of whole shards (merges, upgrades).
 
 Activities are idempotent, heartbeat a typed checkpoint and resume from it (or from state the
 shards keep: import progress rows, replication origins) after a retry.
@@ -10,6 +11,7 @@ from activities.catalog_ops import CatalogActivities
 from activities.cleanup import CleanupActivities
 from activities.context import MoveContext
 from activities.cutover import CutoverActivities
+from activities.fleet import FleetActivities
 from activities.replicate import ReplicateActivities
 from activities.snapshot import SnapshotActivities
 from activities.verify import VerifyActivities
@@ -20,7 +22,7 @@ def all_activities(ctx: MoveContext) -> list[object]:
     groups = [
         CatalogActivities(ctx), SnapshotActivities(ctx), ImportActivities(ctx),
         ReplicateActivities(ctx), VerifyActivities(ctx), CutoverActivities(ctx),
-        CleanupActivities(ctx),
+        CleanupActivities(ctx), FleetActivities(ctx),
     ]
     out: list[object] = []
     for g in groups:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from temporalio import activity
 
 from activities.context import MoveContext, catalog_failure, non_retryable
-from activities.models import FinishInput, MoveSpec, PhaseInput, RegisterInput
+from activities.models import FinishInput, MoveSpec, PhaseInput, RegisteredInput, RegisterInput
 from catalog import CatalogError, ShardState
 from catalog.models import MigrationOutcome, MigrationRecord
 from shards.errors import ShardError
@@ -81,6 +81,24 @@ class CatalogActivities:
             await self.ctx.catalog.renew_leases(inp.migration_id, holder=inp.holder)
         except CatalogError as exc:
             raise catalog_failure(exc, "renew leases") from exc
+
+    @activity.defn(name="migrate.registered")
+    async def registered(self, inp: RegisteredInput) -> MoveSpec | None:
+        """The spec of a move registered and not finished, or None: what a move cancelled
+        during its registration must undo (an attempt may have taken effect)."""
+        cat = self.ctx.catalog
+        try:
+            record = await _existing(cat, inp.migration_id)
+            if record is None or not record.active:
+                return None
+            chunk = await cat.chunk(record.collection, record.chunk_id)
+        except CatalogError as exc:
+            raise catalog_failure(exc, "registered") from exc
+        return MoveSpec(
+            migration_id=record.migration_id, kind=record.kind, collection=record.collection,
+            chunk_id=record.chunk_id, key_range=chunk.range, source=record.source,
+            target=record.target, token=record.token_before,
+        )
 
     @activity.defn(name="migrate.finish")
     async def finish(self, inp: FinishInput) -> None:

@@ -42,6 +42,10 @@ class RegisterInput(_Frozen):
     """Who holds the move leases (the workflow id)."""
 
 
+class RegisteredInput(_Frozen):
+    migration_id: str
+
+
 class PhaseInput(_Frozen):
     migration_id: str
     phase: MigrationPhase
@@ -211,3 +215,46 @@ class DeleteCheckpoint(_Frozen):
     rows_deleted: int
     after_khash: int | None = None
     after_id: str | None = None
+
+
+# -- draining shards (merges and upgrades) ------------------------------------------------------
+
+
+class DrainPlanInput(_Frozen):
+    shards: list[str] = Field(min_length=1)
+    """The shards to empty and retire."""
+    targets: list[str] | None = None
+    """Where the chunks may go (default: every other active shard of the same engine; for an
+    upgrade, only those of a newer major version)."""
+    kind: MigrationKind = MigrationKind.MERGE_SHARDS
+
+
+class PlannedMove(_Frozen):
+    collection: str
+    chunk_id: int
+    source: str
+    target: str
+    bytes: int
+    """Estimated size (table and index bytes in proportion to the chunk's rows)."""
+
+
+class DrainPlan(_Frozen):
+    moves: list[PlannedMove]
+    targets: list[str]
+    bytes_total: int
+    target_bytes_after: dict[str, int]
+    """Estimated bytes on each target once the planned moves are done."""
+
+
+class DrainFinishInput(_Frozen):
+    shards: list[str]
+
+
+class DrainFinishResult(_Frozen):
+    retired: list[str]
+    chunks_left: dict[str, int]
+    """Drained shards that still hold chunks (a failed move): not retired."""
+
+
+class DrainRestoreInput(_Frozen):
+    shards: list[str]

@@ -47,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         MoveSpec,
         PhaseInput,
         PlanInput,
+        RegisteredInput,
         RegisterInput,
         ReplicateInput,
         SnapshotInput,
@@ -301,14 +302,28 @@ class MigrateChunkWorkflow:
             return MigrateChunkResult(migration_id=mid, outcome=MigrationOutcome.ABORTED,
                                       target=inp.target, plan=planned.steps, detail=planned.reason)
 
-        spec = await workflow.execute_activity_method(
-            CatalogActivities.register,
-            RegisterInput(migration_id=mid, kind=inp.kind, collection=inp.collection,
-                          chunk_id=inp.chunk_id, target=inp.target, holder=info.workflow_id),
-            start_to_close_timeout=timedelta(seconds=60),
-            retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
-                                     maximum_interval=timedelta(seconds=20)),
-        )
+        try:
+            spec = await workflow.execute_activity_method(
+                CatalogActivities.register,
+                RegisterInput(migration_id=mid, kind=inp.kind, collection=inp.collection,
+                              chunk_id=inp.chunk_id, target=inp.target, holder=info.workflow_id),
+                start_to_close_timeout=timedelta(seconds=60),
+                retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
+                                         maximum_interval=timedelta(seconds=20)),
+                cancellation_type=_WAIT,
+            )
+        except (asyncio.CancelledError, CancelledError, ActivityError) as exc:
+            if isinstance(exc, ActivityError) and not isinstance(exc.cause, CancelledError):
+                raise  # a refused registration (bad input) leaves nothing behind
+            # Cancelled while registering (say, while waiting for a move lease): an earlier
+            # attempt may have recorded the move, taken leases and fenced the target.
+            leftover = await workflow.execute_activity_method(
+                CatalogActivities.registered, RegisteredInput(migration_id=mid),
+                start_to_close_timeout=_SHORT, retry_policy=_QUICK,
+            )
+            if leftover is not None:
+                await self._abort(leftover, asyncio.CancelledError())
+            raise asyncio.CancelledError() from None
         self._progress.source = spec.source
         workflow.upsert_search_attributes([SA_SOURCE.value_set(spec.source)])
         self._phase_started["registered"] = workflow.now()
@@ -321,6 +336,7 @@ class MigrateChunkWorkflow:
         running: list[asyncio.Task[Any]] = []
         try:
             # -- snapshot + bulk import ---------------------------------------------------------
+            self._raise_if_cancelled()  # a cancel the registration finished through
             await self._phase(spec, MigrationPhase.SNAPSHOT)
             snap = workflow.start_activity_method(
                 SnapshotActivities.snapshot, SnapshotInput(spec=spec, part_rows=inp.part_rows),

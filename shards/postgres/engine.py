@@ -397,6 +397,24 @@ class PostgresShard:
             )
             return [decode_document(r[0]) for r in await cur.fetchall()]
 
+    async def chunk_bytes(self, collection: str, key_range: KeyRange) -> int:
+        """Estimated on-disk bytes of a khash range (table and indexes, in proportion to the
+        range's share of the rows): what a planner weighs chunks by."""
+        t = collection_table(check_collection(collection))
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT (SELECT count(*) FROM {t} WHERE khash >= %s"
+                    "  AND (%s::bigint IS NULL OR khash < %s)),"
+                    " (SELECT count(*) FROM {t}), pg_total_relation_size(%s::regclass)"
+                ).format(t=t),
+                (key_range.lo, key_range.sql_hi, key_range.sql_hi, t.as_string(None)),
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        rows, total, size = (int(v) for v in row)
+        return size * rows // total if total else 0
+
     async def count(self, collection: str, key_range: KeyRange | None = None) -> int:
         """Documents stored in a collection (optionally in a khash range), unfenced: for
         operators and tests, never for routed traffic."""

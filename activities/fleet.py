@@ -1,0 +1,179 @@
+"""Fleet activities: plan and finish the draining of shards (merges and upgrades).
+
+A drain empties one or more shards by moving each of their chunks, as a child
+``MigrateChunkWorkflow``, to the remaining shards, then retires them. ``plan`` is where every
+decision with I/O is made: it validates the request, measures the chunks and the targets'
+load, bin-packs the chunks onto the targets (largest first, onto the target with the most
+headroom) and marks the drained shards ``draining`` so nothing new lands on them. It is
+idempotent: a retry, or a later round of the same drain, plans whatever is still left.
+"""
+
+from __future__ import annotations
+
+from temporalio import activity
+
+from activities.context import MoveContext, catalog_failure, non_retryable
+from activities.models import (
+    DrainFinishInput,
+    DrainFinishResult,
+    DrainPlan,
+    DrainPlanInput,
+    DrainRestoreInput,
+    PlannedMove,
+)
+from catalog import CatalogError, ShardState
+from catalog.models import MigrationKind, ShardInfo
+
+
+class FleetActivities:
+    def __init__(self, ctx: MoveContext) -> None:
+        self.ctx = ctx
+
+    @activity.defn(name="drain.plan")
+    async def plan(self, inp: DrainPlanInput) -> DrainPlan:
+        """Validate a drain, mark its shards ``draining`` and place every chunk they hold.
+
+        Bad input (an unknown or retired shard, no eligible target, targets without room)
+        fails at once, before any shard changes state.
+        """
+        cat = self.ctx.catalog
+        try:
+            drained = [await cat.shard(s) for s in inp.shards]
+            everyone = await cat.list_shards()
+        except CatalogError as exc:
+            raise catalog_failure(exc, "drain") from exc
+        for info in drained:
+            if info.state == ShardState.RETIRED:
+                raise non_retryable(ValueError(f"shard {info.shard_id} is already retired"),
+                                    "nothing to drain")
+        targets = _targets(inp, drained, everyone)
+        activity.heartbeat("measuring chunks")
+        try:
+            maps = await cat.chunk_maps()
+        except CatalogError as exc:
+            raise catalog_failure(exc, "drain") from exc
+        names = set(inp.shards)
+        load: dict[str, int] = {t.shard_id: 0 for t in targets}
+        chunks: list[tuple[str, int, str, int]] = []  # (collection, chunk, source, bytes)
+        for collection, cmap in sorted(maps.items()):
+            for chunk in cmap.chunks:
+                if chunk.shard_id not in names and chunk.shard_id not in load:
+                    continue
+                engine = await self.ctx.engine(chunk.shard_id)
+                size = await engine.chunk_bytes(collection, chunk.range)
+                if chunk.shard_id in load:
+                    load[chunk.shard_id] += size
+                else:
+                    chunks.append((collection, chunk.chunk_id, chunk.shard_id, size))
+        moves = _bin_pack(chunks, targets, load)
+        for info in drained:
+            if info.state != ShardState.DRAINING:
+                try:
+                    await cat.set_shard_state(info.shard_id, ShardState.DRAINING)
+                except CatalogError as exc:
+                    raise catalog_failure(exc, "drain") from exc
+        return DrainPlan(moves=moves, targets=[t.shard_id for t in targets],
+                         bytes_total=sum(m.bytes for m in moves),
+                         target_bytes_after={t: load[t] for t in sorted(load)})
+
+    @activity.defn(name="drain.finish")
+    async def finish(self, inp: DrainFinishInput) -> DrainFinishResult:
+        """Retire every drained shard that holds nothing now; report the others."""
+        cat = self.ctx.catalog
+        retired: list[str] = []
+        left: dict[str, int] = {}
+        try:
+            maps = await cat.chunk_maps()
+            for shard in inp.shards:
+                held = sum(len(m.on_shard(shard)) for m in maps.values())
+                if held:
+                    left[shard] = held
+                    continue
+                await cat.set_shard_state(shard, ShardState.RETIRED)
+                retired.append(shard)
+        except CatalogError as exc:
+            raise catalog_failure(exc, "retire") from exc
+        return DrainFinishResult(retired=retired, chunks_left=left)
+
+    @activity.defn(name="drain.restore")
+    async def restore(self, inp: DrainRestoreInput) -> None:
+        """A stopped drain: its shards take chunks again (those already moved stay moved)."""
+        cat = self.ctx.catalog
+        try:
+            for shard in inp.shards:
+                info = await cat.shard(shard)
+                if info.state == ShardState.DRAINING:
+                    await cat.set_shard_state(shard, ShardState.ACTIVE)
+        except CatalogError as exc:
+            raise catalog_failure(exc, "restore") from exc
+
+
+def _targets(inp: DrainPlanInput, drained: list[ShardInfo], everyone: list[ShardInfo]
+             ) -> list[ShardInfo]:
+    """The shards that may receive the drained chunks."""
+    names = {d.shard_id for d in drained}
+    by_id = {s.shard_id: s for s in everyone}
+    if inp.targets:
+        unknown = [t for t in inp.targets if t not in by_id]
+        if unknown:
+            raise non_retryable(ValueError(f"unknown target shard(s) {unknown}"), "drain")
+        overlap = sorted(names & set(inp.targets))
+        if overlap:
+            raise non_retryable(ValueError(f"shard(s) {overlap} cannot be drained into "
+                                           "themselves"), "drain")
+        candidates = [by_id[t] for t in inp.targets]
+        inactive = [s.shard_id for s in candidates if s.state != ShardState.ACTIVE]
+        if inactive:
+            raise non_retryable(ValueError(f"target shard(s) {inactive} are not active"),
+                                "drain")
+    else:
+        candidates = [s for s in everyone
+                      if s.shard_id not in names and s.state == ShardState.ACTIVE]
+    engines = {d.engine for d in drained}
+    candidates = [s for s in candidates if s.engine in engines]
+    if inp.kind == MigrationKind.UPGRADE:
+        newest_old = max(d.major_version for d in drained)
+        older = [s.shard_id for s in candidates if s.major_version <= newest_old]
+        if inp.targets and older:
+            raise non_retryable(ValueError(
+                f"target shard(s) {older} do not run a newer major version than "
+                f"{newest_old}"), "upgrade")
+        candidates = [s for s in candidates if s.major_version > newest_old]
+    if not candidates:
+        what = "an active shard of a newer major version" if inp.kind == MigrationKind.UPGRADE \
+            else "another active shard"
+        raise non_retryable(ValueError(f"no shard can take the chunks of {sorted(names)}: "
+                                       f"register {what} first"), "drain")
+    return sorted(candidates, key=lambda s: s.shard_id)
+
+
+def _bin_pack(chunks: list[tuple[str, int, str, int]], targets: list[ShardInfo],
+              load: dict[str, int]) -> list[PlannedMove]:
+    """Largest chunk first, each onto the target with the most room left.
+
+    Room is ``capacity_bytes - load``; when every target declares a capacity the one with the
+    most room wins, otherwise the least loaded one (a declared capacity is still never
+    exceeded). A chunk no target has room for fails the plan: a drain must not overfill a
+    shard.
+    Updates ``load`` with the placements.
+    """
+    cap = {t.shard_id: t.capacity_bytes for t in targets}
+    moves: list[PlannedMove] = []
+    for collection, chunk_id, source, size in sorted(chunks, key=lambda c: (-c[3], c[0], c[1])):
+        def room(shard_id: str) -> float:
+            capacity = cap[shard_id]
+            return float("inf") if capacity is None else capacity - load[shard_id]
+
+        fitting = [t for t in load if room(t) >= size]
+        if not fitting:
+            raise non_retryable(ValueError(
+                f"no target has room for chunk {collection}/{chunk_id} ({size} bytes); "
+                f"room left: { {t: room(t) for t in sorted(load)} }"), "drain")
+        if all(c is not None for c in cap.values()):
+            best = min(fitting, key=lambda t: (-room(t), t))
+        else:
+            best = min(fitting, key=lambda t: (load[t], t))
+        load[best] += size
+        moves.append(PlannedMove(collection=collection, chunk_id=chunk_id, source=source,
+                                 target=best, bytes=size))
+    return moves

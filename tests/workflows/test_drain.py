@@ -1,0 +1,280 @@
+"""``DrainShardWorkflow`` on the real stack: an upgrade from PostgreSQL 15 to 18 and a merge,
+both under load and judged by the checker; bad input; cancel. Plus the planner's pure logic."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+
+from activities.fleet import _bin_pack, _targets
+from activities.models import DrainPlanInput
+from catalog import Catalog, ShardState
+from catalog.admin import provision_collection
+from catalog.models import MigrationKind, MigrationOutcome, ShardInfo
+from router.catalog_source import CatalogRouteSource
+from router.core import Router
+from shards.models import IndexDefinition
+from shards.postgres import PostgresShard
+from tests.router.conftest import router_settings
+from tests.workflows.conftest import WorkerHandle
+from tests.workflows.test_lifecycle import failure_chain, load_chunk, stream_objects, wait_until
+from tests.workflows.test_migrate import FAST
+from workflows import DrainShardInput, DrainShardResult, DrainShardWorkflow
+from workload.checker import check, collect_stored
+from workload.generator import LoadGenerator, WorkloadConfig
+
+RESULT_TIMEOUT_S = 240
+
+
+@dataclass
+class Fleet:
+    catalog: Catalog
+    collection: str
+    shards: dict[str, PostgresShard]
+    old: list[str]
+    """Shards holding the collection's chunks at the start."""
+    new: list[str]
+    """Empty shards registered as targets."""
+
+
+async def make_fleet(catalog: Catalog, collection: str, old: dict[str, tuple[str, int]],
+                     new: dict[str, tuple[str, int]], chunks_per_shard: int = 2) -> Fleet:
+    """Register shards (id -> (dsn, major version)) and provision the collection on ``old``."""
+    shards: dict[str, PostgresShard] = {}
+    for sid, (dsn, version) in {**old, **new}.items():
+        await catalog.register_shard(sid, dsn, engine="postgres", major_version=version)
+        shards[sid] = await PostgresShard(sid, dsn, max_size=4).open()
+    await provision_collection(
+        catalog, {s: shards[s] for s in old}, collection, "acct",
+        [IndexDefinition(name="by_email", fields=("email",))], chunks_per_shard=chunks_per_shard,
+    )
+    return Fleet(catalog, collection, shards, list(old), list(new))
+
+
+@pytest.fixture
+async def fleet_cleanup(router_catalog: Catalog) -> AsyncIterator[list[Fleet]]:
+    fleets: list[Fleet] = []
+    yield fleets
+    for f in fleets:
+        for s in f.shards.values():
+            try:
+                await s.drop_collection(f.collection)
+            finally:
+                await s.close()
+
+
+async def start_drain(client: Client, worker: WorkerHandle, inp: DrainShardInput
+                      ) -> WorkflowHandle[DrainShardWorkflow, DrainShardResult]:
+    return await client.start_workflow(
+        DrainShardWorkflow.run, inp, id=f"drain-{uuid.uuid4().hex[:8]}",
+        task_queue=worker.task_queue,
+    )
+
+
+async def run_under_load(fleet: Fleet, handle: WorkflowHandle) -> tuple[DrainShardResult, LoadGenerator]:
+    async with Router(CatalogRouteSource(fleet.catalog), router_settings()) as router:
+        load = LoadGenerator(router, WorkloadConfig(collection=fleet.collection, rate=200,
+                                                    workers=4, accounts=60))
+        await load.start()
+        try:
+            await wait_until(lambda: sum(r.outcome == "ok" for r in load.records) >= 50,
+                             what="load warm-up")
+            result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+            acked = sum(r.outcome == "ok" for r in load.records)
+            await wait_until(lambda: sum(r.outcome == "ok" for r in load.records) >= acked + 50,
+                             what="writes after the drain")
+        finally:
+            await load.stop()
+    return result, load
+
+
+async def assert_drained(fleet: Fleet, result: DrainShardResult, load: LoadGenerator,
+                         kind: MigrationKind) -> None:
+    assert sorted(result.retired) == sorted(fleet.old), result
+    assert result.moves and all(m.outcome == MigrationOutcome.COMPLETED.value
+                                for m in result.moves), result.moves
+    for sid in fleet.old:
+        assert (await fleet.catalog.shard(sid)).state == ShardState.RETIRED
+    cmap = await fleet.catalog.chunk_map(fleet.collection)
+    assert {c.shard_id for c in cmap.chunks} <= set(fleet.new), cmap
+    for m in result.moves:
+        record = (await fleet.catalog.migrations(collection=fleet.collection))
+        assert any(r.chunk_id == m.chunk_id and r.kind == kind for r in record), m
+    stored = await collect_stored(fleet.shards, fleet.collection)
+    report = check(load.records, stored)
+    assert report.client_errors == 0, report.error_samples
+    assert report.ok, report
+    for sid in fleet.old:
+        assert await fleet.shards[sid].count(fleet.collection) == 0
+    dsns = [s.dsn for s in fleet.shards.values()]
+    assert stream_objects(dsns, "ss_drain") == []
+
+
+# -- 1. upgrade: PostgreSQL 15 -> 18 ---------------------------------------------------------
+
+
+@pytest.mark.pg15
+async def test_upgrade_pg15_shard_to_pg18_under_load(
+    router_catalog: Catalog, pg15_dsn: str, pg18_dsns: list[str], collection_name: str,
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
+) -> None:
+    c = collection_name
+    fleet = await make_fleet(router_catalog, c, {f"{c[:40]}-v15": (pg15_dsn, 15)},
+                             {f"{c[:40]}-v18a": (pg18_dsns[0], 18),
+                              f"{c[:40]}-v18b": (pg18_dsns[1], 18)}, chunks_per_shard=3)
+    fleet_cleanup.append(fleet)
+    handle = await start_drain(temporal_client, worker, DrainShardInput(
+        shards=fleet.old, targets=fleet.new, kind=MigrationKind.UPGRADE, move=FAST))
+    result, load = await run_under_load(fleet, handle)
+    await assert_drained(fleet, result, load, MigrationKind.UPGRADE)
+    # Bin-packing spread the three chunks over both new shards.
+    assert {m.target for m in result.moves} == set(fleet.new)
+    progress = await handle.query(DrainShardWorkflow.progress)
+    assert (progress.phase, progress.chunks_done, progress.chunks_failed) == ("done", 3, 0)
+
+
+# -- 2. merge: bin-pack an underutilized shard onto the others ---------------------------------
+
+
+async def test_merge_drains_a_shard_onto_the_others(
+    router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
+) -> None:
+    c = collection_name
+    fleet = await make_fleet(router_catalog, c, {f"{c[:40]}-m0": (pg18_dsns[0], 18)},
+                             {f"{c[:40]}-m1": (pg18_dsns[1], 18),
+                              f"{c[:40]}-m2": (pg18_dsns[2], 18)}, chunks_per_shard=4)
+    fleet_cleanup.append(fleet)
+    handle = await start_drain(temporal_client, worker, DrainShardInput(
+        shards=fleet.old, targets=fleet.new, max_parallel=2, move=FAST))
+    result, load = await run_under_load(fleet, handle)
+    await assert_drained(fleet, result, load, MigrationKind.MERGE_SHARDS)
+    # Largest first onto the least loaded: both targets take chunks, and their loads differ
+    # by at most the largest chunk.
+    per_target = {t: sum(m.bytes for m in result.moves if m.target == t) for t in fleet.new}
+    assert all(per_target.values()), per_target
+    assert abs(per_target[fleet.new[0]] - per_target[fleet.new[1]]) <= \
+        max(m.bytes for m in result.moves), per_target
+
+
+# -- 3. bad input: a clear error, nothing changes ----------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["unknown_shard", "into_itself", "no_newer_version",
+                                  "bad_move_option", "not_enough_room"])
+async def test_bad_drain_is_refused_and_changes_nothing(
+    case: str, router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
+) -> None:
+    c = collection_name
+    fleet = await make_fleet(router_catalog, c, {f"{c[:40]}-b0": (pg18_dsns[0], 18)},
+                             {f"{c[:40]}-b1": (pg18_dsns[1], 18)})
+    fleet_cleanup.append(fleet)
+    old, new = fleet.old[0], fleet.new[0]
+    kw: dict = {"shards": [old], "targets": [new], "move": FAST}
+    expect = {"unknown_shard": "nosuch", "into_itself": "into themselves",
+              "no_newer_version": "newer major version", "bad_move_option": "move options",
+              "not_enough_room": "no target has room"}[case]
+    if case == "unknown_shard":
+        kw["shards"] = ["nosuch-shard"]
+    elif case == "into_itself":
+        kw["targets"] = [old, new]
+    elif case == "no_newer_version":
+        kw["kind"] = MigrationKind.UPGRADE
+    elif case == "bad_move_option":
+        kw["move"] = {"part_rows": 1}
+    else:
+        first = (await fleet.catalog.chunk_map(c)).chunks[0]
+        load_chunk(pg18_dsns[0], c, first.range, 200)
+        await router_catalog.register_shard(new, pg18_dsns[1], engine="postgres",
+                                            major_version=18, capacity_bytes=1000)
+    before = await fleet.catalog.chunk_map(c)
+    handle = await start_drain(temporal_client, worker, DrainShardInput(**kw))
+    with pytest.raises(WorkflowFailureError) as failed:
+        await asyncio.wait_for(handle.result(), 60)
+    app = next((e for e in failure_chain(failed.value) if isinstance(e, ApplicationError)), None)
+    assert app is not None and app.non_retryable and expect in str(app), failure_chain(failed.value)
+    assert await fleet.catalog.chunk_map(c) == before
+    assert (await fleet.catalog.shard(old)).state == ShardState.ACTIVE
+    assert await fleet.catalog.migrations(collection=c) == []
+
+
+# -- 4. cancel: running moves stop, the shard takes chunks again ------------------------------
+
+
+async def test_cancelled_drain_restores_the_shard(
+    router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
+) -> None:
+    c = collection_name
+    fleet = await make_fleet(router_catalog, c, {f"{c[:40]}-x0": (pg18_dsns[0], 18)},
+                             {f"{c[:40]}-x1": (pg18_dsns[1], 18)}, chunks_per_shard=4)
+    fleet_cleanup.append(fleet)
+    old = fleet.old[0]
+    # A slow lag poll keeps each move long enough to be caught running.
+    handle = await start_drain(temporal_client, worker, DrainShardInput(
+        shards=fleet.old, targets=fleet.new, max_parallel=1, move={**FAST, "poll_s": 2.0}))
+
+    async def moving() -> bool:
+        p = await handle.query(DrainShardWorkflow.progress)
+        return p.phase == "moving" and bool(p.running)
+
+    await wait_until(moving, timeout=60, what="a running move")
+    assert (await fleet.catalog.shard(old)).state == ShardState.DRAINING
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(handle.result(), 120)
+    assert (await fleet.catalog.shard(old)).state == ShardState.ACTIVE
+
+    async def settled() -> bool:  # every move's own cancellation has run to its end
+        return await fleet.catalog.migrations(collection=c, active_only=True) == []
+
+    await wait_until(settled, timeout=60, what="the moves' aborts")
+    cmap = await fleet.catalog.chunk_map(c)
+    assert any(ch.shard_id == old for ch in cmap.chunks), "a cancelled drain moved everything"
+    assert stream_objects([s.dsn for s in fleet.shards.values()], "ss_drain") == []
+    progress = await handle.query(DrainShardWorkflow.progress)
+    assert progress.phase == "cancelled" and progress.running == []
+
+
+# -- 5. the planner (pure logic) ---------------------------------------------------------------
+
+
+def _info(sid: str, version: int = 18, state: ShardState = ShardState.ACTIVE,
+          capacity: int | None = None) -> ShardInfo:
+    now = datetime.now(UTC)
+    return ShardInfo(shard_id=sid, address="host=x", engine="postgres", major_version=version,
+                     state=state, capacity_bytes=capacity, registered_at=now, updated_at=now)
+
+
+def test_targets_default_to_active_newer_shards_for_an_upgrade() -> None:
+    old = _info("old", 15)
+    everyone = [old, _info("a", 18), _info("b", 15), _info("c", 18, ShardState.DRAINING)]
+    merge = _targets(DrainPlanInput(shards=["old"]), [old], everyone)
+    assert [t.shard_id for t in merge] == ["a", "b"]
+    upgrade = _targets(DrainPlanInput(shards=["old"], kind=MigrationKind.UPGRADE), [old], everyone)
+    assert [t.shard_id for t in upgrade] == ["a"]
+
+
+def test_bin_pack_largest_first_onto_the_least_loaded() -> None:
+    chunks = [("c", 1, "old", 50), ("c", 2, "old", 40), ("c", 3, "old", 30), ("c", 4, "old", 20)]
+    load = {"a": 0, "b": 25}
+    moves = _bin_pack(chunks, [_info("a"), _info("b")], load)
+    assert [(m.chunk_id, m.target) for m in moves] == [(1, "a"), (2, "b"), (3, "a"), (4, "b")]
+    assert load == {"a": 80, "b": 85}
+
+
+def test_bin_pack_respects_capacity() -> None:
+    chunks = [("c", 1, "old", 60), ("c", 2, "old", 60)]
+    moves = _bin_pack(chunks, [_info("a", capacity=100), _info("b", capacity=70)],
+                      {"a": 0, "b": 0})
+    assert sorted((m.chunk_id, m.target) for m in moves) == [(1, "a"), (2, "b")]
+    with pytest.raises(ApplicationError, match="no target has room"):
+        _bin_pack(chunks, [_info("a", capacity=100)], {"a": 0})
