@@ -21,6 +21,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 from infra import InfraError, Stack
@@ -155,34 +156,46 @@ def format_progress(p: Any, elapsed: float) -> str:
 
 async def watch_migration(handle: Any, *, interval: float = 0.5, out: IO[str] | None = None,
                           tty: bool | None = None) -> Any:
-    """Poll the ``progress`` query every ``interval`` seconds until the workflow ends.
-
-    On a terminal the line is redrawn in place; otherwise a plain line is printed whenever
-    the phase changes (and every 5 s). Returns the workflow's result (raises its failure).
-    """
+    """Watch a ``MigrateChunkWorkflow`` to its end (see ``watch``)."""
     from workflows.migrate_chunk import MigrateChunkWorkflow  # noqa: PLC0415
 
+    return await watch(handle, MigrateChunkWorkflow.progress, format_progress,
+                       interval=interval, out=out, tty=tty)
+
+
+async def watch(handle: Any, query: Any, fmt: Callable[[Any, float], str], *,
+                interval: float = 0.5, out: IO[str] | None = None,
+                tty: bool | None = None) -> Any:
+    """Poll a progress query every ``interval`` seconds until the workflow ends.
+
+    On a terminal the line is redrawn in place; otherwise a plain line is printed whenever
+    the phase changes (and every 5 s), and once more with the final state. Returns the
+    workflow's result (raises its failure).
+    """
     out = out or sys.stdout
     tty = out.isatty() if tty is None else tty
     result = asyncio.ensure_future(handle.result())
     start = time.monotonic()
     last_phase, last_print = None, 0.0
     try:
-        while not result.done():
+        while True:
+            finished = result.done()
             try:
-                p = await handle.query(MigrateChunkWorkflow.progress)
+                p = await handle.query(query)
             except Exception:  # noqa: BLE001 - not started yet, or already closed
                 p = None
             now = time.monotonic()
             if p is not None:
-                line = format_progress(p, now - start)
+                line = fmt(p, now - start)
                 if tty:
                     out.write("\r\x1b[2K" + line)
                     out.flush()
-                elif p.phase != last_phase or now - last_print >= 5.0:
+                elif finished or p.phase != last_phase or now - last_print >= 5.0:
                     out.write(line + "\n")
                     out.flush()
                     last_phase, last_print = p.phase, now
+            if finished:
+                break  # the line above is the final state
             await asyncio.wait([result], timeout=interval)
     finally:
         if tty:
@@ -277,6 +290,84 @@ async def _check_move(settings: Settings, collection: str, chunk_id: int, target
         raise CliError(f"chunk {chunk_id} of {collection} is already on {target}")
     if shard.state.value != "active":
         raise CliError(f"shard {target} is {shard.state.value}; it takes no chunks")
+
+
+def format_drain_progress(p: Any, elapsed: float) -> str:
+    """One line for a ``DrainProgress``: phase, chunks moved of total with a bar, bytes."""
+    parts = [f"{elapsed:6.1f}s", f"{p.phase:<9}"]
+    if p.chunks_total:
+        parts.append(f"{_bar(p.chunks_done, p.chunks_total)} {p.chunks_done}/{p.chunks_total}"
+                     f" chunks ({_bytes(p.bytes_done)} of {_bytes(p.bytes_total)})")
+    if p.running:
+        parts.append(f"moving {len(p.running)}")
+    if p.chunks_failed:
+        parts.append(f"FAILED {p.chunks_failed}")
+    if p.round > 1:
+        parts.append(f"round {p.round}")
+    return "  ".join(parts)
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    return asyncio.run(_drain(args))
+
+
+async def _drain(args: argparse.Namespace) -> int:
+    from temporalio.client import WorkflowFailureError  # noqa: PLC0415
+    from temporalio.exceptions import WorkflowAlreadyStartedError  # noqa: PLC0415
+
+    from catalog.models import MigrationKind  # noqa: PLC0415
+    from workflows import DrainShardInput, DrainShardWorkflow  # noqa: PLC0415
+
+    settings = get_settings()
+    kind = MigrationKind.UPGRADE if args.upgrade else MigrationKind.MERGE_SHARDS
+    try:
+        inp = DrainShardInput(shards=args.shards, targets=args.to or None, kind=kind,
+                              max_parallel=args.parallel)
+    except ValueError as exc:
+        raise CliError(f"invalid drain: {exc}".replace("\n", " ")) from exc
+    await _check_drain(settings, inp.shards, inp.targets or [])
+    wf_id = args.id or f"{'upgrade' if args.upgrade else 'drain'}-{'-'.join(args.shards)}"
+    client = await _client(settings)
+    task_queue = args.task_queue or settings.temporal.task_queue
+    try:
+        handle = await client.start_workflow(DrainShardWorkflow.run, inp, id=wf_id,
+                                             task_queue=task_queue)
+    except WorkflowAlreadyStartedError:
+        raise CliError(f"workflow {wf_id} is already running (stop it: temporal workflow "
+                       f"cancel --workflow-id {wf_id})") from None
+    ui = _ui_url(settings, wf_id)
+    print(f"started {wf_id} (run {handle.result_run_id}) on task queue {task_queue}")
+    if ui:
+        print(f"watch: {ui}")
+    if args.no_wait:
+        return 0
+    try:
+        result = await watch(handle, DrainShardWorkflow.progress, format_drain_progress)
+    except WorkflowFailureError as exc:
+        cause = exc.cause
+        while getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        print(f"drain {wf_id} failed: {cause or exc}", file=sys.stderr)
+        return 1
+    print(f"retired            {', '.join(result.retired) or '-'}")
+    for m in result.moves:
+        pause = "-" if m.pause_ms is None else f"{m.pause_ms:.1f} ms"
+        print(f"  {m.collection}/{m.chunk_id:<8} {m.source} -> {m.target}  {m.outcome:<9}"
+              f" {m.documents} docs  pause {pause}")
+    return 0
+
+
+async def _check_drain(settings: Settings, shards: list[str], targets: list[str]) -> None:
+    """Refuse unknown shards before starting a workflow (the workflow checks the rest)."""
+    from catalog import Catalog  # noqa: PLC0415
+    from catalog.errors import CatalogError  # noqa: PLC0415
+
+    async with Catalog(catalog_dsn(settings), max_size=1) as cat:
+        for sid in [*shards, *targets]:
+            try:
+                await cat.shard(sid)
+            except CatalogError as exc:
+                raise CliError(str(exc)) from None
 
 
 def _ui_url(settings: Settings, wf_id: str) -> str | None:
@@ -499,6 +590,22 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = sub.add_parser("rollback", help="move a chunk back during its rollback window")
     rollback.add_argument("--id", required=True, metavar="WORKFLOW_ID")
     rollback.set_defaults(func=cmd_rollback)
+
+    drain = sub.add_parser(
+        "drain", help="empty shards chunk by chunk and retire them (merge, or --upgrade)")
+    drain.add_argument("shards", nargs="+", metavar="SHARD", help="the shards to empty")
+    drain.add_argument("--to", nargs="+", metavar="SHARD",
+                       help="where the chunks may go (default: every other active shard; "
+                            "with --upgrade, those of a newer major version)")
+    drain.add_argument("--upgrade", action="store_true",
+                       help="a major-version upgrade: only newer-version shards receive")
+    drain.add_argument("--parallel", type=int, default=2, metavar="N",
+                       help="chunk moves at once (default 2)")
+    drain.add_argument("--no-wait", action="store_true", help="start it and return")
+    drain.add_argument("--id", metavar="WORKFLOW_ID",
+                       help="workflow id (default: drain-SHARDS or upgrade-SHARDS)")
+    drain.add_argument("--task-queue", help="default: settings' temporal.task_queue")
+    drain.set_defaults(func=cmd_drain)
 
     demo = sub.add_parser("demo", help="the main job: a live chunk migration under load")
     demo.set_defaults(func=cmd_demo)

@@ -4,6 +4,8 @@ both under load and judged by the checker; bad input; cancel. Plus the planner's
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from activities.models import DrainPlanInput
 from catalog import Catalog, ShardState
 from catalog.admin import provision_collection
 from catalog.models import MigrationKind, MigrationOutcome, ShardInfo
+from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from shards.models import IndexDefinition
@@ -278,3 +281,37 @@ def test_bin_pack_respects_capacity() -> None:
     assert sorted((m.chunk_id, m.target) for m in moves) == [(1, "a"), (2, "b")]
     with pytest.raises(ApplicationError, match="no target has room"):
         _bin_pack(chunks, [_info("a", capacity=100)], {"a": 0})
+
+
+# -- 6. the CLI ----------------------------------------------------------------------------------
+
+
+async def test_cli_drain_shows_progress_and_retires(
+    router_catalog: Catalog, pg18_dsns: list[str], collection_name: str, stack: Stack,
+    worker: WorkerHandle, fleet_cleanup: list[Fleet],
+) -> None:
+    c = collection_name
+    fleet = await make_fleet(router_catalog, c, {f"{c[:40]}-k0": (pg18_dsns[0], 18)},
+                             {f"{c[:40]}-k1": (pg18_dsns[1], 18)})
+    fleet_cleanup.append(fleet)
+    env = {**os.environ, "SHARDSHIFT_CATALOG_DSN": stack.catalog_dsn,
+           "SHARDSHIFT_TEMPORAL__ADDRESS": stack.temporal.address,
+           "SHARDSHIFT_STATE_DIR": str(stack.state_dir)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "drain", *fleet.old, "--to", *fleet.new,
+        "--task-queue", worker.task_queue, "--id", f"drain-cli-{uuid.uuid4().hex[:6]}",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), RESULT_TIMEOUT_S)
+    text = out.decode()
+    assert proc.returncode == 0, (text, err.decode())
+    assert f"retired            {fleet.old[0]}" in text, text
+    assert "2/2 chunks" in text, text  # the progress line
+    assert (await fleet.catalog.shard(fleet.old[0])).state == ShardState.RETIRED
+    # An unknown shard is refused before any workflow starts.
+    bad = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "drain", "nosuch-shard", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await bad.communicate()
+    assert bad.returncode == 2 and "nosuch-shard" in err.decode(), err.decode()
