@@ -158,6 +158,7 @@ def _bin_pack(chunks: list[tuple[str, int, str, int]], targets: list[ShardInfo],
     Updates ``load`` with the placements.
     """
     cap = {t.shard_id: t.capacity_bytes for t in targets}
+    placed = dict.fromkeys(load, 0)  # ties (empty chunks) spread by count
     moves: list[PlannedMove] = []
     for collection, chunk_id, source, size in sorted(chunks, key=lambda c: (-c[3], c[0], c[1])):
         def room(shard_id: str) -> float:
@@ -170,10 +171,11 @@ def _bin_pack(chunks: list[tuple[str, int, str, int]], targets: list[ShardInfo],
                 f"no target has room for chunk {collection}/{chunk_id} ({size} bytes); "
                 f"room left: { {t: room(t) for t in sorted(load)} }"), "drain")
         if all(c is not None for c in cap.values()):
-            best = min(fitting, key=lambda t: (-room(t), t))
+            best = min(fitting, key=lambda t: (-room(t), placed[t], t))
         else:
-            best = min(fitting, key=lambda t: (load[t], t))
+            best = min(fitting, key=lambda t: (load[t], placed[t], t))
         load[best] += size
+        placed[best] += 1
         moves.append(PlannedMove(collection=collection, chunk_id=chunk_id, source=source,
                                  target=best, bytes=size))
     return moves

@@ -283,6 +283,12 @@ def test_bin_pack_respects_capacity() -> None:
         _bin_pack(chunks, [_info("a", capacity=100)], {"a": 0})
 
 
+def test_bin_pack_spreads_empty_chunks() -> None:
+    chunks = [("c", i, "old", 0) for i in range(4)]
+    moves = _bin_pack(chunks, [_info("a"), _info("b")], {"a": 0, "b": 0})
+    assert sorted(m.target for m in moves) == ["a", "a", "b", "b"]
+
+
 # -- 6. the CLI ----------------------------------------------------------------------------------
 
 
