@@ -370,6 +370,127 @@ async def _check_drain(settings: Settings, shards: list[str], targets: list[str]
                 raise CliError(str(exc)) from None
 
 
+def format_rebalance_progress(p: Any, elapsed: float) -> str:
+    parts = [f"{elapsed:6.1f}s", f"{p.phase:<9}"]
+    if p.loads:
+        parts.append("load " + " ".join(f"{s}={_bytes(b)}" for s, b in sorted(p.loads.items())))
+    if p.chunks_total:
+        parts.append(f"{_bar(p.chunks_done, p.chunks_total)} {p.chunks_done}/{p.chunks_total}"
+                     " moves")
+    if p.splits_done:
+        parts.append(f"{p.splits_done} split(s)")
+    if p.chunks_failed:
+        parts.append(f"FAILED {p.chunks_failed}")
+    return "  ".join(parts)
+
+
+def _every(text: str) -> Any:
+    from datetime import timedelta  # noqa: PLC0415
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value, unit = float(text[:-1]), text[-1]
+        seconds = value * units[unit]
+    except (ValueError, KeyError, IndexError):
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number and s, m, h or d (e.g. 1h)") from None
+    if seconds < 60:
+        raise argparse.ArgumentTypeError("schedule rebalancing at most once a minute")
+    return timedelta(seconds=seconds)
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    return asyncio.run(_rebalance(args))
+
+
+async def _rebalance(args: argparse.Namespace) -> int:
+    from temporalio.client import (  # noqa: PLC0415
+        Schedule,
+        ScheduleActionStartWorkflow,
+        ScheduleIntervalSpec,
+        ScheduleOverlapPolicy,
+        SchedulePolicy,
+        ScheduleSpec,
+        WorkflowFailureError,
+    )
+    from temporalio.service import RPCError, RPCStatusCode  # noqa: PLC0415
+
+    from workflows import RebalanceInput, RebalanceWorkflow  # noqa: PLC0415
+
+    settings = get_settings()
+    client = await _client(settings)
+    task_queue = args.task_queue or settings.temporal.task_queue
+    if args.unschedule:
+        try:
+            await client.get_schedule_handle(args.schedule_id).delete()
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            raise CliError(f"no schedule {args.schedule_id}") from None
+        print(f"deleted schedule {args.schedule_id}")
+        return 0
+    try:
+        inp = RebalanceInput(tolerance=args.tolerance, max_moves=args.max_moves,
+                             max_parallel=args.parallel, split=not args.no_split,
+                             collections=args.collection, shards=args.shard,
+                             dry_run=args.dry_run)
+    except ValueError as exc:
+        raise CliError(f"invalid rebalance: {exc}".replace("\n", " ")) from exc
+    if args.schedule is not None:
+        schedule = Schedule(
+            action=ScheduleActionStartWorkflow(RebalanceWorkflow.run, inp,
+                                               id=args.schedule_id, task_queue=task_queue),
+            spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=args.schedule)]),
+            # A rebalance still running when the next is due: skip the next one.
+            policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        )
+        try:
+            await client.create_schedule(args.schedule_id, schedule)
+            verb = "created"
+        except Exception as exc:  # noqa: BLE001 - the SDK raises its own "already exists" type
+            if "already" not in str(exc).lower():
+                raise
+            handle = client.get_schedule_handle(args.schedule_id)
+
+            async def replace(update: Any) -> Any:
+                from temporalio.client import ScheduleUpdate  # noqa: PLC0415
+
+                return ScheduleUpdate(schedule=schedule)
+
+            await handle.update(replace)
+            verb = "updated"
+        print(f"{verb} schedule {args.schedule_id}: RebalanceWorkflow every {args.schedule} "
+              f"on task queue {task_queue} (delete: shardshift rebalance --unschedule)")
+        return 0
+    wf_id = args.id or "rebalance" + ("-dry-run" if args.dry_run else "")
+    try:
+        handle = await client.start_workflow(RebalanceWorkflow.run, inp, id=wf_id,
+                                             task_queue=task_queue)
+    except Exception as exc:  # noqa: BLE001
+        if "already" not in str(exc).lower():
+            raise
+        raise CliError(f"workflow {wf_id} is already running") from None
+    print(f"started {wf_id} (run {handle.result_run_id}) on task queue {task_queue}")
+    try:
+        result = await watch(handle, RebalanceWorkflow.progress, format_rebalance_progress)
+    except WorkflowFailureError as exc:
+        cause = exc.cause
+        while getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        print(f"rebalance {wf_id} failed: {cause or exc}", file=sys.stderr)
+        return 1
+    print("load before        " + " ".join(f"{s}={_bytes(b)}"
+                                          for s, b in sorted(result.loads_before.items())))
+    print(("load planned       " if args.dry_run else "load after         ")
+          + " ".join(f"{s}={_bytes(b)}" for s, b in sorted(result.loads_after.items())))
+    for sp in result.splits:
+        print(f"  split {sp.collection}/{sp.chunk_id} on {sp.shard}")
+    for m in result.planned:
+        print(f"  plan  {m.collection}/{m.chunk_id} {m.source} -> {m.target} ({_bytes(m.bytes)})")
+    for m in result.moves:
+        print(f"  moved {m.collection}/{m.chunk_id} {m.source} -> {m.target} {m.outcome}")
+    return 0
+
+
 def _ui_url(settings: Settings, wf_id: str) -> str | None:
     if not settings.temporal.address.startswith(("127.0.0.1:", "localhost:")):
         return None
@@ -606,6 +727,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="workflow id (default: drain-SHARDS or upgrade-SHARDS)")
     drain.add_argument("--task-queue", help="default: settings' temporal.task_queue")
     drain.set_defaults(func=cmd_drain)
+
+    reb = sub.add_parser("rebalance", help="even out the data across active shards (now, "
+                                           "or on a Temporal Schedule)")
+    reb.add_argument("--tolerance", type=float, default=0.2,
+                     help="spread allowed between shards, as a fraction of the mean (0.2)")
+    reb.add_argument("--max-moves", type=int, default=4, help="moves per run at most (4)")
+    reb.add_argument("--parallel", type=int, default=2, metavar="N", help="moves at once (2)")
+    reb.add_argument("--no-split", action="store_true",
+                     help="never split a chunk too large to move usefully")
+    reb.add_argument("--collection", nargs="+", help="only these collections")
+    reb.add_argument("--shard", nargs="+", help="only across these active shards")
+    reb.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
+    reb.add_argument("--schedule", type=_every, metavar="EVERY",
+                     help="create (or update) a Temporal Schedule running it every EVERY "
+                          "(e.g. 1h, 30m) instead of running it now")
+    reb.add_argument("--unschedule", action="store_true", help="delete the schedule")
+    reb.add_argument("--schedule-id", default="shardshift-rebalance")
+    reb.add_argument("--id", metavar="WORKFLOW_ID", help="workflow id (default: rebalance)")
+    reb.add_argument("--task-queue", help="default: settings' temporal.task_queue")
+    reb.set_defaults(func=cmd_rebalance)
 
     demo = sub.add_parser("demo", help="the main job: a live chunk migration under load")
     demo.set_defaults(func=cmd_demo)

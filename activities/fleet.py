@@ -1,4 +1,5 @@
-"""Fleet activities: plan and finish the draining of shards (merges and upgrades).
+"""Fleet activities: plan and finish the draining of shards (merges and upgrades), and plan
+the rebalancing of active shards (moves, and splits of chunks too large to move usefully).
 
 A drain empties one or more shards by moving each of their chunks, as a child
 ``MigrateChunkWorkflow``, to the remaining shards, then retires them. ``plan`` is where every
@@ -14,14 +15,20 @@ from temporalio import activity
 
 from activities.context import MoveContext, catalog_failure, non_retryable
 from activities.models import (
+    AllocateIdsInput,
     DrainFinishInput,
     DrainFinishResult,
     DrainPlan,
     DrainPlanInput,
     DrainRestoreInput,
     PlannedMove,
+    PlannedSplit,
+    RebalancePlan,
+    RebalancePlanInput,
+    SplitInput,
 )
 from catalog import CatalogError, ShardState
+from catalog.admin import split_chunk
 from catalog.models import MigrationKind, ShardInfo
 
 
@@ -106,6 +113,125 @@ class FleetActivities:
                     await cat.set_shard_state(shard, ShardState.ACTIVE)
         except CatalogError as exc:
             raise catalog_failure(exc, "restore") from exc
+
+
+    # -- rebalancing -----------------------------------------------------------------------
+
+    @activity.defn(name="rebalance.plan")
+    async def rebalance_plan(self, inp: RebalancePlanInput) -> RebalancePlan:
+        """Measure every active shard and plan moves from the most to the least loaded."""
+        cat = self.ctx.catalog
+        try:
+            active = {s.shard_id for s in await cat.list_shards(ShardState.ACTIVE)}
+            if inp.shards is not None:
+                unknown = sorted(set(inp.shards) - active)
+                if unknown:
+                    raise non_retryable(ValueError(f"shard(s) {unknown} are not active shards"),
+                                        "rebalance")
+                active = set(inp.shards)
+            maps = await cat.chunk_maps()
+            if inp.collections is not None:
+                unknown = sorted(set(inp.collections) - set(maps))
+                if unknown:
+                    raise non_retryable(ValueError(f"unknown collection(s) {unknown}"),
+                                        "rebalance")
+                maps = {c: m for c, m in maps.items() if c in inp.collections}
+            moving = {(m.collection, m.chunk_id)
+                      for m in await cat.migrations(active_only=True)}
+        except CatalogError as exc:
+            raise catalog_failure(exc, "rebalance") from exc
+        chunks: dict[str, list[tuple[str, int, int]]] = {s: [] for s in active}
+        busy = 0
+        for collection, cmap in sorted(maps.items()):
+            for chunk in cmap.chunks:
+                if chunk.shard_id not in active:
+                    continue
+                activity.heartbeat(f"measuring {collection}/{chunk.chunk_id}")
+                engine = await self.ctx.engine(chunk.shard_id)
+                size = await engine.chunk_bytes(collection, chunk.range)
+                if (collection, chunk.chunk_id) in moving:
+                    busy += 1
+                    chunks[chunk.shard_id].append((collection, chunk.chunk_id, -size))
+                else:
+                    chunks[chunk.shard_id].append((collection, chunk.chunk_id, size))
+        plan = plan_rebalance(chunks, tolerance=inp.tolerance, max_moves=inp.max_moves,
+                              max_moves_per_shard=inp.max_moves_per_shard, split=inp.split)
+        return plan.model_copy(update={"busy_chunks": busy})
+
+    @activity.defn(name="rebalance.allocate_ids")
+    async def allocate_ids(self, inp: AllocateIdsInput) -> list[int]:
+        try:
+            return await self.ctx.catalog.allocate_chunk_ids(inp.n)
+        except CatalogError as exc:
+            raise catalog_failure(exc, "allocate chunk ids") from exc
+
+    @activity.defn(name="rebalance.split")
+    async def split(self, inp: SplitInput) -> list[int]:
+        """Split a chunk at the middle of its khash range (a metadata change with a token bump;
+        no data moves). Resumable: the same child ids finish an interrupted split."""
+        cat = self.ctx.catalog
+        try:
+            owner = None
+            try:
+                owner = (await cat.chunk(inp.collection, inp.chunk_id)).shard_id
+            except CatalogError:
+                # Already split by an earlier attempt: the children hold the shard.
+                cmap = await cat.chunk_map(inp.collection)
+                child = cmap.chunk(inp.child_ids[0])
+                if child is None:
+                    raise
+                owner = child.shard_id
+            engines = {owner: await self.ctx.engine(owner)}
+            left, right = await split_chunk(cat, engines, inp.collection, inp.chunk_id,
+                                            child_ids=inp.child_ids)
+        except CatalogError as exc:
+            raise catalog_failure(exc, "split") from exc
+        return [left.chunk_id, right.chunk_id]
+
+
+def plan_rebalance(chunks: dict[str, list[tuple[str, int, int]]], *, tolerance: float,
+                   max_moves: int, max_moves_per_shard: int, split: bool) -> RebalancePlan:
+    """Moves from the most to the least loaded shard until the spread is within tolerance.
+
+    ``chunks`` maps each active shard to (collection, chunk id, estimated bytes); a negative
+    size marks a chunk that is being moved (it counts in its shard's load but is not planned).
+    Each step moves the chunk of the most loaded shard whose size is closest to half the gap
+    (moving ``x`` out of a gap ``g`` leaves ``|g - 2x|``, so only ``x < g`` helps). When no chunk
+    helps and ``split`` is on, the largest chunk of the most loaded shard is split instead and
+    planning stops there (the next round plans with the halves).
+    """
+    load = {s: sum(abs(c[2]) for c in cs) for s, cs in chunks.items()}
+    before = dict(load)
+    moves: list[PlannedMove] = []
+    splits: list[PlannedSplit] = []
+    per_shard = dict.fromkeys(load, 0)
+    movable = {s: [c for c in cs if c[2] >= 0] for s, cs in chunks.items()}
+    while len(load) >= 2 and len(moves) < max_moves:
+        mean = sum(load.values()) / len(load)
+        hi = max(load, key=lambda s: (load[s], s))
+        lo = min(load, key=lambda s: (load[s], s))
+        gap = load[hi] - load[lo]
+        if mean <= 0 or gap <= tolerance * mean:
+            break
+        if per_shard[hi] >= max_moves_per_shard or per_shard[lo] >= max_moves_per_shard:
+            break
+        helpful = [c for c in movable[hi] if 0 < c[2] < gap]
+        if not helpful:
+            if split and movable[hi]:
+                collection, chunk_id, size = max(movable[hi], key=lambda c: (c[2], c[1]))
+                if size > 0:
+                    splits.append(PlannedSplit(collection=collection, chunk_id=chunk_id,
+                                               shard=hi, bytes=size))
+            break
+        pick = min(helpful, key=lambda c: (abs(gap / 2 - c[2]), c[0], c[1]))
+        movable[hi].remove(pick)
+        load[hi] -= pick[2]
+        load[lo] += pick[2]
+        per_shard[hi] += 1
+        per_shard[lo] += 1
+        moves.append(PlannedMove(collection=pick[0], chunk_id=pick[1], source=hi, target=lo,
+                                 bytes=pick[2]))
+    return RebalancePlan(loads=before, loads_after=load, moves=moves, splits=splits)
 
 
 def _targets(inp: DrainPlanInput, drained: list[ShardInfo], everyone: list[ShardInfo]

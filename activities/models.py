@@ -258,3 +258,48 @@ class DrainFinishResult(_Frozen):
 
 class DrainRestoreInput(_Frozen):
     shards: list[str]
+
+
+# -- rebalancing ---------------------------------------------------------------------------------
+
+
+class RebalancePlanInput(_Frozen):
+    tolerance: float = Field(default=0.2, gt=0)
+    """Spread allowed between the most and the least loaded shard, as a fraction of the mean."""
+    max_moves: int = Field(default=4, ge=0)
+    """Moves planned at most (0: only measure)."""
+    max_moves_per_shard: int = Field(default=2, ge=1)
+    split: bool = True
+    """Split a chunk too large to move usefully (a metadata change) instead of giving up."""
+    collections: list[str] | None = None
+    """Balance only these collections' chunks (default: all)."""
+    shards: list[str] | None = None
+    """Balance only across these active shards (default: every active shard)."""
+
+
+class PlannedSplit(_Frozen):
+    collection: str
+    chunk_id: int
+    shard: str
+    bytes: int
+
+
+class RebalancePlan(_Frozen):
+    loads: dict[str, int]
+    """Estimated bytes per active shard now."""
+    loads_after: dict[str, int]
+    """Estimated bytes per active shard once the planned moves are done."""
+    moves: list[PlannedMove]
+    splits: list[PlannedSplit]
+    busy_chunks: int = 0
+    """Chunks left out because a migration is moving them."""
+
+
+class SplitInput(_Frozen):
+    collection: str
+    chunk_id: int
+    child_ids: list[int] = Field(min_length=2, max_length=2)
+
+
+class AllocateIdsInput(_Frozen):
+    n: int = Field(ge=1, le=1000)

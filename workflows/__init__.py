@@ -2,8 +2,9 @@
 
 from workflows.drain_shard import DrainShardInput, DrainShardResult, DrainShardWorkflow
 from workflows.migrate_chunk import MigrateChunkInput, MigrateChunkResult, MigrateChunkWorkflow
+from workflows.rebalance import RebalanceInput, RebalanceResult, RebalanceWorkflow
 
-ALL_WORKFLOWS = [MigrateChunkWorkflow, DrainShardWorkflow]
+ALL_WORKFLOWS = [MigrateChunkWorkflow, DrainShardWorkflow, RebalanceWorkflow]
 
 __all__ = [
     "ALL_WORKFLOWS",
@@ -13,4 +14,7 @@ __all__ = [
     "MigrateChunkInput",
     "MigrateChunkResult",
     "MigrateChunkWorkflow",
+    "RebalanceInput",
+    "RebalanceResult",
+    "RebalanceWorkflow",
 ]

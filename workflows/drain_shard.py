@@ -27,10 +27,10 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ApplicationError, CancelledError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
     from activities.fleet import FleetActivities
@@ -40,15 +40,9 @@ with workflow.unsafe.imports_passed_through():
         DrainPlan,
         DrainPlanInput,
         DrainRestoreInput,
-        PlannedMove,
     )
     from catalog.models import MigrationKind
-    from workflows.migrate_chunk import (
-        MigrateChunkInput,
-        MigrateChunkResult,
-        MigrateChunkWorkflow,
-        describe_failure,
-    )
+    from workflows.child_moves import ChildMove, MovesProgress, check_move_options, run_moves
 
 SA_KIND = SearchAttributeKey.for_keyword("ShardshiftKind")
 SA_SOURCE = SearchAttributeKey.for_keyword("ShardshiftSource")
@@ -56,7 +50,6 @@ SA_PHASE = SearchAttributeKey.for_keyword("ShardshiftPhase")
 
 _QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
                      maximum_attempts=20)
-_RESERVED = {"collection", "chunk_id", "target", "kind", "dry_run"}
 
 
 class DrainShardInput(BaseModel):
@@ -92,23 +85,7 @@ class DrainShardInput(BaseModel):
         return v
 
 
-class DrainedMove(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    workflow_id: str
-    collection: str
-    chunk_id: int
-    source: str
-    target: str
-    bytes: int
-    outcome: str
-    """``completed`` or ``failed``."""
-    pause_ms: float | None = None
-    documents: int = 0
-    detail: str | None = None
-
-
-class DrainProgress(BaseModel):
+class DrainProgress(MovesProgress):
     """Answer of the ``progress`` query."""
 
     shards: list[str] = []
@@ -116,13 +93,6 @@ class DrainProgress(BaseModel):
     phase: str = "starting"
     round: int = 0
     targets: list[str] = []
-    chunks_total: int = 0
-    chunks_done: int = 0
-    chunks_failed: int = 0
-    bytes_total: int = 0
-    bytes_done: int = 0
-    running: list[str] = []
-    failures: list[str] = []
 
 
 class DrainShardResult(BaseModel):
@@ -130,7 +100,7 @@ class DrainShardResult(BaseModel):
 
     shards: list[str]
     retired: list[str]
-    moves: list[DrainedMove]
+    moves: list[ChildMove]
     chunks_left: dict[str, int] = {}
 
 
@@ -138,7 +108,7 @@ class DrainShardResult(BaseModel):
 class DrainShardWorkflow:
     def __init__(self) -> None:
         self._progress = DrainProgress()
-        self._moves: list[DrainedMove] = []
+        self._moves: list[ChildMove] = []
 
     @workflow.query
     def progress(self) -> DrainProgress:
@@ -150,14 +120,7 @@ class DrainShardWorkflow:
 
     @workflow.run
     async def run(self, inp: DrainShardInput) -> DrainShardResult:
-        reserved = sorted(_RESERVED & set(inp.move))
-        if reserved:
-            raise ApplicationError(f"move options may not set {reserved}", non_retryable=True)
-        try:
-            MigrateChunkInput(collection="c", chunk_id=0, target="t", **inp.move)
-        except ValidationError as exc:
-            raise ApplicationError(f"invalid move options: {exc}".replace("\n", " "),
-                                   non_retryable=True) from None
+        check_move_options(inp.move)
         self._progress.shards = list(inp.shards)
         self._progress.kind = inp.kind.value
         workflow.upsert_search_attributes([SA_KIND.value_set(inp.kind.value),
@@ -175,20 +138,11 @@ class DrainShardWorkflow:
                 if not plan.moves:
                     break
                 self._progress.targets = plan.targets
-                self._progress.chunks_total += len(plan.moves)
-                self._progress.bytes_total += plan.bytes_total
                 await self._set_phase("moving")
-                sem = asyncio.Semaphore(inp.max_parallel)
-                # return_exceptions: on a cancel, gather waits for every running move to
-                # finish its own cancellation (abort or complete) instead of returning at
-                # the first cancelled task, which would let the drain end and its close
-                # policy terminate moves halfway.
-                done = await asyncio.gather(*(self._move(inp, m, round_, sem)
-                                              for m in plan.moves), return_exceptions=True)
-                for outcome in done:
-                    if isinstance(outcome, BaseException):
-                        raise outcome
-                if not any(done):
+                moved = await run_moves(plan.moves, kind=inp.kind, options=inp.move,
+                                        max_parallel=inp.max_parallel, round_=round_,
+                                        progress=self._progress, record=self._moves)
+                if not moved:
                     break  # nothing moved in a whole round: more rounds would not help
             await self._set_phase("retiring")
             fin: DrainFinishResult = await workflow.execute_activity_method(
@@ -198,7 +152,7 @@ class DrainShardWorkflow:
         except (asyncio.CancelledError, CancelledError):
             await self._restore(inp, "cancelled")
             raise
-        except ApplicationError:
+        except (ActivityError, ApplicationError):
             await self._restore(inp, "failed")
             raise
         if fin.chunks_left:
@@ -217,41 +171,3 @@ class DrainShardWorkflow:
             start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
         )
         await self._set_phase(phase)
-
-    async def _move(self, inp: DrainShardInput, m: PlannedMove, round_: int,
-                    sem: asyncio.Semaphore) -> bool:
-        """One chunk as a child move; True when it completed."""
-        async with sem:
-            base = f"{workflow.info().workflow_id}/{m.chunk_id}"
-            child_id = base if round_ == 1 else f"{base}.r{round_}"
-            self._progress.running.append(child_id)
-            try:
-                result: MigrateChunkResult = await workflow.execute_child_workflow(
-                    MigrateChunkWorkflow.run,
-                    MigrateChunkInput(collection=m.collection, chunk_id=m.chunk_id,
-                                      target=m.target, kind=inp.kind, **inp.move),
-                    id=child_id,
-                    # Never terminate a move: a terminated one could leave its source frozen.
-                    # A move still running when the drain closes is asked to cancel instead
-                    # (it aborts before its commit point, or finishes after it).
-                    parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
-                )
-            except ChildWorkflowError as exc:
-                detail = describe_failure(exc)
-                self._progress.chunks_failed += 1
-                self._progress.failures.append(f"{m.collection}/{m.chunk_id}: {detail}")
-                self._moves.append(DrainedMove(
-                    workflow_id=child_id, collection=m.collection, chunk_id=m.chunk_id,
-                    source=m.source, target=m.target, bytes=m.bytes, outcome="failed",
-                    detail=detail[:500]))
-                return False
-            finally:
-                self._progress.running.remove(child_id)
-            self._progress.chunks_done += 1
-            self._progress.bytes_done += m.bytes
-            self._moves.append(DrainedMove(
-                workflow_id=child_id, collection=m.collection, chunk_id=m.chunk_id,
-                source=m.source, target=m.target, bytes=m.bytes,
-                outcome=result.outcome.value, pause_ms=result.pause_ms,
-                documents=result.documents, detail=result.detail))
-            return True
