@@ -414,12 +414,13 @@ async def _rebalance(args: argparse.Namespace) -> int:
     )
     from temporalio.service import RPCError, RPCStatusCode  # noqa: PLC0415
 
+    from catalog.models import MigrationKind  # noqa: PLC0415
     from workflows import RebalanceInput, RebalanceWorkflow  # noqa: PLC0415
 
     settings = get_settings()
     client = await _client(settings)
     task_queue = args.task_queue or settings.temporal.task_queue
-    if args.unschedule:
+    if getattr(args, "unschedule", False):
         try:
             await client.get_schedule_handle(args.schedule_id).delete()
         except RPCError as exc:
@@ -428,14 +429,21 @@ async def _rebalance(args: argparse.Namespace) -> int:
             raise CliError(f"no schedule {args.schedule_id}") from None
         print(f"deleted schedule {args.schedule_id}")
         return 0
+    split_shard = getattr(args, "split_shard", None)
     try:
-        inp = RebalanceInput(tolerance=args.tolerance, max_moves=args.max_moves,
-                             max_parallel=args.parallel, split=not args.no_split,
-                             collections=args.collection, shards=args.shard,
-                             dry_run=args.dry_run)
+        if split_shard is not None:
+            inp = RebalanceInput(kind=MigrationKind.SPLIT_SHARD, tolerance=args.tolerance,
+                                 max_moves=args.max_moves, max_parallel=args.parallel,
+                                 collections=args.collection, shards=[split_shard, args.to],
+                                 dry_run=args.dry_run)
+        else:
+            inp = RebalanceInput(tolerance=args.tolerance, max_moves=args.max_moves,
+                                 max_parallel=args.parallel, split=not args.no_split,
+                                 collections=args.collection, shards=args.shard,
+                                 dry_run=args.dry_run)
     except ValueError as exc:
         raise CliError(f"invalid rebalance: {exc}".replace("\n", " ")) from exc
-    if args.schedule is not None:
+    if getattr(args, "schedule", None) is not None:
         schedule = Schedule(
             action=ScheduleActionStartWorkflow(RebalanceWorkflow.run, inp,
                                                id=args.schedule_id, task_queue=task_queue),
@@ -461,7 +469,8 @@ async def _rebalance(args: argparse.Namespace) -> int:
         print(f"{verb} schedule {args.schedule_id}: RebalanceWorkflow every {args.schedule} "
               f"on task queue {task_queue} (delete: shardshift rebalance --unschedule)")
         return 0
-    wf_id = args.id or "rebalance" + ("-dry-run" if args.dry_run else "")
+    wf_id = args.id or (f"split-{split_shard}" if split_shard else "rebalance") + (
+        "-dry-run" if args.dry_run else "")
     try:
         handle = await client.start_workflow(RebalanceWorkflow.run, inp, id=wf_id,
                                              task_queue=task_queue)
@@ -747,6 +756,19 @@ def build_parser() -> argparse.ArgumentParser:
     reb.add_argument("--id", metavar="WORKFLOW_ID", help="workflow id (default: rebalance)")
     reb.add_argument("--task-queue", help="default: settings' temporal.task_queue")
     reb.set_defaults(func=cmd_rebalance)
+
+    split = sub.add_parser("split-shard", help="move half of a hot shard's data to a new "
+                                               "shard (splitting chunks where needed)")
+    split.add_argument("split_shard", metavar="SHARD", help="the hot shard")
+    split.add_argument("--to", required=True, metavar="SHARD", help="the new or emptier shard")
+    split.add_argument("--tolerance", type=float, default=0.1)
+    split.add_argument("--max-moves", type=int, default=64)
+    split.add_argument("--parallel", type=int, default=2, metavar="N")
+    split.add_argument("--collection", nargs="+", help="only these collections")
+    split.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
+    split.add_argument("--id", metavar="WORKFLOW_ID", help="default: split-SHARD")
+    split.add_argument("--task-queue", help="default: settings' temporal.task_queue")
+    split.set_defaults(func=cmd_rebalance)
 
     demo = sub.add_parser("demo", help="the main job: a live chunk migration under load")
     demo.set_defaults(func=cmd_demo)

@@ -9,6 +9,10 @@ close) is split in the catalog first (a metadata change with a token bump; both 
 where they are), and the next round moves a half. The moves run as child
 ``MigrateChunkWorkflow`` s with ids ``{rebalance id}/{chunk id}``; chunks already moving are
 left alone. A dry run returns the plan and changes nothing.
+
+A **shard split** is the same workflow with ``kind=split_shard`` and ``shards=[hot, new]``
+(``shardshift split-shard HOT --to NEW``): half of the hot shard's data moves to the new one,
+chunks split first where they are too large.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.fleet import FleetActivities
@@ -42,6 +47,10 @@ _QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=tim
 
 class RebalanceInput(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: MigrationKind = MigrationKind.REBALANCE
+    """``rebalance``, or ``split_shard``: the same planning between a hot shard and a new one
+    (``shards=[hot, new]``), recorded as a shard split."""
 
     tolerance: float = Field(default=0.2, gt=0)
     """Spread allowed between the most and the least loaded shard, as a fraction of the mean."""
@@ -107,7 +116,10 @@ class RebalanceWorkflow:
     @workflow.run
     async def run(self, inp: RebalanceInput) -> RebalanceResult:
         check_move_options(inp.move)
-        workflow.upsert_search_attributes([SA_KIND.value_set(MigrationKind.REBALANCE.value)])
+        if inp.kind not in (MigrationKind.REBALANCE, MigrationKind.SPLIT_SHARD):
+            raise ApplicationError("a rebalance is a rebalance or a split_shard",
+                                   non_retryable=True)
+        workflow.upsert_search_attributes([SA_KIND.value_set(inp.kind.value)])
         splits: list[PlannedSplit] = []
         before: dict[str, int] | None = None
         for round_ in range(1, inp.rounds + 1):
@@ -134,7 +146,7 @@ class RebalanceWorkflow:
                 self._progress.splits_done += 1
             if plan.moves:
                 self._set_phase("moving")
-                await run_moves(plan.moves, kind=MigrationKind.REBALANCE, options=inp.move,
+                await run_moves(plan.moves, kind=inp.kind, options=inp.move,
                                 max_parallel=inp.max_parallel, round_=round_,
                                 progress=self._progress, record=self._moves)
             if not plan.splits and not plan.moves:

@@ -110,7 +110,7 @@ async def test_rebalance_evens_out_two_shards_under_load(
     assert stream_objects([s.dsn for s in fleet.shards.values()], "ss_rebalance") == []
 
 
-async def test_rebalance_splits_a_chunk_too_large_to_move(
+async def test_shard_split_splits_a_chunk_too_large_to_move(
     router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
     worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
 ) -> None:
@@ -119,8 +119,8 @@ async def test_rebalance_splits_a_chunk_too_large_to_move(
     fleet_cleanup.append(fleet)
     handle = await temporal_client.start_workflow(
         RebalanceWorkflow.run,
-        RebalanceInput(collections=[c], shards=[*fleet.old, *fleet.new], tolerance=0.5,
-                       move=FAST),
+        RebalanceInput(kind=MigrationKind.SPLIT_SHARD, collections=[c],
+                       shards=[*fleet.old, *fleet.new], tolerance=0.5, move=FAST),
         id=f"rebalance-{uuid.uuid4().hex[:8]}", task_queue=worker.task_queue)
     result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
     assert len(result.splits) >= 1, result
@@ -130,6 +130,8 @@ async def test_rebalance_splits_a_chunk_too_large_to_move(
     assert {ch.shard_id for ch in cmap.chunks} == {fleet.old[0], fleet.new[0]}
     total = sum([await fleet.shards[s].count(c) for s in fleet.shards])
     assert total == 4000  # nothing lost, nothing duplicated
+    records = await fleet.catalog.migrations(collection=c)
+    assert records and all(r.kind == MigrationKind.SPLIT_SHARD for r in records)
 
 
 async def test_dry_run_and_bad_input_change_nothing(
