@@ -206,6 +206,21 @@ async def watch(handle: Any, query: Any, fmt: Callable[[Any, float], str], *,
     return result.result()
 
 
+async def watch_or_report(handle: Any, query: Any, fmt: Callable[[Any, float], str],
+                          what: str) -> Any | None:
+    """``watch`` to the end; a failed workflow is reported (its innermost cause) as None."""
+    from temporalio.client import WorkflowFailureError  # noqa: PLC0415
+
+    try:
+        return await watch(handle, query, fmt)
+    except WorkflowFailureError as exc:
+        cause = exc.cause
+        while getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        print(f"{what} failed: {cause or exc}", file=sys.stderr)
+        return None
+
+
 def print_result(r: Any, *, indent: str = "") -> None:
     """The result of a ``MigrateChunkWorkflow``: outcome, documents, pause, phase times."""
     print(f"{indent}outcome            {r.outcome.value}" + (f" ({r.detail})" if r.detail else ""))
@@ -232,7 +247,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
-    from temporalio.client import WorkflowFailureError  # noqa: PLC0415
     from temporalio.exceptions import WorkflowAlreadyStartedError  # noqa: PLC0415
 
     from workflows import MigrateChunkInput, MigrateChunkWorkflow  # noqa: PLC0415
@@ -262,13 +276,9 @@ async def _migrate(args: argparse.Namespace) -> int:
         print(f"watch: {ui}")
     if args.no_wait:
         return 0
-    try:
-        result = await watch_migration(handle)
-    except WorkflowFailureError as exc:
-        cause = exc.cause
-        while getattr(cause, "cause", None) is not None:
-            cause = cause.cause
-        print(f"move {wf_id} failed: {cause or exc}", file=sys.stderr)
+    result = await watch_or_report(handle, MigrateChunkWorkflow.progress, format_progress,
+                                   f"move {wf_id}")
+    if result is None:
         return 1
     print_result(result)
     ok = result.outcome.value in ("completed", "rolled_back") or (args.dry_run and result.plan)
@@ -312,7 +322,6 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 async def _drain(args: argparse.Namespace) -> int:
-    from temporalio.client import WorkflowFailureError  # noqa: PLC0415
     from temporalio.exceptions import WorkflowAlreadyStartedError  # noqa: PLC0415
 
     from catalog.models import MigrationKind  # noqa: PLC0415
@@ -341,13 +350,8 @@ async def _drain(args: argparse.Namespace) -> int:
         print(f"watch: {ui}")
     if args.no_wait:
         return 0
-    try:
-        result = await watch(handle, DrainShardWorkflow.progress, format_drain_progress)
-    except WorkflowFailureError as exc:
-        cause = exc.cause
-        while getattr(cause, "cause", None) is not None:
-            cause = cause.cause
-        print(f"drain {wf_id} failed: {cause or exc}", file=sys.stderr)
+    result = await watch_or_report(handle, DrainShardWorkflow.progress, format_drain_progress, f"drain {wf_id}")
+    if result is None:
         return 1
     print(f"retired            {', '.join(result.retired) or '-'}")
     for m in result.moves:
@@ -410,7 +414,6 @@ async def _rebalance(args: argparse.Namespace) -> int:
         ScheduleOverlapPolicy,
         SchedulePolicy,
         ScheduleSpec,
-        WorkflowFailureError,
     )
     from temporalio.service import RPCError, RPCStatusCode  # noqa: PLC0415
 
@@ -479,13 +482,8 @@ async def _rebalance(args: argparse.Namespace) -> int:
             raise
         raise CliError(f"workflow {wf_id} is already running") from None
     print(f"started {wf_id} (run {handle.result_run_id}) on task queue {task_queue}")
-    try:
-        result = await watch(handle, RebalanceWorkflow.progress, format_rebalance_progress)
-    except WorkflowFailureError as exc:
-        cause = exc.cause
-        while getattr(cause, "cause", None) is not None:
-            cause = cause.cause
-        print(f"rebalance {wf_id} failed: {cause or exc}", file=sys.stderr)
+    result = await watch_or_report(handle, RebalanceWorkflow.progress, format_rebalance_progress, f"rebalance {wf_id}")
+    if result is None:
         return 1
     print("load before        " + " ".join(f"{s}={_bytes(b)}"
                                           for s, b in sorted(result.loads_before.items())))
