@@ -21,6 +21,7 @@ inserts and ``$inc`` patches raise ``OutcomeUnknownError`` instead of risking a 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
@@ -52,6 +53,8 @@ from shards.postgres import PostgresShard
 T = TypeVar("T")
 _MISSING = object()
 
+
+log = logging.getLogger(__name__)
 
 class RouteSource(Protocol):
     """Where the router learns routes: the catalog (``router.catalog_source``)."""
@@ -92,6 +95,9 @@ class Router:
         self._shard_lock = asyncio.Lock()
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -104,8 +110,16 @@ class Router:
             self._listener = asyncio.create_task(self._follow_changes(), name="router-listen")
         return self
 
-    async def close(self) -> None:
-        self._closed = True  # an operation still in flight must not reopen a pool
+    async def close(self, drain_s: float | None = None) -> None:
+        """Stop taking operations, let those in flight finish (up to ``drain_s``, default
+        the retry deadline plus a second: a graceful restart costs clients nothing), then
+        close the connections. Idempotent."""
+        self._closed = True  # new operations are refused; none may reopen a pool
+        wait = self.settings.retry_deadline_s + 1.0 if drain_s is None else drain_s
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=wait)
+        except TimeoutError:
+            log.warning("router closing with %d operation(s) still in flight", self._inflight)
         if self._listener:
             self._listener.cancel()
             try:
@@ -198,12 +212,16 @@ class Router:
         *,
         idempotent: bool,
     ) -> T:
+        if self._closed:
+            raise RouterClosedError(f"the router is closed ({op} on {collection})")
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         deadline = loop.time() + self.settings.retry_deadline_s
         backoff = self.settings.retry_backoff_s
         attempts = 0
         outcome = "error"
+        self._inflight += 1
+        self._idle.clear()
         try:
             while True:
                 route = await self.route(collection)
@@ -239,6 +257,9 @@ class Router:
                     await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
                     backoff = min(backoff * 2, 0.2)
         finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
             metrics.op_duration.record(
                 (time.perf_counter() - started) * 1000.0, {"op": op, "outcome": outcome}
             )

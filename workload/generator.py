@@ -86,6 +86,12 @@ class LoadGenerator:
         for w in range(self.config.workers):
             self._tasks.append(asyncio.create_task(self._worker(w), name=f"load-{w}"))
 
+    async def swap_router(self, router: Router) -> None:
+        """Restart the router under the load: operations from now on go through ``router``;
+        the old one finishes those in flight, then closes (a graceful restart)."""
+        old, self.router = self.router, router
+        await old.close()
+
     async def stop(self) -> None:
         self._stop.set()
         await asyncio.gather(*self._tasks)

@@ -129,3 +129,31 @@ async def test_shard_restart_costs_no_write(stack: Stack, router: Router,
     for k in keys:
         assert (await router.get(c, k, k))["n"] == 1, k
         assert await router.get(c, k, f"{k}-new") is not None, k
+
+
+async def test_close_drains_operations_in_flight(deployment: Deployment) -> None:
+    """A graceful restart: operations already running finish (here one waits out a frozen
+    chunk until it is unfrozen); new ones are refused with a clear error."""
+    from router.catalog_source import CatalogRouteSource  # noqa: PLC0415
+    from router.errors import RouterClosedError  # noqa: PLC0415
+    from tests.router.conftest import router_settings  # noqa: PLC0415
+
+    c = deployment.collection
+    chunk = deployment.initial.locate(khash("drain-key"))
+    shard = deployment.shards[chunk.shard_id]
+    r = await Router(CatalogRouteSource(deployment.catalog), router_settings()).start()
+    await shard.freeze(c, chunk.chunk_id, chunk.token)
+    try:
+        pending = asyncio.create_task(r.insert(c, {"_id": 1, "acct": "drain-key"}))
+        while not r._inflight:  # the insert is in the router, retrying on the frozen chunk
+            await asyncio.sleep(0)
+        closing = asyncio.create_task(r.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done(), "close did not wait for the operation in flight"
+        with pytest.raises(RouterClosedError):
+            await r.get(c, "drain-key", 1)
+    finally:
+        await shard.unfreeze(c, chunk.chunk_id, chunk.token + 1)
+    await pending  # absorbed: it succeeds once the chunk is available again
+    await closing
+    assert await shard.count(c) == 1

@@ -356,3 +356,31 @@ async def test_source_connection_dropped(deployment: Deployment, worker: WorkerH
     with suppress(Exception):
         print(f"phase seconds: {result.phase_seconds}")
     await assert_moved(deployment, result, moving, target, load)
+
+
+# -- 4. the router restarts in each phase ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", ["snapshot", "replicate", "cutover"])
+async def test_router_restarted(phase: str, deployment: Deployment, worker: WorkerHandle,
+                                temporal_client: Client) -> None:
+    """A router restarted mid-move (a fresh instance with a cold chunk-map cache takes over,
+    the old one drains what it has in flight) costs the clients nothing, in any phase."""
+    moving, target, other = pick(deployment)
+    await asyncio.to_thread(preload_chunk, deployment.shards[moving.shard_id].dsn,
+                            deployment.collection, moving, PRELOAD)
+    fresh: Router | None = None
+    try:
+        async with load_on(deployment, moving, other) as load:
+            handle = await start_move(temporal_client, deployment, moving, target,
+                                      worker.task_queue, **BIG)
+            seen = await poll_progress(handle, lambda p: phase_index(p.phase) >= phase_index(phase),
+                                       timeout=120, what=phase)
+            fresh = await Router(CatalogRouteSource(deployment.catalog), router_settings()).start()
+            await load.swap_router(fresh)
+            print(f"\nrouter restarted in phase {seen.phase}")
+            result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+        await assert_moved(deployment, result, moving, target, load)
+    finally:
+        if fresh is not None:
+            await fresh.close()
