@@ -81,7 +81,7 @@ class PostgresShard:
             check=AsyncConnectionPool.check_connection if check else None,
         )
         self._statements: dict[str, D.DocumentStatements] = {}
-        self._find_sql: dict[tuple[str, str, str], sql.Composed] = {}
+        self._find_sql: dict[tuple[str, str, str], bytes] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -302,12 +302,26 @@ class PostgresShard:
             st = self._statements[collection] = D.DocumentStatements(collection)
         return st
 
-    async def _run(self, query: sql.Composed, params: dict[str, Any], collection: str,
+    async def _run(self, query: bytes, params: dict[str, Any], collection: str,
                    chunk_id: int) -> tuple[Any, ...]:
+        pool = self._pool
         try:
-            async with self._connection() as conn:
-                cur = await conn.execute(query, params)
-                row = await cur.fetchone()
+            # The hot path: _connection() inlined (getconn/putconn without the two context
+            # manager layers).
+            for _ in range(self._max_size + 1):
+                conn = await pool.getconn()
+                try:
+                    if _hung_up(conn):
+                        await conn.close()  # the pool replaces it
+                        continue
+                    cur = await conn.execute(query, params)
+                    row = await cur.fetchone()
+                    break
+                finally:
+                    await pool.putconn(conn)
+            else:
+                raise psycopg.OperationalError(
+                    f"{self.shard_id}: the server closed every pooled connection")
         except psycopg.Error as exc:
             raise D.translate_error(exc, collection, chunk_id) from exc
         assert row is not None
