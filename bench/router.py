@@ -21,9 +21,10 @@ Prints ONE JSON object:
   per-operation medians stay put.
 * ``router_ops_per_s`` / ``direct_ops_per_s``: throughput with ``--concurrency`` tasks (the
   direct side gets a pool per shard as large as the router's).
-* ``http_ops_per_s``: the same mix through the HTTP app (``router.http.create_app``) under
-  uvicorn in a background thread (its own event loop), driven by ``httpx.AsyncClient`` with
-  ``--concurrency`` requests in flight. Client and server share this process (and its GIL).
+* ``http_ops_per_s``: the same mix through the HTTP service as deployed (``shardshift router
+  serve``: uvicorn with httptools and uvloop, in its own process), driven from this process by
+  ``httpx.AsyncClient`` with ``--concurrency`` requests in flight. On 2 cores the client, the
+  service and the PostgreSQL servers share the CPUs.
 
 It starts a private stack (catalog + 2 shards) in a temporary directory, provisions a
 collection with ``catalog.admin.provision_collection``, loads ``--docs`` documents of ~1 KB,
@@ -38,12 +39,13 @@ import asyncio
 import cProfile
 import io
 import json
+import os
 import pstats
 import random
 import socket
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -247,53 +249,46 @@ def _free_port() -> int:
 
 
 class HttpServer:
-    """The router's HTTP app under uvicorn, in a thread with its own event loop."""
+    """The router's HTTP service as deployed: ``shardshift router serve`` in its own process
+    (uvicorn with httptools and uvloop), so client and server do not share a GIL."""
 
     def __init__(self, catalog_dsn: str, settings: RouterSettings) -> None:
         self.catalog_dsn = catalog_dsn
         self.settings = settings
         self.port = _free_port()
-        self.server: Any = None
-        self.error: BaseException | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="bench-http", daemon=True)
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - reported to the main thread
-            self.error = exc
-        finally:
-            self._ready.set()
-
-    async def _serve(self) -> None:
-        import uvicorn  # noqa: PLC0415
-
-        from router.http import create_app  # noqa: PLC0415
-
-        async with Catalog(self.catalog_dsn, max_size=4) as catalog:
-            app = create_app(lambda: Router(CatalogRouteSource(catalog), self.settings),
-                             self.settings)
-            config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                    access_log=False, lifespan="on")
-            self.server = uvicorn.Server(config)
-            serving = asyncio.create_task(self.server.serve())
-            while not self.server.started and not serving.done():
-                await asyncio.sleep(0.01)
-            self._ready.set()
-            await serving
-
-    def start(self) -> HttpServer:
-        self._thread.start()
-        self._ready.wait(60)
-        if self.error is not None or self.server is None or not self.server.started:
-            raise RuntimeError(f"HTTP server did not start: {self.error!r}")
-        return self
+    def start(self, timeout: float = 60.0) -> HttpServer:
+        env = {**os.environ, "SHARDSHIFT_CATALOG_DSN": self.catalog_dsn}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "router", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"HTTP service exited: {err[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                    conn.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+                    if b" 200 " in conn.recv(64):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"HTTP service not ready in {timeout}s")
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-        self._thread.join(30)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 async def http_throughput(port: int, token: str, targets: list[Target], ops: int,
@@ -413,19 +408,14 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
             for fn, out in pair[r:] + pair[:r]:
                 await sequential(fn, targets, seq, 0, out)
 
-        # HTTP: its own router and catalog pool inside the server's thread and loop.
-        # Client and server share the GIL: a short switch interval keeps either from waiting
-        # up to 5 ms for the other's time slice.
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(0.0005)
-        server = HttpServer(catalog_dsn, settings).start()
+        # HTTP: the service in its own process, with its own router and catalog pool.
+        server = await asyncio.to_thread(HttpServer(catalog_dsn, settings).start)
         try:
             token = settings.http_tokens[0].get_secret_value()
             http_tp = await http_throughput(server.port, token, targets, http_ops, concurrency,
                                             warmup=max(500, http_ops // 20))
         finally:
-            server.stop()
-            sys.setswitchinterval(switch)
+            await asyncio.to_thread(server.stop)
 
         result: dict[str, Any] = {}
         result.update(_lat_summary("direct", lat_d))
