@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -94,6 +94,16 @@ class Settings(BaseSettings):
     @property
     def staging(self) -> str:
         return self.staging_url or str(self.state_dir / "staging")
+
+    @model_validator(mode="after")
+    def _local_temporal_follows_infra(self) -> Settings:
+        """Without an explicit Temporal address, use the local stack's Temporal port (so
+        ``SHARDSHIFT_INFRA__TEMPORAL_PORT`` alone moves both the server and its clients)."""
+        if "address" not in self.temporal.model_fields_set and self.infra.temporal_port != 7233:
+            temporal = self.temporal.model_copy(
+                update={"address": f"127.0.0.1:{self.infra.temporal_port}"})
+            object.__setattr__(self, "temporal", temporal)
+        return self
 
 
 @lru_cache(maxsize=1)

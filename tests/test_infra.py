@@ -88,3 +88,12 @@ def test_data_dir_owned_by_someone_else(state_dir: Path) -> None:
 def test_session_stack_is_healthy(stack: Stack) -> None:
     assert all(s.healthy for s in stack.status())
     assert len(stack.shard_dsns()) >= 3
+
+
+def test_temporal_address_follows_the_local_port_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from settings import Settings  # noqa: PLC0415
+
+    monkeypatch.setenv("SHARDSHIFT_INFRA__TEMPORAL_PORT", "27999")
+    assert Settings().temporal.address == "127.0.0.1:27999"
+    monkeypatch.setenv("SHARDSHIFT_TEMPORAL__ADDRESS", "temporal.internal:7233")
+    assert Settings().temporal.address == "temporal.internal:7233"
