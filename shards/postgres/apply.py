@@ -17,9 +17,11 @@ the batch in ONE target transaction:
 
 Invariants
 ----------
-* **Exactly once.** The origin's progress commits atomically with the rows (step 3 + 5 are
-  one transaction), so after any crash the origin says precisely which source transactions
-  the target holds. A restarted applier asks the slot for the stream from that LSN, and
+* **Exactly once.** The stream's state row (step 4) commits atomically with the rows, so
+  after any crash it says precisely which source transactions the target holds. The origin's
+  progress (step 3) normally equals it, but it can run ahead after a killed applier (the
+  aborted batch's origin LSN is committed by the backend's exit-time temp-table cleanup), so
+  a starting applier moves the origin to the state row before it streams. A restarted applier asks the slot for the stream from that LSN, and
   drops any transaction whose end LSN is not beyond it (the server may resend from its own,
   older, confirmed position). A crash between the commit and the feedback therefore costs a
   resend, never a double apply; a crash before the commit loses nothing because the source
@@ -44,7 +46,7 @@ Control surface (other processes, through the target)
 ``shardshift.stream_state`` holds one row per stream, keyed by the stream's name:
 
 * ``applied_lsn`` / ``applied_commit_at``: end LSN and source commit time of the last
-  applied source transaction (equal to the origin's progress: same transaction).
+  applied source transaction (the truth the origin is reset to at start-up).
 * ``caught_up_lsn``: every source transaction committing before it is applied (advances on
   idle keepalives too), ``source_lsn``: the source position last reported by the server,
   ``lag_s``: source commit to target commit of the last batch (0 when caught up).
@@ -346,23 +348,24 @@ class ChangeApplier:
                 " WHERE stream = %s", (name,),
             ).fetchone()
             assert state is not None
-            if state[0] and lsn_from_str(state[0]) > progress:
-                # The state row claims more than the origin, which commits with the data:
-                # the origin was dropped or reset behind our back. Refuse rather than guess.
-                raise StreamStateError(
-                    f"stream {name}: origin progress {lsn_to_str(progress)} is behind "
-                    f"stream_state.applied_lsn {state[0]}"
-                )
-            if state[0] and lsn_from_str(state[0]) < progress:
-                # The origin is the truth for exactly-once (it commits atomically with the
-                # rows); the status row is only a report. Seen once after a SIGKILLed
-                # applier under heavy load; repair the report and resume from the origin.
-                log.warning("stream %s: stream_state.applied_lsn %s behind origin progress %s;"
-                            " resuming from the origin", name, state[0], lsn_to_str(progress))
-                conn.execute(
-                    "UPDATE shardshift.stream_state SET applied_lsn = %s::pg_lsn WHERE stream = %s",
-                    (lsn_to_str(progress), name),
-                )
+            if state[0] and lsn_from_str(state[0]) != progress:
+                # The state row is the truth: it is written only by the transactions that
+                # apply data. The origin can run ahead of the data: a batch that set
+                # pg_replication_origin_xact_setup() and then aborted (its applier killed)
+                # leaves the session's origin LSN set, and the backend's exit-time cleanup
+                # of its temp table commits with it, advancing the origin past transactions
+                # that never landed (seen in pg_waldump: ABORT then a COMMIT dropping the
+                # temp table, both carrying the origin). Rewind (or forward) the origin to
+                # the row; re-applying from there is idempotent.
+                row_lsn = state[0]
+                log.warning("stream %s: replication origin at %s but stream_state.applied_lsn"
+                            " at %s; the origin follows the state row", name,
+                            lsn_to_str(progress), row_lsn)
+                conn.execute("SELECT pg_replication_origin_session_reset()")
+                conn.execute("SELECT pg_replication_origin_advance(%s, %s::pg_lsn)",
+                             (name, row_lsn))
+                conn.execute("SELECT pg_replication_origin_session_setup(%s)", (name,))
+                progress = lsn_from_str(row_lsn)
             conn.execute("SELECT set_config('application_name', %s, false)",
                          (f"shardshift-apply {name}"[:63],))
             conn.execute(
