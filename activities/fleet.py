@@ -195,9 +195,10 @@ def plan_rebalance(chunks: dict[str, list[tuple[str, int, int]]], *, tolerance: 
 
     ``chunks`` maps each active shard to (collection, chunk id, estimated bytes); a negative
     size marks a chunk that is being moved (it counts in its shard's load but is not planned).
-    Each step moves the chunk of the most loaded shard whose size is closest to half the gap
-    (moving ``x`` out of a gap ``g`` leaves ``|g - 2x|``, so only ``x < g`` helps). When no chunk
-    helps and ``split`` is on, the largest chunk of the most loaded shard is split instead and
+    Each step takes the most and the least loaded shards still under their per-shard limit and
+    moves the chunk of the first whose size is closest to half the gap (moving ``x`` out of a
+    gap ``g`` leaves ``|g - 2x|``, so only ``x < g`` helps). When no chunk helps and ``split``
+    is on, the largest chunk of that shard is split instead, if moving a half would help, and
     planning stops there (the next round plans with the halves).
     """
     load = {s: sum(abs(c[2]) for c in cs) for s, cs in chunks.items()}
@@ -208,18 +209,23 @@ def plan_rebalance(chunks: dict[str, list[tuple[str, int, int]]], *, tolerance: 
     movable = {s: [c for c in cs if c[2] >= 0] for s, cs in chunks.items()}
     while len(load) >= 2 and len(moves) < max_moves:
         mean = sum(load.values()) / len(load)
-        hi = max(load, key=lambda s: (load[s], s))
-        lo = min(load, key=lambda s: (load[s], s))
-        gap = load[hi] - load[lo]
-        if mean <= 0 or gap <= tolerance * mean:
+        if mean <= 0 or max(load.values()) - min(load.values()) <= tolerance * mean:
             break
-        if per_shard[hi] >= max_moves_per_shard or per_shard[lo] >= max_moves_per_shard:
+        # The most and the least loaded shards still under their per-shard move limit.
+        free = [s for s in load if per_shard[s] < max_moves_per_shard]
+        givers = [s for s in free if movable[s]]
+        if not givers or len(free) < 2:
+            break
+        hi = max(givers, key=lambda s: (load[s], s))
+        lo = min((s for s in free if s != hi), key=lambda s: (load[s], s))
+        gap = load[hi] - load[lo]
+        if gap <= tolerance * mean:
             break
         helpful = [c for c in movable[hi] if 0 < c[2] < gap]
         if not helpful:
-            if split and movable[hi]:
+            if split:
                 collection, chunk_id, size = max(movable[hi], key=lambda c: (c[2], c[1]))
-                if size > 0:
+                if 0 < size / 2 < gap:  # moving a half would close part of the gap
                     splits.append(PlannedSplit(collection=collection, chunk_id=chunk_id,
                                                shard=hi, bytes=size))
             break

@@ -52,6 +52,17 @@ def test_limits_and_busy_chunks_are_respected() -> None:
                           split=True).moves == []
 
 
+def test_a_shard_at_its_limit_does_not_stop_the_others() -> None:
+    # After a -> b, both are at their limit of one move; c still gives to d.
+    chunks = {"a": [("c", 1, 50), ("c", 2, 50)], "b": [],
+              "c": [("c", 3, 30), ("c", 4, 10)], "d": []}
+    plan = plan_rebalance(chunks, tolerance=0.2, max_moves=4, max_moves_per_shard=1,
+                          split=True)
+    assert [(m.chunk_id, m.source, m.target) for m in plan.moves] == [(1, "a", "b"),
+                                                                       (3, "c", "d")]
+    assert plan.loads_after == {"a": 50, "b": 50, "c": 10, "d": 30}
+
+
 def test_a_chunk_too_large_to_move_is_split() -> None:
     chunks = {"a": [("c", 1, 100)], "b": []}
     plan = plan_rebalance(chunks, tolerance=0.2, max_moves=4, max_moves_per_shard=2, split=True)
