@@ -432,18 +432,14 @@ async def _rebalance(args: argparse.Namespace) -> int:
             raise CliError(f"no schedule {args.schedule_id}") from None
         print(f"deleted schedule {args.schedule_id}")
         return 0
-    split_shard = getattr(args, "split_shard", None)
+    split_shard = getattr(args, "split_shard", None)  # `split-shard HOT --to NEW`
     try:
-        if split_shard is not None:
-            inp = RebalanceInput(kind=MigrationKind.SPLIT_SHARD, tolerance=args.tolerance,
-                                 max_moves=args.max_moves, max_parallel=args.parallel,
-                                 collections=args.collection, shards=[split_shard, args.to],
-                                 dry_run=args.dry_run)
-        else:
-            inp = RebalanceInput(tolerance=args.tolerance, max_moves=args.max_moves,
-                                 max_parallel=args.parallel, split=not args.no_split,
-                                 collections=args.collection, shards=args.shard,
-                                 dry_run=args.dry_run)
+        inp = RebalanceInput(
+            kind=MigrationKind.SPLIT_SHARD if split_shard else MigrationKind.REBALANCE,
+            tolerance=args.tolerance, max_moves=args.max_moves, max_parallel=args.parallel,
+            split=not getattr(args, "no_split", False), collections=args.collection,
+            shards=[split_shard, args.to] if split_shard else args.shard, dry_run=args.dry_run,
+        )
     except ValueError as exc:
         raise CliError(f"invalid rebalance: {exc}".replace("\n", " ")) from exc
     if getattr(args, "schedule", None) is not None:
@@ -653,6 +649,12 @@ async def _collection_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workflow_args(parser: argparse.ArgumentParser, default_id: str) -> None:
+    """``--id`` and ``--task-queue``, shared by every command that starts a workflow."""
+    parser.add_argument("--id", metavar="WORKFLOW_ID", help=f"workflow id (default: {default_id})")
+    parser.add_argument("--task-queue", help="default: settings' temporal.task_queue")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardshift", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -702,9 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--rollback-window", type=float, default=0.0, metavar="S",
                          help="seconds after the cutover during which `rollback` is accepted")
     migrate.add_argument("--no-wait", action="store_true", help="start it and return")
-    migrate.add_argument("--id", metavar="WORKFLOW_ID",
-                         help="workflow id (default: move-COLLECTION-CHUNK)")
-    migrate.add_argument("--task-queue", help="default: settings' temporal.task_queue")
+    _workflow_args(migrate, "move-COLLECTION-CHUNK")
     migrate.set_defaults(func=cmd_migrate)
 
     moves = sub.add_parser("moves", help="list chunk migrations (Temporal visibility)")
@@ -730,9 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--parallel", type=int, default=2, metavar="N",
                        help="chunk moves at once (default 2)")
     drain.add_argument("--no-wait", action="store_true", help="start it and return")
-    drain.add_argument("--id", metavar="WORKFLOW_ID",
-                       help="workflow id (default: drain-SHARDS or upgrade-SHARDS)")
-    drain.add_argument("--task-queue", help="default: settings' temporal.task_queue")
+    _workflow_args(drain, "drain-SHARDS or upgrade-SHARDS")
     drain.set_defaults(func=cmd_drain)
 
     reb = sub.add_parser("rebalance", help="even out the data across active shards (now, "
@@ -751,8 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(e.g. 1h, 30m) instead of running it now")
     reb.add_argument("--unschedule", action="store_true", help="delete the schedule")
     reb.add_argument("--schedule-id", default="shardshift-rebalance")
-    reb.add_argument("--id", metavar="WORKFLOW_ID", help="workflow id (default: rebalance)")
-    reb.add_argument("--task-queue", help="default: settings' temporal.task_queue")
+    _workflow_args(reb, "rebalance")
     reb.set_defaults(func=cmd_rebalance)
 
     split = sub.add_parser("split-shard", help="move half of a hot shard's data to a new "
@@ -764,8 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--parallel", type=int, default=2, metavar="N")
     split.add_argument("--collection", nargs="+", help="only these collections")
     split.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
-    split.add_argument("--id", metavar="WORKFLOW_ID", help="default: split-SHARD")
-    split.add_argument("--task-queue", help="default: settings' temporal.task_queue")
+    _workflow_args(split, "split-SHARD")
     split.set_defaults(func=cmd_rebalance)
 
     demo = sub.add_parser("demo", help="the main job: a live chunk migration under load")

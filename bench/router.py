@@ -276,7 +276,7 @@ class HttpServer:
                     if b" 200 " in conn.recv(64):
                         return self
             except OSError:
-                pass
+                pass  # not listening yet
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"HTTP service not ready in {timeout}s")

@@ -76,7 +76,7 @@ def ensure_os_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
-        pass
+        pass  # missing: created below
     if os.geteuid() != 0:
         raise InfraError(f"OS user {name!r} does not exist and only root can create it")
     subprocess.run(

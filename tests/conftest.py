@@ -72,7 +72,7 @@ def reap_abandoned_stacks() -> None:
             os.kill(owner, 0)
             continue  # its session is still running
         except ProcessLookupError:
-            pass
+            pass  # its owner is gone: a leftover, reaped below
         except (OSError, ValueError):
             continue  # not ours to judge (no owner file yet, or unreadable)
         try:

@@ -101,7 +101,7 @@ class LoadGenerator:
         try:
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
         except TimeoutError:
-            pass
+            pass  # the normal end: the time is up
         await self.stop()
 
     async def _worker(self, w: int) -> None:
@@ -140,7 +140,7 @@ class LoadGenerator:
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=delay)
                 except TimeoutError:
-                    pass
+                    pass  # the pause to the next operation is over
             else:
                 next_at = time.monotonic()  # behind schedule: do not burst to catch up
 

@@ -282,7 +282,7 @@ async def test_target_down_during_import(stack: Stack, deployment: Deployment,
                         if len(rows) >= len(seen_rows):
                             seen_rows[:] = rows
                     except psycopg.OperationalError:
-                        pass
+                        pass  # the target is (still) down: keep the last view
                     await asyncio.sleep(0.01)
 
             watcher = asyncio.create_task(watch_parts())
