@@ -66,6 +66,15 @@ class RouterSettings(_Frozen):
     retry_backoff_s: float = Field(default=0.002, gt=0)
     pool_min_size: int = 1
     pool_max_size: int = 8
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    """Upper bound of one connection attempt to a shard (also bounded by the deadline)."""
+    breaker_open_s: float = Field(default=1.0, gt=0)
+    """After a failed connect to a shard, operations on it fail fast this long, then one
+    probes."""
+    catalog_timeout_s: float = Field(default=2.0, gt=0)
+    """Upper bound of one catalog read by the router (a route, a shard address)."""
+    listen_check_s: float = Field(default=5.0, gt=0)
+    """A quiet catalog listener proves its connection alive this often."""
     max_document_bytes: int = 4 * 1024 * 1024
     http_tokens: list[SecretStr] = Field(default_factory=lambda: [SecretStr("shardshift-local")])
 

@@ -30,16 +30,26 @@ T = TypeVar("T")
 class MoveContext:
     """The catalog, shard engines (by catalog shard id) and staging area of a worker."""
 
-    def __init__(self, catalog: Catalog, staging: Staging, *, max_threads: int = 64) -> None:
+    def __init__(self, catalog: Catalog, staging: Staging, *, max_threads: int = 64,
+                 address_ttl_s: float = 5.0) -> None:
+        """Args:
+            address_ttl_s: a shard's address is re-read from the catalog (in the background)
+                when it was last read longer ago than this, so a shard re-registered at a new
+                address is followed within about that long.
+        """
         self.catalog = catalog
         self.staging = staging
         self.executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="move")
+        self.address_ttl_s = address_ttl_s
         self._engines: dict[str, PostgresShard] = {}
+        self._address_read_at: dict[str, float] = {}
+        self._address_checks: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
 
     async def engine(self, shard_id: str) -> PostgresShard:
         engine = self._engines.get(shard_id)
         if engine is not None:
+            self._check_address_soon(shard_id, engine)
             return engine
         async with self._lock:
             engine = self._engines.get(shard_id)
@@ -47,12 +57,39 @@ class MoveContext:
                 info = await self.catalog.shard(shard_id)
                 engine = await PostgresShard(shard_id, info.address, max_size=4, check=True).open()
                 self._engines[shard_id] = engine
+                self._address_read_at[shard_id] = asyncio.get_running_loop().time()
             return engine
+
+    def _check_address_soon(self, shard_id: str, engine: PostgresShard) -> None:
+        """Re-read the shard's address in the background when it is older than the TTL; the
+        caller never waits for the catalog (it may be down: then the address we have stays)."""
+        now = asyncio.get_running_loop().time()
+        if (now - self._address_read_at.get(shard_id, now) < self.address_ttl_s
+                or shard_id in self._address_checks):
+            return
+        self._address_read_at[shard_id] = now
+
+        async def check() -> None:
+            try:
+                async with asyncio.timeout(self.address_ttl_s):
+                    address = (await self.catalog.shard(shard_id)).address
+            except Exception:  # noqa: BLE001 - keep the address we have
+                return
+            if address != engine.dsn:
+                engine.set_dsn(address)  # new connections go there; nothing in flight breaks
+
+        task = asyncio.create_task(check(), name=f"shard-address-{shard_id}")
+        self._address_checks[shard_id] = task
+        task.add_done_callback(lambda _: self._address_checks.pop(shard_id, None))
 
     async def dsn(self, shard_id: str) -> str:
         return (await self.engine(shard_id)).dsn
 
     async def close(self) -> None:
+        checks = list(self._address_checks.values())
+        for task in checks:
+            task.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
         engines, self._engines = list(self._engines.values()), {}
         await asyncio.gather(*(e.close() for e in engines), return_exceptions=True)
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -13,17 +13,40 @@ nothing was written).
 A lost notification costs one retry, never a wrong answer: reads are fenced exactly like
 writes, so a stale map can never read "not found" from a shard that no longer owns a chunk.
 
-Connection failures are different: the write may or may not have committed. Operations whose
-repetition is harmless (get, find, replace, delete, ``$set``/``$unset`` patches) are retried;
-inserts and ``$inc`` patches raise ``OutcomeUnknownError`` instead of risking a double apply.
+The catalog is not on the data path
+-----------------------------------
+Because a stale map is safe, the router never throws a map away. A change notification marks
+the collection's map stale and reloads it in the background; until the reload succeeds the old
+map keeps serving (a fence rejection forces a reload on the spot). So a catalog outage costs
+nothing for collections whose maps are cached; only a collection never seen before, or a chunk
+that really moved, waits for the catalog (bounded by the deadline, then
+``RouteUnavailableError``/``RetryDeadlineExceeded``, HTTP 503). When the listener (re)connects
+it reports that anything may have changed, and every cached map and shard address is re-read.
+
+Shard addresses follow the catalog: a shard-registry notification (and a shard that cannot be
+reached) makes the router re-read the addresses of the shards it has pools for; a changed one
+is swapped into the pool, in-flight operations finishing on the old connections.
+
+When a shard cannot be reached, or the connection breaks
+--------------------------------------------------------
+* Nothing sent (no connection in time, the shard's circuit breaker open, a pooled connection
+  the server had already hung up on): every operation is retried until the deadline, then
+  ``ShardUnavailableError`` (HTTP 503 with ``Retry-After``). The engine's pool bounds each wait
+  by the remaining deadline, so an operation never hangs on a dead server.
+* Sent, and the connection broke before the reply (``ShardConnectionLostError``): reads are
+  retried. Writes (insert, replace, delete, every patch) raise ``OutcomeUnknownError`` and
+  are never repeated: the first attempt may have committed, and a blind repeat could undo a
+  write another client made in between (a delete repeated after the document was inserted
+  again, a replace repeated over a later ``$inc``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol, TypeVar
 
 import bson
@@ -37,16 +60,22 @@ from router.errors import (
     OutcomeUnknownError,
     RetryDeadlineExceeded,
     RouterClosedError,
+    RouteUnavailableError,
     ShardKeyChangeError,
+    ShardUnavailableError,
+    UnknownCollectionError,
 )
 from router.hashing import khash
 from router.routes import CollectionRoute
 from settings import RouterSettings
+from shards import errors as serr
+from shards.codec import encode_value
 from shards.errors import (
     FenceRejectedError,
     InvalidDocumentError,
     InvalidNameError,
     KeyOutsideChunkError,
+    ShardConnectionLostError,
 )
 from shards.postgres import PostgresShard
 
@@ -63,7 +92,9 @@ class RouteSource(Protocol):
         """The collection's current route; ``UnknownCollectionError`` if it does not exist."""
         ...
 
-    async def shard_dsn(self, shard_id: str) -> str: ...
+    async def shard_dsn(self, shard_id: str) -> str:
+        """The shard's current address (bounded: raises rather than hang on the catalog)."""
+        ...
 
     def changes(self) -> AsyncIterator[str | None]:
         """Names of collections whose layout changed (None: anything may have changed)."""
@@ -90,9 +121,13 @@ class Router:
         self.settings = settings or RouterSettings()
         self._listen = listen
         self._routes: dict[str, CollectionRoute] = {}
+        self._stale: set[str] = set()  # cached maps the catalog said changed: reload soon
+        self._retry_at: dict[str, float] = {}  # no background reload before (catalog down)
         self._refreshing: dict[str, asyncio.Future[CollectionRoute]] = {}
         self._shards: dict[str, PostgresShard] = {}
         self._shard_lock = asyncio.Lock()
+        self._address_check_at = 0.0
+        self._background: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
         self._inflight = 0
@@ -120,13 +155,11 @@ class Router:
             await asyncio.wait_for(self._idle.wait(), timeout=wait)
         except TimeoutError:
             log.warning("router closing with %d operation(s) still in flight", self._inflight)
-        if self._listener:
-            self._listener.cancel()
-            try:
-                await self._listener
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
-                pass
-            self._listener = None
+        tasks = [*self._background, *([self._listener] if self._listener else [])]
+        self._listener = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         shards, self._shards = list(self._shards.values()), {}
         await asyncio.gather(*(s.close() for s in shards), return_exceptions=True)
         closer = getattr(self.source, "close", None)
@@ -139,45 +172,96 @@ class Router:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _follow_changes(self) -> None:
-        """Drop cached routes the catalog says changed; reconnect after failures."""
+        """Mark the maps the catalog says changed stale and reload them in the background;
+        re-check shard addresses on registry changes. Never drops a map (see the module
+        docstring): a catalog outage must not become a data-plane outage."""
         while True:
             try:
                 async for collection in self.source.changes():
-                    if collection is None:
-                        self._routes.clear()
-                    else:
-                        self._routes.pop(collection, None)
                     metrics.map_refreshes.add(1, {"reason": "notification"})
+                    if collection is None:  # anything may have changed (or we were deaf)
+                        for name in list(self._routes):
+                            self._mark_stale(name)
+                        self._check_addresses_soon(force=True)
+                    elif collection in self._routes:
+                        self._mark_stale(collection)
                 # The source stopped (or never follows changes): rejections keep us correct.
                 await asyncio.sleep(0.5)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the catalog may restart; rejections still work
-                self._routes.clear()
+            except Exception as exc:  # noqa: BLE001 - the catalog may restart; rejections still work
+                log.warning("router: following catalog changes failed (%s); retrying",
+                            type(exc).__name__)
                 await asyncio.sleep(0.5)
 
     # -- routes and shards -------------------------------------------------------------------
 
     async def route(self, collection: str) -> CollectionRoute:
+        """The collection's map: the cached one (reloaded in the background when stale), or
+        read from the catalog when none is cached."""
         route = self._routes.get(collection)
         if route is None:
-            route = await self._refresh(collection)
+            return await self._refresh(collection)
+        if collection in self._stale:
+            self._reload_soon(collection)
         return route
 
+    def _mark_stale(self, collection: str) -> None:
+        self._stale.add(collection)
+        self._retry_at.pop(collection, None)
+        self._reload_soon(collection)
+
+    def _reload_soon(self, collection: str) -> None:
+        """Reload a stale map in the background, at most once a second while it fails."""
+        loop = asyncio.get_running_loop()
+        if collection in self._refreshing or loop.time() < self._retry_at.get(collection, 0.0):
+            return
+        self._retry_at[collection] = loop.time() + 1.0
+
+        async def reload() -> None:
+            try:
+                await self._refresh(collection)
+            except Exception as exc:  # noqa: BLE001 - the cached map keeps serving meanwhile
+                log.info("router: reloading %s's map failed (%s); serving the cached one",
+                         collection, type(exc).__name__)
+
+        self._spawn(reload(), f"router-reload-{collection}")
+
     async def _refresh(self, collection: str) -> CollectionRoute:
-        """Reload one collection's route; concurrent callers share one catalog read."""
+        """Reload one collection's route; concurrent callers share one catalog read.
+
+        Raises ``RouteUnavailableError`` when the catalog cannot be read (the cached map, if
+        any, stays)."""
         pending = self._refreshing.get(collection)
         if pending is not None:
             return await asyncio.shield(pending)
         fut: asyncio.Future[CollectionRoute] = asyncio.get_running_loop().create_future()
         self._refreshing[collection] = fut
+        stale = collection in self._stale
+        self._stale.discard(collection)  # a notification during the read marks it again
         try:
-            route = await self.source.load_route(collection)
+            try:
+                route = await self.source.load_route(collection)
+            except (UnknownCollectionError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                raise RouteUnavailableError(
+                    f"{collection}: the catalog could not be read ({type(exc).__name__}) and "
+                    "the collection's chunk map is needed; nothing was written, retry later"
+                ) from exc
             self._routes[collection] = route
+            self._retry_at.pop(collection, None)
             fut.set_result(route)
             return route
         except BaseException as exc:
+            if stale and collection in self._routes:
+                self._stale.add(collection)
             fut.set_exception(exc)
             fut.exception()  # mark retrieved: waiters re-raise it themselves
             raise
@@ -185,6 +269,7 @@ class Router:
             del self._refreshing[collection]
 
     async def shard(self, shard_id: str) -> PostgresShard:
+        """The pool of a shard (created on first use; no connection is opened here)."""
         s = self._shards.get(shard_id)
         if s is not None:
             return s
@@ -193,14 +278,43 @@ class Router:
                 raise RouterClosedError(f"the router is closed (operation on {shard_id})")
             s = self._shards.get(shard_id)
             if s is None:
-                dsn = await self.source.shard_dsn(shard_id)
+                try:
+                    dsn = await self.source.shard_dsn(shard_id)
+                except Exception as exc:  # noqa: BLE001 - nothing sent: retried by _run
+                    raise serr.ShardUnavailableError(
+                        f"{shard_id}: the shard's address could not be read from the catalog"
+                    ) from exc
                 s = PostgresShard(
                     shard_id, dsn, min_size=self.settings.pool_min_size,
                     max_size=self.settings.pool_max_size,
+                    connect_timeout_s=self.settings.connect_timeout_s,
+                    breaker_open_s=self.settings.breaker_open_s,
                 )
-                await s.open()
+                await s.open(wait=False)
                 self._shards[shard_id] = s
             return s
+
+    def _check_addresses_soon(self, *, force: bool = False) -> None:
+        """Re-read the address of every shard we have a pool for (in the background; at most
+        once per ``breaker_open_s`` unless forced by a notification)."""
+        loop = asyncio.get_running_loop()
+        if not self._shards or (not force and loop.time() < self._address_check_at):
+            return
+        self._address_check_at = loop.time() + self.settings.breaker_open_s
+
+        async def check() -> None:
+            for shard_id, shard in list(self._shards.items()):
+                try:
+                    dsn = await self.source.shard_dsn(shard_id)
+                except Exception as exc:  # noqa: BLE001 - keep the address we have
+                    log.info("router: re-reading %s's address failed (%s)", shard_id,
+                             type(exc).__name__)
+                    continue
+                if dsn != shard.dsn:
+                    log.warning("router: shard %s was re-registered at a new address", shard_id)
+                    shard.set_dsn(dsn)
+
+        self._spawn(check(), "router-shard-addresses")
 
     # -- the retry loop ----------------------------------------------------------------------
 
@@ -208,10 +322,12 @@ class Router:
         self,
         collection: str,
         op: str,
-        fn: Callable[[CollectionRoute], Awaitable[T]],
+        fn: Callable[[CollectionRoute, float], Awaitable[T]],
         *,
-        idempotent: bool,
+        read_only: bool,
     ) -> T:
+        """Run ``fn(route, time_left)`` until it succeeds, retrying what is safe to retry
+        (see the module docstring) until ``retry_deadline_s``."""
         if self._closed:
             raise RouterClosedError(f"the router is closed ({op} on {collection})")
         loop = asyncio.get_running_loop()
@@ -222,23 +338,33 @@ class Router:
         outcome = "error"
         self._inflight += 1
         self._idle.clear()
+
+        def give_up(why: str, exc: Exception) -> RetryDeadlineExceeded:
+            nonlocal outcome
+            outcome = "deadline"
+            text = (f"{collection}: {op} gave up after {attempts} attempts in "
+                    f"{self.settings.retry_deadline_s:.1f}s: {why}")
+            if isinstance(exc, serr.ShardUnavailableError | ShardConnectionLostError):
+                return ShardUnavailableError(
+                    text, retry_after_s=getattr(exc, "retry_after_s", 1.0))
+            return RetryDeadlineExceeded(text)
+
         try:
             while True:
                 route = await self.route(collection)
                 attempts += 1
                 try:
-                    result = await fn(route)
+                    result = await fn(route, max(0.0, deadline - loop.time()))
                     outcome = "ok"
                     return result
                 except (FenceRejectedError, KeyOutsideChunkError) as exc:
                     metrics.rejections.add(1, {"op": op})
                     if loop.time() >= deadline:
-                        outcome = "deadline"
-                        raise RetryDeadlineExceeded(
-                            f"{collection}: {op} gave up after {attempts} attempts in "
-                            f"{self.settings.retry_deadline_s:.1f}s: {exc}"
-                        ) from exc
-                    fresh = await self._refresh(collection)
+                        raise give_up(str(exc), exc) from exc
+                    try:
+                        fresh = await self._refresh(collection)
+                    except RouteUnavailableError:
+                        fresh = route  # the catalog is down: wait for it, within the deadline
                     metrics.map_refreshes.add(1, {"reason": "rejection"})
                     metrics.retries.add(1, {"op": op})
                     if fresh.chunks == route.chunks:
@@ -246,14 +372,30 @@ class Router:
                         # little (growing), never past the deadline.
                         await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
                         backoff = min(backoff * 2, 0.05)
-                except psycopg.OperationalError as exc:
-                    if not idempotent:
+                except serr.ShardUnavailableError as exc:
+                    # Nothing was sent. The shard may be down, or re-registered elsewhere.
+                    self._check_addresses_soon()
+                    wait = max(min(exc.retry_after_s, 0.25), backoff)
+                    if loop.time() + wait >= deadline:
+                        raise give_up("the shard is unreachable", exc) from exc
+                    metrics.retries.add(1, {"op": op})
+                    await asyncio.sleep(wait)
+                    backoff = min(backoff * 2, 0.2)
+                except ShardConnectionLostError as exc:
+                    if not read_only:
                         raise OutcomeUnknownError(
-                            f"{collection}: {op} lost its shard connection; the write may or "
-                            f"may not have been applied: {exc}"
+                            f"{collection}: {op} lost its shard connection after the write was "
+                            "sent; it may or may not have been applied (read to find out)"
                         ) from exc
                     if loop.time() >= deadline:
-                        raise
+                        raise give_up("the shard connection keeps failing", exc) from exc
+                    await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
+                    backoff = min(backoff * 2, 0.2)
+                except psycopg.OperationalError as exc:
+                    # An error the server reported for the statement: it rolled back, nothing
+                    # was applied (lock or statement timeout, cancelled, out of resources).
+                    if loop.time() >= deadline:
+                        raise give_up(f"the shard refused: {exc.sqlstate}", exc) from exc
                     await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
                     backoff = min(backoff * 2, 0.2)
         finally:
@@ -303,11 +445,11 @@ class Router:
         h = self._hash(self._key_of(route, doc))
         self._check_size(doc)
 
-        async def op(r: CollectionRoute) -> None:
+        async def op(r: CollectionRoute, t: float) -> None:
             c = r.lookup(h)
-            await (await self.shard(c.shard_id)).insert(collection, c.ref, h, doc)
+            await (await self.shard(c.shard_id)).insert(collection, c.ref, h, doc, timeout=t)
 
-        await self._run(collection, "insert", op, idempotent=False)
+        await self._run(collection, "insert", op, read_only=False)
 
     async def replace(
         self, collection: str, doc: Mapping[str, Any], *, key: Any = _MISSING
@@ -327,11 +469,12 @@ class Router:
         h = self._hash(value)
         self._check_size(doc)
 
-        async def op(r: CollectionRoute) -> bool:
+        async def op(r: CollectionRoute, t: float) -> bool:
             c = r.lookup(h)
-            return await (await self.shard(c.shard_id)).replace(collection, c.ref, h, doc)
+            return await (await self.shard(c.shard_id)).replace(
+                collection, c.ref, h, doc, timeout=t)
 
-        return await self._run(collection, "replace", op, idempotent=True)
+        return await self._run(collection, "replace", op, read_only=False)
 
     async def patch(
         self, collection: str, key: Any, _id: Any, update: Mapping[str, Any]
@@ -341,15 +484,14 @@ class Router:
         h = self._hash(key)
         protected = ("_id", route.shard_key)
 
-        async def op(r: CollectionRoute) -> dict[str, Any] | None:
+        async def op(r: CollectionRoute, t: float) -> dict[str, Any] | None:
             c = r.lookup(h)
             return await (await self.shard(c.shard_id)).patch(
-                collection, c.ref, h, _id, update, protected
+                collection, c.ref, h, _id, update, protected, timeout=t
             )
 
-        idempotent = isinstance(update, Mapping) and "$inc" not in update
         try:
-            return await self._run(collection, "patch", op, idempotent=idempotent)
+            return await self._run(collection, "patch", op, read_only=False)
         except (InvalidDocumentError, InvalidNameError) as exc:
             raise BadRequestError(str(exc)) from exc
 
@@ -358,21 +500,22 @@ class Router:
         del route
         h = self._hash(key)
 
-        async def op(r: CollectionRoute) -> bool:
+        async def op(r: CollectionRoute, t: float) -> bool:
             c = r.lookup(h)
-            return await (await self.shard(c.shard_id)).delete(collection, c.ref, h, _id)
+            return await (await self.shard(c.shard_id)).delete(
+                collection, c.ref, h, _id, timeout=t)
 
-        return await self._run(collection, "delete", op, idempotent=True)
+        return await self._run(collection, "delete", op, read_only=False)
 
     async def get(self, collection: str, key: Any, _id: Any) -> dict[str, Any] | None:
         await self.route(collection)
         h = self._hash(key)
 
-        async def op(r: CollectionRoute) -> dict[str, Any] | None:
+        async def op(r: CollectionRoute, t: float) -> dict[str, Any] | None:
             c = r.lookup(h)
-            return await (await self.shard(c.shard_id)).get(collection, c.ref, h, _id)
+            return await (await self.shard(c.shard_id)).get(collection, c.ref, h, _id, timeout=t)
 
-        return await self._run(collection, "get", op, idempotent=True)
+        return await self._run(collection, "get", op, read_only=True)
 
     async def find(
         self, collection: str, filter: Mapping[str, Any], *, limit: int = 100
@@ -391,13 +534,13 @@ class Router:
         if field == route.shard_key:
             h = self._hash(value)
 
-            async def by_key(r: CollectionRoute) -> list[dict[str, Any]]:
+            async def by_key(r: CollectionRoute, t: float) -> list[dict[str, Any]]:
                 c = r.lookup(h)
                 return await (await self.shard(c.shard_id)).find_by_shard_key(
-                    collection, c.ref, h, r.shard_key, value, limit
+                    collection, c.ref, h, r.shard_key, value, limit, timeout=t
                 )
 
-            return await self._run(collection, "find", by_key, idempotent=True)
+            return await self._run(collection, "find", by_key, read_only=True)
         if field not in route.indexed_fields():
             raise BadRequestError(
                 f"{collection}: cannot filter on {field!r}: it is neither the shard key "
@@ -405,21 +548,29 @@ class Router:
                 f"({sorted(route.indexed_fields())})"
             )
 
-        async def scatter(r: CollectionRoute) -> list[dict[str, Any]]:
+        async def scatter(r: CollectionRoute, t: float) -> list[dict[str, Any]]:
             legs = [
-                self._find_leg(collection, shard_id, [c.ref for c in chunks], field, value, limit)
+                self._find_leg(collection, shard_id, [c.ref for c in chunks], field, value,
+                               limit, t)
                 for shard_id, chunks in r.by_shard().items()
             ]
             results = await asyncio.gather(*legs)
-            return [d for part in results for d in part][:limit]
+            # Each leg is ordered by (khash, _id) and holds its own first ``limit``, so a merge
+            # in that order, cut at ``limit``, is the collection's first ``limit``.
+            def order(doc: dict[str, Any]) -> tuple[int, str]:
+                return khash(field_value(doc, r.shard_key)), encode_value(doc["_id"])
 
-        return await self._run(collection, "find", scatter, idempotent=True)
+            return list(heapq.merge(*results, key=order))[:limit]
+
+        return await self._run(collection, "find", scatter, read_only=True)
 
     async def _find_leg(
-        self, collection: str, shard_id: str, refs: list[Any], field: str, value: Any, limit: int
+        self, collection: str, shard_id: str, refs: list[Any], field: str, value: Any,
+        limit: int, timeout: float,
     ) -> list[dict[str, Any]]:
         shard = await self.shard(shard_id)
         try:
-            return await shard.find_by_field(collection, refs, field, value, limit)
+            return await shard.find_by_field(collection, refs, field, value, limit,
+                                             timeout=timeout)
         except (InvalidDocumentError, InvalidNameError) as exc:
             raise BadRequestError(str(exc)) from exc

@@ -30,9 +30,26 @@ class RetryDeadlineExceeded(RouterError, TimeoutError):
 
 
 class OutcomeUnknownError(RouterError):
-    """The connection to the shard failed mid-operation: the write may or may not have been
-    applied. Non-idempotent operations ($inc) are never retried blindly; read to find out."""
+    """The connection to the shard failed after a write was sent: it may or may not have been
+    applied. Writes are never retried blindly (a retry could undo another client's write made
+    in between); read the document to find out."""
 
 
 class RouterClosedError(RouterError):
     """The router was closed: it opens no new shard connections and serves no operation."""
+
+
+class ShardUnavailableError(RetryDeadlineExceeded):
+    """The chunk's shard could not be reached within the retry deadline (down, or its address
+    unknown while the catalog is down). Nothing was written; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RouteUnavailableError(RetryDeadlineExceeded):
+    """The collection's chunk map is not cached and the catalog could not be read. Nothing was
+    written; retry later."""
+
+    retry_after_s = 1.0

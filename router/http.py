@@ -11,6 +11,7 @@ and ``/readyz`` (the catalog answers) are open.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -154,7 +155,12 @@ def create_app(
     app.add_exception_handler(InvalidDocumentError, lambda _r, e: _err(400, e))
     app.add_exception_handler(InvalidNameError, lambda _r, e: _err(400, e))
     app.add_exception_handler(DuplicateDocumentError, lambda _r, e: _err(409, e))
-    app.add_exception_handler(RetryDeadlineExceeded, lambda _r, e: _err(503, e, **{"Retry-After": "1"}))
+    # Unavailable (a chunk frozen past the deadline, a shard down, the catalog needed and
+    # down): nothing was written, retry after the advertised delay. The messages name shards
+    # and collections, never hosts or ports.
+    app.add_exception_handler(RetryDeadlineExceeded, lambda _r, e: _err(
+        503, e, **{"Retry-After": str(max(1, math.ceil(getattr(e, "retry_after_s", 1.0))))}))
+    # The write was sent and the connection broke: it may or may not have been applied.
     app.add_exception_handler(OutcomeUnknownError, lambda _r, e: _err(502, e))
 
     @app.get("/healthz", tags=["health"])
@@ -166,7 +172,9 @@ def create_app(
         try:
             await router().source.ping()  # type: ignore[attr-defined]
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+            # The type only: this endpoint is open, and a driver's message names the host.
+            return JSONResponse({"status": "unavailable", "error": type(exc).__name__},
+                                status_code=503)
         return JSONResponse({"status": "ready"})
 
     errors = {
@@ -174,6 +182,10 @@ def create_app(
         401: {"description": "missing or invalid bearer token"},
         404: {"description": "unknown collection"},
         413: {"description": "document too large"},
+        502: {"description": "a write's shard connection broke after it was sent: it may or "
+                             "may not have been applied (read to find out)"},
+        503: {"description": "unavailable past the retry deadline (chunk frozen, shard down, "
+                             "catalog needed and down); nothing was written; see Retry-After"},
     }
 
     @app.post("/v1/collections/{collection}/insert", dependencies=[Auth],

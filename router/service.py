@@ -13,7 +13,10 @@ from settings import Settings
 def build_app(catalog_dsn: str, settings: Settings) -> FastAPI:
     """The HTTP app with a router that opens its own catalog connection at start-up."""
     def factory() -> Router:
-        return Router(CatalogRouteSource.from_dsn(catalog_dsn), settings.router)
+        source = CatalogRouteSource.from_dsn(
+            catalog_dsn, timeout_s=settings.router.catalog_timeout_s,
+            check_interval_s=settings.router.listen_check_s)
+        return Router(source, settings.router)
 
     return create_app(factory, settings.router)
 

@@ -38,3 +38,23 @@ class DuplicateDocumentError(ShardError):
 class FenceStateError(ShardError):
     """A fence transition (freeze, activate, retire) found the fence in an unexpected state or
     at an unexpected token; nothing changed."""
+
+
+class ShardUnavailableError(ConnectionError):
+    """No connection to the shard could be had in time: the server is unreachable, its
+    circuit breaker is open after a failed connect, or every pooled connection stayed busy.
+    Nothing was sent, so any operation may be retried; ``retry_after_s`` says when trying
+    again makes sense.
+
+    Deliberately not a ``ShardError``: those are permanent for the activities, and an
+    unreachable shard is a transient condition that Temporal's retries should ride out.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ShardConnectionLostError(ConnectionError):
+    """The connection failed after the statement was sent: it may or may not have been
+    applied. Reads can simply run again; a write must not be repeated blindly."""

@@ -20,6 +20,7 @@ from shards.errors import (
     FenceRejectedError,
     InvalidDocumentError,
     KeyOutsideChunkError,
+    ShardConnectionLostError,
 )
 from shards.models import FenceRef
 from shards.names import check_collection, check_field_path
@@ -54,7 +55,14 @@ _NUMERIC_KEYS = {"$numberInt", "$numberLong", "$numberDouble", "$numberDecimal"}
 
 
 def translate_error(exc: psycopg.Error, collection: str, chunk_id: int) -> Exception:
-    """Map the fence's SQLSTATEs to typed errors; anything else passes through."""
+    """Map the fence's SQLSTATEs to typed errors, and a connection that failed under a
+    statement to ``ShardConnectionLostError``; anything else passes through.
+
+    The line between "not applied" and "unknown": every routed statement runs alone in
+    autocommit, so an ERROR the server reports for it means its transaction rolled back. A
+    connection that broke (no server error at all) or a FATAL (the session was terminated)
+    may have come after the COMMIT, before its reply: the outcome is unknown.
+    """
     state = getattr(exc, "sqlstate", None)
     message = exc.diag.message_primary if exc.diag and exc.diag.message_primary else str(exc)
     if state == "SS001":
@@ -63,6 +71,14 @@ def translate_error(exc: psycopg.Error, collection: str, chunk_id: int) -> Excep
         return KeyOutsideChunkError(message)
     if state == "SS003":
         return InvalidDocumentError(message)
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        severity = exc.diag.severity_nonlocalized if exc.diag else None
+        if severity != "ERROR":
+            # The message names no host or port: it may reach an application.
+            return ShardConnectionLostError(
+                f"{collection}: the shard connection failed during the operation; it may or "
+                "may not have been applied"
+            )
     return exc
 
 

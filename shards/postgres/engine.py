@@ -8,21 +8,19 @@ lives in its sibling modules as blocking functions that activities run in worker
 
 from __future__ import annotations
 
-import select
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.pq import ConnStatus
-from psycopg_pool import AsyncConnectionPool
 
 from shards.codec import decode_document, encode_value
 from shards.errors import DuplicateDocumentError, FenceStateError
 from shards.models import Fence, FenceRef, FenceState, IndexDefinition, KeyRange
 from shards.names import check_collection, check_field_path
 from shards.postgres import documents as D
+from shards.postgres.pool import ShardPool
 from shards.postgres.schema import (
     DDL,
     collection_ddl,
@@ -34,25 +32,6 @@ from shards.postgres.schema import (
 _DDL_LOCK = 0x5348_4152_4453_4846  # "SHARDSHF": serializes schema DDL across processes
 
 
-def _hung_up(conn: psycopg.AsyncConnection[Any]) -> bool:
-    """Has the server let go of this idle pooled connection? Checked without a round trip.
-
-    An idle autocommit connection has nothing to read unless the server wrote to it, and the
-    server writes to an idle session only to end it (shutdown or restart, an idle timeout,
-    ``pg_terminate_backend``): a readable socket means the connection is gone. Sending a
-    statement down it would fail *after* the statement left, and a failed insert or ``$inc``
-    could then only be reported as "outcome unknown".
-    """
-    pgconn = conn.pgconn
-    if pgconn.status != ConnStatus.OK:
-        return True
-    try:
-        readable, _, _ = select.select((pgconn.socket,), (), (), 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
-
-
 class PostgresShard:
     """One PostgreSQL shard: its documents, fences and (via sibling modules) data movement."""
 
@@ -60,33 +39,41 @@ class PostgresShard:
 
     def __init__(
         self, shard_id: str, dsn: str, *, min_size: int = 1, max_size: int = 8,
-        check: bool = False,
+        check: bool = False, connect_timeout_s: float = 5.0, breaker_open_s: float = 1.0,
     ) -> None:
         """Args:
             check: test each pooled connection before use (one extra round trip), for
-                control-plane callers. Document operations need no round trip for it: they
-                skip connections the server has hung up on (see ``_hung_up``), so after a
-                shard restart even inserts and ``$inc`` run on fresh connections.
+                control-plane callers. Document operations need no round trip for it: the
+                pool skips connections the server has hung up on (``pool.hung_up``), so after
+                a shard restart even inserts and ``$inc`` run on fresh connections.
+            connect_timeout_s: upper bound of one connection attempt.
+            breaker_open_s: after a failed connect, callers fail fast this long
+                (``ShardUnavailableError``) before one of them tries again.
         """
         self.shard_id = shard_id
-        self.dsn = dsn
-        self._max_size = max_size
-        self._pool = AsyncConnectionPool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            open=False,
-            kwargs={"autocommit": True},
-            name=f"shard-{shard_id}",
-            check=AsyncConnectionPool.check_connection if check else None,
+        self._pool = ShardPool(
+            shard_id, dsn, min_size=min_size, max_size=max_size, check=check,
+            connect_timeout_s=connect_timeout_s, breaker_open_s=breaker_open_s,
         )
         self._statements: dict[str, D.DocumentStatements] = {}
         self._find_sql: dict[tuple[str, str, str], bytes] = {}
 
+    @property
+    def dsn(self) -> str:
+        """The shard's current address."""
+        return self._pool.dsn
+
+    def set_dsn(self, dsn: str) -> None:
+        """Follow a shard re-registered at a new address: new connections go there, old ones
+        are closed as they come back (nothing in flight is interrupted)."""
+        self._pool.set_dsn(dsn)
+
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def open(self) -> PostgresShard:
-        await self._pool.open(wait=True)
+    async def open(self, *, wait: bool = True) -> PostgresShard:
+        """Open the pool; with ``wait`` (the default) connect first, so an unreachable shard
+        raises ``ShardUnavailableError`` here; without, connect on first use."""
+        await self._pool.open(wait=wait)
         return self
 
     async def close(self) -> None:
@@ -101,15 +88,8 @@ class PostgresShard:
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A pooled connection the server has not hung up on."""
-        for _ in range(self._max_size + 1):
-            async with self._pool.connection() as conn:
-                if _hung_up(conn):
-                    await conn.close()  # the pool replaces it
-                    continue
-                yield conn
-                return
-        raise psycopg.OperationalError(
-            f"{self.shard_id}: the server closed every pooled connection")
+        async with self._pool.connection() as conn:
+            yield conn
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         """A new blocking connection to this shard (for data-movement code in threads)."""
@@ -303,87 +283,80 @@ class PostgresShard:
         return st
 
     async def _run(self, query: bytes, params: dict[str, Any], collection: str,
-                   chunk_id: int) -> tuple[Any, ...]:
+                   chunk_id: int, timeout: float | None) -> tuple[Any, ...]:
+        """One routed statement. ``ShardUnavailableError``: nothing was sent (retry freely);
+        ``ShardConnectionLostError``: sent, outcome unknown; fence errors: nothing written."""
         pool = self._pool
+        conn = await pool.getconn(timeout)
         try:
-            # The hot path: _connection() inlined (getconn/putconn without the two context
-            # manager layers).
-            for _ in range(self._max_size + 1):
-                conn = await pool.getconn()
-                try:
-                    if _hung_up(conn):
-                        await conn.close()  # the pool replaces it
-                        continue
-                    cur = await conn.execute(query, params)
-                    row = await cur.fetchone()
-                    break
-                finally:
-                    await pool.putconn(conn)
-            else:
-                raise psycopg.OperationalError(
-                    f"{self.shard_id}: the server closed every pooled connection")
+            cur = await conn.execute(query, params)
+            row = await cur.fetchone()
         except psycopg.Error as exc:
             raise D.translate_error(exc, collection, chunk_id) from exc
+        finally:
+            await pool.putconn(conn)
         assert row is not None
         return tuple(row)
 
     async def insert(self, collection: str, ref: FenceRef, khash: int,
-                     doc: Mapping[str, Any]) -> None:
+                     doc: Mapping[str, Any], *, timeout: float | None = None) -> None:
         """Insert a new document; ``DuplicateDocumentError`` when its key and _id exist."""
         st = self._st(collection)
         id_text, doc_text = D.encode_for_store(doc)
         params = D.fence_params(collection, ref, khash) | {"id": id_text, "doc": doc_text}
-        _, n = await self._run(st.insert, params, collection, ref.chunk_id)
+        _, n = await self._run(st.insert, params, collection, ref.chunk_id, timeout)
         if n == 0:
             raise DuplicateDocumentError(
                 f"{collection}: a document with _id {id_text} and this shard key already exists"
             )
 
     async def replace(self, collection: str, ref: FenceRef, khash: int,
-                      doc: Mapping[str, Any]) -> bool:
+                      doc: Mapping[str, Any], *, timeout: float | None = None) -> bool:
         """Replace a whole document (same shard key and _id); False when none matched."""
         st = self._st(collection)
         id_text, doc_text = D.encode_for_store(doc)
         params = D.fence_params(collection, ref, khash) | {"id": id_text, "doc": doc_text}
-        _, n = await self._run(st.replace, params, collection, ref.chunk_id)
+        _, n = await self._run(st.replace, params, collection, ref.chunk_id, timeout)
         return bool(n)
 
     async def patch(self, collection: str, ref: FenceRef, khash: int, _id: Any,
-                    update: Mapping[str, Any], protected: Sequence[str] = ("_id",)
-                    ) -> dict[str, Any] | None:
+                    update: Mapping[str, Any], protected: Sequence[str] = ("_id",), *,
+                    timeout: float | None = None) -> dict[str, Any] | None:
         """Apply ``$set``/``$unset``/``$inc``; returns the new document, None if none matched."""
         st = self._st(collection)
         patch = D.validate_patch(update, protected)
         params = D.fence_params(collection, ref, khash) | {"id": encode_value(_id), "patch": patch}
-        _, doc = await self._run(st.patch, params, collection, ref.chunk_id)
+        _, doc = await self._run(st.patch, params, collection, ref.chunk_id, timeout)
         return decode_document(doc) if doc is not None else None
 
-    async def delete(self, collection: str, ref: FenceRef, khash: int, _id: Any) -> bool:
+    async def delete(self, collection: str, ref: FenceRef, khash: int, _id: Any, *,
+                     timeout: float | None = None) -> bool:
         st = self._st(collection)
         params = D.fence_params(collection, ref, khash) | {"id": encode_value(_id)}
-        _, n = await self._run(st.delete, params, collection, ref.chunk_id)
+        _, n = await self._run(st.delete, params, collection, ref.chunk_id, timeout)
         return bool(n)
 
     async def get(self, collection: str, ref: FenceRef, khash: int,
-                  _id: Any) -> dict[str, Any] | None:
+                  _id: Any, *, timeout: float | None = None) -> dict[str, Any] | None:
         st = self._st(collection)
         params = D.fence_params(collection, ref, khash) | {"id": encode_value(_id)}
-        _, doc = await self._run(st.get, params, collection, ref.chunk_id)
+        _, doc = await self._run(st.get, params, collection, ref.chunk_id, timeout)
         return decode_document(doc) if doc is not None else None
 
     async def find_by_shard_key(self, collection: str, ref: FenceRef, khash: int,
-                                shard_key: str, value: Any, limit: int = 1000
-                                ) -> list[dict[str, Any]]:
+                                shard_key: str, value: Any, limit: int = 1000, *,
+                                timeout: float | None = None) -> list[dict[str, Any]]:
         key = (collection, "key", shard_key)
         query = self._find_sql.get(key)
         if query is None:
             query = self._find_sql[key] = self._st(collection).find_key_sql(shard_key)
         params = D.fence_params(collection, ref, khash) | {"v": encode_value(value), "n": limit}
-        _, docs = await self._run(query, params, collection, ref.chunk_id)
+        _, docs = await self._run(query, params, collection, ref.chunk_id, timeout)
         return D.decode_many(docs)
 
     async def find_by_field(self, collection: str, refs: Sequence[FenceRef], path: str,
-                            value: Any, limit: int = 1000) -> list[dict[str, Any]]:
+                            value: Any, limit: int = 1000, *,
+                            timeout: float | None = None) -> list[dict[str, Any]]:
         """Documents of the given chunks (all on this shard) whose field equals ``value``."""
         if not refs:
             return []
@@ -395,7 +368,7 @@ class PostgresShard:
             "c": collection, "ks": [r.chunk_id for r in refs], "ts": [r.token for r in refs],
             "v": encode_value(value), "n": limit,
         }
-        _, docs = await self._run(query, params, collection, refs[0].chunk_id)
+        _, docs = await self._run(query, params, collection, refs[0].chunk_id, timeout)
         return D.decode_many(docs)
 
     async def scan(self, collection: str, key_range: KeyRange) -> list[dict[str, Any]]:
