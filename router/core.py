@@ -63,7 +63,6 @@ from router.errors import (
     RouteUnavailableError,
     ShardKeyChangeError,
     ShardUnavailableError,
-    UnknownCollectionError,
 )
 from router.hashing import khash
 from router.routes import CollectionRoute
@@ -99,6 +98,12 @@ class RouteSource(Protocol):
     def changes(self) -> AsyncIterator[str | None]:
         """Names of collections whose layout changed (None: anything may have changed)."""
         ...
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Is this a failure to reach the route source (worth a retry), not an answer?"""
+    return bool(getattr(exc, "retryable", False)) or isinstance(
+        exc, TimeoutError | OSError | psycopg.OperationalError)
 
 
 def field_value(doc: Mapping[str, Any], path: str) -> Any:
@@ -248,9 +253,9 @@ class Router:
         try:
             try:
                 route = await self.source.load_route(collection)
-            except (UnknownCollectionError, asyncio.CancelledError):
-                raise
             except Exception as exc:
+                if not _unavailable(exc):
+                    raise  # an unknown collection, a bad name: no retry changes that
                 raise RouteUnavailableError(
                     f"{collection}: the catalog could not be read ({type(exc).__name__}) and "
                     "the collection's chunk map is needed; nothing was written, retry later"
@@ -280,7 +285,9 @@ class Router:
             if s is None:
                 try:
                     dsn = await self.source.shard_dsn(shard_id)
-                except Exception as exc:  # noqa: BLE001 - nothing sent: retried by _run
+                except Exception as exc:
+                    if not _unavailable(exc):
+                        raise
                     raise serr.ShardUnavailableError(
                         f"{shard_id}: the shard's address could not be read from the catalog"
                     ) from exc
