@@ -321,8 +321,9 @@ class Doctor:
                       StreamObjectKind.PUBLICATION: "drop the publication",
                       StreamObjectKind.ORIGIN: "drop the origin and its stream_state row",
                       StreamObjectKind.STREAM_STATE: "delete the row"}[obj.kind]
+            prefer = _shards_of(rec) + (ctx.collection_shards(collection) if collection else [])
             out.append(_Item(
-                Finding(kind=_STREAM_KINDS[obj.kind], shard=s.label(_shards_of(rec)),
+                Finding(kind=_STREAM_KINDS[obj.kind], shard=s.label(prefer),
                         object=obj.name, detail=detail, action=action),
                 fix=_drop_stream(s.dsn, obj), migration_id=ctx.dead_id(rec)))
         return out
