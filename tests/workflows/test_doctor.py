@@ -10,13 +10,21 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from catalog.models import Chunk, MigrationKind, MigrationOutcome, MigrationPhase
+from activities.doctor import Doctor, FindingKind, format_report
+from catalog.models import (
+    Chunk,
+    MigrationKind,
+    MigrationOutcome,
+    MigrationPhase,
+    MigrationRecord,
+)
 from infra import Stack
 from router.hashing import khash
 from settings import Settings
@@ -204,6 +212,10 @@ async def test_doctor_finds_and_repairs_leftovers(
         assert "7 rows" in found[("rows", f"{c}/{g.chunk_id}")]["detail"]
         assert "expired" in found[("lease", f"{mid}@{s0}")]["detail"]
 
+        # Without the collection filter the same findings are among everything else.
+        rc, everything = await doctor_json(stack, worker_settings)
+        assert rc == 1 and set(expected) <= set(by_key(everything))
+
         rc, report = await doctor_json(stack, worker_settings, "--repair", "--collection", c)
         assert rc == 1, report  # the one fence it will not touch remains
         repaired = by_key(report)
@@ -350,3 +362,35 @@ async def test_doctor_leaves_a_running_move_alone(
     assert await source.count(c, moving.range) == 0
     rc, report = await doctor_json(stack, worker.settings, "--collection", c)
     assert (rc, report["findings"]) == (0, []), report
+
+
+async def test_doctor_touches_nothing_of_a_move_it_cannot_judge(
+    deployment: Deployment, worker_settings: Settings
+) -> None:
+    """When Temporal cannot say whether a workflow runs a migration, the migration counts as
+    running: it is reported, and nothing of it (stream, fence, partial copy) is touched."""
+    cat, c, shards = deployment.catalog, deployment.collection, deployment.shards
+    s0, s1, _ = list(shards)
+    a = deployment.initial.on_shard(s0)[0]
+    mid = await dead_move(deployment, worker_settings, a, s1, rows=9)
+
+    async def temporal_down(record: MigrationRecord, workflow_ids: Sequence[str]) -> bool:
+        raise ConnectionError("Temporal is unreachable")
+
+    try:
+        doc = Doctor(cat, Staging(worker_settings.staging), temporal_down, collections=[c])
+        report = await doc.run(repair=True)
+        print("\n" + format_report(report, repair=True))
+        assert [(f.kind, f.object, f.repaired) for f in report.findings] == [
+            (FindingKind.MIGRATION, mid, False)]
+        assert "cannot tell" in report.findings[0].detail
+        assert report.findings[0].action.startswith("none:")
+        assert not report.clean
+        assert len(stream_objects(shards[s0].dsn, migration_prefix(mid))) == 2  # slot, pub
+        fence = await shards[s1].fence(c, a.chunk_id)
+        assert fence is not None and fence.state == FenceState.RECEIVING
+        assert await shards[s1].count(c, a.range) == 9
+        assert Staging(worker_settings.staging).read_manifest(mid) is not None
+        assert (await cat.migration(mid)).active
+    finally:
+        await asyncio.to_thread(drop_all, [shards[s0].dsn, shards[s1].dsn], mid)
