@@ -649,6 +649,110 @@ async def _collection_create(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- doctor ---------------------------------------------------------------------------------
+
+
+class TemporalMoveProbe:
+    """``activities.doctor.MoveProbe`` over Temporal: does a workflow run this migration?
+
+    The record's lease holders (and the workflow id its migration id was derived from) are
+    described; a running one is this migration's when its run (or the first run of its
+    chain) derives the migration id, or when its ``progress`` query says so. Visibility (the
+    running ``MigrateChunkWorkflow`` executions) is the last resort. An error propagates:
+    the doctor then treats the migration as running.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._listed: set[str] | None = None
+
+    async def __call__(self, record: Any, workflow_ids: Any) -> bool:
+        from datetime import timedelta  # noqa: PLC0415
+
+        from temporalio.client import WorkflowExecutionStatus  # noqa: PLC0415
+        from temporalio.service import RPCError, RPCStatusCode  # noqa: PLC0415
+
+        from workflows.migrate_chunk import MigrateChunkWorkflow, migration_id_for  # noqa: PLC0415
+
+        mid = record.migration_id
+        for wid in dict.fromkeys([*workflow_ids, mid.rsplit(".", 1)[0]]):
+            try:
+                desc = await self.client.get_workflow_handle(wid).describe()
+            except RPCError as exc:
+                if exc.status == RPCStatusCode.NOT_FOUND:
+                    continue
+                raise
+            if desc.status != WorkflowExecutionStatus.RUNNING:
+                continue
+            runs = {desc.run_id, getattr(desc.raw_info, "first_run_id", "") or desc.run_id}
+            if mid in {migration_id_for(wid, r) for r in runs}:
+                return True
+            if desc.workflow_type == "MigrateChunkWorkflow":
+                progress = await self.client.get_workflow_handle(wid).query(
+                    MigrateChunkWorkflow.progress, rpc_timeout=timedelta(seconds=5))
+                if progress.migration_id == mid:
+                    return True
+        if self._listed is None:
+            self._listed = set()
+            query = "WorkflowType = 'MigrateChunkWorkflow' AND ExecutionStatus = 'Running'"
+            async for wf in self.client.list_workflows(query):
+                first = getattr(wf.raw_info, "first_run_id", "") or wf.run_id
+                self._listed |= {migration_id_for(wf.id, wf.run_id),
+                                 migration_id_for(wf.id, first)}
+        return mid in self._listed
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    return asyncio.run(_doctor(args))
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from activities.doctor import Doctor, format_report  # noqa: PLC0415
+    from catalog import Catalog  # noqa: PLC0415
+    from shards.staging import Staging  # noqa: PLC0415
+
+    settings = get_settings()
+    client: Any = None
+    try:
+        client = await _client(settings)
+    except CliError as exc:
+        # Without Temporal nothing can be proven dead: every active migration counts as
+        # running (and is reported), everything else is still examined.
+        reason = str(exc)
+
+        async def probe(record: Any, workflow_ids: Any) -> bool:
+            raise RuntimeError(reason)
+    else:
+        probe = TemporalMoveProbe(client)
+    async with Catalog(catalog_dsn(settings), max_size=2) as cat:
+        doctor = Doctor(cat, Staging(settings.staging), probe, collections=args.collection)
+        report = await doctor.run(repair=args.repair)
+    if args.json:
+        print(json.dumps(report.model_dump(mode="json"), indent=2))
+    else:
+        print(format_report(report, repair=args.repair), end="")
+    return 0 if report.clean else 1
+
+
+def _doctor_parser(sub: Any) -> None:
+    doctor = sub.add_parser(
+        "doctor", help="find what failed moves left behind (slots, fences, records, leases, "
+                       "staging); --repair fixes what is safe",
+        description="Lists replication slots, publications and origins, fences, partial "
+                    "copies, import rows, staging directories, leases and migration records "
+                    "that no running move owns, with what --repair would do. Exit code 0 "
+                    "when nothing is left (or everything was repaired), 1 otherwise.")
+    doctor.add_argument("--repair", action="store_true",
+                        help="fix what is safe to fix; explain the rest")
+    doctor.add_argument("--json", action="store_true",
+                        help='{"findings": [{kind, shard, object, detail, action, repaired}], '
+                             '"clean": bool}')
+    doctor.add_argument("--collection", action="append", metavar="C",
+                        help="only this collection (repeatable; objects tied to no collection "
+                             "are then skipped)")
+    doctor.set_defaults(func=cmd_doctor)
+
+
 def _workflow_args(parser: argparse.ArgumentParser, default_id: str) -> None:
     """``--id`` and ``--task-queue``, shared by every command that starts a workflow."""
     parser.add_argument("--id", metavar="WORKFLOW_ID", help=f"workflow id (default: {default_id})")
@@ -763,6 +867,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
     _workflow_args(split, "split-SHARD")
     split.set_defaults(func=cmd_rebalance)
+
+    _doctor_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job: a live chunk migration under load")
     demo.set_defaults(func=cmd_demo)

@@ -1,0 +1,774 @@
+"""``shardshift doctor``: find what failed moves left behind, and repair what is safe to repair.
+
+What a move leaves while it runs, and what its end removes: a slot and a publication on the
+source and an origin with its ``stream_state`` row on the target (named from the migration
+id), a ``receiving`` fence and a partial copy on the target, a frozen fence on the source
+during a cutover, ``import_parts`` rows, a staging directory, two leases and an active
+migration record. A workflow that died, an activity that failed for good, or a shard that
+was down while a move was undone can leave any of them behind. The doctor lists them all
+(one *finding* each), says what it would do, and with ``repair`` does it.
+
+Invariants
+----------
+1. **A running move is never touched.** A migration is *live* when its record is active and
+   Temporal says a workflow runs it (``MoveProbe``; the record's lease holder is the workflow
+   id). When Temporal cannot answer, the migration counts as live. Every object attributed
+   to a live migration (by the name prefix its stream objects share, by the migration id of
+   staging directories, import rows and leases, by its chunk for fences and rows) is skipped.
+2. **The catalog is the truth about ownership.** Fences and rows are judged against the
+   catalog's placement and token: a frozen fence on the owner at ``token + 1`` is a cutover
+   that never committed (repair: unfreeze to the catalog's token, only while the catalog
+   still names that shard at that token); a receiving fence, or a fence activated at a token
+   the catalog never reached, on a shard that does not own the chunk is the partial copy of
+   an aborted move (repair: retire it, delete its rows with the throttled range delete, drop
+   it); a frozen fence on a non-owner at or below the catalog's token is the old owner of a
+   committed move whose cleanup never ran (repair: retire it and delete its rows, only when
+   the owner's fence is active at the catalog's token); rows of a chunk on a shard that
+   neither owns nor receives it are deleted. Anything else about a fence is reported with
+   what to check, never changed: its outcome is not a fact the doctor can read.
+3. **Read order makes races harmless.** Shards are inspected first, then migration records
+   and Temporal: an object seen on a shard belongs to a migration registered before it was
+   seen, so that migration's record is in the later read. Every fence or rows repair
+   re-reads the chunk and its active migrations just before acting and skips on any change.
+4. **A dead migration's cutover cannot run behind the doctor.** Before repairing anything of
+   a migration without a workflow, the doctor takes that migration's cutover lock (the
+   session advisory lock a cutover attempt holds on its old owner) on its source and target
+   and keeps it until the record is closed; if a zombie attempt holds it, nothing of that
+   migration is touched. ``move_chunk`` needs an active record, so once closed no cutover
+   can commit.
+5. **A record is closed last**, with the outcome the catalog's placement dictates (aborted,
+   rolled back, or completed when the switch had committed), and only after every leftover
+   of it was repaired; otherwise it stays active and the finding says why.
+
+The module decides; ``shards/postgres/inventory.py`` lists and drops server objects, and the
+Temporal check is injected (``MoveProbe``) so nothing here imports the Temporal client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import pyarrow.fs as pafs
+from psycopg.conninfo import conninfo_to_dict
+from pydantic import BaseModel, ConfigDict, computed_field
+
+from catalog import Catalog
+from catalog.models import (
+    Chunk,
+    ChunkMap,
+    Lease,
+    MigrationOutcome,
+    MigrationRecord,
+    ShardInfo,
+    ShardState,
+)
+from shards.models import FenceState
+from shards.postgres import PostgresShard
+from shards.postgres.bulk_import import forget_parts
+from shards.postgres.inventory import (
+    FenceRow,
+    ShardInventory,
+    StreamObject,
+    StreamObjectKind,
+    chunks_with_rows,
+    cutover_lock,
+    drop_stream_object,
+    inspect_shard,
+)
+from shards.postgres.range_delete import delete_range
+from shards.postgres.replication import migration_prefix
+from shards.staging import Staging, StagingError, check_migration_id
+
+MoveProbe = Callable[[MigrationRecord, Sequence[str]], Awaitable[bool]]
+"""Whether a workflow runs this active migration, given the workflow ids that held its
+leases. Raising means "cannot tell": the migration is then treated as running."""
+
+
+class FindingKind(StrEnum):
+    SHARD = "shard_unreachable"
+    SLOT = "slot"
+    PUBLICATION = "publication"
+    ORIGIN = "origin"
+    STREAM_STATE = "stream_state"
+    FENCE = "fence"
+    ROWS = "rows"
+    IMPORT_PARTS = "import_parts"
+    STAGING = "staging"
+    LEASE = "lease"
+    MIGRATION = "migration"
+
+
+class Finding(BaseModel):
+    """One thing a failure left behind (the ``--json`` output's list items)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: FindingKind
+    shard: str | None
+    object: str
+    detail: str
+    action: str
+    """What ``--repair`` does, or ``none: ...`` with what a person should check."""
+    repaired: bool = False
+
+
+class DoctorReport(BaseModel):
+    findings: list[Finding]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def clean(self) -> bool:
+        """Nothing left to look at: no findings, or every one repaired."""
+        return all(f.repaired for f in self.findings)
+
+
+_STREAM_KINDS = {
+    StreamObjectKind.SLOT: FindingKind.SLOT,
+    StreamObjectKind.PUBLICATION: FindingKind.PUBLICATION,
+    StreamObjectKind.ORIGIN: FindingKind.ORIGIN,
+    StreamObjectKind.STREAM_STATE: FindingKind.STREAM_STATE,
+}
+# Repair order: stop streams first (a zombie applier could still write), then data and
+# fences, then bookkeeping, and the migration records last (they wait for the rest).
+_ORDER = [FindingKind.SHARD, FindingKind.SLOT, FindingKind.PUBLICATION, FindingKind.ORIGIN,
+          FindingKind.STREAM_STATE, FindingKind.FENCE, FindingKind.ROWS,
+          FindingKind.IMPORT_PARTS, FindingKind.STAGING, FindingKind.LEASE,
+          FindingKind.MIGRATION]
+
+
+class _Skip(Exception):
+    """A repair that re-checked and found it must not act (the message says why)."""
+
+
+@dataclass
+class _Server:
+    """One PostgreSQL server; several catalog shard ids may name it (tests do)."""
+
+    key: str
+    dsn: str
+    shards: list[ShardInfo]
+    inventory: ShardInventory | None = None
+    error: str | None = None
+    rows: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    @property
+    def ids(self) -> set[str]:
+        return {s.shard_id for s in self.shards}
+
+    def label(self, prefer: Iterable[str] = ()) -> str:
+        for sid in prefer:
+            if sid in self.ids:
+                return sid
+        return sorted(self.ids)[0]
+
+    def fence(self, collection: str, chunk_id: int) -> FenceRow | None:
+        if self.inventory is None:
+            return None
+        return next((f for f in self.inventory.fences
+                     if (f.collection, f.chunk_id) == (collection, chunk_id)), None)
+
+
+@dataclass
+class _Item:
+    finding: Finding
+    fix: Callable[[], Awaitable[None]] | None = None
+    migration_id: str | None = None
+    """The dead migration this leftover belongs to (its record is closed after it)."""
+    chunk: tuple[str, int] | None = None
+
+
+def _server_key(address: str) -> str:
+    try:
+        d = conninfo_to_dict(address)
+    except Exception:  # noqa: BLE001 - an unparsable address is its own server
+        return address
+    return f"{d.get('host', '')}:{d.get('port', '5432')}/{d.get('dbname', '')}"
+
+
+class Doctor:
+    """Examine the catalog, every shard, the staging area and Temporal; optionally repair.
+
+    Args:
+        catalog: An open catalog.
+        staging: The staging area (None: not examined).
+        is_running: The Temporal check (see ``MoveProbe``).
+        collections: Only these collections' fences, rows, migrations and the objects
+            attributed to them (None: everything). Objects that no migration record or
+            publication ties to a collection are examined only without this filter.
+        delete_batch, delete_pause_s: The range delete's batch size and throttle.
+    """
+
+    def __init__(self, catalog: Catalog, staging: Staging | None, is_running: MoveProbe, *,
+                 collections: Iterable[str] | None = None, delete_batch: int = 5_000,
+                 delete_pause_s: float = 0.0) -> None:
+        self.catalog = catalog
+        self.staging = staging
+        self.is_running = is_running
+        self.scope = set(collections) if collections is not None else None
+        self.delete_batch = delete_batch
+        self.delete_pause_s = delete_pause_s
+        self._engines: dict[str, PostgresShard] = {}
+
+    def _in_scope(self, collection: str | None) -> bool:
+        return self.scope is None or (collection is not None and collection in self.scope)
+
+    # -- the run ---------------------------------------------------------------------------
+
+    async def run(self, *, repair: bool = False) -> DoctorReport:
+        try:
+            items = await self._examine()
+            items.sort(key=lambda i: _ORDER.index(i.finding.kind))
+            if repair:
+                await self._repair(items)
+            return DoctorReport(findings=[i.finding for i in items])
+        finally:
+            engines, self._engines = list(self._engines.values()), {}
+            await asyncio.gather(*(e.close() for e in engines), return_exceptions=True)
+
+    async def _examine(self) -> list[_Item]:
+        cat = self.catalog
+        # 1. Shards first (see invariant 3), with the layout they are judged against.
+        servers: dict[str, _Server] = {}
+        for info in await cat.list_shards():
+            key = _server_key(info.address)
+            servers.setdefault(key, _Server(key, info.address, [])).shards.append(info)
+        maps = {n: m for n, m in (await cat.chunk_maps()).items() if self._in_scope(n)}
+        await asyncio.gather(*(self._inspect(s, maps) for s in servers.values()))
+        # 2. Then what the catalog and Temporal say runs.
+        records = await cat.migrations(limit=1_000_000)
+        by_id = {r.migration_id: r for r in records}
+        by_prefix = {migration_prefix(r.migration_id): r for r in records}
+        leases = await cat.leases(live_only=False)
+        holders: dict[str, list[str]] = {}
+        for lease in leases:
+            holders.setdefault(lease.migration_id, []).append(lease.holder)
+        live: set[str] = set()
+        dead: dict[str, MigrationRecord] = {}
+        unknown: dict[str, str] = {}
+        for r in records:
+            if not r.active:
+                continue
+            try:
+                running = await self.is_running(r, sorted(set(holders.get(r.migration_id, []))))
+            except Exception as exc:  # noqa: BLE001 - cannot tell: treat as running
+                unknown[r.migration_id] = f"{type(exc).__name__}: {exc}"
+                running = True
+            if running:
+                live.add(r.migration_id)
+            else:
+                dead[r.migration_id] = r
+        busy = {(by_id[m].collection, by_id[m].chunk_id) for m in live}
+        dead_by_chunk = {(r.collection, r.chunk_id): r for r in dead.values()}
+        ctx = _Context(servers, maps, by_id, by_prefix, live, dead, dead_by_chunk, busy)
+
+        items: list[_Item] = []
+        for s in servers.values():
+            if s.inventory is None:
+                if any(i.state != ShardState.RETIRED for i in s.shards):
+                    items.append(_Item(Finding(
+                        kind=FindingKind.SHARD, shard=s.label(), object=", ".join(sorted(s.ids)),
+                        detail=f"cannot inspect {s.key}: {s.error}",
+                        action="none: start it (or fix its address), then run doctor again; "
+                               "nothing that needs it is repaired meanwhile")))
+                continue
+            items += self._stream_items(s, ctx)
+            items += self._import_items(s, ctx)
+            items += self._fence_items(s, ctx)
+        items += self._staging_items(ctx)
+        items += self._lease_items(leases, ctx)
+        items += self._migration_items(ctx, unknown, items)
+        return items
+
+    async def _inspect(self, server: _Server, maps: dict[str, ChunkMap]) -> None:
+        try:
+            server.inventory = await asyncio.to_thread(inspect_shard, server.dsn)
+            for name, cmap in maps.items():
+                if name not in server.inventory.collections:
+                    continue
+                elsewhere = [(c.chunk_id, c.range) for c in cmap.chunks
+                             if c.shard_id not in server.ids]
+                found = await asyncio.to_thread(chunks_with_rows, server.dsn, name, elsewhere)
+                server.rows.update({(name, k): n for k, n in found.items()})
+        except Exception as exc:  # noqa: BLE001 - an unreachable shard is a finding
+            server.inventory, server.error = None, f"{type(exc).__name__}: {exc}".strip()
+
+    # -- findings ----------------------------------------------------------------------------
+
+    def _stream_items(self, s: _Server, ctx: _Context) -> list[_Item]:
+        assert s.inventory is not None
+        out = []
+        for obj in s.inventory.streams:
+            rec = ctx.by_id.get(obj.migration_id or "") or ctx.by_prefix.get(obj.prefix)
+            if rec is not None and rec.migration_id in ctx.live:
+                continue
+            collection = rec.collection if rec else ctx.published.get(obj.name)
+            if not self._in_scope(collection):
+                continue
+            what = {StreamObjectKind.SLOT: "replication slot",
+                    StreamObjectKind.PUBLICATION: "publication",
+                    StreamObjectKind.ORIGIN: "replication origin",
+                    StreamObjectKind.STREAM_STATE: "stream_state row"}[obj.kind]
+            detail = f"{what} {ctx.describe(rec)}"
+            if obj.kind == StreamObjectKind.SLOT:
+                detail += ("; it retains WAL until dropped" if obj.active_pid is None
+                           else f"; walsender pid {obj.active_pid} still streams it")
+            action = {StreamObjectKind.SLOT: "drop the slot",
+                      StreamObjectKind.PUBLICATION: "drop the publication",
+                      StreamObjectKind.ORIGIN: "drop the origin and its stream_state row",
+                      StreamObjectKind.STREAM_STATE: "delete the row"}[obj.kind]
+            prefer = _shards_of(rec) + (ctx.collection_shards(collection) if collection else [])
+            out.append(_Item(
+                Finding(kind=_STREAM_KINDS[obj.kind], shard=s.label(prefer),
+                        object=obj.name, detail=detail, action=action),
+                fix=_drop_stream(s.dsn, obj), migration_id=ctx.dead_id(rec)))
+        return out
+
+    def _import_items(self, s: _Server, ctx: _Context) -> list[_Item]:
+        assert s.inventory is not None
+        out = []
+        for mid, n in s.inventory.import_parts.items():
+            if mid in ctx.live:
+                continue
+            rec = ctx.by_id.get(mid)
+            if not self._in_scope(rec.collection if rec else None):
+                continue
+            dsn = s.dsn
+
+            async def fix(dsn: str = dsn, mid: str = mid) -> None:
+                await asyncio.to_thread(forget_parts, dsn, mid)
+
+            out.append(_Item(Finding(
+                kind=FindingKind.IMPORT_PARTS, shard=s.label(_shards_of(rec)), object=mid,
+                detail=f"{n} bulk-import progress row(s) {ctx.describe(rec)}",
+                action="delete the rows"), fix=fix, migration_id=ctx.dead_id(rec)))
+        return out
+
+    def _staging_items(self, ctx: _Context) -> list[_Item]:
+        if self.staging is None:
+            return []
+        staging = self.staging
+        try:
+            infos = staging.fs.get_file_info(pafs.FileSelector(staging.root, allow_not_found=True))
+        except OSError as exc:
+            return [_Item(Finding(
+                kind=FindingKind.STAGING, shard=None, object=staging.url,
+                detail=f"cannot list the staging area: {exc}",
+                action="none: check the staging_url setting and its permissions"))]
+        out = []
+        for info in infos:
+            if info.type != pafs.FileType.Directory:
+                continue
+            mid = info.base_name
+            try:
+                check_migration_id(mid)
+            except StagingError:
+                continue  # not a migration's directory: not ours to judge
+            if mid in ctx.live:
+                continue
+            rec = ctx.by_id.get(mid)
+            if not self._in_scope(rec.collection if rec else None):
+                continue
+
+            async def fix(mid: str = mid) -> None:
+                await asyncio.to_thread(staging.remove, mid)
+
+            out.append(_Item(Finding(
+                kind=FindingKind.STAGING, shard=None, object=info.path,
+                detail=f"staged snapshot files {ctx.describe(rec)}",
+                action="remove the directory"), fix=fix, migration_id=ctx.dead_id(rec)))
+        return out
+
+    def _lease_items(self, leases: Sequence[Lease], ctx: _Context) -> list[_Item]:
+        now = datetime.now(UTC)
+        out = []
+        for lease in leases:
+            mid = lease.migration_id
+            if mid in ctx.live:
+                continue  # the running move renews (or re-takes) it
+            rec = ctx.by_id.get(mid)
+            if not self._in_scope(rec.collection if rec else None):
+                continue
+            expires = lease.expires_at
+            state = (f"expired at {expires.isoformat(timespec='seconds')}" if expires <= now
+                     else f"live until {expires.isoformat(timespec='seconds')}")
+            async def fix(mid: str = mid) -> None:
+                await self.catalog.release_leases(mid)
+
+            out.append(_Item(Finding(
+                kind=FindingKind.LEASE, shard=lease.shard_id, object=lease.lease_id,
+                detail=f"move lease held by {lease.holder!r}, {state}, {ctx.describe(rec)}",
+                action="release the migration's leases"), fix=fix, migration_id=ctx.dead_id(rec)))
+        return out
+
+    def _fence_items(self, s: _Server, ctx: _Context) -> list[_Item]:
+        assert s.inventory is not None
+        out: list[_Item] = []
+        fenced: dict[tuple[str, int], FenceRow] = {}
+        for f in s.inventory.fences:
+            key = (f.collection, f.chunk_id)
+            fenced[key] = f
+            if not self._in_scope(f.collection) or key in ctx.busy:
+                continue
+            item = self._judge_fence(s, f, ctx)
+            if item is not None:
+                out.append(item)
+        for key, n in sorted(s.rows.items()):
+            f = fenced.get(key)
+            if key in ctx.busy or (f is not None and f.state != FenceState.RETIRED):
+                continue  # a non-retired fence's finding covers its rows
+            c, k = key
+            chunk = ctx.maps[c].chunk(k)
+            assert chunk is not None
+            out.append(_Item(
+                Finding(kind=FindingKind.ROWS, shard=s.label(ctx.collection_shards(c)),
+                        object=f"{c}/{k}",
+                        detail=f"{_rows(n)} of chunk {c}/{k} on a shard that does not own it "
+                               f"(the catalog places it on {chunk.shard_id} at token "
+                               f"{chunk.token}); {ctx.describe(ctx.dead_by_chunk.get(key))}",
+                        action="delete them (throttled range delete)"),
+                fix=self._fix_rows(s, chunk, ctx), migration_id=ctx.dead_id(
+                    ctx.dead_by_chunk.get(key)), chunk=key))
+        return out
+
+    def _judge_fence(self, s: _Server, f: FenceRow, ctx: _Context) -> _Item | None:
+        key = (f.collection, f.chunk_id)
+        cmap = ctx.maps.get(f.collection)
+        chunk = cmap.chunk(f.chunk_id) if cmap else None
+        where = f"{f.collection}/{f.chunk_id}"
+        shown = f"{f.state} at token {f.token}"
+        dead = ctx.dead_by_chunk.get(key)
+
+        def item(detail: str, action: str, fix: Callable[[], Awaitable[None]] | None = None,
+                 shard: str | None = None) -> _Item:
+            return _Item(Finding(kind=FindingKind.FENCE,
+                                 shard=shard or s.label(ctx.collection_shards(f.collection)),
+                                 object=where, detail=f"fence {shown}: {detail}", action=action),
+                         fix=fix, migration_id=ctx.dead_id(dead), chunk=key)
+
+        if chunk is None:
+            if f.state == FenceState.RETIRED:
+                return None
+            return item("the catalog has no such chunk (collection dropped, or the chunk was "
+                        "split or merged away)",
+                        "none: compare with the collection's chunks in the catalog; a fence of "
+                        "a chunk the catalog does not know is never used for routing")
+        rows = s.rows.get(key, 0)
+        if chunk.shard_id in s.ids:
+            if f.state == FenceState.ACTIVE and f.token == chunk.token:
+                return None
+            if f.state == FenceState.FROZEN and f.token == chunk.token + 1:
+                return item(
+                    f"frozen on its owner by a cutover that never committed (the catalog "
+                    f"places the chunk here at token {chunk.token}) and no move runs: the "
+                    f"chunk is unavailable; {ctx.describe(dead)}",
+                    f"unfreeze to token {chunk.token} (the catalog's)",
+                    self._fix_unfreeze(s, chunk, f, ctx), shard=chunk.shard_id)
+            return item(
+                f"the catalog says this shard owns it, active at token {chunk.token}",
+                "none: not changed automatically; check the chunk's migration records "
+                "(shardshift moves --catalog) and which shard holds its latest data",
+                shard=chunk.shard_id)
+        owner = ctx.server_of(chunk.shard_id)
+        owner_fence = owner.fence(f.collection, f.chunk_id) if owner else None
+        if f.range != chunk.range:
+            return item(f"its range differs from the catalog's [{chunk.range.lo}, "
+                        f"{chunk.range.hi})", "none: compare the fence with the catalog")
+        placed = f"the catalog places the chunk on {chunk.shard_id} at token {chunk.token}"
+        if f.state == FenceState.RETIRED:
+            return None  # a finished move's old copy; rows, if any, are their own finding
+        if f.state == FenceState.RECEIVING or (
+                f.state == FenceState.ACTIVE and f.token > chunk.token):
+            how = ("receiving" if f.state == FenceState.RECEIVING else
+                   "activated by a cutover that never committed (the catalog never reached "
+                   "that token, so no router ever wrote here with it)")
+            return item(
+                f"{how}, with {_rows(rows)}, on a shard that does not own the chunk ({placed}) "
+                f"and no move runs: the partial copy of an aborted move; {ctx.describe(dead)}",
+                "retire the fence, delete its rows (throttled range delete), drop the fence",
+                self._fix_partial_copy(s, chunk, f, ctx))
+        if f.state == FenceState.FROZEN and f.token <= chunk.token:
+            if owner_fence is not None and owner_fence.state == FenceState.ACTIVE \
+                    and owner_fence.token == chunk.token:
+                return item(
+                    f"the old owner of a committed move whose cleanup never ran ({placed}, "
+                    f"its fence there is active), with {_rows(rows)}; {ctx.describe(dead)}",
+                    "retire the fence and delete its rows (throttled range delete)",
+                    self._fix_old_owner(s, chunk, f, ctx))
+            there = ("unreachable" if owner is None or owner.inventory is None
+                     else "without a fence" if owner_fence is None
+                     else f"{owner_fence.state} at token {owner_fence.token}")
+            return item(
+                f"frozen on a non-owner ({placed}), and the owner's fence is {there}: the "
+                "outcome of the cutover is unclear",
+                f"none: check that {chunk.shard_id} holds the chunk's data and serves it "
+                f"(fence active at token {chunk.token}); until then this copy is kept")
+        return item(
+            f"on a shard that does not own the chunk ({placed}); routers holding an old map "
+            "could use it",
+            "none: not changed automatically; check the chunk's migration records "
+            "(shardshift moves --catalog) and compare this shard's copy with the owner's")
+
+    def _migration_items(self, ctx: _Context, unknown: dict[str, str],
+                         items: list[_Item]) -> list[_Item]:
+        out = []
+        for mid, why in unknown.items():
+            rec = ctx.by_id[mid]
+            if not self._in_scope(rec.collection):
+                continue
+            out.append(_Item(Finding(
+                kind=FindingKind.MIGRATION, shard=rec.source, object=mid,
+                detail=f"active ({rec.phase}), {rec.collection}/{rec.chunk_id} {rec.source} -> "
+                       f"{rec.target}; cannot tell whether a workflow runs it ({why})",
+                action="none: nothing of it is touched; check Temporal, then run doctor again")))
+        for mid, rec in ctx.dead.items():
+            if not self._in_scope(rec.collection):
+                continue
+            cmap = ctx.maps.get(rec.collection)
+            chunk = cmap.chunk(rec.chunk_id) if cmap else None
+            base = (f"active since {rec.started_at.isoformat(timespec='seconds')} in phase "
+                    f"{rec.phase}, {rec.collection}/{rec.chunk_id} {rec.source} -> {rec.target}, "
+                    "but no workflow runs it")
+            outcome: MigrationOutcome | None = None
+            if chunk is not None and chunk.shard_id == rec.source:
+                outcome = (MigrationOutcome.ROLLED_BACK if rec.cutover_shard == rec.source
+                           else MigrationOutcome.ABORTED)
+            elif chunk is not None and chunk.shard_id == rec.target:
+                outcome = MigrationOutcome.COMPLETED
+            if outcome is None:
+                out.append(_Item(Finding(
+                    kind=FindingKind.MIGRATION, shard=rec.source, object=mid,
+                    detail=base + ("; its chunk is no longer in the catalog" if chunk is None
+                                   else f"; its chunk is on {chunk.shard_id}"),
+                    action="none: check the chunk's placement; the record is left open")))
+                continue
+            why = {MigrationOutcome.ABORTED: "the switch never committed",
+                   MigrationOutcome.ROLLED_BACK: "it was rolled back",
+                   MigrationOutcome.COMPLETED: "the switch had committed"}[outcome]
+            out.append(_Item(
+                Finding(kind=FindingKind.MIGRATION, shard=rec.source, object=mid,
+                        detail=f"{base}; the catalog places the chunk on {chunk.shard_id} "
+                               f"({why})",
+                        action=f"clean what it left (findings above), then close it as "
+                               f"{outcome}"),
+                fix=self._fix_close(rec, outcome, ctx, items), migration_id=mid,
+                chunk=(rec.collection, rec.chunk_id)))
+        return out
+
+    # -- repairs -----------------------------------------------------------------------------
+
+    async def _repair(self, items: list[_Item]) -> None:
+        async with contextlib.AsyncExitStack() as locks:
+            blocked = await self._lock_dead_migrations(items, locks)
+            for it in items:
+                if it.fix is None:
+                    continue
+                if it.migration_id in blocked:
+                    it.finding.action += f" — not done: {blocked[it.migration_id]}"
+                    continue
+                try:
+                    await it.fix()
+                    it.finding.repaired = True
+                except _Skip as why:
+                    it.finding.action += f" — not done: {why}"
+                except Exception as exc:  # noqa: BLE001 - reported, the others go on
+                    it.finding.action += f" — failed: {type(exc).__name__}: {exc}"
+
+    async def _lock_dead_migrations(self, items: list[_Item],
+                                    locks: contextlib.AsyncExitStack) -> dict[str, str]:
+        """Take the cutover lock of every dead migration with something to repair (invariant
+        4); returns the migrations that must not be touched, with why."""
+        wanted: dict[str, MigrationRecord] = {}
+        for it in items:
+            if it.fix is not None and it.migration_id is not None \
+                    and it.migration_id not in wanted:
+                wanted[it.migration_id] = await self.catalog.migration(it.migration_id)
+        blocked: dict[str, str] = {}
+        for mid, rec in wanted.items():
+            for sid in (rec.source, rec.target):
+                try:
+                    dsn = (await self.catalog.shard(sid)).address
+                    held = await locks.enter_async_context(cutover_lock(dsn, mid))
+                except Exception as exc:  # noqa: BLE001 - an unreachable shard holds no attempt
+                    if sid == rec.source:
+                        blocked[mid] = f"its source {sid} is unreachable ({type(exc).__name__})"
+                    continue
+                if not held:
+                    blocked[mid] = (f"a cutover attempt of it still runs (it holds its lock on "
+                                    f"{sid}); run doctor again in a minute")
+        return blocked
+
+    async def _engine(self, s: _Server) -> PostgresShard:
+        engine = self._engines.get(s.key)
+        if engine is None:
+            engine = await PostgresShard(s.label(), s.dsn, max_size=2, check=True).open()
+            self._engines[s.key] = engine
+        return engine
+
+    async def _recheck(self, seen: Chunk, ctx: _Context) -> Chunk:
+        """The chunk as the catalog has it now; raises ``_Skip`` when it changed or a move of
+        it started since the examination (invariant 3)."""
+        now = await self.catalog.chunk(seen.collection, seen.chunk_id)
+        if (now.shard_id, now.token, now.range) != (seen.shard_id, seen.token, seen.range):
+            raise _Skip(f"the catalog changed since (now on {now.shard_id} at token "
+                        f"{now.token}); run doctor again")
+        for m in await self.catalog.migrations(collection=seen.collection, active_only=True):
+            if m.chunk_id == seen.chunk_id and m.migration_id not in ctx.dead:
+                raise _Skip(f"migration {m.migration_id} of this chunk started since")
+        return now
+
+    async def _delete_rows(self, s: _Server, chunk: Chunk) -> None:
+        await asyncio.to_thread(delete_range, s.dsn, chunk.collection, chunk.range,
+                                batch_size=self.delete_batch, pause_s=self.delete_pause_s)
+
+    def _fix_unfreeze(self, s: _Server, chunk: Chunk, f: FenceRow,
+                      ctx: _Context) -> Callable[[], Awaitable[None]]:
+        async def fix() -> None:
+            now = await self._recheck(chunk, ctx)
+            if now.shard_id not in s.ids:
+                raise _Skip(f"the catalog no longer places the chunk here ({now.shard_id})")
+            engine = await self._engine(s)
+            await engine.unfreeze(chunk.collection, chunk.chunk_id, now.token + 1)
+        return fix
+
+    def _fix_partial_copy(self, s: _Server, chunk: Chunk, f: FenceRow,
+                          ctx: _Context) -> Callable[[], Awaitable[None]]:
+        async def fix() -> None:
+            await self._recheck(chunk, ctx)
+            engine = await self._engine(s)
+            c, k = chunk.collection, chunk.chunk_id
+            if f.state == FenceState.ACTIVE:
+                await engine.transition(c, k, expect_token=f.token,
+                                        expect_state=[FenceState.ACTIVE], new_token=f.token,
+                                        new_state=FenceState.RECEIVING)
+            await engine.retire(c, k)
+            await self._delete_rows(s, chunk)
+            await engine.drop_fence(c, k)
+        return fix
+
+    def _fix_old_owner(self, s: _Server, chunk: Chunk, f: FenceRow,
+                       ctx: _Context) -> Callable[[], Awaitable[None]]:
+        async def fix() -> None:
+            now = await self._recheck(chunk, ctx)
+            owner = ctx.server_of(now.shard_id)
+            if owner is None:
+                raise _Skip(f"the owner {now.shard_id} is not registered")
+            there = await (await self._engine(owner)).fence(chunk.collection, chunk.chunk_id)
+            if there is None or there.state != FenceState.ACTIVE or there.token != now.token:
+                raise _Skip(f"the owner's fence is no longer active at token {now.token}")
+            engine = await self._engine(s)
+            await engine.transition(chunk.collection, chunk.chunk_id, expect_token=f.token,
+                                    expect_state=[FenceState.FROZEN], new_token=f.token,
+                                    new_state=FenceState.RETIRED)
+            await self._delete_rows(s, chunk)
+        return fix
+
+    def _fix_rows(self, s: _Server, chunk: Chunk,
+                  ctx: _Context) -> Callable[[], Awaitable[None]]:
+        async def fix() -> None:
+            now = await self._recheck(chunk, ctx)
+            if now.shard_id in s.ids:
+                raise _Skip("the catalog places the chunk here now")
+            await self._delete_rows(s, chunk)  # refuses if an active or frozen fence appeared
+        return fix
+
+    def _fix_close(self, rec: MigrationRecord, outcome: MigrationOutcome, ctx: _Context,
+                   items: list[_Item]) -> Callable[[], Awaitable[None]]:
+        key = (rec.collection, rec.chunk_id)
+
+        async def fix() -> None:
+            left = [it for it in items
+                    if it.finding.kind != FindingKind.MIGRATION and not it.finding.repaired
+                    and (it.migration_id == rec.migration_id or it.chunk == key)]
+            for sid in (rec.source, rec.target):
+                s = ctx.server_of(sid)
+                if s is None or s.inventory is None:
+                    raise _Skip(f"{sid} could not be inspected, so what the move left there "
+                                "is unknown; the record stays open")
+            if left:
+                raise _Skip(f"{len(left)} of its leftovers remain (see above); the record "
+                            "stays open")
+            await self.catalog.finish_migration(
+                rec.migration_id, outcome,
+                detail=f"closed by shardshift doctor: no workflow ran it (phase {rec.phase})")
+        return fix
+
+
+@dataclass
+class _Context:
+    servers: dict[str, _Server]
+    maps: dict[str, ChunkMap]
+    by_id: dict[str, MigrationRecord]
+    by_prefix: dict[str, MigrationRecord]
+    live: set[str]
+    dead: dict[str, MigrationRecord]
+    dead_by_chunk: dict[tuple[str, int], MigrationRecord]
+    busy: set[tuple[str, int]]
+    published: dict[str, str] = field(default_factory=dict)
+    """Stream name -> the collection its publication (on any server) carries."""
+
+    def __post_init__(self) -> None:
+        self._by_shard = {i.shard_id: s for s in self.servers.values() for i in s.shards}
+        for s in self.servers.values():
+            for obj in (s.inventory.streams if s.inventory else ()):
+                if obj.kind == StreamObjectKind.PUBLICATION and obj.collections:
+                    self.published[obj.name] = obj.collections[0]
+
+    def server_of(self, shard_id: str) -> _Server | None:
+        return self._by_shard.get(shard_id)
+
+    def dead_id(self, rec: MigrationRecord | None) -> str | None:
+        return rec.migration_id if rec is not None and rec.migration_id in self.dead else None
+
+    def collection_shards(self, collection: str) -> list[str]:
+        cmap = self.maps.get(collection)
+        return sorted({c.shard_id for c in cmap.chunks}) if cmap else []
+
+    def describe(self, rec: MigrationRecord | None) -> str:
+        if rec is None:
+            return "of no migration the catalog knows"
+        if rec.migration_id in self.dead:
+            return f"of migration {rec.migration_id} (active, but no workflow runs it)"
+        return f"of migration {rec.migration_id} (finished: {rec.outcome})"
+
+
+def _shards_of(rec: MigrationRecord | None) -> list[str]:
+    return [rec.source, rec.target] if rec is not None else []
+
+
+def _rows(n: int) -> str:
+    return "no rows" if n == 0 else f"{n} row{'s' if n != 1 else ''}"
+
+
+def _drop_stream(dsn: str, obj: StreamObject) -> Callable[[], Awaitable[None]]:
+    async def fix() -> None:
+        await asyncio.to_thread(drop_stream_object, dsn, obj.kind, obj.name)
+    return fix
+
+
+def format_report(report: DoctorReport, *, repair: bool) -> str:
+    """The report for people: one block per finding, then a summary line."""
+    if not report.findings:
+        return "clean: nothing left behind by failed moves\n"
+    lines = []
+    for f in report.findings:
+        mark = "REPAIRED" if f.repaired else ("NOT REPAIRED" if repair else "FOUND")
+        lines.append(f"[{mark}] {f.kind:<17} {f.shard or '-':<14} {f.object}")
+        lines.append(f"    {f.detail}")
+        lines.append(f"    action: {f.action}")
+    left = sum(not f.repaired for f in report.findings)
+    done = len(report.findings) - left
+    summary = f"{len(report.findings)} finding(s)"
+    if repair:
+        summary += f", {done} repaired, {left} left"
+    elif any(not f.action.startswith("none") for f in report.findings):
+        summary += "; run with --repair to fix the ones with an action"
+    lines.append(summary + ("" if left else " — clean"))
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["Doctor", "DoctorReport", "Finding", "FindingKind", "MoveProbe", "format_report"]
