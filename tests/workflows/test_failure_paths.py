@@ -413,6 +413,10 @@ async def test_no_reverse_stream_without_rollback_window(
     d = deployment
     moving, target, _ = pick(d)
     await asyncio.to_thread(preload_chunk, d.shards[moving.shard_id].dsn, d.collection, moving, 50)
+    dry = await (await start(temporal_client, worker, d, moving, target, rollback_window_s=0,
+                             dry_run=True)).result()
+    assert [s.name for s in dry.plan] == [
+        "admit", "freeze_old", "wait_for_catchup", "activate_new", "switch_catalog"], dry.plan
     handle = await start(temporal_client, worker, d, moving, target, rollback_window_s=0)
     result = await asyncio.wait_for(handle.result(), 120)
     await assert_completed_clean(d, result, moving, target, rows=50)
