@@ -21,6 +21,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
 from activities import MoveContext, all_activities
+from activities.leases import LeaseKeeper
 from catalog import Catalog
 from settings import Settings, TemporalSettings, get_settings
 from shards.staging import Staging
@@ -72,6 +73,7 @@ async def run_worker(
             task_queue=task_queue or settings.temporal.task_queue,
             workflows=list(workflows),
             activities=all_activities(ctx),
+            interceptors=[LeaseKeeper(catalog)],  # move leases live as long as the move
             max_concurrent_activities=64,
             # Cancellation reaches an activity through its heartbeat: throttle heartbeats to
             # 1 s (not 80% of the timeout) so a stopped stream stops within a second.

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+from datetime import timedelta
+
 from temporalio import activity
 
 from activities.context import MoveContext, catalog_failure, non_retryable
+from activities.faults import inject
+from activities.leases import renew_move_leases
 from activities.models import FinishInput, MoveSpec, PhaseInput, RegisteredInput, RegisterInput
 from catalog import CatalogError, ShardState
 from catalog.models import MigrationOutcome, MigrationRecord
 from shards.errors import ShardError
 from shards.models import FenceState
+
+log = logging.getLogger("shardshift.activities")
 
 
 class CatalogActivities:
@@ -42,14 +49,16 @@ class CatalogActivities:
                 inp.migration_id, kind=inp.kind, collection=inp.collection,
                 chunk_id=inp.chunk_id, source=source, target=inp.target,
             )
-            await cat.take_leases(inp.migration_id, [record.source, record.target], holder=inp.holder)
+            ttl = timedelta(seconds=inp.lease_ttl_s) if inp.lease_ttl_s else None
+            await cat.take_leases(inp.migration_id, [record.source, record.target],
+                                  holder=inp.holder, ttl=ttl)
             info = await cat.collection(inp.collection)
         except CatalogError as exc:
             raise catalog_failure(exc, "register") from exc
         spec = MoveSpec(
             migration_id=inp.migration_id, kind=inp.kind, collection=inp.collection,
             chunk_id=inp.chunk_id, key_range=chunk.range, source=record.source,
-            target=record.target, token=record.token_before,
+            target=record.target, token=record.token_before, lease_ttl_s=inp.lease_ttl_s,
         )
         try:
             engine = await self.ctx.engine(spec.target)
@@ -70,10 +79,17 @@ class CatalogActivities:
 
     @activity.defn(name="migrate.set_phase")
     async def set_phase(self, inp: PhaseInput) -> None:
+        """Record the phase a move reached, and renew its leases (best effort: the activities
+        that carry the move's spec renew them too, see ``activities/leases.py``)."""
+        inject(f"set_phase.{inp.phase.value}", inp.migration_id)
         try:
             await self.ctx.catalog.set_migration_phase(inp.migration_id, inp.phase, detail=inp.detail)
         except CatalogError as exc:
             raise catalog_failure(exc, "set phase") from exc
+        try:
+            await renew_move_leases(self.ctx.catalog, inp.migration_id, inp.lease_ttl_s)
+        except CatalogError as exc:
+            log.warning("renewing the leases of move %s failed: %s", inp.migration_id, exc)
 
     @activity.defn(name="migrate.renew_leases")
     async def renew_leases(self, inp: RegisterInput) -> None:
@@ -102,6 +118,7 @@ class CatalogActivities:
 
     @activity.defn(name="migrate.finish")
     async def finish(self, inp: FinishInput) -> None:
+        inject("finish.start", inp.spec.collection)
         try:
             await self.ctx.catalog.finish_migration(
                 inp.spec.migration_id, inp.outcome, detail=inp.detail

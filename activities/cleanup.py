@@ -7,6 +7,12 @@ target's copy instead. ``abort`` before the commit point: the same cleanup of st
 staging, the source fence unfrozen if a cutover was interrupted, the target's partial copy
 deleted and its receiving fence dropped. All steps are idempotent, so a retry (or a second
 abort) is harmless.
+
+Before touching anything, cleanup reads the chunk's owner from the catalog (waiting for a
+switch still in flight): it never deletes, demotes or unfreezes against the catalog. An
+abort whose switch in fact committed (or a completion whose switch did not) fails
+non-retryably (``OwnerMismatch``) with both copies intact; the workflow learns the outcome
+from the catalog before it cleans up, so this is a second line of defence.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ from __future__ import annotations
 import threading
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
-from activities.context import MoveContext
+from activities.context import MoveContext, catalog_failure
+from activities.faults import inject
 from activities.models import CleanupInput, CleanupResult, DeleteCheckpoint, MoveSpec
+from catalog import CatalogError, UnknownChunkError, UnknownCollectionError
 from catalog.models import MigrationOutcome
 from shards.models import FenceState
 from shards.postgres.bulk_import import forget_parts
@@ -31,10 +40,12 @@ class CleanupActivities:
     @activity.defn(name="migrate.cleanup")
     async def cleanup(self, inp: CleanupInput) -> CleanupResult:
         spec = inp.spec
+        inject("cleanup.start", spec.collection)
         committed = inp.outcome == MigrationOutcome.COMPLETED
         # The shard whose copy nobody serves any more.
         loser = spec.source if committed else spec.target
         winner = spec.target if committed else spec.source
+        await self._refuse_to_empty_the_owner(spec, inp.outcome, loser)
         dropped = await self._drop_streams(spec)
         winner_engine = await self.ctx.engine(winner)
         loser_engine = await self.ctx.engine(loser)
@@ -62,6 +73,24 @@ class CleanupActivities:
         await self.ctx.run_blocking(lambda _stop: self.ctx.staging.remove(spec.migration_id))
         await self.ctx.run_blocking(lambda _stop: forget_parts(target_dsn, spec.migration_id))
         return CleanupResult(rows_deleted=deleted, **dropped)
+
+    async def _refuse_to_empty_the_owner(self, spec: MoveSpec, outcome: MigrationOutcome,
+                                         loser: str) -> None:
+        """Fail for good if the catalog serves the chunk from the copy this cleanup deletes."""
+        try:
+            chunk = await self.ctx.catalog.settled_chunk(spec.collection, spec.chunk_id)
+        except (UnknownChunkError, UnknownCollectionError):
+            return  # the collection was dropped: no copy is served any more
+        except CatalogError as exc:
+            raise catalog_failure(exc, "cleanup: reading the chunk's owner") from exc
+        if chunk.shard_id == loser:
+            raise ApplicationError(
+                f"refusing to clean up migration {spec.migration_id} as {outcome}: the catalog "
+                f"names {loser} (token {chunk.token}) as the owner of chunk "
+                f"{spec.collection}/{spec.chunk_id}, and that is the copy this cleanup would "
+                "delete; nothing was changed (finish the move the way the catalog says)",
+                type="OwnerMismatch", non_retryable=True,
+            )
 
     async def _drop_streams(self, spec: MoveSpec) -> dict[str, int]:
         dsns = [await self.ctx.dsn(spec.source), await self.ctx.dsn(spec.target)]

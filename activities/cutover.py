@@ -5,8 +5,9 @@ steps with the roles swapped (``old`` = target at ``t+1``, ``new`` = source, -> 
 
 1. ``admit``: the stream must be within ``max_lag_bytes`` of the old owner, so the pause
    that follows only has to drain a few transactions.
-2. ``create_reverse_stream`` (forward only): publication and slot on the new owner for the
-   rollback window, created *before* the new owner can take a write, so none is missed.
+2. ``create_reverse_stream`` (forward, with a rollback window only): publication and slot on
+   the new owner for the rollback window, created *before* the new owner can take a write,
+   so none is missed. Without a window it is skipped: a slot nobody reads retains WAL.
 3. ``freeze_old``: the old owner's fence goes to ``t+1, frozen``. In-flight writes commit
    first; every later one is rejected and the router retries. **The pause starts.**
 4. ``wait_for_catchup``: the freeze travels through the stream as a fence marker; once the
@@ -20,8 +21,14 @@ state, the old fence unfrozen to its old token) and reports ``committed=False``;
 keeps replicating and tries again. If the catalog's answer to the switch is lost, the activity
 re-reads the catalog: committed or not is then a fact, never a guess; while the catalog cannot
 be read the old fence stays frozen (unavailable, never inconsistent) and the activity fails
-retryably. A retried activity starts by ``recover``: it finishes a committed switch or undoes
-a half-done one, then proceeds normally.
+retryably. That read waits for the row lock of a switch still in flight, so a commit that is
+merely late is never read as "not committed". A retried activity starts by ``recover``: it
+finishes a committed switch or undoes a half-done one, then proceeds normally.
+
+When the activity fails for good anyway (its attempts exhausted: the catalog or the new owner
+down for minutes), the workflow asks ``resolve_cutover``, which reads the same truth and
+either activates the new owner (the move rolls forward) or undoes the attempt under the
+cutover's lock (the move may abort). The answer is retried without limit, never guessed.
 
 No Temporal round trip happens inside the pause: steps 3 to 6 run in this one activity.
 """
@@ -33,11 +40,14 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from temporalio import activity
 
 from activities.context import MoveContext, non_retryable
+from activities.faults import inject
 from activities.models import (
     CutoverInput,
     CutoverResult,
@@ -90,7 +100,7 @@ def plan(inp: CutoverInput) -> list[CutoverStep]:
     t = spec.token if forward else spec.token + 1
     out = []
     for name, text in STEPS:
-        if name == "create_reverse_stream" and not forward:
+        if name == "create_reverse_stream" and not (forward and inp.reverse_stream):
             continue
         out.append(CutoverStep(name=name, description=text.format(
             max_lag=inp.max_lag_bytes, old=old, new=new, chunk=f"{spec.collection}/{spec.chunk_id}",
@@ -118,7 +128,8 @@ class CutoverActivities:
                         chunk_id=inp.chunk_id, key_range=chunk.range, source=chunk.shard_id,
                         target=inp.target, token=chunk.token)
         steps = plan(CutoverInput(spec=spec, max_lag_bytes=inp.max_lag_bytes,
-                                  catchup_timeout_s=inp.catchup_timeout_s))
+                                  catchup_timeout_s=inp.catchup_timeout_s,
+                                  rollback_window_s=inp.rollback_window_s))
         return CutoverResult(committed=False, steps=steps, reason="dry run: nothing was changed")
 
     @activity.defn(name="migrate.cutover")
@@ -149,8 +160,7 @@ class CutoverActivities:
         to switch away from. A session advisory lock on the old owner, keyed by the migration,
         serializes them; a crashed worker's connection closes and frees the lock at once.
         """
-        dsn = await self.ctx.dsn(run.old)
-        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        conn = await lock_connection(await self.ctx.dsn(run.old))
         key = f"shardshift-cutover:{run.spec.migration_id}"
         try:
             while True:
@@ -238,6 +248,7 @@ class CutoverActivities:
             except CatalogUnavailableError:
                 if not await self._committed(run):
                     raise  # unknown and unreadable: stay frozen; the retry's recover decides
+            inject("cutover.after_switch", spec.collection)
             done("switch_catalog", t0)
             pause_ms = (time.perf_counter() - pause_start) * 1000
             return result(committed=True, new_token=run.new_token, new_owner=run.new,
@@ -258,25 +269,65 @@ class CutoverActivities:
 
     async def _committed(self, run: _Run) -> bool:
         """Whether the catalog places the chunk on the new owner at the new token (reads the
-        catalog, retrying for a while: the answer decides between finishing and undoing)."""
+        catalog, retrying for a while: the answer decides between finishing and undoing).
+
+        The read waits for a switch still in flight (``settled_chunk``): a ``move_chunk``
+        whose reply was lost may not have committed *yet*, and reading around it would
+        answer "no" just before it lands."""
         for attempt in range(50):
+            if activity.in_activity():
+                activity.heartbeat("reading the catalog: did the switch commit?")
             try:
-                chunk: Chunk = await self.ctx.catalog.chunk(run.spec.collection, run.spec.chunk_id)
+                chunk: Chunk = await self.ctx.catalog.settled_chunk(
+                    run.spec.collection, run.spec.chunk_id, wait_s=1.0)
                 return chunk.shard_id == run.new and chunk.token == run.new_token
             except CatalogUnavailableError:
                 await asyncio.sleep(min(0.05 * (attempt + 1), 1.0))
         raise CatalogUnavailableError("catalog unreadable while resolving a cutover")
 
+    @activity.defn(name="migrate.resolve_cutover")
+    async def resolve(self, inp: CutoverInput) -> CutoverResult:
+        """After a cutover activity failed for good: the catalog's answer, acted upon.
+
+        Committed (the catalog places the chunk on the new owner at the new token): the new
+        owner's fence is activated and the result says committed, so the workflow rolls the
+        move forward. Not committed: the cutover's lock is taken first (no attempt of it is
+        still alive), the catalog read again, and a half-done attempt undone. Unknown (the
+        catalog unreadable): the activity fails retryably and is retried without limit; it
+        never guesses.
+        """
+        old, new = endpoints(inp.spec, inp.direction)
+        run = _Run(inp, old, new,
+                   inp.spec.token if inp.direction == Direction.FORWARD else inp.spec.token + 1,
+                   plan(inp))
+        try:
+            if await self._committed(run):
+                return await self._finish_committed(run)
+            async with self._exclusive(run):
+                recovered = await self._recover(run)
+        except CatalogError as exc:
+            if exc.retryable:
+                raise
+            raise non_retryable(exc, "resolving a cutover") from exc
+        return recovered or CutoverResult(committed=False, steps=run.steps,
+                                          reason="the switch did not commit")
+
+    async def _finish_committed(self, run: _Run) -> CutoverResult:
+        """The switch committed: the new owner serves at the new token (only it is needed)."""
+        spec = run.spec
+        new_engine = await self.ctx.engine(run.new)
+        await new_engine.activate(spec.collection, spec.chunk_id, run.new_token)
+        record = await self.ctx.catalog.migration(spec.migration_id)
+        return CutoverResult(committed=True, new_token=run.new_token, new_owner=run.new,
+                             pause_ms=record.pause_ms, steps=run.steps,
+                             reason="recovered: the switch had committed")
+
     async def _recover(self, run: _Run) -> CutoverResult | None:
         """Finish a committed switch, or undo a half-done attempt (a retried activity)."""
         spec = run.spec
-        old_engine, new_engine = await self.ctx.engine(run.old), await self.ctx.engine(run.new)
         if await self._committed(run):
-            await new_engine.activate(spec.collection, spec.chunk_id, run.new_token)
-            record = await self.ctx.catalog.migration(spec.migration_id)
-            return CutoverResult(committed=True, new_token=run.new_token, new_owner=run.new,
-                                 pause_ms=record.pause_ms, steps=run.steps,
-                                 reason="recovered: the switch had committed")
+            return await self._finish_committed(run)
+        old_engine, new_engine = await self.ctx.engine(run.old), await self.ctx.engine(run.new)
         old_fence = await old_engine.fence(spec.collection, spec.chunk_id)
         new_fence = await new_engine.fence(spec.collection, spec.chunk_id)
         half_done = (old_fence is not None and old_fence.state == FenceState.FROZEN
@@ -302,6 +353,31 @@ class CutoverActivities:
         fence = await old_engine.fence(spec.collection, spec.chunk_id)
         if fence is not None and fence.state == FenceState.FROZEN and fence.token == run.new_token:
             await old_engine.unfreeze(spec.collection, spec.chunk_id, run.new_token)
+
+
+_LOCK_KEEPALIVES = {
+    # Client side: the worker notices a vanished server within ~15 s.
+    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 5,
+    "tcp_user_timeout": 15_000,
+}
+_LOCK_SERVER_OPTIONS = ("-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2"
+                        " -c tcp_keepalives_count=5 -c tcp_user_timeout=15000")
+"""Server side (the lock lives in the server's session): the backend notices a vanished
+worker host, ends the session and frees the lock within ~15 s instead of the kernel's two
+hours. These settings apply to the server's end of this one connection only."""
+
+
+async def lock_connection(dsn: str) -> psycopg.AsyncConnection[Any]:
+    """The connection that holds a cutover's session advisory lock, probed from both ends.
+
+    A worker process that crashes closes its socket and the lock goes at once; a worker *host*
+    that vanishes (power, network partition) sends nothing, and without keepalives its
+    session, and the lock that keeps every retry of this cutover waiting, would outlive it
+    by hours.
+    """
+    options = " ".join(filter(None, [conninfo_to_dict(dsn).get("options"), _LOCK_SERVER_OPTIONS]))
+    return await psycopg.AsyncConnection.connect(dsn, autocommit=True, options=options,
+                                                 **_LOCK_KEEPALIVES)
 
 
 def _current_lsn(dsn: str) -> str:

@@ -30,6 +30,9 @@ class MoveSpec(_Frozen):
     target: str
     token: int
     """The chunk's token when the move was registered (the cutover CAS expects it)."""
+    lease_ttl_s: float | None = None
+    """Lifetime of the move's leases (None: the catalog's default); they are renewed every
+    third of it while the move's activities run."""
 
 
 class RegisterInput(_Frozen):
@@ -40,6 +43,8 @@ class RegisterInput(_Frozen):
     target: str
     holder: str
     """Who holds the move leases (the workflow id)."""
+    lease_ttl_s: float | None = Field(default=None, gt=0)
+    """Lifetime of the move's leases (None: the catalog's default)."""
 
 
 class RegisteredInput(_Frozen):
@@ -50,6 +55,8 @@ class PhaseInput(_Frozen):
     migration_id: str
     phase: MigrationPhase
     detail: str | None = None
+    lease_ttl_s: float | None = None
+    """The move's lease lifetime (None: the catalog's default): recording a phase renews them."""
 
 
 class FinishInput(_Frozen):
@@ -168,6 +175,14 @@ class CutoverInput(_Frozen):
     catchup_timeout_s: float = 2.0
     """Longest the writes may stay paused waiting for the target to apply the freeze."""
     dry_run: bool = False
+    rollback_window_s: float | None = None
+    """The move's rollback window: the reverse stream is created only when it is open
+    (None: not said, as from callers that predate this field: created, as before)."""
+
+    @property
+    def reverse_stream(self) -> bool:
+        """Whether a forward cutover prepares the rollback window's reverse stream."""
+        return self.rollback_window_s is None or self.rollback_window_s > 0
 
 
 class PlanInput(_Frozen):
@@ -177,6 +192,7 @@ class PlanInput(_Frozen):
     target: str
     max_lag_bytes: int = 4 * 1024 * 1024
     catchup_timeout_s: float = 2.0
+    rollback_window_s: float | None = None
 
 
 class CutoverStep(_Frozen):

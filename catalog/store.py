@@ -693,6 +693,43 @@ class Catalog:
             lambda cur: self._chunk_in(cur, collection, chunk_id), read_only=True
         )
 
+    async def settled_chunk(
+        self, collection: str, chunk_id: int, *, wait_s: float = 10.0
+    ) -> Chunk:
+        """One chunk once every placement change in flight on it has committed or rolled back.
+
+        ``chunk`` reads a snapshot, and a ``move_chunk`` whose transaction is still open (its
+        reply lost, its COMMIT still on the way to the server) is invisible there: "not
+        moved" read then is a guess. This read takes the row's share lock, which waits for
+        such a transaction; if it committed, the serializable snapshot conflicts and the
+        retry reads the new placement. Whoever decides whether a cutover committed uses this.
+
+        Raises:
+            CatalogUnavailableError: the catalog is unreachable, or a change still held the
+                row after ``wait_s`` (a client gone quiet mid-transaction): retry later.
+            UnknownCollectionError, UnknownChunkError.
+        """
+        check_collection(collection)
+        _check_chunk_id(chunk_id)
+
+        async def body(cur: AsyncCursor[Any]) -> Chunk:
+            await cur.execute(f"SET LOCAL lock_timeout = '{int(wait_s * 1000)}ms'")
+            try:
+                row = await _one(
+                    cur, _CHUNK_SELECT + " WHERE c.collection = %s AND c.chunk_id = %s"
+                    " FOR SHARE OF c", (collection, chunk_id),
+                )
+            except errors.LockNotAvailable as exc:
+                raise CatalogUnavailableError(
+                    f"a change to chunk {collection}/{chunk_id} is still in flight after "
+                    f"{wait_s}s; read it again later"
+                ) from exc
+            if row is None:
+                return await self._chunk_in(cur, collection, chunk_id)  # the precise error
+            return _chunk(row)
+
+        return await self._txn(body)
+
     async def allocate_chunk_ids(self, n: int) -> list[int]:
         """``n`` fresh chunk ids (never handed out again), for a split or merge whose shard
         fences are created before the catalog change commits."""

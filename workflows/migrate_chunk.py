@@ -11,6 +11,13 @@ publications and origins dropped, the target's partial copy deleted, fences rest
 released). A cutover in flight is never interrupted: the workflow waits for it and then
 decides. After the commit point a cancel finishes the move (skipping the rollback window).
 
+The commit point is a fact in the catalog. A cutover activity that fails for good leaves its
+outcome in doubt: before anything is undone, ``resolve_cutover`` reads the catalog (retried
+without limit while it cannot), and a switch that committed is rolled forward. After the
+commit point every step is retried until it succeeds (Temporal's retries without an attempt
+limit, then a growing pause between steps that failed for good), so the move always finishes
+its cleanup; the last error is shown in ``progress.detail``.
+
 Orchestration only: every side effect is an activity; timers are input settings so tests
 can shorten them.
 """
@@ -75,6 +82,8 @@ _SHORT = timedelta(seconds=10)
 _WAIT = ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
 _FOREVER = RetryPolicy(initial_interval=timedelta(seconds=1),
                        maximum_interval=timedelta(seconds=15))
+_MAX_STEP_PAUSE_S = 300.0
+"""Longest pause between two tries of an after-commit step that failed for good."""
 
 
 class MigrateChunkInput(BaseModel):
@@ -108,6 +117,11 @@ class MigrateChunkInput(BaseModel):
     heartbeat_timeout_s: float = Field(default=30.0, gt=0)
     """Heartbeat timeout of the long-running activities (snapshot, import, replicate, verify,
     cleanup): how soon a crashed worker's activity is retried elsewhere."""
+    after_commit_retry_s: float = Field(default=5.0, gt=0)
+    """After the commit point a step that failed for good is tried again after this long,
+    doubling up to 5 minutes, until it succeeds."""
+    lease_ttl_s: float | None = Field(default=None, gt=0)
+    """Lifetime of the move's leases (None: the catalog's default); renewed while it runs."""
 
 
 class MigrateChunkResult(BaseModel):
@@ -173,6 +187,9 @@ class MigrateChunkWorkflow:
         self._phase_started: dict[str, Any] = {}
         self._phase_seconds: dict[str, float] = {}
         self._heartbeat = timedelta(seconds=30)
+        self._in_doubt = False
+        """A cutover activity was started and has not returned a result (it may have
+        committed): the catalog decides between rolling forward and undoing."""
 
     # -- operator surface -------------------------------------------------------------------------
 
@@ -196,7 +213,8 @@ class MigrateChunkWorkflow:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    async def _phase(self, spec_or_id: MoveSpec | str, phase: MigrationPhase) -> None:
+    async def _phase(self, spec_or_id: MoveSpec | str, phase: MigrationPhase,
+                     retry: RetryPolicy = _QUICK) -> None:
         now = workflow.now()
         prev = self._progress.phase
         if prev in self._phase_started:
@@ -206,10 +224,13 @@ class MigrateChunkWorkflow:
         workflow.upsert_search_attributes([SA_PHASE.value_set(phase.value)])
         if phase == MigrationPhase.DONE:
             return  # finish_migration already closed the record with its outcome
-        mid = spec_or_id if isinstance(spec_or_id, str) else spec_or_id.migration_id
+        spec = None if isinstance(spec_or_id, str) else spec_or_id
+        mid = spec.migration_id if spec is not None else spec_or_id
         await workflow.execute_activity_method(
-            CatalogActivities.set_phase, PhaseInput(migration_id=mid, phase=phase),
-            start_to_close_timeout=_SHORT, retry_policy=_QUICK,
+            CatalogActivities.set_phase,
+            PhaseInput(migration_id=mid, phase=phase,
+                       lease_ttl_s=spec.lease_ttl_s if spec is not None else None),
+            start_to_close_timeout=_SHORT, retry_policy=retry,
         )
 
     @staticmethod
@@ -244,7 +265,8 @@ class MigrateChunkWorkflow:
         handle = workflow.start_activity_method(
             CutoverActivities.cutover,
             CutoverInput(spec=spec, direction=direction, max_lag_bytes=inp.max_lag_bytes,
-                         catchup_timeout_s=inp.catchup_timeout_s),
+                         catchup_timeout_s=inp.catchup_timeout_s,
+                         rollback_window_s=inp.rollback_window_s),
             # A worker that dies inside the pause leaves the source frozen: a short heartbeat
             # timeout gets the retry (whose first step undoes or finishes the switch) going
             # within seconds, inside the router's retry deadline.
@@ -253,12 +275,23 @@ class MigrateChunkWorkflow:
             retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=200),
                                      maximum_interval=timedelta(seconds=5), maximum_attempts=20),
         )
+        self._in_doubt = True  # until a result says committed or not
         try:
-            return await asyncio.shield(handle)
+            result = await asyncio.shield(handle)
         except asyncio.CancelledError:
             result = await handle
             self._cancel_pending = True
-            return result
+        self._in_doubt = False
+        return result
+
+    async def _resolve(self, spec: MoveSpec, direction: Direction) -> CutoverResult:
+        """The catalog's answer to a cutover whose activity failed for good: committed (the
+        new owner's fence is then active) or not (a half-done attempt is then undone)."""
+        return await workflow.execute_activity_method(
+            CutoverActivities.resolve, CutoverInput(spec=spec, direction=direction),
+            start_to_close_timeout=timedelta(minutes=2), heartbeat_timeout=timedelta(seconds=20),
+            retry_policy=_FOREVER,
+        )
 
     async def _wait_lag(self, inp: MigrateChunkInput, spec: MoveSpec, direction: Direction,
                         stream: asyncio.Task[Any]) -> None:
@@ -295,7 +328,8 @@ class MigrateChunkWorkflow:
                 CutoverActivities.plan,
                 PlanInput(migration_id=mid, collection=inp.collection, chunk_id=inp.chunk_id,
                           target=inp.target, max_lag_bytes=inp.max_lag_bytes,
-                          catchup_timeout_s=inp.catchup_timeout_s),
+                          catchup_timeout_s=inp.catchup_timeout_s,
+                          rollback_window_s=inp.rollback_window_s),
                 start_to_close_timeout=_SHORT, retry_policy=_QUICK,
             )
             self._progress.phase = "dry_run"
@@ -306,7 +340,8 @@ class MigrateChunkWorkflow:
             spec = await workflow.execute_activity_method(
                 CatalogActivities.register,
                 RegisterInput(migration_id=mid, kind=inp.kind, collection=inp.collection,
-                              chunk_id=inp.chunk_id, target=inp.target, holder=info.workflow_id),
+                              chunk_id=inp.chunk_id, target=inp.target, holder=info.workflow_id,
+                              lease_ttl_s=inp.lease_ttl_s),
                 start_to_close_timeout=timedelta(seconds=60),
                 retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
                                          maximum_interval=timedelta(seconds=20)),
@@ -422,18 +457,28 @@ class MigrateChunkWorkflow:
         except (asyncio.CancelledError, CancelledError, ActivityError, ApplicationError) as exc:
             if committed:
                 raise
-            # Nothing of the move may still run while it is undone.
+            # Nothing of the move may still run while it is undone (or rolled forward).
             for handle in [*running, streams[Direction.FORWARD]]:
                 await self._stop(handle)
-            await self._abort(spec, exc)
-            raise
+            resolved = await self._resolve_in_doubt(inp, spec, exc)
+            if resolved is None or not resolved.committed:
+                await self._abort(spec, exc)
+                raise
+            # The switch committed although its activity failed: the move is done; finish it.
+            result_kw["cutover_attempts"] = self._progress.cutover_attempts
+            self._progress.pause_ms = result_kw["pause_ms"] = resolved.pause_ms
+            self._progress.detail = result_kw["detail"] = (
+                f"rolled forward: the cutover's switch committed, then its activity failed "
+                f"({describe_failure(exc)})")[:500]
+            workflow.logger.warning("%s", self._progress.detail)
 
         # -- after the commit point: the move is done whatever happens -------------------------
         # A cancel from here on finishes the move: every await is made immune to it.
         await self._steady(lambda: self._stop(streams[Direction.FORWARD]))
         outcome = MigrationOutcome.COMPLETED
         if inp.rollback_window_s > 0 and not self._cancel_pending:
-            await self._steady(lambda: self._phase(spec, MigrationPhase.ROLLBACK_WINDOW))
+            await self._until_done(inp, "recording the rollback window", lambda: self._phase(
+                spec, MigrationPhase.ROLLBACK_WINDOW, _FOREVER))
             reverse = streams[Direction.REVERSE] = self._start_stream(spec, Direction.REVERSE)
             self._progress.rollback_open = True
             try:
@@ -455,7 +500,7 @@ class MigrateChunkWorkflow:
                 self._cancel_pending = True  # stop trying to roll back; finish the move
             except ActivityError as exc:
                 # Only the reverse stream can fail here without the switch having started
-                # (a failed reverse cutover propagates: its outcome would be unknown).
+                # (a reverse cutover that fails for good is resolved from the catalog).
                 # Rolling back is impossible now; the move itself stands.
                 self._progress.detail = result_kw["detail"] = f"rollback impossible: {describe_failure(exc)}"
                 workflow.logger.warning("%s", self._progress.detail)
@@ -469,17 +514,18 @@ class MigrateChunkWorkflow:
                     workflow.logger.warning("%s", self._progress.detail)
             await self._steady(lambda: self._stop(streams[Direction.REVERSE]))
 
-        await self._steady(lambda: self._phase(spec, MigrationPhase.CLEANUP))
-        await self._steady(lambda: workflow.execute_activity_method(
+        await self._until_done(inp, "recording the cleanup phase", lambda: self._phase(
+            spec, MigrationPhase.CLEANUP, _FOREVER))
+        await self._until_done(inp, "cleanup", lambda: workflow.execute_activity_method(
             CleanupActivities.cleanup,
             CleanupInput(spec=spec, outcome=outcome, delete_batch=inp.delete_batch,
                          delete_pause_s=inp.delete_pause_s),
             start_to_close_timeout=timedelta(hours=12), heartbeat_timeout=self._heartbeat,
-            retry_policy=_DATA, cancellation_type=_WAIT,
+            retry_policy=_FOREVER, cancellation_type=_WAIT,
         ))
-        await self._steady(lambda: workflow.execute_activity_method(
+        await self._until_done(inp, "finishing the record", lambda: workflow.execute_activity_method(
             CatalogActivities.finish, FinishInput(spec=spec, outcome=outcome),
-            start_to_close_timeout=_SHORT, retry_policy=_QUICK,
+            start_to_close_timeout=_SHORT, retry_policy=_FOREVER,
         ))
         await self._phase(spec, MigrationPhase.DONE)
         self._progress.outcome = outcome.value
@@ -497,11 +543,16 @@ class MigrateChunkWorkflow:
             try:
                 back = await self._cutover(inp, spec, Direction.REVERSE)
             except ActivityError as exc:
-                raise ApplicationError(
-                    "the rollback cutover failed for good and its outcome is unknown: check "
-                    f"the chunk's owner in the catalog before acting ({describe_failure(exc)})",
-                    non_retryable=True,
-                ) from exc
+                if not workflow.patched("resolve-rollback-cutover"):
+                    raise ApplicationError(
+                        "the rollback cutover failed for good and its outcome is unknown: check "
+                        f"the chunk's owner in the catalog before acting ({describe_failure(exc)})",
+                        non_retryable=True,
+                    ) from exc
+                # Its outcome is in the catalog: rolled back, or still on the target.
+                back = await self._until_done(
+                    inp, "resolving the rollback cutover",
+                    lambda: self._resolve(spec, Direction.REVERSE))
             if back.committed:
                 break
             await workflow.sleep(inp.cutover_retry_s)
@@ -514,6 +565,45 @@ class MigrateChunkWorkflow:
                 return await make()
             except asyncio.CancelledError:
                 self._cancel_pending = True
+
+    async def _until_done(self, inp: MigrateChunkInput, what: str,
+                          make: Callable[[], Awaitable[Any]]) -> Any:
+        """After the commit point: ``make()`` until it succeeds, immune to cancels.
+
+        Retryable failures are retried by Temporal without an attempt limit (a few history
+        events in all); a try that fails for good anyway (a non-retryable error, a timeout)
+        is made again after a pause that doubles up to ``_MAX_STEP_PAUSE_S``, and the error is
+        shown in ``progress.detail``. Giving up would leave slots (WAL retained without
+        bound), publications, staging files and an active record that blocks the chunk.
+        """
+        pause = inp.after_commit_retry_s
+        failures = 0
+        while True:
+            try:
+                return await self._steady(make)
+            except ActivityError as exc:
+                if not workflow.patched("after-commit-until-done"):
+                    raise
+                failures += 1
+                self._progress.detail = (
+                    f"{what} failed ({failures}x), trying again in {pause:.0f}s: "
+                    f"{describe_failure(exc)}")[:500]
+                workflow.logger.warning("%s", self._progress.detail)
+                await self._steady(lambda p=pause: workflow.sleep(p))
+                pause = min(pause * 2, _MAX_STEP_PAUSE_S)
+
+    async def _resolve_in_doubt(self, inp: MigrateChunkInput, spec: MoveSpec,
+                                exc: BaseException) -> CutoverResult | None:
+        """Before undoing a move whose cutover activity failed without a result: ask the
+        catalog whether its switch committed (None: no cutover was in doubt)."""
+        if not self._in_doubt or not workflow.patched("resolve-cutover"):
+            return None
+        if isinstance(exc, asyncio.CancelledError | CancelledError):
+            self._cancel_pending = True
+        self._progress.detail = (f"the cutover failed ({describe_failure(exc)}); asking the "
+                                 "catalog whether its switch committed")[:500]
+        return await self._until_done(inp, "resolving the cutover",
+                                      lambda: self._resolve(spec, Direction.FORWARD))
 
     async def _abort(self, spec: MoveSpec, exc: BaseException) -> None:
         """Before the commit point: undo everything, then record the outcome."""

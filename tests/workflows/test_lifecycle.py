@@ -536,7 +536,10 @@ async def test_dry_run_changes_nothing(deployment: Deployment, lc_worker: Worker
     moving = deployment.initial.chunks[0]
     target = other_shard(deployment, moving.shard_id)
     fences_before = {s: await e.fences(c) for s, e in deployment.shards.items()}
-    handle = await start_move(temporal_client, lc_worker, c, moving.chunk_id, target, dry_run=True)
+    # With a rollback window, so the plan includes the reverse stream (without one it is left
+    # out: tests/workflows/test_failure_paths.py).
+    handle = await start_move(temporal_client, lc_worker, c, moving.chunk_id, target, dry_run=True,
+                              rollback_window_s=60)
     result = await handle.result()
     assert [s.name for s in result.plan] == [
         "admit", "create_reverse_stream", "freeze_old", "wait_for_catchup", "activate_new",
