@@ -7,10 +7,12 @@ at once.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import psycopg
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.context import MoveContext, Stopped, non_retryable
 from activities.models import (
@@ -23,6 +25,9 @@ from activities.models import (
 from shards.postgres.bulk_import import ImportProgress, StagedPartError, done_parts, import_parts
 from shards.postgres.snapshot import load_manifest
 
+FAIL_COPY_PROGRESS_ENV = "SHARDSHIFT_TEST_FAIL_COPY_PROGRESS"
+"""Test hook: ``copy_progress`` of the collection named here fails for good."""
+
 
 class ImportActivities:
     def __init__(self, ctx: MoveContext) -> None:
@@ -32,6 +37,10 @@ class ImportActivities:
     async def copy_progress(self, inp: CopyProgressInput) -> CopyProgress:
         """Rows and parts imported so far (and the source chunk's size), for progress."""
         spec = inp.spec
+        if os.environ.get(FAIL_COPY_PROGRESS_ENV) == spec.collection:
+            # Test hook: a progress sample that fails for good (an exact count that never
+            # finishes in time would); the move must not care.
+            raise ApplicationError("copy progress: failed (test hook)", non_retryable=True)
         total = None
         if inp.count_source:
             total = await (await self.ctx.engine(spec.source)).count(spec.collection, spec.key_range)
