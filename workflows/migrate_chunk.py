@@ -377,9 +377,14 @@ class MigrateChunkWorkflow:
             await self._stop(handle)
         nxt = self._progress.run + 1
         waiting_for, waiting_since = self._waiting or (None, None)
+        update: dict[str, Any] = {"run": nxt}
+        if self._stage == Stage.CUTOVER:
+            # Only the lag wait continues as new, and it runs before its attempt's cutover:
+            # that attempt has not been made.
+            update["cutover_attempts"] = max(0, self._progress.cutover_attempts - 1)
         resume = MigrateChunkResume(
             migration_id=spec.migration_id, spec=spec, stage=self._stage,
-            progress=self._progress.model_copy(update={"run": nxt}),
+            progress=self._progress.model_copy(update=update),
             phase_started=dict(self._phase_started), phase_seconds=dict(self._phase_seconds),
             documents=self._result_kw.get("documents"), verified=self._result_kw.get("verified"),
             waiting_for=waiting_for, waiting_since=waiting_since,
