@@ -13,6 +13,12 @@ switch still in flight): it never deletes, demotes or unfreezes against the cata
 abort whose switch in fact committed (or a completion whose switch did not) fails
 non-retryably (``OwnerMismatch``) with both copies intact; the workflow learns the outcome
 from the catalog before it cleans up, so this is a second line of defence.
+
+``target_lost`` (abort only): the target is unreachable for good (past the move's give-up
+time, or declared lost). Only the source side is cleaned: its slot and publication dropped,
+its fence unfrozen if a cutover was interrupted, the staged files removed. The target's
+leftovers (receiving fence, partial rows, import progress, stream state, origin) stay for
+``shardshift doctor``, which removes those of moves that are not running once it answers.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class CleanupActivities:
 
     @activity.defn(name="migrate.cleanup")
     async def cleanup(self, inp: CleanupInput) -> CleanupResult:
+        if inp.target_lost and inp.outcome == MigrationOutcome.ABORTED:
+            return await self._abort_source_side(inp.spec)
         spec = inp.spec
         inject("cleanup.start", spec.collection)
         committed = inp.outcome == MigrationOutcome.COMPLETED
@@ -92,8 +100,21 @@ class CleanupActivities:
                 type="OwnerMismatch", non_retryable=True,
             )
 
-    async def _drop_streams(self, spec: MoveSpec) -> dict[str, int]:
-        dsns = [await self.ctx.dsn(spec.source), await self.ctx.dsn(spec.target)]
+    async def _abort_source_side(self, spec: MoveSpec) -> CleanupResult:
+        """Abort a move whose target is lost: touch nothing but the source and staging."""
+        await self._refuse_to_empty_the_owner(spec, MigrationOutcome.ABORTED, spec.target)
+        dropped = await self._drop_streams(spec, target=False)
+        source = await self.ctx.engine(spec.source)
+        fence = await source.fence(spec.collection, spec.chunk_id)
+        if fence is not None and fence.state == FenceState.FROZEN and fence.token == spec.token + 1:
+            await source.unfreeze(spec.collection, spec.chunk_id, spec.token + 1)
+        await self.ctx.run_blocking(lambda _stop: self.ctx.staging.remove(spec.migration_id))
+        return CleanupResult(rows_deleted=0, **dropped)
+
+    async def _drop_streams(self, spec: MoveSpec, *, target: bool = True) -> dict[str, int]:
+        dsns = [await self.ctx.dsn(spec.source)]
+        if target:
+            dsns.append(await self.ctx.dsn(spec.target))
 
         def work(stop: threading.Event) -> dict[str, int]:
             out = {"slots_dropped": 0, "publications_dropped": 0, "origins_dropped": 0}

@@ -59,7 +59,7 @@ from activities.models import (
 from activities.replicate import endpoints, stream_spec
 from catalog import CatalogError, CatalogUnavailableError, TokenMismatchError
 from catalog.models import Chunk
-from shards.errors import FenceStateError
+from shards.errors import FenceStateError, ShardUnavailableError
 from shards.models import FenceState
 from shards.postgres import replication as repl
 from shards.postgres.apply import measure_lag, wait_for_fence
@@ -304,7 +304,7 @@ class CutoverActivities:
             if await self._committed(run):
                 return await self._finish_committed(run)
             async with self._exclusive(run):
-                recovered = await self._recover(run)
+                recovered = await self._recover(run, spare_new=True)
         except CatalogError as exc:
             if exc.retryable:
                 raise
@@ -322,14 +322,32 @@ class CutoverActivities:
                              pause_ms=record.pause_ms, steps=run.steps,
                              reason="recovered: the switch had committed")
 
-    async def _recover(self, run: _Run) -> CutoverResult | None:
-        """Finish a committed switch, or undo a half-done attempt (a retried activity)."""
+    async def _recover(self, run: _Run, *, spare_new: bool = False) -> CutoverResult | None:
+        """Finish a committed switch, or undo a half-done attempt (a retried activity).
+
+        ``spare_new`` (resolving a cutover that failed for good): when the switch did not
+        commit and the new owner cannot be reached (a target lost mid-cutover), only the old
+        owner is undone. That is safe: no router was ever told of the new owner, whose fence
+        (receiving, or active at a token the catalog never reached) ``shardshift doctor``
+        removes once it answers. Waiting for it instead would keep the abort, and so the
+        source's slot, hostage to a server that may never return.
+        """
         spec = run.spec
         if await self._committed(run):
             return await self._finish_committed(run)
         old_engine, new_engine = await self.ctx.engine(run.old), await self.ctx.engine(run.new)
         old_fence = await old_engine.fence(spec.collection, spec.chunk_id)
-        new_fence = await new_engine.fence(spec.collection, spec.chunk_id)
+        try:
+            new_fence = await new_engine.fence(spec.collection, spec.chunk_id)
+        except (ShardUnavailableError, psycopg.OperationalError):
+            if not spare_new:
+                raise
+            activity.logger.warning("new owner %s unreachable: undoing the old owner only",
+                                    run.new)
+            if (old_fence is not None and old_fence.state == FenceState.FROZEN
+                    and old_fence.token == run.new_token):
+                await old_engine.unfreeze(spec.collection, spec.chunk_id, run.new_token)
+            return None
         half_done = (old_fence is not None and old_fence.state == FenceState.FROZEN
                      and old_fence.token == run.new_token) or (
             new_fence is not None and new_fence.state == FenceState.ACTIVE)
