@@ -7,11 +7,15 @@ at once.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import psycopg
+from psycopg import sql
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
+from activities.availability import shard_dsn, shard_errors
 from activities.context import MoveContext, Stopped, non_retryable
 from activities.models import (
     CopyCheckpoint,
@@ -19,9 +23,35 @@ from activities.models import (
     CopyProgressInput,
     ImportInput,
     ImportResult,
+    MoveSpec,
 )
+from shards.names import check_collection
 from shards.postgres.bulk_import import ImportProgress, StagedPartError, done_parts, import_parts
+from shards.postgres.schema import collection_table
 from shards.postgres.snapshot import load_manifest
+
+FAIL_COPY_PROGRESS_ENV = "SHARDSHIFT_TEST_FAIL_COPY_PROGRESS"
+"""Test hook: ``copy_progress`` of the collection named here fails for good."""
+
+
+COUNT_TIMEOUT_MS = 2000
+"""Longest a progress count may run on the source before it is reported unknown."""
+
+
+def estimate_rows(dsn: str, spec: MoveSpec) -> int | None:
+    """The chunk's rows if the primary-key index can count them within ``COUNT_TIMEOUT_MS``
+    (an index-only scan of the khash range), else None: for progress only."""
+    query = sql.SQL("SELECT count(*) FROM {} WHERE khash >= %s"
+                    " AND (%s::bigint IS NULL OR khash < %s)").format(
+        collection_table(check_collection(spec.collection)))
+    r = spec.key_range
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5,
+                             options=f"-c statement_timeout={COUNT_TIMEOUT_MS}") as conn:
+            row = conn.execute(query, (r.lo, r.sql_hi, r.sql_hi)).fetchone()
+            return int(row[0]) if row else None
+    except psycopg.Error:
+        return None  # too slow or unreachable: unknown is a fine answer for progress
 
 
 class ImportActivities:
@@ -30,15 +60,25 @@ class ImportActivities:
 
     @activity.defn(name="migrate.copy_progress")
     async def copy_progress(self, inp: CopyProgressInput) -> CopyProgress:
-        """Rows and parts imported so far (and the source chunk's size), for progress."""
+        """Rows and parts imported so far (and roughly how many the chunk holds), for progress.
+
+        Best-effort and bounded: the source's row count is a count that must finish within
+        ``COUNT_TIMEOUT_MS`` (else it is reported unknown, None), never an exact ``count(*)``
+        that may take minutes on a large chunk. The workflow ignores a failed sample: progress
+        never fails a move.
+        """
         spec = inp.spec
-        total = None
-        if inp.count_source:
-            total = await (await self.ctx.engine(spec.source)).count(spec.collection, spec.key_range)
-        dsn = await self.ctx.dsn(spec.target)
+        if os.environ.get(FAIL_COPY_PROGRESS_ENV) == spec.collection:
+            # Test hook: a progress sample that fails for good (an exact count that never
+            # finishes in time would); the move must not care.
+            raise ApplicationError("copy progress: failed (test hook)", non_retryable=True)
+        source_dsn = await shard_dsn(self.ctx, spec.source) if inp.count_source else None
+        target_dsn = await shard_dsn(self.ctx, spec.target)
 
         def work(stop: threading.Event) -> CopyProgress:
-            with psycopg.connect(dsn, autocommit=True) as conn:
+            total = estimate_rows(source_dsn, spec) if source_dsn else None
+            with psycopg.connect(target_dsn, autocommit=True, connect_timeout=5,
+                                 options=f"-c statement_timeout={COUNT_TIMEOUT_MS}") as conn:
                 done = done_parts(conn, spec.migration_id)
             manifest = load_manifest(self.ctx.staging, spec.migration_id)
             return CopyProgress(rows_total=total, rows_imported=sum(done.values()),
@@ -49,8 +89,12 @@ class ImportActivities:
 
     @activity.defn(name="migrate.bulk_import")
     async def bulk_import(self, inp: ImportInput) -> ImportResult:
+        async with shard_errors(self.ctx, inp.spec.target):
+            return await self._bulk_import(inp)
+
+    async def _bulk_import(self, inp: ImportInput) -> ImportResult:
         spec = inp.spec
-        dsn = await self.ctx.dsn(spec.target)
+        dsn = await shard_dsn(self.ctx, spec.target)
         state = {"cp": CopyCheckpoint(stage="import", rows_done=0, parts_done=0, parts_total=0)}
 
         def work(stop: threading.Event) -> ImportResult:

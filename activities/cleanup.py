@@ -7,6 +7,12 @@ target's copy instead. ``abort`` before the commit point: the same cleanup of st
 staging, the source fence unfrozen if a cutover was interrupted, the target's partial copy
 deleted and its receiving fence dropped. All steps are idempotent, so a retry (or a second
 abort) is harmless.
+
+``target_lost`` (abort only): the target is unreachable for good (past the move's give-up
+time, or declared lost). Only the source side is cleaned: its slot and publication dropped,
+its fence unfrozen if a cutover was interrupted, the staged files removed. The target's
+leftovers (receiving fence, partial rows, import progress, stream state, origin) stay for
+``shardshift doctor``, which removes those of moves that are not running once it answers.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class CleanupActivities:
 
     @activity.defn(name="migrate.cleanup")
     async def cleanup(self, inp: CleanupInput) -> CleanupResult:
+        if inp.target_lost and inp.outcome == MigrationOutcome.ABORTED:
+            return await self._abort_source_side(inp.spec)
         spec = inp.spec
         committed = inp.outcome == MigrationOutcome.COMPLETED
         # The shard whose copy nobody serves any more.
@@ -63,8 +71,20 @@ class CleanupActivities:
         await self.ctx.run_blocking(lambda _stop: forget_parts(target_dsn, spec.migration_id))
         return CleanupResult(rows_deleted=deleted, **dropped)
 
-    async def _drop_streams(self, spec: MoveSpec) -> dict[str, int]:
-        dsns = [await self.ctx.dsn(spec.source), await self.ctx.dsn(spec.target)]
+    async def _abort_source_side(self, spec: MoveSpec) -> CleanupResult:
+        """Abort a move whose target is lost: touch nothing but the source and staging."""
+        dropped = await self._drop_streams(spec, target=False)
+        source = await self.ctx.engine(spec.source)
+        fence = await source.fence(spec.collection, spec.chunk_id)
+        if fence is not None and fence.state == FenceState.FROZEN and fence.token == spec.token + 1:
+            await source.unfreeze(spec.collection, spec.chunk_id, spec.token + 1)
+        await self.ctx.run_blocking(lambda _stop: self.ctx.staging.remove(spec.migration_id))
+        return CleanupResult(rows_deleted=0, **dropped)
+
+    async def _drop_streams(self, spec: MoveSpec, *, target: bool = True) -> dict[str, int]:
+        dsns = [await self.ctx.dsn(spec.source)]
+        if target:
+            dsns.append(await self.ctx.dsn(spec.target))
 
         def work(stop: threading.Event) -> dict[str, int]:
             out = {"slots_dropped": 0, "publications_dropped": 0, "origins_dropped": 0}

@@ -143,6 +143,34 @@ class LagResult(_Frozen):
     """The stream's state row exists (the applier has started at least once)."""
 
 
+class WaitLagInput(_Frozen):
+    """``wait_caught_up``: poll the stream's lag inside one activity (few history events)."""
+
+    spec: MoveSpec
+    direction: Direction = Direction.FORWARD
+    max_lag_bytes: int = 4 * 1024 * 1024
+    poll_s: float = Field(default=1.0, gt=0)
+    window_s: float = Field(default=60.0, gt=0)
+    """Return after this long even if not caught up (the workflow then decides again)."""
+
+
+class ReachableInput(_Frozen):
+    """``wait_reachable``: probe a shard until it answers or the window ends."""
+
+    shard: str
+    window_s: float = Field(default=60.0, gt=0)
+    poll_s: float = Field(default=1.0, gt=0)
+    """First probe interval; it grows to ``max_poll_s``."""
+    max_poll_s: float = Field(default=10.0, gt=0)
+
+
+class ReachableResult(_Frozen):
+    reachable: bool
+    probes: int
+    error: str | None = None
+    """The last probe's error (what an operator sees in the progress detail)."""
+
+
 class VerifyInput(_Frozen):
     spec: MoveSpec
     buckets: int = Field(default=64, ge=1, le=65_536)
@@ -202,6 +230,9 @@ class CleanupInput(_Frozen):
     outcome: MigrationOutcome
     delete_batch: int = 5_000
     delete_pause_s: float = 0.0
+    target_lost: bool = False
+    """Abort only: the target is unreachable for good; clean the source side and leave the
+    target's leftovers (fence, partial rows, stream state) to ``shardshift doctor``."""
 
 
 class CleanupResult(_Frozen):

@@ -5,23 +5,35 @@ workflow cancels it after the cutover, or on abort). It is resumable by construc
 applier starts from the target's replication-origin progress, so a retry on another worker
 continues exactly where the last committed batch ended. Heartbeats carry the applied LSN and
 lag, shown in the Temporal UI.
+
+Waiting is done inside activities, not by the workflow polling: ``wait_caught_up`` samples
+the lag every ``poll_s`` and heartbeats it (the Temporal UI shows it) until the stream is
+close enough or a window (60 s) has passed, and ``wait_reachable`` probes a shard that went
+away. A move that waits for hours therefore records a few events per minute, not a dozen per
+poll. Connection failures raise ``ShardUnavailable`` naming the shard that is down (see
+``activities/availability.py``), so the workflow can pause the move instead of failing it.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 from temporalio import activity
 
+from activities.availability import probe, shard_dsn, shard_errors
 from activities.context import MoveContext, non_retryable
 from activities.models import (
     Direction,
     LagInput,
     LagResult,
     MoveSpec,
+    ReachableInput,
+    ReachableResult,
     ReplicateCheckpoint,
     ReplicateInput,
     ReplicateResult,
+    WaitLagInput,
 )
 from shards.postgres.apply import (
     ChangeApplier,
@@ -31,7 +43,7 @@ from shards.postgres.apply import (
     read_state,
 )
 from shards.postgres.pgoutput import lsn_to_str
-from shards.postgres.replication import SlotMissingError
+from shards.postgres.replication import SlotMissingError, StreamNames
 
 
 def stream_spec(spec: MoveSpec, direction: Direction) -> StreamSpec:
@@ -52,7 +64,11 @@ class ReplicateActivities:
     @activity.defn(name="migrate.replicate")
     async def replicate(self, inp: ReplicateInput) -> ReplicateResult:
         src, dst = endpoints(inp.spec, inp.direction)
-        source_dsn, target_dsn = await self.ctx.dsn(src), await self.ctx.dsn(dst)
+        async with shard_errors(self.ctx, dst, src):
+            return await self._replicate(inp, src, dst)
+
+    async def _replicate(self, inp: ReplicateInput, src: str, dst: str) -> ReplicateResult:
+        source_dsn, target_dsn = await shard_dsn(self.ctx, src), await shard_dsn(self.ctx, dst)
         applier = ChangeApplier(stream_spec(inp.spec, inp.direction), source_dsn, target_dsn)
 
         def checkpoint() -> ReplicateCheckpoint:
@@ -84,11 +100,59 @@ class ReplicateActivities:
         names = stream_spec(inp.spec, inp.direction).names
 
         def work(stop: threading.Event) -> LagResult:
-            state = read_state(target_dsn, names)
-            if state is None:
-                return LagResult(lag_bytes=-1, lag_s=None, applied_lsn=None, streaming=False)
-            lag = measure_lag(source_dsn, target_dsn, names)
-            return LagResult(lag_bytes=lag.lag_bytes, lag_s=lag.commit_lag_s,
-                             applied_lsn=state.applied_lsn, streaming=True)
+            return _sample_lag(source_dsn, target_dsn, names)
 
         return await self.ctx.run_blocking(work)
+
+    @activity.defn(name="migrate.wait_caught_up")
+    async def wait_caught_up(self, inp: WaitLagInput) -> LagResult:
+        """Sample the lag until it is at most ``max_lag_bytes`` or ``window_s`` has passed;
+        returns the last sample (heartbeated meanwhile, so the Temporal UI shows it)."""
+        src, dst = endpoints(inp.spec, inp.direction)
+        names = stream_spec(inp.spec, inp.direction).names
+        async with shard_errors(self.ctx, dst, src):
+            source_dsn, target_dsn = await shard_dsn(self.ctx, src), await shard_dsn(self.ctx, dst)
+            last: dict[str, LagResult | None] = {"lag": None}
+
+            def work(stop: threading.Event) -> LagResult:
+                deadline = time.monotonic() + inp.window_s
+                while True:
+                    lag = last["lag"] = _sample_lag(source_dsn, target_dsn, names)
+                    if lag.streaming and lag.lag_bytes <= inp.max_lag_bytes:
+                        return lag
+                    if time.monotonic() >= deadline or stop.wait(inp.poll_s):
+                        return lag
+
+            return await self.ctx.run_blocking(work, lambda: last["lag"])
+
+    @activity.defn(name="migrate.wait_reachable")
+    async def wait_reachable(self, inp: ReachableInput) -> ReachableResult:
+        """Probe a shard (one fresh connection and ``SELECT 1``) with a growing interval until
+        it answers or ``window_s`` has passed."""
+        dsn = await shard_dsn(self.ctx, inp.shard)
+        state = {"probes": 0, "error": None}
+
+        def work(stop: threading.Event) -> ReachableResult:
+            deadline = time.monotonic() + inp.window_s
+            interval = inp.poll_s
+            while True:
+                error = probe(dsn)
+                state["probes"] += 1
+                state["error"] = error
+                if error is None:
+                    return ReachableResult(reachable=True, probes=state["probes"])
+                left = deadline - time.monotonic()
+                if left <= 0 or stop.wait(min(interval, left)):
+                    return ReachableResult(reachable=False, probes=state["probes"], error=error)
+                interval = min(interval * 2, inp.max_poll_s)
+
+        return await self.ctx.run_blocking(work, lambda: dict(state))
+
+
+def _sample_lag(source_dsn: str, target_dsn: str, names: StreamNames) -> LagResult:
+    state = read_state(target_dsn, names)
+    if state is None:
+        return LagResult(lag_bytes=-1, lag_s=None, applied_lsn=None, streaming=False)
+    lag = measure_lag(source_dsn, target_dsn, names)
+    return LagResult(lag_bytes=lag.lag_bytes, lag_s=lag.commit_lag_s,
+                     applied_lsn=state.applied_lsn, streaming=True)

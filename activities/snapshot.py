@@ -14,6 +14,7 @@ import threading
 import psycopg
 from temporalio import activity
 
+from activities.availability import shard_dsn, shard_errors
 from activities.context import MoveContext, Stopped, non_retryable
 from activities.models import CopyCheckpoint, SnapshotInput, SnapshotResult
 from shards.errors import ShardError
@@ -27,8 +28,12 @@ class SnapshotActivities:
 
     @activity.defn(name="migrate.snapshot")
     async def snapshot(self, inp: SnapshotInput) -> SnapshotResult:
+        async with shard_errors(self.ctx, inp.spec.source):
+            return await self._snapshot(inp)
+
+    async def _snapshot(self, inp: SnapshotInput) -> SnapshotResult:
         spec = inp.spec
-        dsn = await self.ctx.dsn(spec.source)
+        dsn = await shard_dsn(self.ctx, spec.source)
         names = repl.stream_names(spec.migration_id, "fwd")
         state = {"cp": CopyCheckpoint(stage="snapshot", rows_done=0, parts_done=0, parts_total=0)}
 

@@ -13,15 +13,37 @@ decides. After the commit point a cancel finishes the move (skipping the rollbac
 
 Orchestration only: every side effect is an activity; timers are input settings so tests
 can shorten them.
+
+Long moves and long faults (behind the ``bounded-history`` patch; older histories replay the
+earlier polling loops):
+
+- History stays bounded. The lag wait is one activity that polls inside (``wait_caught_up``,
+  a minute per call), copy progress is sampled with a backoff up to ``progress_poll_max_s``,
+  and when Temporal suggests it (or the run's history passes ``history_events_limit``) the
+  move stops its running activities and continues as new with ``MigrateChunkResume`` (same
+  migration id, spec, stage, progress): snapshot and import resume from staged and imported
+  parts, the applier from its state row on the target.
+- Progress is best-effort: a failed ``copy_progress`` sample is ignored.
+- Transient errors wait: activity retries have no attempt limit (only logic errors and
+  errors raised non-retryable fail a move). An unreachable shard (``ShardUnavailable``) pauses
+  the move at its checkpoint: running activities stop, ``progress.waiting_for`` and
+  ``progress.detail`` say what it waits for, ``wait_reachable`` probes with a growing
+  interval, and the phase starts again from its checkpoint once the shard answers. The source
+  is waited for as long as it takes; the target until ``target_give_up_s``, or until an
+  operator declares it lost (the ``target_lost`` update). Then the move aborts clean on the
+  source side and fails with ``ApplicationError(type="TargetLost")``, on which drains and
+  rebalances re-plan the chunk elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import workflow
@@ -30,6 +52,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
+    from activities.availability import SHARD_UNAVAILABLE
     from activities.bulk_import import ImportActivities
     from activities.catalog_ops import CatalogActivities
     from activities.cleanup import CleanupActivities
@@ -47,12 +70,14 @@ with workflow.unsafe.imports_passed_through():
         MoveSpec,
         PhaseInput,
         PlanInput,
+        ReachableInput,
         RegisteredInput,
         RegisterInput,
         ReplicateInput,
         SnapshotInput,
         VerifyInput,
         VerifyResult,
+        WaitLagInput,
     )
     from activities.replicate import ReplicateActivities
     from activities.snapshot import SnapshotActivities
@@ -66,10 +91,24 @@ SA_SOURCE = SearchAttributeKey.for_keyword("ShardshiftSource")
 SA_TARGET = SearchAttributeKey.for_keyword("ShardshiftTarget")
 SA_PHASE = SearchAttributeKey.for_keyword("ShardshiftPhase")
 
+_LOGIC_ERRORS = ["TypeError", "AttributeError", "KeyError", "IndexError", "NameError",
+                 "UnboundLocalError", "AssertionError", "NotImplementedError", "ValidationError"]
+"""Errors that are bugs, not weather: retrying them cannot help, so they fail at once."""
 _QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
-                     maximum_attempts=20)
+                     non_retryable_error_types=_LOGIC_ERRORS)
 _DATA = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30),
-                    maximum_attempts=50)
+                    non_retryable_error_types=_LOGIC_ERRORS)
+"""No attempt limit: a shard or the catalog down for longer than any budget is waited for.
+Errors raised non-retryable (bad input, a lost slot) still fail the move at once."""
+_PROGRESS = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=2)
+"""Progress samples are best-effort: a failed one is skipped, the next poll tries again."""
+BOUNDED_HISTORY = "bounded-history"
+"""Patch id: lag waits inside one activity, copy polls back off, continue-as-new, pauses on
+an unreachable shard, ``TargetLost``."""
+TARGET_LOST = "TargetLost"
+"""``ApplicationError.type`` of a move given up because its target is lost (fleet workflows
+re-plan the chunk on it)."""
+_BEFORE_COMMIT = {"starting", "registered", "snapshot", "import", "replicate", "verify", "cutover"}
 _SHORT = timedelta(seconds=10)
 """Start-to-close of quick activities: a dead worker's call is retried elsewhere this soon."""
 _WAIT = ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
@@ -108,6 +147,16 @@ class MigrateChunkInput(BaseModel):
     heartbeat_timeout_s: float = Field(default=30.0, gt=0)
     """Heartbeat timeout of the long-running activities (snapshot, import, replicate, verify,
     cleanup): how soon a crashed worker's activity is retried elsewhere."""
+    target_give_up_s: float = Field(default=1800.0, gt=0)
+    """How long an unreachable target is waited for before the move aborts (``TargetLost``)."""
+    history_events_limit: int = Field(default=10_000, ge=50)
+    """Continue as new once a run's history has this many events (or Temporal suggests it)."""
+    progress_poll_max_s: float = Field(default=30.0, gt=0)
+    """Copy progress is sampled every ``poll_s`` at first, backing off to this."""
+    lag_window_s: float = Field(default=60.0, gt=0)
+    """Longest one ``wait_caught_up`` / ``wait_reachable`` call waits before reporting."""
+    resume: MigrateChunkResume | None = None
+    """Set by continue-as-new only: where the previous run of this move stopped."""
 
 
 class MigrateChunkResult(BaseModel):
@@ -145,6 +194,37 @@ class Progress(BaseModel):
     rollback_open: bool = False
     outcome: str | None = None
     detail: str | None = None
+    waiting_for: str | None = None
+    """The shard the move is paused for (unreachable), None while it runs."""
+    run: int = 1
+    """Which run of the workflow answers (continue-as-new starts the next one)."""
+
+
+class Stage(StrEnum):
+    """Where a continued run picks the move up (before the commit point only)."""
+
+    COPY = "copy"
+    REPLICATE = "replicate"
+    CUTOVER = "cutover"
+
+
+class MigrateChunkResume(BaseModel):
+    """What a move carries into its next run (continue-as-new)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    migration_id: str
+    """Never changes across runs (it names slots, staging files, the catalog record)."""
+    spec: MoveSpec
+    stage: Stage
+    progress: Progress
+    phase_started: dict[str, datetime] = {}
+    phase_seconds: dict[str, float] = {}
+    documents: int | None = None
+    verified: bool | None = None
+    waiting_for: str | None = None
+    waiting_since: datetime | None = None
+    target_declared_lost: bool = False
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -173,6 +253,13 @@ class MigrateChunkWorkflow:
         self._phase_started: dict[str, Any] = {}
         self._phase_seconds: dict[str, float] = {}
         self._heartbeat = timedelta(seconds=30)
+        self._v2 = False
+        self._stage = Stage.COPY
+        self._streams: dict[Direction, asyncio.Task[Any] | None] = {}
+        self._result_kw: dict[str, Any] = {}
+        self._lost_declared = False
+        self._target_lost = False
+        self._waiting: tuple[str, datetime] | None = None
 
     # -- operator surface -------------------------------------------------------------------------
 
@@ -194,9 +281,26 @@ class MigrateChunkWorkflow:
                 f"{self._progress.phase})", non_retryable=True,
             )
 
+    @workflow.update
+    async def target_lost(self) -> str:
+        """Declare the target lost for good: the move aborts at its next checkpoint (clean on
+        the source side) and fails with ``TargetLost``, without waiting for the give-up time."""
+        self._lost_declared = True
+        return f"target {self._progress.target} declared lost: the move aborts"
+
+    @target_lost.validator
+    def _validate_target_lost(self) -> None:
+        if self._progress.phase not in _BEFORE_COMMIT or self._progress.pause_ms is not None:
+            raise ApplicationError(
+                f"a target can only be declared lost before the cutover commits (phase is "
+                f"{self._progress.phase})", non_retryable=True,
+            )
+
     # -- helpers ----------------------------------------------------------------------------------
 
     async def _phase(self, spec_or_id: MoveSpec | str, phase: MigrationPhase) -> None:
+        if self._v2 and self._progress.phase == phase.value:
+            return  # re-entered after a pause or in a continued run: already recorded
         now = workflow.now()
         prev = self._progress.phase
         if prev in self._phase_started:
@@ -235,8 +339,128 @@ class MigrateChunkWorkflow:
         return workflow.start_activity_method(
             ReplicateActivities.replicate, ReplicateInput(spec=spec, direction=direction),
             start_to_close_timeout=timedelta(days=30), heartbeat_timeout=self._heartbeat,
-            retry_policy=_FOREVER, cancellation_type=_WAIT,
+            retry_policy=self._pausing(_FOREVER) if direction == Direction.FORWARD else _FOREVER,
+            cancellation_type=_WAIT,
         )
+
+    # -- long moves, long faults (patch BOUNDED_HISTORY) --------------------------------------
+
+    def _pausing(self, policy: RetryPolicy) -> RetryPolicy:
+        """``policy``, except that an unreachable shard ends the attempt so the workflow sees
+        it and pauses the move (before the commit point, forward direction only)."""
+        if not self._v2:
+            return policy
+        return dataclasses.replace(policy, non_retryable_error_types=[
+            *(policy.non_retryable_error_types or []), SHARD_UNAVAILABLE])
+
+    @staticmethod
+    def _unavailable(exc: BaseException) -> str | None:
+        """The shard a ``ShardUnavailable`` failure names, anywhere in the cause chain."""
+        cur: BaseException | None = exc
+        while isinstance(cur, FailureError):
+            if isinstance(cur, ApplicationError) and cur.type == SHARD_UNAVAILABLE:
+                return str(cur.details[0]) if cur.details else None
+            cur = cur.cause
+        return None
+
+    def _history_full(self, inp: MigrateChunkInput) -> bool:
+        if not self._v2:
+            return False
+        info = workflow.info()
+        return (info.is_continue_as_new_suggested()
+                or info.get_current_history_length() >= inp.history_events_limit)
+
+    async def _continue_as_new(self, inp: MigrateChunkInput, spec: MoveSpec,
+                               running: list[asyncio.Task[Any]]) -> NoReturn:
+        """Stop what runs (each resumes from its checkpoint) and start the next run."""
+        for handle in [*running, self._streams.get(Direction.FORWARD)]:
+            await self._stop(handle)
+        nxt = self._progress.run + 1
+        waiting_for, waiting_since = self._waiting or (None, None)
+        resume = MigrateChunkResume(
+            migration_id=spec.migration_id, spec=spec, stage=self._stage,
+            progress=self._progress.model_copy(update={"run": nxt}),
+            phase_started=dict(self._phase_started), phase_seconds=dict(self._phase_seconds),
+            documents=self._result_kw.get("documents"), verified=self._result_kw.get("verified"),
+            waiting_for=waiting_for, waiting_since=waiting_since,
+            target_declared_lost=self._lost_declared,
+        )
+        workflow.logger.info("continuing as new (run %d, stage %s, %d events)", nxt, self._stage,
+                             workflow.info().get_current_history_length())
+        workflow.continue_as_new(inp.model_copy(update={"resume": resume}))
+
+    def _lost(self, spec: MoveSpec, since: datetime | None, inp: MigrateChunkInput) -> ApplicationError:
+        """The error a move gives up with; the abort then spares the unreachable target."""
+        self._target_lost = True
+        if self._lost_declared:
+            why = "declared lost by an operator"
+        else:
+            why = (f"unreachable since {since:%Y-%m-%d %H:%M:%S} UTC; gave up after "
+                   f"{inp.target_give_up_s:g} s")
+        return ApplicationError(f"target {spec.target} {why}", spec.target, type=TARGET_LOST,
+                                non_retryable=True)
+
+    async def _wait_for_shard(self, inp: MigrateChunkInput, spec: MoveSpec, shard: str,
+                              since: datetime) -> None:
+        """Pause until ``shard`` answers again (probing with a growing interval). For the
+        target, give up at ``since + target_give_up_s`` or when it is declared lost."""
+        is_target = shard == spec.target
+        give_up = since + timedelta(seconds=inp.target_give_up_s) if is_target else None
+        self._waiting = (shard, since)
+        self._progress.waiting_for = shard
+        what = (f"waiting for {'target' if is_target else 'source'} {shard} (unreachable since "
+                f"{since:%Y-%m-%d %H:%M:%S} UTC"
+                + (f"; giving up at {give_up:%Y-%m-%d %H:%M:%S} UTC)" if give_up else ")"))
+        self._progress.detail = what
+        workflow.logger.warning("%s", what)
+        while True:
+            if is_target and self._lost_declared:
+                raise self._lost(spec, since, inp)
+            window = inp.lag_window_s
+            if give_up is not None:
+                left = (give_up - workflow.now()).total_seconds()
+                if left <= 0:
+                    raise self._lost(spec, since, inp)
+                window = min(window, max(left, 1.0))
+            probe = workflow.start_activity_method(
+                ReplicateActivities.wait_reachable,
+                ReachableInput(shard=shard, window_s=window,
+                               poll_s=min(inp.poll_s, 1.0), max_poll_s=min(window, 10.0)),
+                start_to_close_timeout=timedelta(seconds=window + 30),
+                heartbeat_timeout=self._heartbeat, retry_policy=_QUICK,
+                cancellation_type=_WAIT,
+            )
+            try:
+                await workflow.wait_condition(
+                    lambda p=probe: p.done() or (is_target and self._lost_declared))
+            except asyncio.CancelledError:
+                # Cancelled while the target is unreachable: abort without it.
+                self._target_lost = is_target
+                await self._stop(probe)
+                raise
+            if not probe.done():
+                await self._stop(probe)
+                continue
+            answer = probe.result()
+            if answer.reachable:
+                workflow.logger.info("%s answers again", shard)
+                self._waiting = None
+                self._progress.waiting_for = self._progress.detail = None
+                return
+            self._progress.detail = f"{what}: {answer.error}"
+            if self._history_full(inp):
+                await self._continue_as_new(inp, spec, [])
+
+    async def _sample_copy(self, spec: MoveSpec, first: bool) -> Any:
+        """One ``copy_progress`` sample, or None if it failed (progress is best-effort)."""
+        try:
+            return await workflow.execute_activity_method(
+                ImportActivities.copy_progress, CopyProgressInput(spec=spec, count_source=first),
+                start_to_close_timeout=_SHORT, retry_policy=_PROGRESS,
+            )
+        except ActivityError as exc:
+            workflow.logger.info("progress sample skipped: %s", describe_failure(exc))
+            return None
 
     async def _cutover(self, inp: MigrateChunkInput, spec: MoveSpec,
                        direction: Direction) -> CutoverResult:
@@ -262,6 +486,8 @@ class MigrateChunkWorkflow:
 
     async def _wait_lag(self, inp: MigrateChunkInput, spec: MoveSpec, direction: Direction,
                         stream: asyncio.Task[Any]) -> None:
+        if self._v2:
+            return await self._wait_caught_up(inp, spec, direction, stream)
         while True:
             if stream.done():
                 stream.result()  # surfaces a failed applier
@@ -275,12 +501,132 @@ class MigrateChunkWorkflow:
                 return
             await workflow.sleep(inp.poll_s)
 
+    async def _wait_caught_up(self, inp: MigrateChunkInput, spec: MoveSpec, direction: Direction,
+                              stream: asyncio.Task[Any]) -> None:
+        """Until the stream is within ``max_lag_bytes``: one ``wait_caught_up`` activity per
+        ``lag_window_s`` (it polls inside). Forward only: an unreachable shard pauses the
+        move and restarts the applier (from its state row) once it answers; a long wait
+        continues as new."""
+        forward = direction == Direction.FORWARD
+        while True:
+            waiter: asyncio.Task[Any] | None = None
+            try:
+                if stream.done():
+                    stream.result()  # surfaces a failed applier
+                if forward and self._lost_declared:
+                    raise self._lost(spec, None, inp)
+                waiter = workflow.start_activity_method(
+                    ReplicateActivities.wait_caught_up,
+                    WaitLagInput(spec=spec, direction=direction, max_lag_bytes=inp.max_lag_bytes,
+                                 poll_s=inp.poll_s, window_s=inp.lag_window_s),
+                    start_to_close_timeout=timedelta(seconds=inp.lag_window_s + 60),
+                    heartbeat_timeout=self._heartbeat,
+                    retry_policy=self._pausing(_QUICK) if forward else _QUICK,
+                    cancellation_type=_WAIT,
+                )
+                await workflow.wait_condition(
+                    lambda w=waiter, s=stream: w.done() or s.done()
+                    or (forward and self._lost_declared))
+                if not waiter.done():
+                    await self._stop(waiter)
+                    continue  # the applier ended (surfaced above) or the target was declared lost
+                lag = waiter.result()
+            except ActivityError as exc:
+                down = self._unavailable(exc) if forward else None
+                if down is None:
+                    raise
+                await self._stop(waiter)
+                await self._stop(stream)
+                await self._wait_for_shard(inp, spec, down, workflow.now())
+                stream = self._streams[Direction.FORWARD] = self._start_stream(spec, direction)
+                continue
+            self._progress.lag_bytes = lag.lag_bytes if lag.streaming else None
+            self._progress.lag_s = lag.lag_s
+            if lag.streaming and lag.lag_bytes <= inp.max_lag_bytes:
+                return
+            if forward and self._history_full(inp):
+                await self._continue_as_new(inp, spec, [])
+
+    async def _copy(self, inp: MigrateChunkInput, spec: MoveSpec,
+                    running: list[asyncio.Task[Any]]) -> tuple[Any, Any]:
+        """Snapshot and bulk import (concurrently) to their end; (snapshot, import) results.
+
+        Patched runs pause on an unreachable shard and start both again from their
+        checkpoints (staged parts, imported parts) once it answers."""
+        while True:
+            snap = workflow.start_activity_method(
+                SnapshotActivities.snapshot, SnapshotInput(spec=spec, part_rows=inp.part_rows),
+                start_to_close_timeout=timedelta(days=1), heartbeat_timeout=self._heartbeat,
+                retry_policy=self._pausing(_DATA), cancellation_type=_WAIT,
+            )
+            imp = workflow.start_activity_method(
+                ImportActivities.bulk_import, ImportInput(spec=spec),
+                start_to_close_timeout=timedelta(days=1), heartbeat_timeout=self._heartbeat,
+                retry_policy=self._pausing(_DATA), cancellation_type=_WAIT,
+            )
+            running += [snap, imp]
+            try:
+                await self._poll_copy(inp, spec, snap, imp)
+                return snap.result(), imp.result()
+            except ActivityError as exc:
+                down = self._unavailable(exc) if self._v2 else None
+                if down is None:
+                    raise
+                await self._stop(snap)
+                await self._stop(imp)
+                running.clear()
+                await self._wait_for_shard(inp, spec, down, workflow.now())
+
+    async def _poll_copy(self, inp: MigrateChunkInput, spec: MoveSpec, snap: asyncio.Task[Any],
+                         imp: asyncio.Task[Any]) -> None:
+        first = True
+        poll = inp.poll_s
+        while not (snap.done() and imp.done()):
+            if snap.done():
+                # Raises if the snapshot failed; else its row count is the exact total (of
+                # this attempt's parts: a resumed export counts only what it exported).
+                rows = snap.result().rows
+                self._progress.rows_total = max(rows, self._progress.rows_total or 0) \
+                    if self._v2 else rows
+                if self._progress.phase == MigrationPhase.SNAPSHOT.value:
+                    await self._phase(spec, MigrationPhase.IMPORT)
+            if imp.done():
+                imp.result()
+            if self._v2:
+                if self._lost_declared:
+                    raise self._lost(spec, None, inp)
+                if self._history_full(inp):
+                    await self._continue_as_new(inp, spec, [snap, imp])
+                cp = await self._sample_copy(spec, first)
+            else:
+                cp = await workflow.execute_activity_method(
+                    ImportActivities.copy_progress, CopyProgressInput(spec=spec, count_source=first),
+                    start_to_close_timeout=_SHORT, retry_policy=_QUICK,
+                )
+            if cp is not None:
+                if first and not snap.done():
+                    self._progress.rows_total = cp.rows_total  # an estimate until then
+                self._progress.rows_copied = cp.rows_imported
+                self._progress.parts_copied = cp.parts_imported
+                self._progress.parts_total = cp.parts_total
+            first = False
+            if self._v2:
+                pending = [t for t in (snap, imp) if not t.done()]
+                await workflow.wait(pending, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
+                poll = min(poll * 1.5, max(inp.progress_poll_max_s, inp.poll_s))
+            else:
+                await workflow.wait([snap, imp], timeout=inp.poll_s,
+                                    return_when=asyncio.ALL_COMPLETED)
+
     # -- the run ------------------------------------------------------------------------------
 
     @workflow.run
     async def run(self, inp: MigrateChunkInput) -> MigrateChunkResult:
+        self._v2 = workflow.patched(BOUNDED_HISTORY)
         info = workflow.info()
-        mid = migration_id_for(info.workflow_id, info.run_id)
+        # A continued run keeps the migration id of the first (it names everything the move made).
+        mid = inp.resume.migration_id if inp.resume else migration_id_for(info.workflow_id,
+                                                                          info.run_id)
         self._progress.migration_id = mid
         self._progress.target = inp.target
         self._cancel_pending = False
@@ -302,103 +648,67 @@ class MigrateChunkWorkflow:
             return MigrateChunkResult(migration_id=mid, outcome=MigrationOutcome.ABORTED,
                                       target=inp.target, plan=planned.steps, detail=planned.reason)
 
-        try:
-            spec = await workflow.execute_activity_method(
-                CatalogActivities.register,
-                RegisterInput(migration_id=mid, kind=inp.kind, collection=inp.collection,
-                              chunk_id=inp.chunk_id, target=inp.target, holder=info.workflow_id),
-                start_to_close_timeout=timedelta(seconds=60),
-                retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
-                                         maximum_interval=timedelta(seconds=20)),
-                cancellation_type=_WAIT,
-            )
-        except (asyncio.CancelledError, CancelledError, ActivityError) as exc:
-            if isinstance(exc, ActivityError) and not isinstance(exc.cause, CancelledError):
-                raise  # a refused registration (bad input) leaves nothing behind
-            # Cancelled while registering (say, while waiting for a move lease): an earlier
-            # attempt may have recorded the move, taken leases and fenced the target.
-            leftover = await workflow.execute_activity_method(
-                CatalogActivities.registered, RegisteredInput(migration_id=mid),
-                start_to_close_timeout=_SHORT, retry_policy=_QUICK,
-            )
-            if leftover is not None:
-                await self._abort(leftover, asyncio.CancelledError())
-            raise asyncio.CancelledError() from None
+        if inp.resume is None:
+            spec = await self._register(inp, mid)
+        else:
+            spec = self._resume(inp.resume)
         self._progress.source = spec.source
         workflow.upsert_search_attributes([SA_SOURCE.value_set(spec.source)])
-        self._phase_started["registered"] = workflow.now()
-        self._progress.phase = "registered"
+        if inp.resume is None:
+            self._phase_started["registered"] = workflow.now()
+            self._progress.phase = "registered"
+        else:
+            workflow.upsert_search_attributes([SA_PHASE.value_set(self._progress.phase)])
 
         streams: dict[Direction, asyncio.Task[Any] | None] = {Direction.FORWARD: None,
                                                              Direction.REVERSE: None}
+        self._streams = streams
         committed = False
-        result_kw: dict[str, Any] = {}
+        result_kw: dict[str, Any] = self._result_kw
         running: list[asyncio.Task[Any]] = []
         try:
+            if inp.resume is not None and inp.resume.waiting_for is not None:
+                assert inp.resume.waiting_since is not None
+                await self._wait_for_shard(inp, spec, inp.resume.waiting_for,
+                                           inp.resume.waiting_since)
             # -- snapshot + bulk import ---------------------------------------------------------
-            self._raise_if_cancelled()  # a cancel the registration finished through
-            await self._phase(spec, MigrationPhase.SNAPSHOT)
-            snap = workflow.start_activity_method(
-                SnapshotActivities.snapshot, SnapshotInput(spec=spec, part_rows=inp.part_rows),
-                start_to_close_timeout=timedelta(days=1), heartbeat_timeout=self._heartbeat,
-                retry_policy=_DATA, cancellation_type=_WAIT,
-            )
-            imp = workflow.start_activity_method(
-                ImportActivities.bulk_import, ImportInput(spec=spec),
-                start_to_close_timeout=timedelta(days=1), heartbeat_timeout=self._heartbeat,
-                retry_policy=_DATA, cancellation_type=_WAIT,
-            )
-            running += [snap, imp]
-            first = True
-            while not (snap.done() and imp.done()):
-                if snap.done():
-                    # Raises if the snapshot failed; else its row count is the exact total.
-                    self._progress.rows_total = snap.result().rows
-                    if self._progress.phase == MigrationPhase.SNAPSHOT.value:
-                        await self._phase(spec, MigrationPhase.IMPORT)
-                if imp.done():
-                    imp.result()
-                cp = await workflow.execute_activity_method(
-                    ImportActivities.copy_progress, CopyProgressInput(spec=spec, count_source=first),
-                    start_to_close_timeout=_SHORT, retry_policy=_QUICK,
-                )
-                if first:
-                    if not snap.done():
-                        self._progress.rows_total = cp.rows_total  # an estimate until then
-                    first = False
-                self._progress.rows_copied = cp.rows_imported
-                self._progress.parts_copied = cp.parts_imported
-                self._progress.parts_total = cp.parts_total
-                await workflow.wait([snap, imp], timeout=inp.poll_s,
-                                    return_when=asyncio.ALL_COMPLETED)
-            snapshot_result, import_result = snap.result(), imp.result()
-            self._progress.rows_copied = import_result.rows
-            self._progress.parts_copied = self._progress.parts_total = import_result.parts
-            result_kw["documents"] = snapshot_result.rows
+            if self._stage == Stage.COPY:
+                self._raise_if_cancelled()  # a cancel the registration finished through
+                if self._progress.phase != MigrationPhase.IMPORT.value:  # not a continued run's
+                    await self._phase(spec, MigrationPhase.SNAPSHOT)
+                snapshot_result, import_result = await self._copy(inp, spec, running)
+                self._progress.rows_copied = import_result.rows
+                self._progress.parts_copied = self._progress.parts_total = import_result.parts
+                result_kw["documents"] = snapshot_result.rows
+                self._stage = Stage.REPLICATE
 
             # -- replicate until caught up -------------------------------------------------------
             self._raise_if_cancelled()
-            await self._phase(spec, MigrationPhase.REPLICATE)
+            if self._stage == Stage.REPLICATE:
+                await self._phase(spec, MigrationPhase.REPLICATE)
             streams[Direction.FORWARD] = self._start_stream(spec, Direction.FORWARD)
-            await self._wait_lag(inp, spec, Direction.FORWARD, streams[Direction.FORWARD])
+            if self._stage == Stage.REPLICATE:
+                await self._wait_lag(inp, spec, Direction.FORWARD, streams[Direction.FORWARD])
 
-            # -- verify --------------------------------------------------------------------------
-            self._raise_if_cancelled()
-            if inp.verify:
-                await self._phase(spec, MigrationPhase.VERIFY)
-                verified: VerifyResult = await workflow.execute_activity_method(
-                    VerifyActivities.verify, VerifyInput(spec=spec, buckets=inp.verify_buckets),
-                    start_to_close_timeout=timedelta(hours=6),
-                    heartbeat_timeout=self._heartbeat, retry_policy=_DATA,
-                    cancellation_type=_WAIT,
-                )
-                result_kw["verified"] = verified.verified
-                result_kw["documents"] = verified.documents
+                # -- verify ----------------------------------------------------------------------
+                self._raise_if_cancelled()
+                if inp.verify:
+                    await self._phase(spec, MigrationPhase.VERIFY)
+                    verified: VerifyResult = await workflow.execute_activity_method(
+                        VerifyActivities.verify, VerifyInput(spec=spec, buckets=inp.verify_buckets),
+                        start_to_close_timeout=timedelta(hours=6),
+                        heartbeat_timeout=self._heartbeat, retry_policy=_DATA,
+                        cancellation_type=_WAIT,
+                    )
+                    result_kw["verified"] = verified.verified
+                    result_kw["documents"] = verified.documents
+                self._stage = Stage.CUTOVER
 
             # -- cutover ---------------------------------------------------------------------------
             await self._phase(spec, MigrationPhase.CUTOVER)
             cut: CutoverResult | None = None
-            for attempt in range(1, inp.cutover_attempts + 1):
+            # (a continued run goes on counting the attempts of the runs before)
+            for attempt in range(self._progress.cutover_attempts + 1, inp.cutover_attempts + 1):
                 self._progress.cutover_attempts = attempt
                 self._raise_if_cancelled()
                 await self._wait_lag(inp, spec, Direction.FORWARD, streams[Direction.FORWARD])
@@ -408,7 +718,7 @@ class MigrateChunkWorkflow:
                     break
                 workflow.logger.info("cutover attempt %d did not commit: %s", attempt, cut.reason)
                 await workflow.sleep(inp.cutover_retry_s)
-            assert cut is not None
+            assert cut is not None, "no cutover attempt left"
             result_kw["cutover_attempts"] = self._progress.cutover_attempts
             if not cut.committed:
                 if self._cancel_pending:
@@ -488,6 +798,45 @@ class MigrateChunkWorkflow:
             phase_seconds=dict(self._phase_seconds), **result_kw,
         )
 
+    async def _register(self, inp: MigrateChunkInput, mid: str) -> MoveSpec:
+        info = workflow.info()
+        try:
+            spec = await workflow.execute_activity_method(
+                CatalogActivities.register,
+                RegisterInput(migration_id=mid, kind=inp.kind, collection=inp.collection,
+                              chunk_id=inp.chunk_id, target=inp.target, holder=info.workflow_id),
+                start_to_close_timeout=timedelta(seconds=60),
+                retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
+                                         maximum_interval=timedelta(seconds=20)),
+                cancellation_type=_WAIT,
+            )
+        except (asyncio.CancelledError, CancelledError, ActivityError) as exc:
+            if isinstance(exc, ActivityError) and not isinstance(exc.cause, CancelledError):
+                raise  # a refused registration (bad input) leaves nothing behind
+            # Cancelled while registering (say, while waiting for a move lease): an earlier
+            # attempt may have recorded the move, taken leases and fenced the target.
+            leftover = await workflow.execute_activity_method(
+                CatalogActivities.registered, RegisteredInput(migration_id=mid),
+                start_to_close_timeout=_SHORT, retry_policy=_QUICK,
+            )
+            if leftover is not None:
+                await self._abort(leftover, asyncio.CancelledError())
+            raise asyncio.CancelledError() from None
+        return spec
+
+    def _resume(self, resume: MigrateChunkResume) -> MoveSpec:
+        """Pick up where the previous run stopped (continue-as-new)."""
+        self._progress = resume.progress.model_copy()
+        self._stage = resume.stage
+        self._phase_started = dict(resume.phase_started)
+        self._phase_seconds = dict(resume.phase_seconds)
+        self._lost_declared = resume.target_declared_lost
+        if resume.documents is not None:
+            self._result_kw["documents"] = resume.documents
+        if resume.verified is not None:
+            self._result_kw["verified"] = resume.verified
+        return resume.spec
+
     async def _roll_back(self, inp: MigrateChunkInput, spec: MoveSpec,
                          stream: asyncio.Task[Any] | None) -> CutoverResult | None:
         back: CutoverResult | None = None
@@ -522,7 +871,7 @@ class MigrateChunkWorkflow:
         detail = "cancelled" if cancelled else describe_failure(exc)
         await workflow.execute_activity_method(
             CleanupActivities.cleanup,
-            CleanupInput(spec=spec, outcome=MigrationOutcome.ABORTED),
+            CleanupInput(spec=spec, outcome=MigrationOutcome.ABORTED, target_lost=self._target_lost),
             start_to_close_timeout=timedelta(hours=12), heartbeat_timeout=self._heartbeat,
             retry_policy=_DATA,
         )
@@ -534,3 +883,6 @@ class MigrateChunkWorkflow:
         workflow.upsert_search_attributes([SA_PHASE.value_set("aborted")])
         self._progress.phase = "aborted"
         self._progress.outcome = MigrationOutcome.ABORTED.value
+
+
+MigrateChunkInput.model_rebuild()

@@ -1,0 +1,103 @@
+"""Which shard is down: turning a lost connection into a typed ``ShardUnavailable`` error.
+
+A move must tell a shard that is *unreachable* (the target stopped, a host gone) from
+everything else, because the workflow handles the two differently: any other error is
+retried by the activity's retry policy, while an unreachable shard pauses the move at its
+checkpoint until the shard answers again (or, for the target, until the move's give-up time).
+
+The rule, used by every data activity of the copy and replicate phases:
+
+- an activity body runs inside :func:`shard_errors` naming the shards it touches;
+- when it fails with a connection-level error (``psycopg.OperationalError``, which includes
+  the pool's timeout, or an ``OSError``), each named shard is probed with one fresh
+  connection (a few seconds' timeout). The first one that does not answer is blamed:
+  ``ApplicationError(type="ShardUnavailable", details=[shard_id])``;
+- when every shard answers, the original error propagates unchanged: a blip (a restarted
+  server, a terminated walsender) stays on the ordinary retry path and costs no pause.
+
+Probing blames only what is down *now*, so a shard that came back meanwhile is never blamed,
+and a catalog that cannot be read (to find an address) blames nobody. Addresses come from
+the worker's open engines first (no catalog round trip), else from the catalog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+from temporalio.exceptions import ApplicationError
+
+from activities.context import MoveContext
+
+SHARD_UNAVAILABLE = "ShardUnavailable"
+"""``ApplicationError.type`` of an unreachable shard; ``details[0]`` is its shard id."""
+
+PROBE_TIMEOUT_S = 3
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """A failure to reach a server (anywhere in the cause chain), not a logic error."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, psycopg.errors.QueryCanceled):
+            return False  # a statement timeout: the server answered
+        if isinstance(cur, psycopg.OperationalError | OSError):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+async def shard_dsn(ctx: MoveContext, shard_id: str) -> str:
+    """The shard's address without opening a pool (opening one to a dead server blocks for
+    the pool's timeout, longer than an activity's heartbeat timeout)."""
+    engine = ctx._engines.get(shard_id)  # noqa: SLF001 - read-only peek at the open engines
+    if engine is not None:
+        return engine.dsn
+    return (await ctx.catalog.shard(shard_id)).address
+
+
+def probe(dsn: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the server answers a query, else why not (blocking)."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(timeout))) as conn:
+            conn.execute("SELECT 1")
+        return None
+    except (psycopg.Error, OSError) as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+async def unreachable(ctx: MoveContext, shards: tuple[str, ...]) -> tuple[str, str] | None:
+    """(shard id, error) of the first named shard that does not answer, or None."""
+    for shard in shards:
+        try:
+            dsn = await shard_dsn(ctx, shard)
+        except Exception:  # noqa: BLE001 - no address (catalog down): blame nobody
+            return None
+        error = await asyncio.to_thread(probe, dsn)
+        if error is not None:
+            return shard, error
+    return None
+
+
+def shard_unavailable(shard: str, error: str) -> ApplicationError:
+    return ApplicationError(f"shard {shard} is unreachable: {error}", shard,
+                            type=SHARD_UNAVAILABLE)
+
+
+@asynccontextmanager
+async def shard_errors(ctx: MoveContext, *shards: str) -> AsyncIterator[None]:
+    """Re-raise a connection failure as ``ShardUnavailable`` when one of ``shards`` is down."""
+    try:
+        yield
+    except ApplicationError:
+        raise
+    except Exception as exc:
+        if is_connection_error(exc):
+            down = await unreachable(ctx, shards)
+            if down is not None:
+                raise shard_unavailable(*down) from exc
+        raise
