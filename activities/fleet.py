@@ -16,6 +16,7 @@ under the id it was about to start.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 
 from pydantic import BaseModel, ConfigDict
 from temporalio import activity
@@ -39,6 +40,20 @@ from activities.models import (
 from catalog import CatalogError, ShardState
 from catalog.admin import split_chunk
 from catalog.models import MigrationKind, ShardInfo
+
+
+class DrainPlanRequest(DrainPlanInput):
+    """``drain.plan``'s input, with the shards it must not plan onto."""
+
+    exclude: list[str] = []
+    """Targets a move gave up on (lost): not planned onto, not measured."""
+
+
+class RebalancePlanRequest(RebalancePlanInput):
+    """``rebalance.plan``'s input, with the shards it must leave out."""
+
+    exclude: list[str] = []
+    """Shards a move gave up on (lost): neither measured nor planned to or from."""
 
 
 class ReplanInput(BaseModel):
@@ -88,7 +103,7 @@ class FleetActivities:
         self.ctx = ctx
 
     @activity.defn(name="drain.plan")
-    async def plan(self, inp: DrainPlanInput) -> DrainPlan:
+    async def plan(self, inp: DrainPlanRequest) -> DrainPlan:
         """Validate a drain, mark its shards ``draining`` and place every chunk they hold.
 
         Bad input (an unknown or retired shard, no eligible target, targets without room)
@@ -104,7 +119,7 @@ class FleetActivities:
             if info.state == ShardState.RETIRED:
                 raise non_retryable(ValueError(f"shard {info.shard_id} is already retired"),
                                     "nothing to drain")
-        targets = _targets(inp, drained, everyone)
+        targets = _targets(inp, drained, everyone, inp.exclude)
         activity.heartbeat("measuring chunks")
         try:
             maps = await cat.chunk_maps()
@@ -249,7 +264,7 @@ class FleetActivities:
     # -- rebalancing -----------------------------------------------------------------------
 
     @activity.defn(name="rebalance.plan")
-    async def rebalance_plan(self, inp: RebalancePlanInput) -> RebalancePlan:
+    async def rebalance_plan(self, inp: RebalancePlanRequest) -> RebalancePlan:
         """Measure every active shard and plan moves from the most to the least loaded."""
         cat = self.ctx.catalog
         try:
@@ -260,6 +275,7 @@ class FleetActivities:
                     raise non_retryable(ValueError(f"shard(s) {unknown} are not active shards"),
                                         "rebalance")
                 active = set(inp.shards)
+            active -= set(inp.exclude)
             maps = await cat.chunk_maps()
             if inp.collections is not None:
                 unknown = sorted(set(inp.collections) - set(maps))
@@ -371,9 +387,9 @@ def plan_rebalance(chunks: dict[str, list[tuple[str, int, int]]], *, tolerance: 
     return RebalancePlan(loads=before, loads_after=load, moves=moves, splits=splits)
 
 
-def _targets(inp: DrainPlanInput, drained: list[ShardInfo], everyone: list[ShardInfo]
-             ) -> list[ShardInfo]:
-    """The shards that may receive the drained chunks."""
+def _targets(inp: DrainPlanInput, drained: list[ShardInfo], everyone: list[ShardInfo],
+             exclude: Collection[str] = ()) -> list[ShardInfo]:
+    """The shards that may receive the drained chunks (never an ``exclude`` d one)."""
     names = {d.shard_id for d in drained}
     by_id = {s.shard_id: s for s in everyone}
     if inp.targets:
@@ -393,7 +409,7 @@ def _targets(inp: DrainPlanInput, drained: list[ShardInfo], everyone: list[Shard
         candidates = [s for s in everyone
                       if s.shard_id not in names and s.state == ShardState.ACTIVE]
     engines = {d.engine for d in drained}
-    candidates = [s for s in candidates if s.engine in engines]
+    candidates = [s for s in candidates if s.engine in engines and s.shard_id not in exclude]
     if inp.kind == MigrationKind.UPGRADE:
         newest_old = max(d.major_version for d in drained)
         older = [s.shard_id for s in candidates if s.major_version <= newest_old]

@@ -39,12 +39,11 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.fleet import FleetActivities, ReplanInput, ReplanResult
+    from activities.fleet import DrainPlanRequest, FleetActivities, ReplanInput, ReplanResult
     from activities.models import (
         DrainFinishInput,
         DrainFinishResult,
         DrainPlan,
-        DrainPlanInput,
         DrainRestoreInput,
         PlannedMove,
     )
@@ -165,7 +164,8 @@ class DrainShardWorkflow:
                     await self._set_phase("planning")
                     plan: DrainPlan = await workflow.execute_activity_method(
                         FleetActivities.plan,
-                        DrainPlanInput(shards=inp.shards, targets=inp.targets, kind=inp.kind),
+                        DrainPlanRequest(shards=inp.shards, targets=inp.targets, kind=inp.kind,
+                                         exclude=list(self._progress.lost_targets)),
                         start_to_close_timeout=timedelta(minutes=30),
                         heartbeat_timeout=timedelta(minutes=5), retry_policy=_QUICK,
                     )

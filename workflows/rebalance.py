@@ -33,13 +33,12 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.fleet import FleetActivities, ReplanInput, ReplanResult
+    from activities.fleet import FleetActivities, RebalancePlanRequest, ReplanInput, ReplanResult
     from activities.models import (
         AllocateIdsInput,
         PlannedMove,
         PlannedSplit,
         RebalancePlan,
-        RebalancePlanInput,
         SplitInput,
     )
     from catalog.models import MigrationKind
@@ -136,9 +135,10 @@ class RebalanceWorkflow:
     async def _plan(self, inp: RebalanceInput, max_moves: int) -> RebalancePlan:
         return await workflow.execute_activity_method(
             FleetActivities.rebalance_plan,
-            RebalancePlanInput(tolerance=inp.tolerance, max_moves=max_moves,
-                               max_moves_per_shard=inp.max_moves_per_shard, split=inp.split,
-                               collections=inp.collections, shards=inp.shards),
+            RebalancePlanRequest(tolerance=inp.tolerance, max_moves=max_moves,
+                                 max_moves_per_shard=inp.max_moves_per_shard, split=inp.split,
+                                 collections=inp.collections, shards=inp.shards,
+                                 exclude=list(self._progress.lost_targets)),
             start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(minutes=5),
             retry_policy=_QUICK,
         )
