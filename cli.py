@@ -8,7 +8,7 @@
     shardshift collection create NAME --shard-key F [--index name:field[,field]...]
                                       [--chunks-per-shard N] [--shards S1,S2]
     shardshift migrate --collection C --chunk K --to SHARD [--dry-run]
-                       [--rollback-window S] [--no-wait] [--id WORKFLOW_ID]
+                       [--rollback-window S] [--give-up S] [--no-wait] [--id WORKFLOW_ID]
     shardshift moves [--collection C] [--phase P] [--catalog]
     shardshift rollback --id WORKFLOW_ID
     shardshift demo
@@ -151,6 +151,8 @@ def format_progress(p: Any, elapsed: float) -> str:
         parts.append(f"pause {p.pause_ms:.1f} ms")
     if p.rollback_open:
         parts.append("rollback window OPEN")
+    if getattr(p, "waiting_for", None):
+        parts.append(p.detail or f"waiting for {p.waiting_for}")
     return "  ".join(parts)
 
 
@@ -254,7 +256,8 @@ async def _migrate(args: argparse.Namespace) -> int:
     settings = get_settings()
     try:
         inp = MigrateChunkInput(collection=args.collection, chunk_id=args.chunk, target=args.to,
-                                dry_run=args.dry_run, rollback_window_s=args.rollback_window)
+                                dry_run=args.dry_run, rollback_window_s=args.rollback_window,
+                                target_give_up_s=args.give_up)
     except ValueError as exc:
         raise CliError(f"invalid move: {exc}".replace("\n", " ")) from exc
     wf_id = args.id or f"move-{args.collection}-{args.chunk}" + ("-dry-run" if args.dry_run else "")
@@ -703,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
     migrate.add_argument("--rollback-window", type=float, default=0.0, metavar="S",
                          help="seconds after the cutover during which `rollback` is accepted")
+    migrate.add_argument("--give-up", type=float, default=1800.0, metavar="S",
+                         help="how long an unreachable target is waited for before the move "
+                              "aborts with TargetLost (default 1800)")
     migrate.add_argument("--no-wait", action="store_true", help="start it and return")
     _workflow_args(migrate, "move-COLLECTION-CHUNK")
     migrate.set_defaults(func=cmd_migrate)

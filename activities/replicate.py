@@ -16,6 +16,7 @@ poll. Connection failures raise ``ShardUnavailable`` naming the shard that is do
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -44,6 +45,10 @@ from shards.postgres.apply import (
 )
 from shards.postgres.pgoutput import lsn_to_str
 from shards.postgres.replication import SlotMissingError, StreamNames
+
+HOLD_LAG_ENV = "SHARDSHIFT_TEST_HOLD_LAG"
+"""Test hook: ``wait_caught_up`` of the collection named here never reports caught up, so a
+test can keep a move in its replicate phase for as long as it needs."""
 
 
 def stream_spec(spec: MoveSpec, direction: Direction) -> StreamSpec:
@@ -118,7 +123,8 @@ class ReplicateActivities:
                 deadline = time.monotonic() + inp.window_s
                 while True:
                     lag = last["lag"] = _sample_lag(source_dsn, target_dsn, names)
-                    if lag.streaming and lag.lag_bytes <= inp.max_lag_bytes:
+                    held = os.environ.get(HOLD_LAG_ENV) == inp.spec.collection
+                    if lag.streaming and lag.lag_bytes <= inp.max_lag_bytes and not held:
                         return lag
                     if time.monotonic() >= deadline or stop.wait(inp.poll_s):
                         return lag

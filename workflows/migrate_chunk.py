@@ -612,7 +612,9 @@ class MigrateChunkWorkflow:
             first = False
             if self._v2:
                 pending = [t for t in (snap, imp) if not t.done()]
-                await workflow.wait(pending, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
+                if pending:  # (both may have ended during the sample)
+                    await workflow.wait(pending, timeout=poll,
+                                        return_when=asyncio.FIRST_COMPLETED)
                 poll = min(poll * 1.5, max(inp.progress_poll_max_s, inp.poll_s))
             else:
                 await workflow.wait([snap, imp], timeout=inp.poll_s,

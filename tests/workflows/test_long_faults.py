@@ -21,17 +21,18 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 from catalog.models import MigrationOutcome
 from infra import Stack
-from settings import Settings
 from shards.models import FenceState
 from shards.postgres import PostgresShard
 from shards.postgres.bulk_import import forget_parts
 from shards.postgres.replication import cleanup_stream_objects, migration_prefix, stream_names
+from shards.postgres.schema import collection_table
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle
 from tests.workflows.procs import phase_index, poll_progress, preload_chunk
@@ -94,16 +95,28 @@ async def fresh_pool(deployment: Deployment, shard: str) -> None:
 
 async def test_long_copy_continues_as_new(deployment: Deployment, worker: WorkerHandle,
                                           temporal_client: Client) -> None:
+    """A copy kept going (the target's table locked, so the import cannot write) is sampled
+    until the run's history passes the threshold; the move continues as new, the import
+    resumes from its imported parts once the lock goes, and the move completes."""
     moving, target, other = pick(deployment)
     await asyncio.to_thread(preload_chunk, deployment.shards[moving.shard_id].dsn,
-                            deployment.collection, moving, 20_000)
-    async with load_on(deployment, moving, other) as load:
+                            deployment.collection, moving, 5000)
+    table = collection_table(deployment.collection)
+    async with load_on(deployment, moving, other) as load, \
+            await psycopg.AsyncConnection.connect(deployment.shards[target].dsn) as lock:
+        await lock.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table))
         handle = await start_move(
             temporal_client, deployment, moving, target, worker.task_queue,
             **FAST, part_rows=100,
             **opts(history_events_limit=HISTORY_LIMIT, progress_poll_max_s=0.2),
         )
         first = await poll_progress(handle, lambda p: bool(p.migration_id), what="a first answer")
+        deadline = time.monotonic() + 120
+        while (await handle.describe()).raw_description.workflow_execution_info \
+                .history_length < HISTORY_LIMIT:
+            assert time.monotonic() < deadline, "the copy was not sampled long enough"
+            await asyncio.sleep(0.2)
+        await lock.rollback()  # the import may write again
         # The progress query answers across runs, and the migration id never changes.
         later = await poll_progress(handle, lambda p: getattr(p, "run", 1) >= 2, timeout=120,
                                     what="a second run")
@@ -145,7 +158,8 @@ async def test_progress_failure_never_fails_the_move(deployment: Deployment,
 
 async def _stop_in_replicate(stack: Stack, deployment: Deployment, handle: WorkflowHandle[Any, Any],
                              target: str) -> tuple[Any, str]:
-    """Stop the target once the move replicates; returns (instance, migration id)."""
+    """Stop the target once the move replicates (kept there by the ``SHARDSHIFT_TEST_HOLD_LAG``
+    test hook, which ``wait_caught_up`` reads); returns (instance, migration id)."""
     seen = await poll_progress(handle, lambda p: phase_index(p.phase) >= phase_index("replicate"),
                                timeout=120, what="replicate")
     assert seen.phase == "replicate", seen
@@ -156,7 +170,8 @@ async def _stop_in_replicate(stack: Stack, deployment: Deployment, handle: Workf
 
 async def test_target_outage_pauses_the_move(stack: Stack, deployment: Deployment,
                                              worker: WorkerHandle, temporal_client: Client,
-                                             worker_settings: Settings) -> None:
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHARDSHIFT_TEST_HOLD_LAG", deployment.collection)
     moving, target, other = pick(deployment)
     source_dsn = deployment.shards[moving.shard_id].dsn
     pg = stack.instance_for_dsn(deployment.shards[target].dsn)
@@ -186,6 +201,7 @@ async def test_target_outage_pauses_the_move(stack: Stack, deployment: Deploymen
             await asyncio.to_thread(pg.start, 60)
             await poll_progress(handle, lambda p: p.waiting_for is None, timeout=120,
                                 what="the move resuming")
+            monkeypatch.delenv("SHARDSHIFT_TEST_HOLD_LAG")  # let it catch up and finish
             result = await asyncio.wait_for(handle.result(), 240)
         await fresh_pool(deployment, target)
         await assert_moved(deployment, result, moving, target, load)
@@ -195,7 +211,9 @@ async def test_target_outage_pauses_the_move(stack: Stack, deployment: Deploymen
 
 
 async def test_target_lost_after_give_up(stack: Stack, deployment: Deployment,
-                                         worker: WorkerHandle, temporal_client: Client) -> None:
+                                         worker: WorkerHandle, temporal_client: Client,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHARDSHIFT_TEST_HOLD_LAG", deployment.collection)
     moving, target, other = pick(deployment)
     source = deployment.shards[moving.shard_id]
     target_dsn = deployment.shards[target].dsn
