@@ -88,14 +88,14 @@ def check_move_options(options: dict[str, Any]) -> None:
                                non_retryable=True) from None
 
 
-def target_lost(exc: BaseException) -> bool:
-    """Whether a move failed because it gave up on its target (``TargetLost``)."""
+def target_lost(exc: BaseException) -> ApplicationError | None:
+    """The ``TargetLost`` error in a failed move's chain, if it gave up on its target."""
     cur: BaseException | None = exc
     while cur is not None:
         if isinstance(cur, ApplicationError) and cur.type == TARGET_LOST:
-            return True
+            return cur
         cur = cur.cause if isinstance(cur, FailureError) else None
-    return False
+    return None
 
 
 class ChildMove(BaseModel):
@@ -303,8 +303,10 @@ class MoveRunner:
                     try:
                         result = await self._start(m, child_id)
                     except (ChildWorkflowError, ApplicationError) as exc:
-                        detail = describe_failure(exc)
-                        if (target_lost(exc) and attempt <= self.limits.max_retargets
+                        lost = target_lost(exc)
+                        detail = f"{TARGET_LOST}: {lost.message}" if lost is not None \
+                            else describe_failure(exc)
+                        if (lost is not None and attempt <= self.limits.max_retargets
                                 and workflow.patched(PATCH_RETARGET)):
                             self._lose(m.target)
                             where = await self._elsewhere(m)

@@ -13,17 +13,29 @@ import asyncio
 import json
 import os
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer
 
-from catalog import Catalog
-from catalog.models import MigrationKind
+from activities.fleet import _targets
+from activities.models import DrainPlanInput
+from catalog import Catalog, ShardState
+from catalog.models import MigrationKind, ShardInfo
+from infra import Stack
+from router.catalog_source import CatalogRouteSource
+from router.core import Router
+from shards.postgres import PostgresShard
+from shards.postgres.bulk_import import forget_parts
+from shards.postgres.replication import cleanup_stream_objects
+from tests.router.conftest import router_settings
 from tests.workflows.conftest import WorkerHandle
+from tests.workflows.procs import preload_chunk
 from tests.workflows.test_drain import (  # noqa: F401 - fleet_cleanup is a fixture
     Fleet,
     assert_drained,
@@ -37,10 +49,13 @@ from tests.workflows.test_migrate import FAST
 from workflows import (
     DrainShardInput,
     DrainShardWorkflow,
+    MigrateChunkWorkflow,
     RebalanceInput,
     RebalanceWorkflow,
 )
 from workflows.child_moves import RunLimits
+from workload.checker import check, collect_stored
+from workload.generator import LoadGenerator, WorkloadConfig
 
 HISTORIES = Path(__file__).parent / "histories"
 FLEET_HISTORIES = ("drain_completed", "drain_cancelled", "split_shard_completed")
@@ -139,6 +154,119 @@ async def test_long_rebalance_continues_as_new_within_its_limits(
     total = sum([await fleet.shards[s].count(c) for s in fleet.shards])
     assert total == 6 * 500  # nothing lost, nothing duplicated
     assert stream_objects([s.dsn for s in fleet.shards.values()], "ss_rebalance") == []
+
+
+# -- 2. a target lost during a drain: its chunk is re-planned onto another shard -------------
+
+GIVE_UP_S = 10.0
+PRELOAD = 6000
+
+
+async def test_drain_replans_a_chunk_whose_target_is_lost(
+    stack: Stack, router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+) -> None:
+    """The target of a running move is stopped for good: the move gives up on it
+    (``TargetLost``), the drain moves that chunk, and the ones it had planned onto the lost
+    shard, to the other target, and completes; nothing acknowledged is lost."""
+    c = collection_name
+    fleet = await make_fleet(router_catalog, c, {f"{c[:40]}-t0": (pg18_dsns[0], 18)},
+                             {f"{c[:40]}-t1": (pg18_dsns[1], 18),
+                              f"{c[:40]}-t2": (pg18_dsns[2], 18)}, chunks_per_shard=4)
+    fleet_cleanup.append(fleet)
+    chunks = (await router_catalog.chunk_map(c)).chunks
+    # The largest chunk moves first (bin-packing order) and copies long enough to be caught.
+    await asyncio.to_thread(preload_chunk, pg18_dsns[0], c, chunks[0], PRELOAD)
+    lost: str | None = None
+    pg = None
+    lost_mid = ""
+    try:
+        async with Router(CatalogRouteSource(fleet.catalog), router_settings()) as router:
+            load = LoadGenerator(router, WorkloadConfig(collection=c, rate=200, workers=4,
+                                                        accounts=60))
+            await load.start()
+            try:
+                await wait_until(lambda: sum(r.outcome == "ok" for r in load.records) >= 50,
+                                 what="load warm-up")
+                handle = await start_drain(temporal_client, worker, DrainShardInput(
+                    shards=fleet.old, targets=fleet.new, max_parallel=1,
+                    move={**FAST, "part_rows": 100, "target_give_up_s": GIVE_UP_S}))
+
+                async def copying() -> Any:
+                    p = await handle.query(DrainShardWorkflow.progress)
+                    if not p.running:
+                        return None
+                    child = temporal_client.get_workflow_handle(p.running[0])
+                    cp = await child.query(MigrateChunkWorkflow.progress)
+                    return cp if cp.phase in ("snapshot", "import") and cp.target else None
+
+                first = await wait_until(copying, timeout=120, what="the first move copying")
+                lost, lost_mid = first.target, first.migration_id
+                pg = stack.instance_for_dsn(fleet.shards[lost].dsn)
+                await asyncio.to_thread(pg.stop, 30)
+                result = await asyncio.wait_for(handle.result(), 2 * RESULT_TIMEOUT_S)
+                acked = sum(r.outcome == "ok" for r in load.records)
+                await wait_until(lambda: sum(r.outcome == "ok" for r in load.records) >= acked + 50,
+                                 what="writes after the drain")
+            finally:
+                await load.stop()
+        survivor = next(s for s in fleet.new if s != lost)
+        # The drain completed: the shard is retired, every chunk is on the surviving target.
+        assert result.retired == fleet.old and result.lost_targets == [lost], result
+        cmap = await fleet.catalog.chunk_map(c)
+        assert {ch.shard_id for ch in cmap.chunks} == {survivor}, cmap
+        retargeted = [m for m in result.moves if m.outcome == "retargeted"]
+        assert [(m.chunk_id, m.target) for m in retargeted] == [(chunks[0].chunk_id, lost)], \
+            result.moves
+        assert retargeted[0].detail and "TargetLost" in retargeted[0].detail, retargeted
+        completed = [m for m in result.moves if m.outcome == "completed"]
+        assert sorted(m.chunk_id for m in completed) == sorted(ch.chunk_id for ch in chunks)
+        assert {m.target for m in completed} == {survivor}, result.moves
+        assert f"{handle.id}/{chunks[0].chunk_id}.t2" in {m.workflow_id for m in completed}
+        progress = await handle.query(DrainShardWorkflow.progress)
+        assert progress.chunks_done == len(chunks) and progress.chunks_failed == 0, progress
+        assert progress.chunks_retargeted >= 1 and progress.lost_targets == [lost], progress
+        # Nothing acknowledged was lost or duplicated (the lost shard's partial copy is not
+        # the chunk's: the live shards hold it all).
+        live = {sid: s for sid, s in fleet.shards.items() if sid != lost}
+        stored = await collect_stored(live, c)
+        preloaded = {k: v for k, v in stored.items()
+                     if all(str(d.get("acct", "")).startswith("bulk-") for d in v)}
+        assert sum(len(v) for v in preloaded.values()) == PRELOAD
+        report = check(load.records, {k: v for k, v in stored.items() if k not in preloaded})
+        assert report.client_errors == 0, report.error_samples
+        assert report.ok, report
+        assert await fleet.shards[fleet.old[0]].count(c) == 0
+        assert stream_objects([s.dsn for s in live.values()], "ss_drain") == []
+    finally:
+        if pg is not None:
+            await asyncio.to_thread(pg.start, 60)
+        if lost is not None:
+            # What the lost target kept is `shardshift doctor`'s to remove; the test removes
+            # the move's stream state and import rows itself so the session's shards stay
+            # clean (the collection's table and fences go with fleet_cleanup).
+            dsn = fleet.shards[lost].dsn
+            if lost_mid:
+                await asyncio.to_thread(cleanup_stream_objects, dsn, lost_mid)
+                await asyncio.to_thread(forget_parts, dsn, lost_mid)
+            stale = fleet.shards[lost]
+            fleet.shards[lost] = await PostgresShard(lost, dsn, max_size=4).open()
+            await stale.close()
+
+
+def test_targets_leave_out_lost_shards() -> None:
+    """A drain's later plans never place chunks on a shard a move gave up on."""
+    now = datetime.now(UTC)
+
+    def info(sid: str) -> ShardInfo:
+        return ShardInfo(shard_id=sid, address="host=x", engine="postgres", major_version=18,
+                         state=ShardState.ACTIVE, registered_at=now, updated_at=now)
+
+    old, everyone = info("old"), [info("old"), info("a"), info("b")]
+    assert [t.shard_id for t in _targets(DrainPlanInput(shards=["old"]), [old], everyone,
+                                         exclude=["a"])] == ["b"]
+    with pytest.raises(ApplicationError, match="no shard can take"):
+        _targets(DrainPlanInput(shards=["old"]), [old], everyone, exclude=["a", "b"])
 
 
 # -- recorded histories replay -------------------------------------------------------------
