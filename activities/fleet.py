@@ -93,6 +93,8 @@ class AwaitedMove(BaseModel):
     outcome: str
     """The move's outcome (``completed``, ``rolled_back``) or ``failed``."""
     failure_type: str | None = None
+    target: str | None = None
+    """Where the move took the chunk (it may differ from the plan's choice)."""
     pause_ms: float | None = None
     documents: int = 0
     detail: str | None = None
@@ -257,6 +259,7 @@ class FleetActivities:
             waiting.cancel()
         fields = result if isinstance(result, dict) else {}
         return AwaitedMove(outcome=str(fields.get("outcome", "completed")),
+                           target=fields.get("target"),
                            pause_ms=fields.get("pause_ms"),
                            documents=int(fields.get("documents") or 0),
                            detail=fields.get("detail"))

@@ -68,7 +68,7 @@ PATCH_CONTINUE_AS_NEW = "fleet-continue-as-new"
 PATCH_RETARGET = "fleet-retry-elsewhere"
 PATCH_AWAIT_EXISTING = "fleet-await-existing-move"
 
-MOVES_KEPT = 1000
+MOVES_KEPT = 200
 """Move records a fleet workflow keeps (and carries across runs); later ones are counted in
 ``moves_omitted``, so the carried input stays far below Temporal's payload limit."""
 FAILURES_KEPT = 100
@@ -325,6 +325,8 @@ class MoveRunner:
                         return False
                     finally:
                         self.progress.running.remove(child_id)
+                    if isinstance(result, AwaitedMove) and result.target:
+                        m = m.model_copy(update={"target": result.target})
                     self.progress.chunks_done += 1
                     self.progress.bytes_done += m.bytes
                     self._keep(ChildMove(

@@ -26,7 +26,7 @@ from temporalio.worker import Replayer
 from activities.fleet import _targets
 from activities.models import DrainPlanInput
 from catalog import Catalog, ShardState
-from catalog.models import MigrationKind, ShardInfo
+from catalog.models import MigrationKind, MigrationOutcome, ShardInfo
 from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
@@ -49,6 +49,7 @@ from tests.workflows.test_migrate import FAST
 from workflows import (
     DrainShardInput,
     DrainShardWorkflow,
+    MigrateChunkInput,
     MigrateChunkWorkflow,
     RebalanceInput,
     RebalanceWorkflow,
@@ -60,6 +61,8 @@ from workload.generator import LoadGenerator, WorkloadConfig
 HISTORIES = Path(__file__).parent / "histories"
 FLEET_HISTORIES = ("drain_completed", "drain_cancelled", "split_shard_completed")
 RESULT_TIMEOUT_S = 240
+PRELOAD = 6000
+"""Documents preloaded into a chunk whose move must still be copying when the test acts."""
 
 
 async def run_histories(client: Client, workflow_id: str, first_run_id: str
@@ -156,10 +159,86 @@ async def test_long_rebalance_continues_as_new_within_its_limits(
     assert stream_objects([s.dsn for s in fleet.shards.values()], "ss_rebalance") == []
 
 
+async def test_cancel_after_continue_as_new_restores_the_shard(
+    router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+) -> None:
+    """A cancel reaches whichever run is current: the running move stops and the shard takes
+    chunks again, as in a drain that never continued as new."""
+    c = collection_name
+    fleet = await make_fleet(router_catalog, c, {f"{c[:40]}-x0": (pg18_dsns[0], 18)},
+                             {f"{c[:40]}-x1": (pg18_dsns[1], 18)}, chunks_per_shard=4)
+    fleet_cleanup.append(fleet)
+    old = fleet.old[0]
+    first = await start_drain(temporal_client, worker, DrainShardInput(
+        shards=fleet.old, targets=fleet.new, max_parallel=1, move={**FAST, "poll_s": 2.0},
+        limits=RunLimits(moves_per_run=1)))
+    handle = temporal_client.get_workflow_handle(first.id)  # the current run, whichever
+
+    async def moving_in_a_later_run() -> bool:
+        p = await handle.query(DrainShardWorkflow.progress)
+        return p.runs >= 2 and p.phase == "moving" and bool(p.running)
+
+    await wait_until(moving_in_a_later_run, timeout=120, what="a move running in run 2+")
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(handle.result(), 120)
+    assert (await fleet.catalog.shard(old)).state == ShardState.ACTIVE
+
+    async def settled() -> bool:
+        return await fleet.catalog.migrations(collection=c, active_only=True) == []
+
+    await wait_until(settled, timeout=60, what="the moves' aborts")
+    cmap = await fleet.catalog.chunk_map(c)
+    assert any(ch.shard_id == old for ch in cmap.chunks), "a cancelled drain moved everything"
+    assert any(ch.shard_id != old for ch in cmap.chunks), "the first run moved nothing"
+    assert stream_objects([s.dsn for s in fleet.shards.values()], "ss_drain") == []
+    progress = await handle.query(DrainShardWorkflow.progress)
+    assert progress.phase == "cancelled" and progress.running == [], progress
+
+
+# -- a move already running under a child's id is awaited, not started again --------------
+
+
+async def test_drain_awaits_a_move_already_running_under_its_id(
+    router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+) -> None:
+    """A parent reset, or an operator, may have started the move a drain is about to start,
+    under the same id: the drain waits for that move instead of failing or moving twice."""
+    c = collection_name
+    fleet = await make_fleet(router_catalog, c, {f"{c[:40]}-w0": (pg18_dsns[0], 18)},
+                             {f"{c[:40]}-w1": (pg18_dsns[1], 18)}, chunks_per_shard=2)
+    fleet_cleanup.append(fleet)
+    chunks = (await router_catalog.chunk_map(c)).chunks
+    # The largest chunk is planned first; its copy keeps the early move running meanwhile.
+    await asyncio.to_thread(preload_chunk, pg18_dsns[0], c, chunks[0], PRELOAD)
+    drain_id = f"drain-{uuid.uuid4().hex[:8]}"
+    early = await temporal_client.start_workflow(
+        MigrateChunkWorkflow.run,
+        MigrateChunkInput(collection=c, chunk_id=chunks[0].chunk_id, target=fleet.new[0],
+                          kind=MigrationKind.MERGE_SHARDS, **{**FAST, "part_rows": 100}),
+        id=f"{drain_id}/{chunks[0].chunk_id}", task_queue=worker.task_queue)
+    handle = await temporal_client.start_workflow(
+        DrainShardWorkflow.run,
+        DrainShardInput(shards=fleet.old, targets=fleet.new, max_parallel=1, move=FAST),
+        id=drain_id, task_queue=worker.task_queue)
+    result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+    assert result.retired == fleet.old, result
+    assert sorted((m.chunk_id, m.outcome) for m in result.moves) == \
+        sorted((ch.chunk_id, "completed") for ch in chunks), result.moves
+    # One move of that chunk ran: the early one, awaited by the drain.
+    runs = [w async for w in temporal_client.list_workflows(f'WorkflowId = "{early.id}"')]
+    assert [w.run_id for w in runs] == [early.result_run_id], runs
+    records = [r for r in await fleet.catalog.migrations(collection=c)
+               if r.chunk_id == chunks[0].chunk_id]
+    assert len(records) == 1 and records[0].outcome == MigrationOutcome.COMPLETED, records
+    assert sum([await fleet.shards[s].count(c) for s in fleet.shards]) == PRELOAD
+
+
 # -- 2. a target lost during a drain: its chunk is re-planned onto another shard -------------
 
 GIVE_UP_S = 10.0
-PRELOAD = 6000
 
 
 async def test_drain_replans_a_chunk_whose_target_is_lost(
