@@ -353,7 +353,10 @@ async def _drain(args: argparse.Namespace) -> int:
         print(f"watch: {ui}")
     if args.no_wait:
         return 0
-    result = await watch_or_report(handle, DrainShardWorkflow.progress, format_drain_progress, f"drain {wf_id}")
+    # Watch the current run, not the first: a long drain continues as new.
+    current = client.get_workflow_handle_for(DrainShardWorkflow.run, wf_id)
+    result = await watch_or_report(current, DrainShardWorkflow.progress, format_drain_progress,
+                                   f"drain {wf_id}")
     if result is None:
         return 1
     print(f"retired            {', '.join(result.retired) or '-'}")
@@ -481,7 +484,10 @@ async def _rebalance(args: argparse.Namespace) -> int:
             raise
         raise CliError(f"workflow {wf_id} is already running") from None
     print(f"started {wf_id} (run {handle.result_run_id}) on task queue {task_queue}")
-    result = await watch_or_report(handle, RebalanceWorkflow.progress, format_rebalance_progress, f"rebalance {wf_id}")
+    # Watch the current run, not the first: a long rebalance continues as new.
+    current = client.get_workflow_handle_for(RebalanceWorkflow.run, wf_id)
+    result = await watch_or_report(current, RebalanceWorkflow.progress,
+                                   format_rebalance_progress, f"rebalance {wf_id}")
     if result is None:
         return 1
     print("load before        " + " ".join(f"{s}={_bytes(b)}"

@@ -7,11 +7,21 @@ decision with I/O is made: it validates the request, measures the chunks and the
 load, bin-packs the chunks onto the targets (largest first, onto the target with the most
 headroom) and marks the drained shards ``draining`` so nothing new lands on them. It is
 idempotent: a retry, or a later round of the same drain, plans whatever is still left.
+
+``replan`` places one chunk again when the shard it was moving to was lost (the move gave up on
+it); ``await_move`` waits for the outcome of a move that a fleet workflow found already running
+under the id it was about to start.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Collection
+
+from pydantic import BaseModel, ConfigDict
 from temporalio import activity
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError, FailureError
 
 from activities.context import MoveContext, catalog_failure, non_retryable
 from activities.models import (
@@ -32,12 +42,70 @@ from catalog.admin import split_chunk
 from catalog.models import MigrationKind, ShardInfo
 
 
+class DrainPlanRequest(DrainPlanInput):
+    """``drain.plan``'s input, with the shards it must not plan onto."""
+
+    exclude: list[str] = []
+    """Targets a move gave up on (lost): not planned onto, not measured."""
+
+
+class RebalancePlanRequest(RebalancePlanInput):
+    """``rebalance.plan``'s input, with the shards it must leave out."""
+
+    exclude: list[str] = []
+    """Shards a move gave up on (lost): neither measured nor planned to or from."""
+
+
+class ReplanInput(BaseModel):
+    """A chunk whose move lost its target, to be placed on another shard."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    collection: str
+    chunk_id: int
+    source: str
+    kind: MigrationKind
+    candidates: list[str] | None = None
+    """Shards the operation may move chunks to (default: every active shard)."""
+    exclude: list[str] = []
+    """Shards not to use: lost ones, and those at the operation's per-shard limit."""
+
+
+class ReplanResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    move: PlannedMove | None = None
+    reason: str = ""
+    """Why no shard was chosen."""
+
+
+class AwaitMoveInput(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    workflow_id: str
+
+
+class AwaitedMove(BaseModel):
+    """How a move that was already running ended."""
+
+    model_config = ConfigDict(frozen=True)
+
+    outcome: str
+    """The move's outcome (``completed``, ``rolled_back``) or ``failed``."""
+    failure_type: str | None = None
+    target: str | None = None
+    """Where the move took the chunk (it may differ from the plan's choice)."""
+    pause_ms: float | None = None
+    documents: int = 0
+    detail: str | None = None
+
+
 class FleetActivities:
     def __init__(self, ctx: MoveContext) -> None:
         self.ctx = ctx
 
     @activity.defn(name="drain.plan")
-    async def plan(self, inp: DrainPlanInput) -> DrainPlan:
+    async def plan(self, inp: DrainPlanRequest) -> DrainPlan:
         """Validate a drain, mark its shards ``draining`` and place every chunk they hold.
 
         Bad input (an unknown or retired shard, no eligible target, targets without room)
@@ -53,7 +121,7 @@ class FleetActivities:
             if info.state == ShardState.RETIRED:
                 raise non_retryable(ValueError(f"shard {info.shard_id} is already retired"),
                                     "nothing to drain")
-        targets = _targets(inp, drained, everyone)
+        targets = _targets(inp, drained, everyone, inp.exclude)
         activity.heartbeat("measuring chunks")
         try:
             maps = await cat.chunk_maps()
@@ -115,10 +183,91 @@ class FleetActivities:
             raise catalog_failure(exc, "restore") from exc
 
 
+    # -- a lost target: place the chunk elsewhere ----------------------------------------------
+
+    @activity.defn(name="fleet.replan")
+    async def replan(self, inp: ReplanInput) -> ReplanResult:
+        """Choose another shard for a chunk whose move gave up on its target.
+
+        Eligible: ``active`` (so never a lost, draining or retired shard), not excluded, one of
+        the operation's candidates, the source's engine and, for an upgrade, a newer major
+        version than the source. Among them the chunk goes where ``drain.plan`` would put it
+        (most room left, else least loaded; a declared capacity is never exceeded). ``None``
+        with a reason when the chunk is no longer on its source or no shard qualifies.
+        """
+        cat = self.ctx.catalog
+        try:
+            chunk = await cat.chunk(inp.collection, inp.chunk_id)
+            source = await cat.shard(inp.source)
+            everyone = await cat.list_shards()
+            maps = await cat.chunk_maps()
+        except CatalogError as exc:
+            raise catalog_failure(exc, "re-plan") from exc
+        if chunk.shard_id != inp.source:
+            return ReplanResult(reason=f"the chunk is on {chunk.shard_id} now, not {inp.source}")
+        excluded = set(inp.exclude) | {inp.source}
+        eligible = [s for s in everyone
+                    if s.state == ShardState.ACTIVE and s.shard_id not in excluded
+                    and (inp.candidates is None or s.shard_id in inp.candidates)
+                    and s.engine == source.engine
+                    and (inp.kind != MigrationKind.UPGRADE
+                         or s.major_version > source.major_version)]
+        if not eligible:
+            return ReplanResult(reason=f"no other eligible shard (excluded: {sorted(excluded)})")
+        load = {s.shard_id: 0 for s in eligible}
+        size = 0
+        for collection, cmap in sorted(maps.items()):
+            for ch in cmap.chunks:
+                mine = collection == inp.collection and ch.chunk_id == inp.chunk_id
+                if ch.shard_id not in load and not mine:
+                    continue
+                activity.heartbeat(f"measuring {collection}/{ch.chunk_id}")
+                engine = await self.ctx.engine(ch.shard_id)
+                n = await engine.chunk_bytes(collection, ch.range)
+                if mine:
+                    size = n
+                else:
+                    load[ch.shard_id] += n
+        try:
+            [move] = _bin_pack([(inp.collection, inp.chunk_id, inp.source, size)],
+                               sorted(eligible, key=lambda s: s.shard_id), load)
+        except ApplicationError as exc:
+            return ReplanResult(reason=exc.message)
+        return ReplanResult(move=move)
+
+    @activity.defn(name="fleet.await_move")
+    async def await_move(self, inp: AwaitMoveInput) -> AwaitedMove:
+        """Wait for a move already running under ``workflow_id`` to end; heartbeats meanwhile."""
+        handle = activity.client().get_workflow_handle(inp.workflow_id)
+        waiting = asyncio.ensure_future(handle.result())
+        try:
+            while True:
+                activity.heartbeat(f"waiting for {inp.workflow_id}")
+                done, _ = await asyncio.wait({waiting}, timeout=10)
+                if done:
+                    break
+            result = waiting.result()
+        except WorkflowFailureError as exc:
+            cur: BaseException = exc
+            while isinstance(cur, FailureError) and cur.cause is not None:
+                cur = cur.cause
+            kind = cur.type if isinstance(cur, ApplicationError) else type(cur).__name__
+            message = cur.message if isinstance(cur, FailureError) else str(cur)
+            return AwaitedMove(outcome="failed", failure_type=kind,
+                               detail=f"{kind}: {message}"[:500])
+        finally:
+            waiting.cancel()
+        fields = result if isinstance(result, dict) else {}
+        return AwaitedMove(outcome=str(fields.get("outcome", "completed")),
+                           target=fields.get("target"),
+                           pause_ms=fields.get("pause_ms"),
+                           documents=int(fields.get("documents") or 0),
+                           detail=fields.get("detail"))
+
     # -- rebalancing -----------------------------------------------------------------------
 
     @activity.defn(name="rebalance.plan")
-    async def rebalance_plan(self, inp: RebalancePlanInput) -> RebalancePlan:
+    async def rebalance_plan(self, inp: RebalancePlanRequest) -> RebalancePlan:
         """Measure every active shard and plan moves from the most to the least loaded."""
         cat = self.ctx.catalog
         try:
@@ -129,6 +278,7 @@ class FleetActivities:
                     raise non_retryable(ValueError(f"shard(s) {unknown} are not active shards"),
                                         "rebalance")
                 active = set(inp.shards)
+            active -= set(inp.exclude)
             maps = await cat.chunk_maps()
             if inp.collections is not None:
                 unknown = sorted(set(inp.collections) - set(maps))
@@ -240,9 +390,9 @@ def plan_rebalance(chunks: dict[str, list[tuple[str, int, int]]], *, tolerance: 
     return RebalancePlan(loads=before, loads_after=load, moves=moves, splits=splits)
 
 
-def _targets(inp: DrainPlanInput, drained: list[ShardInfo], everyone: list[ShardInfo]
-             ) -> list[ShardInfo]:
-    """The shards that may receive the drained chunks."""
+def _targets(inp: DrainPlanInput, drained: list[ShardInfo], everyone: list[ShardInfo],
+             exclude: Collection[str] = ()) -> list[ShardInfo]:
+    """The shards that may receive the drained chunks (never an ``exclude`` d one)."""
     names = {d.shard_id for d in drained}
     by_id = {s.shard_id: s for s in everyone}
     if inp.targets:
@@ -262,7 +412,7 @@ def _targets(inp: DrainPlanInput, drained: list[ShardInfo], everyone: list[Shard
         candidates = [s for s in everyone
                       if s.shard_id not in names and s.state == ShardState.ACTIVE]
     engines = {d.engine for d in drained}
-    candidates = [s for s in candidates if s.engine in engines]
+    candidates = [s for s in candidates if s.engine in engines and s.shard_id not in exclude]
     if inp.kind == MigrationKind.UPGRADE:
         newest_old = max(d.major_version for d in drained)
         older = [s.shard_id for s in candidates if s.major_version <= newest_old]

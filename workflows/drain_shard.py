@@ -15,6 +15,12 @@ per-shard move leases of the catalog apply as for any move. After the moves the 
 (a round), to pick up anything that is left; ``drain.finish`` then retires every shard that
 holds nothing.
 
+At length: the drain continues as new before its history grows large (``limits``: children
+per run, history events, or the server's suggestion), carrying its round, the moves not started
+yet and every counter in ``state``; running moves end before a run does (see
+``workflows/child_moves.py``). A move that gives up on its target (``TargetLost``) is re-planned
+onto another of the drain's targets, and nothing more goes to the lost one.
+
 Stopping: a cancel (Temporal UI, ``temporal workflow cancel``) cancels the running moves
 (each aborts cleanly before its commit point, or finishes after it) and puts the shards back to
 ``active``: chunks already moved stay moved. A drain whose moves fail does the same and fails
@@ -33,16 +39,23 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.fleet import FleetActivities
+    from activities.fleet import DrainPlanRequest, FleetActivities, ReplanInput, ReplanResult
     from activities.models import (
         DrainFinishInput,
         DrainFinishResult,
         DrainPlan,
-        DrainPlanInput,
         DrainRestoreInput,
+        PlannedMove,
     )
     from catalog.models import MigrationKind
-    from workflows.child_moves import ChildMove, MovesProgress, check_move_options, run_moves
+    from workflows.child_moves import (
+        ChildMove,
+        FleetState,
+        MoveRunner,
+        MovesProgress,
+        RunLimits,
+        check_move_options,
+    )
 
 SA_KIND = SearchAttributeKey.for_keyword("ShardshiftKind")
 SA_SOURCE = SearchAttributeKey.for_keyword("ShardshiftSource")
@@ -69,6 +82,10 @@ class DrainShardInput(BaseModel):
     move: dict[str, Any] = {}
     """Options of every chunk move (``MigrateChunkInput`` fields such as ``part_rows``,
     ``poll_s``, ``rollback_window_s``)."""
+    limits: RunLimits = RunLimits()
+    """When to continue as new; how often a chunk whose target is lost is re-planned."""
+    state: FleetState | None = None
+    """Progress carried from the previous run (set by the workflow when it continues as new)."""
 
     @field_validator("kind")
     @classmethod
@@ -102,13 +119,17 @@ class DrainShardResult(BaseModel):
     retired: list[str]
     moves: list[ChildMove]
     chunks_left: dict[str, int] = {}
+    moves_omitted: int = 0
+    """Moves beyond the records kept (``child_moves.MOVES_KEPT``), counted only."""
+    lost_targets: list[str] = []
+    runs: int = 1
 
 
 @workflow.defn
 class DrainShardWorkflow:
     def __init__(self) -> None:
         self._progress = DrainProgress()
-        self._moves: list[ChildMove] = []
+        self._kind = MigrationKind.MERGE_SHARDS
 
     @workflow.query
     def progress(self) -> DrainProgress:
@@ -121,27 +142,45 @@ class DrainShardWorkflow:
     @workflow.run
     async def run(self, inp: DrainShardInput) -> DrainShardResult:
         check_move_options(inp.move)
+        state = inp.state or FleetState()
+        self._progress = DrainProgress(**state.progress.model_dump())
         self._progress.shards = list(inp.shards)
         self._progress.kind = inp.kind.value
+        self._progress.targets = list(state.targets)
+        self._kind = inp.kind
+        runner = MoveRunner(kind=inp.kind, options=inp.move, max_parallel=inp.max_parallel,
+                            limits=inp.limits, progress=self._progress, state=state,
+                            replan=self._replan)
         workflow.upsert_search_attributes([SA_KIND.value_set(inp.kind.value),
                                            SA_SOURCE.value_set(",".join(inp.shards))])
         try:
-            for round_ in range(1, inp.rounds + 1):
+            for round_ in range(state.round, inp.rounds + 1):
                 self._progress.round = round_
-                await self._set_phase("planning")
-                plan: DrainPlan = await workflow.execute_activity_method(
-                    FleetActivities.plan,
-                    DrainPlanInput(shards=inp.shards, targets=inp.targets, kind=inp.kind),
-                    start_to_close_timeout=timedelta(minutes=30),
-                    heartbeat_timeout=timedelta(minutes=5), retry_policy=_QUICK,
-                )
-                if not plan.moves:
-                    break
-                self._progress.targets = plan.targets
+                carried = round_ == state.round and bool(state.pending)
+                moved_before = state.round_moved if round_ == state.round else 0
+                if carried:
+                    moves = state.pending  # planned by an earlier run, not started yet
+                else:
+                    await self._set_phase("planning")
+                    plan: DrainPlan = await workflow.execute_activity_method(
+                        FleetActivities.plan,
+                        DrainPlanRequest(shards=inp.shards, targets=inp.targets, kind=inp.kind,
+                                         exclude=list(self._progress.lost_targets)),
+                        start_to_close_timeout=timedelta(minutes=30),
+                        heartbeat_timeout=timedelta(minutes=5), retry_policy=_QUICK,
+                    )
+                    if not plan.moves:
+                        break
+                    self._progress.targets = plan.targets
+                    runner.planned(plan.moves)
+                    moves = plan.moves
                 await self._set_phase("moving")
-                moved = await run_moves(plan.moves, kind=inp.kind, options=inp.move,
-                                        max_parallel=inp.max_parallel, round_=round_,
-                                        progress=self._progress, record=self._moves)
+                done = await runner.run(moves, round_)
+                moved = moved_before + done.moved
+                if done.left:
+                    self._continue_as_new(inp, runner.carry(
+                        round_=round_, pending=done.left, round_moved=moved,
+                        targets=self._progress.targets))
                 if not moved:
                     break  # nothing moved in a whole round: more rounds would not help
             await self._set_phase("retiring")
@@ -163,7 +202,29 @@ class DrainShardWorkflow:
             )
         await self._set_phase("done")
         return DrainShardResult(shards=list(inp.shards), retired=fin.retired,
-                                moves=list(self._moves), chunks_left=fin.chunks_left)
+                                moves=list(runner.record), chunks_left=fin.chunks_left,
+                                moves_omitted=runner.omitted,
+                                lost_targets=list(self._progress.lost_targets),
+                                runs=self._progress.runs)
+
+    def _continue_as_new(self, inp: DrainShardInput, state: FleetState) -> None:
+        """Start the next run with the moves not started yet (nothing is running now)."""
+        if workflow.cancellation_reason() is not None:
+            raise asyncio.CancelledError()  # a cancel wins: restore instead of continuing
+        workflow.logger.info("drain continues as new: %d moves left in round %d",
+                             len(state.pending), state.round)
+        workflow.continue_as_new(inp.model_copy(update={"state": state}))
+
+    async def _replan(self, m: PlannedMove, exclude: list[str]) -> ReplanResult:
+        """Another of the drain's targets for a chunk whose target was lost."""
+        return await workflow.execute_activity_method(
+            FleetActivities.replan,
+            ReplanInput(collection=m.collection, chunk_id=m.chunk_id, source=m.source,
+                        kind=self._kind, candidates=self._progress.targets or None,
+                        exclude=exclude),
+            start_to_close_timeout=timedelta(minutes=30),
+            heartbeat_timeout=timedelta(minutes=5), retry_policy=_QUICK,
+        )
 
     async def _restore(self, inp: DrainShardInput, phase: str) -> None:
         await workflow.execute_activity_method(

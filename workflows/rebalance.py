@@ -10,6 +10,12 @@ where they are), and the next round moves a half. The moves run as child
 ``MigrateChunkWorkflow`` s with ids ``{rebalance id}/{chunk id}``; chunks already moving are
 left alone. A dry run returns the plan and changes nothing.
 
+At length the rebalance continues as new like a drain (``limits``), carrying its round, the
+moves not started yet, the splits done, the loads measured first and its counters; the global
+limit (``max_moves``) counts the moves of every run and the per-shard limit the moves of the
+round. A move that gives up on its target (``TargetLost``) is re-planned onto another shard in
+scope that is active, not lost and under its per-shard limit.
+
 A **shard split** is the same workflow with ``kind=split_shard`` and ``shards=[hot, new]``
 (``shardshift split-shard HOT --to NEW``): half of the hot shard's data moves to the new one,
 chunks split first where they are too large.
@@ -17,6 +23,7 @@ chunks split first where they are too large.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -26,23 +33,38 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.fleet import FleetActivities
+    from activities.fleet import FleetActivities, RebalancePlanRequest, ReplanInput, ReplanResult
     from activities.models import (
         AllocateIdsInput,
         PlannedMove,
         PlannedSplit,
         RebalancePlan,
-        RebalancePlanInput,
         SplitInput,
     )
     from catalog.models import MigrationKind
-    from workflows.child_moves import ChildMove, MovesProgress, check_move_options, run_moves
+    from workflows.child_moves import (
+        ChildMove,
+        FleetState,
+        MoveRunner,
+        MovesProgress,
+        RunLimits,
+        check_move_options,
+    )
 
 SA_KIND = SearchAttributeKey.for_keyword("ShardshiftKind")
 SA_PHASE = SearchAttributeKey.for_keyword("ShardshiftPhase")
 
 _QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
                      maximum_attempts=20)
+
+
+class RebalanceState(FleetState):
+    """What a rebalance carries into its next run."""
+
+    splits: list[PlannedSplit] = []
+    loads_before: dict[str, int] | None = None
+    round_counts: dict[str, int] = {}
+    """Moves per shard (as source or target) in the carried round: its per-shard limit."""
 
 
 class RebalanceInput(BaseModel):
@@ -68,6 +90,10 @@ class RebalanceInput(BaseModel):
     dry_run: bool = False
     move: dict[str, Any] = {}
     """Options of every chunk move (``MigrateChunkInput`` fields)."""
+    limits: RunLimits = RunLimits()
+    """When to continue as new; how often a chunk whose target is lost is re-planned."""
+    state: RebalanceState | None = None
+    """Progress carried from the previous run (set by the workflow when it continues as new)."""
 
 
 class RebalanceProgress(MovesProgress):
@@ -87,13 +113,16 @@ class RebalanceResult(BaseModel):
     splits: list[PlannedSplit] = []
     planned: list[PlannedMove] = []
     """A dry run's plan."""
+    moves_omitted: int = 0
+    lost_targets: list[str] = []
+    runs: int = 1
 
 
 @workflow.defn
 class RebalanceWorkflow:
     def __init__(self) -> None:
         self._progress = RebalanceProgress()
-        self._moves: list[ChildMove] = []
+        self._counts: dict[str, int] = {}
 
     @workflow.query
     def progress(self) -> RebalanceProgress:
@@ -106,9 +135,10 @@ class RebalanceWorkflow:
     async def _plan(self, inp: RebalanceInput, max_moves: int) -> RebalancePlan:
         return await workflow.execute_activity_method(
             FleetActivities.rebalance_plan,
-            RebalancePlanInput(tolerance=inp.tolerance, max_moves=max_moves,
-                               max_moves_per_shard=inp.max_moves_per_shard, split=inp.split,
-                               collections=inp.collections, shards=inp.shards),
+            RebalancePlanRequest(tolerance=inp.tolerance, max_moves=max_moves,
+                                 max_moves_per_shard=inp.max_moves_per_shard, split=inp.split,
+                                 collections=inp.collections, shards=inp.shards,
+                                 exclude=list(self._progress.lost_targets)),
             start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(minutes=5),
             retry_policy=_QUICK,
         )
@@ -119,43 +149,92 @@ class RebalanceWorkflow:
         if inp.kind not in (MigrationKind.REBALANCE, MigrationKind.SPLIT_SHARD):
             raise ApplicationError("a rebalance is a rebalance or a split_shard",
                                    non_retryable=True)
+        state = inp.state or RebalanceState()
+        self._progress = RebalanceProgress(**state.progress.model_dump())
+        self._progress.splits_done = len(state.splits)
+        self._inp = inp
+        self._counts = dict(state.round_counts)
+        runner = MoveRunner(kind=inp.kind, options=inp.move, max_parallel=inp.max_parallel,
+                            limits=inp.limits, progress=self._progress, state=state,
+                            replan=self._replan)
         workflow.upsert_search_attributes([SA_KIND.value_set(inp.kind.value)])
-        splits: list[PlannedSplit] = []
-        before: dict[str, int] | None = None
-        for round_ in range(1, inp.rounds + 1):
+        splits: list[PlannedSplit] = list(state.splits)
+        before: dict[str, int] | None = state.loads_before
+        for round_ in range(state.round, inp.rounds + 1):
             self._progress.round = round_
-            self._set_phase("planning")
-            left = inp.max_moves - len(self._moves)
-            plan = await self._plan(inp, left)
-            self._progress.loads = plan.loads
-            before = plan.loads if before is None else before
-            if inp.dry_run:
-                self._set_phase("done")
-                return RebalanceResult(loads_before=plan.loads, loads_after=plan.loads_after,
-                                       splits=plan.splits, planned=plan.moves)
-            for sp in plan.splits:
-                self._set_phase("splitting")
-                ids = await workflow.execute_activity_method(
-                    FleetActivities.allocate_ids, AllocateIdsInput(n=2),
-                    start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK)
-                await workflow.execute_activity_method(
-                    FleetActivities.split,
-                    SplitInput(collection=sp.collection, chunk_id=sp.chunk_id, child_ids=ids),
-                    start_to_close_timeout=timedelta(seconds=60), retry_policy=_QUICK)
-                splits.append(sp)
-                self._progress.splits_done += 1
-            if plan.moves:
+            carried = round_ == state.round and bool(state.pending)
+            if carried:
+                moves, planned_splits = state.pending, []
+            else:
+                self._set_phase("planning")
+                left = inp.max_moves - (self._progress.chunks_done + self._progress.chunks_failed)
+                plan = await self._plan(inp, left)
+                self._progress.loads = plan.loads
+                before = plan.loads if before is None else before
+                if inp.dry_run:
+                    self._set_phase("done")
+                    return RebalanceResult(loads_before=plan.loads, loads_after=plan.loads_after,
+                                           splits=plan.splits, planned=plan.moves)
+                for sp in plan.splits:
+                    self._set_phase("splitting")
+                    ids = await workflow.execute_activity_method(
+                        FleetActivities.allocate_ids, AllocateIdsInput(n=2),
+                        start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK)
+                    await workflow.execute_activity_method(
+                        FleetActivities.split,
+                        SplitInput(collection=sp.collection, chunk_id=sp.chunk_id,
+                                   child_ids=ids),
+                        start_to_close_timeout=timedelta(seconds=60), retry_policy=_QUICK)
+                    splits.append(sp)
+                    self._progress.splits_done += 1
+                moves, planned_splits = plan.moves, plan.splits
+                runner.planned(moves)
+                self._counts = {}
+                for m in moves:
+                    for shard in (m.source, m.target):
+                        self._counts[shard] = self._counts.get(shard, 0) + 1
+            if moves:
                 self._set_phase("moving")
-                await run_moves(plan.moves, kind=inp.kind, options=inp.move,
-                                max_parallel=inp.max_parallel, round_=round_,
-                                progress=self._progress, record=self._moves)
-            if not plan.splits and not plan.moves:
+                done = await runner.run(moves, round_)
+                if done.left:
+                    self._continue_as_new(inp, RebalanceState(
+                        **runner.carry(round_=round_, pending=done.left, round_moved=0,
+                                       targets=[]).model_dump(),
+                        splits=splits, loads_before=before, round_counts=self._counts))
+            if not carried and not planned_splits and not moves:
                 break
-            if len(self._moves) >= inp.max_moves:
+            if self._progress.chunks_done + self._progress.chunks_failed >= inp.max_moves:
                 break
         self._set_phase("measuring")
         final = await self._plan(inp, 0)
         self._progress.loads = final.loads
         self._set_phase("done")
         return RebalanceResult(loads_before=before or final.loads, loads_after=final.loads,
-                               moves=list(self._moves), splits=splits)
+                               moves=list(runner.record), splits=splits,
+                               moves_omitted=runner.omitted,
+                               lost_targets=list(self._progress.lost_targets),
+                               runs=self._progress.runs)
+
+    def _continue_as_new(self, inp: RebalanceInput, state: RebalanceState) -> None:
+        """Start the next run with the moves not started yet (nothing is running now)."""
+        if workflow.cancellation_reason() is not None:
+            raise asyncio.CancelledError()
+        workflow.logger.info("rebalance continues as new: %d moves left in round %d",
+                             len(state.pending), state.round)
+        workflow.continue_as_new(inp.model_copy(update={"state": state}))
+
+    async def _replan(self, m: PlannedMove, exclude: list[str]) -> ReplanResult:
+        """Another shard in scope, under its per-shard limit, for a chunk whose target was
+        lost."""
+        full = [s for s, n in self._counts.items() if n >= self._inp.max_moves_per_shard]
+        found: ReplanResult = await workflow.execute_activity_method(
+            FleetActivities.replan,
+            ReplanInput(collection=m.collection, chunk_id=m.chunk_id, source=m.source,
+                        kind=self._inp.kind, candidates=self._inp.shards,
+                        exclude=sorted({*exclude, *full})),
+            start_to_close_timeout=timedelta(minutes=30),
+            heartbeat_timeout=timedelta(minutes=5), retry_policy=_QUICK,
+        )
+        if found.move is not None:
+            self._counts[found.move.target] = self._counts.get(found.move.target, 0) + 1
+        return found
