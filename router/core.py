@@ -135,6 +135,7 @@ class Router:
         self._background: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
+        self._pools_closed = False  # set once close() has drained: no pool opens after
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -142,7 +143,7 @@ class Router:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> Router:
-        self._closed = False
+        self._closed = self._pools_closed = False
         opener = getattr(self.source, "open", None)
         if opener is not None:
             await opener()
@@ -154,12 +155,15 @@ class Router:
         """Stop taking operations, let those in flight finish (up to ``drain_s``, default
         the retry deadline plus a second: a graceful restart costs clients nothing), then
         close the connections. Idempotent."""
-        self._closed = True  # new operations are refused; none may reopen a pool
+        self._closed = True  # new operations are refused
         wait = self.settings.retry_deadline_s + 1.0 if drain_s is None else drain_s
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=wait)
         except TimeoutError:
             log.warning("router closing with %d operation(s) still in flight", self._inflight)
+        # Only now may no pool open: an operation accepted before the close may need the new
+        # owner's pool after a cutover it was absorbing.
+        self._pools_closed = True
         tasks = [*self._background, *([self._listener] if self._listener else [])]
         self._listener = None
         for task in tasks:
@@ -279,7 +283,7 @@ class Router:
         if s is not None:
             return s
         async with self._shard_lock:
-            if self._closed:
+            if self._pools_closed:
                 raise RouterClosedError(f"the router is closed (operation on {shard_id})")
             s = self._shards.get(shard_id)
             if s is None:

@@ -77,3 +77,43 @@ async def test_placement_change_under_writes(deployment: Deployment, notificatio
     moved = [r for r in load.records if r.op != "get" and r.outcome == "ok" and moving.range.contains(r.khash)]
     assert moved and moved[-1].finished > moved[0].finished
     assert await target_shard.count(c, moving.range) > 0
+
+
+async def test_router_closing_during_a_cutover_lets_operations_in_flight_finish(
+        deployment: Deployment) -> None:
+    """A graceful restart in the middle of a cutover: an operation already retrying against
+    the frozen source needs the new owner's pool after the switch. A closing router refuses
+    new operations, never the ones it already accepted (they may open the pool they need)."""
+    c = deployment.collection
+    moving = deployment.initial.chunks[0]
+    target = next(s for s in deployment.shards if s != moving.shard_id)
+    source_shard, target_shard = deployment.shards[moving.shard_id], deployment.shards[target]
+    key = next(k for k in (f"acct-{i}" for i in range(5000)) if moving.range.contains(khash(k)))
+
+    router = await Router(CatalogRouteSource(deployment.catalog, listen=True),
+                          router_settings()).start()
+    try:
+        await router.insert(c, {"acct": key, "_id": 1, "n": 0})  # opens the source's pool only
+        migration = f"{c}-close"
+        await deployment.catalog.register_migration(
+            migration, kind=MigrationKind.MOVE, collection=c, chunk_id=moving.chunk_id,
+            source=moving.shard_id, target=target,
+        )
+        await target_shard.put_fence(c, moving.chunk_id, moving.range, moving.token,
+                                     FenceState.RECEIVING, migration)
+        fence, _ = await source_shard.freeze(c, moving.chunk_id, moving.token)
+        write = asyncio.create_task(router.replace(c, {"acct": key, "_id": 1, "n": 1}))
+        await asyncio.sleep(0.2)  # let the write meet the frozen fence and start retrying
+        assert not write.done()
+        closing = asyncio.create_task(router.close())
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(recopy_range, source_shard.dsn, target_shard.dsn, c, moving.range)
+        await target_shard.activate(c, moving.chunk_id, fence.token)
+        await deployment.catalog.move_chunk(c, moving.chunk_id, moving.token, target, migration)
+        assert await write is True
+        await closing
+    finally:
+        await router.close()
+    async with Router(CatalogRouteSource(deployment.catalog, listen=False),
+                      router_settings()) as fresh:
+        assert (await fresh.get(c, key, 1))["n"] == 1
