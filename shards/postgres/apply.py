@@ -21,7 +21,10 @@ Invariants
   after any crash it says precisely which source transactions the target holds. The origin's
   progress (step 3) normally equals it, but it can run ahead after a killed applier (the
   aborted batch's origin LSN is committed by the backend's exit-time temp-table cleanup), so
-  a starting applier moves the origin to the state row before it streams. A restarted applier asks the slot for the stream from that LSN, and
+  a starting applier moves the origin to the state row before it streams, also when the row
+  has no applied LSN yet (the first batch died): then the origin goes back to "no progress"
+  and the stream starts at the slot's confirmed position. A restarted applier asks the slot
+  for the stream from that LSN, and
   drops any transaction whose end LSN is not beyond it (the server may resend from its own,
   older, confirmed position). A crash between the commit and the feedback therefore costs a
   resend, never a double apply; a crash before the commit loses nothing because the source
@@ -348,24 +351,28 @@ class ChangeApplier:
                 " WHERE stream = %s", (name,),
             ).fetchone()
             assert state is not None
-            if state[0] and lsn_from_str(state[0]) != progress:
+            truth = lsn_from_str(state[0]) if state[0] else 0
+            if truth != progress:
                 # The state row is the truth: it is written only by the transactions that
                 # apply data. The origin can run ahead of the data: a batch that set
                 # pg_replication_origin_xact_setup() and then aborted (its applier killed)
                 # leaves the session's origin LSN set, and the backend's exit-time cleanup
                 # of its temp table commits with it, advancing the origin past transactions
                 # that never landed (seen in pg_waldump: ABORT then a COMMIT dropping the
-                # temp table, both carrying the origin). Rewind (or forward) the origin to
-                # the row; re-applying from there is idempotent.
-                row_lsn = state[0]
+                # temp table, both carrying the origin). That holds for the very first batch
+                # too: a row with no applied LSN says "nothing applied", and the origin goes
+                # back to 0/0 (no progress), so the stream restarts at the slot's confirmed
+                # position, which feedback never moved past an unapplied transaction.
+                # Rewind (or forward) the origin to the row; re-applying from there is
+                # idempotent.
                 log.warning("stream %s: replication origin at %s but stream_state.applied_lsn"
                             " at %s; the origin follows the state row", name,
-                            lsn_to_str(progress), row_lsn)
+                            lsn_to_str(progress), state[0] or "none (no batch applied)")
                 conn.execute("SELECT pg_replication_origin_session_reset()")
                 conn.execute("SELECT pg_replication_origin_advance(%s, %s::pg_lsn)",
-                             (name, row_lsn))
+                             (name, lsn_to_str(truth)))
                 conn.execute("SELECT pg_replication_origin_session_setup(%s)", (name,))
-                progress = lsn_from_str(row_lsn)
+                progress = truth
             conn.execute("SELECT set_config('application_name', %s, false)",
                          (f"shardshift-apply {name}"[:63],))
             conn.execute(
