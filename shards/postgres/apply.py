@@ -75,7 +75,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -147,6 +148,24 @@ class StreamStateError(ApplyError):
 
 class HoldTooLateError(ApplyError):
     """The applier has already applied past the requested hold LSN."""
+
+
+class HoldLostError(ApplyError):
+    """The applier is not held where the caller relies on it being held (the hold was moved
+    or released, or never reached): whatever the caller was about to read or write at that
+    point of the stream would be wrong, so it must start again."""
+
+
+class StopRequested(Exception):  # noqa: N818 - a request, not a failure
+    """The caller's stop event was set; the operation was abandoned (nothing half-written)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHold:
+    """A hold someone relies on: the stream's applier held at exactly ``lsn``."""
+
+    names: StreamNames
+    lsn: str
 
 
 class StreamSpec(BaseModel):
@@ -688,16 +707,31 @@ def read_state(target_dsn: str, names: StreamNames) -> StreamState | None:
         return _state(row) if row else None
 
 
-def request_hold(target_dsn: str, names: StreamNames, lsn: str | int | None = None) -> str:
+@contextmanager
+def _connection(target_dsn: str, conn: psycopg.Connection[Any] | None
+                ) -> Iterator[psycopg.Connection[Any]]:
+    if conn is not None:
+        yield conn
+        return
+    with psycopg.connect(target_dsn, autocommit=True) as own:
+        yield own
+
+
+def request_hold(target_dsn: str, names: StreamNames, lsn: str | int | None = None, *,
+                 conn: psycopg.Connection[Any] | None = None) -> str:
     """Ask the applier to hold at ``lsn`` (None: at what it has applied now); returns the hold.
+
+    Args:
+        conn: an autocommit connection to the target to make the request on (the verify
+            session, so that only the attempt holding the verify lock moves the hold).
 
     Raises:
         HoldTooLateError: the applier has applied a transaction committing at or after ``lsn``.
         ApplyError: the stream has no state row (its applier never started).
     """
-    with psycopg.connect(target_dsn, autocommit=True) as conn, conn.transaction():
-        conn.execute(_lock_sql(), (names.origin,))
-        row = conn.execute(
+    with _connection(target_dsn, conn) as c, c.transaction():
+        c.execute(_lock_sql(), (names.origin,))
+        row = c.execute(
             "SELECT applied_lsn::text FROM shardshift.stream_state WHERE stream = %s",
             (names.origin,),
         ).fetchone()
@@ -711,7 +745,7 @@ def request_hold(target_dsn: str, names: StreamNames, lsn: str | int | None = No
                 f"requested hold {lsn_to_str(hold)}; pause first (request_hold(lsn=None)), "
                 "then take the snapshot and move the hold forward"
             )
-        conn.execute(
+        c.execute(
             "UPDATE shardshift.stream_state SET hold_at_lsn = %s::pg_lsn,"
             " held = (held AND hold_at_lsn = %s::pg_lsn) WHERE stream = %s",
             (lsn_to_str(hold), lsn_to_str(hold), names.origin),
@@ -719,17 +753,50 @@ def request_hold(target_dsn: str, names: StreamNames, lsn: str | int | None = No
         return lsn_to_str(hold)
 
 
-def release_hold(target_dsn: str, names: StreamNames) -> None:
-    """Let the applier continue past its hold."""
-    with psycopg.connect(target_dsn, autocommit=True) as conn:
-        conn.execute(
+def release_hold(target_dsn: str, names: StreamNames, *,
+                 conn: psycopg.Connection[Any] | None = None) -> None:
+    """Let the applier continue past its hold.
+
+    It takes the stream's lock like a batch, so it waits for a repair pinned to the hold
+    (:func:`check_held` with ``pin``) to commit first.
+    """
+    with _connection(target_dsn, conn) as c, c.transaction():
+        c.execute(_lock_sql(), (names.origin,))
+        c.execute(
             "UPDATE shardshift.stream_state SET hold_at_lsn = NULL, held = false"
             " WHERE stream = %s", (names.origin,),
         )
 
 
+def check_held(conn: psycopg.Connection[Any], hold: StreamHold, *, pin: bool) -> None:
+    """Raise :class:`HoldLostError` unless the applier holds at exactly ``hold.lsn``, as seen by
+    ``conn``'s open transaction.
+
+    In a ``REPEATABLE READ`` transaction the answer is about the transaction's snapshot, and
+    the state row commits atomically with the data: a snapshot that sees the applier held at
+    L sees the target exactly as of L (a checksum taken in it compares with the source at L).
+    With ``pin`` (a transaction that is about to write) it also takes the stream's lock and
+    locks the state row: until the transaction ends no batch commits and nobody can move or
+    release the hold, so what it writes lands at L, never behind the applier.
+    """
+    if pin:
+        conn.execute(_lock_sql(), (hold.names.origin,))
+    query = ("SELECT hold_at_lsn::text, held FROM shardshift.stream_state WHERE stream = %s"
+             " FOR SHARE") if pin else (
+        "SELECT hold_at_lsn::text, held FROM shardshift.stream_state WHERE stream = %s")
+    row = conn.execute(query, (hold.names.origin,)).fetchone()
+    want = _as_lsn(hold.lsn)
+    if row is None or not row[1] or not row[0] or lsn_from_str(row[0]) != want:
+        raise HoldLostError(
+            f"stream {hold.names.origin}: the applier is not held at {lsn_to_str(want)} "
+            f"(hold {row[0] if row else None}, held {row[1] if row else None}); "
+            "refusing to read or write the target at that point"
+        )
+
+
 def _wait(target_dsn: str, names: StreamNames, ok: Callable[[StreamState], bool],
-          timeout: float, what: str, interval: float = 0.02) -> StreamState:
+          timeout: float, what: str, interval: float = 0.02,
+          stop: threading.Event | None = None) -> StreamState:
     deadline = time.monotonic() + timeout
     last: StreamState | None = None
     with psycopg.connect(target_dsn, autocommit=True) as conn:
@@ -744,18 +811,21 @@ def _wait(target_dsn: str, names: StreamNames, ok: Callable[[StreamState], bool]
             if time.monotonic() > deadline:
                 raise TimeoutError(f"stream {names.origin}: {what} not reached in {timeout}s "
                                    f"(state: {last})")
-            time.sleep(interval)
+            if stop is not None and stop.wait(interval):
+                raise StopRequested(f"stream {names.origin}: stopped waiting for {what}")
+            if stop is None:
+                time.sleep(interval)
 
 
-def wait_held(target_dsn: str, names: StreamNames, lsn: str | int, timeout: float = 30.0
-              ) -> StreamState:
+def wait_held(target_dsn: str, names: StreamNames, lsn: str | int, timeout: float = 30.0,
+              stop: threading.Event | None = None) -> StreamState:
     """Wait until the applier holds exactly at ``lsn`` (the target equals the source as of
-    ``lsn`` while it stays held)."""
+    ``lsn`` while it stays held); :class:`StopRequested` as soon as ``stop`` is set."""
     want = _as_lsn(lsn)
     return _wait(
         target_dsn, names,
         lambda s: s.held and s.hold_at_lsn is not None and lsn_from_str(s.hold_at_lsn) == want,
-        timeout, f"hold at {lsn_to_str(want)}",
+        timeout, f"hold at {lsn_to_str(want)}", stop=stop,
     )
 
 
@@ -823,7 +893,11 @@ __all__ = [
     "ApplyError",
     "StreamStateError",
     "ChangeApplier",
+    "HoldLostError",
     "HoldTooLateError",
+    "StopRequested",
+    "StreamHold",
+    "check_held",
     "Lag",
     "StreamSpec",
     "StreamState",
