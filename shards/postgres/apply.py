@@ -61,7 +61,11 @@ Control surface (other processes, through the target)
   advisory lock as a batch, so a hold never races a batch that would overshoot it; a hold
   below what is already applied is refused (:class:`HoldTooLateError`). The verify phase
   pauses first (``request_hold(lsn=None)``: hold at the applied LSN), then takes its source
-  snapshot at L, then moves the hold forward to L.
+  snapshot at L, then moves the hold forward to L. :func:`release_hold` takes the lock too.
+  Whoever relies on the hold checks it where it acts (:func:`check_held`): a reader in the
+  snapshot it reads (the state row commits with the data), a writer by pinning it in its
+  own transaction (the lock plus the state row ``FOR SHARE``), so a repair written "at L"
+  can never land behind the applier.
 * ``fence_lsn`` / ``fence_token`` / ``fence_state``: the last change of the chunk's fence row
   on the source, with the commit LSN that carried it; the cutover waits here for the freeze
   (:func:`wait_for_fence`). ``last_marker``: the last logical message of the stream.
