@@ -61,11 +61,12 @@ Control surface (other processes, through the target)
   advisory lock as a batch, so a hold never races a batch that would overshoot it; a hold
   below what is already applied is refused (:class:`HoldTooLateError`). The verify phase
   pauses first (``request_hold(lsn=None)``: hold at the applied LSN), then takes its source
-  snapshot at L, then moves the hold forward to L. :func:`release_hold` takes the lock too.
-  Whoever relies on the hold checks it where it acts (:func:`check_held`): a reader in the
-  snapshot it reads (the state row commits with the data), a writer by pinning it in its
-  own transaction (the lock plus the state row ``FOR SHARE``), so a repair written "at L"
-  can never land behind the applier.
+  snapshot at L, then moves the hold forward to L. Changing the hold (request or release)
+  also takes the stream's *hold lock* exclusively. Whoever relies on the hold checks it
+  where it acts (:func:`check_held`): a reader in the snapshot it reads (the state row
+  commits with the data), a writer by pinning it in its own transaction (the hold lock,
+  shared), so a repair written "at L" can never land behind the applier, and the applier
+  itself, which never takes the hold lock, keeps answering its walsender meanwhile.
 * ``fence_lsn`` / ``fence_token`` / ``fence_state``: the last change of the chunk's fence row
   on the source, with the commit LSN that carried it; the cutover waits here for the freeze
   (:func:`wait_for_fence`). ``last_marker``: the last logical message of the stream.
@@ -245,7 +246,17 @@ def ensure_apply_schema(conn: psycopg.Connection[Any]) -> None:
 
 
 def _lock_sql() -> str:
+    """The stream's batch lock: every batch, and every change of the hold."""
     return "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7411))"
+
+
+def _hold_lock_sql(*, shared: bool) -> str:
+    """The stream's hold lock: exclusive to change the hold, shared to rely on it while
+    writing (:func:`check_held`). The applier never takes it, so relying on a hold for a while
+    does not stall the applier's keepalives and heartbeats."""
+    if shared:
+        return "SELECT pg_advisory_xact_lock_shared(hashtextextended(%s, 7412))"
+    return "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7412))"
 
 
 def _lsn_text(lsn: int | None) -> str | None:
@@ -735,6 +746,7 @@ def request_hold(target_dsn: str, names: StreamNames, lsn: str | int | None = No
     """
     with _connection(target_dsn, conn) as c, c.transaction():
         c.execute(_lock_sql(), (names.origin,))
+        c.execute(_hold_lock_sql(shared=False), (names.origin,))
         row = c.execute(
             "SELECT applied_lsn::text FROM shardshift.stream_state WHERE stream = %s",
             (names.origin,),
@@ -761,11 +773,10 @@ def release_hold(target_dsn: str, names: StreamNames, *,
                  conn: psycopg.Connection[Any] | None = None) -> None:
     """Let the applier continue past its hold.
 
-    It takes the stream's lock like a batch, so it waits for a repair pinned to the hold
-    (:func:`check_held` with ``pin``) to commit first.
+    It waits for a repair pinned to the hold (:func:`check_held` with ``pin``) to end first.
     """
     with _connection(target_dsn, conn) as c, c.transaction():
-        c.execute(_lock_sql(), (names.origin,))
+        c.execute(_hold_lock_sql(shared=False), (names.origin,))
         c.execute(
             "UPDATE shardshift.stream_state SET hold_at_lsn = NULL, held = false"
             " WHERE stream = %s", (names.origin,),
@@ -779,16 +790,17 @@ def check_held(conn: psycopg.Connection[Any], hold: StreamHold, *, pin: bool) ->
     In a ``REPEATABLE READ`` transaction the answer is about the transaction's snapshot, and
     the state row commits atomically with the data: a snapshot that sees the applier held at
     L sees the target exactly as of L (a checksum taken in it compares with the source at L).
-    With ``pin`` (a transaction that is about to write) it also takes the stream's lock and
-    locks the state row: until the transaction ends no batch commits and nobody can move or
-    release the hold, so what it writes lands at L, never behind the applier.
+    With ``pin`` (a transaction that is about to write) it first takes the stream's hold lock
+    shared: until the transaction ends nobody can move or release the hold, and an applier
+    held at L applies nothing while its hold stays at L, so what the transaction writes lands
+    exactly at L, never behind the applier.
     """
     if pin:
-        conn.execute(_lock_sql(), (hold.names.origin,))
-    query = ("SELECT hold_at_lsn::text, held FROM shardshift.stream_state WHERE stream = %s"
-             " FOR SHARE") if pin else (
-        "SELECT hold_at_lsn::text, held FROM shardshift.stream_state WHERE stream = %s")
-    row = conn.execute(query, (hold.names.origin,)).fetchone()
+        conn.execute(_hold_lock_sql(shared=True), (hold.names.origin,))
+    row = conn.execute(
+        "SELECT hold_at_lsn::text, held FROM shardshift.stream_state WHERE stream = %s",
+        (hold.names.origin,),
+    ).fetchone()
     want = _as_lsn(hold.lsn)
     if row is None or not row[1] or not row[0] or lsn_from_str(row[0]) != want:
         raise HoldLostError(

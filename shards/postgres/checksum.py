@@ -32,8 +32,8 @@ changes again. So, given the hold (:class:`~shards.postgres.apply.StreamHold`):
 * :func:`checksum_range` reads the stream's state row in the same snapshot as the rows and
   refuses (:class:`~shards.postgres.apply.HoldLostError`) unless that snapshot sees the
   applier held at L;
-* :func:`recopy_range` pins the hold in its one target transaction (the stream's lock, the
-  state row locked): no batch commits and the hold can be neither moved nor released until
+* :func:`recopy_range` pins the hold in its one target transaction (the stream's hold lock,
+  shared): the hold can be neither moved nor released, so the applier applies nothing, until
   the repair has committed or rolled back, and it refuses unless the hold is at L.
 
 Every verify attempt of a migration also takes :class:`VerifyLock`, a session advisory lock

@@ -34,6 +34,7 @@ from shards.postgres.apply import (
     ChangeApplier,
     HoldLostError,
     StreamHold,
+    check_held,
     read_state,
     release_hold,
     request_hold,
@@ -360,3 +361,41 @@ async def test_repair_never_writes_behind_the_applier(streamed: Streamed) -> Non
             sql.Identifier(c)), (khash(victim),)).fetchone()
     assert row is not None and row[0] == {"$numberInt": "4242"}
     assert "error" not in s.box, s.box
+
+
+async def test_a_pinned_hold_outlasts_a_release(streamed: Streamed) -> None:
+    """While a repair's transaction pins the hold, a release (or a new hold) waits for it to
+    end; the applier stays held meanwhile."""
+    s = streamed
+    paused = request_hold(s.target_dsn, s.names, None)
+    wait_held(s.target_dsn, s.names, paused, timeout=30)
+    releaser: threading.Thread | None = None
+    try:
+        with psycopg.connect(s.target_dsn) as conn:
+            check_held(conn, StreamHold(s.names, paused), pin=True)
+            releaser = threading.Thread(target=release_hold, args=(s.target_dsn, s.names))
+            releaser.start()
+
+            def release_waits() -> bool:
+                with psycopg.connect(s.target_dsn, autocommit=True) as probe:
+                    row = probe.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                        " AND NOT granted").fetchone()
+                return bool(row and row[0])
+
+            await wait_until(release_waits, what="the release waiting on the pinned hold")
+            await s.write(s.keys[2], 3000)  # the applier must not apply it yet
+            st = read_state(s.target_dsn, s.names)
+            assert st is not None and st.held and st.hold_at_lsn == paused
+            assert releaser.is_alive()
+            conn.commit()
+        await asyncio.to_thread(releaser.join, 30)
+        assert not releaser.is_alive()
+    finally:
+        release_hold(s.target_dsn, s.names)
+        if releaser is not None:
+            releaser.join(30)
+    st = read_state(s.target_dsn, s.names)
+    assert st is not None and st.hold_at_lsn is None
+    await asyncio.to_thread(s.caught_up)
+    assert s.rows(s.target_dsn) == s.rows(s.source_dsn)
