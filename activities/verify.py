@@ -1,30 +1,55 @@
 """Phase 5: prove source and target equal at one consistent point, repairing what differs.
 
-1. Pause the applier where it is (``request_hold(None)``).
-2. Take an exported snapshot of the source through a short-lived slot: its consistent point
+1. Take the migration's verify lock on the target (:class:`VerifyLock`): an earlier attempt
+   that is still running (its heartbeat timed out, its worker is slow to notice the cancel)
+   ends first. Every target write below goes through the lock's session.
+2. Pause the applier where it is (``request_hold(None)``).
+3. Take an exported snapshot of the source through a short-lived slot: its consistent point
    is L, and the snapshot shows exactly the transactions committed before L.
-3. Move the hold to L and wait until the applier holds there: the target now equals what the
+4. Move the hold to L and wait until the applier holds there: the target now equals what the
    source looked like at L, if the copy is right.
-4. Checksum both sides per khash bucket (on the servers, in parallel), compare, re-copy every
+5. Checksum both sides per khash bucket (on the servers, in parallel), compare, re-copy every
    mismatched bucket from the snapshot into the target (one target transaction each), and
    checksum those again, up to ``max_repair_rounds``.
-5. Drop the verification slot and release the hold (also when anything fails).
+6. Drop the verification slot and release the hold (also when anything fails), then the lock.
+
+Invariants
+----------
+* **One attempt at a time.** Two attempts of one migration never interleave: without the
+  lock a second attempt would drop the first one's slot (killing its snapshot) and the first
+  one's clean-up would release the second one's hold in the middle of its compare.
+* **Never behind the applier.** A target checksum counts only if its snapshot sees the
+  applier held at L, and a repair commits only while the hold at L is pinned in its own
+  transaction (``shards.postgres.checksum``). Whatever takes the hold away (a stale attempt,
+  an operator), the attempt fails (retryably) instead of writing the bucket as of L over
+  newer data that the applier will never send again.
+* **Stops when asked.** The blocking work checks its stop event between steps and buckets,
+  and a statement running on a server is cancelled there; a cancelled attempt ends within
+  seconds, releasing its hold, slot and lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import psycopg
 from temporalio import activity
 
-from activities.context import MoveContext, non_retryable
+from activities.context import MoveContext, Stopped, non_retryable
 from activities.models import Direction, VerifyInput, VerifyResult
 from activities.replicate import stream_spec
 from shards.models import KeyRange
 from shards.postgres import replication as repl
-from shards.postgres.apply import release_hold, request_hold, wait_held
-from shards.postgres.checksum import checksum_range, diff_checksums, recopy_range
+from shards.postgres.apply import (
+    StopRequested,
+    StreamHold,
+    release_hold,
+    request_hold,
+    wait_held,
+)
+from shards.postgres.checksum import VerifyLock, checksum_range, diff_checksums, recopy_range
 
 
 class VerifyActivities:
@@ -38,36 +63,68 @@ class VerifyActivities:
         names = stream_spec(spec, Direction.FORWARD).names
         vnames = repl.stream_names(spec.migration_id, "ver")
         c, rng = spec.collection, spec.key_range
-        progress = {"stage": "pausing applier"}
+        progress = {"stage": "taking the verify lock"}
+
+        def stage(text: str, stop: threading.Event) -> None:
+            if stop.is_set():
+                raise Stopped(f"verify stopped before: {text}")
+            progress["stage"] = text
 
         def work(stop: threading.Event) -> VerifyResult:
-            request_hold(target_dsn, names, None)
             try:
-                repl.drop_slot(source_dsn, vnames.slot)  # a crashed earlier attempt's
+                with VerifyLock(target_dsn, spec.migration_id) as lock:
+                    lock.acquire(stop, on_wait=lambda: progress.update(
+                        stage="waiting for a previous verify attempt to end"))
+                    return held_work(lock, stop)
+            except StopRequested as exc:
+                raise Stopped(str(exc)) from exc
+
+        def held_work(lock: VerifyLock, stop: threading.Event) -> VerifyResult:
+            stage("pausing applier", stop)
+            request_hold(target_dsn, names, None, conn=lock.conn)
+            try:
+                # An earlier attempt's slot: that attempt has ended (we hold the lock).
+                repl.drop_slot(source_dsn, vnames.slot)
                 with repl.create_slot(source_dsn, vnames, export_snapshot=True) as slot:
                     lsn = slot.consistent_lsn
-                    progress["stage"] = f"holding applier at {lsn}"
-                    request_hold(target_dsn, names, lsn)
-                    wait_held(target_dsn, names, lsn, timeout=inp.hold_timeout_s)
-                    return _compare_and_repair(slot.snapshot_name, lsn)
-            finally:
-                repl.drop_slot(source_dsn, vnames.slot)
-                release_hold(target_dsn, names)
+                    stage(f"holding applier at {lsn}", stop)
+                    request_hold(target_dsn, names, lsn, conn=lock.conn)
+                    wait_held(target_dsn, names, lsn, timeout=inp.hold_timeout_s, stop=stop)
+                    result = _compare_and_repair(lock, stop, slot.snapshot_name,
+                                                 StreamHold(names, lsn))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    _clean_up(lock)
+                raise
+            _clean_up(lock)
+            return result
 
-        def _compare_and_repair(snapshot: str | None, lsn: str) -> VerifyResult:
+        def _clean_up(lock: VerifyLock) -> None:
+            try:
+                repl.drop_slot(source_dsn, vnames.slot)
+            finally:
+                try:
+                    release_hold(target_dsn, names, conn=lock.conn)
+                except psycopg.errors.QueryCanceled:
+                    # A stop's cancel request can land just after the statement it was
+                    # meant for; the lock's session is still ours, so release again.
+                    release_hold(target_dsn, names, conn=lock.conn)
+
+        def _compare_and_repair(lock: VerifyLock, stop: threading.Event, snapshot: str | None,
+                                hold: StreamHold) -> VerifyResult:
             ranges: list[KeyRange] = [rng]
             repaired = mismatched_first = rounds = 0
             documents = 0
             with ThreadPoolExecutor(2) as pool:
                 for rounds in range(1, inp.max_repair_rounds + 2):
-                    progress["stage"] = f"checksumming (round {rounds})"
                     mismatched: list[KeyRange] = []
                     for r in ranges:
+                        stage(f"checksumming (round {rounds})", stop)
                         buckets = inp.buckets if r == rng else max(1, min(inp.buckets, 16))
                         fs = pool.submit(checksum_range, source_dsn, c, r, buckets=buckets,
-                                         snapshot=snapshot, parallel_workers=1)
+                                         snapshot=snapshot, parallel_workers=1, stop=stop)
                         ft = pool.submit(checksum_range, target_dsn, c, r, buckets=buckets,
-                                         parallel_workers=1)
+                                         parallel_workers=1, held=hold, stop=stop)
                         a, b = fs.result(), ft.result()
                         if r == rng:
                             documents = a.count
@@ -77,17 +134,18 @@ class VerifyActivities:
                     if not mismatched:
                         return VerifyResult(verified=True, documents=documents,
                                             buckets=inp.buckets, mismatched_buckets=mismatched_first,
-                                            repaired_ranges=repaired, rounds=rounds, lsn=lsn)
+                                            repaired_ranges=repaired, rounds=rounds, lsn=hold.lsn)
                     if rounds > inp.max_repair_rounds:
                         break
-                    progress["stage"] = f"re-copying {len(mismatched)} ranges"
                     for r in mismatched:
-                        recopy_range(source_dsn, target_dsn, c, r, snapshot=snapshot)
+                        stage(f"re-copying {len(mismatched)} ranges", stop)
+                        recopy_range(source_dsn, target_dsn, c, r, snapshot=snapshot, held=hold,
+                                     target_conn=lock.conn, stop=stop)
                         repaired += 1
                     ranges = mismatched
             return VerifyResult(verified=False, documents=documents, buckets=inp.buckets,
                                 mismatched_buckets=mismatched_first, repaired_ranges=repaired,
-                                rounds=rounds, lsn=lsn)
+                                rounds=rounds, lsn=hold.lsn)
 
         result = await self.ctx.run_blocking(work, lambda: dict(progress))
         if not result.verified:

@@ -21,7 +21,10 @@ Invariants
   after any crash it says precisely which source transactions the target holds. The origin's
   progress (step 3) normally equals it, but it can run ahead after a killed applier (the
   aborted batch's origin LSN is committed by the backend's exit-time temp-table cleanup), so
-  a starting applier moves the origin to the state row before it streams. A restarted applier asks the slot for the stream from that LSN, and
+  a starting applier moves the origin to the state row before it streams, also when the row
+  has no applied LSN yet (the first batch died): then the origin goes back to "no progress"
+  and the stream starts at the slot's confirmed position. A restarted applier asks the slot
+  for the stream from that LSN, and
   drops any transaction whose end LSN is not beyond it (the server may resend from its own,
   older, confirmed position). A crash between the commit and the feedback therefore costs a
   resend, never a double apply; a crash before the commit loses nothing because the source
@@ -58,7 +61,12 @@ Control surface (other processes, through the target)
   advisory lock as a batch, so a hold never races a batch that would overshoot it; a hold
   below what is already applied is refused (:class:`HoldTooLateError`). The verify phase
   pauses first (``request_hold(lsn=None)``: hold at the applied LSN), then takes its source
-  snapshot at L, then moves the hold forward to L.
+  snapshot at L, then moves the hold forward to L. Changing the hold (request or release)
+  also takes the stream's *hold lock* exclusively. Whoever relies on the hold checks it
+  where it acts (:func:`check_held`): a reader in the snapshot it reads (the state row
+  commits with the data), a writer by pinning it in its own transaction (the hold lock,
+  shared), so a repair written "at L" can never land behind the applier, and the applier
+  itself, which never takes the hold lock, keeps answering its walsender meanwhile.
 * ``fence_lsn`` / ``fence_token`` / ``fence_state``: the last change of the chunk's fence row
   on the source, with the commit LSN that carried it; the cutover waits here for the freeze
   (:func:`wait_for_fence`). ``last_marker``: the last logical message of the stream.
@@ -72,7 +80,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -144,6 +153,24 @@ class StreamStateError(ApplyError):
 
 class HoldTooLateError(ApplyError):
     """The applier has already applied past the requested hold LSN."""
+
+
+class HoldLostError(ApplyError):
+    """The applier is not held where the caller relies on it being held (the hold was moved
+    or released, or never reached): whatever the caller was about to read or write at that
+    point of the stream would be wrong, so it must start again."""
+
+
+class StopRequested(Exception):  # noqa: N818 - a request, not a failure
+    """The caller's stop event was set; the operation was abandoned (nothing half-written)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHold:
+    """A hold someone relies on: the stream's applier held at exactly ``lsn``."""
+
+    names: StreamNames
+    lsn: str
 
 
 class StreamSpec(BaseModel):
@@ -219,7 +246,17 @@ def ensure_apply_schema(conn: psycopg.Connection[Any]) -> None:
 
 
 def _lock_sql() -> str:
+    """The stream's batch lock: every batch, and every change of the hold."""
     return "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7411))"
+
+
+def _hold_lock_sql(*, shared: bool) -> str:
+    """The stream's hold lock: exclusive to change the hold, shared to rely on it while
+    writing (:func:`check_held`). The applier never takes it, so relying on a hold for a while
+    does not stall the applier's keepalives and heartbeats."""
+    if shared:
+        return "SELECT pg_advisory_xact_lock_shared(hashtextextended(%s, 7412))"
+    return "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7412))"
 
 
 def _lsn_text(lsn: int | None) -> str | None:
@@ -348,24 +385,28 @@ class ChangeApplier:
                 " WHERE stream = %s", (name,),
             ).fetchone()
             assert state is not None
-            if state[0] and lsn_from_str(state[0]) != progress:
+            truth = lsn_from_str(state[0]) if state[0] else 0
+            if truth != progress:
                 # The state row is the truth: it is written only by the transactions that
                 # apply data. The origin can run ahead of the data: a batch that set
                 # pg_replication_origin_xact_setup() and then aborted (its applier killed)
                 # leaves the session's origin LSN set, and the backend's exit-time cleanup
                 # of its temp table commits with it, advancing the origin past transactions
                 # that never landed (seen in pg_waldump: ABORT then a COMMIT dropping the
-                # temp table, both carrying the origin). Rewind (or forward) the origin to
-                # the row; re-applying from there is idempotent.
-                row_lsn = state[0]
+                # temp table, both carrying the origin). That holds for the very first batch
+                # too: a row with no applied LSN says "nothing applied", and the origin goes
+                # back to 0/0 (no progress), so the stream restarts at the slot's confirmed
+                # position, which feedback never moved past an unapplied transaction.
+                # Rewind (or forward) the origin to the row; re-applying from there is
+                # idempotent.
                 log.warning("stream %s: replication origin at %s but stream_state.applied_lsn"
                             " at %s; the origin follows the state row", name,
-                            lsn_to_str(progress), row_lsn)
+                            lsn_to_str(progress), state[0] or "none (no batch applied)")
                 conn.execute("SELECT pg_replication_origin_session_reset()")
                 conn.execute("SELECT pg_replication_origin_advance(%s, %s::pg_lsn)",
-                             (name, row_lsn))
+                             (name, lsn_to_str(truth)))
                 conn.execute("SELECT pg_replication_origin_session_setup(%s)", (name,))
-                progress = lsn_from_str(row_lsn)
+                progress = truth
             conn.execute("SELECT set_config('application_name', %s, false)",
                          (f"shardshift-apply {name}"[:63],))
             conn.execute(
@@ -681,16 +722,32 @@ def read_state(target_dsn: str, names: StreamNames) -> StreamState | None:
         return _state(row) if row else None
 
 
-def request_hold(target_dsn: str, names: StreamNames, lsn: str | int | None = None) -> str:
+@contextmanager
+def _connection(target_dsn: str, conn: psycopg.Connection[Any] | None
+                ) -> Iterator[psycopg.Connection[Any]]:
+    if conn is not None:
+        yield conn
+        return
+    with psycopg.connect(target_dsn, autocommit=True) as own:
+        yield own
+
+
+def request_hold(target_dsn: str, names: StreamNames, lsn: str | int | None = None, *,
+                 conn: psycopg.Connection[Any] | None = None) -> str:
     """Ask the applier to hold at ``lsn`` (None: at what it has applied now); returns the hold.
+
+    Args:
+        conn: an autocommit connection to the target to make the request on (the verify
+            session, so that only the attempt holding the verify lock moves the hold).
 
     Raises:
         HoldTooLateError: the applier has applied a transaction committing at or after ``lsn``.
         ApplyError: the stream has no state row (its applier never started).
     """
-    with psycopg.connect(target_dsn, autocommit=True) as conn, conn.transaction():
-        conn.execute(_lock_sql(), (names.origin,))
-        row = conn.execute(
+    with _connection(target_dsn, conn) as c, c.transaction():
+        c.execute(_lock_sql(), (names.origin,))
+        c.execute(_hold_lock_sql(shared=False), (names.origin,))
+        row = c.execute(
             "SELECT applied_lsn::text FROM shardshift.stream_state WHERE stream = %s",
             (names.origin,),
         ).fetchone()
@@ -704,7 +761,7 @@ def request_hold(target_dsn: str, names: StreamNames, lsn: str | int | None = No
                 f"requested hold {lsn_to_str(hold)}; pause first (request_hold(lsn=None)), "
                 "then take the snapshot and move the hold forward"
             )
-        conn.execute(
+        c.execute(
             "UPDATE shardshift.stream_state SET hold_at_lsn = %s::pg_lsn,"
             " held = (held AND hold_at_lsn = %s::pg_lsn) WHERE stream = %s",
             (lsn_to_str(hold), lsn_to_str(hold), names.origin),
@@ -712,17 +769,50 @@ def request_hold(target_dsn: str, names: StreamNames, lsn: str | int | None = No
         return lsn_to_str(hold)
 
 
-def release_hold(target_dsn: str, names: StreamNames) -> None:
-    """Let the applier continue past its hold."""
-    with psycopg.connect(target_dsn, autocommit=True) as conn:
-        conn.execute(
+def release_hold(target_dsn: str, names: StreamNames, *,
+                 conn: psycopg.Connection[Any] | None = None) -> None:
+    """Let the applier continue past its hold.
+
+    It waits for a repair pinned to the hold (:func:`check_held` with ``pin``) to end first.
+    """
+    with _connection(target_dsn, conn) as c, c.transaction():
+        c.execute(_hold_lock_sql(shared=False), (names.origin,))
+        c.execute(
             "UPDATE shardshift.stream_state SET hold_at_lsn = NULL, held = false"
             " WHERE stream = %s", (names.origin,),
         )
 
 
+def check_held(conn: psycopg.Connection[Any], hold: StreamHold, *, pin: bool) -> None:
+    """Raise :class:`HoldLostError` unless the applier holds at exactly ``hold.lsn``, as seen by
+    ``conn``'s open transaction.
+
+    In a ``REPEATABLE READ`` transaction the answer is about the transaction's snapshot, and
+    the state row commits atomically with the data: a snapshot that sees the applier held at
+    L sees the target exactly as of L (a checksum taken in it compares with the source at L).
+    With ``pin`` (a transaction that is about to write) it first takes the stream's hold lock
+    shared: until the transaction ends nobody can move or release the hold, and an applier
+    held at L applies nothing while its hold stays at L, so what the transaction writes lands
+    exactly at L, never behind the applier.
+    """
+    if pin:
+        conn.execute(_hold_lock_sql(shared=True), (hold.names.origin,))
+    row = conn.execute(
+        "SELECT hold_at_lsn::text, held FROM shardshift.stream_state WHERE stream = %s",
+        (hold.names.origin,),
+    ).fetchone()
+    want = _as_lsn(hold.lsn)
+    if row is None or not row[1] or not row[0] or lsn_from_str(row[0]) != want:
+        raise HoldLostError(
+            f"stream {hold.names.origin}: the applier is not held at {lsn_to_str(want)} "
+            f"(hold {row[0] if row else None}, held {row[1] if row else None}); "
+            "refusing to read or write the target at that point"
+        )
+
+
 def _wait(target_dsn: str, names: StreamNames, ok: Callable[[StreamState], bool],
-          timeout: float, what: str, interval: float = 0.02) -> StreamState:
+          timeout: float, what: str, interval: float = 0.02,
+          stop: threading.Event | None = None) -> StreamState:
     deadline = time.monotonic() + timeout
     last: StreamState | None = None
     with psycopg.connect(target_dsn, autocommit=True) as conn:
@@ -737,18 +827,21 @@ def _wait(target_dsn: str, names: StreamNames, ok: Callable[[StreamState], bool]
             if time.monotonic() > deadline:
                 raise TimeoutError(f"stream {names.origin}: {what} not reached in {timeout}s "
                                    f"(state: {last})")
-            time.sleep(interval)
+            if stop is not None and stop.wait(interval):
+                raise StopRequested(f"stream {names.origin}: stopped waiting for {what}")
+            if stop is None:
+                time.sleep(interval)
 
 
-def wait_held(target_dsn: str, names: StreamNames, lsn: str | int, timeout: float = 30.0
-              ) -> StreamState:
+def wait_held(target_dsn: str, names: StreamNames, lsn: str | int, timeout: float = 30.0,
+              stop: threading.Event | None = None) -> StreamState:
     """Wait until the applier holds exactly at ``lsn`` (the target equals the source as of
-    ``lsn`` while it stays held)."""
+    ``lsn`` while it stays held); :class:`StopRequested` as soon as ``stop`` is set."""
     want = _as_lsn(lsn)
     return _wait(
         target_dsn, names,
         lambda s: s.held and s.hold_at_lsn is not None and lsn_from_str(s.hold_at_lsn) == want,
-        timeout, f"hold at {lsn_to_str(want)}",
+        timeout, f"hold at {lsn_to_str(want)}", stop=stop,
     )
 
 
@@ -816,7 +909,11 @@ __all__ = [
     "ApplyError",
     "StreamStateError",
     "ChangeApplier",
+    "HoldLostError",
     "HoldTooLateError",
+    "StopRequested",
+    "StreamHold",
+    "check_held",
     "Lag",
     "StreamSpec",
     "StreamState",

@@ -22,6 +22,26 @@ maps back to an exact khash range that can be re-copied. Per bucket the server r
   happen to cancel (probability about 2^-64 per event), and lost or extra rows also change the
   count. XOR is not used: it cancels pairs.
 
+Reading and repairing a target that an applier writes
+-----------------------------------------------------
+A target's chunk is only comparable with the source at L while its applier holds at L, and a
+repair is only right at that same point: re-copying a bucket as of L over a target that has
+applied past L writes an older version over newer data, and the applier never sends those
+changes again. So, given the hold (:class:`~shards.postgres.apply.StreamHold`):
+
+* :func:`checksum_range` reads the stream's state row in the same snapshot as the rows and
+  refuses (:class:`~shards.postgres.apply.HoldLostError`) unless that snapshot sees the
+  applier held at L;
+* :func:`recopy_range` pins the hold in its one target transaction (the stream's hold lock,
+  shared): the hold can be neither moved nor released, so the applier applies nothing, until
+  the repair has committed or rolled back, and it refuses unless the hold is at L.
+
+Every verify attempt of a migration also takes :class:`VerifyLock`, a session advisory lock
+on the target (TCP keepalives on, so a vanished worker host frees it within a minute), and
+makes its hold changes and repairs on that lock's connection: two attempts never act at once,
+and an attempt that lost its session can no longer write (its transaction dies with the
+lock). Long queries take a ``stop`` event and are cancelled on the server when it is set.
+
 Speed: jsonb text output plus lookup3 runs at roughly 450k rows/s per core, and the aggregate
 may use parallel workers. md5 over the same text measured 40% slower; ``jsonb_hash_extended``
 is faster but combines the tokens of a document with a rotation of period 32, so swapping two
@@ -30,9 +50,13 @@ values 32 tokens apart goes unnoticed, which rules it out.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -40,11 +64,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shards.models import KeyRange
 from shards.names import check_collection
+from shards.postgres.apply import StopRequested, StreamHold, check_held
 from shards.postgres.bulk_import import copy_from_sql
 from shards.postgres.schema import collection_table
 from shards.postgres.snapshot import open_snapshot, range_predicate
 
 ALGORITHM = "hashtextextended-v1"
+
+log = logging.getLogger(__name__)
 
 
 class _Frozen(BaseModel):
@@ -94,6 +121,8 @@ def checksum_range(
     buckets: int = 64,
     snapshot: str | None = None,
     parallel_workers: int = 2,
+    held: StreamHold | None = None,
+    stop: threading.Event | None = None,
 ) -> RangeChecksum:
     """Checksum a key range of a shard, bucket by bucket, on the server.
 
@@ -105,9 +134,15 @@ def checksum_range(
         snapshot: An exported snapshot name to hash exactly what it saw, or None for a fresh
             ``REPEATABLE READ`` snapshot (for a target whose applier is held still).
         parallel_workers: ``max_parallel_workers_per_gather`` for the query (0 disables).
+        held: for a target an applier writes: the hold it must be read at (checked in the
+            same snapshot as the rows).
+        stop: when set, the query is cancelled on the server (:class:`StopRequested`).
 
     Returns:
         A :class:`RangeChecksum` with every bucket, empty ones as ``count=0, digest=0``.
+
+    Raises:
+        HoldLostError: ``held`` is given and the snapshot does not see the applier held there.
     """
     check_collection(collection)
     started = time.monotonic()
@@ -122,7 +157,11 @@ def checksum_range(
         t=collection_table(collection),
         w=range_predicate(key_range),
     )
-    with open_snapshot(dsn, snapshot, application_name="shardshift-checksum") as conn:
+    _check_stop(stop)
+    with (open_snapshot(dsn, snapshot, application_name="shardshift-checksum") as conn,
+          cancel_on(stop, conn)):
+        if held is not None:
+            check_held(conn, held, pin=False)
         # Aggregate by hash (64-ish groups) rather than sorting whole rows by bucket, which
         # the planner picks when it cannot estimate the number of buckets.
         conn.execute("SET LOCAL enable_sort = off")
@@ -182,27 +221,45 @@ def recopy_range(
     key_range: KeyRange,
     *,
     snapshot: str | None = None,
+    held: StreamHold | None = None,
+    target_conn: psycopg.Connection[Any] | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Replace a target's rows of a key range with the source's rows at a snapshot.
 
     One target transaction deletes the range and loads the source's rows, piped as binary
     COPY straight from the source (a mismatched bucket is small, so staging adds nothing).
     Either the whole range is replaced or, on any failure, nothing changed on the target.
-    The caller holds the target's applier still meanwhile, and reads the source at the same
-    snapshot it verifies against, so the range is exact at that point of the stream.
+
+    Args:
+        snapshot: the exported source snapshot to copy (None: a fresh one).
+        held: for a target an applier writes: the hold at the snapshot's LSN. The
+            transaction pins it first (see the module essay), so the rows land exactly at
+            that point of the stream or not at all.
+        target_conn: an autocommit target connection to write on (the verify lock's), or
+            None for a connection of its own.
+        stop: when set, both sides' statements are cancelled (:class:`StopRequested`).
 
     Returns:
         Rows copied.
+
+    Raises:
+        HoldLostError: ``held`` is given and the applier is no longer held there.
     """
     check_collection(collection)
     table = collection_table(collection)
     select = sql.SQL("COPY (SELECT khash, id, doc FROM {} WHERE {} ORDER BY khash, id)"
                      " TO STDOUT (FORMAT binary)").format(table, range_predicate(key_range))
-    with (
-        open_snapshot(source_dsn, snapshot, application_name="shardshift-recopy") as src,
-        psycopg.connect(target_dsn, application_name="shardshift-recopy") as dst,
-    ):
+    _check_stop(stop)
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(
+            open_snapshot(source_dsn, snapshot, application_name="shardshift-recopy"))
+        dst = target_conn if target_conn is not None else stack.enter_context(
+            psycopg.connect(target_dsn, application_name="shardshift-recopy"))
+        stack.enter_context(cancel_on(stop, src, dst))
         with dst.transaction():
+            if held is not None:
+                check_held(dst, held, pin=True)
             dst.execute(sql.SQL("DELETE FROM {} WHERE {}").format(table, range_predicate(key_range)))
             cur = dst.cursor()
             with src.cursor().copy(select) as cin, cur.copy(copy_from_sql(collection)) as cout:
@@ -213,12 +270,138 @@ def recopy_range(
     return rows
 
 
+# -- stopping and exclusivity -----------------------------------------------------------------
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise StopRequested("stopped")
+
+
+@contextlib.contextmanager
+def cancel_on(stop: threading.Event | None, *conns: psycopg.Connection[Any]) -> Iterator[None]:
+    """While the block runs, cancel the connections' running statements once ``stop`` is set
+    (a cancel request on a side channel: it works while the statement waits on the server);
+    the block then raises :class:`StopRequested`."""
+    if stop is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if stop.wait(0.05):
+                if not done.is_set():
+                    for conn in conns:
+                        with contextlib.suppress(Exception):
+                            conn.cancel_safe(timeout=5.0)
+                return
+
+    watcher = threading.Thread(target=watch, name="shardshift-cancel-on-stop", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except psycopg.errors.QueryCanceled as exc:
+        if stop.is_set():
+            raise StopRequested("stopped: statement cancelled") from exc
+        raise
+    finally:
+        done.set()
+        watcher.join()
+
+
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+}
+"""libpq keepalives of a lock-holding session: the worker notices a dead server (~25 s)."""
+
+_SERVER_KEEPALIVES = (
+    "SELECT set_config('tcp_keepalives_idle', '10', false),"
+    " set_config('tcp_keepalives_interval', '5', false),"
+    " set_config('tcp_keepalives_count', '3', false)"
+)
+"""The same on the server's side of the socket: a backend whose client host vanished exits
+(and frees its session locks) within ~25 s instead of the kernel's two hours. Ignored on
+Unix-domain sockets, where the peer's death is seen at once."""
+
+
+class VerifyLock:
+    """One verify attempt of a migration at a time: a session advisory lock on the target.
+
+    A verify attempt whose heartbeat timed out can still be running when Temporal starts the
+    next one; without this lock the two interleave (each drops the other's snapshot slot,
+    moves or releases the other's hold, repairs at the wrong point). The lock is keyed by the
+    migration and lives in its own session, with TCP keepalives on both ends; a crashed worker's
+    session ends and frees it. The attempt makes its target writes (hold changes, repairs) on
+    :attr:`conn`, so a write can only commit while its attempt still holds the lock.
+
+    Args:
+        target_dsn: the shard the verified stream applies to.
+        migration_id: the migration (the lock's key).
+    """
+
+    def __init__(self, target_dsn: str, migration_id: str) -> None:
+        self.target_dsn = target_dsn
+        self.key = f"shardshift-verify:{migration_id}"
+        self._conn: psycopg.Connection[Any] | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        """The lock's session (autocommit); only valid after :meth:`acquire`."""
+        if self._conn is None:
+            raise RuntimeError("the verify lock is not held")
+        return self._conn
+
+    def acquire(self, stop: threading.Event | None = None,
+                on_wait: Callable[[], None] | None = None, poll_s: float = 0.1) -> None:
+        """Take the lock, waiting for an earlier attempt to end (``on_wait`` is called once
+        when that happens); :class:`StopRequested` when ``stop`` is set meanwhile."""
+        conn = psycopg.connect(self.target_dsn, autocommit=True,
+                               application_name="shardshift-verify", **KEEPALIVES)
+        try:
+            conn.execute(_SERVER_KEEPALIVES)
+            waited = False
+            while True:
+                _check_stop(stop)
+                row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                                   (self.key,)).fetchone()
+                if row and row[0]:
+                    break
+                if not waited:
+                    waited = True
+                    log.info("%s: waiting for an earlier verify attempt to end", self.key)
+                    if on_wait is not None:
+                        on_wait()
+                if stop is not None:
+                    stop.wait(poll_s)
+                else:
+                    time.sleep(poll_s)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def close(self) -> None:
+        """End the session, which releases the lock."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> VerifyLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 __all__ = [
     "ALGORITHM",
     "BucketChecksum",
     "ChecksumMismatchError",
     "RangeChecksum",
+    "VerifyLock",
     "bucket_ranges",
+    "cancel_on",
     "checksum_range",
     "diff_checksums",
     "merge_ranges",

@@ -415,17 +415,43 @@ async def test_resume_after_sigkill_mid_stream(
     assert chunk_rows(target.dsn, collection_name) == chunk_rows(source.dsn, collection_name)
 
 
+def run_origin_ahead(target_dsn: str, origin: str, ahead: str) -> str:
+    """Leave a stream's origin at ``ahead`` the way a killed applier does; returns the origin's
+    progress afterwards.
+
+    A batch sets ``pg_replication_origin_xact_setup(ahead)`` and aborts (its applier dies). The
+    session's origin LSN stays set, and the backend's exit-time cleanup of its temp table
+    commits with it, so the origin says ``ahead`` although no data past the state row landed.
+    """
+    with psycopg.connect(target_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_replication_origin_session_setup(%s)", (origin,))
+        conn.execute("CREATE TEMP TABLE ss_apply (x int) ON COMMIT DELETE ROWS")
+        conn.execute("BEGIN")
+        conn.execute("SELECT pg_replication_origin_xact_setup(%s::pg_lsn, now())", (ahead,))
+        conn.execute("ROLLBACK")
+    # The backend drops its temp table at exit, in a transaction carrying the origin.
+    deadline = time.monotonic() + 10
+    while True:
+        with psycopg.connect(target_dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_replication_origin_progress(%s, false)::text",
+                               (origin,)).fetchone()
+        assert row is not None
+        if row[0] == ahead or time.monotonic() > deadline:
+            return row[0]
+        time.sleep(0.02)
+
+
+NO_TRIGGER = "PostgreSQL no longer advances the origin this way; the test needs another trigger"
+
+
 async def test_origin_run_ahead_by_an_aborted_batch_is_rewound(
     request: pytest.FixtureRequest, cleanup: list[tuple[str, str]],
     pg18_pair: tuple[PostgresShard, PostgresShard], collection_name: str,
 ) -> None:
     """The data-loss bug a SIGKILLed applier hit once in ~10 runs, made deterministic.
 
-    A batch sets ``pg_replication_origin_xact_setup(L)`` and aborts (its applier dies). The
-    session's origin LSN stays set, and the backend's exit-time cleanup of its temp table
-    commits with it: the origin says L while the target holds nothing past the state row. A
-    new applier must resume from the state row, not from the origin, or the transactions in
-    between are lost."""
+    The origin runs ahead of the state row (:func:`run_origin_ahead`). A new applier must
+    resume from the state row, not from the origin, or the transactions in between are lost."""
     source, target = pg18_pair
     await setup_shards(source, target, collection_name)
     move = new_move(request, cleanup, source, target, collection_name)
@@ -446,30 +472,47 @@ async def test_origin_run_ahead_by_an_aborted_batch_is_rewound(
     for _ in range(80):  # never applied: the next applier must bring these
         await writer.step()
     ahead = lsn_to_str(source_lsn(source.dsn))
-
-    def aborted_batch_then_exit() -> str:
-        with psycopg.connect(target.dsn, autocommit=True) as conn:
-            conn.execute("SELECT pg_replication_origin_session_setup(%s)", (move.names.origin,))
-            conn.execute("CREATE TEMP TABLE ss_apply (x int) ON COMMIT DELETE ROWS")
-            conn.execute("BEGIN")
-            conn.execute("SELECT pg_replication_origin_xact_setup(%s::pg_lsn, now())", (ahead,))
-            conn.execute("ROLLBACK")
-        # The backend drops its temp table at exit, in a transaction carrying the origin.
-        deadline = time.monotonic() + 10
-        while True:
-            with psycopg.connect(target.dsn, autocommit=True) as conn:
-                row = conn.execute("SELECT pg_replication_origin_progress(%s, false)::text",
-                                   (move.names.origin,)).fetchone()
-            if row[0] == ahead or time.monotonic() > deadline:
-                return row[0]
-            time.sleep(0.02)
-
-    assert await asyncio.to_thread(aborted_batch_then_exit) == ahead, \
-        "PostgreSQL no longer advances the origin this way; the test needs another trigger"
+    assert await asyncio.to_thread(run_origin_ahead, target.dsn, move.names.origin, ahead) \
+        == ahead, NO_TRIGGER
     box = move.start_applier()
     await wait_applied(move)
     assert_running(box)
     assert chunk_rows(target.dsn, collection_name) == chunk_rows(source.dsn, collection_name)
+
+
+async def test_origin_run_ahead_before_the_first_batch_is_rewound(
+    request: pytest.FixtureRequest, cleanup: list[tuple[str, str]],
+    pg18_pair: tuple[PostgresShard, PostgresShard], collection_name: str,
+) -> None:
+    """The same run-ahead when the applier died in its FIRST batch: the state row has no
+    applied LSN yet, and that "nothing applied" is the truth too. The next applier must stream
+    from the slot's start, not from the origin (a reverse stream, never verified, would lose
+    these writes for good)."""
+    source, target = pg18_pair
+    await setup_shards(source, target, collection_name)
+    move = new_move(request, cleanup, source, target, collection_name)
+    await asyncio.to_thread(prepare_stream, move)
+    box = move.start_applier()  # makes the origin and the state row, applies nothing
+    deadline = time.monotonic() + 30
+    while read_state(target.dsn, move.names) is None:
+        assert time.monotonic() < deadline, box
+        await asyncio.sleep(0.02)
+    move.stop_appliers()
+    assert_running(box)
+    state = read_state(target.dsn, move.names)
+    assert state is not None and state.applied_lsn is None
+    writer = Writer(source, collection_name, 6, range(0, 300))
+    for _ in range(80):  # never applied: the next applier must bring these
+        await writer.step()
+    ahead = lsn_to_str(source_lsn(source.dsn))
+    assert await asyncio.to_thread(run_origin_ahead, target.dsn, move.names.origin, ahead) \
+        == ahead, NO_TRIGGER
+    box = move.start_applier()
+    await wait_applied(move)
+    assert_running(box)
+    src = chunk_rows(source.dsn, collection_name)
+    assert src, "the writer wrote nothing in the chunk"
+    assert chunk_rows(target.dsn, collection_name) == src
 
 
 async def test_applier_skips_transactions_resent_below_its_origin(
