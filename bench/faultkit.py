@@ -229,6 +229,8 @@ class RunConfig(BaseModel):
     """``target_give_up_s`` of target-lost runs, when the workflow input has that field."""
     settle_s: float = 240.0
     """After the fault is over, how long the move has to end before the run is failed."""
+    lost_wait_s: float = 120.0
+    """Target lost, workflow without ``target_give_up_s``: how long to wait for an end."""
     heartbeat_s: float = 5.0
     rollback_window_s: float = 30.0
     verify_buckets: int = 4096
@@ -594,14 +596,16 @@ class MoveRun:
         await self.fault_over.wait()
         deadline = time.monotonic() + self.cfg.settle_s
         if self.fault == Fault.TARGET_LOST:
-            fields = move_input_fields()
-            deadline = time.monotonic() + (self.cfg.give_up_s if "target_give_up_s" in fields
-                                           else 0) + self.cfg.settle_s
+            # With a give-up time the move must end clean after it; without one (older
+            # workflows) it is given ``lost_wait_s`` to show whether it ends at all.
+            gives_up = "target_give_up_s" in move_input_fields()
+            deadline = time.monotonic() + (self.cfg.give_up_s + self.cfg.settle_s if gives_up
+                                           else self.cfg.lost_wait_s)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 p = await self.progress()
-                return "timeout", (f"no end {self.cfg.settle_s:.0f}s after the fault; phase "
+                return "timeout", (f"no end by the deadline after the fault; phase "
                                    f"{p.phase if p else '?'}"
                                    + (f" ({p.detail})" if p and p.detail else ""))
             try:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
 import time
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long a move may take to end after its fault is over (s)")
     parser.add_argument("--preload", type=int, default=20_000,
                         help="documents preloaded in each moving chunk")
-    parser.add_argument("--shards", type=int, default=8,
+    parser.add_argument("--shards", type=int, default=10,
                         help="PostgreSQL shards of the private stack (runs use disjoint pairs)")
     parser.add_argument("--json-out", type=Path, help="per-run details (JSON)")
     args = parser.parse_args(argv)
@@ -299,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM ends the run like Ctrl-C does: every server and worker is stopped on the way out.
     signal.signal(signal.SIGTERM, _interrupt)
+    # Pools and listeners warn on every reconnect while a server is down, which faults do on
+    # purpose: keep stderr for the progress lines.
+    logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")
     results, seconds = asyncio.run(amain(args, phases, faults, cells))
     details = None
     if args.json_out:
