@@ -725,9 +725,11 @@ class MoveRun:
     async def judge(self, end: str, why: str | None) -> None:
         rig, res = self.rig, self.result
         assert self.moving is not None and self.load is not None
-        ids = [s for s in rig.shard_ids]
+        ids = rig.shard_ids
         catalog = await Catalog(rig.stack.catalog_dsn, max_size=2).open()
-        engines = await open_engines([await catalog.shard(s) for s in ids])
+        # The collection lives on the pair only (other shards may not even have its schema);
+        # replication objects are searched for on every shard.
+        engines = await open_engines([await catalog.shard(s) for s in (self.source, self.target)])
         try:
             stored = await collect_stored(engines, self.collection)
             report = check(self.load.records, stored)
@@ -772,7 +774,8 @@ class MoveRun:
 
     async def drop(self) -> None:
         """Drop the run's tables (the catalog keeps the collection's record)."""
-        engines = await open_engines([await self.rig.catalog.shard(s) for s in self.rig.shard_ids])
+        engines = await open_engines([await self.rig.catalog.shard(s)
+                                      for s in (self.source, self.target)])
         try:
             await asyncio.gather(*(e.drop_collection(self.collection) for e in engines.values()),
                                  return_exceptions=True)

@@ -149,7 +149,11 @@ async def run(stack: Any, work: Path, minutes: float, chunks: int, parallel: int
             t_end = time.monotonic()
         stored = await collect_stored(engines, COLLECTION)
         report = check(load.records, stored)
-        preloaded = sum(1 for d in stored if d.startswith("bulk-"))
+        # Every chunk was preloaded with the ids bulk-0..: one document is (id, shard key).
+        bulk = [(d, doc.get("acct")) for d, copies in stored.items() if d.startswith("bulk-")
+                for doc in copies]
+        preloaded, bulk_dups = len(set(bulk)), len(bulk) - len(set(bulk))
+        duplicated = [d for d in report.duplicated if not d.startswith("bulk-")]
         leaked: list[str] = []
         for s in shards:
             for r in results:
@@ -161,8 +165,8 @@ async def run(stack: Any, work: Path, minutes: float, chunks: int, parallel: int
             "moves_completed": sum(1 for r in results if r.outcome.value == "completed"),
             "moves_failed": len(failures),
             "failure_samples": failures[:3],
-            "lost_writes": len(report.lost) + len(report.altered) + len(report.duplicated)
-            + len(report.resurrected) + max(0, docs * len(cmap.chunks) - preloaded),
+            "lost_writes": len(report.lost) + len(report.altered) + len(duplicated)
+            + len(report.resurrected) + max(0, docs * len(cmap.chunks) - preloaded) + bulk_dups,
             "client_errors": report.client_errors,
             "error_samples": report.error_samples,
             "unknown_outcomes": report.unknown_outcomes,
