@@ -625,6 +625,16 @@ class MoveRun:
                   ready: asyncio.Event | None = None) -> RunResult:
         """The whole run. With ``go``: signal ``ready`` once pinned, wait for ``go``, and let
         the caller inject (a fault shared by several runs); without: inject here."""
+        try:
+            return await self._run(go, ready)
+        except BaseException:
+            # Cancelled (Ctrl-C): the worker runs in a session of its own, so nothing else
+            # would stop it; the stack's servers are stopped by whoever owns the stack.
+            if self.worker is not None:
+                self.worker.kill()
+            raise
+
+    async def _run(self, go: asyncio.Event | None, ready: asyncio.Event | None) -> RunResult:
         t0 = time.monotonic()
         try:
             await self.setup()

@@ -183,6 +183,9 @@ async def run(stack: Any, work: Path, minutes: float, chunks: int, parallel: int
             "writes_acked": report.acknowledged_writes,
             "ops_per_s": round(report.operations / (t_end - t_load), 1),
         }
+    except BaseException:
+        worker.kill()  # cancelled (Ctrl-C): no graceful stop, but no process left either
+        raise
     finally:
         await asyncio.to_thread(worker.stop)
         await asyncio.gather(*(e.drop_collection(COLLECTION) for e in engines.values()),
