@@ -735,10 +735,8 @@ class MoveRun:
     async def judge(self, end: str, why: str | None) -> None:
         rig, res = self.rig, self.result
         assert self.moving is not None and self.load is not None
-        ids = rig.shard_ids
         catalog = await Catalog(rig.stack.catalog_dsn, max_size=2).open()
-        # The collection lives on the pair only (other shards may not even have its schema);
-        # replication objects are searched for on every shard.
+        # The collection lives on the pair only (other shards may not even have its schema).
         engines = await open_engines([await catalog.shard(s) for s in (self.source, self.target)])
         try:
             stored = await collect_stored(engines, self.collection)
@@ -753,7 +751,9 @@ class MoveRun:
             res.unknown_outcomes = report.unknown_outcomes
             if self.mid:
                 lost_target = self.target if self.fault == Fault.TARGET_LOST else None
-                for sid in ids:
+                # A move makes replication objects on its source and target only (and another
+                # run's fault may have another shard down right now).
+                for sid in (self.source, self.target):
                     left = await asyncio.to_thread(leftovers, rig.dsns[sid], self.mid)
                     if sid == lost_target and left:
                         res.notes.append(f"on the lost target (doctor's job): {left}")
@@ -772,6 +772,7 @@ class MoveRun:
         finally:
             await close_engines(engines)
             await catalog.close()
+        why = why.splitlines()[0] if why else why
         dirty = res.lost_writes or res.leaked or res.violations
         if end == "completed":
             res.outcome = "completed"
