@@ -115,6 +115,21 @@ async def run_matrix(rig: Rig, cfg: RunConfig, batches: list[list[tuple[str, Fau
         go = asyncio.Event()
         readies = [asyncio.Event() for _ in runs]
         tasks_ = [asyncio.create_task(r.run(go, rd)) for r, rd in zip(runs, readies, strict=True)]
+        try:
+            await inject_shared(runs, readies, tasks_, go, fault)
+        except BaseException:
+            for t in tasks_:
+                t.cancel()
+            await asyncio.gather(*tasks_, return_exceptions=True)
+            raise
+        finally:
+            for r in runs:
+                r.fault_over.set()
+        results.extend(await asyncio.gather(*tasks_))
+
+    async def inject_shared(runs: list[MoveRun], readies: list[asyncio.Event],
+                            tasks_: list[asyncio.Task[RunResult]], go: asyncio.Event,
+                            fault: Fault) -> None:
         waiting = [asyncio.create_task(rd.wait()) for rd in readies]
         # Wait until every run is held in its phase (or has failed before getting there).
         while not all(rd.is_set() or t.done() for rd, t in zip(readies, tasks_, strict=True)):
@@ -140,7 +155,6 @@ async def run_matrix(rig: Rig, cfg: RunConfig, batches: list[list[tuple[str, Fau
             await rig.start_pg("catalog")
         for r in runs:
             r.fault_over.set()
-        results.extend(await asyncio.gather(*tasks_))
 
     async def launch(batch: list[tuple[str, Fault]], taken: list[tuple[str, str]]) -> None:
         try:
@@ -153,6 +167,22 @@ async def run_matrix(rig: Rig, cfg: RunConfig, batches: list[list[tuple[str, Fau
                 free.extend(taken)
                 cond.notify_all()
 
+    try:
+        await _dispatch(batches, pairs, free, cond, tasks, launch)
+        await asyncio.gather(*tasks)
+    finally:
+        # Interrupted (Ctrl-C): every run still going is cancelled and awaited here, inside
+        # the stack's lifetime (each kills its worker process on the way out).
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return results
+
+
+async def _dispatch(batches: list[list[tuple[str, Fault]]], pairs: list[tuple[str, str]],
+                    free: list[tuple[str, str]], cond: asyncio.Condition,
+                    tasks: list[asyncio.Task[None]], launch: Any) -> None:
+    """Start each batch once its shard pairs are free (a stack-wide fault: all of them)."""
     for batch in batches:
         exclusive = batch[0][1] in GLOBAL_FAULTS
         # A stack-wide fault runs alone; a group of more runs than pairs is split.
@@ -167,8 +197,6 @@ async def run_matrix(rig: Rig, cfg: RunConfig, batches: list[list[tuple[str, Fau
             if exclusive:
                 async with cond:  # the next batch waits for this one to give the pairs back
                     await cond.wait_for(lambda: len(free) == len(pairs))
-    await asyncio.gather(*tasks)
-    return results
 
 
 def table(results: list[RunResult], phases: list[str], faults: list[Fault]) -> str:
@@ -241,6 +269,11 @@ async def amain(args: argparse.Namespace, phases: list[str], faults: list[Fault]
         batches.sort(key=lambda b: b[0][1] in GLOBAL_FAULTS)
     else:
         batches, skipped = plan(phases, faults)
+    # SIGTERM ends the run as Ctrl-C does: the main task is cancelled, every run kills its
+    # worker, the stack is stopped and removed on the way out.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     log(f"{sum(len(b) for b in batches)} runs in {len(batches)} batches, {len(skipped)} n/a")
     work = new_state_dir("shardshift-faults-work-")
     t0 = time.monotonic()
@@ -256,10 +289,6 @@ async def amain(args: argparse.Namespace, phases: list[str], faults: list[Fault]
 
         shutil.rmtree(work, ignore_errors=True)
     return results + skipped, time.monotonic() - t0
-
-
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,8 +327,6 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(f"{exc}; choose from {[f.value for f in Fault]}")
 
-    # SIGTERM ends the run like Ctrl-C does: every server and worker is stopped on the way out.
-    signal.signal(signal.SIGTERM, _interrupt)
     # Pools and listeners warn on every reconnect while a server is down, which faults do on
     # purpose: keep stderr for the progress lines.
     logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")

@@ -73,6 +73,10 @@ async def run(stack: Any, work: Path, minutes: float, chunks: int, parallel: int
     from workload.demo import close_engines, open_engines, register_stack_shards  # noqa: PLC0415
     from workload.generator import LoadGenerator, WorkloadConfig  # noqa: PLC0415
 
+    # SIGTERM ends the soak as Ctrl-C does (the main task is cancelled; cleanup runs).
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     settings = Settings(
         catalog_dsn=stack.catalog_dsn, staging_url=str(work / "staging"),
         temporal=TemporalSettings(address=stack.temporal.address, task_queue="bench-soak"),
@@ -194,10 +198,6 @@ async def run(stack: Any, work: Path, minutes: float, chunks: int, parallel: int
         await catalog.close()
 
 
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=20.0)
@@ -211,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from infra.private import new_state_dir, private_stack  # noqa: PLC0415
 
-    signal.signal(signal.SIGTERM, _interrupt)
     # Pools and listeners warn on every reconnect while a server is down, which faults do on
     # purpose: keep stderr for the progress lines.
     logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")
