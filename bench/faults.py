@@ -330,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     # Pools and listeners warn on every reconnect while a server is down, which faults do on
     # purpose: keep stderr for the progress lines.
     logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")
-    results, seconds = asyncio.run(amain(args, phases, faults, cells))
+    try:
+        results, seconds = asyncio.run(amain(args, phases, faults, cells))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log("interrupted: runs cancelled, workers killed, stack removed")
+        return 130
     details = None
     if args.json_out:
         args.json_out.write_text(json.dumps([r.model_dump() for r in results], indent=2))

@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         with private_stack(2, prefix="shardshift-soak-") as stack:
             result = asyncio.run(run(stack, work, args.minutes, args.chunks, args.parallel,
                                      args.rate, args.docs))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log("interrupted: worker stopped, stack removed")
+        return 130
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
