@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 from temporalio import activity
 
+from activities.availability import shard_errors
 from activities.context import MoveContext, Stopped, non_retryable
 from activities.models import Direction, VerifyInput, VerifyResult
 from activities.replicate import stream_spec
@@ -147,7 +148,10 @@ class VerifyActivities:
                                 mismatched_buckets=mismatched_first, repaired_ranges=repaired,
                                 rounds=rounds, lsn=hold.lsn)
 
-        result = await self.ctx.run_blocking(work, lambda: dict(progress))
+        # A connection failure because a shard is down becomes ``ShardUnavailable``: the
+        # workflow pauses the move (and gives up on a target that stays away).
+        async with shard_errors(self.ctx, inp.spec.source, inp.spec.target):
+            result = await self.ctx.run_blocking(work, lambda: dict(progress))
         if not result.verified:
             raise non_retryable(
                 RuntimeError(f"{result.mismatched_buckets} buckets still differ after "

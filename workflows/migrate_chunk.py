@@ -615,6 +615,27 @@ class MigrateChunkWorkflow:
                 running.clear()
                 await self._wait_for_shard(inp, spec, down, workflow.now())
 
+    async def _verify(self, inp: MigrateChunkInput, spec: MoveSpec) -> VerifyResult:
+        """Verify to its end. Patched runs pause on an unreachable shard like the copy does
+        (the forward stream stopped meanwhile and started again from its state row), then
+        verify again from the start: an attempt holds nothing across a pause."""
+        while True:
+            try:
+                result: VerifyResult = await workflow.execute_activity_method(
+                    VerifyActivities.verify, VerifyInput(spec=spec, buckets=inp.verify_buckets),
+                    start_to_close_timeout=timedelta(hours=6),
+                    heartbeat_timeout=self._heartbeat, retry_policy=self._pausing(_DATA),
+                    cancellation_type=_WAIT,
+                )
+                return result
+            except ActivityError as exc:
+                down = self._unavailable(exc) if self._v2 else None
+                if down is None:
+                    raise
+                await self._stop(self._streams.get(Direction.FORWARD))
+                await self._wait_for_shard(inp, spec, down, workflow.now())
+                self._streams[Direction.FORWARD] = self._start_stream(spec, Direction.FORWARD)
+
     async def _poll_copy(self, inp: MigrateChunkInput, spec: MoveSpec, snap: asyncio.Task[Any],
                          imp: asyncio.Task[Any]) -> None:
         first = True
@@ -735,12 +756,7 @@ class MigrateChunkWorkflow:
                 self._raise_if_cancelled()
                 if inp.verify:
                     await self._phase(spec, MigrationPhase.VERIFY)
-                    verified: VerifyResult = await workflow.execute_activity_method(
-                        VerifyActivities.verify, VerifyInput(spec=spec, buckets=inp.verify_buckets),
-                        start_to_close_timeout=timedelta(hours=6),
-                        heartbeat_timeout=self._heartbeat, retry_policy=_DATA,
-                        cancellation_type=_WAIT,
-                    )
+                    verified = await self._verify(inp, spec)
                     result_kw["verified"] = verified.verified
                     result_kw["documents"] = verified.documents
                 self._stage = Stage.CUTOVER

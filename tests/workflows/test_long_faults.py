@@ -258,3 +258,58 @@ async def test_target_lost_after_give_up(stack: Stack, deployment: Deployment,
             await asyncio.to_thread(cleanup_stream_objects, target_dsn, mid)
             await asyncio.to_thread(forget_parts, target_dsn, mid)
         await fresh_pool(deployment, target)
+
+
+async def test_target_lost_during_verify(stack: Stack, deployment: Deployment,
+                                         worker: WorkerHandle, temporal_client: Client,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verify pauses on an unreachable target like the copy and the stream do, and gives up
+    at the move's give-up time: ``TargetLost``, the source clean and serving the chunk."""
+    monkeypatch.setenv("SHARDSHIFT_TEST_HOLD_LAG", deployment.collection)
+    moving, target, other = pick(deployment)
+    source = deployment.shards[moving.shard_id]
+    target_dsn = deployment.shards[target].dsn
+    pg = stack.instance_for_dsn(target_dsn)
+    mid = ""
+    blocker = await psycopg.AsyncConnection.connect(source.dsn, autocommit=True)
+    try:
+        async with load_on(deployment, moving, other) as load:
+            handle = await start_move(temporal_client, deployment, moving, target,
+                                      worker.task_queue, **FAST, part_rows=500,
+                                      **opts(target_give_up_s=20.0))
+            seen = await poll_progress(
+                handle, lambda p: phase_index(p.phase) >= phase_index("replicate"),
+                timeout=120, what="replicate")
+            assert seen.phase == "replicate", seen
+            mid = seen.migration_id
+            # An open transaction with an xid holds verify's snapshot slot on the source
+            # (a slot's creation waits for running transactions): verify starts and waits.
+            await blocker.execute("BEGIN")
+            await blocker.execute("SELECT txid_current()")
+            monkeypatch.delenv("SHARDSHIFT_TEST_HOLD_LAG")
+            await poll_progress(handle, lambda p: p.phase == "verify", timeout=120,
+                                what="verify")
+            await asyncio.to_thread(pg.stop, 30)
+            await blocker.execute("COMMIT")
+            with pytest.raises(WorkflowFailureError) as failed:
+                await asyncio.wait_for(handle.result(), 300)
+        cause = failed.value.cause
+        assert isinstance(cause, ApplicationError), cause
+        assert cause.type == "TargetLost" and cause.non_retryable, cause
+        assert slots_left([source.dsn], mid) == []
+        assert publications_left(source.dsn, mid) == []
+        chunk = await deployment.catalog.chunk(deployment.collection, moving.chunk_id)
+        assert chunk.shard_id == moving.shard_id and chunk.token == moving.token
+        fence = await source.fence(deployment.collection, moving.chunk_id)
+        assert fence is not None and fence.state == FenceState.ACTIVE, fence
+        live = {sid: s for sid, s in deployment.shards.items() if sid != target}
+        report = check(load.records, await collect_stored(live, deployment.collection))
+        assert report.client_errors == 0, report.error_samples
+        assert report.ok, report
+    finally:
+        await blocker.close()
+        await asyncio.to_thread(pg.start, 60)
+        if mid:
+            await asyncio.to_thread(cleanup_stream_objects, target_dsn, mid)
+            await asyncio.to_thread(forget_parts, target_dsn, mid)
+        await fresh_pool(deployment, target)
