@@ -238,6 +238,13 @@ class Doctor:
             key = _server_key(info.address)
             servers.setdefault(key, _Server(key, info.address, [])).shards.append(info)
         maps = {n: m for n, m in (await cat.chunk_maps()).items() if self._in_scope(n)}
+        if self.scope is not None:
+            # Scoped to collections: only the servers that hold their chunks or took part
+            # in their moves are inspected (an unrelated unreachable shard is not theirs).
+            relevant = {c.shard_id for m in maps.values() for c in m.chunks}
+            relevant |= {sid for r in await cat.migrations(limit=1_000_000)
+                         if r.collection in self.scope for sid in (r.source, r.target)}
+            servers = {k: s for k, s in servers.items() if s.ids & relevant}
         await asyncio.gather(*(self._inspect(s, maps) for s in servers.values()))
         # 2. Then what the catalog and Temporal say runs.
         records = await cat.migrations(limit=1_000_000)

@@ -62,6 +62,10 @@ async def deployment(
         try:
             for s in shards.values():
                 await s.drop_collection(collection_name)
+            # A test may have re-registered a shard at another address (a proxy it closed):
+            # leave the catalog naming reachable servers, as later tests (and doctor) expect.
+            for sid, dsn in zip(ids, pg18_dsns[:3], strict=True):
+                await router_catalog.register_shard(sid, dsn, engine="postgres", major_version=18)
         finally:
             for s in shards.values():
                 await s.close()
