@@ -272,11 +272,21 @@ class Pin:
     def on_release(self, fn: Callable[[], Awaitable[None]]) -> None:
         self._releases.append(fn)
 
-    async def release(self) -> None:
+    async def release(self, retry_for: float = 0.0) -> None:
+        """Undo every hold; one whose server is down (the fault) is tried again every half
+        second for up to ``retry_for`` seconds: a hold left in place would keep the move
+        pinned after the fault is over, and the run would wrongly look stuck."""
         fns, self._releases = self._releases, []
+        deadline = time.monotonic() + retry_for
         for fn in fns:
-            with contextlib.suppress(Exception):
-                await fn()
+            while True:
+                try:
+                    await fn()
+                    break
+                except Exception:  # noqa: BLE001 - its server may be the one stopped
+                    if time.monotonic() >= deadline:
+                        break
+                    await asyncio.sleep(0.5)
 
 
 class MoveRun:
@@ -636,6 +646,7 @@ class MoveRun:
 
     async def _run(self, go: asyncio.Event | None, ready: asyncio.Event | None) -> RunResult:
         t0 = time.monotonic()
+        releasing: asyncio.Task[None] | None = None
         try:
             await self.setup()
             assert self.load is not None
@@ -654,12 +665,18 @@ class MoveRun:
                 self.result.landed = p.phase if p else None
                 await self.inject()
             self.log(f"fault landed in {self.result.landed}")
-            await self.pin.release()
+            # In the background: the pin's server may be down until the fault is over.
+            releasing = asyncio.create_task(
+                self.pin.release(retry_for=self.cfg.long_s + self.cfg.settle_s))
             end, why = await self.wait_end()
         except Exception as exc:  # noqa: BLE001 - a harness failure is a failed run, reported
             end, why = "harness", f"{type(exc).__name__}: {exc}"
             self.log(f"harness error: {why}")
         finally:
+            if releasing is not None and not releasing.done():
+                releasing.cancel()  # the move ended with its pin's server still down
+            if releasing is not None:
+                await asyncio.gather(releasing, return_exceptions=True)
             await self.pin.release()
         try:
             await self.finish(end, why)
