@@ -46,6 +46,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from temporalio import activity
 
+from activities.availability import shard_errors
 from activities.context import MoveContext, non_retryable
 from activities.faults import inject
 from activities.models import (
@@ -140,7 +141,9 @@ class CutoverActivities:
         run = _Run(inp, old, new, spec.token if forward else spec.token + 1, plan(inp))
         if inp.dry_run:
             return CutoverResult(committed=False, steps=run.steps, reason="dry run")
-        async with self._exclusive(run):
+        # A connection failure because a shard is down becomes ``ShardUnavailable``: the
+        # workflow settles the attempt from the catalog and pauses the move.
+        async with shard_errors(self.ctx, old, new), self._exclusive(run):
             recovered = await self._recover(run)
             if recovered is not None:
                 return recovered

@@ -112,6 +112,9 @@ _PROGRESS = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=
 BOUNDED_HISTORY = "bounded-history"
 """Patch id: lag waits inside one activity, copy polls back off, continue-as-new, pauses on
 an unreachable shard, ``TargetLost``."""
+CUTOVER_PAUSES = "cutover-pauses"
+"""Patch id: an unreachable shard during the forward cutover pauses the move (after the
+attempt is settled from the catalog) instead of using up the cutover's attempts."""
 TARGET_LOST = "TargetLost"
 """``ApplicationError.type`` of a move given up because its target is lost (fleet workflows
 re-plan the chunk on it)."""
@@ -489,8 +492,13 @@ class MigrateChunkWorkflow:
             return None
 
     async def _cutover(self, inp: MigrateChunkInput, spec: MoveSpec,
-                       direction: Direction) -> CutoverResult:
-        """Run one cutover activity to its end, even if the workflow is cancelled meanwhile."""
+                       direction: Direction, *, pausing: bool = False) -> CutoverResult:
+        """Run one cutover activity to its end, even if the workflow is cancelled meanwhile.
+
+        ``pausing``: an unreachable shard ends the activity at once (``ShardUnavailable``)
+        instead of using up its attempts, so the move can pause rather than abort."""
+        policy = RetryPolicy(initial_interval=timedelta(milliseconds=200),
+                             maximum_interval=timedelta(seconds=5), maximum_attempts=20)
         handle = workflow.start_activity_method(
             CutoverActivities.cutover,
             CutoverInput(spec=spec, direction=direction, max_lag_bytes=inp.max_lag_bytes,
@@ -501,8 +509,7 @@ class MigrateChunkWorkflow:
             # within seconds, inside the router's retry deadline.
             start_to_close_timeout=timedelta(seconds=inp.catchup_timeout_s + 30),
             heartbeat_timeout=timedelta(seconds=inp.cutover_heartbeat_s),
-            retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=200),
-                                     maximum_interval=timedelta(seconds=5), maximum_attempts=20),
+            retry_policy=self._pausing(policy) if pausing else policy,
         )
         self._in_doubt = True  # until a result says committed or not
         try:
@@ -770,7 +777,27 @@ class MigrateChunkWorkflow:
                 self._raise_if_cancelled()
                 await self._wait_lag(inp, spec, Direction.FORWARD, streams[Direction.FORWARD])
                 self._raise_if_cancelled()
-                cut = await self._cutover(inp, spec, Direction.FORWARD)
+                pausing = self._v2 and workflow.patched(CUTOVER_PAUSES)
+                try:
+                    cut = await self._cutover(inp, spec, Direction.FORWARD, pausing=pausing)
+                except ActivityError as exc:
+                    down = self._unavailable(exc) if pausing else None
+                    if down is None:
+                        raise
+                    # A shard went away inside the cutover: settle the attempt from the
+                    # catalog (committed: done; else the source is unfrozen), then pause like
+                    # any other phase and try again once the shard answers.
+                    cut = await self._until_done(inp, "resolving the cutover",
+                                                 lambda: self._resolve(spec, Direction.FORWARD))
+                    self._in_doubt = False
+                    if cut.committed:
+                        break
+                    if self._cancel_pending:
+                        raise asyncio.CancelledError() from None
+                    await self._stop(streams[Direction.FORWARD])
+                    await self._wait_for_shard(inp, spec, down, workflow.now())
+                    streams[Direction.FORWARD] = self._start_stream(spec, Direction.FORWARD)
+                    continue
                 if cut.committed or self._cancel_pending:
                     break
                 workflow.logger.info("cutover attempt %d did not commit: %s", attempt, cut.reason)

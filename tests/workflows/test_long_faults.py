@@ -30,6 +30,7 @@ from catalog.models import MigrationOutcome
 from infra import Stack
 from shards.models import FenceState
 from shards.postgres import PostgresShard
+from shards.postgres.apply import ApplyError, release_hold, request_hold
 from shards.postgres.bulk_import import forget_parts
 from shards.postgres.replication import cleanup_stream_objects, migration_prefix, stream_names
 from shards.postgres.schema import collection_table
@@ -315,3 +316,57 @@ async def test_target_lost_during_verify(stack: Stack, deployment: Deployment,
             await asyncio.to_thread(cleanup_stream_objects, target_dsn, mid)
             await asyncio.to_thread(forget_parts, target_dsn, mid)
         await fresh_pool(deployment, target)
+
+
+async def test_target_outage_in_cutover_pauses_the_move(
+        stack: Stack, deployment: Deployment, worker: WorkerHandle, temporal_client: Client,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target that goes away while the cutover runs: the attempt is settled from the catalog
+    (the source unfrozen), the move waits for the target like any other phase instead of
+    spending the cutover's attempts (a long outage used to abort it), and completes when the
+    target is back. Before the fix the progress never showed the wait."""
+    monkeypatch.setenv("SHARDSHIFT_TEST_HOLD_LAG", deployment.collection)
+    moving, target, other = pick(deployment)
+    source = deployment.shards[moving.shard_id]
+    target_dsn = deployment.shards[target].dsn
+    pg = stack.instance_for_dsn(target_dsn)
+    names = None
+    try:
+        async with load_on(deployment, moving, other) as load:
+            handle = await start_move(temporal_client, deployment, moving, target,
+                                      worker.task_queue, **FAST, part_rows=500,
+                                      **opts(target_give_up_s=600.0))
+            seen = await poll_progress(
+                handle, lambda p: phase_index(p.phase) >= phase_index("replicate"),
+                timeout=120, what="replicate")
+            assert seen.phase == "replicate", seen
+            names = stream_names(seen.migration_id, "fwd")
+            # Hold the applier: every cutover attempt then freezes the source and waits for a
+            # catch-up that cannot come, so the target can be stopped inside the cutover.
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    await asyncio.to_thread(request_hold, target_dsn, names, None)
+                    break
+                except (ApplyError, psycopg.errors.UndefinedTable):  # no applier state yet
+                    assert time.monotonic() < deadline, "the applier never started"
+                    await asyncio.sleep(0.1)
+            monkeypatch.delenv("SHARDSHIFT_TEST_HOLD_LAG")
+            await poll_progress(handle, lambda p: p.phase == "cutover" and p.cutover_attempts >= 1,
+                                timeout=120, what="a cutover attempt")
+            await asyncio.to_thread(pg.stop, 30)
+            waiting = await poll_progress(
+                handle, lambda p: getattr(p, "waiting_for", None) == target, timeout=90,
+                what="the move waiting for its target in the cutover")
+            assert waiting.outcome is None and waiting.phase == "cutover", waiting
+            # Nothing is left frozen while it waits: the source serves the chunk.
+            fence = await source.fence(deployment.collection, moving.chunk_id)
+            assert fence is not None and fence.state == FenceState.ACTIVE, fence
+            await asyncio.to_thread(pg.start, 60)
+            await asyncio.to_thread(release_hold, target_dsn, names)
+            result = await asyncio.wait_for(handle.result(), 240)
+        await fresh_pool(deployment, target)
+        await assert_moved(deployment, result, moving, target, load)
+        assert publications_left(source.dsn, result.migration_id) == []
+    finally:
+        await asyncio.to_thread(pg.start, 60)
