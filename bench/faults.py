@@ -252,8 +252,32 @@ def summary(results: list[RunResult], faults: list[Fault], phases: list[str], se
     }
 
 
+async def doctor_after(rig: Rig, work: Path) -> dict[str, Any]:
+    """``shardshift doctor`` on the stack once every run has ended: what the failures left
+    (by design only what a lost target kept: its fence, partial rows, stream state), the
+    repair, and a second look that must find nothing."""
+    from activities.doctor import Doctor  # noqa: PLC0415
+    from cli import TemporalMoveProbe  # noqa: PLC0415
+    from shards.staging import Staging  # noqa: PLC0415
+
+    staging = Staging(str(work / "doctor-staging"))  # runs stage under their own dirs
+    found = await Doctor(rig.catalog, staging, TemporalMoveProbe(rig.client)).run(repair=True)
+    left = await Doctor(rig.catalog, staging, TemporalMoveProbe(rig.client)).run()
+    kinds: dict[str, int] = {}
+    for f in found.findings:
+        kinds[f.kind.value] = kinds.get(f.kind.value, 0) + 1
+    for f in left.findings:
+        log(f"doctor: left {f.kind.value} {f.shard} {f.object}: {f.detail}")
+    log(f"doctor: {len(found.findings)} finding(s) {kinds}, "
+        f"{sum(f.repaired for f in found.findings)} repaired; after: {len(left.findings)} left")
+    return {"doctor_found": len(found.findings), "doctor_found_kinds": kinds,
+            "doctor_repaired": sum(f.repaired for f in found.findings),
+            "doctor_left": len(left.findings)}
+
+
 async def amain(args: argparse.Namespace, phases: list[str], faults: list[Fault],
-                cells: list[tuple[str, Fault]] | None) -> tuple[list[RunResult], float]:
+                cells: list[tuple[str, Fault]] | None,
+                ) -> tuple[list[RunResult], float, dict[str, Any]]:
     from infra.private import new_state_dir, private_stack  # noqa: PLC0415
 
     cfg = RunConfig(short_s=args.short_s, long_s=args.long_s, give_up_s=args.give_up_s,
@@ -282,13 +306,14 @@ async def amain(args: argparse.Namespace, phases: list[str], faults: list[Fault]
             rig = await Rig.open(stack, work)
             try:
                 results = await run_matrix(rig, cfg, batches, args.shards // 2)
+                doctor = await doctor_after(rig, work)
             finally:
                 await rig.close()
     finally:
         import shutil  # noqa: PLC0415
 
         shutil.rmtree(work, ignore_errors=True)
-    return results + skipped, time.monotonic() - t0
+    return results + skipped, time.monotonic() - t0, doctor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     # purpose: keep stderr for the progress lines.
     logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")
     try:
-        results, seconds = asyncio.run(amain(args, phases, faults, cells))
+        results, seconds, doctor = asyncio.run(amain(args, phases, faults, cells))
     except (KeyboardInterrupt, asyncio.CancelledError):
         log("interrupted: runs cancelled, workers killed, stack removed")
         return 130
@@ -340,10 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         args.json_out.write_text(json.dumps([r.model_dump() for r in results], indent=2))
         details = str(args.json_out)
     print(table(results, phases, faults), file=sys.stderr)
-    out = summary(results, faults, phases, seconds, details)
+    out = summary(results, faults, phases, seconds, details) | doctor
     print(json.dumps(out))
     ok = (out["failed"] == 0 and out["lost_writes"] == 0 and out["leaked_slots"] == 0
-          and out["invalid_layouts"] == 0)
+          and out["invalid_layouts"] == 0 and out["doctor_left"] == 0)
     return 0 if ok else 1
 
 
