@@ -290,8 +290,8 @@ async def test_target_down_during_import(stack: Stack, deployment: Deployment,
                 result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
             finally:
                 watcher.cancel()
-        # The test's own pool to the target holds connections the restart closed (its pools,
-        # like the product's, do not check connections: see the report).
+        # The test's own pool to the target holds connections the restart closed (this pool
+        # does not check its connections at checkout): open a fresh one.
         stale = deployment.shards[target]
         deployment.shards[target] = await PostgresShard(target, target_dsn, max_size=4).open()
         await stale.close()

@@ -73,7 +73,7 @@ async def lc_worker(stack: Stack, temporal_client: Client) -> AsyncIterator[Work
     async def run() -> None:
         # The worker's start-up ``ensure_schema`` can lose a serialization conflict against
         # the first test's deployment (it runs concurrently: this fixture is module-scoped);
-        # see the report: catalog/store.py ensure_schema does not retry. Start it again.
+        # ``Catalog.ensure_schema`` does not retry such a conflict. Start it again.
         for attempt in range(5):
             try:
                 return await run_worker(settings, stop=stop, client=temporal_client)
