@@ -197,7 +197,9 @@ async def runs_of(client: Client, handle: WorkflowHandle[Any, Any]) -> list[Work
 
 @contextlib.contextmanager
 def lag_held(collection: str) -> Any:
-    """Keep the collection's moves in their replicate phase (the activities' test hook)."""
+    """Keep the collection's moves in their replicate phase for a lag window (``lag_window_s``,
+    60 s by default: ``wait_caught_up`` does not report caught up before its window ends;
+    the activities' test hook). The scenarios act well within it."""
     os.environ[HOLD_LAG_ENV] = collection
     try:
         yield
