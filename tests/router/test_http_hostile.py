@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,8 +25,10 @@ from psycopg import sql
 
 from infra import Stack
 from infra.net import free_port_block
+from router.core import cap_result
 from router.hashing import khash
 from router.http import max_body_bytes
+from router.service import is_loopback
 from settings import REPO_ROOT, RouterSettings
 from shards.codec import encode_value
 from shards.postgres.schema import collection_table
@@ -373,3 +376,82 @@ def test_find_result_is_capped_and_says_so(tight: ServeProcess, deployment: Depl
         assert [d["_id"] for d in docs] == order[:len(docs)]
         r = h.post(f"{c}/find", headers=AUTH, json={"filter": {"email": "same@x"}, "limit": 2})
         assert r.json()["truncated"] is False and len(r.json()["documents"]) == 2
+
+
+# -- `router serve`: the development token stays on loopback; TLS -----------------------------
+
+
+def test_is_loopback() -> None:
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.1.2.3", "192.168.0.1",
+                                            "no-such-host.invalid"))
+
+
+def test_serve_refuses_the_development_token_off_loopback(catalog_dsn: str) -> None:
+    s = ServeProcess(catalog_dsn, [], {}, host="0.0.0.0")
+    s.env.pop("SHARDSHIFT_ROUTER__HTTP_TOKENS", None)
+    done = s.run()
+    assert done.returncode == 2, done.stderr
+    assert "SHARDSHIFT_ROUTER__HTTP_TOKENS" in done.stderr
+    assert "development token" in done.stderr
+    assert "Traceback" not in done.stderr
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", s.port)) != 0, "something listens anyway"
+    half = ServeProcess(catalog_dsn, ["--tls-cert", "/nonexistent.pem"], {})
+    done = half.run()
+    assert done.returncode == 2 and "--tls-key" in done.stderr, done.stderr
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 and its key (the ``openssl`` command)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=shardshift-test",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_serve_with_own_token_and_tls_on_all_interfaces(
+    catalog_dsn: str, self_signed: tuple[Path, Path], deployment: Deployment
+) -> None:
+    """Off loopback with a token of the operator's own and TLS: a client that trusts the
+    certificate is served with that token, the development token gets 401, and neither a
+    client that does not trust the certificate nor plain HTTP gets an answer."""
+    cert, key = self_signed
+    token = "t-" + os.urandom(16).hex()
+    s = ServeProcess(catalog_dsn, ["--tls-cert", str(cert), "--tls-key", str(key)],
+                     {"SHARDSHIFT_ROUTER__HTTP_TOKENS": json.dumps([token])}, host="0.0.0.0")
+    s.start()
+    try:
+        base = f"https://127.0.0.1:{s.port}"
+        trust = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(verify=trust, timeout=30) as h:
+            assert h.get(f"{base}/healthz").json() == {"status": "ok"}
+            c = f"{base}/v1/collections/{deployment.collection}"
+            r = h.post(f"{c}/insert", headers={"Authorization": f"Bearer {token}"},
+                       json={"document": {"_id": 1, "acct": "a"}})
+            assert r.status_code == 201, r.text
+            r = h.post(f"{c}/get", headers=AUTH, json={"key": "a", "id": 1})
+            assert r.status_code == 401
+        with pytest.raises(httpx.ConnectError), httpx.Client(timeout=30) as h:
+            h.get(f"{base}/healthz")  # the system's CAs do not vouch for it
+        with pytest.raises(httpx.HTTPError), httpx.Client(timeout=30) as h:
+            h.get(f"http://127.0.0.1:{s.port}/healthz")
+    finally:
+        s.stop()
+
+
+def test_cap_result_keeps_the_longest_prefix_that_fits() -> None:
+    docs = [{"_id": i, "pad": "x" * 100} for i in range(5)]
+    size = len(bson.encode(docs[0]))
+    assert cap_result(docs, 5 * size) == docs and not cap_result(docs, 5 * size).truncated
+    capped = cap_result(docs, 3 * size + size // 2)
+    assert capped == docs[:3] and capped.truncated
+    assert cap_result([], 1).truncated is False
+    with pytest.raises(ValueError, match="find_max_result_bytes"):
+        RouterSettings(max_document_bytes=1 << 20, find_max_result_bytes=1 << 19)
+    with pytest.raises(ValueError):
+        RouterSettings(http_tokens=[])
