@@ -3,7 +3,7 @@
     shardshift infra up [--shards N] [--pg15 K] [--headless]
     shardshift infra status [--json]
     shardshift infra down [--destroy]
-    shardshift router serve [--host H] [--port P]
+    shardshift router serve [--host H] [--port P] [--tls-cert PEM --tls-key PEM]
     shardshift worker
     shardshift collection create NAME --shard-key F [--index name:field[,field]...]
                                       [--chunks-per-shard N] [--shards S1,S2]
@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 from infra import InfraError, Stack
@@ -78,11 +79,18 @@ def catalog_dsn(settings: Settings) -> str:
 
 
 def cmd_router(args: argparse.Namespace) -> int:
-    from router.service import serve  # noqa: PLC0415
+    from router.service import ServeConfigError, check_serve_config, serve  # noqa: PLC0415
 
     settings = get_settings()
-    print(f"router HTTP service on http://{args.host}:{args.port} (OpenAPI: /docs)")
-    serve(catalog_dsn(settings), settings, host=args.host, port=args.port)
+    try:
+        check_serve_config(settings, args.host, args.tls_cert, args.tls_key)
+    except ServeConfigError as exc:
+        raise CliError(str(exc)) from None
+    scheme = "https" if args.tls_cert else "http"
+    print(f"router HTTP service on {scheme}://{args.host}:{args.port} (OpenAPI: /docs)",
+          flush=True)
+    serve(catalog_dsn(settings), settings, host=args.host, port=args.port,
+          tls_cert=args.tls_cert, tls_key=args.tls_key)
     return 0
 
 
@@ -789,6 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = router_sub.add_parser("serve", help="serve the HTTP/JSON API (bearer-token auth)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve HTTPS")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     router.set_defaults(func=cmd_router)
 
     worker = sub.add_parser("worker", help="run a Temporal worker (workflows + activities)")

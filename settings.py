@@ -28,6 +28,10 @@ SEARCH_ATTRIBUTES: dict[str, str] = {
 """Custom search attributes registered on the Temporal namespace (name -> type)."""
 
 
+DEV_HTTP_TOKEN = "shardshift-local"
+"""The router's built-in development bearer token: accepted only on a loopback address."""
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -75,8 +79,24 @@ class RouterSettings(_Frozen):
     """Upper bound of one catalog read by the router (a route, a shard address)."""
     listen_check_s: float = Field(default=5.0, gt=0)
     """A quiet catalog listener proves its connection alive this often."""
-    max_document_bytes: int = 4 * 1024 * 1024
-    http_tokens: list[SecretStr] = Field(default_factory=lambda: [SecretStr("shardshift-local")])
+    max_document_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    find_max_result_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """A ``find`` returns at most this many bytes of documents (BSON); when the cap cuts the
+    result short it says so (``truncated``). At least ``max_document_bytes``."""
+    http_tokens: list[SecretStr] = Field(
+        default_factory=lambda: [SecretStr(DEV_HTTP_TOKEN)], min_length=1)
+    """Bearer tokens the HTTP service accepts (``SHARDSHIFT_ROUTER__HTTP_TOKENS='["t1","t2"]'``).
+    The default is the development token: ``router serve`` refuses it off loopback."""
+    http_request_timeout_s: float = Field(default=10.0, gt=0)
+    """One HTTP request's time limit, body upload included (then 504, or 408 for the body)."""
+    http_max_in_flight: int = Field(default=64, ge=1)
+    """Authorized HTTP requests served at once; more get 503 (bounds the bodies held)."""
+
+    @model_validator(mode="after")
+    def _find_cap_holds_a_document(self) -> RouterSettings:
+        if self.find_max_result_bytes < self.max_document_bytes:
+            raise ValueError("find_max_result_bytes must be at least max_document_bytes")
+        return self
 
 
 class Settings(BaseSettings):

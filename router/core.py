@@ -116,6 +116,27 @@ def field_value(doc: Mapping[str, Any], path: str) -> Any:
     return cur
 
 
+class FindResult(list[dict[str, Any]]):
+    """The documents of a ``find``, in order. ``truncated`` is True when the result-size cap
+    (``find_max_result_bytes``) left out documents that matched within ``limit``: what is
+    here is then the first part of the full answer, in the same order."""
+
+    truncated: bool = False
+
+
+def cap_result(docs: list[dict[str, Any]], max_bytes: int) -> FindResult:
+    """The longest prefix of ``docs`` whose BSON sizes add up to at most ``max_bytes``."""
+    out = FindResult()
+    used = 0
+    for doc in docs:
+        used += len(bson.encode(doc))
+        if used > max_bytes:
+            out.truncated = True
+            break
+        out.append(doc)
+    return out
+
+
 class Router:
     """Routes documents to shards from a cached chunk map; absorbs cutovers with retries."""
 
@@ -530,11 +551,13 @@ class Router:
 
     async def find(
         self, collection: str, filter: Mapping[str, Any], *, limit: int = 100
-    ) -> list[dict[str, Any]]:
+    ) -> FindResult:
         """Documents whose one filter field equals a value.
 
         The shard key routes to one chunk; an indexed field scatters to every shard that holds
-        a chunk of the collection and gathers the results (ordered by khash, then _id).
+        a chunk of the collection and gathers the results (ordered by khash, then _id). At
+        most ``limit`` documents and ``find_max_result_bytes`` of them (BSON): when that cap
+        cuts the result short, the result's ``truncated`` is True.
         """
         route = await self.route(collection)
         if not isinstance(filter, Mapping) or len(filter) != 1:
@@ -551,7 +574,8 @@ class Router:
                     collection, c.ref, h, r.shard_key, value, limit, timeout=t
                 )
 
-            return await self._run(collection, "find", by_key, read_only=True)
+            docs = await self._run(collection, "find", by_key, read_only=True)
+            return cap_result(docs, self.settings.find_max_result_bytes)
         if field not in route.indexed_fields():
             raise BadRequestError(
                 f"{collection}: cannot filter on {field!r}: it is neither the shard key "
@@ -573,7 +597,8 @@ class Router:
 
             return list(heapq.merge(*results, key=order))[:limit]
 
-        return await self._run(collection, "find", scatter, read_only=True)
+        docs = await self._run(collection, "find", scatter, read_only=True)
+        return cap_result(docs, self.settings.find_max_result_bytes)
 
     async def _find_leg(
         self, collection: str, shard_id: str, refs: list[Any], field: str, value: Any,

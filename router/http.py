@@ -2,27 +2,46 @@
 
 Values are MongoDB Extended JSON: requests may use canonical or relaxed form (``{"$oid": ...}``,
 ``{"$numberDecimal": "12.50"}``); responses are canonical, so an int64, a Decimal128 or an
-ObjectId comes back as exactly what was stored. Every ``/v1`` endpoint needs
-``Authorization: Bearer <token>`` with a token from ``RouterSettings.http_tokens``; a missing
-or wrong token gets 401 before anything reaches a shard. ``/healthz`` (the process is alive)
-and ``/readyz`` (the catalog answers) are open.
+ObjectId comes back as exactly what was stored.
+
+Every ``/v1`` endpoint needs ``Authorization: Bearer <token>`` with a token from
+``RouterSettings.http_tokens``; a missing or wrong token gets 401 before the request's body is
+read and before anything reaches a shard. ``/healthz`` (the process is alive), ``/readyz``
+(the catalog answers) and the API description (``/openapi.json``, ``/docs``) are open.
+
+Every error, whatever its status, has one shape: ``{"error": "<what happened and what to
+do>", "type": "<kind>"}``, plus ``"details"`` (the fields at fault) for 422. Error bodies
+never name a host, a port, a database user or a driver's message; the full cause goes to the
+server's log.
+
+Limits per request: a body over ``max_document_bytes * 2 + 64 KiB`` gets 413 as soon as it
+passes the limit (declared length or chunked), a request that takes longer than
+``http_request_timeout_s`` gets 504 (408 when its body did not arrive in that time), more than
+``http_max_in_flight`` requests at once get 503, and a ``find`` returns at most
+``find_max_result_bytes`` of documents (then ``"truncated": true``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from http import HTTPStatus
 from typing import Any
 
 from bson import json_util
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.core import Router
 from router.errors import (
@@ -30,13 +49,20 @@ from router.errors import (
     DocumentTooLargeError,
     OutcomeUnknownError,
     RetryDeadlineExceeded,
+    RouterClosedError,
     UnknownCollectionError,
 )
 from settings import RouterSettings
 from shards.codec import JSON_OPTIONS
 from shards.errors import DuplicateDocumentError, InvalidDocumentError, InvalidNameError
 
+log = logging.getLogger(__name__)
+
 _hook = partial(json_util.object_hook, json_options=JSON_OPTIONS)
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+                        "/redoc"})
+"""Paths served without a token: health and the API description (no data)."""
 
 
 def from_ejson(value: Any) -> Any:
@@ -53,6 +79,175 @@ def ejson_response(payload: Any, status_code: int = 200) -> Response:
         media_type="application/json",
         status_code=status_code,
     )
+
+
+def max_body_bytes(settings: RouterSettings) -> int:
+    """The largest request body taken: a document at the size limit, in Extended JSON."""
+    return settings.max_document_bytes * 2 + 64 * 1024
+
+
+# -- the one error shape ----------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    """Every error response, whatever its status."""
+
+    error: str = Field(description="What happened and what to do; never a host, port or user")
+    type: str = Field(description="The kind of error (stable, for programs)")
+    details: list[dict[str, Any]] | None = Field(
+        default=None, description="422 only: each field at fault ({loc, msg, type})")
+
+
+def error_body(kind: str, message: str, details: list[dict[str, Any]] | None = None) -> bytes:
+    body: dict[str, Any] = {"error": message, "type": kind}
+    if details is not None:
+        body["details"] = details
+    return json.dumps(body).encode()
+
+
+def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None,
+                   details: list[dict[str, Any]] | None = None) -> Response:
+    return Response(error_body(kind, message, details), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+async def _send_error(send: Send, status: int, kind: str, message: str,
+                      headers: dict[str, str] | None = None) -> None:
+    """An error response straight onto the ASGI channel (no app involved); the connection is
+    closed after it, as the request's body may still be unread."""
+    body = error_body(kind, message)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+           (b"connection", b"close")]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+# -- the guard in front of the app ------------------------------------------------------------
+
+
+def _bearer_token(scope: Scope) -> bytes | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+class RequestGuard:
+    """Pure ASGI middleware that bounds what one request may cost before the app sees it.
+
+    In order: a path outside ``OPEN_PATHS`` without a valid bearer token -> 401 (nothing of
+    the body read); more than ``max_in_flight`` authorized requests at once -> 503; a declared
+    length over ``max_body`` -> 413 (nothing read); the body is then read up to ``max_body``
+    (chunked or not: one byte over -> 413, the rest never read) within the request's time
+    limit (else 408), and replayed to the app, which must answer within what is left of it
+    (else 504). Responses it makes itself close the connection.
+    """
+
+    def __init__(self, app: ASGIApp, *, tokens: list[bytes], max_body: int, time_limit_s: float,
+                 max_in_flight: int) -> None:
+        self.app = app
+        self.tokens = tokens
+        self.max_body = max_body
+        self.time_limit_s = time_limit_s
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = _bearer_token(scope) or b""
+        # Compare with every token so the time taken does not reveal which one matched.
+        ok = False
+        for t in self.tokens:
+            ok |= secrets.compare_digest(given, t)
+        return ok and bool(given)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] in OPEN_PATHS:
+            await self._guarded(scope, receive, send)
+            return
+        if not self._authorized(scope):
+            await _send_error(send, 401, "Unauthorized", "missing or invalid bearer token",
+                              {"WWW-Authenticate": "Bearer"})
+            return
+        if self.in_flight >= self.max_in_flight:
+            await _send_error(send, 503, "Overloaded",
+                              f"more than {self.max_in_flight} requests in flight; retry later",
+                              {"Retry-After": "1"})
+            return
+        self.in_flight += 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_body):
+                await _send_error(send, 413, "RequestTooLarge",
+                                  f"request body over {self.max_body} bytes")
+                return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.time_limit_s
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # the client left: nobody to answer
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body:
+                        await _send_error(send, 413, "RequestTooLarge",
+                                          f"request body over {self.max_body} bytes")
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await _send_error(send, 408, "RequestTimeout",
+                              f"the request body did not arrive within {self.time_limit_s:g}s")
+            return
+        body = b"".join(chunks)
+        del chunks
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.app(scope, replay, tracked)
+        except TimeoutError:
+            log.warning("%s %s exceeded the request time limit (%gs)", scope["method"],
+                        scope["path"], self.time_limit_s)
+            if not started:
+                await _send_error(
+                    send, 504, "RequestTimeout",
+                    f"the request took longer than {self.time_limit_s:g}s and was stopped; a "
+                    "write may or may not have been applied (read to find out)")
+
+
+# -- the app ----------------------------------------------------------------------------------
 
 
 class _Body(BaseModel):
@@ -84,6 +279,35 @@ class FindBody(_Body):
     limit: int = Field(default=100, ge=1, le=10_000)
 
 
+def _e(description: str) -> dict[str, Any]:
+    return {"description": description, "model": ErrorBody}
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _e("bad request; nothing was written"),
+    401: _e("missing or invalid bearer token (checked before the body is read)"),
+    404: _e("unknown collection"),
+    408: _e("the request body did not arrive within the request time limit"),
+    413: _e("request body or document too large; nothing was written"),
+    422: _e("the body does not match the schema (malformed JSON, a missing or unknown field); "
+            "nothing was written"),
+    502: _e("a write's shard connection broke after it was sent: it may or may not have been "
+            "applied (read to find out)"),
+    503: _e("unavailable past the retry deadline (chunk frozen, shard down, catalog needed and "
+            "down), the router closing, or too many requests in flight; nothing was written; "
+            "see Retry-After"),
+    504: _e("the request took longer than the request time limit and was stopped; a write may "
+            "or may not have been applied (read to find out)"),
+}
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+    except ValueError:
+        return "Error"
+
+
 def create_app(
     router_factory: Callable[[], Router] | Router, settings: RouterSettings | None = None
 ) -> FastAPI:
@@ -112,11 +336,16 @@ def create_app(
         description=__doc__,
         lifespan=lifespan,
     )
+    app.add_middleware(
+        RequestGuard, tokens=tokens, max_body=max_body_bytes(settings),
+        time_limit_s=settings.http_request_timeout_s, max_in_flight=settings.http_max_in_flight,
+    )
     bearer = HTTPBearer(auto_error=False)
 
     def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        # The guard has checked the token before the body was read; this documents the scheme
+        # in the OpenAPI description and holds if the app is ever mounted without the guard.
         given = creds.credentials.encode() if creds else b""
-        # Compare against every token so the time taken does not reveal which one matched.
         ok = False
         for t in tokens:
             ok |= secrets.compare_digest(given, t)
@@ -129,26 +358,19 @@ def create_app(
         return state["router"]
 
     Auth = Depends(authorize)
-    max_body = settings.max_document_bytes * 2 + 64 * 1024
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return JSONResponse({"error": f"request body over {max_body} bytes"}, status_code=413)
-        return await call_next(request)
+    def _err(status: int, exc: Exception, **headers: str) -> Response:
+        if status >= 500:
+            # The client's message names shards and collections only; the cause (a driver's
+            # message with hosts and ports) is for the operator.
+            log.warning("%d %s: %s", status, type(exc).__name__, exc, exc_info=exc)
+        return error_response(status, type(exc).__name__, str(exc), headers or None)
 
-    @app.exception_handler(_Unauthorized)
-    async def _unauth(_: Request, __: Exception) -> JSONResponse:
-        return JSONResponse(
-            {"error": "missing or invalid bearer token"}, status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    def _retry_after(exc: Exception) -> str:
+        return str(max(1, math.ceil(getattr(exc, "retry_after_s", 1.0))))
 
-    def _err(status: int, exc: Exception, **headers: str) -> JSONResponse:
-        return JSONResponse({"error": str(exc), "type": type(exc).__name__}, status_code=status,
-                            headers=headers or None)
-
+    app.add_exception_handler(_Unauthorized, lambda _r, _e: error_response(
+        401, "Unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"}))
     app.add_exception_handler(UnknownCollectionError, lambda _r, e: _err(404, e))
     app.add_exception_handler(DocumentTooLargeError, lambda _r, e: _err(413, e))
     app.add_exception_handler(BadRequestError, lambda _r, e: _err(400, e))
@@ -159,74 +381,95 @@ def create_app(
     # down): nothing was written, retry after the advertised delay. The messages name shards
     # and collections, never hosts or ports.
     app.add_exception_handler(RetryDeadlineExceeded, lambda _r, e: _err(
-        503, e, **{"Retry-After": str(max(1, math.ceil(getattr(e, "retry_after_s", 1.0))))}))
+        503, e, **{"Retry-After": _retry_after(e)}))
+    app.add_exception_handler(RouterClosedError, lambda _r, e: _err(503, e, **{"Retry-After": "1"}))
     # The write was sent and the connection broke: it may or may not have been applied.
     app.add_exception_handler(OutcomeUnknownError, lambda _r, e: _err(502, e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        # Each error's location, message and type; never the input echoed back (it may be a
+        # multi-megabyte document).
+        details = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
+                    "type": str(e.get("type", ""))} for e in exc.errors()]
+        first = details[0] if details else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return error_response(422, "ValidationError",
+                              f"the request does not match the schema: {where}: {first['msg']}",
+                              details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        # Routing answers (no such path: 404, wrong method: 405) in the same shape.
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return error_response(exc.status_code, _phrase(exc.status_code), message,
+                              dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> Response:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "InternalError",
+                               "internal error; the cause is in the router's log")
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], responses={503: {"description": "catalog unreachable"}})
-    async def readyz() -> JSONResponse:
+    @app.get("/readyz", tags=["health"],
+             responses={503: _e("not ready: the catalog does not answer")})
+    async def readyz() -> Response:
         try:
             await router().source.ping()  # type: ignore[attr-defined]
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-            # The type only: this endpoint is open, and a driver's message names the host.
-            return JSONResponse({"status": "unavailable", "error": type(exc).__name__},
-                                status_code=503)
+            # This endpoint is open, and a driver's message names the host: the log gets it.
+            log.warning("readyz: the catalog does not answer: %s: %s", type(exc).__name__, exc)
+            return error_response(503, "NotReady", "not ready: the catalog does not answer",
+                                  {"Retry-After": "1"})
         return JSONResponse({"status": "ready"})
 
-    errors = {
-        400: {"description": "bad request; nothing was written"},
-        401: {"description": "missing or invalid bearer token"},
-        404: {"description": "unknown collection"},
-        413: {"description": "document too large"},
-        502: {"description": "a write's shard connection broke after it was sent: it may or "
-                             "may not have been applied (read to find out)"},
-        503: {"description": "unavailable past the retry deadline (chunk frozen, shard down, "
-                             "catalog needed and down); nothing was written; see Retry-After"},
-    }
-
     @app.post("/v1/collections/{collection}/insert", dependencies=[Auth],
-              responses={**errors, 409: {"description": "duplicate shard key and _id"}},
+              responses={**ERRORS, 409: _e("duplicate shard key and _id")},
               status_code=201)
     async def insert(collection: str, body: InsertBody) -> Response:
         doc = from_ejson(body.document)
         await router().insert(collection, doc)
         return ejson_response({"inserted": True, "id": doc.get("_id")}, 201)
 
-    @app.post("/v1/collections/{collection}/get", dependencies=[Auth], responses=errors)
+    @app.post("/v1/collections/{collection}/get", dependencies=[Auth], responses=ERRORS)
     async def get(collection: str, body: KeyIdBody) -> Response:
         doc = await router().get(collection, from_ejson(body.key), from_ejson(body.id))
         return ejson_response({"document": doc})
 
-    @app.post("/v1/collections/{collection}/replace", dependencies=[Auth], responses=errors)
+    @app.post("/v1/collections/{collection}/replace", dependencies=[Auth], responses=ERRORS)
     async def replace(collection: str, body: ReplaceBody) -> Response:
         doc = from_ejson(body.document)
         kwargs = {"key": from_ejson(body.key)} if "key" in body.model_fields_set else {}
         matched = await router().replace(collection, doc, **kwargs)
         return ejson_response({"matched": matched})
 
-    @app.post("/v1/collections/{collection}/patch", dependencies=[Auth], responses=errors)
+    @app.post("/v1/collections/{collection}/patch", dependencies=[Auth], responses=ERRORS)
     async def patch(collection: str, body: PatchBody) -> Response:
         doc = await router().patch(
             collection, from_ejson(body.key), from_ejson(body.id), from_ejson(body.update)
         )
         return ejson_response({"document": doc})
 
-    @app.post("/v1/collections/{collection}/delete", dependencies=[Auth], responses=errors)
+    @app.post("/v1/collections/{collection}/delete", dependencies=[Auth], responses=ERRORS)
     async def delete(collection: str, body: KeyIdBody) -> Response:
         deleted = await router().delete(collection, from_ejson(body.key), from_ejson(body.id))
         return ejson_response({"deleted": deleted})
 
-    @app.post("/v1/collections/{collection}/find", dependencies=[Auth], responses=errors)
+    @app.post("/v1/collections/{collection}/find", dependencies=[Auth], responses=ERRORS)
     async def find(collection: str, body: FindBody) -> Response:
+        """Documents whose one filter field equals a value, ordered by khash then _id: at
+        most ``limit``, and at most ``find_max_result_bytes`` of BSON; ``truncated`` is true
+        when that byte cap cut the result short (ask again with a narrower filter or a smaller
+        limit)."""
         docs = await router().find(collection, from_ejson(body.filter), limit=body.limit)
-        return ejson_response({"documents": docs})
+        return ejson_response({"documents": docs, "truncated": docs.truncated})
 
     return app
 
 
 class _Unauthorized(Exception):
-    pass
+    """A request without a valid bearer token reached an endpoint (the guard stops it first)."""

@@ -13,9 +13,9 @@ import uvicorn
 
 from infra.net import free_port_block
 from router.core import Router
-from router.http import create_app
+from router.http import create_app, max_body_bytes
 from router.service import build_app
-from settings import Settings
+from settings import RouterSettings, Settings
 from tests.router.conftest import Deployment
 
 TOKEN = "shardshift-local"
@@ -125,17 +125,35 @@ def http_server(deployment: Deployment, catalog_dsn: str) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+def _error_shape_problem(response) -> str | None:  # noqa: ANN001 - a requests/httpx response
+    """Why an error response is not in the one error shape, or None."""
+    try:
+        body = response.json()
+    except ValueError:
+        return "not JSON"
+    if not (isinstance(body, dict) and set(body) <= {"error", "type", "details"}
+            and isinstance(body.get("error"), str) and isinstance(body.get("type"), str)):
+        return f"not the error shape: {str(body)[:200]}"
+    return None
+
+
 def test_fuzz_finds_no_server_error(http_server: str, deployment: Deployment) -> None:
     """Schema-driven fuzz of every operation (schemathesis strategies, hypothesis engine).
 
-    Half the generated cases are aimed at the real collection so they reach the shards.
+    Each generated case is sent with the token (no 5xx; every error in the one shape),
+    without it (401 for everything but the health endpoints), and, once per operation, padded
+    past the body limit, declared and chunked (413). Half the cases are aimed at the real
+    collection so they reach the shards.
     """
     api = schemathesis.openapi.from_url(f"{http_server}/openapi.json")
+    limit = max_body_bytes(RouterSettings())
     failures: list[str] = []
     operations = 0
+    oversized_ops: list[str] = []
     for result in api.get_all_operations():
         operation = result.ok()
         operations += 1
+        oversized_sent = False
 
         @hypothesis.given(case=operation.as_strategy())
         @hypothesis.settings(
@@ -143,14 +161,37 @@ def test_fuzz_finds_no_server_error(http_server: str, deployment: Deployment) ->
             suppress_health_check=list(hypothesis.HealthCheck),
         )
         def fuzz(case) -> None:  # noqa: ANN001 - schemathesis Case
+            nonlocal oversized_sent
             params = case.path_parameters or {}
             if "collection" in params and len(repr(case.body)) % 2 == 0:
                 params["collection"] = deployment.collection
+            where = f"{case.method} {case.formatted_path} {str(case.body)[:200]!r}"
             response = case.call(headers=AUTH)
             if response.status_code >= 500:
-                failures.append(f"{case.method} {case.formatted_path} {case.body!r}: "
-                                f"{response.status_code} {response.text[:300]}")
+                failures.append(f"{where}: {response.status_code} {response.text[:300]}")
+            elif response.status_code >= 400 and (problem := _error_shape_problem(response)):
+                failures.append(f"{where}: {response.status_code} {problem}")
+            health = case.path in ("/healthz", "/readyz")
+            bare = case.call(headers={"Authorization": "Bearer not-the-token"}
+                             if len(repr(case.body)) % 3 == 0 else {})
+            if not health and bare.status_code != 401:
+                failures.append(f"{where} without a token: {bare.status_code}")
+            if health or oversized_sent or case.method != "POST":
+                return
+            oversized_sent = True
+            oversized_ops.append(case.path)
+            url = f"{http_server}{case.formatted_path}"
+            pad = b'{"pad": "' + b"x" * limit + b'"}'
+            declared = httpx.post(url, content=pad, headers={
+                **AUTH, "content-type": "application/json"}, timeout=60)
+            chunked = httpx.post(url, content=iter([pad[:65536]] * (limit // 65536 + 2)),
+                                 headers={**AUTH, "content-type": "application/json"},
+                                 timeout=60)
+            for how, r in (("declared", declared), ("chunked", chunked)):
+                if r.status_code != 413 or _error_shape_problem(r):
+                    failures.append(f"{where} oversized ({how}): {r.status_code} {r.text[:200]}")
 
         fuzz()
     assert operations >= 8
+    assert len(oversized_ops) == 6, oversized_ops  # every /v1 operation
     assert not failures, "\n".join(failures[:10])
