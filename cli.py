@@ -3,8 +3,8 @@
     shardshift infra up [--shards N] [--pg15 K] [--headless]
     shardshift infra status [--json]
     shardshift infra down [--destroy]
-    shardshift router serve [--host H] [--port P]
-    shardshift worker
+    shardshift router serve [--host H] [--port P] [--metrics-port N] [--log-format text|json]
+    shardshift worker [--metrics-port N] [--log-format text|json]
     shardshift collection create NAME --shard-key F [--index name:field[,field]...]
                                       [--chunks-per-shard N] [--shards S1,S2]
     shardshift migrate --collection C --chunk K --to SHARD [--dry-run]
@@ -82,7 +82,8 @@ def cmd_router(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     print(f"router HTTP service on http://{args.host}:{args.port} (OpenAPI: /docs)")
-    serve(catalog_dsn(settings), settings, host=args.host, port=args.port)
+    serve(catalog_dsn(settings), settings, host=args.host, port=args.port,
+          metrics_port=args.metrics_port, log_format=args.log_format)
     return 0
 
 
@@ -99,7 +100,7 @@ class CliError(Exception):
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker import main as worker_main  # noqa: PLC0415
 
-    worker_main()
+    worker_main(metrics_port=args.metrics_port, log_format=args.log_format)
     return 0
 
 
@@ -110,7 +111,7 @@ async def _client(settings: Settings) -> Any:
     from worker import connect  # noqa: PLC0415
 
     try:
-        return await connect(settings.temporal)
+        return await connect(settings.temporal, telemetry_settings=settings.telemetry)
     except Exception as exc:  # noqa: BLE001 - a connection failure becomes one line
         raise CliError(
             f"cannot reach Temporal at {settings.temporal.address} "
@@ -768,6 +769,14 @@ def _workflow_args(parser: argparse.ArgumentParser, default_id: str) -> None:
     parser.add_argument("--task-queue", help="default: settings' temporal.task_queue")
 
 
+def _telemetry_args(parser: argparse.ArgumentParser, metrics_help: str) -> None:
+    parser.add_argument("--metrics-port", type=int, metavar="N",
+                        help=metrics_help + " (default: SHARDSHIFT_TELEMETRY__METRICS_PORT)")
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="log lines as text or JSON objects (default: "
+                             "SHARDSHIFT_TELEMETRY__LOG_FORMAT, else text)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardshift", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -789,9 +798,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = router_sub.add_parser("serve", help="serve the HTTP/JSON API (bearer-token auth)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    _telemetry_args(serve, "also serve /metrics without a token on this port (it is always "
+                           "on the API port, with the token)")
     router.set_defaults(func=cmd_router)
 
     worker = sub.add_parser("worker", help="run a Temporal worker (workflows + activities)")
+    _telemetry_args(worker, "serve /metrics (move and Temporal SDK metrics) on this port")
     worker.set_defaults(func=cmd_worker)
 
     coll = sub.add_parser("collection", help="collections in the catalog")

@@ -5,7 +5,8 @@ Values are MongoDB Extended JSON: requests may use canonical or relaxed form (``
 ObjectId comes back as exactly what was stored. Every ``/v1`` endpoint needs
 ``Authorization: Bearer <token>`` with a token from ``RouterSettings.http_tokens``; a missing
 or wrong token gets 401 before anything reaches a shard. ``/healthz`` (the process is alive)
-and ``/readyz`` (the catalog answers) are open.
+and ``/readyz`` (the catalog answers) are open. ``/metrics`` (Prometheus text format) needs
+the token too, unless the app is created with ``open_metrics``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra import telemetry
 from router.core import Router
 from router.errors import (
     BadRequestError,
@@ -85,7 +87,8 @@ class FindBody(_Body):
 
 
 def create_app(
-    router_factory: Callable[[], Router] | Router, settings: RouterSettings | None = None
+    router_factory: Callable[[], Router] | Router, settings: RouterSettings | None = None,
+    *, open_metrics: bool = False,
 ) -> FastAPI:
     """The HTTP app over one ``Router`` (started and closed with the app when a factory)."""
     settings = settings or RouterSettings()
@@ -176,6 +179,12 @@ def create_app(
             return JSONResponse({"status": "unavailable", "error": type(exc).__name__},
                                 status_code=503)
         return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", tags=["health"], include_in_schema=False,
+             dependencies=[] if open_metrics else [Auth])
+    async def metrics() -> Response:
+        body, content_type = telemetry.exposition()
+        return Response(content=body, media_type=content_type)
 
     errors = {
         400: {"description": "bad request; nothing was written"},
