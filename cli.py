@@ -81,7 +81,6 @@ def cmd_router(args: argparse.Namespace) -> int:
     from router.service import serve  # noqa: PLC0415
 
     settings = get_settings()
-    print(f"router HTTP service on http://{args.host}:{args.port} (OpenAPI: /docs)")
     serve(catalog_dsn(settings), settings, host=args.host, port=args.port,
           metrics_port=args.metrics_port, log_format=args.log_format)
     return 0

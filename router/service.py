@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from fastapi import FastAPI
@@ -11,6 +12,8 @@ from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.http import create_app
 from settings import Settings
+
+log = logging.getLogger("shardshift.router")
 
 
 def build_app(catalog_dsn: str, settings: Settings) -> FastAPI:
@@ -39,6 +42,8 @@ def serve(
     port_m = metrics_port if metrics_port is not None else settings.telemetry.metrics_port
     server = (telemetry.serve_metrics(tel, port_m, settings.telemetry.metrics_host)
               if port_m is not None else None)
+    log.info("router HTTP service on http://%s:%d (OpenAPI: /docs)%s", host, port,
+             f"; metrics on http://{server.host}:{server.port}/metrics" if server else "")
     try:
         # JSON lines: uvicorn's loggers propagate to the root handler instead of their own.
         uvicorn.run(build_app(catalog_dsn, settings), host=host, port=port,
