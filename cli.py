@@ -4,7 +4,8 @@
     shardshift infra status [--json]
     shardshift infra down [--destroy]
     shardshift router serve [--host H] [--port P] [--tls-cert PEM --tls-key PEM]
-    shardshift worker
+                            [--metrics-port N] [--log-format text|json]
+    shardshift worker [--metrics-port N] [--log-format text|json]
     shardshift collection create NAME --shard-key F [--index name:field[,field]...]
                                       [--chunks-per-shard N] [--shards S1,S2]
     shardshift migrate --collection C --chunk K --to SHARD [--dry-run]
@@ -86,11 +87,9 @@ def cmd_router(args: argparse.Namespace) -> int:
         check_serve_config(settings, args.host, args.tls_cert, args.tls_key)
     except ServeConfigError as exc:
         raise CliError(str(exc)) from None
-    scheme = "https" if args.tls_cert else "http"
-    print(f"router HTTP service on {scheme}://{args.host}:{args.port} (OpenAPI: /docs)",
-          flush=True)
     serve(catalog_dsn(settings), settings, host=args.host, port=args.port,
-          tls_cert=args.tls_cert, tls_key=args.tls_key)
+          tls_cert=args.tls_cert, tls_key=args.tls_key,
+          metrics_port=args.metrics_port, log_format=args.log_format)
     return 0
 
 
@@ -107,7 +106,7 @@ class CliError(Exception):
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker import main as worker_main  # noqa: PLC0415
 
-    worker_main()
+    worker_main(metrics_port=args.metrics_port, log_format=args.log_format)
     return 0
 
 
@@ -118,7 +117,7 @@ async def _client(settings: Settings) -> Any:
     from worker import connect  # noqa: PLC0415
 
     try:
-        return await connect(settings.temporal)
+        return await connect(settings.temporal, telemetry_settings=settings.telemetry)
     except Exception as exc:  # noqa: BLE001 - a connection failure becomes one line
         raise CliError(
             f"cannot reach Temporal at {settings.temporal.address} "
@@ -776,6 +775,14 @@ def _workflow_args(parser: argparse.ArgumentParser, default_id: str) -> None:
     parser.add_argument("--task-queue", help="default: settings' temporal.task_queue")
 
 
+def _telemetry_args(parser: argparse.ArgumentParser, metrics_help: str) -> None:
+    parser.add_argument("--metrics-port", type=int, metavar="N",
+                        help=metrics_help + " (default: SHARDSHIFT_TELEMETRY__METRICS_PORT)")
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="log lines as text or JSON objects (default: "
+                             "SHARDSHIFT_TELEMETRY__LOG_FORMAT, else text)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardshift", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -799,9 +806,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve HTTPS")
     serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    _telemetry_args(serve, "also serve /metrics without a token on this port (it is always "
+                           "on the API port, with the token)")
     router.set_defaults(func=cmd_router)
 
     worker = sub.add_parser("worker", help="run a Temporal worker (workflows + activities)")
+    _telemetry_args(worker, "serve /metrics (move and Temporal SDK metrics) on this port")
     worker.set_defaults(func=cmd_worker)
 
     coll = sub.add_parser("collection", help="collections in the catalog")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -99,6 +100,27 @@ class RouterSettings(_Frozen):
         return self
 
 
+class TelemetrySettings(_Frozen):
+    """Metrics, traces and logs of a process (see docs/telemetry.md)."""
+
+    otlp_endpoint: str | None = None
+    """An OTLP/HTTP collector (e.g. ``http://otel-collector:4318``): traces go to
+    ``<endpoint>/v1/traces`` and metrics to ``<endpoint>/v1/metrics``. None: no OTLP export
+    (metrics are still served for Prometheus)."""
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line, with workflow, activity and migration ids."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """The worker serves ``/metrics`` (ours and the Temporal SDK's) on this port; the router
+    serves ``/metrics`` on its API port, and here too (without a token) when set."""
+    metrics_host: str = "127.0.0.1"
+    """Where the metrics port listens."""
+    metrics_open: bool = False
+    """The router's ``/metrics`` on its API port without a bearer token (default: the token
+    is required, as for ``/v1``)."""
+    export_interval_s: float = Field(default=10.0, gt=0)
+    """How often metrics are pushed to the OTLP endpoint."""
+
+
 class Settings(BaseSettings):
     """All settings of a shardshift process."""
 
@@ -119,6 +141,7 @@ class Settings(BaseSettings):
     temporal: TemporalSettings = TemporalSettings()
     infra: InfraSettings = InfraSettings()
     router: RouterSettings = RouterSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @property
     def staging(self) -> str:

@@ -5,33 +5,52 @@ to Temporal with the pydantic data converter, and runs until SIGINT/SIGTERM, the
 gracefully: it stops polling, lets running activities finish or be cancelled (their
 heartbeats resume them elsewhere), and closes the pools.
 
-    python worker.py            # or: shardshift worker
+Telemetry (docs/telemetry.md): with a metrics port, ``/metrics`` serves the move metrics and
+the Temporal SDK's own (bridged into the same OpenTelemetry provider); every client and worker
+carries Temporal's tracing interceptor; log lines are text or JSON.
+
+    python worker.py            # or: shardshift worker [--metrics-port N] [--log-format json]
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Literal
 
 from temporalio.client import Client, TLSConfig
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import Runtime
 from temporalio.worker import Worker
 
 from activities import MoveContext, all_activities
 from activities.leases import LeaseKeeper
 from catalog import Catalog
-from settings import Settings, TemporalSettings, get_settings
+from infra import telemetry
+from settings import Settings, TelemetrySettings, TemporalSettings, get_settings
 from shards.staging import Staging
 from workflows import ALL_WORKFLOWS
 
 log = logging.getLogger("shardshift.worker")
 
 
-async def connect(temporal: TemporalSettings) -> Client:
-    """A Temporal client from settings (TLS and API key for a hosted cluster)."""
+async def connect(
+    temporal: TemporalSettings,
+    *,
+    runtime: Runtime | None = None,
+    telemetry_settings: TelemetrySettings | None = None,
+) -> Client:
+    """A Temporal client from settings (TLS and API key for a hosted cluster).
+
+    It carries Temporal's tracing interceptor (so do the workers built on it): a workflow it
+    starts joins the caller's trace. With ``telemetry_settings`` naming an OTLP endpoint the
+    process's tracer is installed first, so the spans are exported."""
+    if telemetry_settings is not None and telemetry_settings.otlp_endpoint:
+        telemetry.setup("shardshift-client", telemetry_settings)
     tls: TLSConfig | bool = False
     if temporal.tls:
         tls = TLSConfig(
@@ -42,6 +61,8 @@ async def connect(temporal: TemporalSettings) -> Client:
         temporal.address, namespace=temporal.namespace, tls=tls,
         api_key=temporal.api_key.get_secret_value() if temporal.api_key else None,
         data_converter=pydantic_data_converter,
+        interceptors=[telemetry.tracing_interceptor()],
+        runtime=runtime,
     )
 
 
@@ -60,9 +81,29 @@ async def run_worker(
     stop: asyncio.Event | None = None,
     client: Client | None = None,
     workflows: Sequence[type] = ALL_WORKFLOWS,
+    metrics_port: int | None = None,
 ) -> None:
-    """Run a worker until ``stop`` is set (or a signal arrives when ``stop`` is None)."""
-    client = client or await connect(settings.temporal)
+    """Run a worker until ``stop`` is set (or a signal arrives when ``stop`` is None).
+
+    ``metrics_port`` (default ``settings.telemetry.metrics_port``; 0 picks a free port):
+    serve ``/metrics`` there. Without ``client``, the worker's own client bridges the
+    Temporal SDK's metrics into the same ``/metrics``; a given client keeps its runtime's."""
+    async with contextlib.AsyncExitStack() as stack:
+        port = metrics_port if metrics_port is not None else settings.telemetry.metrics_port
+        tel = telemetry.setup("shardshift-worker", settings.telemetry)
+        if client is None:
+            runtime, exporter = telemetry.temporal_runtime(tel)
+            await stack.enter_async_context(exporter)
+            client = await connect(settings.temporal, runtime=runtime)
+        if port is not None:
+            server = telemetry.serve_metrics(tel, port, settings.telemetry.metrics_host)
+            stack.callback(server.close)
+            log.info("metrics on http://%s:%d/metrics", server.host, server.port)
+        await _run(settings, client, task_queue, stop, workflows)
+
+
+async def _run(settings: Settings, client: Client, task_queue: str | None,
+               stop: asyncio.Event | None, workflows: Sequence[type]) -> None:
     catalog = await Catalog(catalog_dsn(settings), max_size=8).open()
     await catalog.ensure_schema()
     ctx = MoveContext(catalog, Staging(settings.staging))
@@ -73,7 +114,8 @@ async def run_worker(
             task_queue=task_queue or settings.temporal.task_queue,
             workflows=list(workflows),
             activities=all_activities(ctx),
-            interceptors=[LeaseKeeper(catalog)],  # move leases live as long as the move
+            # Move leases live as long as the move; log lines name the activity's migration.
+            interceptors=[LeaseKeeper(catalog), telemetry.LogContextInterceptor()],
             max_concurrent_activities=64,
             # Cancellation reaches an activity through its heartbeat: throttle heartbeats to
             # 1 s (not 80% of the timeout) so a stopped stream stops within a second.
@@ -97,9 +139,12 @@ def _signal_event() -> asyncio.Event:
     return event
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(run_worker(get_settings()))
+def main(metrics_port: int | None = None,
+         log_format: Literal["text", "json"] | None = None) -> None:
+    """The worker process: ``--metrics-port`` / ``--log-format`` override the settings."""
+    settings = get_settings()
+    telemetry.configure_logging(log_format or settings.telemetry.log_format)
+    asyncio.run(run_worker(settings, metrics_port=metrics_port))
 
 
 if __name__ == "__main__":

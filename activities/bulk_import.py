@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import psycopg
 from psycopg import sql
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import metrics
 from activities.availability import shard_dsn, shard_errors
 from activities.context import MoveContext, Stopped, non_retryable
 from activities.models import (
@@ -97,15 +99,29 @@ class ImportActivities:
         dsn = await shard_dsn(self.ctx, spec.target)
         state = {"cp": CopyCheckpoint(stage="import", rows_done=0, parts_done=0, parts_total=0)}
 
+        labels = {"collection": spec.collection}
+        live = {"migration": spec.migration_id}
+        counted = {"rows": 0}
+        started = time.monotonic()
+
         def work(stop: threading.Event) -> ImportResult:
             def progress(p: ImportProgress) -> None:
                 state["cp"] = CopyCheckpoint(stage="import", rows_done=p.rows_done,
                                              parts_done=p.parts_done, parts_total=p.parts_total)
+                if p.rows_committed_here > counted["rows"]:
+                    metrics.rows_copied.add(p.rows_committed_here - counted["rows"], labels)
+                    counted["rows"] = p.rows_committed_here
+                    elapsed = time.monotonic() - started
+                    if elapsed > 0:
+                        metrics.copy_rate.set(p.rows_committed_here / elapsed, live)
                 if stop.is_set():
                     raise Stopped()  # cancelled: stop between parts (a retry resumes)
 
             result = import_parts(dsn, spec.collection, self.ctx.staging, spec.migration_id,
                                   progress=progress, follow_export_s=inp.follow_export_s)
+            metrics.log.info("imported %d parts into %s: %d rows (%d by this attempt) in %.1fs",
+                             result.parts_total, spec.target, result.rows_imported,
+                             counted["rows"], time.monotonic() - started)
             return ImportResult(parts=result.parts_total, rows=result.rows_imported)
 
         try:

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from temporalio import activity
 
+from activities import metrics
 from activities.context import MoveContext, catalog_failure, non_retryable
 from activities.faults import inject
 from activities.leases import renew_move_leases
@@ -125,6 +126,9 @@ class CatalogActivities:
             )
         except CatalogError as exc:
             raise catalog_failure(exc, "finish") from exc
+        metrics.moves.add(1, {"outcome": str(inp.outcome), "kind": str(inp.spec.kind)})
+        metrics.log.info("move of %s chunk %d (%s -> %s) finished: %s", inp.spec.collection,
+                         inp.spec.chunk_id, inp.spec.source, inp.spec.target, inp.outcome)
 
 
 async def _existing(cat, migration_id: str) -> MigrationRecord | None:  # noqa: ANN001

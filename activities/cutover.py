@@ -46,6 +46,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from temporalio import activity
 
+from activities import metrics
 from activities.availability import shard_errors
 from activities.context import MoveContext, non_retryable
 from activities.faults import inject
@@ -146,9 +147,9 @@ class CutoverActivities:
         async with shard_errors(self.ctx, old, new), self._exclusive(run):
             recovered = await self._recover(run)
             if recovered is not None:
-                return recovered
+                return _observed(recovered, inp)
             try:
-                return await self._attempt(run)
+                return _observed(await self._attempt(run), inp)
             except CatalogError as exc:
                 if exc.retryable:
                     raise
@@ -305,7 +306,7 @@ class CutoverActivities:
                    plan(inp))
         try:
             if await self._committed(run):
-                return await self._finish_committed(run)
+                return _observed(await self._finish_committed(run), inp)
             async with self._exclusive(run):
                 recovered = await self._recover(run, spare_new=True)
         except CatalogError as exc:
@@ -416,3 +417,14 @@ def _ensure_reverse_stream(new_dsn: str, spec: MoveSpec) -> None:
     if not exists:
         with repl.create_slot(new_dsn, names, export_snapshot=False):
             pass  # only the slot is wanted: it outlives the context (no snapshot to use)
+
+
+def _observed(result: CutoverResult, inp: CutoverInput) -> CutoverResult:
+    """Record a committed cutover's pause (once per activity that reports the commit)."""
+    if result.committed and result.pause_ms is not None:
+        metrics.cutover_pause.record(result.pause_ms / 1000.0, {
+            "collection": inp.spec.collection, "direction": inp.direction.value})
+        metrics.log.info("cutover (%s) committed: %s owns chunk %d, writes paused %.1f ms",
+                         inp.direction.value, result.new_owner, inp.spec.chunk_id,
+                         result.pause_ms)
+    return result

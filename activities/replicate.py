@@ -22,6 +22,7 @@ import time
 
 from temporalio import activity
 
+from activities import metrics
 from activities.availability import probe, shard_dsn, shard_errors
 from activities.context import MoveContext, non_retryable
 from activities.models import (
@@ -105,7 +106,8 @@ class ReplicateActivities:
         names = stream_spec(inp.spec, inp.direction).names
 
         def work(stop: threading.Event) -> LagResult:
-            return _sample_lag(source_dsn, target_dsn, names)
+            return _record_lag(inp.spec, inp.direction,
+                               _sample_lag(source_dsn, target_dsn, names))
 
         return await self.ctx.run_blocking(work)
 
@@ -122,7 +124,8 @@ class ReplicateActivities:
             def work(stop: threading.Event) -> LagResult:
                 deadline = time.monotonic() + inp.window_s
                 while True:
-                    lag = last["lag"] = _sample_lag(source_dsn, target_dsn, names)
+                    lag = last["lag"] = _record_lag(inp.spec, inp.direction,
+                                                    _sample_lag(source_dsn, target_dsn, names))
                     held = os.environ.get(HOLD_LAG_ENV) == inp.spec.collection
                     if lag.streaming and lag.lag_bytes <= inp.max_lag_bytes and not held:
                         return lag
@@ -153,6 +156,16 @@ class ReplicateActivities:
                 interval = min(interval * 2, inp.max_poll_s)
 
         return await self.ctx.run_blocking(work, lambda: dict(state))
+
+
+def _record_lag(spec: MoveSpec, direction: Direction, lag: LagResult) -> LagResult:
+    """Publish a lag sample of a streaming applier as the move's live lag gauges."""
+    if lag.streaming:
+        labels = {"migration": spec.migration_id, "direction": direction.value}
+        metrics.replication_lag_bytes.set(max(lag.lag_bytes, 0), labels)
+        if lag.lag_s is not None:
+            metrics.replication_lag.set(lag.lag_s, labels)
+    return lag
 
 
 def _sample_lag(source_dsn: str, target_dsn: str, names: StreamNames) -> LagResult:

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 from temporalio import activity
 
+from activities import metrics
 from activities.availability import shard_errors
 from activities.context import MoveContext, Stopped, non_retryable
 from activities.models import Direction, VerifyInput, VerifyResult
@@ -152,6 +153,12 @@ class VerifyActivities:
         # workflow pauses the move (and gives up on a target that stays away).
         async with shard_errors(self.ctx, inp.spec.source, inp.spec.target):
             result = await self.ctx.run_blocking(work, lambda: dict(progress))
+        labels = {"collection": spec.collection}
+        metrics.verify_mismatches.add(result.mismatched_buckets, labels)
+        metrics.verify_repairs.add(result.repaired_ranges, labels)
+        metrics.log.info("verify: %d documents, %d mismatched buckets, %d ranges repaired, %s",
+                         result.documents, result.mismatched_buckets, result.repaired_ranges,
+                         "equal" if result.verified else "still different")
         if not result.verified:
             raise non_retryable(
                 RuntimeError(f"{result.mismatched_buckets} buckets still differ after "

@@ -398,7 +398,7 @@ class Router:
                     except RouteUnavailableError:
                         fresh = route  # the catalog is down: wait for it, within the deadline
                     metrics.map_refreshes.add(1, {"reason": "rejection"})
-                    metrics.retries.add(1, {"op": op})
+                    metrics.retries.add(1, {"op": op, "reason": "fence"})
                     if fresh.chunks == route.chunks:
                         # Same placement and tokens: the chunk is frozen mid-cutover. Wait a
                         # little (growing), never past the deadline.
@@ -410,7 +410,7 @@ class Router:
                     wait = max(min(exc.retry_after_s, 0.25), backoff)
                     if loop.time() + wait >= deadline:
                         raise give_up("the shard is unreachable", exc) from exc
-                    metrics.retries.add(1, {"op": op})
+                    metrics.retries.add(1, {"op": op, "reason": "unavailable"})
                     await asyncio.sleep(wait)
                     backoff = min(backoff * 2, 0.2)
                 except ShardConnectionLostError as exc:
@@ -435,7 +435,7 @@ class Router:
             if not self._inflight:
                 self._idle.set()
             metrics.op_duration.record(
-                (time.perf_counter() - started) * 1000.0, {"op": op, "outcome": outcome}
+                time.perf_counter() - started, {"op": op, "outcome": outcome}
             )
 
     # -- helpers -----------------------------------------------------------------------------

@@ -19,6 +19,9 @@ passes the limit (declared length or chunked), a request that takes longer than
 ``http_request_timeout_s`` gets 504 (408 when its body did not arrive in that time), more than
 ``http_max_in_flight`` requests at once get 503, and a ``find`` returns at most
 ``find_max_result_bytes`` of documents (then ``"truncated": true``).
+
+``/metrics`` (Prometheus text format) needs the token too, unless the app is created with
+``open_metrics``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from infra import telemetry
 from router.core import Router
 from router.errors import (
     BadRequestError,
@@ -309,7 +313,8 @@ def _phrase(status: int) -> str:
 
 
 def create_app(
-    router_factory: Callable[[], Router] | Router, settings: RouterSettings | None = None
+    router_factory: Callable[[], Router] | Router, settings: RouterSettings | None = None,
+    *, open_metrics: bool = False,
 ) -> FastAPI:
     """The HTTP app over one ``Router`` (started and closed with the app when a factory)."""
     settings = settings or RouterSettings()
@@ -426,6 +431,12 @@ def create_app(
             return error_response(503, "NotReady", "not ready: the catalog does not answer",
                                   {"Retry-After": "1"})
         return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", tags=["health"], include_in_schema=False,
+             dependencies=[] if open_metrics else [Auth])
+    async def metrics() -> Response:
+        body, content_type = telemetry.exposition()
+        return Response(content=body, media_type=content_type)
 
     @app.post("/v1/collections/{collection}/insert", dependencies=[Auth],
               responses={**ERRORS, 409: _e("duplicate shard key and _id")},

@@ -1,19 +1,24 @@
-"""OpenTelemetry instruments of the router (no-ops until a MeterProvider is installed)."""
+"""OpenTelemetry instruments of the router (no-ops until ``infra.telemetry.setup`` installs a
+MeterProvider). Names and units: docs/telemetry.md."""
 
 from __future__ import annotations
 
 from opentelemetry import metrics
 
+from infra.telemetry import SECONDS_BUCKETS
+
 _meter = metrics.get_meter("shardshift.router")
 
 op_duration = _meter.create_histogram(
     "shardshift.router.operation.duration",
-    unit="ms",
+    unit="s",
     description="Latency of routed operations, including retries across a cutover",
+    explicit_bucket_boundaries_advisory=list(SECONDS_BUCKETS),
 )
 retries = _meter.create_counter(
     "shardshift.router.retries",
-    description="Operations retried after a fence rejection (stale token or frozen chunk)",
+    description="Retries of routed operations: after a fence rejection (stale token or frozen "
+                "chunk) or while a shard is unreachable",
 )
 rejections = _meter.create_counter(
     "shardshift.router.rejections",

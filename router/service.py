@@ -6,10 +6,11 @@ import ipaddress
 import logging
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 
+from infra import telemetry
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.http import create_app
@@ -20,6 +21,9 @@ class ServeConfigError(ValueError):
     """The service would start in an unsafe or impossible configuration; nothing started."""
 
 
+log = logging.getLogger("shardshift.router")
+
+
 def build_app(catalog_dsn: str, settings: Settings) -> FastAPI:
     """The HTTP app with a router that opens its own catalog connection at start-up."""
     def factory() -> Router:
@@ -28,7 +32,7 @@ def build_app(catalog_dsn: str, settings: Settings) -> FastAPI:
             check_interval_s=settings.router.listen_check_s)
         return Router(source, settings.router)
 
-    return create_app(factory, settings.router)
+    return create_app(factory, settings.router, open_metrics=settings.telemetry.metrics_open)
 
 
 def is_loopback(host: str) -> bool:
@@ -68,7 +72,7 @@ def check_serve_config(settings: Settings, host: str, tls_cert: Path | None,
 
 def server_config(app: FastAPI, settings: Settings, host: str, port: int, *,
                   tls_cert: Path | None = None, tls_key: Path | None = None,
-                  log_level: str = "warning") -> Any:
+                  log_level: str = "warning", log_config: Any = None) -> Any:
     """The uvicorn configuration ``serve`` runs (checked with ``check_serve_config``)."""
     import uvicorn  # noqa: PLC0415
 
@@ -80,19 +84,38 @@ def server_config(app: FastAPI, settings: Settings, host: str, port: int, *,
         app, host=host, port=port, log_level=log_level,
         server_header=False,  # do not advertise the server software
         timeout_keep_alive=5,
+        # JSON lines: uvicorn's loggers propagate to the root handler instead of their own.
+        **({} if log_config is None else {"log_config": log_config}),
         **tls,
     )
 
 
-def serve(catalog_dsn: str, settings: Settings, host: str = "127.0.0.1", port: int = 8080, *,
-          tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
-    """Serve until interrupted. ``ServeConfigError`` (nothing started) for an unsafe setup."""
+def serve(
+    catalog_dsn: str, settings: Settings, host: str = "127.0.0.1", port: int = 8080, *,
+    tls_cert: Path | None = None, tls_key: Path | None = None,
+    metrics_port: int | None = None, log_format: Literal["text", "json"] | None = None,
+) -> None:
+    """Serve the API until interrupted; ``ServeConfigError`` (nothing started) for an unsafe
+    setup. ``/metrics`` is on the API port (bearer token unless ``telemetry.metrics_open``);
+    ``metrics_port`` (default ``telemetry.metrics_port``) also serves it, without a token, on
+    its own port. ``log_format`` overrides the setting. The causes error bodies leave out
+    (driver messages, hosts) go to this process's log."""
     import uvicorn  # noqa: PLC0415
 
+    fmt = log_format or settings.telemetry.log_format
     config = server_config(build_app(catalog_dsn, settings), settings, host, port,
-                           tls_cert=tls_cert, tls_key=tls_key)
-    if not logging.getLogger().handlers:
-        # The causes error bodies leave out (driver messages, hosts) go to this log.
-        logging.basicConfig(level=logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.Server(config).run()
+                           tls_cert=tls_cert, tls_key=tls_key,
+                           log_config=None if fmt == "json" else uvicorn.config.LOGGING_CONFIG)
+    telemetry.configure_logging(fmt)
+    tel = telemetry.setup("shardshift-router", settings.telemetry)
+    port_m = metrics_port if metrics_port is not None else settings.telemetry.metrics_port
+    server = (telemetry.serve_metrics(tel, port_m, settings.telemetry.metrics_host)
+              if port_m is not None else None)
+    scheme = "https" if tls_cert else "http"
+    log.info("router HTTP service on %s://%s:%d (OpenAPI: /docs)%s", scheme, host, port,
+             f"; metrics on http://{server.host}:{server.port}/metrics" if server else "")
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        if server is not None:
+            server.close()

@@ -81,6 +81,8 @@ class ImportProgress(_Frozen):
     parts_total: int
     part_in_flight: int | None = None
     """The part being loaded (its rows are not committed yet), or None between parts."""
+    rows_committed_here: int = 0
+    """Rows this call committed so far (not those of parts earlier attempts imported)."""
 
 
 class ImportResult(_Frozen):
@@ -203,6 +205,7 @@ def import_parts(
         conn.rollback()
         skipped = [p for p in range(total) if p in done]
         rows_done = sum(done.values())
+        rows_here = 0
         for part in range(total):
             if part in done:
                 continue
@@ -214,11 +217,13 @@ def import_parts(
                         f"migration {migration_id}: part {part} is not staged (export incomplete)"
                     )
 
-            def on_batch(rows: int, _before: int = rows_done, _part: int = part) -> None:
+            def on_batch(rows: int, _before: int = rows_done, _part: int = part,
+                         _here: int = rows_here) -> None:
                 if progress:
                     progress(ImportProgress(rows_done=_before + rows,
                                             parts_done=len(skipped) + len(imported),
-                                            parts_total=total, part_in_flight=_part))
+                                            parts_total=total, part_in_flight=_part,
+                                            rows_committed_here=_here))
 
             n = import_part(conn, manifest, staging, part, batch_rows=batch_rows,
                             on_batch=on_batch)
@@ -226,11 +231,12 @@ def import_parts(
                 skipped.append(part)
                 continue
             rows_done += n
+            rows_here += n
             imported.append(part)
             if progress:
                 progress(ImportProgress(rows_done=rows_done,
                                         parts_done=len(skipped) + len(imported),
-                                        parts_total=total))
+                                        parts_total=total, rows_committed_here=rows_here))
     return ImportResult(
         migration_id=migration_id, parts_total=total, imported_parts=tuple(imported),
         skipped_parts=tuple(sorted(skipped)), rows_imported=rows_done,
