@@ -24,10 +24,31 @@ def port_is_listening(port: int, host: str = "127.0.0.1", timeout: float = 0.5) 
         return False
 
 
+def ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> range:
+    """The ports the kernel hands out to outgoing connections (Linux; the IANA range
+    elsewhere). A server must not pick one of those: an outgoing connection may take it between
+    the check and the bind."""
+    try:
+        with open(path) as fh:
+            lo, hi = (int(x) for x in fh.read().split())
+    except (OSError, ValueError):
+        lo, hi = 49152, 65535
+    return range(lo, hi + 1)
+
+
 def free_port_block(count: int, start: int = 20000, end: int = 60000) -> int:
-    """First port ``p`` in ``[start, end)`` such that ``p .. p+count-1`` are all free."""
+    """A port ``p`` in ``[start, end)``, outside the ephemeral range, such that
+    ``p .. p+count-1`` are all free."""
     import random  # noqa: PLC0415
 
+    ephemeral = ephemeral_ports()
+    if start < ephemeral.start < end:
+        end = ephemeral.start  # [start, ephemeral) is wide enough on every common setting
+    if ephemeral.start <= start < ephemeral.stop:
+        start = ephemeral.stop
+    if end - count <= start:
+        raise RuntimeError(f"no room for {count} ports in [{start}, {end}) outside the "
+                           f"ephemeral range {ephemeral.start}-{ephemeral.stop - 1}")
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(start, end - count)
