@@ -256,6 +256,7 @@ class Catalog:
         max_attempts: Attempts per transaction before ``CatalogBusyError``.
         max_moves_per_shard: Default limit of live move leases per shard.
         lease_ttl: Default lease lifetime; holders renew well within it.
+        pool_options: More ``psycopg_pool.AsyncConnectionPool`` options (e.g. ``timeout``).
     """
 
     def __init__(
@@ -267,6 +268,7 @@ class Catalog:
         max_attempts: int = 40,
         max_moves_per_shard: int = 2,
         lease_ttl: timedelta = timedelta(seconds=120),
+        **pool_options: Any,
     ) -> None:
         if max_moves_per_shard < 1:
             raise ValueError("max_moves_per_shard must be at least 1")
@@ -282,6 +284,7 @@ class Catalog:
             kwargs={"autocommit": True},
             configure=self._configure,
             name="catalog",
+            **pool_options,
         )
 
     @staticmethod

@@ -6,6 +6,18 @@ Two promises to the router, whatever the catalog does:
   (cancelled in the background; the caller does not wait for the cancellation, which psycopg
   may spend seconds on) and the caller gets ``TimeoutError``. The router then serves from the
   map it has: a stale map is safe because every routed statement is fenced.
+* **Its own catalog connections ride out a restart** (``from_dsn``, what ``router serve``
+  uses). A pooled connection the catalog dropped fails its read, which the catalog runs again
+  on another connection (reads are safe to repeat; the pool discards the broken one); no
+  check runs before each use. While the catalog is down the pool does not back off: a failed
+  reconnection gives up after ``RECONNECT_S`` and the next read that waits for a connection
+  (at most ``CONNECTION_WAIT_S``, then the catalog asks again) starts a new one. So the first
+  read after the catalog is back gets a connection at once, whatever the outage's length
+  (psycopg_pool's own policy doubles the wait between attempts: after a 30 s outage the next
+  one could be 30 s later). The pool keeps no connection it was not asked for
+  (``min_size=0``), so opening it never waits: the router starts while the catalog is down.
+  Retrying until the operation's deadline is the router's part (``router.core``); every read
+  here takes a ``timeout`` so that it never outlasts that deadline.
 * **A dead listener is noticed.** The listening connection has TCP keepalives, and whenever it
   has been quiet for ``check_interval_s`` it must answer ``SELECT 1`` within ``timeout_s``;
   otherwise it is dropped and a new one opened. Every (re)start of listening yields ``None``
@@ -20,6 +32,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import ValidationError
 
 from catalog import errors as cerr
@@ -32,6 +45,25 @@ from shards.postgres.pool import connect_kwargs
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+CONNECTION_WAIT_S = 0.5
+"""How long one catalog read waits for a pooled connection before the catalog asks again
+(and with that, while the catalog is down, starts a new connection attempt)."""
+RECONNECT_S = 0.5
+"""How long the router's catalog pool keeps retrying one failed connection on its own."""
+
+
+def router_catalog(dsn: str, *, timeout_s: float = 2.0, max_size: int = 4) -> Catalog:
+    """The router's catalog: a small pool that opens without waiting for the catalog and
+    reconnects on demand (see the module docstring). The DSN gets a connect timeout and TCP
+    keepalives unless it sets its own, so a catalog host that does not answer at all cannot
+    hold a connection attempt for the kernel's minutes."""
+    given = conninfo_to_dict(dsn)
+    extra: dict[str, Any] = dict(connect_kwargs(dsn))
+    if "connect_timeout" not in given:
+        extra["connect_timeout"] = max(2, round(timeout_s))
+    return Catalog(make_conninfo(dsn, **extra) if extra else dsn, min_size=0,
+                   max_size=max_size, timeout=CONNECTION_WAIT_S, reconnect_timeout=RECONNECT_S)
 
 
 def route_of(cmap: ChunkMap) -> CollectionRoute:
@@ -55,7 +87,7 @@ class CatalogRouteSource:
         catalog: an open catalog (or one this source opens: ``owned``).
         listen: follow LISTEN/NOTIFY (False simulates lost notifications: the router then
             converges through fence rejections alone).
-        timeout_s: upper bound of one catalog read.
+        timeout_s: upper bound of one catalog read (a caller's ``timeout`` may shorten it).
         check_interval_s: how long the listener may stay quiet before it proves its
             connection alive.
     """
@@ -76,9 +108,10 @@ class CatalogRouteSource:
         cls, dsn: str, *, listen: bool = True, timeout_s: float = 2.0,
         check_interval_s: float = 5.0,
     ) -> CatalogRouteSource:
-        """A source that opens (at router start) and closes its own catalog connection."""
-        return cls(Catalog(dsn, max_size=4), listen=listen, owned=True, timeout_s=timeout_s,
-                   check_interval_s=check_interval_s)
+        """A source with a catalog pool of its own (``router_catalog``), opened at router
+        start without waiting for the catalog, and closed with the router."""
+        return cls(router_catalog(dsn, timeout_s=timeout_s), listen=listen, owned=True,
+                   timeout_s=timeout_s, check_interval_s=check_interval_s)
 
     async def open(self) -> None:
         if self._owned:
@@ -92,11 +125,13 @@ class CatalogRouteSource:
         if self._owned:
             await self.catalog.close()
 
-    async def _bounded(self, coro: Coroutine[Any, Any, T]) -> T:
-        """``await coro``, but give up after ``timeout_s`` without waiting for its cleanup."""
+    async def _bounded(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """``await coro``, but give up after ``timeout_s`` (or ``timeout``, if shorter) without
+        waiting for its cleanup."""
+        limit = self.timeout_s if timeout is None else max(0.0, min(timeout, self.timeout_s))
         task = asyncio.ensure_future(coro)
         try:
-            done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
+            done, _ = await asyncio.wait({task}, timeout=limit)
         except asyncio.CancelledError:
             task.cancel()
             raise
@@ -105,24 +140,25 @@ class CatalogRouteSource:
         task.cancel()
         self._abandoned.add(task)
         task.add_done_callback(self._forget)
-        raise TimeoutError(f"the catalog did not answer within {self.timeout_s:.1f}s")
+        raise TimeoutError(f"the catalog did not answer within {limit:.1f}s")
 
     def _forget(self, task: asyncio.Task[Any]) -> None:
         self._abandoned.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: it was abandoned on purpose
 
-    async def load_route(self, collection: str) -> CollectionRoute:
+    async def load_route(self, collection: str, *, timeout: float | None = None
+                         ) -> CollectionRoute:
         try:
-            return route_of(await self._bounded(self.catalog.chunk_map(collection)))
+            return route_of(await self._bounded(self.catalog.chunk_map(collection), timeout))
         except cerr.UnknownCollectionError as exc:
             raise UnknownCollectionError(str(exc)) from exc
 
-    async def shard_dsn(self, shard_id: str) -> str:
-        return (await self._bounded(self.catalog.shard(shard_id))).address
+    async def shard_dsn(self, shard_id: str, *, timeout: float | None = None) -> str:
+        return (await self._bounded(self.catalog.shard(shard_id), timeout)).address
 
-    async def ping(self) -> None:
-        await self._bounded(self.catalog.version())
+    async def ping(self, *, timeout: float | None = None) -> None:
+        await self._bounded(self.catalog.version(), timeout)
 
     async def changes(self) -> AsyncIterator[str | None]:
         """Collections whose routing changed; ``None`` when anything may have changed (a shard

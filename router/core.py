@@ -19,9 +19,12 @@ Because a stale map is safe, the router never throws a map away. A change notifi
 the collection's map stale and reloads it in the background; until the reload succeeds the old
 map keeps serving (a fence rejection forces a reload on the spot). So a catalog outage costs
 nothing for collections whose maps are cached; only a collection never seen before, or a chunk
-that really moved, waits for the catalog (bounded by the deadline, then
-``RouteUnavailableError``/``RetryDeadlineExceeded``, HTTP 503). When the listener (re)connects
-it reports that anything may have changed, and every cached map and shard address is re-read.
+that really moved, waits for the catalog: its read is tried again (backing off from 50 ms to
+0.5 s) until the operation's deadline, each attempt bounded by the time left, so a catalog
+that is back within the deadline costs the client a pause, and one that is not costs
+``RouteUnavailableError``/``RetryDeadlineExceeded`` (HTTP 503), nothing written. When the
+listener (re)connects it reports that anything may have changed, and every cached map and
+shard address is re-read.
 
 Shard addresses follow the catalog: a shard-registry notification (and a shard that cannot be
 reached) makes the router re-read the addresses of the shards it has pools for; a changed one
@@ -87,12 +90,14 @@ log = logging.getLogger(__name__)
 class RouteSource(Protocol):
     """Where the router learns routes: the catalog (``router.catalog_source``)."""
 
-    async def load_route(self, collection: str) -> CollectionRoute:
-        """The collection's current route; ``UnknownCollectionError`` if it does not exist."""
+    async def load_route(self, collection: str, *, timeout: float | None = None
+                         ) -> CollectionRoute:
+        """The collection's current route; ``UnknownCollectionError`` if it does not exist.
+        Bounded (by ``timeout`` too, when given): raises rather than hang on the catalog."""
         ...
 
-    async def shard_dsn(self, shard_id: str) -> str:
-        """The shard's current address (bounded: raises rather than hang on the catalog)."""
+    async def shard_dsn(self, shard_id: str, *, timeout: float | None = None) -> str:
+        """The shard's current address (bounded like ``load_route``)."""
         ...
 
     def changes(self) -> AsyncIterator[str | None]:
@@ -232,15 +237,38 @@ class Router:
 
     # -- routes and shards -------------------------------------------------------------------
 
-    async def route(self, collection: str) -> CollectionRoute:
+    def _deadline(self) -> float:
+        """An operation's deadline on the event loop's clock."""
+        return asyncio.get_running_loop().time() + self.settings.retry_deadline_s
+
+    async def route(self, collection: str, deadline: float | None = None) -> CollectionRoute:
         """The collection's map: the cached one (reloaded in the background when stale), or
-        read from the catalog when none is cached."""
+        read from the catalog when none is cached, waiting for the catalog until ``deadline``
+        (default: the retry deadline from now)."""
         route = self._routes.get(collection)
         if route is None:
-            return await self._refresh(collection)
+            return await self._load(collection, self._deadline() if deadline is None
+                                    else deadline)
         if collection in self._stale:
             self._reload_soon(collection)
         return route
+
+    async def _load(self, collection: str, deadline: float) -> CollectionRoute:
+        """Read a route from the catalog, again and again while the catalog cannot be read
+        (down, restarting, a dead pooled connection), until ``deadline``; then the last
+        ``RouteUnavailableError``. An answer (the route, an unknown collection) ends it."""
+        loop = asyncio.get_running_loop()
+        backoff = 0.05
+        while True:
+            try:
+                return await self._refresh(collection, timeout=deadline - loop.time())
+            except RouteUnavailableError:
+                left = deadline - loop.time()
+                if left <= 0.01:
+                    raise
+                metrics.retries.add(1, {"op": "route"})
+                await asyncio.sleep(min(backoff, left))
+                backoff = min(backoff * 2, 0.5)
 
     def _mark_stale(self, collection: str) -> None:
         self._stale.add(collection)
@@ -263,21 +291,28 @@ class Router:
 
         self._spawn(reload(), f"router-reload-{collection}")
 
-    async def _refresh(self, collection: str) -> CollectionRoute:
-        """Reload one collection's route; concurrent callers share one catalog read.
+    async def _refresh(self, collection: str, timeout: float | None = None) -> CollectionRoute:
+        """Reload one collection's route; concurrent callers share one catalog read. One
+        attempt, bounded by the source's own limit and by ``timeout`` when given.
 
         Raises ``RouteUnavailableError`` when the catalog cannot be read (the cached map, if
         any, stays)."""
         pending = self._refreshing.get(collection)
         if pending is not None:
-            return await asyncio.shield(pending)
+            try:
+                return await asyncio.wait_for(asyncio.shield(pending), timeout)
+            except TimeoutError as exc:  # the shared read goes on, for its other callers
+                raise RouteUnavailableError(
+                    f"{collection}: the catalog did not answer in time and the collection's "
+                    "chunk map is needed; nothing was written, retry later") from exc
         fut: asyncio.Future[CollectionRoute] = asyncio.get_running_loop().create_future()
         self._refreshing[collection] = fut
         stale = collection in self._stale
         self._stale.discard(collection)  # a notification during the read marks it again
         try:
             try:
-                route = await self.source.load_route(collection)
+                route = await (self.source.load_route(collection) if timeout is None else
+                               self.source.load_route(collection, timeout=max(0.0, timeout)))
             except Exception as exc:
                 if not _unavailable(exc):
                     raise  # an unknown collection, a bad name: no retry changes that
@@ -298,8 +333,9 @@ class Router:
         finally:
             del self._refreshing[collection]
 
-    async def shard(self, shard_id: str) -> PostgresShard:
-        """The pool of a shard (created on first use; no connection is opened here)."""
+    async def shard(self, shard_id: str, timeout: float | None = None) -> PostgresShard:
+        """The pool of a shard (created on first use; no connection is opened here). Reading
+        a new shard's address takes at most ``timeout`` when given."""
         s = self._shards.get(shard_id)
         if s is not None:
             return s
@@ -309,7 +345,8 @@ class Router:
             s = self._shards.get(shard_id)
             if s is None:
                 try:
-                    dsn = await self.source.shard_dsn(shard_id)
+                    dsn = await (self.source.shard_dsn(shard_id) if timeout is None else
+                                 self.source.shard_dsn(shard_id, timeout=max(0.0, timeout)))
                 except Exception as exc:
                     if not _unavailable(exc):
                         raise
@@ -357,14 +394,17 @@ class Router:
         fn: Callable[[CollectionRoute, float], Awaitable[T]],
         *,
         read_only: bool,
+        deadline: float | None = None,
     ) -> T:
         """Run ``fn(route, time_left)`` until it succeeds, retrying what is safe to retry
-        (see the module docstring) until ``retry_deadline_s``."""
+        (see the module docstring) until ``deadline`` (default: ``retry_deadline_s`` from
+        now; an operation passes the one it started with)."""
         if self._closed:
             raise RouterClosedError(f"the router is closed ({op} on {collection})")
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        deadline = loop.time() + self.settings.retry_deadline_s
+        if deadline is None:
+            deadline = self._deadline()
         backoff = self.settings.retry_backoff_s
         attempts = 0
         outcome = "error"
@@ -383,7 +423,7 @@ class Router:
 
         try:
             while True:
-                route = await self.route(collection)
+                route = await self.route(collection, deadline)
                 attempts += 1
                 try:
                     result = await fn(route, max(0.0, deadline - loop.time()))
@@ -394,7 +434,8 @@ class Router:
                     if loop.time() >= deadline:
                         raise give_up(str(exc), exc) from exc
                     try:
-                        fresh = await self._refresh(collection)
+                        fresh = await self._refresh(collection,
+                                                    timeout=max(0.0, deadline - loop.time()))
                     except RouteUnavailableError:
                         fresh = route  # the catalog is down: wait for it, within the deadline
                     metrics.map_refreshes.add(1, {"reason": "rejection"})
@@ -473,15 +514,16 @@ class Router:
 
     async def insert(self, collection: str, doc: Mapping[str, Any]) -> None:
         """Insert a new document (``DuplicateDocumentError`` if its key and _id exist)."""
-        route = await self.route(collection)
+        deadline = self._deadline()
+        route = await self.route(collection, deadline)
         h = self._hash(self._key_of(route, doc))
         self._check_size(doc)
 
         async def op(r: CollectionRoute, t: float) -> None:
             c = r.lookup(h)
-            await (await self.shard(c.shard_id)).insert(collection, c.ref, h, doc, timeout=t)
+            await (await self.shard(c.shard_id, t)).insert(collection, c.ref, h, doc, timeout=t)
 
-        await self._run(collection, "insert", op, read_only=False)
+        await self._run(collection, "insert", op, read_only=False, deadline=deadline)
 
     async def replace(
         self, collection: str, doc: Mapping[str, Any], *, key: Any = _MISSING
@@ -491,7 +533,8 @@ class Router:
         ``key``, when given, is the shard key the caller believes the document has; a
         replacement that carries another one is refused (shard keys are immutable).
         """
-        route = await self.route(collection)
+        deadline = self._deadline()
+        route = await self.route(collection, deadline)
         value = self._key_of(route, doc)
         if key is not _MISSING and key != value:
             raise ShardKeyChangeError(
@@ -503,51 +546,54 @@ class Router:
 
         async def op(r: CollectionRoute, t: float) -> bool:
             c = r.lookup(h)
-            return await (await self.shard(c.shard_id)).replace(
+            return await (await self.shard(c.shard_id, t)).replace(
                 collection, c.ref, h, doc, timeout=t)
 
-        return await self._run(collection, "replace", op, read_only=False)
+        return await self._run(collection, "replace", op, read_only=False, deadline=deadline)
 
     async def patch(
         self, collection: str, key: Any, _id: Any, update: Mapping[str, Any]
     ) -> dict[str, Any] | None:
         """Apply ``$set``/``$unset``/``$inc``; the new document, or None if there is none."""
-        route = await self.route(collection)
+        deadline = self._deadline()
+        route = await self.route(collection, deadline)
         h = self._hash(key)
         protected = ("_id", route.shard_key)
 
         async def op(r: CollectionRoute, t: float) -> dict[str, Any] | None:
             c = r.lookup(h)
-            return await (await self.shard(c.shard_id)).patch(
+            return await (await self.shard(c.shard_id, t)).patch(
                 collection, c.ref, h, _id, update, protected, timeout=t
             )
 
         try:
-            return await self._run(collection, "patch", op, read_only=False)
+            return await self._run(collection, "patch", op, read_only=False, deadline=deadline)
         except (InvalidDocumentError, InvalidNameError) as exc:
             raise BadRequestError(str(exc)) from exc
 
     async def delete(self, collection: str, key: Any, _id: Any) -> bool:
-        route = await self.route(collection)
+        deadline = self._deadline()
+        route = await self.route(collection, deadline)
         del route
         h = self._hash(key)
 
         async def op(r: CollectionRoute, t: float) -> bool:
             c = r.lookup(h)
-            return await (await self.shard(c.shard_id)).delete(
+            return await (await self.shard(c.shard_id, t)).delete(
                 collection, c.ref, h, _id, timeout=t)
 
-        return await self._run(collection, "delete", op, read_only=False)
+        return await self._run(collection, "delete", op, read_only=False, deadline=deadline)
 
     async def get(self, collection: str, key: Any, _id: Any) -> dict[str, Any] | None:
-        await self.route(collection)
+        deadline = self._deadline()
+        await self.route(collection, deadline)
         h = self._hash(key)
 
         async def op(r: CollectionRoute, t: float) -> dict[str, Any] | None:
             c = r.lookup(h)
-            return await (await self.shard(c.shard_id)).get(collection, c.ref, h, _id, timeout=t)
+            return await (await self.shard(c.shard_id, t)).get(collection, c.ref, h, _id, timeout=t)
 
-        return await self._run(collection, "get", op, read_only=True)
+        return await self._run(collection, "get", op, read_only=True, deadline=deadline)
 
     async def find(
         self, collection: str, filter: Mapping[str, Any], *, limit: int = 100
@@ -559,7 +605,8 @@ class Router:
         most ``limit`` documents and ``find_max_result_bytes`` of them (BSON): when that cap
         cuts the result short, the result's ``truncated`` is True.
         """
-        route = await self.route(collection)
+        deadline = self._deadline()
+        route = await self.route(collection, deadline)
         if not isinstance(filter, Mapping) or len(filter) != 1:
             raise BadRequestError("filter must have exactly one field: {field: value}")
         if not isinstance(limit, int) or not 1 <= limit <= 10_000:
@@ -570,11 +617,11 @@ class Router:
 
             async def by_key(r: CollectionRoute, t: float) -> list[dict[str, Any]]:
                 c = r.lookup(h)
-                return await (await self.shard(c.shard_id)).find_by_shard_key(
+                return await (await self.shard(c.shard_id, t)).find_by_shard_key(
                     collection, c.ref, h, r.shard_key, value, limit, timeout=t
                 )
 
-            docs = await self._run(collection, "find", by_key, read_only=True)
+            docs = await self._run(collection, "find", by_key, read_only=True, deadline=deadline)
             return cap_result(docs, self.settings.find_max_result_bytes)
         if field not in route.indexed_fields():
             raise BadRequestError(
@@ -597,14 +644,14 @@ class Router:
 
             return list(heapq.merge(*results, key=order))[:limit]
 
-        docs = await self._run(collection, "find", scatter, read_only=True)
+        docs = await self._run(collection, "find", scatter, read_only=True, deadline=deadline)
         return cap_result(docs, self.settings.find_max_result_bytes)
 
     async def _find_leg(
         self, collection: str, shard_id: str, refs: list[Any], field: str, value: Any,
         limit: int, timeout: float,
     ) -> list[dict[str, Any]]:
-        shard = await self.shard(shard_id)
+        shard = await self.shard(shard_id, timeout)
         try:
             return await shard.find_by_field(collection, refs, field, value, limit,
                                              timeout=timeout)

@@ -7,7 +7,8 @@ ObjectId comes back as exactly what was stored.
 Every ``/v1`` endpoint needs ``Authorization: Bearer <token>`` with a token from
 ``RouterSettings.http_tokens``; a missing or wrong token gets 401 before the request's body is
 read and before anything reaches a shard. ``/healthz`` (the process is alive), ``/readyz``
-(the catalog answers) and the API description (``/openapi.json``, ``/docs``) are open.
+(the catalog answers) and the API description (``/openapi.json``, ``/docs``) are open. The
+service starts whether or not the catalog answers; until it does, ``/readyz`` is 503.
 
 Every error, whatever its status, has one shape: ``{"error": "<what happened and what to
 do>", "type": "<kind>"}``, plus ``"details"`` (the fields at fault) for 422. Error bodies
@@ -328,11 +329,14 @@ def create_app(
             yield
             return
         router = router_factory()
-        await router.start()
+        await router.start()  # does not wait for the catalog: /readyz tells when it answers
         state["router"] = router
+        probe = asyncio.create_task(_first_ping(router), name="router-first-ping")
         try:
             yield
         finally:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
             await router.close()
 
     app = FastAPI(
@@ -480,6 +484,16 @@ def create_app(
         return ejson_response({"documents": docs, "truncated": docs.truncated})
 
     return app
+
+
+async def _first_ping(router: Router) -> None:
+    """Say in the log, once, when the router starts while the catalog does not answer (down,
+    or a wrong address or password): it serves once the catalog answers, not ready till then."""
+    try:
+        await router.source.ping()  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - reported, and /readyz keeps reporting it
+        log.warning("router started, but the catalog does not answer (%s: %s); /readyz reports "
+                    "not ready until it does", type(exc).__name__, exc)
 
 
 class _Unauthorized(Exception):
