@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 from bson import json_util
+from bson.errors import BSONError
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -43,7 +44,9 @@ def from_ejson(value: Any) -> Any:
     """Extended JSON (already parsed as plain JSON) to BSON-typed Python values."""
     try:
         return json.loads(json.dumps(value), object_hook=_hook)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, ArithmeticError, RecursionError, BSONError) as exc:
+        # ArithmeticError: a $date out of range, a $numberDecimal that is no number;
+        # BSONError: a bad $oid.
         raise BadRequestError(f"invalid Extended JSON: {exc}") from exc
 
 

@@ -26,7 +26,7 @@ DB = settings(max_examples=40, deadline=None,
                                      HealthCheck.too_slow])
 """For properties that touch a real server: few examples, no per-example deadline."""
 
-PURE = settings(max_examples=300, deadline=None)
+PURE = settings(max_examples=100, deadline=None)
 """For pure-logic properties."""
 
 SQL_FRAGMENTS = [
