@@ -8,18 +8,22 @@ the session stack's real PostgreSQL shards and catalog with a modest number of e
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from catalog import Catalog
 from shards.models import KHASH_END, KHASH_MIN, FenceState, IndexDefinition, KeyRange
 from shards.postgres import PostgresShard
 
 FULL = KeyRange(lo=KHASH_MIN, hi=KHASH_END)
+T = TypeVar("T")
 
 DB = settings(max_examples=40, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -63,30 +67,61 @@ wrong_types = st.one_of(
 hostile_values = st.one_of(hostile_text, hostile_numbers, wrong_types)
 
 
-@pytest.fixture
-async def shard(pg18_dsns: list[str]) -> AsyncIterator[PostgresShard]:
-    async with PostgresShard("shard-1", pg18_dsns[0]) as s:
-        await s.ensure_schema()
-        yield s
+class LoopThread:
+    """An event loop on its own thread, so a synchronous hypothesis test can drive the async
+    engine one example at a time (hypothesis runs examples synchronously)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="props-loop",
+                                        daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@dataclass
+class SyncShard:
+    """One real shard with one collection (an active chunk over the whole space, indexed on
+    ``email``), driven from synchronous code."""
+
+    loop: LoopThread
+    shard: PostgresShard
+    collection: str
+
+    def __call__(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run(coro)
 
 
 @pytest.fixture
-async def coll(shard: PostgresShard, collection_name: str) -> AsyncIterator[str]:
-    """A collection on one real shard, one active chunk over the whole space, indexed on
-    ``email``."""
-    await shard.create_collection(
-        collection_name, [IndexDefinition(name="by_email", fields=("email",))])
-    await shard.put_fence(collection_name, 1, FULL, 1, FenceState.ACTIVE)
-    yield collection_name
-    await shard.drop_collection(collection_name)
+def sync_shard(pg18_dsns: list[str], collection_name: str) -> Iterator[SyncShard]:
+    loop = LoopThread()
+    shard = PostgresShard("shard-1", pg18_dsns[0], max_size=2)
 
+    async def setup() -> None:
+        await shard.open()
+        await shard.ensure_schema()
+        await shard.create_collection(
+            collection_name, [IndexDefinition(name="by_email", fields=("email",))])
+        await shard.put_fence(collection_name, 1, FULL, 1, FenceState.ACTIVE)
 
-@pytest.fixture(scope="session")
-async def prop_catalog(catalog_dsn: str) -> AsyncIterator[Catalog]:
-    cat = Catalog(catalog_dsn, max_size=4)
-    await cat.open()
-    await cat.ensure_schema()
+    async def teardown() -> None:
+        try:
+            await shard.drop_collection(collection_name)
+        finally:
+            await shard.close()
+
     try:
-        yield cat
+        loop.run(setup())
+        yield SyncShard(loop, shard, collection_name)
     finally:
-        await cat.close()
+        try:
+            loop.run(teardown())
+        finally:
+            loop.close()
