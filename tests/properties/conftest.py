@@ -33,6 +33,9 @@ DB = settings(max_examples=40, deadline=None,
 PURE = settings(max_examples=100, deadline=None)
 """For pure-logic properties."""
 
+FEW = settings(max_examples=40, deadline=None)
+"""For pure properties whose examples are slow to build (hostile text, composed SQL)."""
+
 SQL_FRAGMENTS = [
     "'", '"', "\\", ";", "--", "/*", "*/", "$$", "$1", "%s", "%(c)s", "{}", "{t}",
     "'; DROP TABLE docs.x; --", '"); DROP SCHEMA shardshift CASCADE; --',
