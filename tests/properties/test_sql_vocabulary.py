@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from shards.errors import InvalidDocumentError, InvalidNameError
 from shards.postgres.documents import DocumentStatements, validate_patch
-from tests.properties.conftest import FEW as PURE, collection_names, field_paths, hostile_text
+from tests.properties.conftest import FEW, collection_names, field_paths, hostile_text
 
 _QUOTED = re.compile(rb'"(?:[^"]|"")*"|\'(?:[^\']|\'\')*\'')
 _PARAM = re.compile(rb"%\((\w+)\)s")
@@ -43,7 +43,7 @@ def _quoted(query: bytes) -> list[bytes]:
     return [m.group(0) for m in _QUOTED.finditer(query)]
 
 
-@PURE
+@FEW
 @given(collection_names, field_paths, field_paths)
 def test_statements_are_a_fixed_template(collection: str, key: str, path: str) -> None:
     queries = _statements(collection, key, path)
@@ -57,7 +57,7 @@ def test_statements_are_a_fixed_template(collection: str, key: str, path: str) -
                           b"'active'", *segments}
 
 
-@PURE
+@FEW
 @given(st.one_of(hostile_text, collection_names), st.one_of(hostile_text, field_paths))
 def test_hostile_names_never_compile(collection: str, path: str) -> None:
     """A name the validators refuse produces no SQL at all."""
@@ -68,7 +68,7 @@ def test_hostile_names_never_compile(collection: str, path: str) -> None:
     assert all(_template(q) == r for q, r in zip(queries, _REFERENCE, strict=True))
 
 
-@PURE
+@FEW
 @given(st.dictionaries(st.sampled_from(["$set", "$unset", "$inc"]),
                        st.dictionaries(field_paths, st.one_of(hostile_text, st.integers(
                            min_value=-(2**63), max_value=2**63 - 1), st.floats()),
