@@ -18,7 +18,14 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class MoveSpec(_Frozen):
+class _Input(_Frozen):
+    """An activity's input: its floats are durations and limits, never inf or NaN (a
+    workflow hands them to ``timedelta``, which raises on them)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class MoveSpec(_Input):
     """Everything about one chunk move that stays fixed while it runs."""
 
     migration_id: str
@@ -35,7 +42,7 @@ class MoveSpec(_Frozen):
     third of it while the move's activities run."""
 
 
-class RegisterInput(_Frozen):
+class RegisterInput(_Input):
     migration_id: str
     kind: MigrationKind = MigrationKind.MOVE
     collection: str
@@ -47,11 +54,11 @@ class RegisterInput(_Frozen):
     """Lifetime of the move's leases (None: the catalog's default)."""
 
 
-class RegisteredInput(_Frozen):
+class RegisteredInput(_Input):
     migration_id: str
 
 
-class PhaseInput(_Frozen):
+class PhaseInput(_Input):
     migration_id: str
     phase: MigrationPhase
     detail: str | None = None
@@ -59,13 +66,13 @@ class PhaseInput(_Frozen):
     """The move's lease lifetime (None: the catalog's default): recording a phase renews them."""
 
 
-class FinishInput(_Frozen):
+class FinishInput(_Input):
     spec: MoveSpec
     outcome: MigrationOutcome
     detail: str | None = None
 
 
-class SnapshotInput(_Frozen):
+class SnapshotInput(_Input):
     spec: MoveSpec
     part_rows: int = Field(default=50_000, ge=100)
 
@@ -77,7 +84,7 @@ class SnapshotResult(_Frozen):
     bytes: int
 
 
-class ImportInput(_Frozen):
+class ImportInput(_Input):
     spec: MoveSpec
     follow_export_s: float | None = 600.0
     """Import parts as the export writes them (None: only parts already staged)."""
@@ -88,7 +95,7 @@ class ImportResult(_Frozen):
     rows: int
 
 
-class CopyProgressInput(_Frozen):
+class CopyProgressInput(_Input):
     spec: MoveSpec
     count_source: bool = False
 
@@ -116,7 +123,7 @@ class Direction(StrEnum):
     """Target back to source, during the rollback window."""
 
 
-class ReplicateInput(_Frozen):
+class ReplicateInput(_Input):
     spec: MoveSpec
     direction: Direction = Direction.FORWARD
 
@@ -137,7 +144,7 @@ class ReplicateResult(_Frozen):
     applied_lsn: str
 
 
-class LagInput(_Frozen):
+class LagInput(_Input):
     spec: MoveSpec
     direction: Direction = Direction.FORWARD
 
@@ -150,7 +157,7 @@ class LagResult(_Frozen):
     """The stream's state row exists (the applier has started at least once)."""
 
 
-class WaitLagInput(_Frozen):
+class WaitLagInput(_Input):
     """``wait_caught_up``: poll the stream's lag inside one activity (few history events)."""
 
     spec: MoveSpec
@@ -161,7 +168,7 @@ class WaitLagInput(_Frozen):
     """Return after this long even if not caught up (the workflow then decides again)."""
 
 
-class ReachableInput(_Frozen):
+class ReachableInput(_Input):
     """``wait_reachable``: probe a shard until it answers or the window ends."""
 
     shard: str
@@ -178,7 +185,7 @@ class ReachableResult(_Frozen):
     """The last probe's error (what an operator sees in the progress detail)."""
 
 
-class VerifyInput(_Frozen):
+class VerifyInput(_Input):
     spec: MoveSpec
     buckets: int = Field(default=64, ge=1, le=65_536)
     max_repair_rounds: int = Field(default=3, ge=0)
@@ -195,7 +202,7 @@ class VerifyResult(_Frozen):
     lsn: str
 
 
-class CutoverInput(_Frozen):
+class CutoverInput(_Input):
     spec: MoveSpec
     direction: Direction = Direction.FORWARD
     max_lag_bytes: int = 4 * 1024 * 1024
@@ -213,7 +220,7 @@ class CutoverInput(_Frozen):
         return self.rollback_window_s is None or self.rollback_window_s > 0
 
 
-class PlanInput(_Frozen):
+class PlanInput(_Input):
     migration_id: str
     collection: str
     chunk_id: int
@@ -241,7 +248,7 @@ class CutoverResult(_Frozen):
     """Why the cutover did not commit (admission refused, catch-up timeout, ...)."""
 
 
-class CleanupInput(_Frozen):
+class CleanupInput(_Input):
     spec: MoveSpec
     outcome: MigrationOutcome
     delete_batch: int = 5_000
@@ -267,7 +274,7 @@ class DeleteCheckpoint(_Frozen):
 # -- draining shards (merges and upgrades) ------------------------------------------------------
 
 
-class DrainPlanInput(_Frozen):
+class DrainPlanInput(_Input):
     shards: list[str] = Field(min_length=1)
     """The shards to empty and retire."""
     targets: list[str] | None = None
@@ -293,7 +300,7 @@ class DrainPlan(_Frozen):
     """Estimated bytes on each target once the planned moves are done."""
 
 
-class DrainFinishInput(_Frozen):
+class DrainFinishInput(_Input):
     shards: list[str]
 
 
@@ -303,14 +310,14 @@ class DrainFinishResult(_Frozen):
     """Drained shards that still hold chunks (a failed move): not retired."""
 
 
-class DrainRestoreInput(_Frozen):
+class DrainRestoreInput(_Input):
     shards: list[str]
 
 
 # -- rebalancing ---------------------------------------------------------------------------------
 
 
-class RebalancePlanInput(_Frozen):
+class RebalancePlanInput(_Input):
     tolerance: float = Field(default=0.2, gt=0)
     """Spread allowed between the most and the least loaded shard, as a fraction of the mean."""
     max_moves: int = Field(default=4, ge=0)
@@ -342,11 +349,11 @@ class RebalancePlan(_Frozen):
     """Chunks left out because a migration is moving them."""
 
 
-class SplitInput(_Frozen):
+class SplitInput(_Input):
     collection: str
     chunk_id: int
     child_ids: list[int] = Field(min_length=2, max_length=2)
 
 
-class AllocateIdsInput(_Frozen):
+class AllocateIdsInput(_Input):
     n: int = Field(ge=1, le=1000)

@@ -39,6 +39,7 @@ from http import HTTPStatus
 from typing import Any
 
 from bson import json_util
+from bson.errors import BSONError
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -74,7 +75,9 @@ def from_ejson(value: Any) -> Any:
     """Extended JSON (already parsed as plain JSON) to BSON-typed Python values."""
     try:
         return json.loads(json.dumps(value), object_hook=_hook)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, ArithmeticError, RecursionError, BSONError) as exc:
+        # ArithmeticError: a $date out of range, a $numberDecimal that is no number;
+        # BSONError: a bad $oid.
         raise BadRequestError(f"invalid Extended JSON: {exc}") from exc
 
 

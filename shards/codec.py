@@ -5,6 +5,12 @@ Canonical mode keeps every BSON type distinct (``{"$numberInt": "1"}`` vs ``{"$n
 a datetime, a Decimal128 money amount or an int64 reads back as the same Python value; money
 never passes through float. ``jsonb`` normalizes key order, so a document's field order is not
 preserved (equality of documents as mappings is).
+
+What cannot round-trip is refused before anything is stored (``InvalidDocumentError``):
+field names that start with ``$`` (Extended JSON would read ``{"$oid": ...}`` back as an
+ObjectId, or not at all), field names that are not strings, NUL characters in names or strings
+and lone surrogates (PostgreSQL's ``jsonb`` stores neither), and integers outside int64 (BSON
+has no wider integer).
 """
 
 from __future__ import annotations
@@ -23,10 +29,61 @@ JSON_OPTIONS = json_util.CANONICAL_JSON_OPTIONS.with_options(
 )
 
 
+_INT64_MIN, _INT64_END = -(2**63), 2**63
+_MAX_DEPTH = 100
+"""Nesting deeper than this is refused (BSON documents in MongoDB stop at 100 levels)."""
+
+
+def _check_text(s: str, what: str) -> None:
+    if "\x00" in s:
+        raise InvalidDocumentError(f"{what} contains a NUL character (\\u0000), which cannot be stored")
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidDocumentError(
+                f"{what} contains a lone surrogate ({s.encode('utf-8', 'backslashreplace')[:40]!r}"
+                "), which is not valid Unicode text"
+            ) from None
+
+
+def check_storable(value: Any, depth: int = 0) -> None:
+    """Refuse a value canonical Extended JSON in ``jsonb`` cannot hold as it is (see above)."""
+    if isinstance(value, str):
+        _check_text(value, "a string")
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int):
+        if not _INT64_MIN <= value < _INT64_END:
+            raise InvalidDocumentError(
+                f"integer {value} does not fit BSON's 64-bit integer; store it as a Decimal128 "
+                "or a string"
+            )
+    elif isinstance(value, Mapping):
+        if depth >= _MAX_DEPTH:
+            raise InvalidDocumentError(f"a document nested deeper than {_MAX_DEPTH} levels")
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidDocumentError(
+                    f"field names must be strings, not {type(k).__name__} ({k!r})")
+            _check_text(k, f"field name {k[:40]!r}")
+            if k.startswith("$"):
+                raise InvalidDocumentError(
+                    f"field name {k[:40]!r} starts with '$', which is reserved for Extended JSON"
+                    " and operators")
+            check_storable(v, depth + 1)
+    elif isinstance(value, list | tuple):
+        if depth >= _MAX_DEPTH:
+            raise InvalidDocumentError(f"a document nested deeper than {_MAX_DEPTH} levels")
+        for v in value:
+            check_storable(v, depth + 1)
+
+
 def encode_document(doc: Mapping[str, Any]) -> str:
     """A document as canonical Extended JSON text."""
     if not isinstance(doc, Mapping):
         raise InvalidDocumentError(f"a document must be a mapping, not {type(doc).__name__}")
+    check_storable(doc)
     try:
         return json_util.dumps(doc, json_options=JSON_OPTIONS, separators=(",", ":"))
     except (TypeError, ValueError, OverflowError, InvalidDocument) as exc:
@@ -35,6 +92,7 @@ def encode_document(doc: Mapping[str, Any]) -> str:
 
 def encode_value(value: Any) -> str:
     """One BSON value as canonical Extended JSON text (for ids, filters and patches)."""
+    check_storable(value)
     try:
         return json_util.dumps(value, json_options=JSON_OPTIONS, separators=(",", ":"))
     except (TypeError, ValueError, OverflowError, InvalidDocument) as exc:

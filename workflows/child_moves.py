@@ -82,7 +82,7 @@ def check_move_options(options: dict[str, Any]) -> None:
     if reserved:
         raise ApplicationError(f"move options may not set {reserved}", non_retryable=True)
     try:
-        MigrateChunkInput(collection="c", chunk_id=0, target="t", **options)
+        MigrateChunkInput(collection="c", chunk_id=1, target="t", **options)
     except ValidationError as exc:
         raise ApplicationError(f"invalid move options: {exc}".replace("\n", " "),
                                non_retryable=True) from None

@@ -48,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
         PlannedMove,
     )
     from catalog.models import MigrationKind
+    from catalog.store import check_shard_id
     from workflows.child_moves import (
         ChildMove,
         FleetState,
@@ -68,7 +69,7 @@ _QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=tim
 class DrainShardInput(BaseModel):
     """Which shards to empty, where to, and how the moves run."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     shards: list[str] = Field(min_length=1)
     targets: list[str] | None = None
@@ -97,8 +98,17 @@ class DrainShardInput(BaseModel):
     @field_validator("shards")
     @classmethod
     def _distinct(cls, v: list[str]) -> list[str]:
+        for s in v:
+            check_shard_id(s)
         if len(set(v)) != len(v):
             raise ValueError("each shard may be named once")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str] | None) -> list[str] | None:
+        for s in v or []:
+            check_shard_id(s)
         return v
 
 

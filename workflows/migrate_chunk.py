@@ -52,7 +52,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, FailureError
@@ -90,6 +90,8 @@ with workflow.unsafe.imports_passed_through():
     from activities.snapshot import SnapshotActivities
     from activities.verify import VerifyActivities
     from catalog.models import MigrationKind, MigrationOutcome, MigrationPhase
+    from catalog.store import check_shard_id
+    from shards.names import check_collection
 
 SA_KIND = SearchAttributeKey.for_keyword("ShardshiftKind")
 SA_COLLECTION = SearchAttributeKey.for_keyword("ShardshiftCollection")
@@ -131,10 +133,10 @@ _MAX_STEP_PAUSE_S = 300.0
 class MigrateChunkInput(BaseModel):
     """What to move and how. Durations are seconds (settings a test can shorten)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     collection: str
-    chunk_id: int
+    chunk_id: int = Field(ge=1, lt=2**63)
     target: str
     kind: MigrationKind = MigrationKind.MOVE
     part_rows: int = Field(default=50_000, ge=100)
@@ -174,6 +176,16 @@ class MigrateChunkInput(BaseModel):
     """Longest one ``wait_caught_up`` / ``wait_reachable`` call waits before reporting."""
     resume: MigrateChunkResume | None = None
     """Set by continue-as-new only: where the previous run of this move stopped."""
+
+    @field_validator("collection")
+    @classmethod
+    def _collection(cls, v: str) -> str:
+        return check_collection(v)
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        return check_shard_id(v)
 
 
 class MigrateChunkResult(BaseModel):

@@ -27,7 +27,7 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ApplicationError
@@ -42,6 +42,8 @@ with workflow.unsafe.imports_passed_through():
         SplitInput,
     )
     from catalog.models import MigrationKind
+    from catalog.store import check_shard_id
+    from shards.names import check_collection
     from workflows.child_moves import (
         ChildMove,
         FleetState,
@@ -68,7 +70,7 @@ class RebalanceState(FleetState):
 
 
 class RebalanceInput(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: MigrationKind = MigrationKind.REBALANCE
     """``rebalance``, or ``split_shard``: the same planning between a hot shard and a new one
@@ -94,6 +96,20 @@ class RebalanceInput(BaseModel):
     """When to continue as new; how often a chunk whose target is lost is re-planned."""
     state: RebalanceState | None = None
     """Progress carried from the previous run (set by the workflow when it continues as new)."""
+
+    @field_validator("collections")
+    @classmethod
+    def _collections(cls, v: list[str] | None) -> list[str] | None:
+        for c in v or []:
+            check_collection(c)
+        return v
+
+    @field_validator("shards")
+    @classmethod
+    def _shards(cls, v: list[str] | None) -> list[str] | None:
+        for s in v or []:
+            check_shard_id(s)
+        return v
 
 
 class RebalanceProgress(MovesProgress):

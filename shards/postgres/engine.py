@@ -347,7 +347,8 @@ class PostgresShard:
                                 shard_key: str, value: Any, limit: int = 1000, *,
                                 timeout: float | None = None) -> list[dict[str, Any]]:
         key = (collection, "key", shard_key)
-        query = self._find_sql.get(key)
+        # A path that is no string is refused (InvalidNameError) when its SQL is composed.
+        query = self._find_sql.get(key) if isinstance(shard_key, str) else None
         if query is None:
             query = self._find_sql[key] = self._st(collection).find_key_sql(shard_key)
         params = D.fence_params(collection, ref, khash) | {"v": encode_value(value), "n": limit}
@@ -361,7 +362,8 @@ class PostgresShard:
         if not refs:
             return []
         key = (collection, "field", path)
-        query = self._find_sql.get(key)
+        # A path that is no string is refused (InvalidNameError) when its SQL is composed.
+        query = self._find_sql.get(key) if isinstance(path, str) else None
         if query is None:
             query = self._find_sql[key] = self._st(collection).find_field_sql(path)
         params = {

@@ -180,12 +180,15 @@ class ProtocolError(Exception):
     """The stream did not follow the pgoutput protocol as this decoder understands it."""
 
 
+# Byte layouts as the protocol defines them: LSNs are unsigned 64-bit, transaction ids and
+# OIDs unsigned 32-bit, timestamps and lengths signed.
 _I32 = struct.Struct(">i")
+_OID = struct.Struct(">I")
 _I16 = struct.Struct(">h")
-_BEGIN = struct.Struct(">qqi")
-_COMMIT = struct.Struct(">bqqq")
-_ORIGIN = struct.Struct(">q")
-_MSG = struct.Struct(">bq")
+_BEGIN = struct.Struct(">QqI")
+_COMMIT = struct.Struct(">bQQq")
+_ORIGIN = struct.Struct(">Q")
+_MSG = struct.Struct(">bQ")
 
 _UNCHANGED = object()
 
@@ -310,7 +313,7 @@ class ChunkDecoder:
         return self._txn
 
     def _relation(self, buf: bytes) -> None:
-        (relid,) = _I32.unpack_from(buf, 1)
+        (relid,) = _OID.unpack_from(buf, 1)
         pos = 5
         namespace, pos = _cstring(buf, pos)
         name, pos = _cstring(buf, pos)
@@ -336,7 +339,7 @@ class ChunkDecoder:
         self._relations[relid] = _Relation(kind, f"{namespace}.{name}", columns)
 
     def _rel(self, buf: bytes) -> _Relation:
-        (relid,) = _I32.unpack_from(buf, 1)
+        (relid,) = _OID.unpack_from(buf, 1)
         rel = self._relations.get(relid)
         if rel is None:
             raise ProtocolError(f"change of relation {relid} before its Relation message")
@@ -443,7 +446,7 @@ class ChunkDecoder:
         if self._skip:
             return
         (n,) = _I32.unpack_from(buf, 1)
-        relids = struct.unpack_from(f">{n}i", buf, 6)
+        relids = struct.unpack_from(f">{n}I", buf, 6)
         for relid in relids:
             rel = self._relations.get(relid)
             if rel is None:

@@ -19,6 +19,8 @@ for people; the engine maps the codes to typed exceptions.
 
 from __future__ import annotations
 
+import hashlib
+
 from psycopg import sql
 
 META = "shardshift"
@@ -201,4 +203,12 @@ def field_expr(path: tuple[str, ...], column: str = "doc") -> sql.Composed:
 
 
 def index_table_name(collection: str, index: str) -> str:
-    return f"ix_{collection}__{index}"[:63]
+    """The PostgreSQL name of a collection's index: ``ix_<collection>__<index>``, or, when that
+    is longer than an identifier may be (63 bytes), its first 46 characters and a hash of the
+    whole, so two indexes whose names share a long prefix never get the same name (the second
+    ``CREATE INDEX IF NOT EXISTS`` would silently create nothing)."""
+    name = f"ix_{collection}__{index}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.blake2b(name.encode(), digest_size=8).hexdigest()
+    return f"{name[:46]}_{digest}"
