@@ -620,7 +620,7 @@ async def _collection_create(args: argparse.Namespace) -> int:
     from catalog import Catalog  # noqa: PLC0415
     from catalog.admin import provision_collection  # noqa: PLC0415
     from catalog.errors import CatalogError  # noqa: PLC0415
-    from workload.demo import close_engines, open_engines, register_stack_shards  # noqa: PLC0415
+    from catalog.local_stack import close_engines, open_engines, register_stack_shards  # noqa: PLC0415
 
     settings = get_settings()
     indexes = [_index(s) for s in args.index or []]

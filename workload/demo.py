@@ -18,16 +18,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping, Sequence
 
 from catalog import Catalog
-from catalog.models import ShardInfo
-from infra import InfraError, Stack
+from catalog.local_stack import close_engines, open_engines, register_stack_shards
+from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
-from router.hashing import khash
 from settings import RouterSettings, Settings, TemporalSettings
-from shards.models import IndexDefinition, KeyRange
+from shards.models import IndexDefinition
 from shards.postgres import PostgresShard
 
 DEMO_SHARDS = 3
@@ -38,65 +36,7 @@ WARMUP_S = 3.0
 AFTER_S = 4.0
 
 
-# -- helpers shared with the CLI -------------------------------------------------------------
-
-
-async def register_stack_shards(
-    catalog: Catalog, stack: Stack, names: Sequence[str] | None = None
-) -> list[ShardInfo]:
-    """Register the local stack's shards in the catalog when missing (id = server name).
-
-    A shard the catalog already knows is left as it is. Returns the (registered) shards of
-    ``names`` (default: every shard server of the stack), in stack order.
-    """
-    record = stack.record()
-    if record is None:
-        raise InfraError(f"no local stack in {stack.state_dir}: run `shardshift infra up`")
-    servers = [s for s in record.servers if s.role == "shard"]
-    if names is not None:
-        unknown = sorted(set(names) - {s.name for s in servers})
-        if unknown:
-            raise InfraError(f"the local stack has no shard {unknown}; it has "
-                             f"{[s.name for s in servers]}")
-        servers = [s for s in servers if s.name in names]
-    known = {s.shard_id: s for s in await catalog.list_shards()}
-    out: list[ShardInfo] = []
-    for server in servers:
-        info = known.get(server.name)
-        if info is None:
-            info = await catalog.register_shard(
-                server.name, stack.instance(server).dsn(), engine="postgres",
-                major_version=server.major_version,
-            )
-        out.append(info)
-    return out
-
-
-async def open_engines(shards: Sequence[ShardInfo], max_size: int = 4) -> dict[str, PostgresShard]:
-    engines: dict[str, PostgresShard] = {}
-    try:
-        for s in shards:
-            engines[s.shard_id] = await PostgresShard(s.shard_id, s.address, max_size=max_size).open()
-    except BaseException:
-        await close_engines(engines)
-        raise
-    return engines
-
-
-async def close_engines(engines: Mapping[str, PostgresShard]) -> None:
-    await asyncio.gather(*(e.close() for e in engines.values()), return_exceptions=True)
-
-
-def keys_in(rng: KeyRange, n: int, prefix: str = "acct") -> list[str]:
-    """The first ``n`` shard-key values ``{prefix}-{i}`` that hash into ``rng``."""
-    out: list[str] = []
-    i = 0
-    while len(out) < n and i < 2_000_000:
-        k = f"{prefix}-{i}"
-        if rng.contains(khash(k)):
-            out.append(k)
-        i += 1
-    return out
+# -- helpers ------------------------------------------------------------------------------
 
 
 async def preload(router: Router, collection: str, n: int, *, concurrency: int = 32,
@@ -145,7 +85,7 @@ async def _demo(settings: Settings, stack: Stack) -> int:  # noqa: PLR0915 - a l
     from worker import run_worker  # noqa: PLC0415
     from workflows import MigrateChunkInput, MigrateChunkWorkflow  # noqa: PLC0415
     from workload.checker import check, collect_stored  # noqa: PLC0415
-    from workload.generator import LoadGenerator, WorkloadConfig  # noqa: PLC0415
+    from workload.generator import LoadGenerator, WorkloadConfig, keys_in  # noqa: PLC0415
 
     t_start = time.monotonic()
     record = stack.record()
