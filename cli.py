@@ -661,56 +661,6 @@ async def _collection_create(args: argparse.Namespace) -> int:
 # -- doctor ---------------------------------------------------------------------------------
 
 
-class TemporalMoveProbe:
-    """``activities.doctor.MoveProbe`` over Temporal: does a workflow run this migration?
-
-    The record's lease holders (and the workflow id its migration id was derived from) are
-    described; a running one is this migration's when its run (or the first run of its
-    chain) derives the migration id, or when its ``progress`` query says so. Visibility (the
-    running ``MigrateChunkWorkflow`` executions) is the last resort. An error propagates:
-    the doctor then treats the migration as running.
-    """
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self._listed: set[str] | None = None
-
-    async def __call__(self, record: Any, workflow_ids: Any) -> bool:
-        from datetime import timedelta  # noqa: PLC0415
-
-        from temporalio.client import WorkflowExecutionStatus  # noqa: PLC0415
-        from temporalio.service import RPCError, RPCStatusCode  # noqa: PLC0415
-
-        from workflows.migrate_chunk import MigrateChunkWorkflow, migration_id_for  # noqa: PLC0415
-
-        mid = record.migration_id
-        for wid in dict.fromkeys([*workflow_ids, mid.rsplit(".", 1)[0]]):
-            try:
-                desc = await self.client.get_workflow_handle(wid).describe()
-            except RPCError as exc:
-                if exc.status == RPCStatusCode.NOT_FOUND:
-                    continue
-                raise
-            if desc.status != WorkflowExecutionStatus.RUNNING:
-                continue
-            runs = {desc.run_id, getattr(desc.raw_info, "first_run_id", "") or desc.run_id}
-            if mid in {migration_id_for(wid, r) for r in runs}:
-                return True
-            if desc.workflow_type == "MigrateChunkWorkflow":
-                progress = await self.client.get_workflow_handle(wid).query(
-                    MigrateChunkWorkflow.progress, rpc_timeout=timedelta(seconds=5))
-                if progress.migration_id == mid:
-                    return True
-        if self._listed is None:
-            self._listed = set()
-            query = "WorkflowType = 'MigrateChunkWorkflow' AND ExecutionStatus = 'Running'"
-            async for wf in self.client.list_workflows(query):
-                first = getattr(wf.raw_info, "first_run_id", "") or wf.run_id
-                self._listed |= {migration_id_for(wf.id, wf.run_id),
-                                 migration_id_for(wf.id, first)}
-        return mid in self._listed
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
     return asyncio.run(_doctor(args))
 
@@ -719,6 +669,7 @@ async def _doctor(args: argparse.Namespace) -> int:
     from activities.doctor import Doctor, format_report  # noqa: PLC0415
     from catalog import Catalog  # noqa: PLC0415
     from shards.staging import Staging  # noqa: PLC0415
+    from worker import TemporalMoveProbe  # noqa: PLC0415
 
     settings = get_settings()
     client: Any = None
