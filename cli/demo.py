@@ -1,4 +1,5 @@
-"""The main job (``./dev demo``): a live chunk migration under load, with a report.
+"""``shardshift demo`` (``./dev demo``), the main job: a live chunk migration under load, with
+a report.
 
 1. bring the local stack up (idempotent) and register its shards in the catalog;
 2. provision a fresh collection ``demo_<timestamp>`` (3 shards, 2 chunks each) and load a few
@@ -15,18 +16,29 @@ duplicated or resurrected and no client saw an error.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import time
 
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
 from catalog import Catalog
+from catalog.admin import provision_collection
 from catalog.local_stack import close_engines, open_engines, register_stack_shards
+from cli.moves import watch_migration
+from cli.render import print_result
 from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
-from settings import RouterSettings, Settings, TemporalSettings
+from settings import RouterSettings, Settings, TemporalSettings, get_settings
 from shards.models import IndexDefinition
 from shards.postgres import PostgresShard
+from worker import run_worker
+from workflows import MigrateChunkInput, MigrateChunkWorkflow
+from workload.checker import check, collect_stored
+from workload.generator import LoadGenerator, WorkloadConfig, keys_in
 
 DEMO_SHARDS = 3
 CHUNKS_PER_SHARD = 2
@@ -36,7 +48,7 @@ WARMUP_S = 3.0
 AFTER_S = 4.0
 
 
-# -- helpers ------------------------------------------------------------------------------
+# -- the preload ------------------------------------------------------------------------------
 
 
 async def preload(router: Router, collection: str, n: int, *, concurrency: int = 32,
@@ -59,6 +71,10 @@ async def preload(router: Router, collection: str, n: int, *, concurrency: int =
 # -- the demo ---------------------------------------------------------------------------------
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(get_settings())
+
+
 def run_demo(settings: Settings) -> int:
     stack = Stack.from_settings(settings)
     print(f"==> bringing the local stack up in {stack.state_dir}")
@@ -77,16 +93,6 @@ def _step(msg: str) -> None:
 
 
 async def _demo(settings: Settings, stack: Stack) -> int:  # noqa: PLR0915 - a linear script
-    from temporalio.client import Client  # noqa: PLC0415
-    from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: PLC0415
-
-    from catalog.admin import provision_collection  # noqa: PLC0415
-    from cli import print_result, watch_migration  # noqa: PLC0415
-    from worker import run_worker  # noqa: PLC0415
-    from workflows import MigrateChunkInput, MigrateChunkWorkflow  # noqa: PLC0415
-    from workload.checker import check, collect_stored  # noqa: PLC0415
-    from workload.generator import LoadGenerator, WorkloadConfig, keys_in  # noqa: PLC0415
-
     t_start = time.monotonic()
     record = stack.record()
     assert record is not None
