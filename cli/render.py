@@ -6,6 +6,7 @@ Nothing here talks to a server; each function formats (or prints) what it is giv
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def human_bytes(n: int) -> str:
 # -- the local stack --------------------------------------------------------------------------
 
 
-def print_status(rows: list[Any], state_dir: Path, as_json: bool) -> bool:
+def print_status(rows: Sequence[Any], state_dir: Path, as_json: bool) -> bool:
     """``infra status``: one line per server; True when every server is healthy."""
     if as_json:
         print(json.dumps([r.model_dump() for r in rows], indent=2))
@@ -89,7 +90,7 @@ def print_result(r: Any, *, indent: str = "") -> None:
         print(f"{indent}time per phase     {phases}")
 
 
-def print_moves(rows: list[tuple[str, ...]]) -> None:
+def print_moves(rows: Sequence[tuple[Any, ...]]) -> None:
     """``moves``: the ``MigrateChunkWorkflow`` executions Temporal lists."""
     print(f"{'WORKFLOW ID':<40} {'STATUS':<11} {'PHASE':<15} {'COLLECTION':<22} "
           f"{'CHUNK':<6} {'SOURCE -> TARGET':<22} STARTED")
@@ -97,7 +98,7 @@ def print_moves(rows: list[tuple[str, ...]]) -> None:
         print(f"{r[0]:<40} {r[1]:<11} {r[2]:<15} {r[3]:<22} {r[4]:<6} {r[5]:<22} {r[6]}")
 
 
-def print_migrations(records: list[Any]) -> None:
+def print_migrations(records: Sequence[Any]) -> None:
     """``moves --catalog``: the catalog's migration records."""
     print(f"{'MIGRATION ID':<44} {'COLLECTION':<22} {'CHUNK':<6} {'SOURCE -> TARGET':<22} "
           f"{'PHASE':<15} {'OUTCOME':<11} PAUSE")

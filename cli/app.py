@@ -11,6 +11,11 @@
                        [--rollback-window S] [--give-up S] [--no-wait] [--id WORKFLOW_ID]
     shardshift moves [--collection C] [--phase P] [--catalog]
     shardshift rollback --id WORKFLOW_ID
+    shardshift drain SHARD... [--to SHARD...] [--upgrade] [--parallel N] [--no-wait]
+    shardshift rebalance [--tolerance F] [--max-moves N] [--dry-run] [--schedule EVERY]
+                         [--unschedule]
+    shardshift split-shard SHARD --to SHARD [--dry-run]
+    shardshift doctor [--repair] [--json] [--collection C]
     shardshift demo
 """
 
@@ -40,7 +45,6 @@ def _every(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-
 def _doctor_parser(sub: Any) -> None:
     doctor = sub.add_parser(
         "doctor", help="find what failed moves left behind (slots, fences, records, leases, "
@@ -58,7 +62,6 @@ def _doctor_parser(sub: Any) -> None:
                         help="only this collection (repeatable; objects tied to no collection "
                              "are then skipped)")
     doctor.set_defaults(func="cli.doctor:cmd_doctor")
-
 
 
 def _workflow_args(parser: argparse.ArgumentParser, default_id: str) -> None:
