@@ -10,6 +10,9 @@ the Temporal SDK's own (bridged into the same OpenTelemetry provider); every cli
 carries Temporal's tracing interceptor; log lines are text or JSON.
 
     python worker.py            # or: shardshift worker [--metrics-port N] [--log-format json]
+
+It also holds the client side the CLI and bench share: ``connect`` (a Temporal client from
+settings) and ``TemporalMoveProbe`` (the doctor's check whether a workflow runs a migration).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import logging
 import signal
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
-from temporalio.client import Client, TLSConfig
+from temporalio.client import Client, TLSConfig, WorkflowExecutionStatus
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import Runtime
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from activities import MoveContext, all_activities
@@ -34,6 +38,7 @@ from infra import telemetry
 from settings import Settings, TelemetrySettings, TemporalSettings, get_settings
 from shards.staging import Staging
 from workflows import ALL_WORKFLOWS
+from workflows.migrate_chunk import MigrateChunkWorkflow, migration_id_for
 
 log = logging.getLogger("shardshift.worker")
 
@@ -137,6 +142,49 @@ def _signal_event() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, event.set)
     return event
+
+
+class TemporalMoveProbe:
+    """``activities.doctor.MoveProbe`` over Temporal: does a workflow run this migration?
+
+    The record's lease holders (and the workflow id its migration id was derived from) are
+    described; a running one is this migration's when its run (or the first run of its
+    chain) derives the migration id, or when its ``progress`` query says so. Visibility (the
+    running ``MigrateChunkWorkflow`` executions) is the last resort. An error propagates:
+    the doctor then treats the migration as running.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._listed: set[str] | None = None
+
+    async def __call__(self, record: Any, workflow_ids: Any) -> bool:
+        mid = record.migration_id
+        for wid in dict.fromkeys([*workflow_ids, mid.rsplit(".", 1)[0]]):
+            try:
+                desc = await self.client.get_workflow_handle(wid).describe()
+            except RPCError as exc:
+                if exc.status == RPCStatusCode.NOT_FOUND:
+                    continue
+                raise
+            if desc.status != WorkflowExecutionStatus.RUNNING:
+                continue
+            runs = {desc.run_id, getattr(desc.raw_info, "first_run_id", "") or desc.run_id}
+            if mid in {migration_id_for(wid, r) for r in runs}:
+                return True
+            if desc.workflow_type == "MigrateChunkWorkflow":
+                progress = await self.client.get_workflow_handle(wid).query(
+                    MigrateChunkWorkflow.progress, rpc_timeout=timedelta(seconds=5))
+                if progress.migration_id == mid:
+                    return True
+        if self._listed is None:
+            self._listed = set()
+            query = "WorkflowType = 'MigrateChunkWorkflow' AND ExecutionStatus = 'Running'"
+            async for wf in self.client.list_workflows(query):
+                first = getattr(wf.raw_info, "first_run_id", "") or wf.run_id
+                self._listed |= {migration_id_for(wf.id, wf.run_id),
+                                 migration_id_for(wf.id, first)}
+        return mid in self._listed
 
 
 def main(metrics_port: int | None = None,

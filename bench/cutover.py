@@ -88,18 +88,17 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
 
     from catalog import Catalog  # noqa: PLC0415
     from catalog.admin import provision_collection  # noqa: PLC0415
+    from catalog.local_stack import (  # noqa: PLC0415
+        close_engines,
+        open_engines,
+        register_stack_shards,
+    )
     from router.catalog_source import CatalogRouteSource  # noqa: PLC0415
     from router.core import Router  # noqa: PLC0415
     from settings import RouterSettings, Settings, TemporalSettings  # noqa: PLC0415
     from workflows import MigrateChunkInput, MigrateChunkWorkflow  # noqa: PLC0415
     from workload.checker import check, collect_stored  # noqa: PLC0415
-    from workload.demo import (  # noqa: PLC0415
-        close_engines,
-        keys_in,
-        open_engines,
-        register_stack_shards,
-    )
-    from workload.generator import LoadGenerator, WorkloadConfig  # noqa: PLC0415
+    from workload.generator import LoadGenerator, WorkloadConfig, keys_in  # noqa: PLC0415
 
     settings = Settings(
         state_dir=state, catalog_dsn=stack.catalog_dsn, staging_url=str(state / "staging"),

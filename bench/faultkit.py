@@ -65,6 +65,7 @@ from temporalio.service import RPCError
 
 from catalog import Catalog
 from catalog.admin import provision_collection
+from catalog.local_stack import close_engines, open_engines, register_stack_shards
 from catalog.models import Chunk, MigrationOutcome
 from infra import Stack
 from infra.postgres import PostgresInstance
@@ -78,7 +79,6 @@ from tests.workflows.procs import WorkerProcess, chunk_keys, preload_chunk, quer
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
 from workflows.migrate_chunk import Progress, describe_failure
 from workload.checker import check, collect_stored
-from workload.demo import close_engines, open_engines, register_stack_shards
 from workload.generator import LoadGenerator, WorkloadConfig
 
 PHASES = ["snapshot", "import", "replicate", "verify", "cutover", "rollback_window", "cleanup"]

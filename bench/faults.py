@@ -257,8 +257,8 @@ async def doctor_after(rig: Rig, work: Path) -> dict[str, Any]:
     (by design only what a lost target kept: its fence, partial rows, stream state), the
     repair, and a second look that must find nothing."""
     from activities.doctor import Doctor  # noqa: PLC0415
-    from cli import TemporalMoveProbe  # noqa: PLC0415
     from shards.staging import Staging  # noqa: PLC0415
+    from worker import TemporalMoveProbe  # noqa: PLC0415
 
     staging = Staging(str(work / "doctor-staging"))  # runs stage under their own dirs
     found = await Doctor(rig.catalog, staging, TemporalMoveProbe(rig.client)).run(repair=True)

@@ -59,6 +59,7 @@ async def run(stack: Any, work: Path, minutes: float, chunks: int, parallel: int
     from bench.faultkit import leftovers, rss_mb  # noqa: PLC0415
     from catalog import Catalog  # noqa: PLC0415
     from catalog.admin import provision_collection  # noqa: PLC0415
+    from catalog.local_stack import close_engines, open_engines, register_stack_shards  # noqa: PLC0415
     from router.catalog_source import CatalogRouteSource  # noqa: PLC0415
     from router.core import Router  # noqa: PLC0415
     from settings import RouterSettings, Settings, TemporalSettings  # noqa: PLC0415
@@ -70,7 +71,6 @@ async def run(stack: Any, work: Path, minutes: float, chunks: int, parallel: int
     from workflows import MigrateChunkInput, MigrateChunkWorkflow  # noqa: PLC0415
     from workflows.migrate_chunk import describe_failure  # noqa: PLC0415
     from workload.checker import check, collect_stored  # noqa: PLC0415
-    from workload.demo import close_engines, open_engines, register_stack_shards  # noqa: PLC0415
     from workload.generator import LoadGenerator, WorkloadConfig  # noqa: PLC0415
 
     # SIGTERM ends the soak as Ctrl-C does (the main task is cancelled; cleanup runs).

@@ -25,6 +25,7 @@ from bson import Decimal128
 from router.core import Router
 from router.errors import OutcomeUnknownError, RetryDeadlineExceeded
 from router.hashing import khash
+from shards.models import KeyRange
 
 
 @dataclass(slots=True)
@@ -65,6 +66,19 @@ class WorkloadConfig:
 
 def account_key(i: int) -> str:
     return f"acct-{i:06d}"
+
+
+def keys_in(rng: KeyRange, n: int, prefix: str = "acct") -> list[str]:
+    """The first ``n`` shard-key values ``{prefix}-{i}`` that hash into ``rng`` (for
+    ``WorkloadConfig.only_keys``)."""
+    out: list[str] = []
+    i = 0
+    while len(out) < n and i < 2_000_000:
+        k = f"{prefix}-{i}"
+        if rng.contains(khash(k)):
+            out.append(k)
+        i += 1
+    return out
 
 
 class LoadGenerator:

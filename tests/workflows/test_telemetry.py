@@ -76,7 +76,7 @@ class Proc:
         self.log_path = log_path
         with log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "cli.py", *args], cwd=REPO_ROOT, env=env, stdout=log,
+                [sys.executable, "-m", "cli", *args], cwd=REPO_ROOT, env=env, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_listening(self, port: int, timeout: float = 60.0) -> None:

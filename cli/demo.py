@@ -1,4 +1,5 @@
-"""The main job (``./dev demo``): a live chunk migration under load, with a report.
+"""``shardshift demo`` (``./dev demo``), the main job: a live chunk migration under load, with
+a report.
 
 1. bring the local stack up (idempotent) and register its shards in the catalog;
 2. provision a fresh collection ``demo_<timestamp>`` (3 shards, 2 chunks each) and load a few
@@ -15,20 +16,29 @@ duplicated or resurrected and no client saw an error.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import time
-from collections.abc import Mapping, Sequence
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
 
 from catalog import Catalog
-from catalog.models import ShardInfo
-from infra import InfraError, Stack
+from catalog.admin import provision_collection
+from catalog.local_stack import close_engines, open_engines, register_stack_shards
+from cli.moves import watch_migration
+from cli.render import print_result
+from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
-from router.hashing import khash
-from settings import RouterSettings, Settings, TemporalSettings
-from shards.models import IndexDefinition, KeyRange
+from settings import RouterSettings, Settings, TemporalSettings, get_settings
+from shards.models import IndexDefinition
 from shards.postgres import PostgresShard
+from worker import run_worker
+from workflows import MigrateChunkInput, MigrateChunkWorkflow
+from workload.checker import check, collect_stored
+from workload.generator import LoadGenerator, WorkloadConfig, keys_in
 
 DEMO_SHARDS = 3
 CHUNKS_PER_SHARD = 2
@@ -38,65 +48,7 @@ WARMUP_S = 3.0
 AFTER_S = 4.0
 
 
-# -- helpers shared with the CLI -------------------------------------------------------------
-
-
-async def register_stack_shards(
-    catalog: Catalog, stack: Stack, names: Sequence[str] | None = None
-) -> list[ShardInfo]:
-    """Register the local stack's shards in the catalog when missing (id = server name).
-
-    A shard the catalog already knows is left as it is. Returns the (registered) shards of
-    ``names`` (default: every shard server of the stack), in stack order.
-    """
-    record = stack.record()
-    if record is None:
-        raise InfraError(f"no local stack in {stack.state_dir}: run `shardshift infra up`")
-    servers = [s for s in record.servers if s.role == "shard"]
-    if names is not None:
-        unknown = sorted(set(names) - {s.name for s in servers})
-        if unknown:
-            raise InfraError(f"the local stack has no shard {unknown}; it has "
-                             f"{[s.name for s in servers]}")
-        servers = [s for s in servers if s.name in names]
-    known = {s.shard_id: s for s in await catalog.list_shards()}
-    out: list[ShardInfo] = []
-    for server in servers:
-        info = known.get(server.name)
-        if info is None:
-            info = await catalog.register_shard(
-                server.name, stack.instance(server).dsn(), engine="postgres",
-                major_version=server.major_version,
-            )
-        out.append(info)
-    return out
-
-
-async def open_engines(shards: Sequence[ShardInfo], max_size: int = 4) -> dict[str, PostgresShard]:
-    engines: dict[str, PostgresShard] = {}
-    try:
-        for s in shards:
-            engines[s.shard_id] = await PostgresShard(s.shard_id, s.address, max_size=max_size).open()
-    except BaseException:
-        await close_engines(engines)
-        raise
-    return engines
-
-
-async def close_engines(engines: Mapping[str, PostgresShard]) -> None:
-    await asyncio.gather(*(e.close() for e in engines.values()), return_exceptions=True)
-
-
-def keys_in(rng: KeyRange, n: int, prefix: str = "acct") -> list[str]:
-    """The first ``n`` shard-key values ``{prefix}-{i}`` that hash into ``rng``."""
-    out: list[str] = []
-    i = 0
-    while len(out) < n and i < 2_000_000:
-        k = f"{prefix}-{i}"
-        if rng.contains(khash(k)):
-            out.append(k)
-        i += 1
-    return out
+# -- the preload ------------------------------------------------------------------------------
 
 
 async def preload(router: Router, collection: str, n: int, *, concurrency: int = 32,
@@ -119,6 +71,10 @@ async def preload(router: Router, collection: str, n: int, *, concurrency: int =
 # -- the demo ---------------------------------------------------------------------------------
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(get_settings())
+
+
 def run_demo(settings: Settings) -> int:
     stack = Stack.from_settings(settings)
     print(f"==> bringing the local stack up in {stack.state_dir}")
@@ -137,16 +93,6 @@ def _step(msg: str) -> None:
 
 
 async def _demo(settings: Settings, stack: Stack) -> int:  # noqa: PLR0915 - a linear script
-    from temporalio.client import Client  # noqa: PLC0415
-    from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: PLC0415
-
-    from catalog.admin import provision_collection  # noqa: PLC0415
-    from cli import print_result, watch_migration  # noqa: PLC0415
-    from worker import run_worker  # noqa: PLC0415
-    from workflows import MigrateChunkInput, MigrateChunkWorkflow  # noqa: PLC0415
-    from workload.checker import check, collect_stored  # noqa: PLC0415
-    from workload.generator import LoadGenerator, WorkloadConfig  # noqa: PLC0415
-
     t_start = time.monotonic()
     record = stack.record()
     assert record is not None

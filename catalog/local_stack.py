@@ -1,0 +1,62 @@
+"""The local stack's shards in the catalog, and engines for registered shards.
+
+``register_stack_shards`` registers the servers of a ``shardshift infra`` stack as catalog
+shards (``shardshift collection create``, the demo and the benchmarks use it);
+``open_engines``/``close_engines`` open and close a ``PostgresShard`` per registered shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+from catalog.models import ShardInfo
+from catalog.store import Catalog
+from infra import InfraError, Stack
+from shards.postgres import PostgresShard
+
+
+async def register_stack_shards(
+    catalog: Catalog, stack: Stack, names: Sequence[str] | None = None
+) -> list[ShardInfo]:
+    """Register the local stack's shards in the catalog when missing (id = server name).
+
+    A shard the catalog already knows is left as it is. Returns the (registered) shards of
+    ``names`` (default: every shard server of the stack), in stack order.
+    """
+    record = stack.record()
+    if record is None:
+        raise InfraError(f"no local stack in {stack.state_dir}: run `shardshift infra up`")
+    servers = [s for s in record.servers if s.role == "shard"]
+    if names is not None:
+        unknown = sorted(set(names) - {s.name for s in servers})
+        if unknown:
+            raise InfraError(f"the local stack has no shard {unknown}; it has "
+                             f"{[s.name for s in servers]}")
+        servers = [s for s in servers if s.name in names]
+    known = {s.shard_id: s for s in await catalog.list_shards()}
+    out: list[ShardInfo] = []
+    for server in servers:
+        info = known.get(server.name)
+        if info is None:
+            info = await catalog.register_shard(
+                server.name, stack.instance(server).dsn(), engine="postgres",
+                major_version=server.major_version,
+            )
+        out.append(info)
+    return out
+
+
+async def open_engines(shards: Sequence[ShardInfo], max_size: int = 4) -> dict[str, PostgresShard]:
+    engines: dict[str, PostgresShard] = {}
+    try:
+        for s in shards:
+            engines[s.shard_id] = await PostgresShard(s.shard_id, s.address, max_size=max_size).open()
+    except BaseException:
+        await close_engines(engines)
+        raise
+    return engines
+
+
+async def close_engines(engines: Mapping[str, PostgresShard]) -> None:
+    await asyncio.gather(*(e.close() for e in engines.values()), return_exceptions=True)

@@ -1,0 +1,247 @@
+"""``shardshift``: the operator's command line.
+
+    shardshift infra up [--shards N] [--pg15 K] [--headless]
+    shardshift infra status [--json]
+    shardshift infra down [--destroy]
+    shardshift router serve [--host H] [--port P] [--tls-cert PEM --tls-key PEM]
+                            [--metrics-port N] [--log-format text|json]
+    shardshift worker [--metrics-port N] [--log-format text|json]
+    shardshift collection create NAME --shard-key F [--index name:field[,field]...]
+                                      [--chunks-per-shard N] [--shards S1,S2]
+    shardshift migrate --collection C --chunk K --to SHARD [--dry-run]
+                       [--rollback-window S] [--give-up S] [--no-wait] [--id WORKFLOW_ID]
+    shardshift moves [--collection C] [--phase P] [--catalog]
+    shardshift rollback --id WORKFLOW_ID
+    shardshift drain SHARD... [--to SHARD...] [--upgrade] [--parallel N] [--no-wait]
+    shardshift rebalance [--tolerance F] [--max-moves N] [--dry-run] [--schedule EVERY]
+                         [--unschedule]
+    shardshift split-shard SHARD --to SHARD [--dry-run]
+    shardshift doctor [--repair] [--json] [--collection C]
+    shardshift demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from cli.common import CliError
+from infra import InfraError
+
+
+def _every(text: str) -> timedelta:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value, unit = float(text[:-1]), text[-1]
+        seconds = value * units[unit]
+    except (ValueError, KeyError, IndexError):
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number and s, m, h or d (e.g. 1h)") from None
+    if seconds < 60:
+        raise argparse.ArgumentTypeError("schedule rebalancing at most once a minute")
+    return timedelta(seconds=seconds)
+
+
+def _doctor_parser(sub: Any) -> None:
+    doctor = sub.add_parser(
+        "doctor", help="find what failed moves left behind (slots, fences, records, leases, "
+                       "staging); --repair fixes what is safe",
+        description="Lists replication slots, publications and origins, fences, partial "
+                    "copies, import rows, staging directories, leases and migration records "
+                    "that no running move owns, with what --repair would do. Exit code 0 "
+                    "when nothing is left (or everything was repaired), 1 otherwise.")
+    doctor.add_argument("--repair", action="store_true",
+                        help="fix what is safe to fix; explain the rest")
+    doctor.add_argument("--json", action="store_true",
+                        help='{"findings": [{kind, shard, object, detail, action, repaired}], '
+                             '"clean": bool}')
+    doctor.add_argument("--collection", action="append", metavar="C",
+                        help="only this collection (repeatable; objects tied to no collection "
+                             "are then skipped)")
+    doctor.set_defaults(func="cli.doctor:cmd_doctor")
+
+
+def _workflow_args(parser: argparse.ArgumentParser, default_id: str) -> None:
+    """``--id`` and ``--task-queue``, shared by every command that starts a workflow."""
+    parser.add_argument("--id", metavar="WORKFLOW_ID", help=f"workflow id (default: {default_id})")
+    parser.add_argument("--task-queue", help="default: settings' temporal.task_queue")
+
+
+def _telemetry_args(parser: argparse.ArgumentParser, metrics_help: str) -> None:
+    parser.add_argument("--metrics-port", type=int, metavar="N",
+                        help=metrics_help + " (default: SHARDSHIFT_TELEMETRY__METRICS_PORT)")
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="log lines as text or JSON objects (default: "
+                             "SHARDSHIFT_TELEMETRY__LOG_FORMAT, else text)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardshift", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    infra = sub.add_parser("infra", help="the local stack: Temporal + PostgreSQL instances")
+    infra_sub = infra.add_subparsers(dest="action", required=True)
+    up = infra_sub.add_parser("up", help="create/start every server and wait until healthy")
+    up.add_argument("--shards", type=int, help="number of PostgreSQL 18 shards (default 3)")
+    up.add_argument("--pg15", type=int, metavar="K", help="add K PostgreSQL 15 shards")
+    up.add_argument("--headless", action="store_true", help="no Temporal Web UI")
+    down = infra_sub.add_parser("down", help="stop every server of the stack")
+    down.add_argument("--destroy", action="store_true", help="also delete all data")
+    status = infra_sub.add_parser("status", help="each server, version, port and health")
+    status.add_argument("--json", action="store_true")
+    infra.set_defaults(func="cli.infra:cmd_infra")
+
+    router = sub.add_parser("router", help="the router's HTTP service")
+    router_sub = router.add_subparsers(dest="action", required=True)
+    serve = router_sub.add_parser("serve", help="serve the HTTP/JSON API (bearer-token auth)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve HTTPS")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    _telemetry_args(serve, "also serve /metrics without a token on this port (it is always "
+                           "on the API port, with the token)")
+    router.set_defaults(func="cli.router:cmd_router")
+
+    worker = sub.add_parser("worker", help="run a Temporal worker (workflows + activities)")
+    _telemetry_args(worker, "serve /metrics (move and Temporal SDK metrics) on this port")
+    worker.set_defaults(func="cli.worker:cmd_worker")
+
+    coll = sub.add_parser("collection", help="collections in the catalog")
+    coll_sub = coll.add_subparsers(dest="action", required=True)
+    create = coll_sub.add_parser(
+        "create", help="create a collection: catalog entry, tables, indexes, fences",
+        description="Registers the local stack's shards in the catalog if missing, then "
+                    "provisions the collection over them.")
+    create.add_argument("name")
+    create.add_argument("--shard-key", required=True, metavar="FIELD")
+    create.add_argument("--index", action="append", metavar="NAME:FIELD[,FIELD]",
+                        help="a secondary index (repeatable)")
+    create.add_argument("--chunks-per-shard", type=int, default=1, metavar="N")
+    create.add_argument("--shards", metavar="S1,S2",
+                        help="shards to place chunks on (default: every active shard)")
+    coll.set_defaults(func="cli.collection:cmd_collection")
+
+    migrate = sub.add_parser("migrate", help="move one chunk to another shard (a workflow)")
+    migrate.add_argument("--collection", required=True)
+    migrate.add_argument("--chunk", required=True, type=int, metavar="K")
+    migrate.add_argument("--to", required=True, metavar="SHARD")
+    migrate.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
+    migrate.add_argument("--rollback-window", type=float, default=0.0, metavar="S",
+                         help="seconds after the cutover during which `rollback` is accepted")
+    migrate.add_argument("--give-up", type=float, default=1800.0, metavar="S",
+                         help="how long an unreachable target is waited for before the move "
+                              "aborts with TargetLost (default 1800)")
+    migrate.add_argument("--no-wait", action="store_true", help="start it and return")
+    _workflow_args(migrate, "move-COLLECTION-CHUNK")
+    migrate.set_defaults(func="cli.moves:cmd_migrate")
+
+    moves = sub.add_parser("moves", help="list chunk migrations (Temporal visibility)")
+    moves.add_argument("--collection")
+    moves.add_argument("--phase", help="only moves in this phase (e.g. replicate)")
+    moves.add_argument("--catalog", action="store_true",
+                       help="read the catalog's migration records instead")
+    moves.add_argument("--limit", type=int, default=50)
+    moves.set_defaults(func="cli.moves:cmd_moves")
+
+    rollback = sub.add_parser("rollback", help="move a chunk back during its rollback window")
+    rollback.add_argument("--id", required=True, metavar="WORKFLOW_ID")
+    rollback.set_defaults(func="cli.moves:cmd_rollback")
+
+    drain = sub.add_parser(
+        "drain", help="empty shards chunk by chunk and retire them (merge, or --upgrade)")
+    drain.add_argument("shards", nargs="+", metavar="SHARD", help="the shards to empty")
+    drain.add_argument("--to", nargs="+", metavar="SHARD",
+                       help="where the chunks may go (default: every other active shard; "
+                            "with --upgrade, those of a newer major version)")
+    drain.add_argument("--upgrade", action="store_true",
+                       help="a major-version upgrade: only newer-version shards receive")
+    drain.add_argument("--parallel", type=int, default=2, metavar="N",
+                       help="chunk moves at once (default 2)")
+    drain.add_argument("--no-wait", action="store_true", help="start it and return")
+    _workflow_args(drain, "drain-SHARDS or upgrade-SHARDS")
+    drain.set_defaults(func="cli.fleet:cmd_drain")
+
+    reb = sub.add_parser("rebalance", help="even out the data across active shards (now, "
+                                           "or on a Temporal Schedule)")
+    reb.add_argument("--tolerance", type=float, default=0.2,
+                     help="spread allowed between shards, as a fraction of the mean (0.2)")
+    reb.add_argument("--max-moves", type=int, default=4, help="moves per run at most (4)")
+    reb.add_argument("--parallel", type=int, default=2, metavar="N", help="moves at once (2)")
+    reb.add_argument("--no-split", action="store_true",
+                     help="never split a chunk too large to move usefully")
+    reb.add_argument("--collection", nargs="+", help="only these collections")
+    reb.add_argument("--shard", nargs="+", help="only across these active shards")
+    reb.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
+    reb.add_argument("--schedule", type=_every, metavar="EVERY",
+                     help="create (or update) a Temporal Schedule running it every EVERY "
+                          "(e.g. 1h, 30m) instead of running it now")
+    reb.add_argument("--unschedule", action="store_true", help="delete the schedule")
+    reb.add_argument("--schedule-id", default="shardshift-rebalance")
+    _workflow_args(reb, "rebalance")
+    reb.set_defaults(func="cli.fleet:cmd_rebalance")
+
+    split = sub.add_parser("split-shard", help="move half of a hot shard's data to a new "
+                                               "shard (splitting chunks where needed)")
+    split.add_argument("split_shard", metavar="SHARD", help="the hot shard")
+    split.add_argument("--to", required=True, metavar="SHARD", help="the new or emptier shard")
+    split.add_argument("--tolerance", type=float, default=0.1)
+    split.add_argument("--max-moves", type=int, default=64)
+    split.add_argument("--parallel", type=int, default=2, metavar="N")
+    split.add_argument("--collection", nargs="+", help="only these collections")
+    split.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
+    _workflow_args(split, "split-SHARD")
+    split.set_defaults(func="cli.fleet:cmd_rebalance")
+
+    _doctor_parser(sub)
+
+    demo = sub.add_parser("demo", help="the main job: a live chunk migration under load")
+    demo.set_defaults(func="cli.demo:cmd_demo")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (InfraError, CliError) as exc:
+        print(f"shardshift: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if not _operator_error(exc):
+            raise
+        print(f"shardshift: {type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return int(_command(args.func)(args))
+    finally:
+        # Free Temporal clients caught in exception reference cycles now: the SDK's native
+        # runtime must not be torn down during interpreter finalization (it aborts).
+        gc.collect()
+
+
+def _command(ref: str) -> Callable[[argparse.Namespace], int]:
+    """``"cli.module:function"``: the command's module is imported only when it runs."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _operator_error(exc: BaseException) -> bool:
+    """Errors of the catalog, a database or Temporal: one line for the operator, not a trace."""
+    kinds: list[type] = []
+    for module, name in (("catalog.errors", "CatalogError"), ("psycopg", "Error"),
+                         ("temporalio.service", "RPCError")):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            kinds.append(getattr(mod, name))
+    return isinstance(exc, tuple(kinds))
+

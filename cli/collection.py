@@ -1,0 +1,63 @@
+"""``shardshift collection create``: a collection in the catalog and on its shards."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from catalog import Catalog
+from catalog.admin import provision_collection
+from catalog.errors import CatalogError
+from catalog.local_stack import close_engines, open_engines, register_stack_shards
+from cli.common import CliError, catalog_dsn
+from cli.render import print_chunk_map
+from infra import Stack
+from settings import get_settings
+from shards.models import IndexDefinition
+
+
+def _index(spec: str) -> IndexDefinition:
+    name, sep, fields = spec.partition(":")
+    if not sep or not name or not fields:
+        raise CliError(f"invalid --index {spec!r}: expected name:field[,field...]")
+    try:
+        return IndexDefinition(name=name, fields=tuple(f for f in fields.split(",") if f))
+    except ValueError as exc:
+        raise CliError(f"invalid --index {spec!r}: {exc}".replace("\n", " ")) from exc
+
+
+def cmd_collection(args: argparse.Namespace) -> int:
+    return asyncio.run(_collection_create(args))
+
+
+async def _collection_create(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    indexes = [_index(s) for s in args.index or []]
+    wanted = [s for s in (args.shards or "").split(",") if s] or None
+    stack = Stack.from_settings(settings)
+    async with Catalog(catalog_dsn(settings), max_size=4) as cat:
+        await cat.ensure_schema()
+        if stack.record() is not None:
+            await register_stack_shards(cat, stack)
+        registered = {s.shard_id: s for s in await cat.list_shards()}
+        if wanted:
+            missing = sorted(set(wanted) - set(registered))
+            if missing:
+                raise CliError(f"unknown shards {missing}; registered: {sorted(registered)}")
+            ids = wanted
+        else:
+            ids = sorted(s.shard_id for s in registered.values() if s.state.value == "active")
+        if not ids:
+            raise CliError("no shards registered in the catalog (run: shardshift infra up)")
+        engines = await open_engines([registered[i] for i in ids], max_size=2)
+        try:
+            cmap = await provision_collection(
+                cat, engines, args.name, args.shard_key, indexes,
+                chunks_per_shard=args.chunks_per_shard,
+            )
+        except (CatalogError, ValueError) as exc:
+            raise CliError(f"cannot create collection {args.name!r}: {exc}") from exc
+        finally:
+            await close_engines(engines)
+    print_chunk_map(args.name, args.shard_key, cmap)
+    return 0

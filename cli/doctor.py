@@ -1,0 +1,46 @@
+"""``shardshift doctor``: what failed moves left behind, and ``--repair``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from activities.doctor import Doctor, MoveProbe, format_report
+from catalog import Catalog
+from cli.common import CliError, catalog_dsn
+from cli.temporal import client as temporal_client
+from settings import get_settings
+from shards.staging import Staging
+from worker import TemporalMoveProbe
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    return asyncio.run(_doctor(args))
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    probe: MoveProbe
+    try:
+        client = await temporal_client(settings)
+    except CliError as exc:
+        # Without Temporal nothing can be proven dead: every active migration counts as
+        # running (and is reported), everything else is still examined.
+        reason = str(exc)
+
+        async def unreachable(record: Any, workflow_ids: Any) -> bool:
+            raise RuntimeError(reason)
+
+        probe = unreachable
+    else:
+        probe = TemporalMoveProbe(client)
+    async with Catalog(catalog_dsn(settings), max_size=2) as cat:
+        doctor = Doctor(cat, Staging(settings.staging), probe, collections=args.collection)
+        report = await doctor.run(repair=args.repair)
+    if args.json:
+        print(json.dumps(report.model_dump(mode="json"), indent=2))
+    else:
+        print(format_report(report, repair=args.repair), end="")
+    return 0 if report.clean else 1

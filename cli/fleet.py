@@ -1,0 +1,159 @@
+"""Many chunks at once: ``shardshift drain`` (merges, ``--upgrade``), ``rebalance`` (now or
+on a Temporal Schedule) and ``split-shard``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from temporalio.client import (
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from catalog import Catalog
+from catalog.errors import CatalogError
+from catalog.models import MigrationKind
+from cli.common import CliError, catalog_dsn
+from cli.render import (
+    format_drain_progress,
+    format_rebalance_progress,
+    print_drain_result,
+    print_rebalance_result,
+)
+from cli.temporal import client as temporal_client
+from cli.temporal import ui_url, watch_or_report
+from settings import Settings, get_settings
+from workflows import DrainShardInput, DrainShardWorkflow, RebalanceInput, RebalanceWorkflow
+
+# -- drain ------------------------------------------------------------------------------------
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    return asyncio.run(_drain(args))
+
+
+async def _drain(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    kind = MigrationKind.UPGRADE if args.upgrade else MigrationKind.MERGE_SHARDS
+    try:
+        inp = DrainShardInput(shards=args.shards, targets=args.to or None, kind=kind,
+                              max_parallel=args.parallel)
+    except ValueError as exc:
+        raise CliError(f"invalid drain: {exc}".replace("\n", " ")) from exc
+    await _check_drain(settings, inp.shards, inp.targets or [])
+    wf_id = args.id or f"{'upgrade' if args.upgrade else 'drain'}-{'-'.join(args.shards)}"
+    client = await temporal_client(settings)
+    task_queue = args.task_queue or settings.temporal.task_queue
+    try:
+        handle = await client.start_workflow(DrainShardWorkflow.run, inp, id=wf_id,
+                                             task_queue=task_queue)
+    except WorkflowAlreadyStartedError:
+        raise CliError(f"workflow {wf_id} is already running (stop it: temporal workflow "
+                       f"cancel --workflow-id {wf_id})") from None
+    ui = ui_url(settings, wf_id)
+    print(f"started {wf_id} (run {handle.result_run_id}) on task queue {task_queue}")
+    if ui:
+        print(f"watch: {ui}")
+    if args.no_wait:
+        return 0
+    # Watch the current run, not the first: a long drain continues as new.
+    current = client.get_workflow_handle_for(DrainShardWorkflow.run, wf_id)
+    result = await watch_or_report(current, DrainShardWorkflow.progress, format_drain_progress,
+                                   f"drain {wf_id}")
+    if result is None:
+        return 1
+    print_drain_result(result)
+    return 0
+
+
+async def _check_drain(settings: Settings, shards: list[str], targets: list[str]) -> None:
+    """Refuse unknown shards before starting a workflow (the workflow checks the rest)."""
+    async with Catalog(catalog_dsn(settings), max_size=1) as cat:
+        for sid in [*shards, *targets]:
+            try:
+                await cat.shard(sid)
+            except CatalogError as exc:
+                raise CliError(str(exc)) from None
+
+
+# -- rebalance and split-shard ----------------------------------------------------------------
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    return asyncio.run(_rebalance(args))
+
+
+async def _rebalance(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    client = await temporal_client(settings)
+    task_queue = args.task_queue or settings.temporal.task_queue
+    if getattr(args, "unschedule", False):
+        try:
+            await client.get_schedule_handle(args.schedule_id).delete()
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            raise CliError(f"no schedule {args.schedule_id}") from None
+        print(f"deleted schedule {args.schedule_id}")
+        return 0
+    split_shard = getattr(args, "split_shard", None)  # `split-shard HOT --to NEW`
+    try:
+        inp = RebalanceInput(
+            kind=MigrationKind.SPLIT_SHARD if split_shard else MigrationKind.REBALANCE,
+            tolerance=args.tolerance, max_moves=args.max_moves, max_parallel=args.parallel,
+            split=not getattr(args, "no_split", False), collections=args.collection,
+            shards=[split_shard, args.to] if split_shard else args.shard, dry_run=args.dry_run,
+        )
+    except ValueError as exc:
+        raise CliError(f"invalid rebalance: {exc}".replace("\n", " ")) from exc
+    if getattr(args, "schedule", None) is not None:
+        schedule = Schedule(
+            action=ScheduleActionStartWorkflow(RebalanceWorkflow.run, inp,
+                                               id=args.schedule_id, task_queue=task_queue),
+            spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=args.schedule)]),
+            # A rebalance still running when the next is due: skip the next one.
+            policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        )
+        try:
+            await client.create_schedule(args.schedule_id, schedule)
+            verb = "created"
+        except Exception as exc:  # noqa: BLE001 - the SDK raises its own "already exists" type
+            if "already" not in str(exc).lower():
+                raise
+            handle = client.get_schedule_handle(args.schedule_id)
+
+            async def replace(update: Any) -> Any:
+                return ScheduleUpdate(schedule=schedule)
+
+            await handle.update(replace)
+            verb = "updated"
+        print(f"{verb} schedule {args.schedule_id}: RebalanceWorkflow every {args.schedule} "
+              f"on task queue {task_queue} (delete: shardshift rebalance --unschedule)")
+        return 0
+    wf_id = args.id or (f"split-{split_shard}" if split_shard else "rebalance") + (
+        "-dry-run" if args.dry_run else "")
+    try:
+        handle = await client.start_workflow(RebalanceWorkflow.run, inp, id=wf_id,
+                                             task_queue=task_queue)
+    except Exception as exc:  # noqa: BLE001
+        if "already" not in str(exc).lower():
+            raise
+        raise CliError(f"workflow {wf_id} is already running") from None
+    print(f"started {wf_id} (run {handle.result_run_id}) on task queue {task_queue}")
+    # Watch the current run, not the first: a long rebalance continues as new.
+    current = client.get_workflow_handle_for(RebalanceWorkflow.run, wf_id)
+    result = await watch_or_report(current, RebalanceWorkflow.progress,
+                                   format_rebalance_progress, f"rebalance {wf_id}")
+    if result is None:
+        return 1
+    print_rebalance_result(result, dry_run=args.dry_run)
+    return 0

@@ -1,0 +1,21 @@
+"""``shardshift router serve``: the router's HTTP service."""
+
+from __future__ import annotations
+
+import argparse
+
+from cli.common import CliError, catalog_dsn
+from router.service import ServeConfigError, check_serve_config, serve
+from settings import get_settings
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    try:
+        check_serve_config(settings, args.host, args.tls_cert, args.tls_key)
+    except ServeConfigError as exc:
+        raise CliError(str(exc)) from None
+    serve(catalog_dsn(settings), settings, host=args.host, port=args.port,
+          tls_cert=args.tls_cert, tls_key=args.tls_key,
+          metrics_port=args.metrics_port, log_format=args.log_format)
+    return 0
