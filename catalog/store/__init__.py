@@ -635,13 +635,6 @@ class Catalog:
 
         return await self._txn(body, read_only=True)
 
-    async def list_collections(self) -> list[CollectionInfo]:
-        async def body(cur: AsyncCursor[Any]) -> list[CollectionInfo]:
-            await cur.execute(_COLLECTION_SELECT + " ORDER BY name")
-            return [_collection(r) for r in await cur.fetchall()]
-
-        return await self._txn(body, read_only=True)
-
     async def _collection_in(self, cur: AsyncCursor[Any], name: str) -> CollectionInfo:
         row = await _one(cur, _COLLECTION_SELECT + " WHERE name = %s", (name,))
         if row is None:
