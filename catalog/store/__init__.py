@@ -49,7 +49,6 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncCursor, IsolationLevel, errors
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
@@ -57,17 +56,12 @@ from pydantic import ValidationError
 from catalog.errors import (
     CatalogBusyError,
     CatalogUnavailableError,
-    ChunkBusyError,
     CollectionExistsError,
     InvalidLayoutError,
     LeaseUnavailableError,
     MigrationStateError,
     ShardStateError,
     TokenMismatchError,
-    UnknownChunkError,
-    UnknownCollectionError,
-    UnknownMigrationError,
-    UnknownShardError,
 )
 from catalog.models import (
     CatalogChange,
@@ -86,7 +80,33 @@ from catalog.models import (
     lease_id,
 )
 from catalog.schema import DDL, LAYOUT_ERRCODE, NOTIFY_CHANNEL
-from shards.errors import InvalidNameError
+from catalog.store.checks import (
+    check_address,
+    check_chunk_id,
+    check_migration_id,
+    check_shard_id,
+    check_token,
+)
+from catalog.store.rows import (
+    CHUNK_SELECT,
+    COLLECTION_SELECT,
+    LEASE_SELECT,
+    MIGRATION_SELECT,
+    SHARD_SELECT,
+    chunk_in,
+    collection_in,
+    map_in,
+    migration_in,
+    one,
+    refuse_busy,
+    shard_in,
+    to_chunk,
+    to_collection,
+    to_lease,
+    to_migration,
+    to_shard,
+    version_in,
+)
 from shards.models import KHASH_END, KHASH_MIN, IndexDefinition, KeyRange
 from shards.names import check_collection, check_field_path
 
@@ -95,8 +115,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DDL_LOCK = 0x5348_4152_4443_4154  # "SHARDCAT": serializes catalog DDL across processes
-_SHARD_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
-_MIGRATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,199}")
 _HOLDER = re.compile(r"[ -~]{1,200}")  # printable ASCII: it is shown to people
 MAX_CHUNKS_PER_COLLECTION_CREATE = 65_536
 _RETRY_ON = (errors.SerializationFailure, errors.DeadlockDetected)
@@ -106,138 +124,6 @@ _RACE_CONSTRAINTS = frozenset({
     "migrations_one_active_per_chunk", "migrations_pkey", "leases_pkey", "shards_pkey",
     "collections_pkey",
 })
-
-_CHUNK_SELECT = (
-    "SELECT c.collection, c.chunk_id, c.lo, c.hi, c.shard_id, c.token, c.updated_at,"
-    " s.size_bytes, s.doc_count, s.ops_per_s, s.measured_at"
-    " FROM catalog.chunks c LEFT JOIN catalog.chunk_stats s"
-    " ON s.collection = c.collection AND s.chunk_id = c.chunk_id"
-)
-_SHARD_SELECT = (
-    "SELECT shard_id, address, engine, major_version, state, capacity_bytes,"
-    " capacity_ops_per_s, registered_at, updated_at FROM catalog.shards"
-)
-_COLLECTION_SELECT = (
-    "SELECT name, shard_key, indexes, created_at, layout_version FROM catalog.collections"
-)
-_MIGRATION_SELECT = (
-    "SELECT migration_id, kind, collection, chunk_id, source, target, phase, outcome,"
-    " token_before, cutover_token, cutover_shard, pause_ms, detail, started_at, updated_at,"
-    " committed_at, finished_at FROM catalog.migrations"
-)
-_LEASE_SELECT = (
-    "SELECT lease_id, shard_id, migration_id, holder, acquired_at, expires_at FROM catalog.leases"
-)
-
-
-# -- validation ------------------------------------------------------------------------------
-
-
-def check_shard_id(shard_id: object) -> str:
-    """A shard id: a letter, then up to 62 letters, digits, ``_``, ``.`` or ``-``."""
-    if not isinstance(shard_id, str) or not _SHARD_ID.fullmatch(shard_id):
-        raise InvalidNameError(
-            f"invalid shard id {shard_id!r}: use a letter followed by up to 62 letters, digits, "
-            "'_', '.' or '-'"
-        )
-    return shard_id
-
-
-def check_migration_id(migration_id: object) -> str:
-    """A migration id (a Temporal workflow id such as ``rebalance-7/42``)."""
-    if not isinstance(migration_id, str) or not _MIGRATION_ID.fullmatch(migration_id):
-        raise InvalidNameError(
-            f"invalid migration id {migration_id!r}: use a letter or digit followed by up to 199 "
-            "letters, digits, '_', '.', ':', '/' or '-'"
-        )
-    return migration_id
-
-
-def check_address(address: object) -> str:
-    """A libpq DSN without secrets: the catalog is readable by every router and worker."""
-    if not isinstance(address, str) or not address.strip():
-        raise ValueError(f"invalid shard address {address!r}: expected a libpq DSN")
-    try:
-        params = conninfo_to_dict(address)
-    except psycopg.ProgrammingError as exc:
-        raise ValueError(f"invalid shard address: not a libpq DSN ({exc})") from None
-    if params.get("password"):
-        raise ValueError(
-            "the shard address contains a password; the catalog stores addresses in the clear. "
-            "Put the password in a libpq passfile and pass passfile=... instead"
-        )
-    return address
-
-
-def _check_chunk_id(chunk_id: object) -> int:
-    if not isinstance(chunk_id, int) or isinstance(chunk_id, bool) or not 0 < chunk_id < 2**63:
-        raise ValueError(f"invalid chunk id {chunk_id!r}: expected a positive 64-bit integer")
-    return chunk_id
-
-
-def _check_token(token: object) -> int:
-    if not isinstance(token, int) or isinstance(token, bool) or not 0 < token < 2**63 - 1:
-        raise ValueError(f"invalid token {token!r}: expected a positive 64-bit integer")
-    return token
-
-
-# -- row mapping -----------------------------------------------------------------------------
-
-
-def _range(lo: int, hi: int | None) -> KeyRange:
-    return KeyRange(lo=lo, hi=KHASH_END if hi is None else hi)
-
-
-def _chunk(row: Sequence[Any]) -> Chunk:
-    coll, chunk_id, lo, hi, shard_id, token, updated_at, size, docs, ops, measured = row
-    return Chunk(
-        collection=coll, chunk_id=chunk_id, range=_range(lo, hi), shard_id=shard_id,
-        token=token, size_bytes=size or 0, doc_count=docs or 0, ops_per_s=ops or 0.0,
-        stats_at=measured, updated_at=updated_at,
-    )
-
-
-def _shard(row: Sequence[Any]) -> ShardInfo:
-    sid, address, engine, major, state, cap_b, cap_ops, registered, updated = row
-    return ShardInfo(
-        shard_id=sid, address=address, engine=engine, major_version=major,
-        state=ShardState(state), capacity_bytes=cap_b, capacity_ops_per_s=cap_ops,
-        registered_at=registered, updated_at=updated,
-    )
-
-
-def _collection(row: Sequence[Any]) -> CollectionInfo:
-    name, shard_key, indexes, created_at, layout_version = row
-    return CollectionInfo(
-        name=name, shard_key=shard_key,
-        indexes=tuple(IndexDefinition.model_validate(i) for i in indexes),
-        created_at=created_at, layout_version=layout_version,
-    )
-
-
-def _migration(row: Sequence[Any]) -> MigrationRecord:
-    (mid, kind, coll, chunk_id, source, target, phase, outcome, token_before, cut_token,
-     cut_shard, pause_ms, detail, started, updated, committed, finished) = row
-    return MigrationRecord(
-        migration_id=mid, kind=MigrationKind(kind), collection=coll, chunk_id=chunk_id,
-        source=source, target=target, phase=MigrationPhase(phase),
-        outcome=MigrationOutcome(outcome) if outcome else None, token_before=token_before,
-        cutover_token=cut_token, cutover_shard=cut_shard, pause_ms=pause_ms, detail=detail,
-        started_at=started, updated_at=updated, committed_at=committed, finished_at=finished,
-    )
-
-
-def _lease(row: Sequence[Any]) -> Lease:
-    lid, sid, mid, holder, acquired, expires = row
-    return Lease(lease_id=lid, shard_id=sid, migration_id=mid, holder=holder,
-                 acquired_at=acquired, expires_at=expires)
-
-
-async def _one(cur: AsyncCursor[Any], query: str, params: Any = None) -> tuple[Any, ...] | None:
-    await cur.execute(query, params)
-    row = await cur.fetchone()
-    return tuple(row) if row is not None else None
-
 
 class Catalog:
     """The catalog: shards, collections, chunks, migrations and leases.
@@ -356,7 +242,7 @@ class Catalog:
     @staticmethod
     async def _bump(cur: AsyncCursor[Any], change: ChangeKind, collection: str | None) -> int:
         """Increment the catalog version and queue the notification (sent at COMMIT)."""
-        row = await _one(
+        row = await one(
             cur, "UPDATE catalog.meta SET version = version + 1 WHERE id = 1 RETURNING version"
         )
         assert row is not None, "catalog.meta is missing its row: run ensure_schema()"
@@ -378,7 +264,7 @@ class Catalog:
             if now.tzinfo is None:
                 raise ValueError("now must be timezone-aware")
             return now
-        row = await _one(cur, "SELECT clock_timestamp()")
+        row = await one(cur, "SELECT clock_timestamp()")
         assert row is not None
         return row[0]  # type: ignore[no-any-return]
 
@@ -386,7 +272,7 @@ class Catalog:
         """The current catalog version."""
 
         async def body(cur: AsyncCursor[Any]) -> int:
-            row = await _one(cur, "SELECT version FROM catalog.meta WHERE id = 1")
+            row = await one(cur, "SELECT version FROM catalog.meta WHERE id = 1")
             assert row is not None
             return int(row[0])
 
@@ -421,10 +307,10 @@ class Catalog:
             raise ValueError(f"invalid major_version {major_version}")
 
         async def body(cur: AsyncCursor[Any]) -> ShardInfo:
-            row = await _one(cur, _SHARD_SELECT + " WHERE shard_id = %s FOR UPDATE", (shard_id,))
+            row = await one(cur, SHARD_SELECT + " WHERE shard_id = %s FOR UPDATE", (shard_id,))
             wanted = (address, engine, major_version, capacity_bytes, capacity_ops_per_s)
             if row is not None:
-                current = _shard(row)
+                current = to_shard(row)
                 if (current.address, current.engine, current.major_version,
                         current.capacity_bytes, current.capacity_ops_per_s) == wanted:
                     return current
@@ -442,7 +328,7 @@ class Catalog:
                     (shard_id, *wanted),
                 )
             await self._bump(cur, ChangeKind.SHARDS, None)
-            return await self._shard_in(cur, shard_id)
+            return await shard_in(cur, shard_id)
 
         return await self._txn(body)
 
@@ -458,7 +344,7 @@ class Catalog:
         state = ShardState(state)
 
         async def body(cur: AsyncCursor[Any]) -> ShardInfo:
-            current = await self._shard_in(cur, shard_id, lock=True)
+            current = await shard_in(cur, shard_id, lock=True)
             if current.state == state:
                 return current
             if current.state == ShardState.RETIRED:
@@ -467,11 +353,11 @@ class Catalog:
                     "reviving it (its history refers to the old server)"
                 )
             if state == ShardState.RETIRED:
-                row = await _one(
+                row = await one(
                     cur, "SELECT count(*) FROM catalog.chunks WHERE shard_id = %s", (shard_id,)
                 )
                 held = int(row[0]) if row else 0
-                row = await _one(
+                row = await one(
                     cur,
                     "SELECT count(*) FROM catalog.migrations WHERE outcome IS NULL"
                     " AND (source = %s OR target = %s)",
@@ -488,37 +374,26 @@ class Catalog:
                 (state.value, shard_id),
             )
             await self._bump(cur, ChangeKind.SHARDS, None)
-            return await self._shard_in(cur, shard_id)
+            return await shard_in(cur, shard_id)
 
         return await self._txn(body)
 
     async def shard(self, shard_id: str) -> ShardInfo:
         """One registered shard. Raises ``UnknownShardError``."""
         check_shard_id(shard_id)
-        return await self._txn(lambda cur: self._shard_in(cur, shard_id), read_only=True)
+        return await self._txn(lambda cur: shard_in(cur, shard_id), read_only=True)
 
     async def list_shards(self, state: ShardState | None = None) -> list[ShardInfo]:
         """Registered shards (optionally in one state), by id."""
 
         async def body(cur: AsyncCursor[Any]) -> list[ShardInfo]:
             await cur.execute(
-                _SHARD_SELECT + " WHERE %(s)s::text IS NULL OR state = %(s)s ORDER BY shard_id",
+                SHARD_SELECT + " WHERE %(s)s::text IS NULL OR state = %(s)s ORDER BY shard_id",
                 {"s": state.value if state else None},
             )
-            return [_shard(r) for r in await cur.fetchall()]
+            return [to_shard(r) for r in await cur.fetchall()]
 
         return await self._txn(body, read_only=True)
-
-    async def _shard_in(
-        self, cur: AsyncCursor[Any], shard_id: str, *, lock: bool = False
-    ) -> ShardInfo:
-        row = await _one(
-            cur, _SHARD_SELECT + " WHERE shard_id = %s" + (" FOR UPDATE" if lock else ""),
-            (shard_id,),
-        )
-        if row is None:
-            raise UnknownShardError(shard_id)
-        return _shard(row)
 
     # -- collections -------------------------------------------------------------------------
 
@@ -567,18 +442,18 @@ class Catalog:
         index_json = [i.model_dump(mode="json") for i in idx]
 
         async def body(cur: AsyncCursor[Any]) -> ChunkMap:
-            row = await _one(cur, _COLLECTION_SELECT + " WHERE name = %s FOR UPDATE", (name,))
+            row = await one(cur, COLLECTION_SELECT + " WHERE name = %s FOR UPDATE", (name,))
             if row is not None:
-                existing = _collection(row)
+                existing = to_collection(row)
                 if existing.shard_key != shard_key or existing.indexes != idx:
                     raise CollectionExistsError(
                         f"collection {name!r} already exists with shard key "
                         f"{existing.shard_key!r} and indexes "
                         f"{[i.name for i in existing.indexes]}; pick another name"
                     )
-                return await self._map_in(cur, name)
+                return await map_in(cur, name)
             for sid in shard_ids:
-                info = await self._shard_in(cur, sid)
+                info = await shard_in(cur, sid)
                 if info.state != ShardState.ACTIVE:
                     raise ShardStateError(
                         f"shard {sid!r} is {info.state}; only active shards receive chunks"
@@ -600,7 +475,7 @@ class Catalog:
                  [shard_ids[i % len(shard_ids)] for i in range(k)]),
             )
             await self._bump(cur, ChangeKind.LAYOUT, name)
-            return await self._map_in(cur, name)
+            return await map_in(cur, name)
 
         return await self._txn(body)
 
@@ -615,11 +490,11 @@ class Catalog:
         check_collection(name)
 
         async def body(cur: AsyncCursor[Any]) -> bool:
-            row = await _one(cur, "SELECT 1 FROM catalog.collections WHERE name = %s FOR UPDATE",
+            row = await one(cur, "SELECT 1 FROM catalog.collections WHERE name = %s FOR UPDATE",
                              (name,))
             if row is None:
                 return False
-            await self._refuse_busy(cur, name, None)
+            await refuse_busy(cur, name, None)
             await cur.execute("DELETE FROM catalog.collections WHERE name = %s", (name,))
             await self._bump(cur, ChangeKind.LAYOUT, name)
             return True
@@ -631,15 +506,9 @@ class Catalog:
         check_collection(name)
 
         async def body(cur: AsyncCursor[Any]) -> CollectionInfo:
-            return await self._collection_in(cur, name)
+            return await collection_in(cur, name)
 
         return await self._txn(body, read_only=True)
-
-    async def _collection_in(self, cur: AsyncCursor[Any], name: str) -> CollectionInfo:
-        row = await _one(cur, _COLLECTION_SELECT + " WHERE name = %s", (name,))
-        if row is None:
-            raise UnknownCollectionError(name)
-        return _collection(row)
 
     # -- chunk maps --------------------------------------------------------------------------
 
@@ -650,19 +519,19 @@ class Catalog:
             UnknownCollectionError: no such collection.
         """
         check_collection(collection)
-        return await self._txn(lambda cur: self._map_in(cur, collection), read_only=True)
+        return await self._txn(lambda cur: map_in(cur, collection), read_only=True)
 
     async def chunk_maps(self) -> dict[str, ChunkMap]:
         """Every collection's chunk map, all read at one catalog version."""
 
         async def body(cur: AsyncCursor[Any]) -> dict[str, ChunkMap]:
-            version = await self._version_in(cur)
-            await cur.execute(_COLLECTION_SELECT + " ORDER BY name")
-            infos = {r[0]: _collection(r) for r in await cur.fetchall()}
-            await cur.execute(_CHUNK_SELECT + " ORDER BY c.collection, c.lo")
+            version = await version_in(cur)
+            await cur.execute(COLLECTION_SELECT + " ORDER BY name")
+            infos = {r[0]: to_collection(r) for r in await cur.fetchall()}
+            await cur.execute(CHUNK_SELECT + " ORDER BY c.collection, c.lo")
             chunks: dict[str, list[Chunk]] = {n: [] for n in infos}
             for r in await cur.fetchall():
-                chunks[r[0]].append(_chunk(r))
+                chunks[r[0]].append(to_chunk(r))
             return {
                 n: ChunkMap(collection=info, chunks=tuple(chunks[n]), version=version)
                 for n, info in infos.items()
@@ -677,9 +546,9 @@ class Catalog:
             UnknownCollectionError, UnknownChunkError.
         """
         check_collection(collection)
-        _check_chunk_id(chunk_id)
+        check_chunk_id(chunk_id)
         return await self._txn(
-            lambda cur: self._chunk_in(cur, collection, chunk_id), read_only=True
+            lambda cur: chunk_in(cur, collection, chunk_id), read_only=True
         )
 
     async def settled_chunk(
@@ -699,13 +568,13 @@ class Catalog:
             UnknownCollectionError, UnknownChunkError.
         """
         check_collection(collection)
-        _check_chunk_id(chunk_id)
+        check_chunk_id(chunk_id)
 
         async def body(cur: AsyncCursor[Any]) -> Chunk:
             await cur.execute(f"SET LOCAL lock_timeout = '{int(wait_s * 1000)}ms'")
             try:
-                row = await _one(
-                    cur, _CHUNK_SELECT + " WHERE c.collection = %s AND c.chunk_id = %s"
+                row = await one(
+                    cur, CHUNK_SELECT + " WHERE c.collection = %s AND c.chunk_id = %s"
                     " FOR SHARE OF c", (collection, chunk_id),
                 )
             except errors.LockNotAvailable as exc:
@@ -714,8 +583,8 @@ class Catalog:
                     f"{wait_s}s; read it again later"
                 ) from exc
             if row is None:
-                return await self._chunk_in(cur, collection, chunk_id)  # the precise error
-            return _chunk(row)
+                return await chunk_in(cur, collection, chunk_id)  # the precise error
+            return to_chunk(row)
 
         return await self._txn(body)
 
@@ -732,47 +601,6 @@ class Catalog:
             return [int(r[0]) for r in await cur.fetchall()]
 
         return await self._txn(body)
-
-    @staticmethod
-    async def _version_in(cur: AsyncCursor[Any]) -> int:
-        row = await _one(cur, "SELECT version FROM catalog.meta WHERE id = 1")
-        if row is None:
-            raise CatalogUnavailableError("the catalog schema is missing: run ensure_schema()")
-        return int(row[0])
-
-    async def _map_in(self, cur: AsyncCursor[Any], collection: str) -> ChunkMap:
-        version = await self._version_in(cur)
-        info = await self._collection_in(cur, collection)
-        await cur.execute(_CHUNK_SELECT + " WHERE c.collection = %s ORDER BY c.lo", (collection,))
-        chunks = tuple(_chunk(r) for r in await cur.fetchall())
-        return ChunkMap(collection=info, chunks=chunks, version=version)
-
-    async def _chunk_in(
-        self, cur: AsyncCursor[Any], collection: str, chunk_id: int, *, lock: bool = False
-    ) -> Chunk:
-        row = await _one(
-            cur,
-            _CHUNK_SELECT + " WHERE c.collection = %s AND c.chunk_id = %s"
-            + (" FOR UPDATE OF c" if lock else ""),
-            (collection, chunk_id),
-        )
-        if row is None:
-            await self._collection_in(cur, collection)  # the more useful error if it is unknown
-            raise UnknownChunkError(collection, chunk_id)
-        return _chunk(row)
-
-    async def _refuse_busy(
-        self, cur: AsyncCursor[Any], collection: str, chunk_ids: Sequence[int] | None
-    ) -> None:
-        row = await _one(
-            cur,
-            "SELECT migration_id, chunk_id, phase FROM catalog.migrations"
-            " WHERE outcome IS NULL AND collection = %s"
-            " AND (%s::bigint[] IS NULL OR chunk_id = ANY(%s::bigint[])) LIMIT 1",
-            (collection, chunk_ids, chunk_ids),
-        )
-        if row is not None:
-            raise ChunkBusyError(collection, row[1], row[0], row[2])
 
     @staticmethod
     def _expect(chunk: Chunk, expect_token: int) -> None:
@@ -792,10 +620,10 @@ class Catalog:
                 "SELECT nextval('catalog.chunk_ids') FROM generate_series(1, %s)", (n,)
             )
             return [int(r[0]) for r in await cur.fetchall()]
-        ids = [_check_chunk_id(i) for i in given]
+        ids = [check_chunk_id(i) for i in given]
         if len(ids) != n or len(set(ids)) != n:
             raise ValueError(f"expected {n} distinct new chunk ids, got {list(given)}")
-        row = await _one(cur, "SELECT last_value FROM catalog.chunk_ids")
+        row = await one(cur, "SELECT last_value FROM catalog.chunk_ids")
         assert row is not None
         if max(ids) > row[0]:
             raise InvalidLayoutError(
@@ -839,15 +667,15 @@ class Catalog:
             UnknownCollectionError, UnknownChunkError.
         """
         check_collection(collection)
-        _check_chunk_id(chunk_id)
-        _check_token(expect_token)
+        check_chunk_id(chunk_id)
+        check_token(expect_token)
         if not isinstance(at_khash, int) or not KHASH_MIN < at_khash < KHASH_END:
             raise InvalidLayoutError(f"split point {at_khash!r} is not a khash")
 
         async def body(cur: AsyncCursor[Any]) -> tuple[Chunk, Chunk]:
-            parent = await self._chunk_in(cur, collection, chunk_id, lock=True)
+            parent = await chunk_in(cur, collection, chunk_id, lock=True)
             self._expect(parent, expect_token)
-            await self._refuse_busy(cur, collection, [chunk_id])
+            await refuse_busy(cur, collection, [chunk_id])
             if not parent.range.lo < at_khash < parent.range.hi:
                 raise InvalidLayoutError(
                     f"split point {at_khash} is not strictly inside chunk {collection}/"
@@ -875,8 +703,8 @@ class Catalog:
                          parent.ops_per_s / 2),
                     )
             await self._bump(cur, ChangeKind.LAYOUT, collection)
-            return (await self._chunk_in(cur, collection, left_id),
-                    await self._chunk_in(cur, collection, right_id))
+            return (await chunk_in(cur, collection, left_id),
+                    await chunk_in(cur, collection, right_id))
 
         return await self._txn(body)
 
@@ -903,8 +731,8 @@ class Catalog:
             InvalidLayoutError: the chunks are not adjacent or not on one shard.
         """
         check_collection(collection)
-        ids = [_check_chunk_id(c) for c in chunk_ids]
-        tokens = [_check_token(t) for t in expect_tokens]
+        ids = [check_chunk_id(c) for c in chunk_ids]
+        tokens = [check_token(t) for t in expect_tokens]
         if len(ids) < 2 or len(set(ids)) != len(ids):
             raise InvalidLayoutError("merge needs two or more distinct chunk ids")
         if len(tokens) != len(ids):
@@ -912,10 +740,10 @@ class Catalog:
 
         async def body(cur: AsyncCursor[Any]) -> Chunk:
             # Lock in id order so two merges over shared chunks cannot deadlock.
-            chunks = {i: await self._chunk_in(cur, collection, i, lock=True) for i in sorted(ids)}
+            chunks = {i: await chunk_in(cur, collection, i, lock=True) for i in sorted(ids)}
             for i, t in zip(ids, tokens, strict=True):
                 self._expect(chunks[i], t)
-            await self._refuse_busy(cur, collection, ids)
+            await refuse_busy(cur, collection, ids)
             ordered = sorted(chunks.values(), key=lambda c: c.range.lo)
             shards = {c.shard_id for c in ordered}
             if len(shards) != 1:
@@ -953,7 +781,7 @@ class Catalog:
                      None if None in stamps else min(s for s in stamps if s is not None)),
                 )
             await self._bump(cur, ChangeKind.LAYOUT, collection)
-            return await self._chunk_in(cur, collection, new_id)
+            return await chunk_in(cur, collection, new_id)
 
         return await self._txn(body)
 
@@ -982,17 +810,17 @@ class Catalog:
             ShardStateError: the target is no longer active.
         """
         check_collection(collection)
-        _check_chunk_id(chunk_id)
-        _check_token(expect_token)
+        check_chunk_id(chunk_id)
+        check_token(expect_token)
         check_shard_id(new_shard)
         check_migration_id(migration_id)
         if pause_ms is not None and pause_ms < 0:
             raise ValueError("pause_ms cannot be negative")
 
         async def body(cur: AsyncCursor[Any]) -> Chunk:
-            chunk = await self._chunk_in(cur, collection, chunk_id, lock=True)
+            chunk = await chunk_in(cur, collection, chunk_id, lock=True)
             self._expect(chunk, expect_token)
-            mig = await self._migration_in(cur, migration_id, lock=True)
+            mig = await migration_in(cur, migration_id, lock=True)
             if not mig.active:
                 raise MigrationStateError(
                     f"migration {migration_id!r} already finished ({mig.outcome}); it cannot "
@@ -1004,7 +832,7 @@ class Catalog:
                     f"not {collection}/{chunk_id}"
                 )
             if new_shard == mig.target and chunk.shard_id == mig.source:
-                target = await self._shard_in(cur, new_shard)
+                target = await shard_in(cur, new_shard)
                 if target.state != ShardState.ACTIVE:
                     raise ShardStateError(
                         f"target shard {new_shard!r} is {target.state}; abort the migration"
@@ -1028,7 +856,7 @@ class Catalog:
                 (new_token, new_shard, pause_ms, migration_id),
             )
             await self._bump(cur, ChangeKind.LAYOUT, collection)
-            return await self._chunk_in(cur, collection, chunk_id)
+            return await chunk_in(cur, collection, chunk_id)
 
         return await self._txn(body)
 
@@ -1087,19 +915,19 @@ class Catalog:
         check_migration_id(migration_id)
         kind = MigrationKind(kind)
         check_collection(collection)
-        _check_chunk_id(chunk_id)
+        check_chunk_id(chunk_id)
         check_shard_id(source)
         check_shard_id(target)
         if source == target:
             raise MigrationStateError(f"source and target are both {source!r}")
 
         async def body(cur: AsyncCursor[Any]) -> MigrationRecord:
-            row = await _one(
-                cur, _MIGRATION_SELECT + " WHERE migration_id = %s",
+            row = await one(
+                cur, MIGRATION_SELECT + " WHERE migration_id = %s",
                 (migration_id,),
             )
             if row is not None:
-                existing = _migration(row)
+                existing = to_migration(row)
                 if (existing.kind, existing.collection, existing.chunk_id, existing.source,
                         existing.target) != (kind, collection, chunk_id, source, target):
                     raise MigrationStateError(
@@ -1108,14 +936,14 @@ class Catalog:
                         f"{existing.target}"
                     )
                 return existing
-            chunk = await self._chunk_in(cur, collection, chunk_id, lock=True)
-            await self._refuse_busy(cur, collection, [chunk_id])
+            chunk = await chunk_in(cur, collection, chunk_id, lock=True)
+            await refuse_busy(cur, collection, [chunk_id])
             if chunk.shard_id != source:
                 raise MigrationStateError(
                     f"chunk {collection}/{chunk_id} is on {chunk.shard_id!r}, not on the "
                     f"requested source {source!r}; re-read the chunk map"
                 )
-            tgt = await self._shard_in(cur, target)
+            tgt = await shard_in(cur, target)
             if tgt.state != ShardState.ACTIVE:
                 raise ShardStateError(
                     f"target shard {target!r} is {tgt.state}; only active shards receive chunks"
@@ -1127,7 +955,7 @@ class Catalog:
                  MigrationPhase.REGISTERED.value, chunk.token),
             )
             await self._bump(cur, ChangeKind.MIGRATION, collection)
-            return await self._migration_in(cur, migration_id)
+            return await migration_in(cur, migration_id)
 
         return await self._txn(body)
 
@@ -1143,7 +971,7 @@ class Catalog:
         phase = MigrationPhase(phase)
 
         async def body(cur: AsyncCursor[Any]) -> MigrationRecord:
-            mig = await self._migration_in(cur, migration_id, lock=True)
+            mig = await migration_in(cur, migration_id, lock=True)
             if not mig.active:
                 raise MigrationStateError(
                     f"migration {migration_id!r} already finished ({mig.outcome})"
@@ -1156,7 +984,7 @@ class Catalog:
                 (phase.value, detail, migration_id),
             )
             await self._bump(cur, ChangeKind.MIGRATION, mig.collection)
-            return await self._migration_in(cur, migration_id)
+            return await migration_in(cur, migration_id)
 
         return await self._txn(body)
 
@@ -1178,7 +1006,7 @@ class Catalog:
         outcome = MigrationOutcome(outcome)
 
         async def body(cur: AsyncCursor[Any]) -> MigrationRecord:
-            mig = await self._migration_in(cur, migration_id, lock=True)
+            mig = await migration_in(cur, migration_id, lock=True)
             if not mig.active:
                 if mig.outcome == outcome:
                     return mig
@@ -1186,7 +1014,7 @@ class Catalog:
                     f"migration {migration_id!r} already finished as {mig.outcome}, not "
                     f"{outcome}"
                 )
-            chunk = await self._chunk_in(cur, mig.collection, mig.chunk_id)
+            chunk = await chunk_in(cur, mig.collection, mig.chunk_id)
             want = {MigrationOutcome.COMPLETED: mig.target, MigrationOutcome.ABORTED: mig.source,
                     MigrationOutcome.ROLLED_BACK: mig.source}.get(outcome)
             if want is not None and chunk.shard_id != want:
@@ -1202,14 +1030,14 @@ class Catalog:
             await cur.execute("DELETE FROM catalog.leases WHERE migration_id = %s",
                               (migration_id,))
             await self._bump(cur, ChangeKind.MIGRATION, mig.collection)
-            return await self._migration_in(cur, migration_id)
+            return await migration_in(cur, migration_id)
 
         return await self._txn(body)
 
     async def migration(self, migration_id: str) -> MigrationRecord:
         """One migration record. Raises ``UnknownMigrationError``."""
         check_migration_id(migration_id)
-        return await self._txn(lambda cur: self._migration_in(cur, migration_id), read_only=True)
+        return await self._txn(lambda cur: migration_in(cur, migration_id), read_only=True)
 
     async def migrations(
         self, *, collection: str | None = None, active_only: bool = False, limit: int = 1000
@@ -1220,27 +1048,14 @@ class Catalog:
 
         async def body(cur: AsyncCursor[Any]) -> list[MigrationRecord]:
             await cur.execute(
-                _MIGRATION_SELECT + " WHERE (%(c)s::text IS NULL OR collection = %(c)s)"
+                MIGRATION_SELECT + " WHERE (%(c)s::text IS NULL OR collection = %(c)s)"
                 " AND (NOT %(a)s OR outcome IS NULL) ORDER BY started_at DESC, migration_id"
                 " LIMIT %(n)s",
                 {"c": collection, "a": active_only, "n": limit},
             )
-            return [_migration(r) for r in await cur.fetchall()]
+            return [to_migration(r) for r in await cur.fetchall()]
 
         return await self._txn(body, read_only=True)
-
-    async def _migration_in(
-        self, cur: AsyncCursor[Any], migration_id: str, *, lock: bool = False
-    ) -> MigrationRecord:
-        row = await _one(
-            cur,
-            _MIGRATION_SELECT + " WHERE migration_id = %s"
-            + (" FOR UPDATE" if lock else ""),
-            (migration_id,),
-        )
-        if row is None:
-            raise UnknownMigrationError(migration_id)
-        return _migration(row)
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -1288,7 +1103,7 @@ class Catalog:
 
         async def body(cur: AsyncCursor[Any]) -> list[Lease]:
             at = await self._now(cur, now)
-            row = await _one(
+            row = await one(
                 cur, "SELECT outcome FROM catalog.migrations WHERE migration_id = %s",
                 (migration_id,),
             )
@@ -1298,7 +1113,7 @@ class Catalog:
                 )
             changed = False
             for sid in wanted:
-                info = await self._shard_in(cur, sid)
+                info = await shard_in(cur, sid)
                 if info.state == ShardState.RETIRED:
                     raise ShardStateError(f"shard {sid!r} is retired; it takes part in no moves")
                 lid = lease_id(migration_id, sid)
@@ -1308,11 +1123,11 @@ class Catalog:
                     " AND lease_id <> %s",
                     (sid, at, lid),
                 )
-                row = await _one(
-                    cur, _LEASE_SELECT + " WHERE lease_id = %s FOR UPDATE",
+                row = await one(
+                    cur, LEASE_SELECT + " WHERE lease_id = %s FOR UPDATE",
                     (lid,),
                 )
-                mine = _lease(row) if row else None
+                mine = to_lease(row) if row else None
                 if mine is not None and mine.live(at) and mine.holder != holder:
                     raise LeaseUnavailableError(
                         f"the lease of migration {migration_id!r} on shard {sid!r} is held by "
@@ -1346,11 +1161,11 @@ class Catalog:
             if changed:
                 await self._bump(cur, ChangeKind.LEASE, None)
             await cur.execute(
-                _LEASE_SELECT + " WHERE migration_id = %s"
+                LEASE_SELECT + " WHERE migration_id = %s"
                 " AND shard_id = ANY(%s) ORDER BY shard_id",
                 (migration_id, wanted),
             )
-            return [_lease(r) for r in await cur.fetchall()]
+            return [to_lease(r) for r in await cur.fetchall()]
 
         return await self._txn(body)
 
@@ -1416,12 +1231,12 @@ class Catalog:
         async def body(cur: AsyncCursor[Any]) -> list[Lease]:
             at = await self._now(cur, now)
             await cur.execute(
-                _LEASE_SELECT + " WHERE (%(s)s::text IS NULL OR shard_id = %(s)s)"
+                LEASE_SELECT + " WHERE (%(s)s::text IS NULL OR shard_id = %(s)s)"
                 " AND (%(m)s::text IS NULL OR migration_id = %(m)s)"
                 " AND (NOT %(l)s OR expires_at > %(t)s) ORDER BY shard_id, lease_id",
                 {"s": shard_id, "m": migration_id, "l": live_only, "t": at},
             )
-            return [_lease(r) for r in await cur.fetchall()]
+            return [to_lease(r) for r in await cur.fetchall()]
 
         return await self._txn(body, read_only=True)
 
