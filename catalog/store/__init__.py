@@ -41,20 +41,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
-from psycopg import AsyncCursor, IsolationLevel, errors
+from psycopg import AsyncCursor, errors
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
 from catalog.errors import (
-    CatalogBusyError,
     CatalogUnavailableError,
     CollectionExistsError,
     InvalidLayoutError,
@@ -79,7 +76,7 @@ from catalog.models import (
     ShardState,
     lease_id,
 )
-from catalog.schema import DDL, LAYOUT_ERRCODE, NOTIFY_CHANNEL
+from catalog.schema import NOTIFY_CHANNEL
 from catalog.store.checks import (
     check_address,
     check_chunk_id,
@@ -107,25 +104,17 @@ from catalog.store.rows import (
     to_shard,
     version_in,
 )
+from catalog.store.txn import CatalogBase, bump, db_now
 from shards.models import KHASH_END, KHASH_MIN, IndexDefinition, KeyRange
 from shards.names import check_collection, check_field_path
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-_DDL_LOCK = 0x5348_4152_4443_4154  # "SHARDCAT": serializes catalog DDL across processes
 _HOLDER = re.compile(r"[ -~]{1,200}")  # printable ASCII: it is shown to people
 MAX_CHUNKS_PER_COLLECTION_CREATE = 65_536
-_RETRY_ON = (errors.SerializationFailure, errors.DeadlockDetected)
-# Unique violations that a concurrent transaction can cause between our check and our insert;
-# the retry's explicit check then reports the conflict precisely.
-_RACE_CONSTRAINTS = frozenset({
-    "migrations_one_active_per_chunk", "migrations_pkey", "leases_pkey", "shards_pkey",
-    "collections_pkey",
-})
 
-class Catalog:
+
+class Catalog(CatalogBase):
     """The catalog: shards, collections, chunks, migrations and leases.
 
     Build one per process, ``await catalog.open()`` (or ``async with``), share it: methods are
@@ -139,144 +128,6 @@ class Catalog:
         max_moves_per_shard: Default limit of live move leases per shard.
         lease_ttl: Default lease lifetime; holders renew well within it.
     """
-
-    def __init__(
-        self,
-        dsn: str,
-        *,
-        min_size: int = 1,
-        max_size: int = 8,
-        max_attempts: int = 40,
-        max_moves_per_shard: int = 2,
-        lease_ttl: timedelta = timedelta(seconds=120),
-    ) -> None:
-        if max_moves_per_shard < 1:
-            raise ValueError("max_moves_per_shard must be at least 1")
-        self.dsn = dsn
-        self.max_attempts = max_attempts
-        self.max_moves_per_shard = max_moves_per_shard
-        self.lease_ttl = lease_ttl
-        self._pool = AsyncConnectionPool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            open=False,
-            kwargs={"autocommit": True},
-            configure=self._configure,
-            name="catalog",
-        )
-
-    @staticmethod
-    async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-        # With autocommit on, psycopg opens each `transaction()` with
-        # BEGIN ISOLATION LEVEL SERIALIZABLE.
-        await conn.set_isolation_level(IsolationLevel.SERIALIZABLE)
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    async def open(self) -> Catalog:
-        await self._pool.open(wait=True)
-        return self
-
-    async def close(self) -> None:
-        await self._pool.close()
-
-    async def __aenter__(self) -> Catalog:
-        return await self.open()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def ensure_schema(self) -> None:
-        """Create the catalog schema if it does not exist (idempotent, safe to race)."""
-        async with self._pool.connection() as conn, conn.transaction():
-            # READ COMMITTED: a serializable snapshot taken before the lock is granted would
-            # fail against any catalog change committed while waiting for it.
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
-            await conn.execute(DDL)
-
-    # -- transactions ------------------------------------------------------------------------
-
-    async def _txn(
-        self, body: Callable[[AsyncCursor[Any]], Awaitable[T]], *, read_only: bool = False
-    ) -> T:
-        """Run ``body`` in one serializable transaction, retrying it on conflicts."""
-        delay = 0.002
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                async with self._pool.connection() as conn, conn.transaction():
-                    if read_only:
-                        await conn.execute("SET TRANSACTION READ ONLY")
-                    async with conn.cursor() as cur:
-                        return await body(cur)
-            except _RETRY_ON:
-                pass  # serialization failure or deadlock: run the transaction again
-            except errors.UniqueViolation as exc:
-                if exc.diag.constraint_name not in _RACE_CONSTRAINTS:
-                    raise
-            except psycopg.OperationalError as exc:
-                # A read can simply run again. A change may have committed before the
-                # connection broke: only the caller, re-reading, can tell.
-                if not read_only or attempt == self.max_attempts:
-                    raise CatalogUnavailableError(
-                        f"catalog connection failed ({exc}); "
-                        + ("" if read_only else "the change may or may not have committed: "
-                           "re-read the catalog before retrying")
-                    ) from exc
-            except psycopg.Error as exc:
-                if exc.sqlstate == LAYOUT_ERRCODE:
-                    raise InvalidLayoutError(
-                        f"the catalog refused a chunk layout that would not tile the khash "
-                        f"space: {exc.diag.message_primary}"
-                    ) from exc
-                raise
-            # Jittered exponential backoff so that N losers do not collide again in lockstep.
-            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - not cryptographic
-            delay = min(delay * 2, 0.2)
-        raise CatalogBusyError(
-            f"the catalog transaction lost {self.max_attempts} serialization conflicts in a "
-            "row; nothing changed, retry later"
-        )
-
-    @staticmethod
-    async def _bump(cur: AsyncCursor[Any], change: ChangeKind, collection: str | None) -> int:
-        """Increment the catalog version and queue the notification (sent at COMMIT)."""
-        row = await one(
-            cur, "UPDATE catalog.meta SET version = version + 1 WHERE id = 1 RETURNING version"
-        )
-        assert row is not None, "catalog.meta is missing its row: run ensure_schema()"
-        version = int(row[0])
-        payload = CatalogChange(version=version, change=change, collection=collection)
-        await cur.execute(
-            "SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload.model_dump_json())
-        )
-        if collection is not None and change is ChangeKind.LAYOUT:
-            await cur.execute(
-                "UPDATE catalog.collections SET layout_version = %s WHERE name = %s",
-                (version, collection),
-            )
-        return version
-
-    @staticmethod
-    async def _now(cur: AsyncCursor[Any], now: datetime | None) -> datetime:
-        if now is not None:
-            if now.tzinfo is None:
-                raise ValueError("now must be timezone-aware")
-            return now
-        row = await one(cur, "SELECT clock_timestamp()")
-        assert row is not None
-        return row[0]  # type: ignore[no-any-return]
-
-    async def version(self) -> int:
-        """The current catalog version."""
-
-        async def body(cur: AsyncCursor[Any]) -> int:
-            row = await one(cur, "SELECT version FROM catalog.meta WHERE id = 1")
-            assert row is not None
-            return int(row[0])
-
-        return await self._txn(body, read_only=True)
 
     # -- shards ------------------------------------------------------------------------------
 
@@ -327,7 +178,7 @@ class Catalog:
                     " 'active')",
                     (shard_id, *wanted),
                 )
-            await self._bump(cur, ChangeKind.SHARDS, None)
+            await bump(cur, ChangeKind.SHARDS, None)
             return await shard_in(cur, shard_id)
 
         return await self._txn(body)
@@ -373,7 +224,7 @@ class Catalog:
                 "UPDATE catalog.shards SET state = %s, updated_at = now() WHERE shard_id = %s",
                 (state.value, shard_id),
             )
-            await self._bump(cur, ChangeKind.SHARDS, None)
+            await bump(cur, ChangeKind.SHARDS, None)
             return await shard_in(cur, shard_id)
 
         return await self._txn(body)
@@ -474,7 +325,7 @@ class Catalog:
                 (name, ids, [r.lo for r in ranges], [r.sql_hi for r in ranges],
                  [shard_ids[i % len(shard_ids)] for i in range(k)]),
             )
-            await self._bump(cur, ChangeKind.LAYOUT, name)
+            await bump(cur, ChangeKind.LAYOUT, name)
             return await map_in(cur, name)
 
         return await self._txn(body)
@@ -496,7 +347,7 @@ class Catalog:
                 return False
             await refuse_busy(cur, name, None)
             await cur.execute("DELETE FROM catalog.collections WHERE name = %s", (name,))
-            await self._bump(cur, ChangeKind.LAYOUT, name)
+            await bump(cur, ChangeKind.LAYOUT, name)
             return True
 
         return await self._txn(body)
@@ -702,7 +553,7 @@ class Catalog:
                          parent.doc_count // 2 + share * (parent.doc_count % 2),
                          parent.ops_per_s / 2),
                     )
-            await self._bump(cur, ChangeKind.LAYOUT, collection)
+            await bump(cur, ChangeKind.LAYOUT, collection)
             return (await chunk_in(cur, collection, left_id),
                     await chunk_in(cur, collection, right_id))
 
@@ -780,7 +631,7 @@ class Catalog:
                      sum(c.doc_count for c in ordered), sum(c.ops_per_s for c in ordered),
                      None if None in stamps else min(s for s in stamps if s is not None)),
                 )
-            await self._bump(cur, ChangeKind.LAYOUT, collection)
+            await bump(cur, ChangeKind.LAYOUT, collection)
             return await chunk_in(cur, collection, new_id)
 
         return await self._txn(body)
@@ -855,7 +706,7 @@ class Catalog:
                 " WHERE migration_id = %s",
                 (new_token, new_shard, pause_ms, migration_id),
             )
-            await self._bump(cur, ChangeKind.LAYOUT, collection)
+            await bump(cur, ChangeKind.LAYOUT, collection)
             return await chunk_in(cur, collection, chunk_id)
 
         return await self._txn(body)
@@ -873,7 +724,7 @@ class Catalog:
             return 0
 
         async def body(cur: AsyncCursor[Any]) -> int:
-            at = await self._now(cur, measured_at)
+            at = await db_now(cur, measured_at)
             await cur.execute(
                 "INSERT INTO catalog.chunk_stats AS s (collection, chunk_id, size_bytes,"
                 " doc_count, ops_per_s, measured_at)"
@@ -954,7 +805,7 @@ class Catalog:
                 (migration_id, kind.value, collection, chunk_id, source, target,
                  MigrationPhase.REGISTERED.value, chunk.token),
             )
-            await self._bump(cur, ChangeKind.MIGRATION, collection)
+            await bump(cur, ChangeKind.MIGRATION, collection)
             return await migration_in(cur, migration_id)
 
         return await self._txn(body)
@@ -983,7 +834,7 @@ class Catalog:
                 " updated_at = now() WHERE migration_id = %s",
                 (phase.value, detail, migration_id),
             )
-            await self._bump(cur, ChangeKind.MIGRATION, mig.collection)
+            await bump(cur, ChangeKind.MIGRATION, mig.collection)
             return await migration_in(cur, migration_id)
 
         return await self._txn(body)
@@ -1029,7 +880,7 @@ class Catalog:
             )
             await cur.execute("DELETE FROM catalog.leases WHERE migration_id = %s",
                               (migration_id,))
-            await self._bump(cur, ChangeKind.MIGRATION, mig.collection)
+            await bump(cur, ChangeKind.MIGRATION, mig.collection)
             return await migration_in(cur, migration_id)
 
         return await self._txn(body)
@@ -1102,7 +953,7 @@ class Catalog:
             raise ValueError("max_moves_per_shard must be at least 1")
 
         async def body(cur: AsyncCursor[Any]) -> list[Lease]:
-            at = await self._now(cur, now)
+            at = await db_now(cur, now)
             row = await one(
                 cur, "SELECT outcome FROM catalog.migrations WHERE migration_id = %s",
                 (migration_id,),
@@ -1159,7 +1010,7 @@ class Catalog:
                     (lid, sid, migration_id, holder, at, at + ttl, at),
                 )
             if changed:
-                await self._bump(cur, ChangeKind.LEASE, None)
+                await bump(cur, ChangeKind.LEASE, None)
             await cur.execute(
                 LEASE_SELECT + " WHERE migration_id = %s"
                 " AND shard_id = ANY(%s) ORDER BY shard_id",
@@ -1209,7 +1060,7 @@ class Catalog:
                               (migration_id,))
             n = cur.rowcount
             if n:
-                await self._bump(cur, ChangeKind.LEASE, None)
+                await bump(cur, ChangeKind.LEASE, None)
             return n
 
         return await self._txn(body)
@@ -1229,7 +1080,7 @@ class Catalog:
             check_migration_id(migration_id)
 
         async def body(cur: AsyncCursor[Any]) -> list[Lease]:
-            at = await self._now(cur, now)
+            at = await db_now(cur, now)
             await cur.execute(
                 LEASE_SELECT + " WHERE (%(s)s::text IS NULL OR shard_id = %(s)s)"
                 " AND (%(m)s::text IS NULL OR migration_id = %(m)s)"
@@ -1245,11 +1096,11 @@ class Catalog:
         so this is housekeeping, not a correctness step."""
 
         async def body(cur: AsyncCursor[Any]) -> int:
-            at = await self._now(cur, now)
+            at = await db_now(cur, now)
             await cur.execute("DELETE FROM catalog.leases WHERE expires_at <= %s", (at,))
             n = cur.rowcount
             if n:
-                await self._bump(cur, ChangeKind.LEASE, None)
+                await bump(cur, ChangeKind.LEASE, None)
             return n
 
         return await self._txn(body)
