@@ -28,99 +28,28 @@ How the catalog stays correct
   chunk statistics reports and renewals of a lease already held, both frequent and neither
   affecting routing or ownership.
 * **At most one active migration per chunk** (partial unique index) and at most
-  ``max_moves_per_shard`` live move leases per shard. A lease is live until ``expires_at``;
-  expired leases are ignored when counting and deleted when next seen, so a dead holder
-  frees its slots by simply not renewing. Lease time is the catalog database's clock (one
-  clock for every worker); tests inject ``now``.
+  ``max_moves_per_shard`` live move leases per shard (``leases`` says when a lease is live).
 
-Reads (``chunk_map``, ``chunk_maps``) run in a read-only serializable transaction: a snapshot
-consistent with the catalog version they report.
+Layout
+------
+``Catalog`` (``facade``) is one mixin per section, each over ``CatalogBase`` (``txn``: the
+connection pool, the lifecycle, ``ensure_schema``, the retrying transaction and ``bump``, the
+version increment and notification every change makes):
+
+* ``registry``: the shard registry. ``collection``: collections and their initial chunks.
+* ``chunkmaps``: chunk maps and single chunks, chunk ids, chunk statistics.
+* ``topology``: split, merge and ``move_chunk``, the commit point.
+* ``migrations``: migration records. ``leases``: move leases. ``notify``: ``listen``.
+* ``rows``: rows to models, and the reads inside a transaction that the sections share.
+  ``checks``: validation of shard ids, migration ids, addresses, chunk ids and tokens.
+
+The check of the layout and the shards' fences against the invariants is
+``catalog.invariants``, outside the store (the store knows nothing of shard engines).
 """
 
-from __future__ import annotations
-
-import asyncio
-import logging
-from collections.abc import AsyncGenerator
-
-import psycopg
-from pydantic import ValidationError
-
-from catalog.models import (
-    CatalogChange,
-    ChangeKind,
-)
-from catalog.schema import NOTIFY_CHANNEL
-from catalog.store.checks import (
-    check_address,
-    check_migration_id,
-    check_shard_id,
-)
-from catalog.store.chunkmaps import ChunkMaps
-from catalog.store.collection import MAX_CHUNKS_PER_COLLECTION_CREATE, Collections
-from catalog.store.leases import Leases
-from catalog.store.migrations import Migrations
-from catalog.store.registry import ShardRegistry
-from catalog.store.topology import Topology
-from catalog.store.txn import CatalogBase
-
-log = logging.getLogger(__name__)
-
-
-class Catalog(ShardRegistry, Collections, ChunkMaps, Topology, Migrations, Leases, CatalogBase):
-    """The catalog: shards, collections, chunks, migrations and leases.
-
-    Build one per process, ``await catalog.open()`` (or ``async with``), share it: methods are
-    safe to call concurrently (each takes its own pooled connection).
-
-    Args:
-        dsn: libpq DSN of the catalog database.
-        min_size: Connections kept open.
-        max_size: Connections at most.
-        max_attempts: Attempts per transaction before ``CatalogBusyError``.
-        max_moves_per_shard: Default limit of live move leases per shard.
-        lease_ttl: Default lease lifetime; holders renew well within it.
-    """
-
-    # -- notifications -----------------------------------------------------------------------
-
-    async def listen(
-        self, *, reconnect_delay_s: float = 0.2, max_reconnect_delay_s: float = 5.0
-    ) -> AsyncGenerator[CatalogChange, None]:
-        """Catalog changes as they commit, forever (cancel the consuming task or ``break``).
-
-        The first item, and the first after every reconnect, is a ``RESYNC`` change carrying
-        the current version: from that moment on no change is missed, so a router starts
-        listening, waits for that item, then (re)reads its maps. Notifications are a latency
-        optimisation: a lost one is caught by the router's stale-token retry.
-        """
-        delay = reconnect_delay_s
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-            except psycopg.OperationalError as exc:
-                log.warning("catalog listen: cannot connect (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max_reconnect_delay_s)
-                continue
-            try:
-                async with conn:
-                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    cur = await conn.execute("SELECT version FROM catalog.meta WHERE id = 1")
-                    row = await cur.fetchone()
-                    delay = reconnect_delay_s
-                    yield CatalogChange(version=int(row[0]) if row else 0,
-                                        change=ChangeKind.RESYNC)
-                    async for note in conn.notifies():
-                        try:
-                            yield CatalogChange.model_validate_json(note.payload)
-                        except ValidationError:
-                            log.warning("catalog listen: malformed payload %r", note.payload[:200])
-            except psycopg.OperationalError as exc:
-                log.warning("catalog listen: connection lost (%s); reconnecting", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max_reconnect_delay_s)
-
+from catalog.store.checks import check_address, check_migration_id, check_shard_id
+from catalog.store.collection import MAX_CHUNKS_PER_COLLECTION_CREATE
+from catalog.store.facade import Catalog
 
 __all__ = [
     "MAX_CHUNKS_PER_COLLECTION_CREATE", "Catalog", "check_address", "check_migration_id",

@@ -1,11 +1,10 @@
 """Topology changes: split, merge and ``move_chunk``, the cutover's commit point.
 
-Each is a compare-and-set on chunk tokens: the transaction locks the chunk row(s), compares
-with the expected token(s) and refuses with ``TokenMismatchError`` before changing anything;
-the new chunk(s) get a token one above the highest expected, so tokens stay monotone along a
-range's history. New chunks take fresh ids (from ``allocate_chunk_ids`` when the caller
-creates their fence rows first), never an id a chunk had before. Each is a ``LAYOUT`` change
-of the collection.
+Each is a compare-and-set on chunk tokens (the package docstring says how it holds under
+concurrency). The new chunk(s) get a token one above the highest expected, so tokens stay
+monotone along a range's history; a split or merge gives its new chunks fresh ids (from
+``allocate_chunk_ids`` when the caller creates their fence rows first), never an id a chunk
+had before. Each is a ``LAYOUT`` change of the collection.
 """
 
 from __future__ import annotations
