@@ -38,9 +38,9 @@ Judging a run (after the workflow ended and every server is up again):
 - lost writes: the workload checker (lost, altered, duplicated, resurrected) plus preloaded
   documents missing from the owner;
 - leaked: replication slots, publications and origins of the migration left on any shard;
-- invalid layout: ``Catalog.check_invariants`` with the shards (the layout tiles the khash
-  space; the owner holds exactly one active fence with the catalog's token; no other shard
-  holds an active fence for the chunk), plus a migration record still active.
+- invalid layout: ``catalog.invariants.check_invariants`` with the shards (the layout tiles
+  the khash space; the owner holds exactly one active fence with the catalog's token; no
+  other shard holds an active fence for the chunk), plus a migration record still active.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ from temporalio.service import RPCError
 
 from catalog import Catalog
 from catalog.admin import provision_collection
+from catalog.invariants import check_invariants
 from catalog.local_stack import close_engines, open_engines, register_stack_shards
 from catalog.models import Chunk, MigrationOutcome
 from infra import Stack
@@ -776,7 +777,7 @@ class MoveRun:
                         res.notes.append(f"on the lost target (doctor's job): {left}")
                         continue
                     res.leaked += [f"{sid}:{x}" for x in left]
-            violations = await catalog.check_invariants(self.collection, engines)
+            violations = await check_invariants(catalog, self.collection, engines)
             res.violations = [v.message for v in violations]
             if self.mid:
                 with contextlib.suppress(Exception):

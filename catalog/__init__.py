@@ -2,7 +2,8 @@
 
 ``catalog.store.Catalog`` is the service (async, over its own PostgreSQL database);
 ``catalog.admin`` changes the catalog together with the shards' fences (provisioning, split,
-merge); ``catalog.models`` and ``catalog.errors`` are what callers exchange with it.
+merge); ``catalog.invariants`` checks the layout and the fences against the invariants;
+``catalog.models`` and ``catalog.errors`` are what callers exchange with it.
 """
 
 from catalog.errors import (

@@ -17,6 +17,7 @@ from catalog import (
     ViolationKind,
 )
 from catalog.admin import merge_chunks, provision_collection, split_chunk
+from catalog.invariants import check_invariants
 from shards.errors import FenceRejectedError
 from shards.models import FenceRef, FenceState, IndexDefinition, KeyRange
 from shards.postgres.engine import PostgresShard
@@ -32,7 +33,7 @@ async def test_provisioning_creates_fences_that_agree_with_the_catalog(
     again = await provision_collection(catalog, engines, collection_name, "account", INDEXES,
                                        chunks_per_shard=2)
     assert again.chunks == cmap.chunks
-    assert await catalog.check_invariants(collection_name, engines) == []
+    assert await check_invariants(catalog, collection_name, engines) == []
     for sid, engine in engines.items():
         fences = await engine.fences(collection_name)
         assert [(f.chunk_id, f.token, f.state) for f in fences] == [
@@ -53,7 +54,7 @@ async def test_invariant_check_detects_fence_disagreements(
     await e0.put_fence(collection_name, c2.chunk_id, c2.range, c2.token, FenceState.ACTIVE)
     partial = {sid: e for sid, e in engines.items() if sid != c2.shard_id}
 
-    found = await catalog.check_invariants(collection_name, partial)
+    found = await check_invariants(catalog, collection_name, partial)
 
     kinds = {(v.kind, v.chunk_id, v.shard_id) for v in found}
     assert kinds == {
@@ -65,7 +66,7 @@ async def test_invariant_check_detects_fence_disagreements(
     mismatch = next(v for v in found if v.kind == ViolationKind.FENCE_MISMATCH)
     assert "frozen at token 2" in mismatch.message and "active at token 1" in mismatch.message
     # The layout itself is fine: without shards, nothing to report.
-    assert await catalog.check_invariants(collection_name) == []
+    assert await check_invariants(catalog, collection_name) == []
 
 
 async def test_split_and_merge_move_the_fences_with_the_catalog(
@@ -79,7 +80,7 @@ async def test_split_and_merge_move_the_fences_with_the_catalog(
 
     left, right = await split_chunk(catalog, engines, collection_name, parent.chunk_id)
 
-    assert await catalog.check_invariants(collection_name, engines) == []
+    assert await check_invariants(catalog, collection_name, engines) == []
     assert await engine.fence(collection_name, parent.chunk_id) is None
     # The old route is closed; the new one serves the same document (no data moved).
     with pytest.raises(FenceRejectedError):
@@ -89,7 +90,7 @@ async def test_split_and_merge_move_the_fences_with_the_catalog(
     merged = await merge_chunks(catalog, engines, collection_name,
                                 [right.chunk_id, left.chunk_id])
     assert merged.range == parent.range and merged.token == left.token + 1
-    assert await catalog.check_invariants(collection_name, engines) == []
+    assert await check_invariants(catalog, collection_name, engines) == []
     with pytest.raises(FenceRejectedError):
         await engine.get(collection_name, left.ref, khash, 1)
     assert await engine.get(collection_name, FenceRef(chunk_id=merged.chunk_id,
@@ -115,7 +116,7 @@ async def test_a_refused_split_restores_the_fences(
     fence = await engine.fence(collection_name, chunk.chunk_id)
     assert fence is not None and (fence.state, fence.token) == (FenceState.ACTIVE, chunk.token)
     assert [await engine.fence(collection_name, i) for i in ids] == [None, None]
-    assert await catalog.check_invariants(collection_name, engines) == []
+    assert await check_invariants(catalog, collection_name, engines) == []
 
 
 async def test_an_interrupted_split_resumes_with_the_same_ids(
@@ -132,14 +133,14 @@ async def test_an_interrupted_split_resumes_with_the_same_ids(
         await engine.put_fence(collection_name, cid, rng, parent.token + 1, FenceState.RECEIVING)
     await engine.freeze(collection_name, parent.chunk_id, parent.token)
     await catalog.split_chunk(collection_name, parent.chunk_id, at, parent.token, child_ids=ids)
-    assert {v.kind for v in await catalog.check_invariants(collection_name, engines)} == {
+    assert {v.kind for v in await check_invariants(catalog, collection_name, engines)} == {
         ViolationKind.FENCE_MISMATCH}
 
     left, right = await split_chunk(catalog, engines, collection_name, parent.chunk_id,
                                     child_ids=ids)
 
     assert (left.range.hi, right.range.lo) == (at, at)
-    assert await catalog.check_invariants(collection_name, engines) == []
+    assert await check_invariants(catalog, collection_name, engines) == []
 
 
 @pytest.fixture

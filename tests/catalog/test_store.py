@@ -25,6 +25,7 @@ from catalog import (
     UnknownMigrationError,
     UnknownShardError,
 )
+from catalog.invariants import check_invariants
 from catalog.models import ChunkStats
 from shards.errors import InvalidNameError
 from shards.models import KHASH_END, KHASH_MIN, IndexDefinition
@@ -57,7 +58,7 @@ async def test_create_collection_covers_the_space_round_robin(
     assert cmap.collection.indexes == tuple(INDEXES)
     for khash in (KHASH_MIN, -1, 0, KHASH_END - 1):
         assert cmap.locate(khash).range.contains(khash)
-    assert await catalog.check_invariants(collection_name) == []
+    assert await check_invariants(catalog, collection_name) == []
     assert await catalog.chunk_map(collection_name) == cmap
 
 
@@ -101,7 +102,7 @@ async def test_concurrent_move_exactly_one_wins(
     record = await catalog.migration(mid)
     assert (record.cutover_token, record.cutover_shard, record.pause_ms) == (2, target, 1.5)
     assert record.committed_at is not None
-    assert await catalog.check_invariants(collection_name) == []
+    assert await check_invariants(catalog, collection_name) == []
 
 
 async def test_concurrent_splits_exactly_one_wins_and_layout_stays_valid(
@@ -124,7 +125,7 @@ async def test_concurrent_splits_exactly_one_wins_and_layout_stays_valid(
     assert all(isinstance(e, TokenMismatchError | UnknownChunkError) for e in losses), losses
     after = await catalog.chunk_map(collection_name)
     assert len(after.chunks) == 4
-    assert await catalog.check_invariants(collection_name) == []
+    assert await check_invariants(catalog, collection_name) == []
 
 
 async def test_move_chunk_follows_the_migration_record(
@@ -218,7 +219,7 @@ async def test_split_and_merge_keep_the_layout_and_bump_tokens(
     assert {left.chunk_id, right.chunk_id}.isdisjoint({c.chunk_id for c in cmap.chunks})
     assert (left.size_bytes + right.size_bytes, left.doc_count + right.doc_count) == (1001, 11)
     assert left.stats_at is None  # an estimate until measured again
-    assert await catalog.check_invariants(collection_name) == []
+    assert await check_invariants(catalog, collection_name) == []
     with pytest.raises(UnknownChunkError, match="split or merged"):
         await catalog.chunk(collection_name, parent.chunk_id)
 
@@ -231,7 +232,7 @@ async def test_split_and_merge_keep_the_layout_and_bump_tokens(
     assert (merged.size_bytes, merged.doc_count) == (1001, 11)
     after = await catalog.chunk_map(collection_name)
     assert [c.chunk_id for c in after.chunks][1:] == [c.chunk_id for c in cmap.chunks][1:]
-    assert await catalog.check_invariants(collection_name) == []
+    assert await check_invariants(catalog, collection_name) == []
 
 
 async def test_split_and_merge_refusals_change_nothing(
@@ -344,7 +345,7 @@ async def test_the_database_refuses_a_broken_layout(
                 await conn.execute(
                     "DELETE FROM catalog.chunks WHERE collection = %s AND hi IS NULL",
                     (collection_name,))
-    assert await catalog.check_invariants(collection_name) == []
+    assert await check_invariants(catalog, collection_name) == []
 
 
 async def test_catalog_transactions_are_serializable(catalog: Catalog) -> None:

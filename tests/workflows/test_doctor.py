@@ -18,6 +18,7 @@ import psycopg
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from activities.doctor import Doctor, FindingKind, format_report
+from catalog.invariants import assert_invariants
 from catalog.models import (
     Chunk,
     MigrationKind,
@@ -244,7 +245,7 @@ async def test_doctor_finds_and_repairs_leftovers(
 
         # The operator fixes the one it explained; the next run is clean.
         await shards[s2].drop_fence(c, f.chunk_id)
-        await cat.assert_invariants(c, shards)
+        await assert_invariants(cat, c, shards)
         rc, report = await doctor_json(stack, worker_settings, "--collection", c)
         assert (rc, report) == (0, {"findings": [], "clean": True})
         rc, text = await doctor(stack, worker_settings, "--collection", c)

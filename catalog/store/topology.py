@@ -1,0 +1,288 @@
+"""Topology changes: split, merge and ``move_chunk``, the cutover's commit point.
+
+Each is a compare-and-set on chunk tokens (the package docstring says how it holds under
+concurrency). The new chunk(s) get a token one above the highest expected, so tokens stay
+monotone along a range's history; a split or merge gives its new chunks fresh ids (from
+``allocate_chunk_ids`` when the caller creates their fence rows first), never an id a chunk
+had before. Each is a ``LAYOUT`` change of the collection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg import AsyncCursor
+
+from catalog.errors import (
+    InvalidLayoutError,
+    MigrationStateError,
+    ShardStateError,
+    TokenMismatchError,
+)
+from catalog.models import ChangeKind, Chunk, ShardState
+from catalog.store.checks import check_chunk_id, check_migration_id, check_shard_id, check_token
+from catalog.store.rows import chunk_in, migration_in, one, refuse_busy, shard_in
+from catalog.store.txn import CatalogBase, bump
+from shards.models import KHASH_END, KHASH_MIN, KeyRange
+from shards.names import check_collection
+
+
+class Topology(CatalogBase):
+    """Split, merge and move chunks (compare-and-set on their tokens)."""
+
+    @staticmethod
+    def _expect(chunk: Chunk, expect_token: int) -> None:
+        if chunk.token != expect_token:
+            raise TokenMismatchError(
+                chunk.collection, chunk.chunk_id, expected=expect_token, actual=chunk.token,
+                shard_id=chunk.shard_id,
+            )
+
+    async def _fresh_ids(
+        self, cur: AsyncCursor[Any], collection: str, given: Sequence[int] | None, n: int
+    ) -> list[int]:
+        """Ids for new chunks: fresh from the sequence, or ones allocated earlier by
+        ``allocate_chunk_ids`` and not yet used (never an id a chunk had before)."""
+        if given is None:
+            await cur.execute(
+                "SELECT nextval('catalog.chunk_ids') FROM generate_series(1, %s)", (n,)
+            )
+            return [int(r[0]) for r in await cur.fetchall()]
+        ids = [check_chunk_id(i) for i in given]
+        if len(ids) != n or len(set(ids)) != n:
+            raise ValueError(f"expected {n} distinct new chunk ids, got {list(given)}")
+        row = await one(cur, "SELECT last_value FROM catalog.chunk_ids")
+        assert row is not None
+        if max(ids) > row[0]:
+            raise InvalidLayoutError(
+                f"chunk ids {ids} were not allocated by the catalog; use allocate_chunk_ids()"
+            )
+        await cur.execute(
+            "SELECT chunk_id FROM catalog.chunks WHERE chunk_id = ANY(%s)"
+            " UNION SELECT chunk_id FROM catalog.migrations WHERE chunk_id = ANY(%s)",
+            (ids, ids),
+        )
+        used = sorted(r[0] for r in await cur.fetchall())
+        if used:
+            raise InvalidLayoutError(
+                f"chunk ids {used} are already used; new chunks need fresh ids "
+                "(allocate_chunk_ids())"
+            )
+        return ids
+
+    async def split_chunk(
+        self,
+        collection: str,
+        chunk_id: int,
+        at_khash: int,
+        expect_token: int,
+        *,
+        child_ids: Sequence[int] | None = None,
+    ) -> tuple[Chunk, Chunk]:
+        """Split a chunk at ``at_khash`` into ``[lo, at)`` and ``[at, hi)`` on the same shard.
+
+        The children get new ids (``child_ids`` if the caller allocated them to create fence
+        rows first) and token ``expect_token + 1``: the parent's token bump, so tokens stay
+        monotone along a range's history. Statistics are halved between the children as an
+        estimate until the next measurement.
+
+        Raises:
+            TokenMismatchError: the chunk is not at ``expect_token``.
+            ChunkBusyError: the chunk is moving.
+            InvalidLayoutError: ``at_khash`` is not strictly inside the chunk, or bad child ids.
+            UnknownCollectionError, UnknownChunkError.
+        """
+        check_collection(collection)
+        check_chunk_id(chunk_id)
+        check_token(expect_token)
+        if not isinstance(at_khash, int) or not KHASH_MIN < at_khash < KHASH_END:
+            raise InvalidLayoutError(f"split point {at_khash!r} is not a khash")
+
+        async def body(cur: AsyncCursor[Any]) -> tuple[Chunk, Chunk]:
+            parent = await chunk_in(cur, collection, chunk_id, lock=True)
+            self._expect(parent, expect_token)
+            await refuse_busy(cur, collection, [chunk_id])
+            if not parent.range.lo < at_khash < parent.range.hi:
+                raise InvalidLayoutError(
+                    f"split point {at_khash} is not strictly inside chunk {collection}/"
+                    f"{chunk_id} [{parent.range.lo}, {parent.range.hi})"
+                )
+            left_id, right_id = await self._fresh_ids(cur, collection, child_ids, 2)
+            token = expect_token + 1
+            await cur.execute(
+                "DELETE FROM catalog.chunks WHERE collection = %s AND chunk_id = %s",
+                (collection, chunk_id),
+            )
+            await cur.execute(
+                "INSERT INTO catalog.chunks (collection, chunk_id, lo, hi, shard_id, token)"
+                " VALUES (%s, %s, %s, %s, %s, %s), (%s, %s, %s, %s, %s, %s)",
+                (collection, left_id, parent.range.lo, at_khash, parent.shard_id, token,
+                 collection, right_id, at_khash, parent.range.sql_hi, parent.shard_id, token),
+            )
+            if parent.stats_at is not None or parent.size_bytes or parent.doc_count:
+                for cid, share in ((left_id, 0), (right_id, 1)):
+                    await cur.execute(
+                        "INSERT INTO catalog.chunk_stats (collection, chunk_id, size_bytes,"
+                        " doc_count, ops_per_s, measured_at) VALUES (%s, %s, %s, %s, %s, NULL)",
+                        (collection, cid, parent.size_bytes // 2 + share * (parent.size_bytes % 2),
+                         parent.doc_count // 2 + share * (parent.doc_count % 2),
+                         parent.ops_per_s / 2),
+                    )
+            await bump(cur, ChangeKind.LAYOUT, collection)
+            return (await chunk_in(cur, collection, left_id),
+                    await chunk_in(cur, collection, right_id))
+
+        return await self._txn(body)
+
+    async def merge_chunks(
+        self,
+        collection: str,
+        chunk_ids: Sequence[int],
+        expect_tokens: Sequence[int],
+        *,
+        new_chunk_id: int | None = None,
+    ) -> Chunk:
+        """Merge adjacent chunks on one shard into one chunk with a new id.
+
+        The merged chunk's token is ``max(expect_tokens) + 1``; statistics are summed.
+
+        Args:
+            chunk_ids: Two or more chunks, in any order, together one contiguous range.
+            expect_tokens: The token each chunk is expected at, in ``chunk_ids`` order.
+            new_chunk_id: An id from ``allocate_chunk_ids`` (to create the fence first).
+
+        Raises:
+            TokenMismatchError: a chunk is not at its expected token.
+            ChunkBusyError: a chunk is moving.
+            InvalidLayoutError: the chunks are not adjacent or not on one shard.
+        """
+        check_collection(collection)
+        ids = [check_chunk_id(c) for c in chunk_ids]
+        tokens = [check_token(t) for t in expect_tokens]
+        if len(ids) < 2 or len(set(ids)) != len(ids):
+            raise InvalidLayoutError("merge needs two or more distinct chunk ids")
+        if len(tokens) != len(ids):
+            raise ValueError("give one expected token per chunk id, in the same order")
+
+        async def body(cur: AsyncCursor[Any]) -> Chunk:
+            # Lock in id order so two merges over shared chunks cannot deadlock.
+            chunks = {i: await chunk_in(cur, collection, i, lock=True) for i in sorted(ids)}
+            for i, t in zip(ids, tokens, strict=True):
+                self._expect(chunks[i], t)
+            await refuse_busy(cur, collection, ids)
+            ordered = sorted(chunks.values(), key=lambda c: c.range.lo)
+            shards = {c.shard_id for c in ordered}
+            if len(shards) != 1:
+                raise InvalidLayoutError(
+                    f"chunks {ids} of {collection} are on different shards {sorted(shards)}; "
+                    "move them onto one shard before merging"
+                )
+            for a, b in zip(ordered, ordered[1:], strict=False):
+                if a.range.hi != b.range.lo:
+                    raise InvalidLayoutError(
+                        f"chunks {a.chunk_id} [{a.range.lo}, {a.range.hi}) and {b.chunk_id} "
+                        f"[{b.range.lo}, {b.range.hi}) of {collection} are not adjacent"
+                    )
+            (new_id,) = await self._fresh_ids(
+                cur, collection, None if new_chunk_id is None else [new_chunk_id], 1
+            )
+            merged = KeyRange(lo=ordered[0].range.lo, hi=ordered[-1].range.hi)
+            await cur.execute(
+                "DELETE FROM catalog.chunks WHERE collection = %s AND chunk_id = ANY(%s)",
+                (collection, ids),
+            )
+            await cur.execute(
+                "INSERT INTO catalog.chunks (collection, chunk_id, lo, hi, shard_id, token)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (collection, new_id, merged.lo, merged.sql_hi, ordered[0].shard_id,
+                 max(tokens) + 1),
+            )
+            if any(c.stats_at is not None or c.size_bytes for c in ordered):
+                stamps = [c.stats_at for c in ordered]
+                await cur.execute(
+                    "INSERT INTO catalog.chunk_stats (collection, chunk_id, size_bytes,"
+                    " doc_count, ops_per_s, measured_at) VALUES (%s, %s, %s, %s, %s, %s)",
+                    (collection, new_id, sum(c.size_bytes for c in ordered),
+                     sum(c.doc_count for c in ordered), sum(c.ops_per_s for c in ordered),
+                     None if None in stamps else min(s for s in stamps if s is not None)),
+                )
+            await bump(cur, ChangeKind.LAYOUT, collection)
+            return await chunk_in(cur, collection, new_id)
+
+        return await self._txn(body)
+
+    async def move_chunk(
+        self,
+        collection: str,
+        chunk_id: int,
+        expect_token: int,
+        new_shard: str,
+        migration_id: str,
+        *,
+        pause_ms: float | None = None,
+    ) -> Chunk:
+        """Switch a chunk's placement: the commit point of a cutover (compare-and-set).
+
+        Places the chunk on ``new_shard`` at token ``expect_token + 1`` and records the cutover
+        (token, shard, time, pause) in the migration record, in one transaction. The migration
+        must be active and for this chunk; ``new_shard`` is its target (forward) or its source
+        (a rollback during the rollback window).
+
+        Raises:
+            TokenMismatchError: the chunk is not at ``expect_token`` (nothing changed; if the
+                caller's own earlier call may have committed, compare ``migration(id)``).
+            UnknownMigrationError, MigrationStateError: no such active migration for this
+                chunk and direction.
+            ShardStateError: the target is no longer active.
+        """
+        check_collection(collection)
+        check_chunk_id(chunk_id)
+        check_token(expect_token)
+        check_shard_id(new_shard)
+        check_migration_id(migration_id)
+        if pause_ms is not None and pause_ms < 0:
+            raise ValueError("pause_ms cannot be negative")
+
+        async def body(cur: AsyncCursor[Any]) -> Chunk:
+            chunk = await chunk_in(cur, collection, chunk_id, lock=True)
+            self._expect(chunk, expect_token)
+            mig = await migration_in(cur, migration_id, lock=True)
+            if not mig.active:
+                raise MigrationStateError(
+                    f"migration {migration_id!r} already finished ({mig.outcome}); it cannot "
+                    "move the chunk any more"
+                )
+            if (mig.collection, mig.chunk_id) != (collection, chunk_id):
+                raise MigrationStateError(
+                    f"migration {migration_id!r} moves chunk {mig.collection}/{mig.chunk_id}, "
+                    f"not {collection}/{chunk_id}"
+                )
+            if new_shard == mig.target and chunk.shard_id == mig.source:
+                target = await shard_in(cur, new_shard)
+                if target.state != ShardState.ACTIVE:
+                    raise ShardStateError(
+                        f"target shard {new_shard!r} is {target.state}; abort the migration"
+                    )
+            elif not (new_shard == mig.source and chunk.shard_id == mig.target):
+                raise MigrationStateError(
+                    f"migration {migration_id!r} moves between {mig.source!r} and "
+                    f"{mig.target!r}; the chunk is on {chunk.shard_id!r} and cannot go to "
+                    f"{new_shard!r}"
+                )
+            new_token = expect_token + 1
+            await cur.execute(
+                "UPDATE catalog.chunks SET shard_id = %s, token = %s, updated_at = now()"
+                " WHERE collection = %s AND chunk_id = %s",
+                (new_shard, new_token, collection, chunk_id),
+            )
+            await cur.execute(
+                "UPDATE catalog.migrations SET cutover_token = %s, cutover_shard = %s,"
+                " committed_at = now(), pause_ms = coalesce(%s, pause_ms), updated_at = now()"
+                " WHERE migration_id = %s",
+                (new_token, new_shard, pause_ms, migration_id),
+            )
+            await bump(cur, ChangeKind.LAYOUT, collection)
+            return await chunk_in(cur, collection, chunk_id)
+
+        return await self._txn(body)
