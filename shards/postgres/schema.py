@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from psycopg import sql
 
-META = "shardshift"
 DOCS = "docs"
 
 SCHEMA_VERSION = 1
