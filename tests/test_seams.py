@@ -159,3 +159,25 @@ def test_cutover_input_refuses_a_dry_run() -> None:
     raw = _recorded_cutover_input().replace(b'"dry_run":false', b'"dry_run":true')
     with pytest.raises(ValidationError, match="no dry run"):
         CutoverInput.model_validate_json(raw)
+
+
+# -- workflow constants live once -----------------------------------------------------------------
+
+
+def test_workflow_constants_are_defined_once() -> None:
+    """Retry policies and search-attribute keys are built in ``workflows/common.py`` only;
+    the workflows use its names, so one value cannot drift between two workflows."""
+    found = []
+    for path in sorted((ROOT / "workflows").glob("*.py")):
+        if path.name == "common.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                if name in {"RetryPolicy", "common.RetryPolicy"} or name.startswith(
+                        "SearchAttributeKey."):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}(...)")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and node.value.startswith("Shardshift") and " " not in node.value:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert not found, "constants outside workflows/common.py:\n" + "\n".join(found)
