@@ -54,8 +54,8 @@ class CutoverLock:
 
     @classmethod
     async def connect(cls, dsn: str, migration_id: str) -> CutoverLock:
-        options = " ".join(filter(None, [conninfo_to_dict(dsn).get("options"),
-                                         LOCK_SERVER_OPTIONS]))
+        own = conninfo_to_dict(dsn).get("options")
+        options = " ".join(filter(None, [str(own) if own else None, LOCK_SERVER_OPTIONS]))
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, options=options,
                                                      **LOCK_KEEPALIVES)
         return cls(conn, migration_id)
