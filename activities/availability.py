@@ -8,9 +8,9 @@ checkpoint until the shard answers again (or, for the target, until the move's g
 The rule, used by every data activity of the copy and replicate phases:
 
 - an activity body runs inside :func:`shard_errors` naming the shards it touches;
-- when it fails with a connection-level error (``psycopg.OperationalError``, which includes
-  the pool's timeout, or an ``OSError``), each named shard is probed with one fresh
-  connection (a few seconds' timeout). The first one that does not answer is blamed:
+- when it fails with a connection-level error (``shards.postgres.server.is_connection_error``:
+  the driver's operational errors, which include a pool's timeout, or an ``OSError``), each
+  named shard is probed with one fresh connection (``server.probe``, a few seconds' timeout). The first one that does not answer is blamed:
   ``ApplicationError(type="ShardUnavailable", details=[shard_id])``;
 - when every shard answers, the original error propagates unchanged: a blip (a restarted
   server, a terminated walsender) stays on the ordinary retry path and costs no pause.
@@ -26,30 +26,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import psycopg
 from temporalio.exceptions import ApplicationError
 
 from activities.context import MoveContext
+from shards.postgres.server import is_connection_error, probe
 
 SHARD_UNAVAILABLE = "ShardUnavailable"
 """``ApplicationError.type`` of an unreachable shard; ``details[0]`` is its shard id."""
-
-PROBE_TIMEOUT_S = 3
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    """A failure to reach a server (anywhere in the cause chain), not a logic error."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, psycopg.errors.QueryCanceled):
-            return False  # a statement timeout: the server answered
-        if isinstance(cur, psycopg.OperationalError | OSError):
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
-
 
 async def shard_dsn(ctx: MoveContext, shard_id: str) -> str:
     """The shard's address without opening a pool (opening one to a dead server blocks for
@@ -58,16 +41,6 @@ async def shard_dsn(ctx: MoveContext, shard_id: str) -> str:
     if engine is not None:
         return engine.dsn
     return (await ctx.catalog.shard(shard_id)).address
-
-
-def probe(dsn: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """None when the server answers a query, else why not (blocking)."""
-    try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(timeout))) as conn:
-            conn.execute("SELECT 1")
-        return None
-    except (psycopg.Error, OSError) as exc:
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 async def unreachable(ctx: MoveContext, shards: tuple[str, ...]) -> tuple[str, str] | None:

@@ -11,8 +11,6 @@ import os
 import threading
 import time
 
-import psycopg
-from psycopg import sql
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -25,12 +23,14 @@ from activities.models import (
     CopyProgressInput,
     ImportInput,
     ImportResult,
-    MoveSpec,
 )
-from shards.names import check_collection
-from shards.postgres.bulk_import import ImportProgress, StagedPartError, done_parts, import_parts
-from shards.postgres.schema import collection_table
-from shards.postgres.snapshot import load_manifest
+from shards.postgres.bulk_import import (
+    ImportProgress,
+    StagedPartError,
+    import_parts,
+    imported_parts,
+)
+from shards.postgres.snapshot import estimate_chunk_rows, load_manifest
 
 FAIL_COPY_PROGRESS_ENV = "SHARDSHIFT_TEST_FAIL_COPY_PROGRESS"
 """Test hook: ``copy_progress`` of the collection named here fails for good."""
@@ -38,22 +38,6 @@ FAIL_COPY_PROGRESS_ENV = "SHARDSHIFT_TEST_FAIL_COPY_PROGRESS"
 
 COUNT_TIMEOUT_MS = 2000
 """Longest a progress count may run on the source before it is reported unknown."""
-
-
-def estimate_rows(dsn: str, spec: MoveSpec) -> int | None:
-    """The chunk's rows if the primary-key index can count them within ``COUNT_TIMEOUT_MS``
-    (an index-only scan of the khash range), else None: for progress only."""
-    query = sql.SQL("SELECT count(*) FROM {} WHERE khash >= %s"
-                    " AND (%s::bigint IS NULL OR khash < %s)").format(
-        collection_table(check_collection(spec.collection)))
-    r = spec.key_range
-    try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5,
-                             options=f"-c statement_timeout={COUNT_TIMEOUT_MS}") as conn:
-            row = conn.execute(query, (r.lo, r.sql_hi, r.sql_hi)).fetchone()
-            return int(row[0]) if row else None
-    except psycopg.Error:
-        return None  # too slow or unreachable: unknown is a fine answer for progress
 
 
 class ImportActivities:
@@ -78,10 +62,9 @@ class ImportActivities:
         target_dsn = await shard_dsn(self.ctx, spec.target)
 
         def work(stop: threading.Event) -> CopyProgress:
-            total = estimate_rows(source_dsn, spec) if source_dsn else None
-            with psycopg.connect(target_dsn, autocommit=True, connect_timeout=5,
-                                 options=f"-c statement_timeout={COUNT_TIMEOUT_MS}") as conn:
-                done = done_parts(conn, spec.migration_id)
+            total = (estimate_chunk_rows(source_dsn, spec.collection, spec.key_range,
+                                         timeout_ms=COUNT_TIMEOUT_MS) if source_dsn else None)
+            done = imported_parts(target_dsn, spec.migration_id, timeout_ms=COUNT_TIMEOUT_MS)
             manifest = load_manifest(self.ctx.staging, spec.migration_id)
             return CopyProgress(rows_total=total, rows_imported=sum(done.values()),
                                 parts_imported=len(done),

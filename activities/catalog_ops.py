@@ -92,13 +92,6 @@ class CatalogActivities:
         except CatalogError as exc:
             log.warning("renewing the leases of move %s failed: %s", inp.migration_id, exc)
 
-    @activity.defn(name="migrate.renew_leases")
-    async def renew_leases(self, inp: RegisterInput) -> None:
-        try:
-            await self.ctx.catalog.renew_leases(inp.migration_id, holder=inp.holder)
-        except CatalogError as exc:
-            raise catalog_failure(exc, "renew leases") from exc
-
     @activity.defn(name="migrate.registered")
     async def registered(self, inp: RegisteredInput) -> MoveSpec | None:
         """The spec of a move registered and not finished, or None: what a move cancelled

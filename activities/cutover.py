@@ -31,6 +31,8 @@ either activates the new owner (the move rolls forward) or undoes the attempt un
 cutover's lock (the move may abort). The answer is retried without limit, never guessed.
 
 No Temporal round trip happens inside the pause: steps 3 to 6 run in this one activity.
+Each step is a method of ``_Attempt`` named as above; ``_Attempt.run`` calls them in order
+and undoes what was done when one fails before the commit point.
 """
 
 from __future__ import annotations
@@ -38,12 +40,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from temporalio import activity
 
 from activities import metrics
@@ -61,11 +61,13 @@ from activities.models import (
 from activities.replicate import endpoints, stream_spec
 from catalog import CatalogError, CatalogUnavailableError, TokenMismatchError
 from catalog.models import Chunk
-from shards.errors import FenceStateError, ShardUnavailableError
-from shards.models import FenceState
+from shards.errors import FenceStateError
+from shards.models import Fence, FenceState
+from shards.postgres import PostgresShard
 from shards.postgres import replication as repl
 from shards.postgres.apply import measure_lag, wait_for_fence
-from shards.postgres.pgoutput import lsn_to_str
+from shards.postgres.locks import CutoverLock
+from shards.postgres.server import is_connection_error
 
 STEPS: list[tuple[str, str]] = [
     ("admit", "check the stream is within {max_lag} bytes of {old}"),
@@ -84,6 +86,13 @@ class _Run:
     new: str
     old_token: int
     steps: list[CutoverStep] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, inp: CutoverInput) -> _Run:
+        """The run of ``inp``: who is old and new, and the old token, by direction."""
+        old, new = endpoints(inp.spec, inp.direction)
+        forward = inp.direction == Direction.FORWARD
+        return cls(inp, old, new, inp.spec.token if forward else inp.spec.token + 1, plan(inp))
 
     @property
     def new_token(self) -> int:
@@ -136,20 +145,15 @@ class CutoverActivities:
 
     @activity.defn(name="migrate.cutover")
     async def cutover(self, inp: CutoverInput) -> CutoverResult:
-        spec = inp.spec
-        forward = inp.direction == Direction.FORWARD
-        old, new = endpoints(spec, inp.direction)
-        run = _Run(inp, old, new, spec.token if forward else spec.token + 1, plan(inp))
-        if inp.dry_run:
-            return CutoverResult(committed=False, steps=run.steps, reason="dry run")
+        run = _Run.of(inp)
         # A connection failure because a shard is down becomes ``ShardUnavailable``: the
         # workflow settles the attempt from the catalog and pauses the move.
-        async with shard_errors(self.ctx, old, new), self._exclusive(run):
+        async with shard_errors(self.ctx, run.old, run.new), self._exclusive(run):
             recovered = await self._recover(run)
             if recovered is not None:
                 return _observed(recovered, inp)
             try:
-                return _observed(await self._attempt(run), inp)
+                return _observed(await (await _Attempt.prepare(self, run)).run(), inp)
             except CatalogError as exc:
                 if exc.retryable:
                     raise
@@ -161,113 +165,18 @@ class CutoverActivities:
 
         A retried attempt (the previous one's heartbeat timed out) must never run while the
         previous one is still alive: its recovery could unfreeze a source the other is about
-        to switch away from. A session advisory lock on the old owner, keyed by the migration,
-        serializes them; a crashed worker's connection closes and frees the lock at once.
+        to switch away from. The cutover lock (``shards.postgres.locks.CutoverLock``, a
+        session advisory lock on the old owner keyed by the migration) serializes them; a
+        crashed worker's session closes and frees the lock at once.
         """
-        conn = await lock_connection(await self.ctx.dsn(run.old))
-        key = f"shardshift-cutover:{run.spec.migration_id}"
+        lock = await CutoverLock.connect(await self.ctx.dsn(run.old), run.spec.migration_id)
         try:
-            while True:
-                cur = await conn.execute(
-                    "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
-                )
-                row = await cur.fetchone()
-                if row and row[0]:
-                    break
+            while not await lock.try_acquire():
                 activity.heartbeat("waiting for a previous cutover attempt to end")
                 await asyncio.sleep(0.1)
             yield
         finally:
-            await conn.close()  # releases the session lock
-
-    # -- the steps ------------------------------------------------------------------------------
-
-    async def _attempt(self, run: _Run) -> CutoverResult:
-        spec, inp = run.spec, run.inp
-        old_dsn, new_dsn = await self.ctx.dsn(run.old), await self.ctx.dsn(run.new)
-        old_engine, new_engine = await self.ctx.engine(run.old), await self.ctx.engine(run.new)
-        names = stream_spec(spec, inp.direction).names
-        steps = {s.name: s for s in run.steps}
-
-        def done(name: str, started: float) -> None:
-            s = steps[name]
-            steps[name] = s.model_copy(update={"done": True,
-                                               "ms": (time.perf_counter() - started) * 1000})
-
-        def result(**kw: object) -> CutoverResult:
-            return CutoverResult(steps=[steps[s.name] for s in run.steps], **kw)  # type: ignore[arg-type]
-
-        # 1. admit
-        t0 = time.perf_counter()
-        lag = await self.ctx.run_blocking(lambda _s: measure_lag(old_dsn, new_dsn, names),
-                                          interval=0.5)
-        done("admit", t0)
-        if lag.caught_up_lsn is None or lag.lag_bytes > inp.max_lag_bytes:
-            return result(committed=False,
-                          reason=f"admission refused: stream {lag.lag_bytes} bytes behind")
-
-        # 2. reverse stream (forward only), outside the pause
-        if "create_reverse_stream" in steps:
-            t0 = time.perf_counter()
-            await self.ctx.run_blocking(lambda _s: _ensure_reverse_stream(new_dsn, spec),
-                                        interval=0.5)
-            done("create_reverse_stream", t0)
-
-        # 3. freeze: the pause starts
-        before = await asyncio.to_thread(_current_lsn, old_dsn)
-        activity.heartbeat("freezing")
-        pause_start = t0 = time.perf_counter()
-        fence, _ = await old_engine.freeze(spec.collection, spec.chunk_id, run.old_token)
-        done("freeze_old", t0)
-        activated = False
-        try:
-            # 4. catch-up through the freeze marker
-            t0 = time.perf_counter()
-            try:
-                await self.ctx.run_blocking(
-                    lambda _s: wait_for_fence(new_dsn, names, token=fence.token, state="frozen",
-                                              after_lsn=before, timeout=inp.catchup_timeout_s,
-                                              interval=0.002),
-                    interval=0.5,
-                )
-            except TimeoutError:
-                await self._undo(run, activated=False)
-                return result(committed=False, reason=f"catch-up took over {inp.catchup_timeout_s}s")
-            done("wait_for_catchup", t0)
-
-            # 5. activate the new owner
-            t0 = time.perf_counter()
-            await new_engine.activate(spec.collection, spec.chunk_id, run.new_token)
-            activated = True
-            done("activate_new", t0)
-
-            # 6. the commit point
-            t0 = time.perf_counter()
-            pause_ms = (t0 - pause_start) * 1000
-            try:
-                await self.ctx.catalog.move_chunk(
-                    spec.collection, spec.chunk_id, run.old_token, run.new, spec.migration_id,
-                    pause_ms=pause_ms,
-                )
-            except CatalogUnavailableError:
-                if not await self._committed(run):
-                    raise  # unknown and unreadable: stay frozen; the retry's recover decides
-            inject("cutover.after_switch", spec.collection)
-            done("switch_catalog", t0)
-            pause_ms = (time.perf_counter() - pause_start) * 1000
-            return result(committed=True, new_token=run.new_token, new_owner=run.new,
-                          pause_ms=pause_ms)
-        except (asyncio.CancelledError, Exception) as exc:
-            if isinstance(exc, CatalogUnavailableError):
-                raise
-            if await self._committed(run):
-                raise
-            await self._undo(run, activated=activated)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            if isinstance(exc, TokenMismatchError | FenceStateError):
-                return result(committed=False, reason=f"{type(exc).__name__}: {exc}")
-            raise
+            await lock.close()  # releases the session lock
 
     # -- recovery -------------------------------------------------------------------------------
 
@@ -300,10 +209,7 @@ class CutoverActivities:
         catalog unreadable): the activity fails retryably and is retried without limit; it
         never guesses.
         """
-        old, new = endpoints(inp.spec, inp.direction)
-        run = _Run(inp, old, new,
-                   inp.spec.token if inp.direction == Direction.FORWARD else inp.spec.token + 1,
-                   plan(inp))
+        run = _Run.of(inp)
         try:
             if await self._committed(run):
                 return _observed(await self._finish_committed(run), inp)
@@ -343,8 +249,8 @@ class CutoverActivities:
         old_fence = await old_engine.fence(spec.collection, spec.chunk_id)
         try:
             new_fence = await new_engine.fence(spec.collection, spec.chunk_id)
-        except (ShardUnavailableError, psycopg.OperationalError):
-            if not spare_new:
+        except Exception as exc:
+            if not (spare_new and is_connection_error(exc)):
                 raise
             activity.logger.warning("new owner %s unreachable: undoing the old owner only",
                                     run.new)
@@ -377,46 +283,162 @@ class CutoverActivities:
             await old_engine.unfreeze(spec.collection, spec.chunk_id, run.new_token)
 
 
-_LOCK_KEEPALIVES = {
-    # Client side: the worker notices a vanished server within ~15 s.
-    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 5,
-    "tcp_user_timeout": 15_000,
-}
-_LOCK_SERVER_OPTIONS = ("-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2"
-                        " -c tcp_keepalives_count=5 -c tcp_user_timeout=15000")
-"""Server side (the lock lives in the server's session): the backend notices a vanished
-worker host, ends the session and frees the lock within ~15 s instead of the kernel's two
-hours. These settings apply to the server's end of this one connection only."""
+class _Attempt:
+    """One attempt of a cutover: the steps of the module essay, one method each.
 
-
-async def lock_connection(dsn: str) -> psycopg.AsyncConnection[Any]:
-    """The connection that holds a cutover's session advisory lock, probed from both ends.
-
-    A worker process that crashes closes its socket and the lock goes at once; a worker *host*
-    that vanishes (power, network partition) sends nothing, and without keepalives its
-    session, and the lock that keeps every retry of this cutover waiting, would outlive it
-    by hours.
+    :meth:`run` calls them in order. Before the commit point (:meth:`switch_catalog`) every
+    failure undoes what was done (``CutoverActivities._undo``) and the attempt reports
+    ``committed=False`` (a refused admission, a slow catch-up, a fence or token that moved)
+    or re-raises; a switch whose answer was lost is settled from the catalog.
     """
-    options = " ".join(filter(None, [conninfo_to_dict(dsn).get("options"), _LOCK_SERVER_OPTIONS]))
-    return await psycopg.AsyncConnection.connect(dsn, autocommit=True, options=options,
-                                                 **_LOCK_KEEPALIVES)
 
+    def __init__(self, acts: CutoverActivities, run: _Run, *, old_dsn: str, new_dsn: str,
+                 old_engine: PostgresShard, new_engine: PostgresShard) -> None:
+        self.acts = acts
+        self.ctx = acts.ctx
+        self.job = run
+        self.spec = run.spec
+        self.inp = run.inp
+        self.old_dsn, self.new_dsn = old_dsn, new_dsn
+        self.old_engine, self.new_engine = old_engine, new_engine
+        self.names = stream_spec(run.spec, run.inp.direction).names
+        self.steps = {s.name: s for s in run.steps}
+        self.pause_start = 0.0
 
-def _current_lsn(dsn: str) -> str:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return lsn_to_str(repl.current_lsn(conn))
+    @classmethod
+    async def prepare(cls, acts: CutoverActivities, run: _Run) -> _Attempt:
+        """The attempt with both owners' addresses and engines at hand."""
+        ctx = acts.ctx
+        return cls(acts, run, old_dsn=await ctx.dsn(run.old), new_dsn=await ctx.dsn(run.new),
+                   old_engine=await ctx.engine(run.old), new_engine=await ctx.engine(run.new))
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _step(self, name: str) -> Iterator[None]:
+        """Time a step; it is marked done (with its milliseconds) only when it succeeds."""
+        started = time.perf_counter()
+        yield
+        self.steps[name] = self.steps[name].model_copy(
+            update={"done": True, "ms": (time.perf_counter() - started) * 1000})
+
+    def _result(self, **kw: Any) -> CutoverResult:
+        return CutoverResult(steps=[self.steps[s.name] for s in self.job.steps], **kw)
+
+    def _refused(self, reason: str) -> CutoverResult:
+        return self._result(committed=False, reason=reason)
+
+    # -- the steps ------------------------------------------------------------------------------
+
+    async def admit(self) -> str | None:
+        """1. The stream must be within ``max_lag_bytes`` of the old owner; returns why not
+        (None: admitted)."""
+        with self._step("admit"):
+            lag = await self.ctx.run_blocking(
+                lambda _s: measure_lag(self.old_dsn, self.new_dsn, self.names), interval=0.5)
+        if lag.caught_up_lsn is None or lag.lag_bytes > self.inp.max_lag_bytes:
+            return f"admission refused: stream {lag.lag_bytes} bytes behind"
+        return None
+
+    async def create_reverse_stream(self) -> None:
+        """2. (forward, with a rollback window) The reverse stream's publication and slot on
+        the new owner, before it can take a write; outside the pause."""
+        with self._step("create_reverse_stream"):
+            await self.ctx.run_blocking(lambda _s: _ensure_reverse_stream(self.new_dsn, self.spec),
+                                        interval=0.5)
+
+    async def freeze_old(self) -> tuple[Fence, str]:
+        """3. The old owner's fence to ``t+1, frozen``: **the pause starts**. Returns the
+        frozen fence and the old owner's WAL position just before the freeze (the freeze
+        marker comes after it)."""
+        before = await asyncio.to_thread(repl.wal_position, self.old_dsn)
+        activity.heartbeat("freezing")
+        self.pause_start = time.perf_counter()
+        with self._step("freeze_old"):
+            fence, _ = await self.old_engine.freeze(self.spec.collection, self.spec.chunk_id,
+                                                    self.job.old_token)
+        return fence, before
+
+    async def wait_for_catchup(self, fence: Fence, before: str) -> bool:
+        """4. Until the new owner has applied the freeze marker (it then holds every write the
+        old owner ever accepted); False when that takes over ``catchup_timeout_s``."""
+        try:
+            with self._step("wait_for_catchup"):
+                await self.ctx.run_blocking(
+                    lambda _s: wait_for_fence(self.new_dsn, self.names, token=fence.token,
+                                              state="frozen", after_lsn=before,
+                                              timeout=self.inp.catchup_timeout_s, interval=0.002),
+                    interval=0.5,
+                )
+        except TimeoutError:
+            return False
+        return True
+
+    async def activate_new(self) -> None:
+        """5. The new owner's fence becomes ``active`` at the new token."""
+        with self._step("activate_new"):
+            await self.new_engine.activate(self.spec.collection, self.spec.chunk_id,
+                                           self.job.new_token)
+
+    async def switch_catalog(self) -> None:
+        """6. The catalog's compare-and-set of the chunk's placement: **the commit point**.
+
+        A lost answer is settled by reading the catalog; when that cannot be read either, the
+        ``CatalogUnavailableError`` propagates (the old fence stays frozen; the retry's
+        recovery decides)."""
+        run, spec = self.job, self.spec
+        with self._step("switch_catalog"):
+            pause_ms = (time.perf_counter() - self.pause_start) * 1000
+            try:
+                await self.ctx.catalog.move_chunk(
+                    spec.collection, spec.chunk_id, run.old_token, run.new, spec.migration_id,
+                    pause_ms=pause_ms,
+                )
+            except CatalogUnavailableError:
+                if not await self.acts._committed(run):  # noqa: SLF001
+                    raise  # unknown and unreadable: stay frozen; the retry's recover decides
+            inject("cutover.after_switch", spec.collection)
+
+    # -- the attempt ----------------------------------------------------------------------------
+
+    async def run(self) -> CutoverResult:
+        run = self.job
+        refused = await self.admit()
+        if refused is not None:
+            return self._refused(refused)
+        if "create_reverse_stream" in self.steps:
+            await self.create_reverse_stream()
+
+        fence, before = await self.freeze_old()
+        activated = False
+        try:
+            if not await self.wait_for_catchup(fence, before):
+                await self.acts._undo(run, activated=False)  # noqa: SLF001
+                return self._refused(f"catch-up took over {self.inp.catchup_timeout_s}s")
+            await self.activate_new()
+            activated = True
+            await self.switch_catalog()
+            pause_ms = (time.perf_counter() - self.pause_start) * 1000
+            return self._result(committed=True, new_token=run.new_token, new_owner=run.new,
+                                pause_ms=pause_ms)
+        except (asyncio.CancelledError, Exception) as exc:
+            if isinstance(exc, CatalogUnavailableError):
+                raise
+            if await self.acts._committed(run):  # noqa: SLF001
+                raise
+            await self.acts._undo(run, activated=activated)  # noqa: SLF001
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(exc, TokenMismatchError | FenceStateError):
+                return self._refused(f"{type(exc).__name__}: {exc}")
+            raise
 
 
 def _ensure_reverse_stream(new_dsn: str, spec: MoveSpec) -> None:
+    """The rollback window's publication and slot on the new owner (idempotent)."""
     names = repl.stream_names(spec.migration_id, Direction.REVERSE.value)
     repl.create_publication(new_dsn, names, spec.collection, spec.chunk_id, spec.key_range)
-    with psycopg.connect(new_dsn, autocommit=True) as conn:
-        exists = conn.execute(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (names.slot,)
-        ).fetchone()
-    if not exists:
-        with repl.create_slot(new_dsn, names, export_snapshot=False):
-            pass  # only the slot is wanted: it outlives the context (no snapshot to use)
+    repl.ensure_slot(new_dsn, names)
 
 
 def _observed(result: CutoverResult, inp: CutoverInput) -> CutoverResult:

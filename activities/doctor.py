@@ -54,7 +54,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 import pyarrow.fs as pafs
-from psycopg.conninfo import conninfo_to_dict
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from catalog import Catalog
@@ -76,12 +75,13 @@ from shards.postgres.inventory import (
     StreamObject,
     StreamObjectKind,
     chunks_with_rows,
-    cutover_lock,
     drop_stream_object,
     inspect_shard,
 )
+from shards.postgres.locks import cutover_lock
 from shards.postgres.range_delete import delete_range
 from shards.postgres.replication import migration_prefix
+from shards.postgres.server import server_key
 from shards.staging import Staging, StagingError, check_migration_id
 
 MoveProbe = Callable[[MigrationRecord, Sequence[str]], Awaitable[bool]]
@@ -182,14 +182,6 @@ class _Item:
     chunk: tuple[str, int] | None = None
 
 
-def _server_key(address: str) -> str:
-    try:
-        d = conninfo_to_dict(address)
-    except Exception:  # noqa: BLE001 - an unparsable address is its own server
-        return address
-    return f"{d.get('host', '')}:{d.get('port', '5432')}/{d.get('dbname', '')}"
-
-
 class Doctor:
     """Examine the catalog, every shard, the staging area and Temporal; optionally repair.
 
@@ -235,7 +227,7 @@ class Doctor:
         # 1. Shards first (see invariant 3), with the layout they are judged against.
         servers: dict[str, _Server] = {}
         for info in await cat.list_shards():
-            key = _server_key(info.address)
+            key = server_key(info.address)
             servers.setdefault(key, _Server(key, info.address, [])).shards.append(info)
         maps = {n: m for n, m in (await cat.chunk_maps()).items() if self._in_scope(n)}
         if self.scope is not None:

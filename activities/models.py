@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from catalog.models import MigrationKind, MigrationOutcome, MigrationPhase
 from shards.models import KeyRange
@@ -210,9 +210,22 @@ class CutoverInput(_Input):
     catchup_timeout_s: float = 2.0
     """Longest the writes may stay paused waiting for the target to apply the freeze."""
     dry_run: bool = False
+    """Deprecated, always False. A dry run is the workflow's (``MigrateChunkInput.dry_run``
+    runs ``migrate.plan`` and nothing else), never a cutover's: the field stays only so
+    inputs recorded in earlier histories, which carry ``"dry_run": false``, still decode
+    (the model forbids unknown fields). True is refused, so no caller can believe it asked a
+    cutover activity for a dry run while it runs a real one."""
     rollback_window_s: float | None = None
     """The move's rollback window: the reverse stream is created only when it is open
     (None: not said, as from callers that predate this field: created, as before)."""
+
+    @field_validator("dry_run")
+    @classmethod
+    def _no_dry_run(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("a cutover has no dry run: use MigrateChunkInput.dry_run, which "
+                             "plans the move (migrate.plan) and changes nothing")
+        return value
 
     @property
     def reverse_stream(self) -> bool:

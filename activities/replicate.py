@@ -23,7 +23,7 @@ import time
 from temporalio import activity
 
 from activities import metrics
-from activities.availability import probe, shard_dsn, shard_errors
+from activities.availability import shard_dsn, shard_errors
 from activities.context import MoveContext, non_retryable
 from activities.models import (
     Direction,
@@ -46,6 +46,7 @@ from shards.postgres.apply import (
 )
 from shards.postgres.pgoutput import lsn_to_str
 from shards.postgres.replication import SlotMissingError, StreamNames
+from shards.postgres.server import probe
 
 HOLD_LAG_ENV = "SHARDSHIFT_TEST_HOLD_LAG"
 """Test hook: ``wait_caught_up`` of the collection named here never reports caught up, so a

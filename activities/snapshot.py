@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 
-import psycopg
 from temporalio import activity
 
 from activities.availability import shard_dsn, shard_errors
@@ -45,7 +44,7 @@ class SnapshotActivities:
                     raise Stopped()  # cancelled: stop between batches (a retry resumes)
 
             repl.create_publication(dsn, names, spec.collection, spec.chunk_id, spec.key_range)
-            if _slot_lsn(dsn, names.slot) is None:
+            if repl.slot_position(dsn, names.slot) is None:
                 with repl.create_slot(dsn, names, export_snapshot=True) as slot:
                     result = export_chunk(
                         dsn, spec.collection, spec.key_range, self.ctx.staging, spec.migration_id,
@@ -55,7 +54,7 @@ class SnapshotActivities:
                     lsn = slot.consistent_lsn
             else:
                 # Resumed: the slot still starts at T; finish the export at a fresh snapshot.
-                lsn = _slot_lsn(dsn, names.slot) or "0/0"
+                lsn = repl.slot_position(dsn, names.slot) or "0/0"
                 result = export_chunk(
                     dsn, spec.collection, spec.key_range, self.ctx.staging, spec.migration_id,
                     snapshot=None, target_part_rows=inp.part_rows, progress=progress,
@@ -68,11 +67,3 @@ class SnapshotActivities:
         except ShardError as exc:
             raise non_retryable(exc, "snapshot") from exc
 
-
-def _slot_lsn(dsn: str, slot: str) -> str | None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT coalesce(confirmed_flush_lsn, restart_lsn)::text FROM pg_replication_slots"
-            " WHERE slot_name = %s", (slot,),
-        ).fetchone()
-        return row[0] if row else None

@@ -34,7 +34,6 @@ import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import psycopg
 from temporalio import activity
 
 from activities import metrics
@@ -47,7 +46,6 @@ from shards.postgres import replication as repl
 from shards.postgres.apply import (
     StopRequested,
     StreamHold,
-    release_hold,
     request_hold,
     wait_held,
 )
@@ -105,12 +103,7 @@ class VerifyActivities:
             try:
                 repl.drop_slot(source_dsn, vnames.slot)
             finally:
-                try:
-                    release_hold(target_dsn, names, conn=lock.conn)
-                except psycopg.errors.QueryCanceled:
-                    # A stop's cancel request can land just after the statement it was
-                    # meant for; the lock's session is still ours, so release again.
-                    release_hold(target_dsn, names, conn=lock.conn)
+                lock.release_hold(names)  # also when a stop's cancel landed late
 
         def _compare_and_repair(lock: VerifyLock, stop: threading.Event, snapshot: str | None,
                                 hold: StreamHold) -> VerifyResult:

@@ -18,7 +18,7 @@ from cli.temporal import client as temporal_client
 from cli.temporal import ui_url, watch, watch_or_report
 from settings import Settings, get_settings
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
-from workflows.migrate_chunk import SA_CHUNK, SA_COLLECTION, SA_PHASE, SA_SOURCE, SA_TARGET
+from workflows.common import SA_CHUNK, SA_COLLECTION, SA_PHASE, SA_SOURCE, SA_TARGET
 
 
 async def watch_migration(handle: Any, *, interval: float = 0.5, out: IO[str] | None = None,
@@ -96,7 +96,7 @@ async def _moves_temporal(args: argparse.Namespace) -> int:
     settings = get_settings()
     client = await temporal_client(settings)
     query = "WorkflowType = 'MigrateChunkWorkflow'"
-    for sa, value in (("ShardshiftCollection", args.collection), ("ShardshiftPhase", args.phase)):
+    for sa, value in ((SA_COLLECTION.name, args.collection), (SA_PHASE.name, args.phase)):
         if value:
             if "'" in value:
                 raise CliError(f"invalid filter value {value!r}")

@@ -40,9 +40,6 @@ class StackRecord(BaseModel):
     ui_port: int
     servers: list[ServerRecord]
 
-    def shard_names(self) -> list[str]:
-        return [s.name for s in self.servers if s.role == "shard"]
-
 
 class ServerStatus(BaseModel):
     name: str

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
 
@@ -78,17 +77,3 @@ class CollectionRoute(BaseModel):
         for c in self.chunks:
             out.setdefault(c.shard_id, []).append(c)
         return out
-
-
-def route_from_chunks(
-    collection: str,
-    shard_key: str,
-    chunks: Sequence[ChunkRoute],
-    *,
-    indexes: Sequence[IndexDefinition] = (),
-    version: int = 0,
-) -> CollectionRoute:
-    return CollectionRoute(
-        collection=collection, shard_key=shard_key, indexes=tuple(indexes),
-        chunks=tuple(chunks), version=version,
-    )

@@ -1,9 +1,22 @@
-"""The contract of a shard storage engine.
+"""The contract of a shard storage engine, and what a move uses besides it.
 
-A move touches a shard only through this protocol, so another database (MongoDB, say) can
-stand beside ``shards.postgres``. Document and fence operations are async (the router's hot
-path); the data-movement operations are blocking and run in activity worker threads, where
-they heartbeat through the ``progress`` callback they are given.
+A move reaches a shard only through ``shards/``: ``activities/`` and ``workflows/`` hold no SQL
+and import no database driver (``tests/test_seams.py`` fails if one does). Inside ``shards/``
+there are two kinds of interface, and only the first is engine-neutral today:
+
+- **This protocol** (:class:`DocumentShard`): documents and fences, async (the router's hot
+  path, and every fence transition of a move: register, freeze, activate, unfreeze, retire).
+- **The engine's data-movement and server functions**, blocking, run in activity worker
+  threads where they heartbeat through the ``progress`` callback they are given. For
+  PostgreSQL they are the modules of ``shards.postgres``: ``snapshot`` (export),
+  ``bulk_import``, ``replication`` (slots, publications, the change stream), ``apply``,
+  ``checksum``, ``range_delete``, ``inventory`` (what the doctor lists), ``locks`` (the
+  cutover lock) and ``server`` (reachability, what a driver error means). The activities
+  import them by name, so another database (MongoDB, say) standing beside ``shards.postgres``
+  needs the same set of functions, or this protocol grown to cover them.
+
+Errors that activities act on are shardshift's own (``shards/errors.py``, and
+``server.is_connection_error`` for "the connection was lost"), never the driver's types.
 """
 
 from __future__ import annotations

@@ -42,7 +42,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ApplicationError,
     ChildWorkflowError,
@@ -54,6 +53,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.fleet import AwaitedMove, AwaitMoveInput, FleetActivities, ReplanResult
     from activities.models import PlannedMove
     from catalog.models import MigrationKind
+    from workflows.common import FLEET_RETRY
     from workflows.migrate_chunk import (
         MigrateChunkInput,
         MigrateChunkResult,
@@ -170,9 +170,6 @@ class RunLimits(BaseModel):
 Replan = Callable[[PlannedMove, list[str]], Awaitable[ReplanResult]]
 """Re-plan a move onto another shard, excluding the given ones (an activity in the parent)."""
 
-_QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
-                     maximum_attempts=20)
-
 
 class RoundResult(BaseModel):
     moved: int
@@ -262,7 +259,7 @@ class MoveRunner:
             awaited: AwaitedMove = await workflow.execute_activity_method(
                 FleetActivities.await_move, AwaitMoveInput(workflow_id=child_id),
                 start_to_close_timeout=timedelta(days=30),
-                heartbeat_timeout=timedelta(minutes=2), retry_policy=_QUICK,
+                heartbeat_timeout=timedelta(minutes=2), retry_policy=FLEET_RETRY,
             )
             if awaited.outcome == "failed":
                 raise ApplicationError(awaited.detail or "the move failed",

@@ -35,7 +35,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
@@ -57,13 +56,7 @@ with workflow.unsafe.imports_passed_through():
         RunLimits,
         check_move_options,
     )
-
-SA_KIND = SearchAttributeKey.for_keyword("ShardshiftKind")
-SA_SOURCE = SearchAttributeKey.for_keyword("ShardshiftSource")
-SA_PHASE = SearchAttributeKey.for_keyword("ShardshiftPhase")
-
-_QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
-                     maximum_attempts=20)
+    from workflows.common import FLEET_RETRY, SA_KIND, SA_PHASE, SA_SOURCE
 
 
 class DrainShardInput(BaseModel):
@@ -177,7 +170,7 @@ class DrainShardWorkflow:
                         DrainPlanRequest(shards=inp.shards, targets=inp.targets, kind=inp.kind,
                                          exclude=list(self._progress.lost_targets)),
                         start_to_close_timeout=timedelta(minutes=30),
-                        heartbeat_timeout=timedelta(minutes=5), retry_policy=_QUICK,
+                        heartbeat_timeout=timedelta(minutes=5), retry_policy=FLEET_RETRY,
                     )
                     if not plan.moves:
                         break
@@ -196,7 +189,7 @@ class DrainShardWorkflow:
             await self._set_phase("retiring")
             fin: DrainFinishResult = await workflow.execute_activity_method(
                 FleetActivities.finish, DrainFinishInput(shards=inp.shards),
-                start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
+                start_to_close_timeout=timedelta(seconds=30), retry_policy=FLEET_RETRY,
             )
         except (asyncio.CancelledError, CancelledError):
             await self._restore(inp, "cancelled")
@@ -233,12 +226,12 @@ class DrainShardWorkflow:
                         kind=self._kind, candidates=self._progress.targets or None,
                         exclude=exclude),
             start_to_close_timeout=timedelta(minutes=30),
-            heartbeat_timeout=timedelta(minutes=5), retry_policy=_QUICK,
+            heartbeat_timeout=timedelta(minutes=5), retry_policy=FLEET_RETRY,
         )
 
     async def _restore(self, inp: DrainShardInput, phase: str) -> None:
         await workflow.execute_activity_method(
             FleetActivities.restore, DrainRestoreInput(shards=inp.shards),
-            start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK,
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=FLEET_RETRY,
         )
         await self._set_phase(phase)

@@ -54,7 +54,7 @@ from typing import Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, FailureError
 from temporalio.workflow import ActivityCancellationType
 
@@ -92,25 +92,21 @@ with workflow.unsafe.imports_passed_through():
     from catalog.models import MigrationKind, MigrationOutcome, MigrationPhase
     from catalog.store import check_shard_id
     from shards.names import check_collection
+    from workflows.common import (
+        CUTOVER_RETRY,
+        FOREVER,
+        MOVE_DATA,
+        MOVE_QUICK,
+        PROGRESS,
+        REGISTER_RETRY,
+        SA_CHUNK,
+        SA_COLLECTION,
+        SA_KIND,
+        SA_PHASE,
+        SA_SOURCE,
+        SA_TARGET,
+    )
 
-SA_KIND = SearchAttributeKey.for_keyword("ShardshiftKind")
-SA_COLLECTION = SearchAttributeKey.for_keyword("ShardshiftCollection")
-SA_CHUNK = SearchAttributeKey.for_keyword("ShardshiftChunk")
-SA_SOURCE = SearchAttributeKey.for_keyword("ShardshiftSource")
-SA_TARGET = SearchAttributeKey.for_keyword("ShardshiftTarget")
-SA_PHASE = SearchAttributeKey.for_keyword("ShardshiftPhase")
-
-_LOGIC_ERRORS = ["TypeError", "AttributeError", "KeyError", "IndexError", "NameError",
-                 "UnboundLocalError", "AssertionError", "NotImplementedError", "ValidationError"]
-"""Errors that are bugs, not weather: retrying them cannot help, so they fail at once."""
-_QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
-                     non_retryable_error_types=_LOGIC_ERRORS)
-_DATA = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30),
-                    non_retryable_error_types=_LOGIC_ERRORS)
-"""No attempt limit: a shard or the catalog down for longer than any budget is waited for.
-Errors raised non-retryable (bad input, a lost slot) still fail the move at once."""
-_PROGRESS = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=2)
-"""Progress samples are best-effort: a failed one is skipped, the next poll tries again."""
 BOUNDED_HISTORY = "bounded-history"
 """Patch id: lag waits inside one activity, copy polls back off, continue-as-new, pauses on
 an unreachable shard, ``TargetLost``."""
@@ -124,8 +120,6 @@ _BEFORE_COMMIT = {"starting", "registered", "snapshot", "import", "replicate", "
 _SHORT = timedelta(seconds=10)
 """Start-to-close of quick activities: a dead worker's call is retried elsewhere this soon."""
 _WAIT = ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
-_FOREVER = RetryPolicy(initial_interval=timedelta(seconds=1),
-                       maximum_interval=timedelta(seconds=15))
 _MAX_STEP_PAUSE_S = 300.0
 """Longest pause between two tries of an after-commit step that failed for good."""
 
@@ -331,7 +325,7 @@ class MigrateChunkWorkflow:
     # -- helpers ----------------------------------------------------------------------------------
 
     async def _phase(self, spec_or_id: MoveSpec | str, phase: MigrationPhase,
-                     retry: RetryPolicy = _QUICK) -> None:
+                     retry: RetryPolicy = MOVE_QUICK) -> None:
         if self._v2 and self._progress.phase == phase.value:
             return  # re-entered after a pause or in a continued run: already recorded
         now = workflow.now()
@@ -375,7 +369,7 @@ class MigrateChunkWorkflow:
         return workflow.start_activity_method(
             ReplicateActivities.replicate, ReplicateInput(spec=spec, direction=direction),
             start_to_close_timeout=timedelta(days=30), heartbeat_timeout=self._heartbeat,
-            retry_policy=self._pausing(_FOREVER) if direction == Direction.FORWARD else _FOREVER,
+            retry_policy=self._pausing(FOREVER) if direction == Direction.FORWARD else FOREVER,
             cancellation_type=_WAIT,
         )
 
@@ -468,7 +462,7 @@ class MigrateChunkWorkflow:
                 ReachableInput(shard=shard, window_s=window,
                                poll_s=min(inp.poll_s, 1.0), max_poll_s=min(window, 10.0)),
                 start_to_close_timeout=timedelta(seconds=window + 30),
-                heartbeat_timeout=self._heartbeat, retry_policy=_QUICK,
+                heartbeat_timeout=self._heartbeat, retry_policy=MOVE_QUICK,
                 cancellation_type=_WAIT,
             )
             try:
@@ -497,7 +491,7 @@ class MigrateChunkWorkflow:
         try:
             return await workflow.execute_activity_method(
                 ImportActivities.copy_progress, CopyProgressInput(spec=spec, count_source=first),
-                start_to_close_timeout=_SHORT, retry_policy=_PROGRESS,
+                start_to_close_timeout=_SHORT, retry_policy=PROGRESS,
             )
         except ActivityError as exc:
             workflow.logger.info("progress sample skipped: %s", describe_failure(exc))
@@ -509,8 +503,7 @@ class MigrateChunkWorkflow:
 
         ``pausing``: an unreachable shard ends the activity at once (``ShardUnavailable``)
         instead of using up its attempts, so the move can pause rather than abort."""
-        policy = RetryPolicy(initial_interval=timedelta(milliseconds=200),
-                             maximum_interval=timedelta(seconds=5), maximum_attempts=20)
+        policy = CUTOVER_RETRY
         handle = workflow.start_activity_method(
             CutoverActivities.cutover,
             CutoverInput(spec=spec, direction=direction, max_lag_bytes=inp.max_lag_bytes,
@@ -538,7 +531,7 @@ class MigrateChunkWorkflow:
         return await workflow.execute_activity_method(
             CutoverActivities.resolve, CutoverInput(spec=spec, direction=direction),
             start_to_close_timeout=timedelta(minutes=2), heartbeat_timeout=timedelta(seconds=20),
-            retry_policy=_FOREVER,
+            retry_policy=FOREVER,
         )
 
     async def _wait_lag(self, inp: MigrateChunkInput, spec: MoveSpec, direction: Direction,
@@ -550,7 +543,7 @@ class MigrateChunkWorkflow:
                 stream.result()  # surfaces a failed applier
             lag = await workflow.execute_activity_method(
                 ReplicateActivities.lag, LagInput(spec=spec, direction=direction),
-                start_to_close_timeout=_SHORT, retry_policy=_QUICK,
+                start_to_close_timeout=_SHORT, retry_policy=MOVE_QUICK,
             )
             self._progress.lag_bytes = lag.lag_bytes if lag.streaming else None
             self._progress.lag_s = lag.lag_s
@@ -578,7 +571,7 @@ class MigrateChunkWorkflow:
                                  poll_s=inp.poll_s, window_s=inp.lag_window_s),
                     start_to_close_timeout=timedelta(seconds=inp.lag_window_s + 60),
                     heartbeat_timeout=self._heartbeat,
-                    retry_policy=self._pausing(_QUICK) if forward else _QUICK,
+                    retry_policy=self._pausing(MOVE_QUICK) if forward else MOVE_QUICK,
                     cancellation_type=_WAIT,
                 )
                 await workflow.wait_condition(
@@ -614,12 +607,12 @@ class MigrateChunkWorkflow:
             snap = workflow.start_activity_method(
                 SnapshotActivities.snapshot, SnapshotInput(spec=spec, part_rows=inp.part_rows),
                 start_to_close_timeout=timedelta(days=1), heartbeat_timeout=self._heartbeat,
-                retry_policy=self._pausing(_DATA), cancellation_type=_WAIT,
+                retry_policy=self._pausing(MOVE_DATA), cancellation_type=_WAIT,
             )
             imp = workflow.start_activity_method(
                 ImportActivities.bulk_import, ImportInput(spec=spec),
                 start_to_close_timeout=timedelta(days=1), heartbeat_timeout=self._heartbeat,
-                retry_policy=self._pausing(_DATA), cancellation_type=_WAIT,
+                retry_policy=self._pausing(MOVE_DATA), cancellation_type=_WAIT,
             )
             running += [snap, imp]
             try:
@@ -643,7 +636,7 @@ class MigrateChunkWorkflow:
                 result: VerifyResult = await workflow.execute_activity_method(
                     VerifyActivities.verify, VerifyInput(spec=spec, buckets=inp.verify_buckets),
                     start_to_close_timeout=timedelta(hours=6),
-                    heartbeat_timeout=self._heartbeat, retry_policy=self._pausing(_DATA),
+                    heartbeat_timeout=self._heartbeat, retry_policy=self._pausing(MOVE_DATA),
                     cancellation_type=_WAIT,
                 )
                 return result
@@ -679,7 +672,7 @@ class MigrateChunkWorkflow:
             else:
                 cp = await workflow.execute_activity_method(
                     ImportActivities.copy_progress, CopyProgressInput(spec=spec, count_source=first),
-                    start_to_close_timeout=_SHORT, retry_policy=_QUICK,
+                    start_to_close_timeout=_SHORT, retry_policy=MOVE_QUICK,
                 )
             if cp is not None:
                 if first and not snap.done():
@@ -723,7 +716,7 @@ class MigrateChunkWorkflow:
                           target=inp.target, max_lag_bytes=inp.max_lag_bytes,
                           catchup_timeout_s=inp.catchup_timeout_s,
                           rollback_window_s=inp.rollback_window_s),
-                start_to_close_timeout=_SHORT, retry_policy=_QUICK,
+                start_to_close_timeout=_SHORT, retry_policy=MOVE_QUICK,
             )
             self._progress.phase = "dry_run"
             return MigrateChunkResult(migration_id=mid, outcome=MigrationOutcome.ABORTED,
@@ -849,7 +842,7 @@ class MigrateChunkWorkflow:
         outcome = MigrationOutcome.COMPLETED
         if inp.rollback_window_s > 0 and not self._cancel_pending:
             await self._until_done(inp, "recording the rollback window", lambda: self._phase(
-                spec, MigrationPhase.ROLLBACK_WINDOW, _FOREVER))
+                spec, MigrationPhase.ROLLBACK_WINDOW, FOREVER))
             reverse = streams[Direction.REVERSE] = self._start_stream(spec, Direction.REVERSE)
             self._progress.rollback_open = True
             try:
@@ -886,17 +879,17 @@ class MigrateChunkWorkflow:
             await self._steady(lambda: self._stop(streams[Direction.REVERSE]))
 
         await self._until_done(inp, "recording the cleanup phase", lambda: self._phase(
-            spec, MigrationPhase.CLEANUP, _FOREVER))
+            spec, MigrationPhase.CLEANUP, FOREVER))
         await self._until_done(inp, "cleanup", lambda: workflow.execute_activity_method(
             CleanupActivities.cleanup,
             CleanupInput(spec=spec, outcome=outcome, delete_batch=inp.delete_batch,
                          delete_pause_s=inp.delete_pause_s),
             start_to_close_timeout=timedelta(hours=12), heartbeat_timeout=self._heartbeat,
-            retry_policy=_FOREVER, cancellation_type=_WAIT,
+            retry_policy=FOREVER, cancellation_type=_WAIT,
         ))
         await self._until_done(inp, "finishing the record", lambda: workflow.execute_activity_method(
             CatalogActivities.finish, FinishInput(spec=spec, outcome=outcome),
-            start_to_close_timeout=_SHORT, retry_policy=_FOREVER,
+            start_to_close_timeout=_SHORT, retry_policy=FOREVER,
         ))
         await self._phase(spec, MigrationPhase.DONE)
         self._progress.outcome = outcome.value
@@ -914,8 +907,7 @@ class MigrateChunkWorkflow:
                               chunk_id=inp.chunk_id, target=inp.target, holder=info.workflow_id,
                               lease_ttl_s=inp.lease_ttl_s),
                 start_to_close_timeout=timedelta(seconds=60),
-                retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
-                                         maximum_interval=timedelta(seconds=20)),
+                retry_policy=REGISTER_RETRY,
                 cancellation_type=_WAIT,
             )
         except (asyncio.CancelledError, CancelledError, ActivityError) as exc:
@@ -925,7 +917,7 @@ class MigrateChunkWorkflow:
             # attempt may have recorded the move, taken leases and fenced the target.
             leftover = await workflow.execute_activity_method(
                 CatalogActivities.registered, RegisteredInput(migration_id=mid),
-                start_to_close_timeout=_SHORT, retry_policy=_QUICK,
+                start_to_close_timeout=_SHORT, retry_policy=MOVE_QUICK,
             )
             if leftover is not None:
                 await self._abort(leftover, asyncio.CancelledError())
@@ -1025,12 +1017,12 @@ class MigrateChunkWorkflow:
             CleanupActivities.cleanup,
             CleanupInput(spec=spec, outcome=MigrationOutcome.ABORTED, target_lost=self._target_lost),
             start_to_close_timeout=timedelta(hours=12), heartbeat_timeout=self._heartbeat,
-            retry_policy=_DATA,
+            retry_policy=MOVE_DATA,
         )
         await workflow.execute_activity_method(
             CatalogActivities.finish,
             FinishInput(spec=spec, outcome=MigrationOutcome.ABORTED, detail=detail[:500]),
-            start_to_close_timeout=_SHORT, retry_policy=_QUICK,
+            start_to_close_timeout=_SHORT, retry_policy=MOVE_QUICK,
         )
         workflow.upsert_search_attributes([SA_PHASE.value_set("aborted")])
         self._progress.phase = "aborted"

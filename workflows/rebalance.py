@@ -29,7 +29,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -52,12 +51,7 @@ with workflow.unsafe.imports_passed_through():
         RunLimits,
         check_move_options,
     )
-
-SA_KIND = SearchAttributeKey.for_keyword("ShardshiftKind")
-SA_PHASE = SearchAttributeKey.for_keyword("ShardshiftPhase")
-
-_QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
-                     maximum_attempts=20)
+    from workflows.common import FLEET_RETRY, SA_KIND, SA_PHASE
 
 
 class RebalanceState(FleetState):
@@ -156,7 +150,7 @@ class RebalanceWorkflow:
                                  collections=inp.collections, shards=inp.shards,
                                  exclude=list(self._progress.lost_targets)),
             start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(minutes=5),
-            retry_policy=_QUICK,
+            retry_policy=FLEET_RETRY,
         )
 
     @workflow.run
@@ -195,12 +189,12 @@ class RebalanceWorkflow:
                     self._set_phase("splitting")
                     ids = await workflow.execute_activity_method(
                         FleetActivities.allocate_ids, AllocateIdsInput(n=2),
-                        start_to_close_timeout=timedelta(seconds=30), retry_policy=_QUICK)
+                        start_to_close_timeout=timedelta(seconds=30), retry_policy=FLEET_RETRY)
                     await workflow.execute_activity_method(
                         FleetActivities.split,
                         SplitInput(collection=sp.collection, chunk_id=sp.chunk_id,
                                    child_ids=ids),
-                        start_to_close_timeout=timedelta(seconds=60), retry_policy=_QUICK)
+                        start_to_close_timeout=timedelta(seconds=60), retry_policy=FLEET_RETRY)
                     splits.append(sp)
                     self._progress.splits_done += 1
                 moves, planned_splits = plan.moves, plan.splits
@@ -249,7 +243,7 @@ class RebalanceWorkflow:
                         kind=self._inp.kind, candidates=self._inp.shards,
                         exclude=sorted({*exclude, *full})),
             start_to_close_timeout=timedelta(minutes=30),
-            heartbeat_timeout=timedelta(minutes=5), retry_policy=_QUICK,
+            heartbeat_timeout=timedelta(minutes=5), retry_policy=FLEET_RETRY,
         )
         if found.move is not None:
             self._counts[found.move.target] = self._counts.get(found.move.target, 0) + 1

@@ -26,8 +26,6 @@ from pydantic import BaseModel
 
 from workload.generator import OpRecord
 
-_ABSENT = object()
-
 
 class Expected:
     """The possible states of one document (normally one; two after an unresolved op)."""

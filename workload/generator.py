@@ -110,14 +110,6 @@ class LoadGenerator:
         self._stop.set()
         await asyncio.gather(*self._tasks)
 
-    async def run_for(self, seconds: float) -> None:
-        await self.start()
-        try:
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-        except TimeoutError:
-            pass  # the normal end: the time is up
-        await self.stop()
-
     async def _worker(self, w: int) -> None:
         cfg = self.config
         rng = random.Random(cfg.seed * 1000 + w)

@@ -156,6 +156,14 @@ def done_parts(conn: psycopg.Connection, migration_id: str) -> dict[int, int]:
     return {int(p): int(n) for p, n in rows}
 
 
+def imported_parts(dsn: str, migration_id: str, *, timeout_ms: int = 2000) -> dict[int, int]:
+    """:func:`done_parts` on a fresh connection whose statements end within ``timeout_ms``
+    (for progress: a target that is slow to answer must not hold the caller up)."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5,
+                         options=f"-c statement_timeout={int(timeout_ms)}") as conn:
+        return done_parts(conn, migration_id)
+
+
 def import_parts(
     dsn: str,
     collection: str,
@@ -354,4 +362,5 @@ __all__ = [
     "encode_copy_rows",
     "import_part",
     "import_parts",
+    "imported_parts",
 ]

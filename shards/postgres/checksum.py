@@ -64,8 +64,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shards.models import KeyRange
 from shards.names import check_collection
-from shards.postgres.apply import StopRequested, StreamHold, check_held
+from shards.postgres.apply import StopRequested, StreamHold, check_held, release_hold
 from shards.postgres.bulk_import import copy_from_sql
+from shards.postgres.replication import StreamNames
 from shards.postgres.schema import collection_table
 from shards.postgres.snapshot import open_snapshot, range_predicate
 
@@ -380,6 +381,18 @@ class VerifyLock:
             conn.close()
             raise
         self._conn = conn
+
+    def release_hold(self, names: StreamNames) -> None:
+        """Let the stream's applier continue past its hold, on the lock's session.
+
+        A stop's cancel request (:func:`cancel_on`) can land just after the statement it was
+        meant for and cancel the next one on this session instead; the session is still ours,
+        so a release cancelled that way is run once more.
+        """
+        try:
+            release_hold(self.target_dsn, names, conn=self.conn)
+        except psycopg.errors.QueryCanceled:
+            release_hold(self.target_dsn, names, conn=self.conn)
 
     def close(self) -> None:
         """End the session, which releases the lock."""

@@ -7,7 +7,8 @@ on the target, and ``import_parts`` progress rows. A move that finishes removes 
 whose workflow died, or whose cleanup could not reach a shard, may not. This module lists
 them (:func:`inspect_shard`, :func:`chunks_with_rows`) and removes one named object at a
 time (:func:`drop_stream_object`); deciding *whether* an object is a leftover needs the
-catalog and Temporal and lives in ``activities/doctor.py``.
+catalog and Temporal and lives in ``activities/doctor.py`` (the cutover lock it takes first
+is in ``locks.py``).
 
 Only objects with shardshift's name prefix (``ss_``) are listed: anything else on the server
 is not ours. Every function is blocking (run it in a thread) and idempotent.
@@ -15,8 +16,7 @@ is not ours. Every function is blocking (run it in a thread) and idempotent.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -222,31 +222,6 @@ def drop_stream_object(dsn: str, kind: StreamObjectKind, name: str,
         return dropped
 
 
-def cutover_lock_key(migration_id: str) -> str:
-    """The session advisory lock a cutover attempt holds on its old owner for its whole run
-    (``activities/cutover.py``, ``CutoverActivities._exclusive``, builds the same key)."""
-    return f"shardshift-cutover:{migration_id}"
-
-
-@asynccontextmanager
-async def cutover_lock(dsn: str, migration_id: str) -> AsyncIterator[bool]:
-    """Try to take a migration's cutover lock on one server, and hold it inside the context.
-
-    Yields False when another session holds it: a cutover attempt of that migration is
-    still running there, so nothing of the migration may be touched. While the lock is held
-    no new attempt can start (an attempt waits for it). Leaving the context closes the
-    connection, which releases the lock.
-    """
-    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-    try:
-        cur = await conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                                 (cutover_lock_key(migration_id),))
-        row = await cur.fetchone()
-        yield bool(row and row[0])
-    finally:
-        await conn.close()
-
-
 __all__ = [
     "ROWS_COUNT_CAP",
     "FenceRow",
@@ -254,8 +229,6 @@ __all__ = [
     "StreamObject",
     "StreamObjectKind",
     "chunks_with_rows",
-    "cutover_lock",
-    "cutover_lock_key",
     "drop_stream_object",
     "inspect_shard",
 ]

@@ -76,7 +76,6 @@ NAME_PREFIX = "ss_"
 MESSAGE_PREFIX = "shardshift"
 
 _STATUS = struct.Struct(">cqqqqb")
-_XLOGDATA = struct.Struct(">qqq")
 _KEEPALIVE = struct.Struct(">qqb")
 
 
@@ -212,11 +211,32 @@ def _exec(conn: pq.PGconn, command: str) -> pq.abc.PGresult:
     return res
 
 
-def _slot_exists(dsn: str, slot: str) -> bool:
+def slot_exists(dsn: str, slot: str) -> bool:
+    """Whether the server has a replication slot of that name."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(
             "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)
         ).fetchone() is not None
+
+
+def slot_position(dsn: str, slot: str) -> str | None:
+    """Where a slot's stream starts (its confirmed flush position, else its restart
+    position) as ``X/Y`` text; None when the slot does not exist."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT coalesce(confirmed_flush_lsn, restart_lsn)::text FROM pg_replication_slots"
+            " WHERE slot_name = %s", (slot,),
+        ).fetchone()
+        return row[0] if row else None
+
+
+def ensure_slot(dsn: str, names: StreamNames) -> bool:
+    """Create the stream's slot without a snapshot unless it exists (idempotent); True when
+    it was created now. The slot retains WAL from its creation on until it is dropped."""
+    if slot_exists(dsn, names.slot):
+        return False
+    with create_slot(dsn, names, export_snapshot=False):
+        return True
 
 
 @contextmanager
@@ -234,7 +254,7 @@ def create_slot(
     Raises:
         SlotExistsError: the slot exists and ``replace_existing`` is false.
     """
-    if _slot_exists(dsn, names.slot):
+    if slot_exists(dsn, names.slot):
         if not replace_existing:
             raise SlotExistsError(
                 f"replication slot {names.slot} exists already; a retried snapshot must "
@@ -598,6 +618,12 @@ def current_lsn(conn: psycopg.Connection[Any]) -> int:
     return lsn_from_str(row[0])
 
 
+def wal_position(dsn: str) -> str:
+    """The server's current WAL write position as ``X/Y`` text (one fresh connection)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return lsn_to_str(current_lsn(conn))
+
+
 __all__ = [
     "ChangeStream",
     "CleanupReport",
@@ -612,6 +638,10 @@ __all__ = [
     "current_lsn",
     "drop_slot",
     "emit_marker",
+    "ensure_slot",
     "migration_prefix",
+    "slot_exists",
+    "slot_position",
     "stream_names",
+    "wal_position",
 ]

@@ -23,7 +23,6 @@ import hashlib
 
 from psycopg import sql
 
-META = "shardshift"
 DOCS = "docs"
 
 SCHEMA_VERSION = 1

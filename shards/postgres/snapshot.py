@@ -506,12 +506,34 @@ def read_part(staging: Staging, migration_id: str, part: int,
         yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
 
 
+def estimate_chunk_rows(dsn: str, collection: str, key_range: KeyRange, *,
+                        timeout_ms: int = 2000) -> int | None:
+    """The rows of a chunk if the primary-key index can count them within ``timeout_ms`` (an
+    index-only scan of the khash range), else None: an estimate for progress, never a plan.
+
+    A server that cannot be reached, or a count that runs out of time, is None too: unknown
+    is a fine answer for progress.
+    """
+    query = sql.SQL("SELECT count(*) FROM {} WHERE khash >= %s"
+                    " AND (%s::bigint IS NULL OR khash < %s)").format(
+        collection_table(check_collection(collection)))
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5,
+                             options=f"-c statement_timeout={int(timeout_ms)}") as conn:
+            row = conn.execute(query, (key_range.lo, key_range.sql_hi,
+                                       key_range.sql_hi)).fetchone()
+            return int(row[0]) if row else None
+    except psycopg.Error:
+        return None
+
+
 __all__ = [
     "PART_SCHEMA",
     "ExportManifest",
     "ExportProgress",
     "ExportResult",
     "check_snapshot_name",
+    "estimate_chunk_rows",
     "export_chunk",
     "load_manifest",
     "open_snapshot",

@@ -33,7 +33,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.cleanup import CleanupActivities
 from activities.context import MoveContext
-from activities.cutover import CutoverActivities, _Run, lock_connection
+from activities.cutover import CutoverActivities, _Run
 from activities.faults import ENV as FAULTS_ENV
 from activities.models import CleanupInput, CutoverInput, CutoverResult, Direction, MoveSpec
 from catalog import Catalog, LeaseUnavailableError
@@ -44,6 +44,7 @@ from router.hashing import khash
 from shards.models import FenceState
 from shards.postgres import documents as D
 from shards.postgres.apply import release_hold, request_hold
+from shards.postgres.locks import CutoverLock
 from shards.postgres.replication import migration_prefix, stream_names
 from shards.postgres.schema import collection_table
 from shards.staging import Staging
@@ -385,8 +386,10 @@ async def test_cutover_lock_connection_has_keepalives(deployment: Deployment) ->
     frees the lock within seconds when the worker's host vanishes (server-side keepalives and
     user timeout), and the worker notices a vanished server (client-side keepalives)."""
     dsn = next(iter(deployment.shards.values())).dsn
-    conn = await lock_connection(dsn)
+    lock = await CutoverLock.connect(dsn, f"fp-keepalives-{uuid.uuid4().hex[:6]}")
+    conn = lock.conn
     try:
+        assert await lock.try_acquire()
         params = conn.info.get_parameters()
         assert params.get("keepalives") == "1", params
         assert 0 < int(params["keepalives_idle"]) <= 10, params
@@ -401,7 +404,7 @@ async def test_cutover_lock_connection_has_keepalives(deployment: Deployment) ->
         assert 0 < idle + interval * count <= 20, server
         assert server["tcp_user_timeout"] not in ("0", "0ms"), server
     finally:
-        await conn.close()
+        await lock.close()
 
 
 # -- 11b: no reverse slot without a rollback window ----------------------------------------------
