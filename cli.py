@@ -73,8 +73,10 @@ def cmd_infra(args: argparse.Namespace) -> int:
 
 
 def catalog_dsn(settings: Settings) -> str:
-    """The catalog DSN: from settings, else the local stack's catalog instance."""
-    return settings.catalog_dsn or Stack.from_settings(settings).catalog_dsn
+    """The catalog as the control plane (``settings.db.catalog_user``): at
+    ``settings.catalog_dsn``, else the local stack's catalog instance. (The router service
+    swaps in its read-only role itself.)"""
+    return settings.db.catalog(settings.catalog_dsn or Stack.from_settings(settings).catalog_address)
 
 
 def cmd_router(args: argparse.Namespace) -> int:
@@ -640,7 +642,7 @@ async def _collection_create(args: argparse.Namespace) -> int:
             ids = sorted(s.shard_id for s in registered.values() if s.state.value == "active")
         if not ids:
             raise CliError("no shards registered in the catalog (run: shardshift infra up)")
-        engines = await open_engines([registered[i] for i in ids], max_size=2)
+        engines = await open_engines([registered[i] for i in ids], max_size=2, db=settings.db)
         try:
             cmap = await provision_collection(
                 cat, engines, args.name, args.shard_key, indexes,
@@ -734,7 +736,8 @@ async def _doctor(args: argparse.Namespace) -> int:
     else:
         probe = TemporalMoveProbe(client)
     async with Catalog(catalog_dsn(settings), max_size=2) as cat:
-        doctor = Doctor(cat, Staging(settings.staging), probe, collections=args.collection)
+        doctor = Doctor(cat, Staging(settings.staging), probe, collections=args.collection,
+                        db=settings.db)
         report = await doctor.run(repair=args.repair)
     if args.json:
         print(json.dumps(report.model_dump(mode="json"), indent=2))

@@ -46,11 +46,12 @@ async def connect(temporal: TemporalSettings) -> Client:
 
 
 def catalog_dsn(settings: Settings) -> str:
+    """The catalog as the control plane (``settings.db.catalog_user``)."""
     if settings.catalog_dsn:
-        return settings.catalog_dsn
+        return settings.db.catalog(settings.catalog_dsn)
     from infra import Stack  # noqa: PLC0415
 
-    return Stack.from_settings(settings).catalog_dsn
+    return settings.db.catalog(Stack.from_settings(settings).catalog_address)
 
 
 async def run_worker(
@@ -65,7 +66,7 @@ async def run_worker(
     client = client or await connect(settings.temporal)
     catalog = await Catalog(catalog_dsn(settings), max_size=8).open()
     await catalog.ensure_schema()
-    ctx = MoveContext(catalog, Staging(settings.staging))
+    ctx = MoveContext(catalog, Staging(settings.staging), db=settings.db)  # shards as the mover
     stop = stop or _signal_event()
     try:
         worker = Worker(

@@ -28,6 +28,7 @@ from catalog.schema import NOTIFY_CHANNEL
 from catalog.store import Catalog
 from router.errors import UnknownCollectionError
 from router.routes import ChunkRoute, CollectionRoute
+from settings import DatabaseSettings, get_settings
 from shards.postgres.pool import connect_kwargs
 
 T = TypeVar("T")
@@ -56,6 +57,8 @@ class CatalogRouteSource:
         listen: follow LISTEN/NOTIFY (False simulates lost notifications: the router then
             converges through fence rejections alone).
         timeout_s: upper bound of one catalog read.
+        db: whom the router connects to shards as (``db.router_user``; default: the
+            process settings). The catalog's addresses say where; the role is the router's.
         check_interval_s: how long the listener may stay quiet before it proves its
             connection alive.
     """
@@ -63,8 +66,10 @@ class CatalogRouteSource:
     def __init__(
         self, catalog: Catalog, *, listen: bool = True, owned: bool = False,
         timeout_s: float = 2.0, check_interval_s: float = 5.0,
+        db: DatabaseSettings | None = None,
     ) -> None:
         self.catalog = catalog
+        self.db = db or get_settings().db
         self._listen = listen
         self._owned = owned
         self.timeout_s = timeout_s
@@ -74,11 +79,12 @@ class CatalogRouteSource:
     @classmethod
     def from_dsn(
         cls, dsn: str, *, listen: bool = True, timeout_s: float = 2.0,
-        check_interval_s: float = 5.0,
+        check_interval_s: float = 5.0, db: DatabaseSettings | None = None,
     ) -> CatalogRouteSource:
-        """A source that opens (at router start) and closes its own catalog connection."""
+        """A source that opens (at router start) and closes its own catalog connection (as
+        the given DSN's role: a router's is the read-only ``db.catalog_reader``)."""
         return cls(Catalog(dsn, max_size=4), listen=listen, owned=True, timeout_s=timeout_s,
-                   check_interval_s=check_interval_s)
+                   check_interval_s=check_interval_s, db=db)
 
     async def open(self) -> None:
         if self._owned:
@@ -119,7 +125,7 @@ class CatalogRouteSource:
             raise UnknownCollectionError(str(exc)) from exc
 
     async def shard_dsn(self, shard_id: str) -> str:
-        return (await self._bounded(self.catalog.shard(shard_id))).address
+        return self.db.router((await self._bounded(self.catalog.shard(shard_id))).address)
 
     async def ping(self) -> None:
         await self._bounded(self.catalog.version())

@@ -26,7 +26,7 @@ from infra import InfraError, Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.hashing import khash
-from settings import RouterSettings, Settings, TemporalSettings
+from settings import DatabaseSettings, RouterSettings, Settings, TemporalSettings, get_settings
 from shards.models import IndexDefinition, KeyRange
 from shards.postgres import PostgresShard
 
@@ -46,8 +46,11 @@ async def register_stack_shards(
 ) -> list[ShardInfo]:
     """Register the local stack's shards in the catalog when missing (id = server name).
 
-    A shard the catalog already knows is left as it is. Returns the (registered) shards of
-    ``names`` (default: every shard server of the stack), in stack order.
+    The catalog gets each server's address without a role (host, port, dbname, passfile);
+    every component adds its own. A shard the catalog already knows is left as it is (an
+    address from an older stack naming ``user=postgres`` works: the user is replaced).
+    Returns the (registered) shards of ``names`` (default: every shard server of the
+    stack), in stack order.
     """
     record = stack.record()
     if record is None:
@@ -65,18 +68,23 @@ async def register_stack_shards(
         info = known.get(server.name)
         if info is None:
             info = await catalog.register_shard(
-                server.name, stack.instance(server).dsn(), engine="postgres",
+                server.name, stack.instance(server).address(), engine="postgres",
                 major_version=server.major_version,
             )
         out.append(info)
     return out
 
 
-async def open_engines(shards: Sequence[ShardInfo], max_size: int = 4) -> dict[str, PostgresShard]:
+async def open_engines(shards: Sequence[ShardInfo], max_size: int = 4,
+                       db: DatabaseSettings | None = None) -> dict[str, PostgresShard]:
+    """Engines for control-plane work on shards (collection DDL, fences, checks): as the
+    mover, which owns the shards' schemas."""
+    db = db or get_settings().db
     engines: dict[str, PostgresShard] = {}
     try:
         for s in shards:
-            engines[s.shard_id] = await PostgresShard(s.shard_id, s.address, max_size=max_size).open()
+            engines[s.shard_id] = await PostgresShard(s.shard_id, db.mover(s.address),
+                                                      max_size=max_size).open()
     except BaseException:
         await close_engines(engines)
         raise
@@ -155,25 +163,25 @@ async def _demo(settings: Settings, stack: Stack) -> int:  # noqa: PLR0915 - a l
     if len(names) < 2:
         print("demo: the local stack needs at least 2 PostgreSQL 18 shards")
         return 1
-    catalog_dsn = settings.catalog_dsn or stack.catalog_dsn
+    catalog_address = settings.catalog_dsn or stack.catalog_address
     stamp = time.strftime("%Y%m%d_%H%M%S")
     collection = f"demo_{stamp}"
     task_queue = f"demo-{stamp}"
     worker_settings = settings.model_copy(update={
-        "catalog_dsn": catalog_dsn,
+        "catalog_dsn": catalog_address,
         "temporal": TemporalSettings(**{**settings.temporal.model_dump(),
                                         "address": stack.temporal.address,
                                         "task_queue": task_queue}),
     })
 
-    catalog = await Catalog(catalog_dsn, max_size=8).open()
+    catalog = await Catalog(settings.db.catalog(catalog_address), max_size=8).open()
     engines: dict[str, PostgresShard] = {}
     stop_worker = asyncio.Event()
     worker_task: asyncio.Task[None] | None = None
     try:
         await catalog.ensure_schema()
         shards = await register_stack_shards(catalog, stack, names)
-        engines = await open_engines(shards)
+        engines = await open_engines(shards, db=settings.db)
         _step(f"provisioning collection {collection!r} on {', '.join(names)} "
               f"({CHUNKS_PER_SHARD} chunks per shard)")
         cmap = await provision_collection(
@@ -186,7 +194,10 @@ async def _demo(settings: Settings, stack: Stack) -> int:  # noqa: PLR0915 - a l
         other = next(c for c in cmap.chunks if c.shard_id != moving.shard_id)
 
         router_settings = RouterSettings(**{**settings.router.model_dump(), "pool_max_size": 8})
-        async with Router(CatalogRouteSource(catalog), router_settings) as router:
+        # The router as in production: the catalog read-only, shards as the router role.
+        source = CatalogRouteSource.from_dsn(settings.db.catalog_reader(catalog_address),
+                                             db=settings.db)
+        async with Router(source, router_settings) as router:
             t0 = time.monotonic()
             await preload(router, collection, PRELOAD_DOCS)
             _step(f"loaded {PRELOAD_DOCS} documents through the router in "

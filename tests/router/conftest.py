@@ -77,8 +77,10 @@ def router_settings(**kw: object) -> RouterSettings:
 
 
 @pytest.fixture
-async def router(deployment: Deployment) -> AsyncIterator[Router]:
-    async with Router(CatalogRouteSource(deployment.catalog), router_settings()) as r:
+async def router(deployment: Deployment, catalog_reader_dsn: str) -> AsyncIterator[Router]:
+    """A router as deployed: the catalog read-only, shards as the router role."""
+    source = CatalogRouteSource.from_dsn(catalog_reader_dsn)
+    async with Router(source, router_settings()) as r:
         yield r
 
 
