@@ -26,11 +26,13 @@ from catalog.models import (
     MigrationRecord,
 )
 from infra import Stack
+from infra.postgres import SUPERUSER
 from router.hashing import khash
 from settings import Settings
 from shards.models import FenceState
 from shards.postgres import PostgresShard
 from shards.postgres.apply import ensure_apply_schema, release_hold
+from shards.postgres.roles import as_role
 from shards.postgres.replication import (
     cleanup_stream_objects,
     create_publication,
@@ -328,7 +330,8 @@ async def test_doctor_leaves_a_running_move_alone(
                             timeout=120, what="the move's snapshot")
         late = chunk_keys(moving, 1, "late")[0]
         await source.insert(c, moving.ref, khash(late), {"_id": "late", "acct": late})
-        with psycopg.connect(source.dsn, autocommit=True) as conn:
+        # A WAL segment switch is the superuser's (test setup, not something a move does).
+        with psycopg.connect(as_role(source.dsn, SUPERUSER), autocommit=True) as conn:
             # Two segment switches put the source's WAL position >= 16 MiB past the held
             # write, far over the admission limit.
             for _ in range(2):
