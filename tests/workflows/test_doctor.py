@@ -32,7 +32,6 @@ from settings import Settings
 from shards.models import FenceState
 from shards.postgres import PostgresShard
 from shards.postgres.apply import ensure_apply_schema, release_hold
-from shards.postgres.roles import as_role
 from shards.postgres.replication import (
     cleanup_stream_objects,
     create_publication,
@@ -40,6 +39,7 @@ from shards.postgres.replication import (
     migration_prefix,
     stream_names,
 )
+from shards.postgres.roles import as_role
 from shards.staging import Staging
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle
