@@ -144,11 +144,6 @@ def catalog_reader_dsn(stack: Stack) -> str:
     return stack.dsn("catalog", "catalog_reader")
 
 
-def superuser_dsn(stack: Stack, dsn: str) -> str:
-    """The superuser's DSN to the server behind ``dsn``: for test setup and inspection only."""
-    return stack.instance_for_dsn(dsn).dsn()
-
-
 _names = iter(range(1, 10**9))
 
 
