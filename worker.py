@@ -72,11 +72,12 @@ async def connect(
 
 
 def catalog_dsn(settings: Settings) -> str:
+    """The catalog as the control plane (``settings.db.catalog_user``)."""
     if settings.catalog_dsn:
-        return settings.catalog_dsn
+        return settings.db.catalog(settings.catalog_dsn)
     from infra import Stack  # noqa: PLC0415
 
-    return Stack.from_settings(settings).catalog_dsn
+    return settings.db.catalog(Stack.from_settings(settings).catalog_address)
 
 
 async def run_worker(
@@ -111,7 +112,7 @@ async def _run(settings: Settings, client: Client, task_queue: str | None,
                stop: asyncio.Event | None, workflows: Sequence[type]) -> None:
     catalog = await Catalog(catalog_dsn(settings), max_size=8).open()
     await catalog.ensure_schema()
-    ctx = MoveContext(catalog, Staging(settings.staging))
+    ctx = MoveContext(catalog, Staging(settings.staging), db=settings.db)  # shards as the mover
     stop = stop or _signal_event()
     try:
         worker = Worker(

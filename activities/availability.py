@@ -40,7 +40,7 @@ async def shard_dsn(ctx: MoveContext, shard_id: str) -> str:
     engine = ctx._engines.get(shard_id)  # noqa: SLF001 - read-only peek at the open engines
     if engine is not None:
         return engine.dsn
-    return (await ctx.catalog.shard(shard_id)).address
+    return ctx.address((await ctx.catalog.shard(shard_id)).address)
 
 
 async def unreachable(ctx: MoveContext, shards: tuple[str, ...]) -> tuple[str, str] | None:

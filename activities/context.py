@@ -21,6 +21,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from catalog import Catalog, CatalogError
+from settings import DatabaseSettings, get_settings
 from shards.postgres import PostgresShard
 from shards.staging import Staging
 
@@ -31,14 +32,17 @@ class MoveContext:
     """The catalog, shard engines (by catalog shard id) and staging area of a worker."""
 
     def __init__(self, catalog: Catalog, staging: Staging, *, max_threads: int = 64,
-                 address_ttl_s: float = 5.0) -> None:
+                 address_ttl_s: float = 5.0, db: DatabaseSettings | None = None) -> None:
         """Args:
+            db: whom activities connect to shards as (``db.mover_user``; default: the
+                process settings). The catalog's addresses say where.
             address_ttl_s: a shard's address is re-read from the catalog (in the background)
                 when it was last read longer ago than this, so a shard re-registered at a new
                 address is followed within about that long.
         """
         self.catalog = catalog
         self.staging = staging
+        self.db = db or get_settings().db
         self.executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="move")
         self.address_ttl_s = address_ttl_s
         self._engines: dict[str, PostgresShard] = {}
@@ -55,7 +59,8 @@ class MoveContext:
             engine = self._engines.get(shard_id)
             if engine is None:
                 info = await self.catalog.shard(shard_id)
-                engine = await PostgresShard(shard_id, info.address, max_size=4, check=True).open()
+                engine = await PostgresShard(shard_id, self.address(info.address), max_size=4,
+                                             check=True).open()
                 self._engines[shard_id] = engine
                 self._address_read_at[shard_id] = asyncio.get_running_loop().time()
             return engine
@@ -72,7 +77,7 @@ class MoveContext:
         async def check() -> None:
             try:
                 async with asyncio.timeout(self.address_ttl_s):
-                    address = (await self.catalog.shard(shard_id)).address
+                    address = self.address((await self.catalog.shard(shard_id)).address)
             except Exception:  # noqa: BLE001 - keep the address we have
                 return
             if address != engine.dsn:
@@ -81,6 +86,10 @@ class MoveContext:
         task = asyncio.create_task(check(), name=f"shard-address-{shard_id}")
         self._address_checks[shard_id] = task
         task.add_done_callback(lambda _: self._address_checks.pop(shard_id, None))
+
+    def address(self, catalog_address: str) -> str:
+        """A shard address from the catalog as the DSN activities use (the mover role)."""
+        return self.db.mover(catalog_address)
 
     async def dsn(self, shard_id: str) -> str:
         return (await self.engine(shard_id)).dsn

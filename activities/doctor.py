@@ -66,6 +66,7 @@ from catalog.models import (
     ShardInfo,
     ShardState,
 )
+from settings import DatabaseSettings, get_settings
 from shards.models import FenceState
 from shards.postgres import PostgresShard
 from shards.postgres.bulk_import import forget_parts
@@ -193,12 +194,15 @@ class Doctor:
             attributed to them (None: everything). Objects that no migration record or
             publication ties to a collection are examined only without this filter.
         delete_batch, delete_pause_s: The range delete's batch size and throttle.
+        db: whom it connects to shards as (the mover, like a worker; default: the process
+            settings).
     """
 
     def __init__(self, catalog: Catalog, staging: Staging | None, is_running: MoveProbe, *,
                  collections: Iterable[str] | None = None, delete_batch: int = 5_000,
-                 delete_pause_s: float = 0.0) -> None:
+                 delete_pause_s: float = 0.0, db: DatabaseSettings | None = None) -> None:
         self.catalog = catalog
+        self.db = db or get_settings().db
         self.staging = staging
         self.is_running = is_running
         self.scope = set(collections) if collections is not None else None
@@ -228,7 +232,8 @@ class Doctor:
         servers: dict[str, _Server] = {}
         for info in await cat.list_shards():
             key = server_key(info.address)
-            servers.setdefault(key, _Server(key, info.address, [])).shards.append(info)
+            servers.setdefault(key, _Server(key, self.db.mover(info.address), [])
+                               ).shards.append(info)
         maps = {n: m for n, m in (await cat.chunk_maps()).items() if self._in_scope(n)}
         if self.scope is not None:
             # Scoped to collections: only the servers that hold their chunks or took part
@@ -590,7 +595,7 @@ class Doctor:
         for mid, rec in wanted.items():
             for sid in (rec.source, rec.target):
                 try:
-                    dsn = (await self.catalog.shard(sid)).address
+                    dsn = self.db.mover((await self.catalog.shard(sid)).address)
                     held = await locks.enter_async_context(cutover_lock(dsn, mid))
                 except Exception as exc:  # noqa: BLE001 - an unreachable shard holds no attempt
                     if sid == rec.source:

@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     stack, state = private_stack(2)
     staging_dir = Path(tempfile.mkdtemp(prefix="shardshift-bench-staging-", dir="/tmp"))
     try:
-        src, dst = list(stack.shard_dsns().values())[:2]
+        src, dst = list(stack.shard_dsns("mover").values())[:2]  # what a worker connects as
+        dst_super = stack.instance_for_dsn(dst).dsn()  # CHECKPOINT is the harness's, not a move's
         asyncio.run(create_tables(src, "bench"))
         asyncio.run(create_tables(dst, "bench", "bench_pipe"))
         t = time.perf_counter()
@@ -188,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         pipelined_runs: list[float] = []
         for round_no in range(args.rounds):
             truncate(dst, "bench_pipe")
-            checkpoint(dst)
+            checkpoint(dst_super)
             pipe_runs.append(copy_pipe(src, dst, "bench", "bench_pipe"))
             truncate(dst, "bench")
-            checkpoint(dst)
+            checkpoint(dst_super)
             pipelined_runs.append(pipelined(src, dst, staging, f"bench-{round_no}", args))
             if count(dst, "bench") != args.docs:
                 raise SystemExit(f"pipelined: {count(dst, 'bench')} rows, expected {args.docs}")
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # The same, strictly one stage after the other, into the emptied target table.
         truncate(dst, "bench")
-        checkpoint(dst)
+        checkpoint(dst_super)
         t = time.perf_counter()
         export_chunk(src, "bench", FULL, staging, "bench-seq", target_part_rows=args.part_rows,
                      compression=args.compression)

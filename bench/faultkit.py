@@ -175,7 +175,10 @@ class Rig:
             await catalog.close()
             raise
         pg18 = [s for s in shards if s.major_version >= 16]
-        dsns = {s.shard_id: s.address for s in pg18} | {"catalog": stack.catalog_dsn}
+        # The harness's own connections (load, pins, walsender kills, inspection) are the
+        # superuser's; the product's components connect as their roles.
+        dsns = {s.shard_id: stack.dsn(s.shard_id, "superuser") for s in pg18} | {
+            "catalog": stack.dsn("catalog", "superuser")}
         return cls(stack, work_dir, catalog, client, [s.shard_id for s in pg18], dsns)
 
     async def close(self) -> None:

@@ -62,7 +62,7 @@ from catalog.admin import provision_collection
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.hashing import khash
-from settings import RouterSettings
+from settings import DatabaseSettings, RouterSettings
 from shards.codec import decode_document, encode_document, encode_value
 from shards.models import FenceRef
 from shards.postgres import PostgresShard
@@ -324,6 +324,7 @@ async def http_throughput(port: int, token: str, targets: list[Target], ops: int
 async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
               concurrency: int, http_ops: int, profile: bool) -> dict[str, Any]:
     settings = RouterSettings()
+    db = DatabaseSettings()  # the product's roles: the mover provisions, routers route
     pool_size = settings.pool_max_size
     async with AsyncExitStack() as es:
         catalog = await es.enter_async_context(Catalog(catalog_dsn, max_size=4))
@@ -331,7 +332,8 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         shards: dict[str, PostgresShard] = {}
         for sid, dsn in shard_dsns.items():
             await catalog.register_shard(sid, dsn, engine="postgres", major_version=18)
-            shards[sid] = await es.enter_async_context(PostgresShard(sid, dsn, max_size=2))
+            shards[sid] = await es.enter_async_context(PostgresShard(sid, db.mover(dsn),
+                                                                     max_size=2))
             await shards[sid].ensure_schema()
             await shards[sid].drop_collection(COLLECTION)  # a fresh table on a re-run
         cmap = await provision_collection(catalog, shards, COLLECTION, SHARD_KEY,
@@ -363,7 +365,8 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         lat_d: dict[str, list[float]] = {"get": [], "replace": []}
         lat_r: dict[str, list[float]] = {"get": [], "replace": []}
         lat_f: dict[str, list[float]] = {"get": [], "replace": []}
-        direct = Direct(shard_dsns)
+        # The direct side connects as the router role too: the same server-side checks.
+        direct = Direct({sid: db.router(dsn) for sid, dsn in shard_dsns.items()})
         await direct.open(pool_size)
         es.push_async_callback(direct.close)
         r_op = router_op(router)

@@ -161,7 +161,8 @@ async def run(stack: Any, work: Path, minutes: float, chunks: int, parallel: int
         leaked: list[str] = []
         for s in shards:
             for r in results:
-                leaked += await asyncio.to_thread(leftovers, s.address, r.migration_id)
+                leaked += await asyncio.to_thread(leftovers, stack.dsn(s.shard_id, "mover"),
+                                                  r.migration_id)
         pauses = [r.pause_ms for r in results if r.pause_ms is not None]
         return {
             "minutes": minutes,

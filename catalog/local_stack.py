@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from catalog.models import ShardInfo
 from catalog.store import Catalog
 from infra import InfraError, Stack
+from settings import DatabaseSettings, get_settings
 from shards.postgres import PostgresShard
 
 
@@ -21,8 +22,11 @@ async def register_stack_shards(
 ) -> list[ShardInfo]:
     """Register the local stack's shards in the catalog when missing (id = server name).
 
-    A shard the catalog already knows is left as it is. Returns the (registered) shards of
-    ``names`` (default: every shard server of the stack), in stack order.
+    The catalog gets each server's address without a role (host, port, dbname, passfile);
+    every component adds its own. A shard the catalog already knows is left as it is (an
+    address from an older stack naming ``user=postgres`` works: the user is replaced).
+    Returns the (registered) shards of ``names`` (default: every shard server of the
+    stack), in stack order.
     """
     record = stack.record()
     if record is None:
@@ -40,18 +44,23 @@ async def register_stack_shards(
         info = known.get(server.name)
         if info is None:
             info = await catalog.register_shard(
-                server.name, stack.instance(server).dsn(), engine="postgres",
+                server.name, stack.instance(server).address(), engine="postgres",
                 major_version=server.major_version,
             )
         out.append(info)
     return out
 
 
-async def open_engines(shards: Sequence[ShardInfo], max_size: int = 4) -> dict[str, PostgresShard]:
+async def open_engines(shards: Sequence[ShardInfo], max_size: int = 4,
+                       db: DatabaseSettings | None = None) -> dict[str, PostgresShard]:
+    """Engines for control-plane work on shards (collection DDL, fences, checks): as the
+    mover, which owns the shards' schemas."""
+    db = db or get_settings().db
     engines: dict[str, PostgresShard] = {}
     try:
         for s in shards:
-            engines[s.shard_id] = await PostgresShard(s.shard_id, s.address, max_size=max_size).open()
+            engines[s.shard_id] = await PostgresShard(s.shard_id, db.mover(s.address),
+                                                      max_size=max_size).open()
     except BaseException:
         await close_engines(engines)
         raise

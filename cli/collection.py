@@ -49,7 +49,7 @@ async def _collection_create(args: argparse.Namespace) -> int:
             ids = sorted(s.shard_id for s in registered.values() if s.state.value == "active")
         if not ids:
             raise CliError("no shards registered in the catalog (run: shardshift infra up)")
-        engines = await open_engines([registered[i] for i in ids], max_size=2)
+        engines = await open_engines([registered[i] for i in ids], max_size=2, db=settings.db)
         try:
             cmap = await provision_collection(
                 cat, engines, args.name, args.shard_key, indexes,

@@ -11,5 +11,7 @@ class CliError(Exception):
 
 
 def catalog_dsn(settings: Settings) -> str:
-    """The catalog DSN: from settings, else the local stack's catalog instance."""
-    return settings.catalog_dsn or Stack.from_settings(settings).catalog_dsn
+    """The catalog as the control plane (``settings.db.catalog_user``): at
+    ``settings.catalog_dsn``, else the local stack's catalog instance. (The router service
+    swaps in its read-only role itself.)"""
+    return settings.db.catalog(settings.catalog_dsn or Stack.from_settings(settings).catalog_address)

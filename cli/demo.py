@@ -101,25 +101,25 @@ async def _demo(settings: Settings, stack: Stack) -> int:  # noqa: PLR0915 - a l
     if len(names) < 2:
         print("demo: the local stack needs at least 2 PostgreSQL 18 shards")
         return 1
-    catalog_dsn = settings.catalog_dsn or stack.catalog_dsn
+    catalog_address = settings.catalog_dsn or stack.catalog_address
     stamp = time.strftime("%Y%m%d_%H%M%S")
     collection = f"demo_{stamp}"
     task_queue = f"demo-{stamp}"
     worker_settings = settings.model_copy(update={
-        "catalog_dsn": catalog_dsn,
+        "catalog_dsn": catalog_address,
         "temporal": TemporalSettings(**{**settings.temporal.model_dump(),
                                         "address": stack.temporal.address,
                                         "task_queue": task_queue}),
     })
 
-    catalog = await Catalog(catalog_dsn, max_size=8).open()
+    catalog = await Catalog(settings.db.catalog(catalog_address), max_size=8).open()
     engines: dict[str, PostgresShard] = {}
     stop_worker = asyncio.Event()
     worker_task: asyncio.Task[None] | None = None
     try:
         await catalog.ensure_schema()
         shards = await register_stack_shards(catalog, stack, names)
-        engines = await open_engines(shards)
+        engines = await open_engines(shards, db=settings.db)
         _step(f"provisioning collection {collection!r} on {', '.join(names)} "
               f"({CHUNKS_PER_SHARD} chunks per shard)")
         cmap = await provision_collection(
@@ -132,7 +132,10 @@ async def _demo(settings: Settings, stack: Stack) -> int:  # noqa: PLR0915 - a l
         other = next(c for c in cmap.chunks if c.shard_id != moving.shard_id)
 
         router_settings = RouterSettings(**{**settings.router.model_dump(), "pool_max_size": 8})
-        async with Router(CatalogRouteSource(catalog), router_settings) as router:
+        # The router as in production: the catalog read-only, shards as the router role.
+        source = CatalogRouteSource.from_dsn(settings.db.catalog_reader(catalog_address),
+                                             db=settings.db)
+        async with Router(source, router_settings) as router:
             t0 = time.monotonic()
             await preload(router, collection, PRELOAD_DOCS)
             _step(f"loaded {PRELOAD_DOCS} documents through the router in "

@@ -3,7 +3,8 @@
 PostgreSQL refuses to run as root, so when this process is root every server-side command
 (``initdb``, ``pg_ctl``) runs as an unprivileged user through ``runuser``; the data directory is
 owned by that user. Clients connect over TCP on 127.0.0.1 with SCRAM passwords kept in a libpq
-passfile (mode 0600) beside the stack state, so no DSN ever carries a secret.
+passfile (mode 0600) beside the stack state, so no DSN ever carries a secret. The superuser
+(``postgres``) is for infra only; ``infra/roles.py`` creates the roles components use.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import psycopg
 
 from infra.errors import InfraError
 from infra.net import port_is_free
+from infra.passfile import ensure_password
 
 DATABASE = "shardshift"
 SUPERUSER = "postgres"
@@ -98,9 +100,13 @@ class PostgresInstance:
         port: int,
         bin_dir: Path,
         passfile: Path,
-        password: str,
+        password: str | None = None,
         run_as: str,
     ) -> None:
+        """Args:
+            password: the superuser's password at ``initdb``; default: the passfile's line
+                for this server (one is generated and added when there is none).
+        """
         self.name = name
         self.data_dir = data_dir
         self.port = port
@@ -112,9 +118,14 @@ class PostgresInstance:
 
     # -- addresses -------------------------------------------------------------------------
 
-    def dsn(self, dbname: str = DATABASE) -> str:
+    def address(self, dbname: str = DATABASE) -> str:
+        """Where the server is, without a role: what the catalog stores for a shard."""
+        return f"host=127.0.0.1 port={self.port} dbname={dbname} passfile={self.passfile}"
+
+    def dsn(self, dbname: str = DATABASE, *, user: str = SUPERUSER) -> str:
+        """A DSN as ``user`` (default: the superuser, for infra and tests only)."""
         return (
-            f"host=127.0.0.1 port={self.port} dbname={dbname} user={SUPERUSER} "
+            f"host=127.0.0.1 port={self.port} dbname={dbname} user={user} "
             f"passfile={self.passfile}"
         )
 
@@ -160,7 +171,9 @@ class PostgresInstance:
             raise InfraError(f"{self.name}: PostgreSQL binaries not found in {self.bin_dir}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         pwfile = self.data_dir.parent / f".{self.name}.pw"
-        pwfile.write_text(self._password + "\n")
+        password = self._password or ensure_password(self.passfile, "127.0.0.1", self.port,
+                                                     SUPERUSER)
+        pwfile.write_text(password + "\n")
         if self._run_as:
             user = pwd.getpwnam(self._run_as)
             for path in (self.data_dir, pwfile):

@@ -4,20 +4,32 @@
 every server to be healthy. ``Stack.down()`` stops everything it started and waits until no
 process is left. The stack file (``stack.json`` in the state directory) records what exists,
 so ``status`` and other processes (the worker, tests, the demo) find the servers' addresses.
+``up`` also provisions every server's roles (``infra/roles.py``): components connect as those,
+never as the superuser, with passwords in the stack's passfile (``pgpass``, mode 0600).
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
+from typing import Literal
 
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import BaseModel, ConfigDict
 
 from infra.errors import InfraError
-from infra.postgres import PostgresInstance, binary_version, embedded_bin_dir, ensure_os_user
+from infra.postgres import (
+    SUPERUSER,
+    PostgresInstance,
+    binary_version,
+    embedded_bin_dir,
+    ensure_os_user,
+)
+from infra.roles import provision_server
 from infra.temporal import TemporalDevServer
-from settings import InfraSettings, Settings
+from settings import DatabaseSettings, InfraSettings, Settings
+
+Role = Literal["superuser", "router", "mover", "catalog", "catalog_reader"]
 
 STACK_FILE = "stack.json"
 
@@ -53,9 +65,11 @@ class ServerStatus(BaseModel):
 class Stack:
     """The local stack rooted at one state directory."""
 
-    def __init__(self, state_dir: Path, infra: InfraSettings) -> None:
+    def __init__(self, state_dir: Path, infra: InfraSettings,
+                 db: DatabaseSettings | None = None) -> None:
         self.state_dir = state_dir.resolve()
         self.infra = infra
+        self.db = db or DatabaseSettings()
         self.passfile = self.state_dir / "pgpass"
         existing = self.record()
         # A running stack keeps the ports it was created with, whatever this caller's settings say.
@@ -68,7 +82,7 @@ class Stack:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Stack:
-        return cls(settings.state_dir, settings.infra)
+        return cls(settings.state_dir, settings.infra, settings.db)
 
     # -- the stack file ----------------------------------------------------------------------
 
@@ -121,16 +135,6 @@ class Stack:
 
     # -- servers -------------------------------------------------------------------------------
 
-    def _password(self) -> str:
-        """The stack's database password, kept in a 0600 libpq passfile."""
-        if self.passfile.exists():
-            line = self.passfile.read_text().splitlines()[0]
-            return line.rsplit(":", 1)[1]
-        password = secrets.token_urlsafe(24)
-        self.passfile.write_text(f"127.0.0.1:*:*:postgres:{password}\n")
-        os.chmod(self.passfile, 0o600)
-        return password
-
     def instance(self, server: ServerRecord) -> PostgresInstance:
         return PostgresInstance(
             server.name,
@@ -138,37 +142,71 @@ class Stack:
             port=server.port,
             bin_dir=Path(server.bin_dir),
             passfile=self.passfile,
-            password=self._password(),
             run_as=self.infra.run_as,
         )
 
     def instance_for_dsn(self, dsn: str) -> PostgresInstance:
-        """The stack's server behind a DSN (to stop, start or inspect it)."""
+        """The stack's server behind a DSN or address, whatever its role (to stop, start or
+        inspect it)."""
+        port = conninfo_to_dict(dsn).get("port")
         for inst in self.instances():
-            if inst.dsn() == dsn:
+            if str(inst.port) == port:
                 return inst
-        raise InfraError(f"no server of the stack in {self.state_dir} has the DSN {dsn!r}")
+        raise InfraError(f"no server of the stack in {self.state_dir} listens on port {port}")
 
     def instances(self) -> list[PostgresInstance]:
         record = self.record()
         return [self.instance(s) for s in record.servers] if record else []
 
-    def dsn(self, name: str) -> str:
+    def _server(self, name: str) -> ServerRecord:
         record = self.record()
         if record is None:
             raise InfraError(f"no local stack in {self.state_dir}: run `shardshift infra up`")
         for server in record.servers:
             if server.name == name:
-                return self.instance(server).dsn()
+                return server
         raise InfraError(f"unknown server {name!r}; the stack has {[s.name for s in record.servers]}")
+
+    def address(self, name: str) -> str:
+        """A server's address without a role (what the catalog stores for a shard)."""
+        return self.instance(self._server(name)).address()
+
+    def dsn(self, name: str, role: Role) -> str:
+        """A server's DSN as one of the stack's roles: ``superuser`` (infra and tests only),
+        ``router`` or ``mover`` (shards), ``catalog`` or ``catalog_reader`` (the catalog)."""
+        server = self._server(name)
+        user = self.role_name(role)
+        return self.instance(server).dsn(user=user)
+
+    def role_name(self, role: Role) -> str:
+        names = {
+            "superuser": SUPERUSER, "router": self.db.router_user, "mover": self.db.mover_user,
+            "catalog": self.db.catalog_user, "catalog_reader": self.db.catalog_reader_user,
+        }
+        if role not in names:
+            raise InfraError(f"unknown role {role!r}; expected one of {sorted(names)}")
+        return names[role]
 
     @property
     def catalog_dsn(self) -> str:
-        return self.dsn("catalog")
+        """The catalog as the control plane (the catalog writer role)."""
+        return self.dsn("catalog", "catalog")
 
-    def shard_dsns(self) -> dict[str, str]:
+    @property
+    def catalog_address(self) -> str:
+        return self.address("catalog")
+
+    def shard_dsns(self, role: Role = "mover") -> dict[str, str]:
         record = self.record()
-        return {s.name: self.instance(s).dsn() for s in record.servers if s.role == "shard"} if record else {}
+        return {s.name: self.dsn(s.name, role) for s in record.servers
+                if s.role == "shard"} if record else {}
+
+    def provision(self) -> None:
+        """Create or update every server's roles, schemas and grants (``infra/roles.py``)."""
+        record = self.record()
+        for server in record.servers if record else []:
+            kind = "catalog" if server.role == "catalog" else "shard"
+            provision_server(self.instance(server).dsn(), self.passfile, kind=kind, db=self.db)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -188,6 +226,7 @@ class Stack:
         self.stack_file.write_text(planned.model_dump_json(indent=2))
         for server in planned.servers:
             self.instance(server).start(timeout)
+        self.provision()
         self.temporal.start(timeout)
         return planned
 

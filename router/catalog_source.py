@@ -41,6 +41,7 @@ from catalog.schema import NOTIFY_CHANNEL
 from catalog.store import Catalog
 from router.errors import UnknownCollectionError
 from router.routes import ChunkRoute, CollectionRoute
+from settings import DatabaseSettings, get_settings
 from shards.postgres.pool import connect_kwargs
 
 T = TypeVar("T")
@@ -88,6 +89,8 @@ class CatalogRouteSource:
         listen: follow LISTEN/NOTIFY (False simulates lost notifications: the router then
             converges through fence rejections alone).
         timeout_s: upper bound of one catalog read (a caller's ``timeout`` may shorten it).
+        db: whom the router connects to shards as (``db.router_user``; default: the
+            process settings). The catalog's addresses say where; the role is the router's.
         check_interval_s: how long the listener may stay quiet before it proves its
             connection alive.
     """
@@ -95,8 +98,10 @@ class CatalogRouteSource:
     def __init__(
         self, catalog: Catalog, *, listen: bool = True, owned: bool = False,
         timeout_s: float = 2.0, check_interval_s: float = 5.0,
+        db: DatabaseSettings | None = None,
     ) -> None:
         self.catalog = catalog
+        self.db = db or get_settings().db
         self._listen = listen
         self._owned = owned
         self.timeout_s = timeout_s
@@ -106,12 +111,13 @@ class CatalogRouteSource:
     @classmethod
     def from_dsn(
         cls, dsn: str, *, listen: bool = True, timeout_s: float = 2.0,
-        check_interval_s: float = 5.0,
+        check_interval_s: float = 5.0, db: DatabaseSettings | None = None,
     ) -> CatalogRouteSource:
-        """A source with a catalog pool of its own (``router_catalog``), opened at router
-        start without waiting for the catalog, and closed with the router."""
+        """A source with a catalog pool of its own (``router_catalog``, as the given DSN's
+        role: a router's is the read-only ``db.catalog_reader``), opened at router start
+        without waiting for the catalog, and closed with the router."""
         return cls(router_catalog(dsn, timeout_s=timeout_s), listen=listen, owned=True,
-                   timeout_s=timeout_s, check_interval_s=check_interval_s)
+                   timeout_s=timeout_s, check_interval_s=check_interval_s, db=db)
 
     async def open(self) -> None:
         if self._owned:
@@ -155,7 +161,7 @@ class CatalogRouteSource:
             raise UnknownCollectionError(str(exc)) from exc
 
     async def shard_dsn(self, shard_id: str, *, timeout: float | None = None) -> str:
-        return (await self._bounded(self.catalog.shard(shard_id), timeout)).address
+        return self.db.router((await self._bounded(self.catalog.shard(shard_id), timeout)).address)
 
     async def ping(self, *, timeout: float | None = None) -> None:
         await self._bounded(self.catalog.version(), timeout)

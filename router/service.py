@@ -25,11 +25,16 @@ log = logging.getLogger("shardshift.router")
 
 
 def build_app(catalog_dsn: str, settings: Settings) -> FastAPI:
-    """The HTTP app with a router that opens its own catalog connection at start-up."""
+    """The HTTP app with a router that opens its own catalog connection at start-up.
+
+    The router is the internet-facing process, so it connects with the least it needs: the
+    catalog as ``settings.db.catalog_reader_user`` (read-only, LISTEN) and shards as
+    ``settings.db.router_user`` (routed DML, fence reads), whatever user ``catalog_dsn``
+    names."""
     def factory() -> Router:
         source = CatalogRouteSource.from_dsn(
-            catalog_dsn, timeout_s=settings.router.catalog_timeout_s,
-            check_interval_s=settings.router.listen_check_s)
+            settings.db.catalog_reader(catalog_dsn), timeout_s=settings.router.catalog_timeout_s,
+            check_interval_s=settings.router.listen_check_s, db=settings.db)
         return Router(source, settings.router)
 
     return create_app(factory, settings.router, open_metrics=settings.telemetry.metrics_open)

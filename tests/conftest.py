@@ -110,28 +110,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def pg18_dsns(stack: Stack) -> list[str]:
-    """DSNs of the PostgreSQL 18 shards of the session stack (at least 3)."""
+    """DSNs of the PostgreSQL 18 shards of the session stack (at least 3), as the mover role:
+    what workers and the CLI's shard DDL connect as (never the superuser). Components given
+    one of these as a shard address replace the user with their own role."""
     record = stack.record()
     assert record is not None
     return [
-        stack.instance(s).dsn() for s in record.servers if s.role == "shard" and s.major_version >= 16
+        stack.dsn(s.name, "mover") for s in record.servers
+        if s.role == "shard" and s.major_version >= 16
     ]
 
 
 @pytest.fixture(scope="session")
 def pg15_dsn(stack: Stack) -> str:
-    """DSN of the PostgreSQL 15 shard (tests using it are marked ``pg15``)."""
+    """DSN of the PostgreSQL 15 shard as the mover (tests using it are marked ``pg15``)."""
     record = stack.record()
     assert record is not None
     for s in record.servers:
         if s.role == "shard" and s.major_version == 15:
-            return stack.instance(s).dsn()
+            return stack.dsn(s.name, "mover")
     pytest.skip("no PostgreSQL 15 shard in the session stack")
 
 
 @pytest.fixture(scope="session")
 def catalog_dsn(stack: Stack) -> str:
+    """The catalog as the control plane (the catalog writer role)."""
     return stack.catalog_dsn
+
+
+@pytest.fixture(scope="session")
+def catalog_reader_dsn(stack: Stack) -> str:
+    """The catalog as routers see it (read-only)."""
+    return stack.dsn("catalog", "catalog_reader")
 
 
 _names = iter(range(1, 10**9))

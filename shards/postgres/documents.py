@@ -32,7 +32,8 @@ from shards.postgres.schema import collection_table, field_expr
 # ``FOR SHARE`` sub-select: under READ COMMITTED a row updated meanwhile (a freeze that
 # committed while we waited for the lock) is re-read at its newest version, so the CASE
 # judges the fence as it is *now*, and the share lock orders this write before any later
-# freeze (see schema.py).
+# freeze (see schema.py). The lock goes through the view ``chunk_fence_lock``, so a role
+# without write access to the fence (the router) can take it (see schema.py).
 _FENCE_OK = (
     "CASE WHEN cf.token = %(t)s::bigint AND cf.state = 'active'"
     " AND (%(h)s::bigint IS NULL OR (%(h)s::bigint >= cf.lo"
@@ -42,7 +43,7 @@ _FENCE_OK = (
 )
 _FENCE_W = (
     "SELECT " + _FENCE_OK + " FROM (SELECT 1) AS one LEFT JOIN ("  # noqa: S608 - constants only
-    "SELECT token, state, lo, hi FROM shardshift.chunk_fence"
+    "SELECT token, state, lo, hi FROM shardshift.chunk_fence_lock"
     " WHERE collection = %(c)s AND chunk_id = %(k)s::bigint FOR SHARE) AS cf ON true"
 )
 _FENCE_R = (

@@ -43,6 +43,15 @@ CREATE TABLE IF NOT EXISTS shardshift.chunk_fence (
     PRIMARY KEY (collection, chunk_id)
 );
 
+-- The row lock a routed write takes on its fence row (``FOR SHARE``). PostgreSQL asks UPDATE
+-- privilege for a row lock, and the router must not be able to write the fence, so the router
+-- locks through this view: it may UPDATE only ``lock_only``, which is not a column of the
+-- table and cannot be updated, while the lock reaches the fence row with the privileges of
+-- the view's owner. The planner reads it exactly like the table (same index, same lock).
+CREATE OR REPLACE VIEW shardshift.chunk_fence_lock AS
+    SELECT collection, chunk_id, lo, hi, token, state, NULL::boolean AS lock_only
+      FROM shardshift.chunk_fence;
+
 -- Bulk-import progress: one row per staged part, committed with the part's rows.
 CREATE TABLE IF NOT EXISTS shardshift.import_parts (
     migration_id text   NOT NULL,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from catalog import Catalog
 from catalog.admin import provision_collection
 from catalog.models import ChunkMap
+from infra.passfile import add_alias
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from settings import RouterSettings
@@ -77,8 +79,10 @@ def router_settings(**kw: object) -> RouterSettings:
 
 
 @pytest.fixture
-async def router(deployment: Deployment) -> AsyncIterator[Router]:
-    async with Router(CatalogRouteSource(deployment.catalog), router_settings()) as r:
+async def router(deployment: Deployment, catalog_reader_dsn: str) -> AsyncIterator[Router]:
+    """A router as deployed: the catalog read-only, shards as the router role."""
+    source = CatalogRouteSource.from_dsn(catalog_reader_dsn)
+    async with Router(source, router_settings()) as r:
         yield r
 
 
@@ -110,8 +114,12 @@ class TcpProxy:
         return self
 
     def dsn(self, real_dsn: str) -> str:
-        """``real_dsn`` with this proxy's port."""
+        """``real_dsn`` with this proxy's port (the passfile learns the proxy's port, so every
+        role's password works through it)."""
         params = conninfo_to_dict(real_dsn)
+        if params.get("passfile"):
+            add_alias(Path(params["passfile"]), params.get("host", "127.0.0.1"),
+                      params["port"], self.port)
         params["port"] = str(self.port)
         return make_conninfo(**params)
 

@@ -20,8 +20,9 @@ from psycopg import sql
 
 from infra.net import free_port_block
 from infra.postgres import PostgresInstance, embedded_bin_dir, ensure_os_user
+from infra.roles import provision_server
 from router.hashing import khash
-from settings import InfraSettings
+from settings import DatabaseSettings, InfraSettings
 from shards.codec import decode_document
 from shards.errors import InvalidNameError
 from shards.models import KHASH_END, KHASH_MIN, FenceState, IndexDefinition, KeyRange
@@ -221,6 +222,7 @@ def private_pg() -> Iterator[PostgresInstance]:
     try:
         instance.init()
         instance.start(60)
+        provision_server(instance.dsn(), passfile, kind="shard")  # the mover imports
         yield instance
     finally:
         try:
@@ -231,7 +233,7 @@ def private_pg() -> Iterator[PostgresInstance]:
 
 async def test_import_resumes_after_target_stops_mid_import(pg18_dsns, collection_name,
                                                             staging, private_pg):
-    src, dst = pg18_dsns[0], private_pg.dsn()
+    src, dst = pg18_dsns[0], private_pg.dsn(user=DatabaseSettings().mover_user)
     await prepare(src, collection_name)
     await prepare(dst, collection_name)
     docs = make_docs(120)

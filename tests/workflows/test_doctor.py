@@ -27,6 +27,7 @@ from catalog.models import (
     MigrationRecord,
 )
 from infra import Stack
+from infra.postgres import SUPERUSER
 from router.hashing import khash
 from settings import Settings
 from shards.models import FenceState
@@ -39,6 +40,7 @@ from shards.postgres.replication import (
     migration_prefix,
     stream_names,
 )
+from shards.postgres.roles import as_role
 from shards.staging import Staging
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle
@@ -329,7 +331,8 @@ async def test_doctor_leaves_a_running_move_alone(
                             timeout=120, what="the move's snapshot")
         late = chunk_keys(moving, 1, "late")[0]
         await source.insert(c, moving.ref, khash(late), {"_id": "late", "acct": late})
-        with psycopg.connect(source.dsn, autocommit=True) as conn:
+        # A WAL segment switch is the superuser's (test setup, not something a move does).
+        with psycopg.connect(as_role(source.dsn, SUPERUSER), autocommit=True) as conn:
             # Two segment switches put the source's WAL position >= 16 MiB past the held
             # write, far over the admission limit.
             for _ in range(2):
