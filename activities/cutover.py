@@ -40,6 +40,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -59,8 +60,10 @@ from activities.models import (
     PlanInput,
 )
 from activities.replicate import endpoints, stream_spec
+from activities.timeline import record, utcnow
 from catalog import CatalogError, CatalogUnavailableError, TokenMismatchError
 from catalog.models import Chunk
+from catalog.timeline import MarkName, MoveSample, SampleKind
 from shards.errors import FenceStateError, ShardUnavailableError
 from shards.models import FenceState
 from shards.postgres import replication as repl
@@ -84,6 +87,8 @@ class _Run:
     new: str
     old_token: int
     steps: list[CutoverStep] = field(default_factory=list)
+    froze_at: datetime | None = None
+    """When this attempt froze the old owner (the pause started), for the timeline."""
 
     @property
     def new_token(self) -> int:
@@ -144,16 +149,26 @@ class CutoverActivities:
             return CutoverResult(committed=False, steps=run.steps, reason="dry run")
         # A connection failure because a shard is down becomes ``ShardUnavailable``: the
         # workflow settles the attempt from the catalog and pauses the move.
-        async with shard_errors(self.ctx, old, new), self._exclusive(run):
-            recovered = await self._recover(run)
-            if recovered is not None:
-                return _observed(recovered, inp)
-            try:
-                return _observed(await self._attempt(run), inp)
-            except CatalogError as exc:
-                if exc.retryable:
-                    raise
-                raise non_retryable(exc, "cutover") from exc
+        outcome: CutoverResult | BaseException | None = None
+        try:
+            async with shard_errors(self.ctx, old, new), self._exclusive(run):
+                recovered = await self._recover(run)
+                if recovered is not None:
+                    outcome = _observed(recovered, inp)
+                    return outcome
+                try:
+                    outcome = _observed(await self._attempt(run), inp)
+                    return outcome
+                except CatalogError as exc:
+                    if exc.retryable:
+                        raise
+                    raise non_retryable(exc, "cutover") from exc
+        except BaseException as exc:
+            outcome = exc
+            raise
+        finally:
+            # After the pause and the lock: the timeline never lengthens a pause.
+            await record(self.ctx.catalog, spec.migration_id, _marks(run, outcome))
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, run: _Run) -> AsyncIterator[None]:
@@ -216,6 +231,7 @@ class CutoverActivities:
         # 3. freeze: the pause starts
         before = await asyncio.to_thread(_current_lsn, old_dsn)
         activity.heartbeat("freezing")
+        run.froze_at = utcnow()
         pause_start = t0 = time.perf_counter()
         fence, _ = await old_engine.freeze(spec.collection, spec.chunk_id, run.old_token)
         done("freeze_old", t0)
@@ -306,15 +322,18 @@ class CutoverActivities:
                    plan(inp))
         try:
             if await self._committed(run):
-                return _observed(await self._finish_committed(run), inp)
-            async with self._exclusive(run):
-                recovered = await self._recover(run, spare_new=True)
+                result = _observed(await self._finish_committed(run), inp)
+            else:
+                async with self._exclusive(run):
+                    recovered = await self._recover(run, spare_new=True)
+                result = recovered or CutoverResult(committed=False, steps=run.steps,
+                                                    reason="the switch did not commit")
         except CatalogError as exc:
             if exc.retryable:
                 raise
             raise non_retryable(exc, "resolving a cutover") from exc
-        return recovered or CutoverResult(committed=False, steps=run.steps,
-                                          reason="the switch did not commit")
+        await record(self.ctx.catalog, inp.spec.migration_id, _marks(run, result))
+        return result
 
     async def _finish_committed(self, run: _Run) -> CutoverResult:
         """The switch committed: the new owner serves at the new token (only it is needed)."""
@@ -417,6 +436,36 @@ def _ensure_reverse_stream(new_dsn: str, spec: MoveSpec) -> None:
     if not exists:
         with repl.create_slot(new_dsn, names, export_snapshot=False):
             pass  # only the slot is wanted: it outlives the context (no snapshot to use)
+
+
+def _marks(run: _Run, outcome: CutoverResult | BaseException | None) -> list[MoveSample]:
+    """The timeline's marks of one cutover attempt: when it froze the old owner, and how it
+    ended (committed with its pause, undone, failed), or how the catalog settled it."""
+    direction = run.inp.direction.value
+    out: list[MoveSample] = []
+
+    def add(name: MarkName, at: datetime, value: float | None = None,
+            detail: str | None = None) -> None:
+        out.append(MoveSample(at=at, kind=SampleKind.MARK, name=name, value=value,
+                              detail=None if detail is None else detail[:500]))
+
+    if run.froze_at is not None:
+        add(MarkName.CUTOVER_START, run.froze_at, detail=direction)
+    if isinstance(outcome, CutoverResult):
+        if outcome.committed and run.froze_at is not None:
+            pause = outcome.pause_ms or 0.0
+            add(MarkName.CUTOVER_COMMIT, run.froze_at + timedelta(milliseconds=pause),
+                value=outcome.pause_ms, detail=direction)
+        elif run.froze_at is not None:
+            add(MarkName.CUTOVER_UNDONE, utcnow(), detail=f"{direction}: {outcome.reason}")
+        elif outcome.reason and outcome.reason.startswith(("recovered", "the switch did not")):
+            add(MarkName.CUTOVER_RESOLVED, utcnow(), value=outcome.pause_ms,
+                detail=f"{direction}: {'committed' if outcome.committed else 'not committed'}"
+                       f" ({outcome.reason})")
+    elif isinstance(outcome, BaseException) and run.froze_at is not None:
+        add(MarkName.CUTOVER_FAILED, utcnow(),
+            detail=f"{direction}: {type(outcome).__name__}: {outcome}")
+    return out
 
 
 def _observed(result: CutoverResult, inp: CutoverInput) -> CutoverResult:

@@ -16,10 +16,14 @@ poll. Connection failures raise ``ShardUnavailable`` naming the shard that is do
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import threading
 import time
+from typing import Any
 
+import psycopg
 from temporalio import activity
 
 from activities import metrics
@@ -37,6 +41,8 @@ from activities.models import (
     ReplicateResult,
     WaitLagInput,
 )
+from activities.timeline import Sampler, utcnow
+from catalog.timeline import MoveSample, SampleKind
 from shards.postgres.apply import (
     ChangeApplier,
     StreamSpec,
@@ -45,7 +51,7 @@ from shards.postgres.apply import (
     read_state,
 )
 from shards.postgres.pgoutput import lsn_to_str
-from shards.postgres.replication import SlotMissingError, StreamNames
+from shards.postgres.replication import SlotMissingError, StreamNames, current_lsn
 
 HOLD_LAG_ENV = "SHARDSHIFT_TEST_HOLD_LAG"
 """Test hook: ``wait_caught_up`` of the collection named here never reports caught up, so a
@@ -97,7 +103,16 @@ class ReplicateActivities:
                                    applied_changes=stats.applied_changes,
                                    applied_lsn=lsn_to_str(applier.applied_lsn))
 
-        return await self.ctx.run_blocking(work, checkpoint)
+        sampler = Sampler(self.ctx.catalog, inp.spec.migration_id)
+        async with sampler:
+            lag_task = asyncio.create_task(_lag_samples(applier, source_dsn, inp.direction,
+                                                        sampler))
+            try:
+                return await self.ctx.run_blocking(work, checkpoint)
+            finally:
+                lag_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lag_task
 
     @activity.defn(name="migrate.lag")
     async def lag(self, inp: LagInput) -> LagResult:
@@ -156,6 +171,49 @@ class ReplicateActivities:
                 interval = min(interval * 2, inp.max_poll_s)
 
         return await self.ctx.run_blocking(work, lambda: dict(state))
+
+
+async def _lag_samples(applier: ChangeApplier, source_dsn: str, direction: Direction,
+                       sampler: Sampler) -> None:
+    """``lag`` samples of a running applier for the move's timeline: the source's WAL
+    position (one query on one connection kept open) against what the applier has caught up
+    to (in memory), as ``measure_lag`` defines it, and the commit lag of the last applied
+    transaction. At most one per sampler interval; a failed query skips that sample."""
+    holder: dict[str, psycopg.Connection[Any] | None] = {"conn": None}
+
+    def source_lsn() -> int:
+        conn = holder["conn"]
+        if conn is None or conn.closed:
+            conn = holder["conn"] = psycopg.connect(source_dsn, autocommit=True,
+                                                    connect_timeout=5)
+        try:
+            return current_lsn(conn)
+        except psycopg.Error:
+            conn.close()
+            raise
+
+    try:
+        while True:
+            caught = applier.caught_up_lsn
+            if not caught:
+                await asyncio.sleep(0.1)  # not streaming yet: the first sample comes soon
+                continue
+            if not sampler.due(SampleKind.LAG, direction.value):
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                lsn = await asyncio.to_thread(source_lsn)
+            except psycopg.Error:
+                continue  # the source is away: the applier reports that, not the timeline
+            lags = applier.stats.lag_samples
+            sampler.add(MoveSample(at=utcnow(), kind=SampleKind.LAG, name=direction.value,
+                                   lag_bytes=max(0, lsn - caught),
+                                   lag_s=lags[-1] if lags else None))
+            await asyncio.sleep(sampler.min_interval_s)
+    finally:
+        conn = holder["conn"]
+        if conn is not None:
+            await asyncio.to_thread(conn.close)
 
 
 def _record_lag(spec: MoveSpec, direction: Direction, lag: LagResult) -> LagResult:
