@@ -203,7 +203,7 @@ CREATE TABLE IF NOT EXISTS catalog.shard_loads (
     first_run_id  text NOT NULL,
     kind          text NOT NULL,
     stage         text NOT NULL CHECK (stage IN ('before', 'after')),
-    shard_id      text NOT NULL REFERENCES catalog.shards (shard_id),
+    shard_id      text NOT NULL,  -- a label, not a reference: never blocks removing a shard
     bytes         bigint NOT NULL CHECK (bytes >= 0),
     measured_at   timestamptz NOT NULL,
     PRIMARY KEY (operation_id, first_run_id, stage, shard_id)
