@@ -24,6 +24,8 @@ from activities.models import (
     ImportInput,
     ImportResult,
 )
+from activities.timeline import Sampler, utcnow
+from catalog.timeline import MoveSample, SampleKind
 from shards.postgres.bulk_import import (
     ImportProgress,
     StagedPartError,
@@ -86,11 +88,35 @@ class ImportActivities:
         live = {"migration": spec.migration_id}
         counted = {"rows": 0}
         started = time.monotonic()
+        sampler = Sampler(self.ctx.catalog, spec.migration_id)
+        last = {"t": started, "rows": -1}
+
+        def sample(rows: int, *, final: bool = False) -> None:
+            """A ``copy`` sample: rows on the target so far (the part in flight included) and
+            rows per second since this attempt's previous sample."""
+            if not sampler.due(SampleKind.COPY, "import", force=final):
+                return
+            now = time.monotonic()
+            rate = (None if last["rows"] < 0
+                    else max(0, rows - last["rows"]) / max(now - last["t"], 1e-3))
+            last.update(t=now, rows=rows)
+            sampler.add(MoveSample(at=utcnow(), kind=SampleKind.COPY, name="import", rows=rows,
+                                   rate=rate))
 
         def work(stop: threading.Event) -> ImportResult:
+            # Where this attempt starts (parts earlier attempts imported): the baseline of
+            # its first rate. Best effort: without it the first rate is missing, nothing else.
+            try:
+                baseline: int | None = sum(imported_parts(dsn, spec.migration_id).values())
+            except Exception:  # noqa: BLE001 - a timeline sample never fails the import
+                baseline = None
+            if baseline is not None:
+                sample(baseline, final=True)
+
             def progress(p: ImportProgress) -> None:
                 state["cp"] = CopyCheckpoint(stage="import", rows_done=p.rows_done,
                                              parts_done=p.parts_done, parts_total=p.parts_total)
+                sample(p.rows_done)
                 if p.rows_committed_here > counted["rows"]:
                     metrics.rows_copied.add(p.rows_committed_here - counted["rows"], labels)
                     counted["rows"] = p.rows_committed_here
@@ -102,12 +128,14 @@ class ImportActivities:
 
             result = import_parts(dsn, spec.collection, self.ctx.staging, spec.migration_id,
                                   progress=progress, follow_export_s=inp.follow_export_s)
+            sample(result.rows_imported, final=True)
             metrics.log.info("imported %d parts into %s: %d rows (%d by this attempt) in %.1fs",
                              result.parts_total, spec.target, result.rows_imported,
                              counted["rows"], time.monotonic() - started)
             return ImportResult(parts=result.parts_total, rows=result.rows_imported)
 
         try:
-            return await self.ctx.run_blocking(work, lambda: state["cp"])
+            async with sampler:
+                return await self.ctx.run_blocking(work, lambda: state["cp"])
         except StagedPartError as exc:
             raise non_retryable(exc, "bulk import") from exc

@@ -12,8 +12,10 @@ from activities.context import MoveContext, catalog_failure, non_retryable
 from activities.faults import inject
 from activities.leases import renew_move_leases
 from activities.models import FinishInput, MoveSpec, PhaseInput, RegisteredInput, RegisterInput
+from activities.timeline import mark
 from catalog import CatalogError, ShardState
 from catalog.models import MigrationOutcome, MigrationRecord
+from catalog.timeline import MarkName, phase_mark
 from shards.errors import ShardError
 from shards.models import FenceState
 
@@ -56,6 +58,8 @@ class CatalogActivities:
             info = await cat.collection(inp.collection)
         except CatalogError as exc:
             raise catalog_failure(exc, "register") from exc
+        # At the record's own time, so a retried registration marks it once.
+        await mark(cat, inp.migration_id, phase_mark("registered"), at=record.started_at)
         spec = MoveSpec(
             migration_id=inp.migration_id, kind=inp.kind, collection=inp.collection,
             chunk_id=inp.chunk_id, key_range=chunk.range, source=record.source,
@@ -84,9 +88,14 @@ class CatalogActivities:
         that carry the move's spec renew them too, see ``activities/leases.py``)."""
         inject(f"set_phase.{inp.phase.value}", inp.migration_id)
         try:
-            await self.ctx.catalog.set_migration_phase(inp.migration_id, inp.phase, detail=inp.detail)
+            record = await self.ctx.catalog.set_migration_phase(inp.migration_id, inp.phase,
+                                                                detail=inp.detail)
         except CatalogError as exc:
             raise catalog_failure(exc, "set phase") from exc
+        if record.phase == inp.phase:
+            # At the time the catalog recorded the phase: a retry marks it once.
+            await mark(self.ctx.catalog, inp.migration_id, phase_mark(inp.phase.value),
+                       at=record.updated_at)
         try:
             await renew_move_leases(self.ctx.catalog, inp.migration_id, inp.lease_ttl_s)
         except CatalogError as exc:
@@ -114,11 +123,13 @@ class CatalogActivities:
     async def finish(self, inp: FinishInput) -> None:
         inject("finish.start", inp.spec.collection)
         try:
-            await self.ctx.catalog.finish_migration(
+            record = await self.ctx.catalog.finish_migration(
                 inp.spec.migration_id, inp.outcome, detail=inp.detail
             )
         except CatalogError as exc:
             raise catalog_failure(exc, "finish") from exc
+        await mark(self.ctx.catalog, inp.spec.migration_id, MarkName.FINISH,
+                   at=record.finished_at, detail=record.outcome)
         metrics.moves.add(1, {"outcome": str(inp.outcome), "kind": str(inp.spec.kind)})
         metrics.log.info("move of %s chunk %d (%s -> %s) finished: %s", inp.spec.collection,
                          inp.spec.chunk_id, inp.spec.source, inp.spec.target, inp.outcome)

@@ -42,6 +42,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import activity
@@ -59,8 +60,10 @@ from activities.models import (
     PlanInput,
 )
 from activities.replicate import endpoints, stream_spec
+from activities.timeline import record, utcnow
 from catalog import CatalogError, CatalogUnavailableError, TokenMismatchError
 from catalog.models import Chunk
+from catalog.timeline import MarkName, MoveSample, SampleKind
 from shards.errors import FenceStateError
 from shards.models import Fence, FenceState
 from shards.postgres import PostgresShard
@@ -86,6 +89,8 @@ class _Run:
     new: str
     old_token: int
     steps: list[CutoverStep] = field(default_factory=list)
+    froze_at: datetime | None = None
+    """When this attempt froze the old owner (the pause started), for the timeline."""
 
     @classmethod
     def of(cls, inp: CutoverInput) -> _Run:
@@ -148,16 +153,26 @@ class CutoverActivities:
         run = _Run.of(inp)
         # A connection failure because a shard is down becomes ``ShardUnavailable``: the
         # workflow settles the attempt from the catalog and pauses the move.
-        async with shard_errors(self.ctx, run.old, run.new), self._exclusive(run):
-            recovered = await self._recover(run)
-            if recovered is not None:
-                return _observed(recovered, inp)
-            try:
-                return _observed(await (await _Attempt.prepare(self, run)).run(), inp)
-            except CatalogError as exc:
-                if exc.retryable:
-                    raise
-                raise non_retryable(exc, "cutover") from exc
+        outcome: CutoverResult | BaseException | None = None
+        try:
+            async with shard_errors(self.ctx, run.old, run.new), self._exclusive(run):
+                recovered = await self._recover(run)
+                if recovered is not None:
+                    outcome = _observed(recovered, inp)
+                    return outcome
+                try:
+                    outcome = _observed(await (await _Attempt.prepare(self, run)).run(), inp)
+                    return outcome
+                except CatalogError as exc:
+                    if exc.retryable:
+                        raise
+                    raise non_retryable(exc, "cutover") from exc
+        except BaseException as exc:
+            outcome = exc
+            raise
+        finally:
+            # After the pause and the lock: the timeline never lengthens a pause.
+            await record(self.ctx.catalog, inp.spec.migration_id, _marks(run, outcome))
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, run: _Run) -> AsyncIterator[None]:
@@ -212,15 +227,18 @@ class CutoverActivities:
         run = _Run.of(inp)
         try:
             if await self._committed(run):
-                return _observed(await self._finish_committed(run), inp)
-            async with self._exclusive(run):
-                recovered = await self._recover(run, spare_new=True)
+                result = _observed(await self._finish_committed(run), inp)
+            else:
+                async with self._exclusive(run):
+                    recovered = await self._recover(run, spare_new=True)
+                result = recovered or CutoverResult(committed=False, steps=run.steps,
+                                                    reason="the switch did not commit")
         except CatalogError as exc:
             if exc.retryable:
                 raise
             raise non_retryable(exc, "resolving a cutover") from exc
-        return recovered or CutoverResult(committed=False, steps=run.steps,
-                                          reason="the switch did not commit")
+        await record(self.ctx.catalog, inp.spec.migration_id, _marks(run, result))
+        return result
 
     async def _finish_committed(self, run: _Run) -> CutoverResult:
         """The switch committed: the new owner serves at the new token (only it is needed)."""
@@ -353,6 +371,7 @@ class _Attempt:
         marker comes after it)."""
         before = await asyncio.to_thread(repl.wal_position, self.old_dsn)
         activity.heartbeat("freezing")
+        self.job.froze_at = utcnow()
         self.pause_start = time.perf_counter()
         with self._step("freeze_old"):
             fence, _ = await self.old_engine.freeze(self.spec.collection, self.spec.chunk_id,
@@ -439,6 +458,36 @@ def _ensure_reverse_stream(new_dsn: str, spec: MoveSpec) -> None:
     names = repl.stream_names(spec.migration_id, Direction.REVERSE.value)
     repl.create_publication(new_dsn, names, spec.collection, spec.chunk_id, spec.key_range)
     repl.ensure_slot(new_dsn, names)
+
+
+def _marks(run: _Run, outcome: CutoverResult | BaseException | None) -> list[MoveSample]:
+    """The timeline's marks of one cutover attempt: when it froze the old owner, and how it
+    ended (committed with its pause, undone, failed), or how the catalog settled it."""
+    direction = run.inp.direction.value
+    out: list[MoveSample] = []
+
+    def add(name: MarkName, at: datetime, value: float | None = None,
+            detail: str | None = None) -> None:
+        out.append(MoveSample(at=at, kind=SampleKind.MARK, name=name, value=value,
+                              detail=None if detail is None else detail[:500]))
+
+    if run.froze_at is not None:
+        add(MarkName.CUTOVER_START, run.froze_at, detail=direction)
+    if isinstance(outcome, CutoverResult):
+        if outcome.committed and run.froze_at is not None:
+            pause = outcome.pause_ms or 0.0
+            add(MarkName.CUTOVER_COMMIT, run.froze_at + timedelta(milliseconds=pause),
+                value=outcome.pause_ms, detail=direction)
+        elif run.froze_at is not None:
+            add(MarkName.CUTOVER_UNDONE, utcnow(), detail=f"{direction}: {outcome.reason}")
+        elif outcome.reason and outcome.reason.startswith(("recovered", "the switch did not")):
+            add(MarkName.CUTOVER_RESOLVED, utcnow(), value=outcome.pause_ms,
+                detail=f"{direction}: {'committed' if outcome.committed else 'not committed'}"
+                       f" ({outcome.reason})")
+    elif isinstance(outcome, BaseException) and run.froze_at is not None:
+        add(MarkName.CUTOVER_FAILED, utcnow(),
+            detail=f"{direction}: {type(outcome).__name__}: {outcome}")
+    return out
 
 
 def _observed(result: CutoverResult, inp: CutoverInput) -> CutoverResult:

@@ -37,9 +37,11 @@ from activities.models import (
     RebalancePlanInput,
     SplitInput,
 )
+from activities.timeline import first_run_id, record_loads
 from catalog import CatalogError, ShardState
 from catalog.admin import split_chunk
-from catalog.models import MigrationKind, ShardInfo
+from catalog.models import ChunkMap, MigrationKind, ShardInfo
+from catalog.timeline import LoadStage
 
 
 class DrainPlanRequest(DrainPlanInput):
@@ -140,6 +142,13 @@ class FleetActivities:
                     load[chunk.shard_id] += size
                 else:
                     chunks.append((collection, chunk.chunk_id, chunk.shard_id, size))
+        before = dict(load)
+        for _, _, source, size in chunks:
+            before[source] = before.get(source, 0) + size
+        for info in drained:
+            before.setdefault(info.shard_id, 0)
+        # The first plan of the drain is its "before" (later rounds change nothing).
+        await record_loads(cat, inp.kind.value, LoadStage.BEFORE, before)
         moves = _bin_pack(chunks, targets, load)
         for info in drained:
             if info.state != ShardState.DRAINING:
@@ -168,7 +177,32 @@ class FleetActivities:
                 retired.append(shard)
         except CatalogError as exc:
             raise catalog_failure(exc, "retire") from exc
+        await self._record_after(maps)
         return DrainFinishResult(retired=retired, chunks_left=left)
+
+    async def _record_after(self, maps: dict[str, ChunkMap]) -> None:
+        """The drain's "after": bytes now on every shard its "before" measured (best effort:
+        a shard that cannot be measured leaves the record as it was)."""
+        if not activity.in_activity():
+            return
+        info = activity.info()
+        try:
+            before = await self.ctx.catalog.shard_loads(info.workflow_id or "",
+                                                        await first_run_id())
+            rows = [row for row in before if row.stage == LoadStage.BEFORE]
+            if not rows:
+                return
+            after = dict.fromkeys(sorted({row.shard_id for row in rows}), 0)
+            for collection, cmap in sorted(maps.items()):
+                for chunk in cmap.chunks:
+                    if chunk.shard_id in after:
+                        engine = await self.ctx.engine(chunk.shard_id)
+                        after[chunk.shard_id] += await engine.chunk_bytes(collection,
+                                                                          chunk.range)
+        except Exception as exc:  # noqa: BLE001 - a measurement never fails the drain
+            activity.logger.warning("the drain's loads after were not measured: %s", exc)
+            return
+        await record_loads(self.ctx.catalog, rows[0].kind, LoadStage.AFTER, after)
 
     @activity.defn(name="drain.restore")
     async def restore(self, inp: DrainRestoreInput) -> None:
@@ -306,6 +340,10 @@ class FleetActivities:
                     chunks[chunk.shard_id].append((collection, chunk.chunk_id, size))
         plan = plan_rebalance(chunks, tolerance=inp.tolerance, max_moves=inp.max_moves,
                               max_moves_per_shard=inp.max_moves_per_shard, split=inp.split)
+        # The first measurement of the operation is its "before", the latest its "after".
+        # (a shard split is recorded as a rebalance too: the plan does not carry the kind)
+        await record_loads(cat, "rebalance", LoadStage.BEFORE, plan.loads)
+        await record_loads(cat, "rebalance", LoadStage.AFTER, plan.loads)
         return plan.model_copy(update={"busy_chunks": busy})
 
     @activity.defn(name="rebalance.allocate_ids")

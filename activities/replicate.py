@@ -16,6 +16,8 @@ poll. Connection failures raise ``ShardUnavailable`` naming the shard that is do
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -37,6 +39,8 @@ from activities.models import (
     ReplicateResult,
     WaitLagInput,
 )
+from activities.timeline import Sampler, utcnow
+from catalog.timeline import MoveSample, SampleKind
 from shards.postgres.apply import (
     ChangeApplier,
     StreamSpec,
@@ -45,7 +49,7 @@ from shards.postgres.apply import (
     read_state,
 )
 from shards.postgres.pgoutput import lsn_to_str
-from shards.postgres.replication import SlotMissingError, StreamNames
+from shards.postgres.replication import SlotMissingError, StreamNames, WalPositionReader
 from shards.postgres.server import probe
 
 HOLD_LAG_ENV = "SHARDSHIFT_TEST_HOLD_LAG"
@@ -98,7 +102,16 @@ class ReplicateActivities:
                                    applied_changes=stats.applied_changes,
                                    applied_lsn=lsn_to_str(applier.applied_lsn))
 
-        return await self.ctx.run_blocking(work, checkpoint)
+        sampler = Sampler(self.ctx.catalog, inp.spec.migration_id)
+        async with sampler:
+            lag_task = asyncio.create_task(_lag_samples(applier, source_dsn, inp.direction,
+                                                        sampler))
+            try:
+                return await self.ctx.run_blocking(work, checkpoint)
+            finally:
+                lag_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lag_task
 
     @activity.defn(name="migrate.lag")
     async def lag(self, inp: LagInput) -> LagResult:
@@ -157,6 +170,36 @@ class ReplicateActivities:
                 interval = min(interval * 2, inp.max_poll_s)
 
         return await self.ctx.run_blocking(work, lambda: dict(state))
+
+
+async def _lag_samples(applier: ChangeApplier, source_dsn: str, direction: Direction,
+                       sampler: Sampler) -> None:
+    """``lag`` samples of a running applier for the move's timeline: the source's WAL
+    position (one query on one connection kept open) against what the applier has caught up
+    to (in memory), as ``measure_lag`` defines it, and the commit lag of the last applied
+    transaction. At most one per sampler interval; a failed query skips that sample."""
+    reader = WalPositionReader(source_dsn)
+    try:
+        while True:
+            caught = applier.caught_up_lsn
+            if not caught:
+                await asyncio.sleep(0.1)  # not streaming yet: the first sample comes soon
+                continue
+            if not sampler.due(SampleKind.LAG, direction.value):
+                await asyncio.sleep(0.1)
+                continue
+            lsn = await asyncio.to_thread(reader.read)
+            if lsn is None:
+                # The source is away: the applier reports that, not the timeline.
+                await asyncio.sleep(sampler.min_interval_s)
+                continue
+            lags = applier.stats.lag_samples
+            sampler.add(MoveSample(at=utcnow(), kind=SampleKind.LAG, name=direction.value,
+                                   lag_bytes=max(0, lsn - caught),
+                                   lag_s=lags[-1] if lags else None))
+            await asyncio.sleep(sampler.min_interval_s)
+    finally:
+        await asyncio.to_thread(reader.close)
 
 
 def _record_lag(spec: MoveSpec, direction: Direction, lag: LagResult) -> LagResult:

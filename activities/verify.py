@@ -41,6 +41,8 @@ from activities.availability import shard_errors
 from activities.context import MoveContext, Stopped, non_retryable
 from activities.models import Direction, VerifyInput, VerifyResult
 from activities.replicate import stream_spec
+from activities.timeline import mark
+from catalog.timeline import MarkName
 from shards.models import KeyRange
 from shards.postgres import replication as repl
 from shards.postgres.apply import (
@@ -144,8 +146,14 @@ class VerifyActivities:
 
         # A connection failure because a shard is down becomes ``ShardUnavailable``: the
         # workflow pauses the move (and gives up on a target that stays away).
+        await mark(self.ctx.catalog, spec.migration_id, MarkName.VERIFY_START)
         async with shard_errors(self.ctx, inp.spec.source, inp.spec.target):
             result = await self.ctx.run_blocking(work, lambda: dict(progress))
+        await mark(self.ctx.catalog, spec.migration_id, MarkName.VERIFY_DONE,
+                   value=result.mismatched_buckets,
+                   detail=f"{result.documents} documents, {result.mismatched_buckets} of "
+                          f"{result.buckets} buckets differed, {result.repaired_ranges} ranges "
+                          f"repaired: {'equal' if result.verified else 'still different'}")
         labels = {"collection": spec.collection}
         metrics.verify_mismatches.add(result.mismatched_buckets, labels)
         metrics.verify_repairs.add(result.repaired_ranges, labels)

@@ -178,4 +178,34 @@ BEGIN
     END IF;
 END
 $do$;
+
+-- Move timelines (catalog/store/samples.py): samples and marks recorded by a move's
+-- activities; observations, never a catalog change (no version bump). Gone with the
+-- migration record if records are ever purged.
+CREATE TABLE IF NOT EXISTS catalog.move_samples (
+    migration_id  text NOT NULL REFERENCES catalog.migrations (migration_id) ON DELETE CASCADE,
+    kind          text NOT NULL CHECK (kind IN ('copy', 'lag', 'mark')),
+    name          text NOT NULL,
+    at            timestamptz NOT NULL,
+    rows          bigint,
+    rate          double precision,
+    lag_bytes     bigint,
+    lag_s         double precision,
+    value         double precision,
+    detail        text,
+    PRIMARY KEY (migration_id, kind, name, at)
+);
+
+-- Bytes per shard of a drain or rebalance, before its first plan and after its last
+-- measurement; keyed by workflow id and the first run of its chain (continue-as-new).
+CREATE TABLE IF NOT EXISTS catalog.shard_loads (
+    operation_id  text NOT NULL,
+    first_run_id  text NOT NULL,
+    kind          text NOT NULL,
+    stage         text NOT NULL CHECK (stage IN ('before', 'after')),
+    shard_id      text NOT NULL,  -- a label, not a reference: never blocks removing a shard
+    bytes         bigint NOT NULL CHECK (bytes >= 0),
+    measured_at   timestamptz NOT NULL,
+    PRIMARY KEY (operation_id, first_run_id, stage, shard_id)
+);
 """

@@ -17,6 +17,7 @@
                          [--unschedule]
     shardshift split-shard SHARD --to SHARD [--dry-run]
     shardshift doctor [--repair] [--json] [--collection C]
+    shardshift report ID [--json] [--plot FILE.png]
     shardshift demo
 """
 
@@ -198,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     split.set_defaults(func="cli.fleet:cmd_rebalance")
 
     _doctor_parser(sub)
+
+    report = sub.add_parser(
+        "report", help="what a move, drain or rebalance did: summary, timeline, plot",
+        description="For a move (workflow id or migration id): phases with durations, rows "
+                    "copied, replication lag peak, cutover pause and outcome, from the catalog's "
+                    "record and the timeline its activities recorded. For a drain or rebalance "
+                    "(workflow id): bytes per shard before and after, and its moves.")
+    report.add_argument("id", metavar="ID", help="a workflow id or a migration id")
+    report.add_argument("--json", action="store_true",
+                        help="the whole report (with every sample and mark) as JSON")
+    report.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="draw the move's timeline (rows/s, lag, marks, the pause), or a "
+                             "drain's or rebalance's bytes per shard, into this PNG file")
+    report.set_defaults(func="cli.report:cmd_report")
 
     demo = sub.add_parser("demo", help="the main job: a live chunk migration under load")
     demo.set_defaults(func="cli.demo:cmd_demo")

@@ -7,7 +7,8 @@ a report.
 3. start a worker in-process (its own task queue) and a load generator writing and reading
    through the router, over keys of the moving chunk and of other chunks;
 4. run ``MigrateChunkWorkflow`` for one chunk to another shard, with a live progress line;
-5. keep the load going a few seconds after, stop it, run the checker and print a report.
+5. keep the load going a few seconds after, stop it, run the checker and print a report;
+6. draw the move's timeline (``shardshift report --plot``) under ``<state dir>/reports/``.
 
 The stack stays up afterwards (the workflow stays visible in the Temporal Web UI). The exit
 code is 0 only when the move completed and the checker found nothing lost, altered,
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import random
 import time
+from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -29,6 +31,7 @@ from catalog.admin import provision_collection
 from catalog.local_stack import close_engines, open_engines, register_stack_shards
 from cli.moves import watch_migration
 from cli.render import print_result
+from cli.report import build, write_plot
 from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
@@ -190,6 +193,16 @@ async def _demo(settings: Settings, stack: Stack) -> int:  # noqa: PLR0915 - a l
         seeds = [d for d, copies in stored.items() if d.startswith("seed-")]
         seed_dups = sum(1 for d in seeds if len(stored[d]) > 1)
         placed = (await catalog.chunk(collection, moving.chunk_id)).shard_id
+        plot: Path | None = None
+        plot_error: str | None = None
+        if result is not None:
+            try:
+                timeline = await build(catalog, worker_settings, result.migration_id,
+                                       use_temporal=False)
+                (stack.state_dir / "reports").mkdir(parents=True, exist_ok=True)
+                plot = write_plot(timeline, stack.state_dir / "reports" / f"{wf_id}.png")
+            except Exception as exc:  # noqa: BLE001 - a missing plot does not fail the demo
+                plot_error = f"{type(exc).__name__}: {exc}"
         moved_writes = sum(1 for r in load.records
                            if r.op != "get" and r.outcome == "ok" and moving.range.contains(r.khash))
     finally:
@@ -236,6 +249,11 @@ async def _demo(settings: Settings, stack: Stack) -> int:  # noqa: PLR0915 - a l
     print("  -- watch it --")
     print(f"  Temporal Web UI    {ui}/workflows/{wf_id}")
     print(f"  all moves          ./dev shardshift moves --collection {collection}")
+    if plot is not None:
+        print(f"  timeline plot      {plot}")
+    elif plot_error is not None:
+        print(f"  timeline plot      not drawn: {plot_error}")
+    print(f"  this move          ./dev shardshift report {wf_id} [--json] [--plot FILE.png]")
     print(f"  took               {time.monotonic() - t_start:.0f} s")
     print("=" * 72)
     print("The local stack is still running; stop it with: ./dev shardshift infra down")

@@ -221,7 +221,9 @@ def old_stack(monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
 async def test_old_stack_upgrades_in_place(old_stack: Stack) -> None:
     st = old_stack
     c = "legacy"
-    shards = st.record().shard_names()  # type: ignore[union-attr]
+    record = st.record()
+    assert record is not None
+    shards = [s.name for s in record.servers if s.role == "shard"]
     # The old layout: the catalog, schemas, tables, fences and rows are the superuser's, and
     # the catalog's addresses say user=postgres.
     async with Catalog(st.dsn("catalog", "superuser"), max_size=2) as cat:

@@ -10,13 +10,14 @@ from catalog.store.leases import Leases
 from catalog.store.migrations import Migrations
 from catalog.store.notify import Notifications
 from catalog.store.registry import ShardRegistry
+from catalog.store.samples import Samples
 from catalog.store.topology import Topology
 
 
 class Catalog(
-    ShardRegistry, Collections, ChunkMaps, Topology, Migrations, Leases, Notifications
+    ShardRegistry, Collections, ChunkMaps, Topology, Migrations, Leases, Notifications, Samples
 ):
-    """The catalog: shards, collections, chunks, migrations and leases.
+    """The catalog: shards, collections, chunks, migrations, leases and move timelines.
 
     Build one per process, ``await catalog.open()`` (or ``async with``), share it: methods are
     safe to call concurrently (each takes its own pooled connection).

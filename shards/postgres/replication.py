@@ -618,6 +618,32 @@ def current_lsn(conn: psycopg.Connection[Any]) -> int:
     return lsn_from_str(row[0])
 
 
+class WalPositionReader:
+    """The server's current WAL write position, read on one kept-open connection (for a
+    sampler that asks every second): reopened after a failure; ``read`` answers ``None``
+    when the server does not answer."""
+
+    def __init__(self, dsn: str, *, connect_timeout: int = 5) -> None:
+        self.dsn = dsn
+        self.connect_timeout = connect_timeout
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def read(self) -> int | None:
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self.dsn, autocommit=True,
+                                             connect_timeout=self.connect_timeout)
+            return current_lsn(self._conn)
+        except psycopg.Error:
+            self.close()
+            return None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 def wal_position(dsn: str) -> str:
     """The server's current WAL write position as ``X/Y`` text (one fresh connection)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -626,6 +652,7 @@ def wal_position(dsn: str) -> str:
 
 __all__ = [
     "ChangeStream",
+    "WalPositionReader",
     "CleanupReport",
     "ReplicationError",
     "SlotExistsError",
