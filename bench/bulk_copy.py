@@ -53,11 +53,12 @@ INDEX = IndexDefinition(name="account", fields=("account",))
 
 def private_stack(shards: int) -> tuple[Stack, Path]:
     """A stack of its own (caller stops it and removes the state directory)."""
+    from catalog.local_stack import up_and_provision  # noqa: PLC0415
     from infra.private import new_state_dir, private_settings  # noqa: PLC0415
 
     state = new_state_dir("shardshift-bench-")
     stack = Stack(state, private_settings(shards))
-    stack.up()
+    up_and_provision(stack)
     return stack, state
 
 

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker.run_worker as is (default heartbeat throttling)")
     args = parser.parse_args(argv)
 
-    from infra.private import private_stack  # noqa: PLC0415
+    from catalog.local_stack import private_stack  # noqa: PLC0415
 
     with private_stack(2) as st:
         state = st.state_dir

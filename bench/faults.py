@@ -278,7 +278,8 @@ async def doctor_after(rig: Rig, work: Path) -> dict[str, Any]:
 async def amain(args: argparse.Namespace, phases: list[str], faults: list[Fault],
                 cells: list[tuple[str, Fault]] | None,
                 ) -> tuple[list[RunResult], float, dict[str, Any]]:
-    from infra.private import new_state_dir, private_stack  # noqa: PLC0415
+    from catalog.local_stack import private_stack  # noqa: PLC0415
+    from infra.private import new_state_dir  # noqa: PLC0415
 
     cfg = RunConfig(short_s=args.short_s, long_s=args.long_s, give_up_s=args.give_up_s,
                     settle_s=args.settle_s, preload=args.preload)

@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cProfile the routed sequential loop (adds its overhead to it)")
     args = parser.parse_args(argv)
 
-    from infra.private import private_stack  # noqa: PLC0415
+    from catalog.local_stack import private_stack  # noqa: PLC0415
 
     with private_stack(2) as st:
         shard_dsns = {f"bench-s{i}": dsn for i, dsn in enumerate(st.shard_dsns().values())}

@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import shutil  # noqa: PLC0415
 
-    from infra.private import new_state_dir, private_stack  # noqa: PLC0415
+    from catalog.local_stack import private_stack  # noqa: PLC0415
+    from infra.private import new_state_dir  # noqa: PLC0415
 
     # Pools and listeners warn on every reconnect while a server is down, which faults do on
     # purpose: keep stderr for the progress lines.

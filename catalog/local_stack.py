@@ -1,5 +1,10 @@
-"""The local stack's shards in the catalog, and engines for registered shards.
+"""The local stack provisioned, its shards in the catalog, and engines for registered shards.
 
+``up_and_provision`` is ``shardshift infra up``: ``Stack.up()`` starts the servers (``infra``
+knows nothing of the shard's or the catalog's objects), then ``provision_stack`` provisions
+every server (``provision_catalog``, ``provision_shard``: roles, schemas, grants; idempotent,
+and it upgrades a stack made by an older version in place). ``private_stack`` is a
+provisioned stack of its own for tests and benchmarks, torn down on exit.
 ``register_stack_shards`` registers the servers of a ``shardshift infra`` stack as catalog
 shards (``shardshift collection create``, the demo and the benchmarks use it);
 ``open_engines``/``close_engines`` open and close a ``PostgresShard`` per registered shard.
@@ -8,13 +13,51 @@ shards (``shardshift collection create``, the demo and the benchmarks use it);
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 from catalog.models import ShardInfo
+from catalog.provision import provision_catalog
 from catalog.store import Catalog
-from infra import InfraError, Stack
+from infra import InfraError, Stack, StackRecord
+from infra.private import new_state_dir, private_settings
 from settings import DatabaseSettings, get_settings
 from shards.postgres import PostgresShard
+from shards.postgres.provision import provision_shard
+
+
+def provision_stack(stack: Stack) -> None:
+    """Create or update every server's roles, schemas and grants (each in one transaction)."""
+    record = stack.record()
+    for server in record.servers if record else []:
+        provision = provision_catalog if server.role == "catalog" else provision_shard
+        provision(stack.instance(server).dsn(), stack.passfile, db=stack.db)
+
+
+def up_and_provision(stack: Stack) -> StackRecord:
+    """Start every server of the stack (``Stack.up``), then provision them: a usable stack."""
+    record = stack.up()
+    provision_stack(stack)
+    return record
+
+
+@contextmanager
+def private_stack(
+    shards: int = 2, *, pg15_shards: int = 0, prefix: str = "shardshift-bench-"
+) -> Iterator[Stack]:
+    """A running, provisioned private stack (own state directory and free ports), stopped
+    and removed on exit (also on errors)."""
+    state = new_state_dir(prefix)
+    stack = Stack(state, private_settings(shards, pg15_shards))
+    try:
+        up_and_provision(stack)
+        yield stack
+    finally:
+        try:
+            stack.down()
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
 
 
 async def register_stack_shards(

@@ -28,7 +28,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from catalog import Catalog
 from catalog.admin import provision_collection
-from catalog.local_stack import close_engines, open_engines, register_stack_shards
+from catalog.local_stack import close_engines, open_engines, register_stack_shards, up_and_provision
 from cli.moves import watch_migration
 from cli.render import print_result
 from cli.report import build, write_plot
@@ -81,7 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def run_demo(settings: Settings) -> int:
     stack = Stack.from_settings(settings)
     print(f"==> bringing the local stack up in {stack.state_dir}")
-    stack.up()
+    up_and_provision(stack)
     rows = stack.status()
     for r in rows:
         print(f"  {r.name:<9} {r.address:<17} {r.version[:30]:<30} {'healthy' if r.healthy else 'DOWN'}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from catalog.local_stack import up_and_provision
 from cli.render import print_status
 from infra import Stack
 from settings import Settings, get_settings
@@ -29,7 +30,7 @@ def cmd_infra(args: argparse.Namespace) -> int:
     settings = get_settings()
     stack = _stack(settings, args)
     if args.action == "up":
-        stack.up()
+        up_and_provision(stack)
         return 0 if _print_status(stack, False) else 1
     if args.action == "down":
         if args.destroy:

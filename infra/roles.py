@@ -1,11 +1,22 @@
-"""Least-privilege PostgreSQL roles: who may do what on a shard and on the catalog.
+"""Least-privilege PostgreSQL roles: the role step of provisioning a shard or the catalog.
 
-Only this module (as the server's superuser) creates roles and schemas; no component of
-shardshift connects as a superuser. ``provision_server`` is idempotent and is what
-``shardshift infra up`` runs on every server of the local stack; a production shard or
-catalog is provisioned by calling it once with a superuser DSN (it also upgrades a server
-provisioned by an older version: objects owned by the superuser are handed to their owner
-role, grants are added).
+Only provisioning (as the server's superuser) creates roles and schemas; no component of
+shardshift connects as a superuser. It is split along the import layers, each layer doing
+its own part in one transaction per server:
+
+* ``provision_roles`` (here, ``infra``): the roles and their passwords (passfile), the
+  database-level privileges, the schemas and their owner, handing objects an older version
+  left to the superuser over to that owner, and the replication-origin functions. Nothing
+  here knows a table, view or function of a shard or of the catalog.
+* ``shards.postgres.provision.provision_shard``: the shard's schema DDL as the mover, then
+  the router's grants on the fence, the lock view, the router functions and ``docs``.
+* ``catalog.provision.provision_catalog``: the catalog's DDL as the catalog writer, then the
+  reader's grants.
+* ``catalog.local_stack.provision_stack``: both, on every server of the local stack (what
+  ``shardshift infra up`` runs after ``Stack.up()`` has started the servers).
+
+All of it is idempotent; run on a server provisioned by an older version, it upgrades it
+(objects owned by the superuser are handed to their owner role, grants are added).
 
 Roles (names from ``settings.DatabaseSettings``):
 
@@ -17,26 +28,24 @@ On a shard
       applier stages rows in a temp table), ``EXECUTE`` on ``pg_replication_origin_*``.
       Slots and walsenders come with ``REPLICATION``; terminating a walsender that holds a
       slot needs nothing more, because the mover's own sessions are the ones it stops.
-    * **router**: ``CONNECT``; ``USAGE`` on both schemas; ``SELECT, INSERT, UPDATE, DELETE`` on
-      every ``docs`` table (present and future, through default privileges); ``SELECT`` on
-      ``shardshift.chunk_fence``; the row lock of a routed write through the view
-      ``shardshift.chunk_fence_lock`` (``UPDATE`` of its one non-updatable column, see
-      ``shards/postgres/schema.py``); ``EXECUTE`` on the fence and patch functions, which
-      only read the fence. Nothing else: no DDL, no fence writes, no replication.
+    * **router**: ``CONNECT`` (here); its rights on the shard's objects are granted by
+      ``provision_shard``.
 
 On the catalog
-    * **catalog writer** (workers, CLI): owns schema ``catalog``; ``CONNECT, CREATE``.
-    * **catalog reader** (routers): ``CONNECT``, ``USAGE`` and ``SELECT`` on the catalog's
-      tables (present and future); ``LISTEN`` needs no grant. It cannot write.
+    * **catalog writer** (workers, CLI): owns schema ``catalog``; ``CONNECT, CREATE,
+      TEMPORARY``.
+    * **catalog reader** (routers): ``CONNECT`` (here); ``provision_catalog`` grants it read
+      access to the catalog's tables. ``LISTEN`` needs no grant. It cannot write.
 
-``PUBLIC`` loses ``CONNECT``/``TEMPORARY`` on the database and ``EXECUTE`` on shardshift's
-functions. Passwords are random, kept only in the libpq passfile (one line per host, port and
-role) and sent to the server as a SCRAM verifier computed client-side, so no statement (or
-server log line) ever carries a password.
+``PUBLIC`` loses ``CONNECT``/``TEMPORARY`` on the database. Passwords are random, kept only in
+the libpq passfile (one line per host, port and role) and sent to the server as a SCRAM
+verifier computed client-side, so no statement (or server log line) ever carries a password.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,19 +59,6 @@ from infra.passfile import ensure_password
 from settings import DatabaseSettings
 
 ServerKind = Literal["shard", "catalog"]
-
-# The functions a routed statement may call: the inline fence check's fallback (it raises the
-# rejection) and the patch helpers. None of them writes anything.
-ROUTER_FUNCTIONS = (
-    "shardshift.fence_check(text, bigint, bigint, bigint, boolean)",
-    "shardshift.fence_reject(text, bigint, bigint, bigint)",
-    "shardshift.jsonb_set_path(jsonb, text[], jsonb)",
-    "shardshift.ejson_add(jsonb, jsonb)",
-    "shardshift.apply_patch(jsonb, jsonb)",
-)
-
-_SHARD_DDL_LOCK = 0x5348_4152_4453_4846  # shards.postgres.engine._DDL_LOCK
-_CATALOG_DDL_LOCK = 0x5348_4152_4443_4154  # catalog.store._DDL_LOCK
 
 # Everything in ``schemas`` not owned by ``owner`` is handed to it (an upgrade from a stack
 # whose superuser created the objects). Sequences owned by a column follow their table.
@@ -126,7 +122,7 @@ def _reassign(owner: str, schemas: list[str], *, publications: bool) -> sql.Comp
 
 @dataclass(frozen=True)
 class ProvisionedServer:
-    """What ``provision_server`` set up: the roles (by purpose) on one server."""
+    """What ``provision_roles`` set up: the roles (by purpose) on one server."""
 
     kind: ServerKind
     host: str
@@ -138,7 +134,7 @@ def _address(dsn: str) -> tuple[str, int, str]:
     params = conninfo_to_dict(dsn)
     host = params.get("host") or params.get("hostaddr")
     if not host:
-        raise InfraError("provision_server needs a DSN with host= (a TCP address)")
+        raise InfraError("provisioning needs a DSN with host= (a TCP address)")
     return host, int(params.get("port") or 5432), params.get("dbname") or "shardshift"
 
 
@@ -159,13 +155,55 @@ def _check_names(conn: psycopg.Connection[Any], roles: dict[str, str]) -> None:
     me = conn.execute("SELECT current_user, usesuper FROM pg_user WHERE usename = current_user"
                       ).fetchone()
     if not me or not me[1]:
-        raise InfraError("provision_server must connect as a superuser (it creates roles)")
+        raise InfraError("provisioning must connect as a superuser (it creates roles)")
     for purpose, name in roles.items():
         if not name or name == me[0]:
             raise InfraError(f"the {purpose} role may not be {name!r} (the superuser)")
 
 
-def provision_server(
+@dataclass(frozen=True)
+class _Layout:
+    """What a kind of server has: its roles by purpose, the purpose owning its schemas."""
+
+    roles: dict[str, str]
+    owner: str  # a purpose of ``roles``
+    schemas: tuple[str, ...]
+
+
+def _layout(kind: ServerKind, db: DatabaseSettings) -> _Layout:
+    if kind == "shard":
+        return _Layout({"router": db.router_user, "mover": db.mover_user}, "mover",
+                       ("shardshift", "docs"))
+    if kind == "catalog":
+        return _Layout({"catalog": db.catalog_user, "catalog_reader": db.catalog_reader_user},
+                       "catalog", ("catalog",))
+    raise InfraError(f"unknown server kind {kind!r}: expected 'shard' or 'catalog'")
+
+
+@dataclass(frozen=True)
+class RoleStep:
+    """The open provisioning transaction of one server, after ``provision_roles``' own part.
+
+    The layer that owns the server's objects runs its DDL (``as_owner``) and its grants on
+    ``conn``; everything commits together when the ``provision_roles`` block ends, and
+    nothing does if it raises.
+    """
+
+    conn: psycopg.Connection[Any]
+    server: ProvisionedServer
+    db: DatabaseSettings
+    owner: str  # the role owning the server's schemas (and what is made in them)
+
+    @contextmanager
+    def as_owner(self) -> Iterator[psycopg.Connection[Any]]:
+        """Statements in this block run as the schema owner (so what they create is its)."""
+        self.conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(self.owner)))
+        yield self.conn
+        self.conn.execute("RESET ROLE")
+
+
+@contextmanager
+def provision_roles(
     superuser_dsn: str,
     passfile: Path,
     *,
@@ -173,8 +211,12 @@ def provision_server(
     db: DatabaseSettings | None = None,
     passfile_host: str | None = None,
     passfile_port: int | None = None,
-) -> ProvisionedServer:
-    """Create (or bring up to date) the roles, schemas and grants of one server.
+) -> Iterator[RoleStep]:
+    """Create (or bring up to date) the roles, database privileges and schemas of one server.
+
+    A context manager: the block runs inside the same transaction, after the role step, and
+    does the part that knows the server's objects (``provision_shard``, ``provision_catalog``).
+    The transaction commits when the block ends, and rolls back if it raises.
 
     Args:
         superuser_dsn: a superuser's DSN to the server's ``shardshift`` database.
@@ -186,23 +228,16 @@ def provision_server(
             it differs from the superuser DSN's host and port (the passfile lines must match
             what the components connect to).
 
-    Returns the roles by purpose. Idempotent; safe to run on a live server (the role
-    changes and grants are one transaction; passwords stay those of the passfile).
+    Idempotent; safe to run on a live server (passwords stay those of the passfile).
     """
-    from catalog.schema import DDL as CATALOG_DDL  # noqa: PLC0415
-    from shards.postgres.schema import DDL as SHARD_DDL  # noqa: PLC0415
-
     db = db or DatabaseSettings()
     host, port, dbname = _address(superuser_dsn)
     host, port = passfile_host or host, passfile_port or port
-    if kind == "shard":
-        roles = {"router": db.router_user, "mover": db.mover_user}
-    elif kind == "catalog":
-        roles = {"catalog": db.catalog_user, "catalog_reader": db.catalog_reader_user}
-    else:
-        raise InfraError(f"unknown server kind {kind!r}: expected 'shard' or 'catalog'")
+    layout = _layout(kind, db)
+    roles = layout.roles
     if len(set(roles.values())) != len(roles):
         raise InfraError(f"the {kind} roles must have distinct names: {roles}")
+    owner = roles[layout.owner]
     passwords = {name: ensure_password(passfile, host, port, name) for name in roles.values()}
 
     with psycopg.connect(superuser_dsn, autocommit=True) as conn:
@@ -212,63 +247,20 @@ def provision_server(
             for purpose, name in roles.items():
                 _ensure_role(conn, name, passwords[name], replication=purpose == "mover")
             conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident(dbname)))
+            for purpose, name in roles.items():
+                rights = "CONNECT, CREATE, TEMPORARY" if purpose == layout.owner else "CONNECT"
+                conn.execute(sql.SQL("GRANT " + rights + " ON DATABASE {} TO {}")
+                             .format(ident(dbname), ident(name)))
+            for schema in layout.schemas:
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}")
+                             .format(ident(schema), ident(owner)))
+                conn.execute(sql.SQL("ALTER SCHEMA {} OWNER TO {}")
+                             .format(ident(schema), ident(owner)))
+            conn.execute(_reassign(owner, list(layout.schemas), publications=kind == "shard"))
             if kind == "shard":
-                mover, router = ident(db.mover_user), ident(db.router_user)
-                conn.execute(sql.SQL("GRANT CONNECT, CREATE, TEMPORARY ON DATABASE {} TO {}")
-                             .format(ident(dbname), mover))
-                conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}")
-                             .format(ident(dbname), router))
-                for schema in ("shardshift", "docs"):
-                    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}")
-                                 .format(ident(schema), mover))
-                    conn.execute(sql.SQL("ALTER SCHEMA {} OWNER TO {}")
-                                 .format(ident(schema), mover))
-                conn.execute(_reassign(db.mover_user, ["shardshift", "docs"], publications=True))
-                # The schema as its owner makes it (objects created by the mover later, such
-                # as collection tables, are then the mover's too).
-                conn.execute(sql.SQL("SET LOCAL ROLE {}").format(mover))
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SHARD_DDL_LOCK,))
-                conn.execute(SHARD_DDL)
-                conn.execute("RESET ROLE")
-                conn.execute(sql.SQL(_GRANT_ORIGIN_FUNCTIONS).format(mover=sql.Literal(db.mover_user)))
-                conn.execute(sql.SQL("GRANT USAGE ON SCHEMA shardshift, docs TO {}").format(router))
-                conn.execute(sql.SQL("GRANT SELECT ON shardshift.chunk_fence TO {}").format(router))
-                conn.execute(sql.SQL("GRANT SELECT, UPDATE (lock_only) ON shardshift.chunk_fence_lock"
-                                     " TO {}").format(router))
-                conn.execute("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA shardshift FROM PUBLIC")
-                conn.execute(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {}"
-                                     " REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC").format(mover))
-                for fn in ROUTER_FUNCTIONS:
-                    conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION " + fn + " TO {}")
-                                 .format(router))
-                conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN"
-                                     " SCHEMA docs TO {}").format(router))
-                conn.execute(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA docs"
-                                     " GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {}")
-                             .format(mover, router))
-            else:
-                writer, reader = ident(db.catalog_user), ident(db.catalog_reader_user)
-                conn.execute(sql.SQL("GRANT CONNECT, CREATE, TEMPORARY ON DATABASE {} TO {}")
-                             .format(ident(dbname), writer))
-                conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}")
-                             .format(ident(dbname), reader))
-                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS catalog AUTHORIZATION {}")
-                             .format(writer))
-                conn.execute(sql.SQL("ALTER SCHEMA catalog OWNER TO {}").format(writer))
-                conn.execute(_reassign(db.catalog_user, ["catalog"], publications=False))
-                conn.execute(sql.SQL("SET LOCAL ROLE {}").format(writer))
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CATALOG_DDL_LOCK,))
-                conn.execute(CATALOG_DDL)
-                conn.execute("RESET ROLE")
-                conn.execute(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {}"
-                                     " REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC").format(writer))
-                conn.execute("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA catalog FROM PUBLIC")
-                conn.execute(sql.SQL("GRANT USAGE ON SCHEMA catalog TO {}").format(reader))
-                conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA catalog TO {}")
-                             .format(reader))
-                conn.execute(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA catalog"
-                                     " GRANT SELECT ON TABLES TO {}").format(writer, reader))
-    return ProvisionedServer(kind=kind, host=host, port=port, roles=roles)
+                conn.execute(sql.SQL(_GRANT_ORIGIN_FUNCTIONS).format(mover=sql.Literal(owner)))
+            yield RoleStep(conn, ProvisionedServer(kind=kind, host=host, port=port, roles=roles),
+                           db, owner)
 
 
-__all__ = ["ROUTER_FUNCTIONS", "ProvisionedServer", "ServerKind", "provision_server"]
+__all__ = ["ProvisionedServer", "RoleStep", "ServerKind", "provision_roles"]

@@ -4,8 +4,11 @@
 every server to be healthy. ``Stack.down()`` stops everything it started and waits until no
 process is left. The stack file (``stack.json`` in the state directory) records what exists,
 so ``status`` and other processes (the worker, tests, the demo) find the servers' addresses.
-``up`` also provisions every server's roles (``infra/roles.py``): components connect as those,
-never as the superuser, with passwords in the stack's passfile (``pgpass``, mode 0600).
+``up`` only starts servers: provisioning their roles, schemas and grants needs the shard's and
+the catalog's objects, which live above ``infra``, so ``catalog.local_stack.up_and_provision``
+(what ``shardshift infra up`` runs) calls ``up`` and then provisions every server. Components
+connect as those roles, never as the superuser, with passwords in the stack's passfile
+(``pgpass``, mode 0600).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from infra.postgres import (
     embedded_bin_dir,
     ensure_os_user,
 )
-from infra.roles import provision_server
 from infra.temporal import TemporalDevServer
 from settings import DatabaseSettings, InfraSettings, Settings
 
@@ -201,17 +203,13 @@ class Stack:
         return {s.name: self.dsn(s.name, role) for s in record.servers
                 if s.role == "shard"} if record else {}
 
-    def provision(self) -> None:
-        """Create or update every server's roles, schemas and grants (``infra/roles.py``)."""
-        record = self.record()
-        for server in record.servers if record else []:
-            kind = "catalog" if server.role == "catalog" else "shard"
-            provision_server(self.instance(server).dsn(), self.passfile, kind=kind, db=self.db)
-
     # -- lifecycle -------------------------------------------------------------------------------
 
     def up(self) -> StackRecord:
-        """Create and start every server of the stack; wait until all are healthy."""
+        """Create and start every server of the stack; wait until all are healthy.
+
+        The servers are not provisioned (no roles beyond the superuser): see
+        ``catalog.local_stack.up_and_provision``."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)
         (self.state_dir / "pg").mkdir(exist_ok=True)
@@ -226,7 +224,6 @@ class Stack:
         self.stack_file.write_text(planned.model_dump_json(indent=2))
         for server in planned.servers:
             self.instance(server).start(timeout)
-        self.provision()
         self.temporal.start(timeout)
         return planned
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from catalog.local_stack import up_and_provision
 from infra import Stack
 from infra.private import new_state_dir, private_settings
 from settings import InfraSettings
@@ -90,7 +91,7 @@ def stack() -> Iterator[Stack]:
     state = owned_state_dir()
     st = Stack(state, make_stack_settings(3, 1 if HAS_PG15 else 0))
     try:
-        st.up()
+        up_and_provision(st)
         yield st
     finally:
         try:

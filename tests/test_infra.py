@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from catalog.local_stack import up_and_provision
 from infra import InfraError, Stack
 from infra.net import port_is_free
 from tests.conftest import make_stack_settings, owned_state_dir
@@ -25,7 +26,7 @@ def test_up_status_down_leaves_nothing(state_dir: Path) -> None:
     infra = make_stack_settings(shards=1)
     st = Stack(state_dir, infra)
     try:
-        st.up()
+        up_and_provision(st)
         status = st.status()
         assert {s.name for s in status} == {"temporal", "catalog", "shard-1"}
         assert all(s.healthy for s in status), status
@@ -34,7 +35,7 @@ def test_up_status_down_leaves_nothing(state_dir: Path) -> None:
         assert len(pids) == 3
 
         # A second `up` is a no-op: the same processes keep running.
-        st.up()
+        up_and_provision(st)
         assert st.pids() == pids
     finally:
         st.down()
@@ -55,7 +56,7 @@ def test_taken_port_is_a_clear_error(state_dir: Path) -> None:
         st = Stack(state_dir, infra)
         try:
             with pytest.raises(InfraError, match=rf"port {infra.base_port + 1} is already in use"):
-                st.up()
+                up_and_provision(st)
         finally:
             st.down()
     assert st.pids() == []
@@ -64,7 +65,7 @@ def test_taken_port_is_a_clear_error(state_dir: Path) -> None:
 def test_missing_binaries_is_a_clear_error(state_dir: Path) -> None:
     infra = make_stack_settings(shards=1).model_copy(update={"pg_bin_dir": Path("/nonexistent/bin")})
     with pytest.raises(InfraError, match="PostgreSQL binaries not found"):
-        Stack(state_dir, infra).up()
+        up_and_provision(Stack(state_dir, infra))
 
 
 def test_missing_pg15_binaries_is_a_clear_error(state_dir: Path) -> None:
@@ -72,7 +73,7 @@ def test_missing_pg15_binaries_is_a_clear_error(state_dir: Path) -> None:
         update={"pg15_shards": 1, "pg15_bin_dir": Path("/nonexistent/15/bin")}
     )
     with pytest.raises(InfraError, match="apt-get install -y postgresql-15"):
-        Stack(state_dir, infra).up()
+        up_and_provision(Stack(state_dir, infra))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ownership check needs root to create the dir")
@@ -82,7 +83,7 @@ def test_data_dir_owned_by_someone_else(state_dir: Path) -> None:
     foreign.mkdir(parents=True)
     (foreign / "PG_VERSION").write_text("18\n")  # root-owned, not the server user's
     with pytest.raises(InfraError, match="is owned by uid 0"):
-        Stack(state_dir, infra).up()
+        up_and_provision(Stack(state_dir, infra))
 
 
 def test_session_stack_is_healthy(stack: Stack) -> None:

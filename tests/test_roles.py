@@ -20,6 +20,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from catalog import Catalog
 from catalog.admin import provision_collection
+from catalog.local_stack import up_and_provision
 from catalog.models import MigrationOutcome
 from infra import Stack
 from infra.passfile import lookup
@@ -198,18 +199,16 @@ def _session_users(st: Stack, shards: list[str]) -> set[str]:
 
 
 @pytest.fixture
-def old_stack(monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+def old_stack() -> Iterator[Stack]:
     """A running stack as the previous version left it: a passfile with the superuser's one
-    wildcard line, no roles (``up`` without provisioning)."""
+    wildcard line, no roles (``Stack.up`` alone starts the servers without provisioning)."""
     state = owned_state_dir("upgrade")
     password = secrets.token_urlsafe(24)
     (state / "pgpass").write_text(f"127.0.0.1:*:*:postgres:{password}\n")
     os.chmod(state / "pgpass", 0o600)
     st = Stack(state, make_stack_settings(2))
     try:
-        with monkeypatch.context() as m:
-            m.setattr(Stack, "provision", lambda self: None)
-            st.up()
+        st.up()
         yield st
     finally:
         try:
@@ -243,7 +242,7 @@ async def test_old_stack_upgrades_in_place(old_stack: Stack) -> None:
                              ).fetchone()
         assert roles == (0,)
 
-    st.up()  # this version's `infra up` on the running old stack
+    up_and_provision(st)  # this version's `infra up` on the running old stack
 
     lines = st.passfile.read_text().splitlines()
     assert lines[0].endswith(":postgres:" + lines[0].rsplit(":", 1)[1])  # kept, still first

@@ -2,7 +2,8 @@
 
 Shard and catalog addresses carry no secret; the password of each role is looked up by libpq
 in the passfile, by host, port and user. See ``settings.DatabaseSettings`` for which component
-uses which role and ``infra/roles.py`` for what each role may do.
+uses which role, and ``infra/roles.py`` with ``shards/postgres/provision.py`` and
+``catalog/provision.py`` for what each role may do.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from psycopg import sql
 
 from infra.net import free_port_block
 from infra.postgres import PostgresInstance, embedded_bin_dir, ensure_os_user
-from infra.roles import provision_server
 from router.hashing import khash
 from settings import DatabaseSettings, InfraSettings
 from shards.codec import decode_document
@@ -30,6 +29,7 @@ from shards.postgres import PostgresShard
 from shards.postgres.bulk_import import StagedPartError, encode_copy_rows, import_parts
 from shards.postgres.checksum import checksum_range, diff_checksums, recopy_range
 from shards.postgres.documents import encode_for_store
+from shards.postgres.provision import provision_shard
 from shards.postgres.range_delete import DeleteProgress, LiveChunkError, delete_range
 from shards.postgres.snapshot import (
     PART_SCHEMA,
@@ -222,7 +222,7 @@ def private_pg() -> Iterator[PostgresInstance]:
     try:
         instance.init()
         instance.start(60)
-        provision_server(instance.dsn(), passfile, kind="shard")  # the mover imports
+        provision_shard(instance.dsn(), passfile)  # the mover imports
         yield instance
     finally:
         try:

@@ -47,6 +47,7 @@ from temporalio.worker import Replayer
 from activities.replicate import HOLD_LAG_ENV
 from catalog import Catalog
 from catalog.admin import provision_collection
+from catalog.local_stack import up_and_provision
 from catalog.models import MigrationKind, MigrationOutcome
 from infra import Stack
 from settings import Settings, TemporalSettings
@@ -421,7 +422,7 @@ async def recording_stack() -> AsyncIterator[Ctx]:
     staging = owned_state_dir("staging")
     stack = Stack(state, make_stack_settings(3))
     try:
-        await asyncio.to_thread(stack.up)
+        await asyncio.to_thread(up_and_provision, stack)
         record = stack.record()
         assert record is not None
         dsns = [stack.instance(s).dsn() for s in record.servers if s.role == "shard"]
