@@ -653,6 +653,7 @@ class MoveRun:
             assert self.load is not None
             await self._wait_acked(50, 60)
             await self.start_move()
+            seen: Progress | None
             try:
                 seen = await self.pin_phase()
             except PhaseMissed as exc:

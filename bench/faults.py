@@ -189,7 +189,10 @@ async def _dispatch(batches: list[list[tuple[str, Fault]]], pairs: list[tuple[st
         for i in range(0, len(batch), len(pairs)):
             part = batch[i:i + len(pairs)]
             async with cond:
-                await cond.wait_for(lambda ex=exclusive: len(free) == len(pairs) if ex else bool(free))
+                def room(ex: bool = exclusive) -> bool:
+                    return len(free) == len(pairs) if ex else bool(free)
+
+                await cond.wait_for(room)
                 taken = free[:len(part)] if exclusive else [free[0]]
                 for p in taken:
                     free.remove(p)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import TemporalError
 
 from cli.common import CliError
 from infra import Stack
@@ -87,7 +88,7 @@ async def watch_or_report(handle: Any, query: Any, fmt: Callable[[Any, float], s
         return await watch(handle, query, fmt)
     except WorkflowFailureError as exc:
         cause = exc.cause
-        while getattr(cause, "cause", None) is not None:
+        while isinstance(cause, TemporalError) and cause.cause is not None:
             cause = cause.cause
         print(f"{what} failed: {cause or exc}", file=sys.stderr)
         return None
