@@ -34,7 +34,7 @@ from temporalio.worker import Worker
 from activities import MoveContext, all_activities
 from activities.leases import LeaseKeeper
 from catalog import Catalog
-from infra import telemetry
+from infra import Stack, telemetry
 from settings import Settings, TelemetrySettings, TemporalSettings, get_settings
 from shards.staging import Staging
 from workflows import ALL_WORKFLOWS
@@ -74,8 +74,6 @@ async def connect(
 def catalog_dsn(settings: Settings) -> str:
     if settings.catalog_dsn:
         return settings.catalog_dsn
-    from infra import Stack  # noqa: PLC0415
-
     return Stack.from_settings(settings).catalog_dsn
 
 

@@ -259,9 +259,9 @@ async def doctor_after(rig: Rig, work: Path) -> dict[str, Any]:
     """``shardshift doctor`` on the stack once every run has ended: what the failures left
     (by design only what a lost target kept: its fence, partial rows, stream state), the
     repair, and a second look that must find nothing."""
-    from activities.doctor import Doctor  # noqa: PLC0415
-    from shards.staging import Staging  # noqa: PLC0415
-    from worker import TemporalMoveProbe  # noqa: PLC0415
+    from activities.doctor import Doctor
+    from shards.staging import Staging
+    from worker import TemporalMoveProbe
 
     staging = Staging(str(work / "doctor-staging"))  # runs stage under their own dirs
     found = await Doctor(rig.catalog, staging, TemporalMoveProbe(rig.client)).run(repair=True)
@@ -281,7 +281,7 @@ async def doctor_after(rig: Rig, work: Path) -> dict[str, Any]:
 async def amain(args: argparse.Namespace, phases: list[str], faults: list[Fault],
                 cells: list[tuple[str, Fault]] | None,
                 ) -> tuple[list[RunResult], float, dict[str, Any]]:
-    from infra.private import new_state_dir, private_stack  # noqa: PLC0415
+    from infra.private import new_state_dir, private_stack
 
     cfg = RunConfig(short_s=args.short_s, long_s=args.long_s, give_up_s=args.give_up_s,
                     settle_s=args.settle_s, preload=args.preload)
@@ -313,7 +313,7 @@ async def amain(args: argparse.Namespace, phases: list[str], faults: list[Fault]
             finally:
                 await rig.close()
     finally:
-        import shutil  # noqa: PLC0415
+        import shutil
 
         shutil.rmtree(work, ignore_errors=True)
     return results + skipped, time.monotonic() - t0, doctor

@@ -20,7 +20,7 @@ from worker import connect
 async def client(settings: Settings) -> Any:
     try:
         return await connect(settings.temporal, telemetry_settings=settings.telemetry)
-    except Exception as exc:  # noqa: BLE001 - a connection failure becomes one line
+    except Exception as exc:  # a connection failure becomes one line
         raise CliError(
             f"cannot reach Temporal at {settings.temporal.address} "
             f"(namespace {settings.temporal.namespace}): {exc} "

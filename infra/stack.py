@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -201,15 +202,13 @@ class Stack:
         for instance in self.instances():
             try:
                 instance.stop()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
                 errors.append(f"{instance.name}: {exc}")
         if errors:
             raise InfraError("; ".join(errors))
 
     def destroy(self) -> None:
         """Stop everything and delete the state directory."""
-        import shutil  # noqa: PLC0415
-
         self.down()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 

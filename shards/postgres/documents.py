@@ -9,6 +9,7 @@ transaction commits; see ``schema.py`` for why that orders every accepted write 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -193,14 +194,10 @@ def validate_patch(update: Mapping[str, Any], protected: Sequence[str]) -> str:
             out[key] = inc
         else:
             out[key] = {path: _loads(encode_value(value)) for path, value in fields.items()}
-    import json  # noqa: PLC0415
-
     return json.dumps(out, separators=(",", ":"))
 
 
 def _loads(text: str) -> Any:
-    import json  # noqa: PLC0415
-
     return json.loads(text)
 
 
