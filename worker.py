@@ -34,7 +34,7 @@ from temporalio.worker import Worker
 from activities import MoveContext, all_activities
 from activities.leases import LeaseKeeper
 from catalog import Catalog
-from infra import telemetry
+from infra import Stack, telemetry
 from settings import Settings, TelemetrySettings, TemporalSettings, get_settings
 from shards.staging import Staging
 from workflows import ALL_WORKFLOWS
@@ -75,8 +75,6 @@ def catalog_dsn(settings: Settings) -> str:
     """The catalog as the control plane (``settings.db.catalog_user``)."""
     if settings.catalog_dsn:
         return settings.db.catalog(settings.catalog_dsn)
-    from infra import Stack  # noqa: PLC0415
-
     return settings.db.catalog(Stack.from_settings(settings).catalog_address)
 
 

@@ -6,6 +6,9 @@ Activities are idempotent, heartbeat a typed checkpoint and resume from it (or f
 shards keep: import progress rows, replication origins) after a retry.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 from activities.bulk_import import ImportActivities
 from activities.catalog_ops import CatalogActivities
 from activities.cleanup import CleanupActivities
@@ -17,14 +20,14 @@ from activities.snapshot import SnapshotActivities
 from activities.verify import VerifyActivities
 
 
-def all_activities(ctx: MoveContext) -> list[object]:
+def all_activities(ctx: MoveContext) -> list[Callable[..., Any]]:
     """Every activity function of a worker, bound to its context."""
     groups = [
         CatalogActivities(ctx), SnapshotActivities(ctx), ImportActivities(ctx),
         ReplicateActivities(ctx), VerifyActivities(ctx), CutoverActivities(ctx),
         CleanupActivities(ctx), FleetActivities(ctx),
     ]
-    out: list[object] = []
+    out: list[Callable[..., Any]] = []
     for g in groups:
         for name in dir(g):
             fn = getattr(g, name)

@@ -37,7 +37,7 @@ SHARD_UNAVAILABLE = "ShardUnavailable"
 async def shard_dsn(ctx: MoveContext, shard_id: str) -> str:
     """The shard's address without opening a pool (opening one to a dead server blocks for
     the pool's timeout, longer than an activity's heartbeat timeout)."""
-    engine = ctx._engines.get(shard_id)  # noqa: SLF001 - read-only peek at the open engines
+    engine = ctx._engines.get(shard_id)  # a read-only peek at the open engines
     if engine is not None:
         return engine.dsn
     return ctx.address((await ctx.catalog.shard(shard_id)).address)

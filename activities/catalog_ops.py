@@ -13,7 +13,7 @@ from activities.faults import inject
 from activities.leases import renew_move_leases
 from activities.models import FinishInput, MoveSpec, PhaseInput, RegisteredInput, RegisterInput
 from activities.timeline import mark
-from catalog import CatalogError, ShardState
+from catalog import Catalog, CatalogError, ShardState, UnknownMigrationError
 from catalog.models import MigrationOutcome, MigrationRecord
 from catalog.timeline import MarkName, phase_mark
 from shards.errors import ShardError
@@ -135,9 +135,7 @@ class CatalogActivities:
                          inp.spec.chunk_id, inp.spec.source, inp.spec.target, inp.outcome)
 
 
-async def _existing(cat, migration_id: str) -> MigrationRecord | None:  # noqa: ANN001
-    from catalog import UnknownMigrationError  # noqa: PLC0415
-
+async def _existing(cat: Catalog, migration_id: str) -> MigrationRecord | None:
     try:
         return await cat.migration(migration_id)
     except UnknownMigrationError:

@@ -414,7 +414,7 @@ class _Attempt:
                     pause_ms=pause_ms,
                 )
             except CatalogUnavailableError:
-                if not await self.acts._committed(run):  # noqa: SLF001
+                if not await self.acts._committed(run):
                     raise  # unknown and unreadable: stay frozen; the retry's recover decides
             inject("cutover.after_switch", spec.collection)
 
@@ -432,7 +432,7 @@ class _Attempt:
         activated = False
         try:
             if not await self.wait_for_catchup(fence, before):
-                await self.acts._undo(run, activated=False)  # noqa: SLF001
+                await self.acts._undo(run, activated=False)
                 return self._refused(f"catch-up took over {self.inp.catchup_timeout_s}s")
             await self.activate_new()
             activated = True
@@ -443,9 +443,9 @@ class _Attempt:
         except (asyncio.CancelledError, Exception) as exc:
             if isinstance(exc, CatalogUnavailableError):
                 raise
-            if await self.acts._committed(run):  # noqa: SLF001
+            if await self.acts._committed(run):
                 raise
-            await self.acts._undo(run, activated=activated)  # noqa: SLF001
+            await self.acts._undo(run, activated=activated)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if isinstance(exc, TokenMismatchError | FenceStateError):

@@ -422,8 +422,8 @@ class Doctor:
             if item is not None:
                 out.append(item)
         for key, n in sorted(s.rows.items()):
-            f = fenced.get(key)
-            if key in ctx.busy or (f is not None and f.state != FenceState.RETIRED):
+            fence = fenced.get(key)
+            if key in ctx.busy or (fence is not None and fence.state != FenceState.RETIRED):
                 continue  # a non-retired fence's finding covers its rows
             c, k = key
             chunk = ctx.maps[c].chunk(k)
@@ -550,6 +550,7 @@ class Doctor:
                                    else f"; its chunk is on {chunk.shard_id}"),
                     action="none: check the chunk's placement; the record is left open")))
                 continue
+            assert chunk is not None  # an outcome is read from the chunk's placement
             why = {MigrationOutcome.ABORTED: "the switch never committed",
                    MigrationOutcome.ROLLED_BACK: "it was rolled back",
                    MigrationOutcome.COMPLETED: "the switch had committed"}[outcome]

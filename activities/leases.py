@@ -78,7 +78,7 @@ class LeaseKeeper(Interceptor):
         self._renewed: dict[str, float] = {}
         """Migration id -> when this worker last renewed its leases (monotonic seconds)."""
 
-    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:  # noqa: A002
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
         return _Inbound(next, self)
 
     def _ttl(self, spec: MoveSpec) -> float:
@@ -123,11 +123,11 @@ class LeaseKeeper(Interceptor):
 
 
 class _Inbound(ActivityInboundInterceptor):
-    def __init__(self, next: ActivityInboundInterceptor, keeper: LeaseKeeper) -> None:  # noqa: A002
+    def __init__(self, next: ActivityInboundInterceptor, keeper: LeaseKeeper) -> None:
         super().__init__(next)
         self.keeper = keeper
 
-    async def execute_activity(self, input: ExecuteActivityInput) -> Any:  # noqa: A002
+    async def execute_activity(self, input: ExecuteActivityInput) -> Any:
         spec = _spec_of(input.args)
         if spec is None or activity.info().activity_type in NOT_RENEWING:
             return await self.next.execute_activity(input)

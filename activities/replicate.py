@@ -21,6 +21,7 @@ import contextlib
 import os
 import threading
 import time
+from typing import TypedDict
 
 from temporalio import activity
 
@@ -66,6 +67,13 @@ def stream_spec(spec: MoveSpec, direction: Direction) -> StreamSpec:
 def endpoints(spec: MoveSpec, direction: Direction) -> tuple[str, str]:
     """(stream source shard, stream target shard) for a direction."""
     return (spec.source, spec.target) if direction == Direction.FORWARD else (spec.target, spec.source)
+
+
+class _Probing(TypedDict):
+    """What ``wait_reachable`` reports in its heartbeat: probes so far and the last error."""
+
+    probes: int
+    error: str | None
 
 
 class ReplicateActivities:
@@ -153,7 +161,7 @@ class ReplicateActivities:
         """Probe a shard (one fresh connection and ``SELECT 1``) with a growing interval until
         it answers or ``window_s`` has passed."""
         dsn = await shard_dsn(self.ctx, inp.shard)
-        state = {"probes": 0, "error": None}
+        state: _Probing = {"probes": 0, "error": None}
 
         def work(stop: threading.Event) -> ReachableResult:
             deadline = time.monotonic() + inp.window_s

@@ -53,8 +53,8 @@ INDEX = IndexDefinition(name="account", fields=("account",))
 
 def private_stack(shards: int) -> tuple[Stack, Path]:
     """A stack of its own (caller stops it and removes the state directory)."""
-    from catalog.local_stack import up_and_provision  # noqa: PLC0415
-    from infra.private import new_state_dir, private_settings  # noqa: PLC0415
+    from catalog.local_stack import up_and_provision
+    from infra.private import new_state_dir, private_settings
 
     state = new_state_dir("shardshift-bench-")
     stack = Stack(state, private_settings(shards))
@@ -148,7 +148,7 @@ def pipelined(src: str, dst: str, staging: Staging, migration_id: str,
         try:
             export_chunk(src, "bench", FULL, staging, migration_id,
                          target_part_rows=args.part_rows, compression=args.compression)
-        except BaseException as exc:  # re-raised below
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
             errors.append(exc)
 
     started = time.perf_counter()

@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dsn_source and args.dsn_target:
             source, target = args.dsn_source, args.dsn_target
         else:
-            from catalog.local_stack import private_stack  # noqa: PLC0415
+            from catalog.local_stack import private_stack
 
             st = stack.enter_context(private_stack(2))
             dsns = list(st.shard_dsns().values())

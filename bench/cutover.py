@@ -49,17 +49,17 @@ def _pct(values: list[float], q: float) -> float | None:
 async def _worker(settings: Any, client: Any, stop: asyncio.Event, stock: bool) -> None:
     """The shardshift worker in-process. Unless ``stock``: with a 1 s heartbeat throttle, so
     a cancelled replication activity learns of it at once (see the module's report)."""
-    from worker import run_worker  # noqa: PLC0415
+    from worker import run_worker
 
     if stock:
         await run_worker(settings, stop=stop, client=client)
         return
-    from temporalio.worker import Worker  # noqa: PLC0415
+    from temporalio.worker import Worker
 
-    from activities import MoveContext, all_activities  # noqa: PLC0415
-    from catalog import Catalog  # noqa: PLC0415
-    from shards.staging import Staging  # noqa: PLC0415
-    from workflows import ALL_WORKFLOWS  # noqa: PLC0415
+    from activities import MoveContext, all_activities
+    from catalog import Catalog
+    from shards.staging import Staging
+    from workflows import ALL_WORKFLOWS
 
     catalog = await Catalog(settings.catalog_dsn, max_size=8).open()
     ctx = MoveContext(catalog, Staging(settings.staging))
@@ -83,22 +83,22 @@ def _max_gap_ms(times: list[float], lo: float, hi: float) -> float:
 
 async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys: int,
               stock_worker: bool) -> dict[str, Any]:
-    from temporalio.client import Client  # noqa: PLC0415
-    from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: PLC0415
+    from temporalio.client import Client
+    from temporalio.contrib.pydantic import pydantic_data_converter
 
-    from catalog import Catalog  # noqa: PLC0415
-    from catalog.admin import provision_collection  # noqa: PLC0415
-    from catalog.local_stack import (  # noqa: PLC0415
+    from catalog import Catalog
+    from catalog.admin import provision_collection
+    from catalog.local_stack import (
         close_engines,
         open_engines,
         register_stack_shards,
     )
-    from router.catalog_source import CatalogRouteSource  # noqa: PLC0415
-    from router.core import Router  # noqa: PLC0415
-    from settings import RouterSettings, Settings, TemporalSettings  # noqa: PLC0415
-    from workflows import MigrateChunkInput, MigrateChunkWorkflow  # noqa: PLC0415
-    from workload.checker import check, collect_stored  # noqa: PLC0415
-    from workload.generator import LoadGenerator, WorkloadConfig, keys_in  # noqa: PLC0415
+    from router.catalog_source import CatalogRouteSource
+    from router.core import Router
+    from settings import RouterSettings, Settings, TemporalSettings
+    from workflows import MigrateChunkInput, MigrateChunkWorkflow
+    from workload.checker import check, collect_stored
+    from workload.generator import LoadGenerator, WorkloadConfig, keys_in
 
     settings = Settings(
         state_dir=state, catalog_dsn=stack.catalog_dsn, staging_url=str(state / "staging"),
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker.run_worker as is (default heartbeat throttling)")
     args = parser.parse_args(argv)
 
-    from catalog.local_stack import private_stack  # noqa: PLC0415
+    from catalog.local_stack import private_stack
 
     with private_stack(2) as st:
         state = st.state_dir

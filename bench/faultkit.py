@@ -656,6 +656,7 @@ class MoveRun:
             assert self.load is not None
             await self._wait_acked(50, 60)
             await self.start_move()
+            seen: Progress | None
             try:
                 seen = await self.pin_phase()
             except PhaseMissed as exc:
@@ -684,7 +685,7 @@ class MoveRun:
             await self.pin.release()
         try:
             await self.finish(end, why)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a run that cannot be judged failed
             self.result.outcome, self.result.why = "failed", f"judging failed: {exc!r}"
         self.result.seconds = round(time.monotonic() - t0, 1)
         self.log(f"{self.result.outcome} ({self.result.why or ''}) in {self.result.seconds}s")
@@ -739,7 +740,7 @@ class MoveRun:
             return "ended once the servers were back"
         except TimeoutError:
             pass
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - how it ended is the finding
             return f"ended once the servers were back: {type(exc).__name__}"
         with contextlib.suppress(Exception):
             await self.handle.cancel()
@@ -749,7 +750,7 @@ class MoveRun:
             with contextlib.suppress(Exception):
                 await self.handle.terminate("bench.faults: no end after cancel")
             return "terminated (a cancel did not end it)"
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - how it ended is the finding
             return f"cancelled: {type(exc).__name__}"
         return "cancelled: completed"
 

@@ -189,7 +189,10 @@ async def _dispatch(batches: list[list[tuple[str, Fault]]], pairs: list[tuple[st
         for i in range(0, len(batch), len(pairs)):
             part = batch[i:i + len(pairs)]
             async with cond:
-                await cond.wait_for(lambda ex=exclusive: len(free) == len(pairs) if ex else bool(free))
+                def room(ex: bool = exclusive) -> bool:
+                    return len(free) == len(pairs) if ex else bool(free)
+
+                await cond.wait_for(room)
                 taken = free[:len(part)] if exclusive else [free[0]]
                 for p in taken:
                     free.remove(p)
@@ -256,9 +259,9 @@ async def doctor_after(rig: Rig, work: Path) -> dict[str, Any]:
     """``shardshift doctor`` on the stack once every run has ended: what the failures left
     (by design only what a lost target kept: its fence, partial rows, stream state), the
     repair, and a second look that must find nothing."""
-    from activities.doctor import Doctor  # noqa: PLC0415
-    from shards.staging import Staging  # noqa: PLC0415
-    from worker import TemporalMoveProbe  # noqa: PLC0415
+    from activities.doctor import Doctor
+    from shards.staging import Staging
+    from worker import TemporalMoveProbe
 
     staging = Staging(str(work / "doctor-staging"))  # runs stage under their own dirs
     found = await Doctor(rig.catalog, staging, TemporalMoveProbe(rig.client)).run(repair=True)
@@ -278,8 +281,8 @@ async def doctor_after(rig: Rig, work: Path) -> dict[str, Any]:
 async def amain(args: argparse.Namespace, phases: list[str], faults: list[Fault],
                 cells: list[tuple[str, Fault]] | None,
                 ) -> tuple[list[RunResult], float, dict[str, Any]]:
-    from catalog.local_stack import private_stack  # noqa: PLC0415
-    from infra.private import new_state_dir  # noqa: PLC0415
+    from catalog.local_stack import private_stack
+    from infra.private import new_state_dir
 
     cfg = RunConfig(short_s=args.short_s, long_s=args.long_s, give_up_s=args.give_up_s,
                     settle_s=args.settle_s, preload=args.preload)
@@ -311,7 +314,7 @@ async def amain(args: argparse.Namespace, phases: list[str], faults: list[Fault]
             finally:
                 await rig.close()
     finally:
-        import shutil  # noqa: PLC0415
+        import shutil
 
         shutil.rmtree(work, ignore_errors=True)
     return results + skipped, time.monotonic() - t0, doctor

@@ -293,7 +293,7 @@ class HttpServer:
 
 async def http_throughput(port: int, token: str, targets: list[Target], ops: int,
                           concurrency: int, warmup: int) -> float:
-    import httpx  # noqa: PLC0415
+    import httpx
 
     base = f"http://127.0.0.1:{port}/v1/collections/{COLLECTION}"
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cProfile the routed sequential loop (adds its overhead to it)")
     args = parser.parse_args(argv)
 
-    from catalog.local_stack import private_stack  # noqa: PLC0415
+    from catalog.local_stack import private_stack
 
     with private_stack(2) as st:
         shard_dsns = {f"bench-s{i}": dsn for i, dsn in enumerate(st.shard_dsns().values())}

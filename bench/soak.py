@@ -53,25 +53,25 @@ def log(msg: str) -> None:
 
 async def run(stack: Any, work: Path, minutes: float, chunks: int, parallel: int, rate: float,
               docs: int) -> dict[str, Any]:
-    from temporalio.client import Client, WorkflowFailureError  # noqa: PLC0415
-    from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: PLC0415
+    from temporalio.client import Client, WorkflowFailureError
+    from temporalio.contrib.pydantic import pydantic_data_converter
 
-    from bench.faultkit import leftovers, rss_mb  # noqa: PLC0415
-    from catalog import Catalog  # noqa: PLC0415
-    from catalog.admin import provision_collection  # noqa: PLC0415
-    from catalog.local_stack import close_engines, open_engines, register_stack_shards  # noqa: PLC0415
-    from router.catalog_source import CatalogRouteSource  # noqa: PLC0415
-    from router.core import Router  # noqa: PLC0415
-    from settings import RouterSettings, Settings, TemporalSettings  # noqa: PLC0415
-    from tests.workflows.procs import (  # noqa: PLC0415
+    from bench.faultkit import leftovers, rss_mb
+    from catalog import Catalog
+    from catalog.admin import provision_collection
+    from catalog.local_stack import close_engines, open_engines, register_stack_shards
+    from router.catalog_source import CatalogRouteSource
+    from router.core import Router
+    from settings import RouterSettings, Settings, TemporalSettings
+    from tests.workflows.procs import (
         WorkerProcess,
         chunk_keys,
         preload_chunk,
     )
-    from workflows import MigrateChunkInput, MigrateChunkWorkflow  # noqa: PLC0415
-    from workflows.migrate_chunk import describe_failure  # noqa: PLC0415
-    from workload.checker import check, collect_stored  # noqa: PLC0415
-    from workload.generator import LoadGenerator, WorkloadConfig  # noqa: PLC0415
+    from workflows import MigrateChunkInput, MigrateChunkWorkflow
+    from workflows.migrate_chunk import describe_failure
+    from workload.checker import check, collect_stored
+    from workload.generator import LoadGenerator, WorkloadConfig
 
     # SIGTERM ends the soak as Ctrl-C does (the main task is cancelled; cleanup runs).
     main_task = asyncio.current_task()
@@ -208,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=2000, help="documents preloaded per chunk")
     args = parser.parse_args(argv)
 
-    import shutil  # noqa: PLC0415
+    import shutil
 
-    from catalog.local_stack import private_stack  # noqa: PLC0415
-    from infra.private import new_state_dir  # noqa: PLC0415
+    from catalog.local_stack import private_stack
+    from infra.private import new_state_dir
 
     # Pools and listeners warn on every reconnect while a server is down, which faults do on
     # purpose: keep stderr for the progress lines.

@@ -95,7 +95,7 @@ def _step(msg: str) -> None:
     print(f"==> {msg}", flush=True)
 
 
-async def _demo(settings: Settings, stack: Stack) -> int:  # noqa: PLR0915 - a linear script
+async def _demo(settings: Settings, stack: Stack) -> int:
     t_start = time.monotonic()
     record = stack.record()
     assert record is not None

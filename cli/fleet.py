@@ -126,7 +126,7 @@ async def _rebalance(args: argparse.Namespace) -> int:
         try:
             await client.create_schedule(args.schedule_id, schedule)
             verb = "created"
-        except Exception as exc:  # noqa: BLE001 - the SDK raises its own "already exists" type
+        except Exception as exc:  # the SDK raises its own "already exists" type
             if "already" not in str(exc).lower():
                 raise
             handle = client.get_schedule_handle(args.schedule_id)
@@ -144,7 +144,7 @@ async def _rebalance(args: argparse.Namespace) -> int:
     try:
         handle = await client.start_workflow(RebalanceWorkflow.run, inp, id=wf_id,
                                              task_queue=task_queue)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if "already" not in str(exc).lower():
             raise
         raise CliError(f"workflow {wf_id} is already running") from None

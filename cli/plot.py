@@ -9,10 +9,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
+import matplotlib.pyplot as plt
 
-from activities.models import Direction  # noqa: E402
-from cli.report import FleetReport, Mark, MoveReport  # noqa: E402
+from activities.models import Direction
+from cli.report import FleetReport, Mark, MoveReport
 
 _MIB = 1024 * 1024
 _MARK_STYLE = {

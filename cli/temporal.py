@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import TemporalError
 
 from cli.common import CliError
 from infra import Stack
@@ -19,7 +20,7 @@ from worker import connect
 async def client(settings: Settings) -> Any:
     try:
         return await connect(settings.temporal, telemetry_settings=settings.telemetry)
-    except Exception as exc:  # noqa: BLE001 - a connection failure becomes one line
+    except Exception as exc:  # a connection failure becomes one line
         raise CliError(
             f"cannot reach Temporal at {settings.temporal.address} "
             f"(namespace {settings.temporal.namespace}): {exc} "
@@ -87,7 +88,7 @@ async def watch_or_report(handle: Any, query: Any, fmt: Callable[[Any, float], s
         return await watch(handle, query, fmt)
     except WorkflowFailureError as exc:
         cause = exc.cause
-        while getattr(cause, "cause", None) is not None:
+        while isinstance(cause, TemporalError) and cause.cause is not None:
             cause = cause.cause
         print(f"{what} failed: {cause or exc}", file=sys.stderr)
         return None

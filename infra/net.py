@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 
 
@@ -39,8 +40,6 @@ def ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> ran
 def free_port_block(count: int, start: int = 20000, end: int = 60000) -> int:
     """A port ``p`` in ``[start, end)``, outside the ephemeral range, such that
     ``p .. p+count-1`` are all free."""
-    import random  # noqa: PLC0415
-
     ephemeral = ephemeral_ports()
     if start < ephemeral.start < end:
         end = ephemeral.start  # [start, ephemeral) is wide enough on every common setting

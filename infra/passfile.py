@@ -21,7 +21,9 @@ def _escape(field: str) -> str:
 
 
 def _split(line: str) -> list[str]:
-    fields, cur, esc = [], [], False
+    fields: list[str] = []
+    cur: list[str] = []
+    esc = False
     for ch in line:
         if esc:
             cur.append(ch)

@@ -135,7 +135,7 @@ def _address(dsn: str) -> tuple[str, int, str]:
     host = params.get("host") or params.get("hostaddr")
     if not host:
         raise InfraError("provisioning needs a DSN with host= (a TCP address)")
-    return host, int(params.get("port") or 5432), params.get("dbname") or "shardshift"
+    return str(host), int(params.get("port") or 5432), str(params.get("dbname") or "shardshift")
 
 
 def _ensure_role(conn: psycopg.Connection[Any], name: str, password: str, *,

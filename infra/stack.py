@@ -14,6 +14,7 @@ connect as those roles, never as the superuser, with passwords in the stack's pa
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -237,15 +238,13 @@ class Stack:
         for instance in self.instances():
             try:
                 instance.stop()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
                 errors.append(f"{instance.name}: {exc}")
         if errors:
             raise InfraError("; ".join(errors))
 
     def destroy(self) -> None:
         """Stop everything and delete the state directory."""
-        import shutil  # noqa: PLC0415
-
         self.down()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 

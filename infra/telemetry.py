@@ -93,10 +93,10 @@ def setup(service: str, settings: TelemetrySettings) -> Telemetry:
         tracer_provider: TracerProvider | None = None
         if settings.otlp_endpoint:
             # Imported here: only a process that exports over OTLP needs the HTTP exporters.
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # noqa: PLC0415
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # noqa: PLC0415 - see above
                 OTLPMetricExporter,
             )
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415 - see above
                 OTLPSpanExporter,
             )
 

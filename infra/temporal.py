@@ -84,7 +84,7 @@ class TemporalDevServer:
             for name, kind in SEARCH_ATTRIBUTES.items():
                 args += ["--search-attribute", f"{name}={kind}"]
             with self.log_file.open("ab") as log:
-                proc = subprocess.Popen(  # noqa: S603 - our own binary and arguments
+                proc = subprocess.Popen(  # our own binary and arguments
                     args,
                     stdin=subprocess.DEVNULL,
                     stdout=log,

@@ -24,7 +24,7 @@ from bson.errors import InvalidDocument
 
 from shards.errors import InvalidDocumentError
 
-_CODEC = CodecOptions(uuid_representation=UuidRepresentation.STANDARD)
+_CODEC: CodecOptions[dict[str, Any]] = CodecOptions(uuid_representation=UuidRepresentation.STANDARD)
 
 
 def khash(value: Any) -> int:

@@ -79,7 +79,7 @@ def server_config(app: FastAPI, settings: Settings, host: str, port: int, *,
                   tls_cert: Path | None = None, tls_key: Path | None = None,
                   log_level: str = "warning", log_config: Any = None) -> Any:
     """The uvicorn configuration ``serve`` runs (checked with ``check_serve_config``)."""
-    import uvicorn  # noqa: PLC0415
+    import uvicorn  # noqa: PLC0415 - only a process that serves HTTP loads the server
 
     check_serve_config(settings, host, tls_cert, tls_key)
     tls: dict[str, Any] = {}
@@ -105,7 +105,7 @@ def serve(
     ``metrics_port`` (default ``telemetry.metrics_port``) also serves it, without a token, on
     its own port. ``log_format`` overrides the setting. The causes error bodies leave out
     (driver messages, hosts) go to this process's log."""
-    import uvicorn  # noqa: PLC0415
+    import uvicorn  # noqa: PLC0415 - only a process that serves HTTP loads the server
 
     fmt = log_format or settings.telemetry.log_format
     config = server_config(build_app(catalog_dsn, settings), settings, host, port,

@@ -99,12 +99,22 @@ def encode_value(value: Any) -> str:
         raise InvalidDocumentError(f"value cannot be encoded as BSON: {exc}") from exc
 
 
-def decode_document(text: str | bytes) -> dict[str, Any]:
-    """Canonical Extended JSON text back to a document with its BSON types."""
+def decode_value(text: str | bytes) -> Any:
+    """Canonical Extended JSON text back to one value with its BSON type."""
     try:
         return json_util.loads(text, json_options=JSON_OPTIONS)
     except (ValueError, InvalidBSON) as exc:
+        raise InvalidDocumentError(f"stored value is not Extended JSON: {exc}") from exc
+
+
+def decode_document(text: str | bytes) -> dict[str, Any]:
+    """Canonical Extended JSON text back to a document with its BSON types."""
+    try:
+        doc = json_util.loads(text, json_options=JSON_OPTIONS)
+    except (ValueError, InvalidBSON) as exc:
         raise InvalidDocumentError(f"stored document is not Extended JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise InvalidDocumentError(f"stored document is not an object: {type(doc).__name__}")
+    return doc
 
 
-decode_value = decode_document

@@ -108,7 +108,7 @@ class Staging:
     # -- queries -----------------------------------------------------------------------------
 
     def _exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type == pafs.FileType.File
+        return bool(self.fs.get_file_info(path).type == pafs.FileType.File)
 
     def exists(self, migration_id: str, part: int) -> bool:
         """Whether the part is staged (complete: partial files never carry the final name)."""
@@ -144,7 +144,7 @@ class Staging:
         if not self._exists(path):
             return None
         with self.fs.open_input_stream(path) as f:
-            return f.read()
+            return bytes(f.read())
 
     def write_manifest(self, migration_id: str, data: bytes) -> None:
         with self._atomic_output(self.manifest_path(migration_id)) as out:
@@ -162,8 +162,8 @@ class Staging:
         self.fs.create_dir(directory, recursive=True)
         if not self._atomic_rename:
             # Object stores publish the object only when the upload completes.
-            with self.fs.open_output_stream(final) as out:
-                yield out
+            with self.fs.open_output_stream(final) as stream:
+                yield stream
             return
         # Private temporary name: a zombie writer and its retry never interleave their bytes.
         tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"

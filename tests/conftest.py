@@ -151,7 +151,7 @@ _names = iter(range(1, 10**9))
 @pytest.fixture
 def collection_name(request: pytest.FixtureRequest) -> str:
     """A fresh collection name per test (valid identifier, unique within the session)."""
-    import re  # noqa: PLC0415
+    import re
 
     base = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:30]
     return f"c{next(_names)}_{base}"

@@ -92,7 +92,7 @@ def test_session_stack_is_healthy(stack: Stack) -> None:
 
 
 def test_temporal_address_follows_the_local_port_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    from settings import Settings  # noqa: PLC0415
+    from settings import Settings
 
     monkeypatch.setenv("SHARDSHIFT_INFRA__TEMPORAL_PORT", "27999")
     assert Settings().temporal.address == "127.0.0.1:27999"

@@ -46,7 +46,7 @@ def test_json_line_outside_temporal_has_no_ids_and_keeps_the_traceback() -> None
         raise ValueError("boom")
     except ValueError:
         rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), None)
-        import sys  # noqa: PLC0415
+        import sys
 
         rec.exc_info = sys.exc_info()
     line = json.loads(telemetry.JsonFormatter().format(rec))

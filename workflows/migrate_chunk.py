@@ -46,11 +46,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from temporalio import workflow
@@ -122,6 +123,7 @@ _SHORT = timedelta(seconds=10)
 _WAIT = ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
 _MAX_STEP_PAUSE_S = 300.0
 """Longest pause between two tries of an after-commit step that failed for good."""
+_T = TypeVar("_T")
 
 
 class MigrateChunkInput(BaseModel):
@@ -337,8 +339,8 @@ class MigrateChunkWorkflow:
         workflow.upsert_search_attributes([SA_PHASE.value_set(phase.value)])
         if phase == MigrationPhase.DONE:
             return  # finish_migration already closed the record with its outcome
-        spec = None if isinstance(spec_or_id, str) else spec_or_id
-        mid = spec.migration_id if spec is not None else spec_or_id
+        spec, mid = ((None, spec_or_id) if isinstance(spec_or_id, str)
+                     else (spec_or_id, spec_or_id.migration_id))
         await workflow.execute_activity_method(
             CatalogActivities.set_phase,
             PhaseInput(migration_id=mid, phase=phase,
@@ -465,9 +467,12 @@ class MigrateChunkWorkflow:
                 heartbeat_timeout=self._heartbeat, retry_policy=MOVE_QUICK,
                 cancellation_type=_WAIT,
             )
+
+            def answered(p: asyncio.Task[Any] = probe) -> bool:
+                return p.done() or (is_target and self._lost_declared)
+
             try:
-                await workflow.wait_condition(
-                    lambda p=probe: p.done() or (is_target and self._lost_declared))
+                await workflow.wait_condition(answered)
             except asyncio.CancelledError:
                 # Cancelled while the target is unreachable: abort without it.
                 self._target_lost = is_target
@@ -574,9 +579,10 @@ class MigrateChunkWorkflow:
                     retry_policy=self._pausing(MOVE_QUICK) if forward else MOVE_QUICK,
                     cancellation_type=_WAIT,
                 )
-                await workflow.wait_condition(
-                    lambda w=waiter, s=stream: w.done() or s.done()
-                    or (forward and self._lost_declared))
+                def ended(w: asyncio.Task[Any] = waiter, s: asyncio.Task[Any] = stream) -> bool:
+                    return w.done() or s.done() or (forward and self._lost_declared)
+
+                await workflow.wait_condition(ended)
                 if not waiter.done():
                     await self._stop(waiter)
                     continue  # the applier ended (surfaced above) or the target was declared lost
@@ -760,9 +766,9 @@ class MigrateChunkWorkflow:
             self._raise_if_cancelled()
             if self._stage == Stage.REPLICATE:
                 await self._phase(spec, MigrationPhase.REPLICATE)
-            streams[Direction.FORWARD] = self._start_stream(spec, Direction.FORWARD)
+            forward = streams[Direction.FORWARD] = self._start_stream(spec, Direction.FORWARD)
             if self._stage == Stage.REPLICATE:
-                await self._wait_lag(inp, spec, Direction.FORWARD, streams[Direction.FORWARD])
+                await self._wait_lag(inp, spec, Direction.FORWARD, forward)
 
                 # -- verify ----------------------------------------------------------------------
                 self._raise_if_cancelled()
@@ -780,7 +786,9 @@ class MigrateChunkWorkflow:
             for attempt in range(self._progress.cutover_attempts + 1, inp.cutover_attempts + 1):
                 self._progress.cutover_attempts = attempt
                 self._raise_if_cancelled()
-                await self._wait_lag(inp, spec, Direction.FORWARD, streams[Direction.FORWARD])
+                stream = streams[Direction.FORWARD]
+                assert stream is not None  # started above, restarted after a pause
+                await self._wait_lag(inp, spec, Direction.FORWARD, stream)
                 self._raise_if_cancelled()
                 pausing = self._v2 and workflow.patched(CUTOVER_PAUSES)
                 try:
@@ -961,7 +969,7 @@ class MigrateChunkWorkflow:
             await workflow.sleep(inp.cutover_retry_s)
         return back
 
-    async def _steady(self, make: Callable[[], Awaitable[Any]]) -> Any:
+    async def _steady(self, make: Callable[[], Awaitable[_T]]) -> _T:
         """Await ``make()`` to its end; a cancel meanwhile is remembered, not obeyed."""
         while True:
             try:
@@ -970,7 +978,7 @@ class MigrateChunkWorkflow:
                 self._cancel_pending = True
 
     async def _until_done(self, inp: MigrateChunkInput, what: str,
-                          make: Callable[[], Awaitable[Any]]) -> Any:
+                          make: Callable[[], Awaitable[_T]]) -> _T:
         """After the commit point: ``make()`` until it succeeds, immune to cancels.
 
         Retryable failures are retried by Temporal without an attempt limit (a few history
@@ -992,7 +1000,7 @@ class MigrateChunkWorkflow:
                     f"{what} failed ({failures}x), trying again in {pause:.0f}s: "
                     f"{describe_failure(exc)}")[:500]
                 workflow.logger.warning("%s", self._progress.detail)
-                await self._steady(lambda p=pause: workflow.sleep(p))
+                await self._steady(functools.partial(workflow.sleep, pause))
                 pause = min(pause * 2, _MAX_STEP_PAUSE_S)
 
     async def _resolve_in_doubt(self, inp: MigrateChunkInput, spec: MoveSpec,

@@ -24,6 +24,7 @@ from typing import Any
 from bson import Decimal128
 from pydantic import BaseModel
 
+from shards.models import FenceState
 from workload.generator import OpRecord
 
 
@@ -194,8 +195,6 @@ async def collect_stored(shards: Mapping[str, Any], collection: str) -> dict[str
     Rows under frozen or retired fences (a source awaiting cleanup) are not live data and do
     not count; a document under two active fences is a duplicate.
     """
-    from shards.models import FenceState  # noqa: PLC0415
-
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for shard in shards.values():
         for fence in await shard.fences(collection):

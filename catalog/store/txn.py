@@ -135,7 +135,7 @@ class CatalogBase:
                     ) from exc
                 raise
             # Jittered exponential backoff so that N losers do not collide again in lockstep.
-            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - not cryptographic
+            await asyncio.sleep(random.uniform(0, delay))  # jitter, not cryptographic
             delay = min(delay * 2, 0.2)
         raise CatalogBusyError(
             f"the catalog transaction lost {self.max_attempts} serialization conflicts in a "

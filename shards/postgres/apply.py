@@ -161,7 +161,7 @@ class HoldLostError(ApplyError):
     point of the stream would be wrong, so it must start again."""
 
 
-class StopRequested(Exception):  # noqa: N818 - a request, not a failure
+class StopRequested(Exception):  # a request, not a failure
     """The caller's stop event was set; the operation was abandoned (nothing half-written)."""
 
 

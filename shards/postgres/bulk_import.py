@@ -218,8 +218,10 @@ def import_parts(
             if part in done:
                 continue
             if not staging.exists(migration_id, part):
-                found = _wait_for(lambda p=part: staging.exists(migration_id, p) or None,
-                                  follow_export_s, poll_s)
+                def staged(p: int = part) -> bool | None:
+                    return staging.exists(migration_id, p) or None
+
+                found = _wait_for(staged, follow_export_s, poll_s)
                 if not found:
                     raise StagedPartError(
                         f"migration {migration_id}: part {part} is not staged (export incomplete)"

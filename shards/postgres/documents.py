@@ -9,6 +9,7 @@ transaction commits; see ``schema.py`` for why that orders every accepted write 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -90,31 +91,31 @@ class DocumentStatements:
         self.collection = check_collection(collection)
         t = collection_table(collection)
         w, r = sql.SQL(_FENCE_W), sql.SQL(_FENCE_R)
-        self.insert = sql.SQL(
+        insert = sql.SQL(
             "WITH f AS MATERIALIZED ({w}),"
             " ins AS (INSERT INTO {t} (khash, id, doc)"
             "  SELECT %(h)s, %(id)s, %(doc)s::jsonb FROM f ON CONFLICT DO NOTHING RETURNING 1)"
             " SELECT (SELECT ok FROM f), (SELECT count(*) FROM ins)"
         ).format(w=w, t=t)
-        self.replace = sql.SQL(
+        replace = sql.SQL(
             "WITH f AS MATERIALIZED ({w}),"
             " upd AS (UPDATE {t} d SET doc = %(doc)s::jsonb FROM f"
             "  WHERE d.khash = %(h)s AND d.id = %(id)s RETURNING 1)"
             " SELECT (SELECT ok FROM f), (SELECT count(*) FROM upd)"
         ).format(w=w, t=t)
-        self.patch = sql.SQL(
+        patch = sql.SQL(
             "WITH f AS MATERIALIZED ({w}),"
             " upd AS (UPDATE {t} d SET doc = shardshift.apply_patch(d.doc, %(patch)s::jsonb)"
             "  FROM f WHERE d.khash = %(h)s AND d.id = %(id)s RETURNING d.doc::text AS doc)"
             " SELECT (SELECT ok FROM f), (SELECT doc FROM upd)"
         ).format(w=w, t=t)
-        self.delete = sql.SQL(
+        delete = sql.SQL(
             "WITH f AS MATERIALIZED ({w}),"
             " del AS (DELETE FROM {t} d USING f WHERE d.khash = %(h)s AND d.id = %(id)s"
             "  RETURNING 1)"
             " SELECT (SELECT ok FROM f), (SELECT count(*) FROM del)"
         ).format(w=w, t=t)
-        self.get = sql.SQL(
+        get = sql.SQL(
             "WITH f AS MATERIALIZED ({r})"
             " SELECT (SELECT ok FROM f),"
             "  (SELECT doc::text FROM {t} WHERE khash = %(h)s AND id = %(id)s)"
@@ -123,8 +124,7 @@ class DocumentStatements:
         # Rendered once: composing the identifiers into the text on every execute costs more
         # than the rest of the client side of a get. (Names are validated; UTF-8 throughout.)
         self.insert, self.replace, self.patch, self.delete, self.get = (
-            q.as_bytes(None) for q in (self.insert, self.replace, self.patch, self.delete,
-                                       self.get)
+            q.as_bytes(None) for q in (insert, replace, patch, delete, get)
         )
 
     def find_key_sql(self, shard_key: str) -> bytes:
@@ -195,14 +195,10 @@ def validate_patch(update: Mapping[str, Any], protected: Sequence[str]) -> str:
             out[key] = inc
         else:
             out[key] = {path: _loads(encode_value(value)) for path, value in fields.items()}
-    import json  # noqa: PLC0415
-
     return json.dumps(out, separators=(",", ":"))
 
 
 def _loads(text: str) -> Any:
-    import json  # noqa: PLC0415
-
     return json.loads(text)
 
 

@@ -193,7 +193,7 @@ class SlotSnapshot:
     snapshot_name: str | None
 
 
-def _walsender(dsn: str) -> pq.PGconn:
+def _walsender(dsn: str) -> pq.abc.PGconn:
     conn = pq.PGconn.connect(make_conninfo(dsn, replication="database").encode())
     if conn.status != pq.ConnStatus.OK:
         message = conn.get_error_message()
@@ -202,7 +202,7 @@ def _walsender(dsn: str) -> pq.PGconn:
     return conn
 
 
-def _exec(conn: pq.PGconn, command: str) -> pq.abc.PGresult:
+def _exec(conn: pq.abc.PGconn, command: str) -> pq.abc.PGresult:
     res = conn.exec_(command.encode())
     if res.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
         raise ReplicationError(
@@ -365,7 +365,7 @@ class ChangeStream:
     server_version: int = 0
 
     def __post_init__(self) -> None:
-        self._conn: pq.PGconn | None = None
+        self._conn: pq.abc.PGconn | None = None
         self._decoder: ChunkDecoder | None = None
         self._last_status = 0.0
         self._want_reply = False
@@ -552,7 +552,7 @@ class ChangeStream:
         self.stats.feedback_sent += 1
         self._last_status = time.monotonic()
 
-    def _require(self) -> pq.PGconn:
+    def _require(self) -> pq.abc.PGconn:
         if self._conn is None:
             raise ReplicationError("the change stream is not started")
         return self._conn

@@ -24,12 +24,13 @@ def as_role(dsn: str, user: str, passfile: Path | str | None = None) -> str:
     params["user"] = user
     if passfile is not None:
         params["passfile"] = str(passfile)
-    return make_conninfo(**params)
+    return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
 
 
 def dsn_user(dsn: str) -> str | None:
     """The ``user=`` of a DSN, if it names one."""
-    return conninfo_to_dict(dsn).get("user")
+    user = conninfo_to_dict(dsn).get("user")
+    return None if user is None else str(user)
 
 
 __all__ = ["as_role", "dsn_user"]

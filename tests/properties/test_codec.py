@@ -8,13 +8,14 @@ import json
 import math
 from typing import Any
 
+import pytest
 from bson import Binary, Decimal128, Int64, ObjectId
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from router.errors import BadRequestError
 from router.http import from_ejson
-from shards.codec import decode_document, encode_document, encode_value
+from shards.codec import decode_document, decode_value, encode_document, encode_value
 from shards.errors import InvalidDocumentError
 from tests.properties.conftest import PURE, hostile_text
 
@@ -75,7 +76,14 @@ def test_documents_round_trip(doc: dict[str, Any]) -> None:
 @PURE
 @given(values)
 def test_values_round_trip(value: Any) -> None:
-    assert _same(value, decode_document(encode_value(value)))
+    assert _same(value, decode_value(encode_value(value)))
+
+
+@PURE
+@given(values.filter(lambda v: not isinstance(v, dict)))
+def test_a_stored_value_that_is_not_an_object_is_not_a_document(value: Any) -> None:
+    with pytest.raises(InvalidDocumentError, match="not an object"):
+        decode_document(encode_value(value))
 
 
 @PURE

@@ -129,7 +129,7 @@ def test_index_table_names_fit_and_never_collide(collection: str, a: str, b: str
 @given(st.one_of(hostile_text, index_names), st.lists(st.one_of(hostile_text, field_paths),
                                                       min_size=0, max_size=6))
 def test_index_definitions_validate_or_refuse(name: str, fields: list[str]) -> None:
-    from pydantic import ValidationError  # noqa: PLC0415
+    from pydantic import ValidationError
 
     try:
         ix = IndexDefinition(name=name, fields=tuple(fields))
@@ -142,7 +142,7 @@ def test_index_definitions_validate_or_refuse(name: str, fields: list[str]) -> N
 
 
 def test_index_definitions_refuse_a_non_string_name() -> None:
-    from pydantic import ValidationError  # noqa: PLC0415
+    from pydantic import ValidationError
 
     with pytest.raises(ValidationError):
         IndexDefinition(name=7, fields=("a",))  # type: ignore[arg-type]

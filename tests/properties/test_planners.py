@@ -151,7 +151,7 @@ def test_merged_ranges_cover_exactly_their_union(pairs: list[tuple[int, int]]) -
 @given(st.one_of(st.integers(), st.floats(), st.text(max_size=3), st.none()),
        st.one_of(st.integers(), st.floats(), st.text(max_size=3), st.none()))
 def test_key_ranges_refuse_bad_bounds(lo: object, hi: object) -> None:
-    from pydantic import ValidationError  # noqa: PLC0415
+    from pydantic import ValidationError
 
     try:
         r = KeyRange(lo=lo, hi=hi)  # type: ignore[arg-type]

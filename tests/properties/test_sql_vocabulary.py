@@ -79,7 +79,7 @@ def test_patches_are_a_json_parameter(update: dict[str, Any]) -> None:
         patch = validate_patch(update, ("_id", "acct"))
     except (InvalidDocumentError, InvalidNameError):
         return
-    import json  # noqa: PLC0415
+    import json
 
     decoded = json.loads(patch)
     assert set(decoded) <= {"set", "unset", "inc"}

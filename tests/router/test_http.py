@@ -125,7 +125,7 @@ def http_server(deployment: Deployment, catalog_dsn: str) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def _error_shape_problem(response) -> str | None:  # noqa: ANN001 - a requests/httpx response
+def _error_shape_problem(response) -> str | None:  # response: a requests/httpx response
     """Why an error response is not in the one error shape, or None."""
     try:
         body = response.json()
@@ -160,7 +160,7 @@ def test_fuzz_finds_no_server_error(http_server: str, deployment: Deployment) ->
             max_examples=40, deadline=None, derandomize=True, database=None,
             suppress_health_check=list(hypothesis.HealthCheck),
         )
-        def fuzz(case) -> None:  # noqa: ANN001 - schemathesis Case
+        def fuzz(case) -> None:  # case: a schemathesis Case
             nonlocal oversized_sent
             params = case.path_parameters or {}
             if "collection" in params and len(repr(case.body)) % 2 == 0:

@@ -80,8 +80,8 @@ async def test_bad_input_is_refused_and_writes_nothing(router: Router, deploymen
 
 async def test_rejection_past_deadline_is_a_typed_error(deployment: Deployment) -> None:
     """A chunk frozen and never switched: the client waits out the deadline, then a clear error."""
-    from router.catalog_source import CatalogRouteSource  # noqa: PLC0415
-    from tests.router.conftest import router_settings  # noqa: PLC0415
+    from router.catalog_source import CatalogRouteSource
+    from tests.router.conftest import router_settings
 
     c = deployment.collection
     chunk = deployment.initial.locate(khash("frozen-key"))
@@ -134,9 +134,9 @@ async def test_shard_restart_costs_no_write(stack: Stack, router: Router,
 async def test_close_drains_operations_in_flight(deployment: Deployment) -> None:
     """A graceful restart: operations already running finish (here one waits out a frozen
     chunk until it is unfrozen); new ones are refused with a clear error."""
-    from router.catalog_source import CatalogRouteSource  # noqa: PLC0415
-    from router.errors import RouterClosedError  # noqa: PLC0415
-    from tests.router.conftest import router_settings  # noqa: PLC0415
+    from router.catalog_source import CatalogRouteSource
+    from router.errors import RouterClosedError
+    from tests.router.conftest import router_settings
 
     c = deployment.collection
     chunk = deployment.initial.locate(khash("drain-key"))

@@ -257,7 +257,7 @@ async def test_invalid_documents_rejected(shard: PostgresShard, coll: str) -> No
     assert await shard.count(coll) == 0
 
 
-async def _blocked_by(conn, timeout: float = 10.0) -> None:  # noqa: ANN001
+async def _blocked_by(conn, timeout: float = 10.0) -> None:
     """Wait until some backend is blocked by ``conn``'s transaction."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -272,7 +272,7 @@ async def _blocked_by(conn, timeout: float = 10.0) -> None:  # noqa: ANN001
 
 async def test_routed_write_in_flight_commits_before_the_freeze(shard: PostgresShard, coll: str) -> None:
     """The real insert statement (inline fence, FOR SHARE) holds off a freeze until it commits."""
-    from shards.postgres.documents import DocumentStatements, encode_for_store, fence_params  # noqa: PLC0415
+    from shards.postgres.documents import DocumentStatements, encode_for_store, fence_params
 
     st = DocumentStatements(coll)
     h = khash("ivy")

@@ -73,7 +73,7 @@ class Move:
     )
 
     @property
-    def names(self):  # noqa: ANN201
+    def names(self):
         return self.spec.names
 
     def start_applier(self, spec: StreamSpec | None = None, *, source: PostgresShard | None = None,

@@ -165,7 +165,7 @@ def count_rows(dsn: str, query: str, params: tuple[Any, ...] = ()) -> int:
 
 async def timeline(handle: WorkflowHandle[Any, Any]) -> list[str]:
     """The workflow's history as "seconds-since-start event (activity)" lines (diagnostics)."""
-    from temporalio.api.enums.v1 import EventType  # noqa: PLC0415
+    from temporalio.api.enums.v1 import EventType
 
     lines: list[str] = []
     names: dict[int, str] = {}

@@ -72,7 +72,7 @@ def pick(deployment: Deployment) -> tuple[Chunk, str, Chunk]:
 async def load_on(deployment: Deployment, moving: Chunk, other: Chunk) -> AsyncIterator[LoadGenerator]:
     """Writes and reads on the moving chunk (and a bystander) for the whole block; on a clean
     exit the load keeps running until more writes were acknowledged after the move."""
-    from workload.generator import WorkloadConfig  # noqa: PLC0415
+    from workload.generator import WorkloadConfig
 
     async with Router(CatalogRouteSource(deployment.catalog), router_settings()) as router:
         load = LoadGenerator(router, WorkloadConfig(

@@ -23,11 +23,11 @@ from workload.generator import LoadGenerator, WorkloadConfig
 FAST = {"poll_s": 0.2, "cutover_retry_s": 0.2, "part_rows": 500}
 
 
-def keys_in(rng, n: int, prefix: str = "acct") -> list[str]:  # noqa: ANN001
+def keys_in(rng, n: int, prefix: str = "acct") -> list[str]:
     return [k for k in (f"{prefix}-{i}" for i in range(20000)) if rng.contains(khash(k))][:n]
 
 
-async def wait_for(predicate, timeout: float = 30.0) -> None:  # noqa: ANN001
+async def wait_for(predicate, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
