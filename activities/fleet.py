@@ -47,6 +47,8 @@ class DrainPlanRequest(DrainPlanInput):
 
     exclude: list[str] = []
     """Targets a move gave up on (lost): not planned onto, not measured."""
+    dry_run: bool = False
+    """Plan only: the drained shards are not marked ``draining``."""
 
 
 class RebalancePlanRequest(RebalancePlanInput):
@@ -141,7 +143,7 @@ class FleetActivities:
                 else:
                     chunks.append((collection, chunk.chunk_id, chunk.shard_id, size))
         moves = _bin_pack(chunks, targets, load)
-        for info in drained:
+        for info in [] if inp.dry_run else drained:
             if info.state != ShardState.DRAINING:
                 try:
                     await cat.set_shard_state(info.shard_id, ShardState.DRAINING)

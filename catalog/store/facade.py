@@ -11,12 +11,14 @@ from catalog.store.migrations import Migrations
 from catalog.store.notify import Notifications
 from catalog.store.registry import ShardRegistry
 from catalog.store.topology import Topology
+from catalog.store.verifications import Verifications
 
 
 class Catalog(
-    ShardRegistry, Collections, ChunkMaps, Topology, Migrations, Leases, Notifications
+    ShardRegistry, Collections, ChunkMaps, Topology, Migrations, Leases, Notifications,
+    Verifications,
 ):
-    """The catalog: shards, collections, chunks, migrations and leases.
+    """The catalog: shards, collections, chunks, migrations, leases and verification reports.
 
     Build one per process, ``await catalog.open()`` (or ``async with``), share it: methods are
     safe to call concurrently (each takes its own pooled connection).
