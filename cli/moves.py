@@ -12,7 +12,7 @@ from temporalio.service import RPCError
 
 from catalog import Catalog
 from catalog.errors import CatalogError
-from cli.common import CliError, catalog_dsn
+from cli.common import CliError, catalog_dsn, copy_throttle
 from cli.render import format_progress, print_migrations, print_moves, print_result
 from cli.temporal import client as temporal_client
 from cli.temporal import ui_url, watch, watch_or_report
@@ -40,7 +40,7 @@ async def _migrate(args: argparse.Namespace) -> int:
     try:
         inp = MigrateChunkInput(collection=args.collection, chunk_id=args.chunk, target=args.to,
                                 dry_run=args.dry_run, rollback_window_s=args.rollback_window,
-                                target_give_up_s=args.give_up)
+                                target_give_up_s=args.give_up, copy_throttle=copy_throttle(args))
     except ValueError as exc:
         raise CliError(f"invalid move: {exc}".replace("\n", " ")) from exc
     wf_id = args.id or f"move-{args.collection}-{args.chunk}" + ("-dry-run" if args.dry_run else "")
