@@ -91,6 +91,24 @@ async def _check_drain(settings: Settings, shards: list[str], targets: list[str]
 # -- rebalance and split-shard ----------------------------------------------------------------
 
 
+async def _check_rebalance(settings: Settings, collections: list[str], shards: list[str]) -> None:
+    """Refuse unknown collections and shards before starting (or scheduling) a workflow."""
+    async with Catalog(catalog_dsn(settings), max_size=1) as cat:
+        for name in collections:
+            try:
+                await cat.chunk_map(name)
+            except CatalogError as exc:
+                raise CliError(str(exc)) from None
+        for sid in shards:
+            try:
+                info = await cat.shard(sid)
+            except CatalogError as exc:
+                raise CliError(str(exc)) from None
+            if info.state.value != "active":
+                raise CliError(f"shard {sid} is {info.state.value}; only active shards are "
+                               "rebalanced")
+
+
 def cmd_rebalance(args: argparse.Namespace) -> int:
     return asyncio.run(_rebalance(args))
 
@@ -132,12 +150,13 @@ async def _rebalance(args: argparse.Namespace) -> int:
             tolerance=args.tolerance, max_moves=args.max_moves, max_parallel=args.parallel,
             split=not getattr(args, "no_split", False), collections=args.collection,
             shards=[split_shard, args.to] if split_shard else args.shard, dry_run=args.dry_run,
-            max_moves_per_shard=(args.max_moves_per_shard if args.max_moves_per_shard
-                                 is not None else settings.fleet.max_moves_per_shard),
+            max_moves_per_shard=getattr(args, "max_moves_per_shard", None)
+            or settings.fleet.max_moves_per_shard,
             move=move_options(args),
         )
     except ValueError as exc:
         raise CliError(f"invalid rebalance: {exc}".replace("\n", " ")) from exc
+    await _check_rebalance(settings, inp.collections or [], inp.shards or [])
     window = getattr(args, "window", None)
     if window is not None and getattr(args, "schedule", None) is None:
         raise CliError("--window needs --schedule EVERY (the window limits when it runs)")
