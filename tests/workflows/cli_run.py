@@ -36,9 +36,10 @@ async def shardshift(env: dict[str, str], *args: str, timeout: float = 120.0) ->
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
+    except BaseException:  # a timeout, or the test cancelled: leave no process behind
+        if proc.returncode is None:
+            proc.kill()
+        await asyncio.shield(proc.wait())
         raise
     assert proc.returncode is not None
     return Ran(proc.returncode, out.decode(), err.decode())
