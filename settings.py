@@ -181,6 +181,15 @@ class TelemetrySettings(_Frozen):
     """How often metrics are pushed to the OTLP endpoint."""
 
 
+class FleetSettings(_Frozen):
+    """Limits of chunk moves across the fleet."""
+
+    max_moves_per_shard: int = Field(default=2, ge=1, le=100)
+    """Live moves per shard at most (source or target): the catalog's lease limit on the
+    workers, and the rebalancer's per-shard limit unless ``--max-moves-per-shard`` says
+    otherwise (``SHARDSHIFT_FLEET__MAX_MOVES_PER_SHARD``)."""
+
+
 class Settings(BaseSettings):
     """All settings of a shardshift process."""
 
@@ -203,6 +212,7 @@ class Settings(BaseSettings):
     router: RouterSettings = RouterSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     db: DatabaseSettings = DatabaseSettings()
+    fleet: FleetSettings = FleetSettings()
 
     @property
     def staging(self) -> str:

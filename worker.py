@@ -108,7 +108,8 @@ async def run_worker(
 
 async def _run(settings: Settings, client: Client, task_queue: str | None,
                stop: asyncio.Event | None, workflows: Sequence[type]) -> None:
-    catalog = await Catalog(catalog_dsn(settings), max_size=8).open()
+    catalog = await Catalog(catalog_dsn(settings), max_size=8,
+                            max_moves_per_shard=settings.fleet.max_moves_per_shard).open()
     await catalog.ensure_schema()
     ctx = MoveContext(catalog, Staging(settings.staging), db=settings.db)  # shards as the mover
     stop = stop or _signal_event()

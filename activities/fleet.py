@@ -49,6 +49,8 @@ class DrainPlanRequest(DrainPlanInput):
 
     exclude: list[str] = []
     """Targets a move gave up on (lost): not planned onto, not measured."""
+    dry_run: bool = False
+    """Plan only: the drained shards are not marked ``draining``."""
 
 
 class RebalancePlanRequest(RebalancePlanInput):
@@ -150,7 +152,7 @@ class FleetActivities:
         # The first plan of the drain is its "before" (later rounds change nothing).
         await record_loads(cat, inp.kind.value, LoadStage.BEFORE, before)
         moves = _bin_pack(chunks, targets, load)
-        for info in drained:
+        for info in [] if inp.dry_run else drained:
             if info.state != ShardState.DRAINING:
                 try:
                     await cat.set_shard_state(info.shard_id, ShardState.DRAINING)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from catalog.models import MigrationKind, MigrationOutcome, MigrationPhase
 from shards.models import KeyRange
+from shards.postgres.throttle import ThrottleSettings
 
 
 class _Frozen(BaseModel):
@@ -75,6 +76,8 @@ class FinishInput(_Input):
 class SnapshotInput(_Input):
     spec: MoveSpec
     part_rows: int = Field(default=50_000, ge=100)
+    throttle: ThrottleSettings | None = None
+    """Limits of the export's reads of the source (rate, and a pause while it is busy)."""
 
 
 class SnapshotResult(_Frozen):
@@ -200,6 +203,12 @@ class VerifyResult(_Frozen):
     repaired_ranges: int
     rounds: int
     lsn: str
+    digest: str | None = None
+    """The source's content digest at ``lsn`` (sum of the buckets' digests, 64-bit, hex)."""
+    seconds: float = 0.0
+    verification_id: int | None = None
+    """The report recorded in the catalog (``shardshift verify --show``); None in results of
+    moves that predate the reports."""
 
 
 class CutoverInput(_Input):

@@ -18,7 +18,9 @@ from activities.context import MoveContext, Stopped, non_retryable
 from activities.models import CopyCheckpoint, SnapshotInput, SnapshotResult
 from shards.errors import ShardError
 from shards.postgres import replication as repl
+from shards.postgres.apply import StopRequested
 from shards.postgres.snapshot import ExportProgress, export_chunk
+from shards.postgres.throttle import CopyThrottle
 
 
 class SnapshotActivities:
@@ -37,8 +39,23 @@ class SnapshotActivities:
         state = {"cp": CopyCheckpoint(stage="snapshot", rows_done=0, parts_done=0, parts_total=0)}
 
         def work(stop: threading.Event) -> SnapshotResult:
+            try:
+                return copy(stop)
+            except StopRequested as exc:
+                raise Stopped(str(exc)) from exc
+
+        def throttled(why: str | None) -> None:
+            cp = state["cp"]
+            state["cp"] = cp.model_copy(update={"stage": why or "snapshot"})
+
+        def copy(stop: threading.Event) -> SnapshotResult:
+            throttle = None
+            if inp.throttle is not None and inp.throttle.enabled:
+                throttle = CopyThrottle(inp.throttle, source_dsn=dsn, stop=stop,
+                                        on_wait=throttled)
+
             def progress(p: ExportProgress) -> None:
-                state["cp"] = CopyCheckpoint(stage="snapshot", rows_done=p.rows_done,
+                state["cp"] = CopyCheckpoint(stage=state["cp"].stage, rows_done=p.rows_done,
                                              parts_done=p.parts_done, parts_total=p.parts_total)
                 if stop.is_set():
                     raise Stopped()  # cancelled: stop between batches (a retry resumes)
@@ -49,7 +66,7 @@ class SnapshotActivities:
                     result = export_chunk(
                         dsn, spec.collection, spec.key_range, self.ctx.staging, spec.migration_id,
                         snapshot=slot.snapshot_name, target_part_rows=inp.part_rows,
-                        progress=progress,
+                        progress=progress, throttle=throttle,
                     )
                     lsn = slot.consistent_lsn
             else:
@@ -58,6 +75,7 @@ class SnapshotActivities:
                 result = export_chunk(
                     dsn, spec.collection, spec.key_range, self.ctx.staging, spec.migration_id,
                     snapshot=None, target_part_rows=inp.part_rows, progress=progress,
+                    throttle=throttle,
                 )
             return SnapshotResult(consistent_lsn=lsn, parts=result.parts_total,
                                   rows=result.rows_exported, bytes=result.bytes_exported)

@@ -32,16 +32,19 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from temporalio import activity
 
 from activities import metrics
 from activities.availability import shard_errors
-from activities.context import MoveContext, Stopped, non_retryable
-from activities.models import Direction, VerifyInput, VerifyResult
+from activities.context import MoveContext, Stopped, catalog_failure, non_retryable
+from activities.models import Direction, MoveSpec, VerifyInput, VerifyResult
 from activities.replicate import stream_spec
 from activities.timeline import mark
+from catalog.errors import CatalogError
+from catalog.models import VerificationKind, VerificationReport
 from catalog.timeline import MarkName
 from shards.models import KeyRange
 from shards.postgres import replication as repl
@@ -51,7 +54,13 @@ from shards.postgres.apply import (
     request_hold,
     wait_held,
 )
-from shards.postgres.checksum import VerifyLock, checksum_range, diff_checksums, recopy_range
+from shards.postgres.checksum import (
+    VerifyLock,
+    checksum_range,
+    diff_checksums,
+    range_digest,
+    recopy_range,
+)
 
 
 class VerifyActivities:
@@ -112,6 +121,7 @@ class VerifyActivities:
             ranges: list[KeyRange] = [rng]
             repaired = mismatched_first = rounds = 0
             documents = 0
+            digest: str | None = None
             with ThreadPoolExecutor(2) as pool:
                 for rounds in range(1, inp.max_repair_rounds + 2):
                     mismatched: list[KeyRange] = []
@@ -125,13 +135,15 @@ class VerifyActivities:
                         a, b = fs.result(), ft.result()
                         if r == rng:
                             documents = a.count
+                            digest = range_digest(a)
                         mismatched += diff_checksums(a, b)
                     if rounds == 1:
                         mismatched_first = len(mismatched)
                     if not mismatched:
                         return VerifyResult(verified=True, documents=documents,
                                             buckets=inp.buckets, mismatched_buckets=mismatched_first,
-                                            repaired_ranges=repaired, rounds=rounds, lsn=hold.lsn)
+                                            repaired_ranges=repaired, rounds=rounds, lsn=hold.lsn,
+                                            digest=digest)
                     if rounds > inp.max_repair_rounds:
                         break
                     for r in mismatched:
@@ -142,13 +154,16 @@ class VerifyActivities:
                     ranges = mismatched
             return VerifyResult(verified=False, documents=documents, buckets=inp.buckets,
                                 mismatched_buckets=mismatched_first, repaired_ranges=repaired,
-                                rounds=rounds, lsn=hold.lsn)
+                                rounds=rounds, lsn=hold.lsn, digest=digest)
 
         # A connection failure because a shard is down becomes ``ShardUnavailable``: the
         # workflow pauses the move (and gives up on a target that stays away).
         await mark(self.ctx.catalog, spec.migration_id, MarkName.VERIFY_START)
+        started = time.monotonic()
         async with shard_errors(self.ctx, inp.spec.source, inp.spec.target):
             result = await self.ctx.run_blocking(work, lambda: dict(progress))
+        result = await self._record(spec, result.model_copy(
+            update={"seconds": round(time.monotonic() - started, 3)}), inp.max_repair_rounds)
         await mark(self.ctx.catalog, spec.migration_id, MarkName.VERIFY_DONE,
                    value=result.mismatched_buckets,
                    detail=f"{result.documents} documents, {result.mismatched_buckets} of "
@@ -166,3 +181,24 @@ class VerifyActivities:
                              f"{inp.max_repair_rounds} repair rounds"), "verify",
             )
         return result
+
+    async def _record(self, spec: MoveSpec, result: VerifyResult,
+                      max_rounds: int) -> VerifyResult:
+        """Record the attempt's report in the catalog (``shardshift verify --show``). A catalog
+        that cannot take it fails the attempt retryably: the next attempt verifies again."""
+        report = VerificationReport(
+            kind=VerificationKind.MOVE, collection=spec.collection, chunk_id=spec.chunk_id,
+            shard_id=spec.target, source=spec.source, migration_id=spec.migration_id,
+            lsn=result.lsn, buckets=result.buckets, documents=result.documents,
+            mismatched_buckets=result.mismatched_buckets,
+            repaired_ranges=result.repaired_ranges, rounds=result.rounds, digest=result.digest,
+            ok=result.verified, seconds=result.seconds,
+            detail=None if result.verified else
+            f"buckets still differ after {max_rounds} repair rounds",
+        )
+        try:
+            stored = await self.ctx.catalog.record_verification(report)
+        except CatalogError as exc:
+            raise catalog_failure(exc, "recording the verification report") from exc
+        return result.model_copy(update={"verification_id": stored.verification_id})
+

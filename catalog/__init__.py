@@ -37,6 +37,8 @@ from catalog.models import (
     MigrationRecord,
     ShardInfo,
     ShardState,
+    VerificationKind,
+    VerificationReport,
     Violation,
     ViolationKind,
 )
@@ -72,6 +74,8 @@ __all__ = [
     "UnknownCollectionError",
     "UnknownMigrationError",
     "UnknownShardError",
+    "VerificationKind",
+    "VerificationReport",
     "Violation",
     "ViolationKind",
 ]

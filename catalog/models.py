@@ -168,6 +168,9 @@ class MigrationOutcome(StrEnum):
     """Cancelled or failed before the commit point; the chunk never left the source."""
     FAILED = "failed"
     """Stopped by an error a person must look at (the record's ``detail`` says which)."""
+    DRY_RUN = "dry_run"
+    """A plan only: nothing was registered or moved. Only in results of dry runs; never a
+    migration record's outcome (``finish_migration`` refuses it)."""
 
 
 class MigrationRecord(_Frozen):
@@ -200,6 +203,52 @@ class MigrationRecord(_Frozen):
     @property
     def active(self) -> bool:
         return self.outcome is None
+
+
+class VerificationKind(StrEnum):
+    """What a verification compared."""
+
+    MOVE = "move"
+    """A move's verify phase: source and target at one LSN (the applier held there),
+    mismatched buckets re-copied and checked again."""
+    IN_FLIGHT = "in_flight"
+    """On demand, a move in flight: source and target at one LSN, compared only (no repair)."""
+    SETTLED = "settled"
+    """On demand, a settled chunk: its owner's checksums, and rows of its range on any other
+    shard (orphans)."""
+
+
+class VerificationReport(_Frozen):
+    """One verification of one chunk, as the catalog records it (``shardshift verify``)."""
+
+    verification_id: int | None = None
+    """Assigned by the catalog when recorded."""
+    kind: VerificationKind
+    collection: str
+    chunk_id: int
+    shard_id: str
+    """The shard checked: the move's target, or the settled chunk's owner."""
+    source: str | None = None
+    """The move's source (None for a settled chunk)."""
+    migration_id: str | None = None
+    lsn: str | None = None
+    """The source LSN both sides were compared at (None for a settled chunk)."""
+    buckets: int = Field(ge=0)
+    documents: int = Field(ge=0)
+    """Rows in the chunk's range (on the source for a move)."""
+    mismatched_buckets: int = Field(default=0, ge=0)
+    """Buckets that differed at the first comparison."""
+    repaired_ranges: int = Field(default=0, ge=0)
+    rounds: int = Field(default=1, ge=0)
+    orphans: dict[str, int] = {}
+    """Rows of the chunk's range found on shards that do not own it, by shard."""
+    digest: str | None = None
+    """The chunk's content digest (the buckets' sums, 64-bit, hex): equal digests, equal rows."""
+    ok: bool
+    """Equal (a move) or owner-only (a settled chunk)."""
+    detail: str | None = None
+    seconds: float = Field(default=0.0, ge=0)
+    created_at: datetime | None = None
 
 
 class Lease(_Frozen):

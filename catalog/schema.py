@@ -118,6 +118,34 @@ CREATE TABLE IF NOT EXISTS catalog.migrations (
 CREATE UNIQUE INDEX IF NOT EXISTS migrations_one_active_per_chunk
     ON catalog.migrations (collection, chunk_id) WHERE outcome IS NULL;
 
+-- Verification reports (moves' verify phases and `shardshift verify`): observations, written
+-- without a version bump. No foreign keys: a report outlives the chunk it describes.
+CREATE TABLE IF NOT EXISTS catalog.verifications (
+    verification_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind                text   NOT NULL CHECK (kind IN ('move', 'in_flight', 'settled')),
+    collection          text   NOT NULL,
+    chunk_id            bigint NOT NULL,
+    shard_id            text   NOT NULL,
+    source              text,
+    migration_id        text,
+    lsn                 text,
+    buckets             int    NOT NULL CHECK (buckets >= 0),
+    documents           bigint NOT NULL CHECK (documents >= 0),
+    mismatched_buckets  int    NOT NULL CHECK (mismatched_buckets >= 0),
+    repaired_ranges     int    NOT NULL CHECK (repaired_ranges >= 0),
+    rounds              int    NOT NULL CHECK (rounds >= 0),
+    orphans             jsonb  NOT NULL DEFAULT '{}',
+    digest              text,
+    ok                  boolean NOT NULL,
+    detail              text,
+    seconds             double precision NOT NULL DEFAULT 0,
+    created_at          timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS verifications_by_migration
+    ON catalog.verifications (migration_id) WHERE migration_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS verifications_by_chunk
+    ON catalog.verifications (collection, chunk_id, created_at DESC);
+
 CREATE TABLE IF NOT EXISTS catalog.leases (
     lease_id      text PRIMARY KEY,   -- "{migration_id}@{shard_id}"
     shard_id      text NOT NULL REFERENCES catalog.shards (shard_id),

@@ -18,6 +18,9 @@
     shardshift split-shard SHARD --to SHARD [--dry-run]
     shardshift doctor [--repair] [--json] [--collection C]
     shardshift report ID [--json] [--plot FILE.png]
+    shardshift verify --collection C [--chunk K] [--buckets N] [--json]
+    shardshift verify --show MIGRATION_ID|REPORT_ID [--json]
+    shardshift catalog check [--collection C] [--layout-only] [--json]
     shardshift demo
 """
 
@@ -30,10 +33,76 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cli.common import CliError
 from infra import InfraError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr (and exit code 2), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _chunk_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid chunk id {text!r}: expected a positive "
+                                         "integer") from None
+    if not 0 < value < 2**63:
+        raise argparse.ArgumentTypeError(f"invalid chunk id {value}: expected a positive "
+                                         "64-bit integer")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected a positive integer")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 0")
+    return value
+
+
+_BYTES = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+
+
+def _rate(text: str) -> tuple[str, float]:
+    """``--max-copy-rate``: ``20000`` or ``20000rows`` (rows/s), ``50MB`` (bytes/s)."""
+    t = text.strip().upper()
+    unit = next((u for u in ("KB", "MB", "GB", "B", "ROWS") if t.endswith(u)), "ROWS")
+    number = t[: len(t) - len(unit)] if t.endswith(unit) else t
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use rows per second (20000, 20000rows) or bytes per second (50MB)")
+    return ("rows", value) if unit == "ROWS" else ("bytes", value * _BYTES[unit])
+
+
+def _throttle_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-copy-rate", type=_rate, metavar="RATE",
+                        help="limit the bulk copy's reads of the source: rows/s (20000) or "
+                             "bytes/s (50MB)")
+    parser.add_argument("--throttle-active", type=_count, metavar="N",
+                        help="pause the bulk copy while the source has more than N active "
+                             "client sessions")
 
 
 def _every(text: str) -> timedelta:
@@ -67,6 +136,46 @@ def _doctor_parser(sub: Any) -> None:
     doctor.set_defaults(func="cli.doctor:cmd_doctor")
 
 
+def _window(text: str) -> tuple[int, int]:
+    from cli.schedule import parse_window  # noqa: PLC0415 - no Temporal SDK for --help
+
+    try:
+        return parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _verify_parsers(sub: Any) -> None:
+    verify = sub.add_parser(
+        "verify", help="check chunks' data now: a move in flight source vs target at one "
+                       "LSN, a settled chunk's owner and orphans elsewhere",
+        description="Compares a moving chunk's source and target at one LSN (read-only), or "
+                    "checksums a settled chunk on its owner and counts its range's rows on "
+                    "every other shard (orphans). Each chunk's report is recorded in the "
+                    "catalog. Exit code 0 when every chunk is consistent, 1 otherwise.")
+    verify.add_argument("--collection", metavar="C")
+    verify.add_argument("--chunk", type=_chunk_id, metavar="K", help="only this chunk")
+    verify.add_argument("--buckets", type=_positive, default=16, metavar="N",
+                        help="checksum buckets per chunk (16)")
+    verify.add_argument("--show", metavar="ID",
+                        help="print the reports recorded for a migration id (its verify "
+                             "phase and on-demand checks) or one report by number")
+    verify.add_argument("--limit", type=_positive, default=20, help="with --show (20)")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func="cli.verify:cmd_verify")
+
+    cat = sub.add_parser("catalog", help="the catalog's invariants")
+    cat_sub = cat.add_subparsers(dest="action", required=True)
+    check = cat_sub.add_parser(
+        "check", help="chunk layout (no gap, no overlap, placed on live shards) and every "
+                      "chunk's fence on its shard; exit 0 when consistent, 1 otherwise")
+    check.add_argument("--collection", metavar="C")
+    check.add_argument("--layout-only", action="store_true",
+                       help="the catalog alone (no shard is contacted)")
+    check.add_argument("--json", action="store_true")
+    cat.set_defaults(func="cli.verify:cmd_catalog")
+
+
 def _workflow_args(parser: argparse.ArgumentParser, default_id: str) -> None:
     """``--id`` and ``--task-queue``, shared by every command that starts a workflow."""
     parser.add_argument("--id", metavar="WORKFLOW_ID", help=f"workflow id (default: {default_id})")
@@ -82,7 +191,7 @@ def _telemetry_args(parser: argparse.ArgumentParser, metrics_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardshift", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="shardshift", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     infra = sub.add_parser("infra", help="the local stack: Temporal + PostgreSQL instances")
@@ -129,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="move one chunk to another shard (a workflow)")
     migrate.add_argument("--collection", required=True)
-    migrate.add_argument("--chunk", required=True, type=int, metavar="K")
+    migrate.add_argument("--chunk", required=True, type=_chunk_id, metavar="K")
     migrate.add_argument("--to", required=True, metavar="SHARD")
     migrate.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
     migrate.add_argument("--rollback-window", type=float, default=0.0, metavar="S",
@@ -138,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="how long an unreachable target is waited for before the move "
                               "aborts with TargetLost (default 1800)")
     migrate.add_argument("--no-wait", action="store_true", help="start it and return")
+    _throttle_args(migrate)
     _workflow_args(migrate, "move-COLLECTION-CHUNK")
     migrate.set_defaults(func="cli.moves:cmd_migrate")
 
@@ -164,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--parallel", type=int, default=2, metavar="N",
                        help="chunk moves at once (default 2)")
     drain.add_argument("--no-wait", action="store_true", help="start it and return")
+    drain.add_argument("--dry-run", action="store_true",
+                       help="print the plan (outcome dry_run); no shard changes state")
+    _throttle_args(drain)
     _workflow_args(drain, "drain-SHARDS or upgrade-SHARDS")
     drain.set_defaults(func="cli.fleet:cmd_drain")
 
@@ -181,7 +294,24 @@ def build_parser() -> argparse.ArgumentParser:
     reb.add_argument("--schedule", type=_every, metavar="EVERY",
                      help="create (or update) a Temporal Schedule running it every EVERY "
                           "(e.g. 1h, 30m) instead of running it now")
-    reb.add_argument("--unschedule", action="store_true", help="delete the schedule")
+    reb.add_argument("--window", type=_window, metavar="HH:MM-HH:MM",
+                     help="with --schedule: run only inside this daily window (e.g. "
+                          "01:00-05:00; 22:00-02:00 wraps past midnight)")
+    reb.add_argument("--time-zone", metavar="TZ",
+                     help="the window's time zone (IANA name; default UTC)")
+    reb.add_argument("--max-moves-per-shard", type=_positive, metavar="N",
+                     help="moves per shard per round (default: SHARDSHIFT_FLEET__"
+                          "MAX_MOVES_PER_SHARD, 2)")
+    _throttle_args(reb)
+    control = reb.add_mutually_exclusive_group()
+    control.add_argument("--unschedule", action="store_true", help="delete the schedule")
+    control.add_argument("--pause", action="store_true",
+                         help="pause the schedule (no new runs; a running one continues)")
+    control.add_argument("--resume", action="store_true", help="resume a paused schedule")
+    control.add_argument("--schedule-info", action="store_true",
+                         help="the schedule: paused or not, spec, next and last runs")
+    reb.add_argument("--note", help="with --pause/--resume: why (shown by --schedule-info)")
+    reb.add_argument("--json", action="store_true", help="with --schedule-info: JSON")
     reb.add_argument("--schedule-id", default="shardshift-rebalance")
     _workflow_args(reb, "rebalance")
     reb.set_defaults(func="cli.fleet:cmd_rebalance")
@@ -199,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.set_defaults(func="cli.fleet:cmd_rebalance")
 
     _doctor_parser(sub)
+    _verify_parsers(sub)
 
     report = sub.add_parser(
         "report", help="what a move, drain or rebalance did: summary, timeline, plot",
@@ -224,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (InfraError, CliError) as exc:
-        print(f"shardshift: {exc}", file=sys.stderr)
+        print(f"shardshift: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -254,7 +385,8 @@ def _operator_error(exc: BaseException) -> bool:
     """Errors of the catalog, a database or Temporal: one line for the operator, not a trace."""
     kinds: list[type] = []
     for module, name in (("catalog.errors", "CatalogError"), ("psycopg", "Error"),
-                         ("temporalio.service", "RPCError")):
+                         ("temporalio.service", "RPCError"),
+                         ("shards.errors", "InvalidNameError")):
         mod = sys.modules.get(module)
         if mod is not None:
             kinds.append(getattr(mod, name))

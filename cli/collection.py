@@ -13,7 +13,9 @@ from cli.common import CliError, catalog_dsn
 from cli.render import print_chunk_map
 from infra import Stack
 from settings import get_settings
+from shards.errors import InvalidNameError
 from shards.models import IndexDefinition
+from shards.names import check_collection, check_field_path
 
 
 def _index(spec: str) -> IndexDefinition:
@@ -32,6 +34,13 @@ def cmd_collection(args: argparse.Namespace) -> int:
 
 async def _collection_create(args: argparse.Namespace) -> int:
     settings = get_settings()
+    try:  # bad input changes nothing: checked before the stack's shards are registered
+        check_collection(args.name)
+        check_field_path(args.shard_key)
+    except InvalidNameError as exc:
+        raise CliError(f"cannot create collection {args.name!r}: {exc}") from None
+    if args.chunks_per_shard < 1:
+        raise CliError(f"--chunks-per-shard {args.chunks_per_shard}: expected at least 1")
     indexes = [_index(s) for s in args.index or []]
     wanted = [s for s in (args.shards or "").split(",") if s] or None
     stack = Stack.from_settings(settings)

@@ -12,6 +12,8 @@ from catalog import Catalog
 from cli.common import CliError, catalog_dsn
 from cli.temporal import client as temporal_client
 from settings import get_settings
+from shards.errors import InvalidNameError
+from shards.names import check_collection
 from shards.staging import Staging
 from worker import TemporalMoveProbe
 
@@ -21,6 +23,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 async def _doctor(args: argparse.Namespace) -> int:
+    for name in args.collection or []:
+        try:
+            check_collection(name)
+        except InvalidNameError as exc:
+            raise CliError(str(exc)) from None
     settings = get_settings()
     probe: MoveProbe
     try:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from typing import Any
 
 from temporalio.client import (
     Schedule,
     ScheduleActionStartWorkflow,
-    ScheduleIntervalSpec,
     ScheduleOverlapPolicy,
     SchedulePolicy,
-    ScheduleSpec,
     ScheduleUpdate,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -22,12 +21,14 @@ from temporalio.service import RPCError, RPCStatusCode
 from catalog import Catalog
 from catalog.errors import CatalogError
 from catalog.models import MigrationKind
-from cli.common import CliError, catalog_dsn
+from cli import schedule as sched
+from cli.common import CliError, catalog_dsn, move_options
 from cli.render import (
     format_drain_progress,
     format_rebalance_progress,
     print_drain_result,
     print_rebalance_result,
+    print_schedule_status,
 )
 from cli.temporal import client as temporal_client
 from cli.temporal import ui_url, watch_or_report
@@ -46,11 +47,13 @@ async def _drain(args: argparse.Namespace) -> int:
     kind = MigrationKind.UPGRADE if args.upgrade else MigrationKind.MERGE_SHARDS
     try:
         inp = DrainShardInput(shards=args.shards, targets=args.to or None, kind=kind,
-                              max_parallel=args.parallel)
+                              max_parallel=args.parallel, dry_run=args.dry_run,
+                              move=move_options(args))
     except ValueError as exc:
         raise CliError(f"invalid drain: {exc}".replace("\n", " ")) from exc
     await _check_drain(settings, inp.shards, inp.targets or [])
-    wf_id = args.id or f"{'upgrade' if args.upgrade else 'drain'}-{'-'.join(args.shards)}"
+    wf_id = args.id or f"{'upgrade' if args.upgrade else 'drain'}-{'-'.join(args.shards)}" + (
+        "-dry-run" if args.dry_run else "")
     client = await temporal_client(settings)
     task_queue = args.task_queue or settings.temporal.task_queue
     try:
@@ -63,7 +66,7 @@ async def _drain(args: argparse.Namespace) -> int:
     print(f"started {wf_id} (run {handle.result_run_id}) on task queue {task_queue}")
     if ui:
         print(f"watch: {ui}")
-    if args.no_wait:
+    if args.no_wait and not args.dry_run:
         return 0
     # Watch the current run, not the first: a long drain continues as new.
     current = client.get_workflow_handle_for(DrainShardWorkflow.run, wf_id)
@@ -88,6 +91,24 @@ async def _check_drain(settings: Settings, shards: list[str], targets: list[str]
 # -- rebalance and split-shard ----------------------------------------------------------------
 
 
+async def _check_rebalance(settings: Settings, collections: list[str], shards: list[str]) -> None:
+    """Refuse unknown collections and shards before starting (or scheduling) a workflow."""
+    async with Catalog(catalog_dsn(settings), max_size=1) as cat:
+        for name in collections:
+            try:
+                await cat.chunk_map(name)
+            except CatalogError as exc:
+                raise CliError(str(exc)) from None
+        for sid in shards:
+            try:
+                info = await cat.shard(sid)
+            except CatalogError as exc:
+                raise CliError(str(exc)) from None
+            if info.state.value != "active":
+                raise CliError(f"shard {sid} is {info.state.value}; only active shards are "
+                               "rebalanced")
+
+
 def cmd_rebalance(args: argparse.Namespace) -> int:
     return asyncio.run(_rebalance(args))
 
@@ -96,6 +117,23 @@ async def _rebalance(args: argparse.Namespace) -> int:
     settings = get_settings()
     client = await temporal_client(settings)
     task_queue = args.task_queue or settings.temporal.task_queue
+    if getattr(args, "pause", False) or getattr(args, "resume", False):
+        await sched.pause(client, args.schedule_id, resume=args.resume,
+                          note=args.note or ("resumed" if args.resume else "paused")
+                          + " with shardshift rebalance")
+        print(f"{'resumed' if args.resume else 'paused'} schedule {args.schedule_id}"
+              + ("" if args.resume else " (runs already started continue; resume: "
+                 "shardshift rebalance --resume)"))
+        return 0
+    if getattr(args, "schedule_info", False):
+        info = await sched.schedule_status(client, args.schedule_id)
+        if info is None:
+            raise CliError(f"no schedule {args.schedule_id}")
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print_schedule_status(info)
+        return 0
     if getattr(args, "unschedule", False):
         try:
             await client.get_schedule_handle(args.schedule_id).delete()
@@ -112,14 +150,25 @@ async def _rebalance(args: argparse.Namespace) -> int:
             tolerance=args.tolerance, max_moves=args.max_moves, max_parallel=args.parallel,
             split=not getattr(args, "no_split", False), collections=args.collection,
             shards=[split_shard, args.to] if split_shard else args.shard, dry_run=args.dry_run,
+            max_moves_per_shard=getattr(args, "max_moves_per_shard", None)
+            or settings.fleet.max_moves_per_shard,
+            move=move_options(args),
         )
     except ValueError as exc:
         raise CliError(f"invalid rebalance: {exc}".replace("\n", " ")) from exc
+    await _check_rebalance(settings, inp.collections or [], inp.shards or [])
+    window = getattr(args, "window", None)
+    if window is not None and getattr(args, "schedule", None) is None:
+        raise CliError("--window needs --schedule EVERY (the window limits when it runs)")
     if getattr(args, "schedule", None) is not None:
+        try:
+            spec = sched.schedule_spec(args.schedule, window, args.time_zone)
+        except ValueError as exc:
+            raise CliError(f"invalid schedule: {exc}") from None
         schedule = Schedule(
             action=ScheduleActionStartWorkflow(RebalanceWorkflow.run, inp,
                                                id=args.schedule_id, task_queue=task_queue),
-            spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=args.schedule)]),
+            spec=spec,
             # A rebalance still running when the next is due: skip the next one.
             policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
         )
@@ -137,7 +186,10 @@ async def _rebalance(args: argparse.Namespace) -> int:
             await handle.update(replace)
             verb = "updated"
         print(f"{verb} schedule {args.schedule_id}: RebalanceWorkflow every {args.schedule} "
-              f"on task queue {task_queue} (delete: shardshift rebalance --unschedule)")
+              f"({sched.describe_window(window)}"
+              + (f" {spec.time_zone_name}" if window is not None else "")
+              + f") on task queue {task_queue} (pause: shardshift rebalance --pause; delete: "
+              "shardshift rebalance --unschedule)")
         return 0
     wf_id = args.id or (f"split-{split_shard}" if split_shard else "rebalance") + (
         "-dry-run" if args.dry_run else "")

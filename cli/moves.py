@@ -12,11 +12,12 @@ from temporalio.service import RPCError
 
 from catalog import Catalog
 from catalog.errors import CatalogError
-from cli.common import CliError, catalog_dsn
+from cli.common import CliError, catalog_dsn, copy_throttle
 from cli.render import format_progress, print_migrations, print_moves, print_result
 from cli.temporal import client as temporal_client
 from cli.temporal import ui_url, watch, watch_or_report
 from settings import Settings, get_settings
+from shards.postgres.throttle import ThrottleSettings
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
 from workflows.common import SA_CHUNK, SA_COLLECTION, SA_PHASE, SA_SOURCE, SA_TARGET
 
@@ -37,10 +38,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 async def _migrate(args: argparse.Namespace) -> int:
     settings = get_settings()
+    throttle = copy_throttle(args)
     try:
-        inp = MigrateChunkInput(collection=args.collection, chunk_id=args.chunk, target=args.to,
-                                dry_run=args.dry_run, rollback_window_s=args.rollback_window,
-                                target_give_up_s=args.give_up)
+        inp = MigrateChunkInput(
+            collection=args.collection, chunk_id=args.chunk, target=args.to,
+            dry_run=args.dry_run, rollback_window_s=args.rollback_window,
+            target_give_up_s=args.give_up,
+            copy_throttle=None if throttle is None else ThrottleSettings(**throttle))
     except ValueError as exc:
         raise CliError(f"invalid move: {exc}".replace("\n", " ")) from exc
     wf_id = args.id or f"move-{args.collection}-{args.chunk}" + ("-dry-run" if args.dry_run else "")

@@ -88,6 +88,12 @@ def print_result(r: Any, *, indent: str = "") -> None:
     if r.phase_seconds:
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in r.phase_seconds.items())
         print(f"{indent}time per phase     {phases}")
+    v = getattr(r, "verification", None)
+    if v is not None:
+        print(f"{indent}verification       {v.buckets} buckets at {v.lsn}: "
+              f"{v.mismatched_buckets} mismatched, {v.repaired_ranges} repaired"
+              + (f" (report {v.verification_id}: shardshift verify --show {r.migration_id})"
+                 if v.verification_id is not None else ""))
 
 
 def print_moves(rows: Sequence[tuple[Any, ...]]) -> None:
@@ -128,6 +134,14 @@ def format_drain_progress(p: Any, elapsed: float) -> str:
 
 
 def print_drain_result(result: Any) -> None:
+    if getattr(result, "outcome", "completed") == "dry_run":
+        print("outcome            dry_run (nothing changed)")
+        for m in result.planned:
+            print(f"  plan  {m.collection}/{m.chunk_id} {m.source} -> {m.target} "
+                  f"({human_bytes(m.bytes)})")
+        print("targets after      " + " ".join(
+            f"{t}={human_bytes(b)}" for t, b in sorted(result.target_bytes_after.items())))
+        return
     print(f"retired            {', '.join(result.retired) or '-'}")
     for m in result.moves:
         pause = "-" if m.pause_ms is None else f"{m.pause_ms:.1f} ms"
@@ -150,6 +164,8 @@ def format_rebalance_progress(p: Any, elapsed: float) -> str:
 
 
 def print_rebalance_result(result: Any, *, dry_run: bool) -> None:
+    print(f"outcome            {getattr(result, 'outcome', 'completed')}"
+          + (" (nothing changed)" if dry_run else ""))
     print("load before        " + " ".join(f"{s}={human_bytes(b)}"
                                           for s, b in sorted(result.loads_before.items())))
     print(("load planned       " if dry_run else "load after         ")
@@ -173,3 +189,49 @@ def print_chunk_map(name: str, shard_key: str, cmap: Any) -> None:
     print(f"{'CHUNK':<6} {'SHARD':<10} {'TOKEN':<6} RANGE")
     for c in cmap.chunks:
         print(f"{c.chunk_id:<6} {c.shard_id:<10} {c.token:<6} [{c.range.lo}, {c.range.hi})")
+
+
+# -- verification reports, invariants, the rebalancer's schedule ------------------------------
+
+
+def print_verifications(reports: Sequence[Any], *, detail: bool = False) -> None:
+    """``verify``: one line per chunk (and with ``detail`` every field of each report)."""
+    print(f"{'REPORT':<7} {'KIND':<9} {'CHUNK':<24} {'SHARD':<22} {'DOCS':>8} {'BUCKETS':>7} "
+          f"{'MISMATCH':>8} {'REPAIRED':>8} {'ORPHANS':>7} {'DIGEST':<16} RESULT")
+    for r in reports:
+        where = r.shard_id if r.source is None else f"{r.source} -> {r.shard_id}"
+        print(f"{r.verification_id or '-':<7} {r.kind.value:<9} "
+              f"{r.collection + '/' + str(r.chunk_id):<24} {where:<22} {r.documents:>8} "
+              f"{r.buckets:>7} {r.mismatched_buckets:>8} {r.repaired_ranges:>8} "
+              f"{sum(r.orphans.values()):>7} {r.digest or '-':<16} "
+              f"{'ok' if r.ok else 'NOT OK'}")
+        if r.detail:
+            print(f"        {r.detail}")
+        if detail:
+            print(f"        migration {r.migration_id or '-'}  lsn {r.lsn or '-'}  rounds "
+                  f"{r.rounds}  {r.seconds:.2f}s  at {r.created_at:%Y-%m-%d %H:%M:%S}")
+
+
+def print_violations(found: Sequence[Any], collection: str | None) -> None:
+    """``catalog check``: each broken invariant, or that there is none."""
+    scope = f"collection {collection}" if collection else "every collection"
+    if not found:
+        print(f"catalog check: {scope}: layout and fences consistent")
+        return
+    print(f"catalog check: {scope}: {len(found)} violation(s)")
+    for v in found:
+        print(f"  {v.kind.value:<15} {v.message}")
+
+
+def print_schedule_status(info: dict[str, Any]) -> None:
+    """``rebalance --schedule-info``: paused or not, when it runs next."""
+    state = "PAUSED" + (f" ({info['note']})" if info.get("note") else "") if info["paused"] \
+        else "active"
+    print(f"schedule {info['schedule_id']}: {state}")
+    if info["every"]:
+        print("  every      " + ", ".join(f"{s:g}s" for s in info["every"]))
+    if info["calendars"]:
+        print(f"  window     {info['calendars']} calendar entries ({info['time_zone'] or 'UTC'})")
+    print("  next runs  " + (", ".join(info["next_runs"]) or "-"))
+    print("  last runs  " + (", ".join(info["recent_runs"]) or "-"))
+

@@ -80,6 +80,9 @@ class DrainShardInput(BaseModel):
     """When to continue as new; how often a chunk whose target is lost is re-planned."""
     state: FleetState | None = None
     """Progress carried from the previous run (set by the workflow when it continues as new)."""
+    dry_run: bool = False
+    """Plan only: the result lists the moves (``outcome`` ``dry_run``); no shard changes
+    state and nothing moves."""
 
     @field_validator("kind")
     @classmethod
@@ -126,6 +129,12 @@ class DrainShardResult(BaseModel):
     """Moves beyond the records kept (``child_moves.MOVES_KEPT``), counted only."""
     lost_targets: list[str] = []
     runs: int = 1
+    outcome: str = "completed"
+    """``completed``, or ``dry_run`` for a plan only (see ``planned``)."""
+    planned: list[PlannedMove] = []
+    """A dry run's plan."""
+    target_bytes_after: dict[str, int] = {}
+    """A dry run's estimate of each target's bytes once the planned moves are done."""
 
 
 @workflow.defn
@@ -156,6 +165,8 @@ class DrainShardWorkflow:
                             replan=self._replan)
         workflow.upsert_search_attributes([SA_KIND.value_set(inp.kind.value),
                                            SA_SOURCE.value_set(",".join(inp.shards))])
+        if inp.dry_run:
+            return await self._dry_run(inp)
         try:
             for round_ in range(state.round, inp.rounds + 1):
                 self._progress.round = round_
@@ -209,6 +220,24 @@ class DrainShardWorkflow:
                                 moves_omitted=runner.omitted,
                                 lost_targets=list(self._progress.lost_targets),
                                 runs=self._progress.runs)
+
+    async def _dry_run(self, inp: DrainShardInput) -> DrainShardResult:
+        """The plan, measured and validated like a real drain's, with no shard marked."""
+        await self._set_phase("planning")
+        plan: DrainPlan = await workflow.execute_activity_method(
+            FleetActivities.plan,
+            DrainPlanRequest(shards=inp.shards, targets=inp.targets, kind=inp.kind,
+                             dry_run=True),
+            start_to_close_timeout=timedelta(minutes=30),
+            heartbeat_timeout=timedelta(minutes=5), retry_policy=FLEET_RETRY,
+        )
+        self._progress.targets = plan.targets
+        self._progress.chunks_total = len(plan.moves)
+        self._progress.bytes_total = plan.bytes_total
+        await self._set_phase("dry_run")
+        return DrainShardResult(shards=list(inp.shards), retired=[], moves=[],
+                                outcome="dry_run", planned=plan.moves,
+                                target_bytes_after=plan.target_bytes_after)
 
     def _continue_as_new(self, inp: DrainShardInput, state: FleetState) -> None:
         """Start the next run with the moves not started yet (nothing is running now)."""

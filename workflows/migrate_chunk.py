@@ -93,6 +93,7 @@ with workflow.unsafe.imports_passed_through():
     from catalog.models import MigrationKind, MigrationOutcome, MigrationPhase
     from catalog.store import check_shard_id
     from shards.names import check_collection
+    from shards.postgres.throttle import ThrottleSettings
     from workflows.common import (
         CUTOVER_RETRY,
         FOREVER,
@@ -170,6 +171,9 @@ class MigrateChunkInput(BaseModel):
     """Copy progress is sampled every ``poll_s`` at first, backing off to this."""
     lag_window_s: float = Field(default=60.0, gt=0)
     """Longest one ``wait_caught_up`` / ``wait_reachable`` call waits before reporting."""
+    copy_throttle: ThrottleSettings | None = None
+    """Limits of the bulk copy's reads of the source: rows/s, bytes/s, and a pause while the
+    source has more active sessions than ``max_active`` (``rebalance --max-copy-rate``)."""
     resume: MigrateChunkResume | None = None
     """Set by continue-as-new only: where the previous run of this move stopped."""
 
@@ -199,6 +203,11 @@ class MigrateChunkResult(BaseModel):
     phase_seconds: dict[str, float] = {}
     plan: list[CutoverStep] = []
     detail: str | None = None
+    verification: VerifyResult | None = None
+    """The verify phase's report (buckets, mismatches, repairs, the LSN; its id in the
+    catalog's ``verifications``). None: not verified, or a move from before the reports."""
+    dry_run: bool = False
+    """A plan only (``outcome`` is then ``dry_run``): nothing was registered or moved."""
 
 
 class Progress(BaseModel):
@@ -247,6 +256,7 @@ class MigrateChunkResume(BaseModel):
     phase_seconds: dict[str, float] = {}
     documents: int | None = None
     verified: bool | None = None
+    verification: VerifyResult | None = None
     waiting_for: str | None = None
     waiting_since: datetime | None = None
     target_declared_lost: bool = False
@@ -419,6 +429,7 @@ class MigrateChunkWorkflow:
             progress=self._progress.model_copy(update=update),
             phase_started=dict(self._phase_started), phase_seconds=dict(self._phase_seconds),
             documents=self._result_kw.get("documents"), verified=self._result_kw.get("verified"),
+            verification=self._result_kw.get("verification"),
             waiting_for=waiting_for, waiting_since=waiting_since,
             target_declared_lost=self._lost_declared,
         )
@@ -611,7 +622,8 @@ class MigrateChunkWorkflow:
         checkpoints (staged parts, imported parts) once it answers."""
         while True:
             snap = workflow.start_activity_method(
-                SnapshotActivities.snapshot, SnapshotInput(spec=spec, part_rows=inp.part_rows),
+                SnapshotActivities.snapshot,
+                SnapshotInput(spec=spec, part_rows=inp.part_rows, throttle=inp.copy_throttle),
                 start_to_close_timeout=timedelta(days=1), heartbeat_timeout=self._heartbeat,
                 retry_policy=self._pausing(MOVE_DATA), cancellation_type=_WAIT,
             )
@@ -725,8 +737,9 @@ class MigrateChunkWorkflow:
                 start_to_close_timeout=_SHORT, retry_policy=MOVE_QUICK,
             )
             self._progress.phase = "dry_run"
-            return MigrateChunkResult(migration_id=mid, outcome=MigrationOutcome.ABORTED,
-                                      target=inp.target, plan=planned.steps, detail=planned.reason)
+            return MigrateChunkResult(migration_id=mid, outcome=MigrationOutcome.DRY_RUN,
+                                      target=inp.target, plan=planned.steps, detail=planned.reason,
+                                      dry_run=True)
 
         if inp.resume is None:
             spec = await self._register(inp, mid)
@@ -777,6 +790,7 @@ class MigrateChunkWorkflow:
                     verified = await self._verify(inp, spec)
                     result_kw["verified"] = verified.verified
                     result_kw["documents"] = verified.documents
+                    result_kw["verification"] = verified
                 self._stage = Stage.CUTOVER
 
             # -- cutover ---------------------------------------------------------------------------
@@ -943,6 +957,8 @@ class MigrateChunkWorkflow:
             self._result_kw["documents"] = resume.documents
         if resume.verified is not None:
             self._result_kw["verified"] = resume.verified
+        if resume.verification is not None:
+            self._result_kw["verification"] = resume.verification
         return resume.spec
 
     async def _roll_back(self, inp: MigrateChunkInput, spec: MoveSpec,

@@ -126,6 +126,8 @@ class RebalanceResult(BaseModel):
     moves_omitted: int = 0
     lost_targets: list[str] = []
     runs: int = 1
+    outcome: str = "completed"
+    """``completed``, or ``dry_run`` for a plan only (see ``planned``)."""
 
 
 @workflow.defn
@@ -184,7 +186,8 @@ class RebalanceWorkflow:
                 if inp.dry_run:
                     self._set_phase("done")
                     return RebalanceResult(loads_before=plan.loads, loads_after=plan.loads_after,
-                                           splits=plan.splits, planned=plan.moves)
+                                           splits=plan.splits, planned=plan.moves,
+                                           outcome="dry_run")
                 for sp in plan.splits:
                     self._set_phase("splitting")
                     ids = await workflow.execute_activity_method(

@@ -40,6 +40,7 @@ version increment and notification every change makes):
 * ``chunkmaps``: chunk maps and single chunks, chunk ids, chunk statistics.
 * ``topology``: split, merge and ``move_chunk``, the commit point.
 * ``migrations``: migration records. ``leases``: move leases. ``notify``: ``listen``.
+* ``verifications``: verification reports (observations: no version bump).
 * ``rows``: rows to models, and the reads inside a transaction that the sections share.
   ``checks``: validation of shard ids, migration ids, addresses, chunk ids and tokens.
 

@@ -12,12 +12,15 @@ from catalog.store.notify import Notifications
 from catalog.store.registry import ShardRegistry
 from catalog.store.samples import Samples
 from catalog.store.topology import Topology
+from catalog.store.verifications import Verifications
 
 
 class Catalog(
-    ShardRegistry, Collections, ChunkMaps, Topology, Migrations, Leases, Notifications, Samples
+    ShardRegistry, Collections, ChunkMaps, Topology, Migrations, Leases, Notifications, Samples,
+    Verifications,
 ):
-    """The catalog: shards, collections, chunks, migrations, leases and move timelines.
+    """The catalog: shards, collections, chunks, migrations, leases, move timelines and
+    verification reports.
 
     Build one per process, ``await catalog.open()`` (or ``async with``), share it: methods are
     safe to call concurrently (each takes its own pooled connection).

@@ -151,6 +151,8 @@ class Migrations(CatalogBase):
         """
         check_migration_id(migration_id)
         outcome = MigrationOutcome(outcome)
+        if outcome == MigrationOutcome.DRY_RUN:
+            raise MigrationStateError("a dry run registers nothing, so it finishes nothing")
 
         async def body(cur: AsyncCursor[Any]) -> MigrationRecord:
             mig = await migration_in(cur, migration_id, lock=True)

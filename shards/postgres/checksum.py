@@ -185,6 +185,15 @@ def checksum_range(
     )
 
 
+def range_digest(checksum: RangeChecksum) -> str:
+    """One digest for a whole range: the buckets' digests summed modulo 2^64, as 16 hex digits.
+
+    Order-independent like the buckets' (so independent of the bucketing too): two shards hold
+    the same rows of a range exactly when their counts and digests agree (up to the hash's
+    collision odds)."""
+    return f"{sum(b.digest for b in checksum.buckets) % 2**64:016x}"
+
+
 def diff_checksums(a: RangeChecksum, b: RangeChecksum) -> list[KeyRange]:
     """Key ranges whose buckets differ between two checksums, adjacent ones merged.
 
@@ -418,5 +427,6 @@ __all__ = [
     "checksum_range",
     "diff_checksums",
     "merge_ranges",
+    "range_digest",
     "recopy_range",
 ]

@@ -68,6 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from shards.models import KeyRange
 from shards.names import check_collection
 from shards.postgres.schema import collection_table
+from shards.postgres.throttle import CopyThrottle
 from shards.staging import Staging, check_migration_id
 
 FORMAT_VERSION = 1
@@ -247,6 +248,7 @@ def export_chunk(
     compression: str = "zstd",
     batch_bytes: int = 8 << 20,
     progress: ExportProgressFn | None = None,
+    throttle: CopyThrottle | None = None,
 ) -> ExportResult:
     """Stage a chunk of a source shard as Parquet parts read at one snapshot.
 
@@ -265,6 +267,8 @@ def export_chunk(
         compression: Parquet codec (``zstd``, ``lz4``, ``snappy``, ``none``).
         batch_bytes: Bytes of COPY rows turned into one record batch (bounds memory).
         progress: Called after every batch and part with an :class:`ExportProgress`.
+        throttle: Paces the reads and pauses them while the source is busy (see
+            ``shards/postgres/throttle.py``); batches are then at most 1 MiB.
 
     Returns:
         An :class:`ExportResult`.
@@ -293,9 +297,13 @@ def export_chunk(
                                             parts_done=len(exported) + len(skipped),
                                             parts_total=total))
 
+            if throttle is not None:
+                throttle.before()
             rows = _export_part(conn, collection, sub, staging, migration_id, part,
-                                compression=compression, batch_bytes=batch_bytes,
-                                on_batch=on_batch)
+                                compression=compression,
+                                batch_bytes=batch_bytes if throttle is None
+                                else min(batch_bytes, 1 << 20),
+                                on_batch=on_batch, throttle=throttle)
             rows_done += rows
             bytes_done += staging.part_size(migration_id, part)
             exported.append(part)
@@ -479,7 +487,7 @@ def _decode_rows(chunks: list[Buffer], lengths: list[int]) -> pa.Table:
 
 def _export_part(conn: psycopg.Connection, collection: str, sub: KeyRange, staging: Staging,
                  migration_id: str, part: int, *, compression: str, batch_bytes: int,
-                 on_batch: Callable[[int], None]) -> int:
+                 on_batch: Callable[[int], None], throttle: CopyThrottle | None = None) -> int:
     schema = PART_SCHEMA.with_metadata(part_metadata(migration_id, collection, part, sub))
     rows = 0
     with staging.write_part(migration_id, part) as out:
@@ -494,6 +502,8 @@ def _export_part(conn: psycopg.Connection, collection: str, sub: KeyRange, stagi
                 writer.write_table(table.replace_schema_metadata(schema.metadata))
                 rows += table.num_rows
                 on_batch(rows)
+                if throttle is not None:
+                    throttle.after(table.num_rows, table.nbytes)
         finally:
             writer.close()
     return rows

@@ -1,0 +1,93 @@
+"""Every command, given a bad id or name, answers with one line on stderr and exit code 2,
+no traceback, and changes nothing (real catalog and Temporal server of the session stack)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from infra import Stack
+from tests.router.conftest import Deployment
+from tests.workflows.cli_run import cli_env, shardshift
+
+HOSTILE = ["x'; DROP TABLE catalog.chunks; --", "a b", "../etc", "é", ""]
+
+
+def cases(c: str, shard: str, other: str) -> list[list[str]]:
+    out: list[list[str]] = []
+    for chunk in ("0", "-1", "abc", str(2**63), "999999999"):
+        out.append(["migrate", "--collection", c, "--chunk", chunk, "--to", other])
+        out.append(["verify", "--collection", c, "--chunk", chunk])
+    out += [
+        ["migrate", "--collection", "nosuch_coll", "--chunk", "1", "--to", other],
+        ["migrate", "--collection", c, "--chunk", "1", "--to", "nosuch-shard"],
+        ["verify", "--collection", "nosuch_coll"],
+        ["verify", "--show", "0"],
+        ["verify", "--show", "nosuch-migration"],
+        ["verify"],
+        ["catalog", "check", "--collection", "nosuch_coll"],
+        ["moves", "--catalog", "--collection", "nosuch coll"],
+        ["rollback", "--id", "nosuch-workflow"],
+        ["drain", "nosuch-shard"],
+        ["drain", shard, "--to", "nosuch-shard", "--dry-run"],
+        ["rebalance", "--collection", "nosuch_coll", "--dry-run"],
+        ["rebalance", "--shard", "nosuch-shard", "--dry-run"],
+        ["rebalance", "--schedule", "1h", "--window", "25:00-01:00"],
+        ["rebalance", "--window", "01:00-05:00"],
+        ["rebalance", "--schedule", "90s", "--window", "01:00-05:00"],
+        ["rebalance", "--max-copy-rate", "fast", "--dry-run"],
+        ["rebalance", "--max-moves-per-shard", "0", "--dry-run"],
+        ["rebalance", "--pause", "--schedule-id", "nosuch-schedule"],
+        ["split-shard", "nosuch-shard", "--to", other, "--dry-run"],
+        ["doctor", "--collection", "nosuch coll"],
+        ["collection", "create", "fine_name", "--shard-key", "acct", "--chunks-per-shard", "0"],
+    ]
+    for name in HOSTILE:
+        out += [
+            ["migrate", "--collection", name, "--chunk", "1", "--to", other],
+            ["migrate", "--collection", c, "--chunk", "1", "--to", name],
+            ["verify", "--collection", name],
+            ["verify", "--show", name],
+            ["catalog", "check", "--collection", name],
+            ["moves", "--catalog", "--collection", name],
+            ["drain", name],
+            ["rebalance", "--collection", name, "--dry-run"],
+            ["collection", "create", name, "--shard-key", "acct"],
+            ["collection", "create", "fine_name", "--shard-key", name or "a..b"],
+        ]
+    return out
+
+
+async def test_bad_ids_and_names_are_one_line_and_exit_2(
+    deployment: Deployment, stack: Stack,
+) -> None:
+    d = deployment
+    shard, other = sorted(d.shards)[:2]
+    env = cli_env(stack, task_queue="no-worker-listens-here")
+    before = (await d.chunk_map(), await d.catalog.migrations(collection=d.collection),
+              await d.catalog.list_shards())
+    failures: list[str] = []
+    gate = asyncio.Semaphore(3)
+
+    async def one(args: list[str]) -> None:
+        async with gate:
+            ran = await shardshift(env, *args)
+        lines = ran.err.strip().splitlines()
+        if ran.code != 2 or len(lines) != 1 or "Traceback" in ran.err or ran.out.strip():
+            failures.append(f"{args}: exit {ran.code}, stdout {ran.out[-200:]!r}, "
+                            f"stderr {ran.err[-400:]!r}")
+
+    await asyncio.gather(*(one(a) for a in cases(d.collection, shard, other)))
+    assert failures == [], "\n".join(failures)
+    after = (await d.chunk_map(), await d.catalog.migrations(collection=d.collection),
+             await d.catalog.list_shards())
+    assert [c for c in after[0].chunks if c not in before[0].chunks] == []
+    assert after[1] == before[1]
+    assert [s.shard_id for s in after[2] if s not in before[2]] == []
+
+
+@pytest.mark.parametrize("args", [["--help"], ["verify", "--help"], ["catalog", "check", "--help"]])
+async def test_help_still_works(args: list[str], stack: Stack) -> None:
+    ran = await shardshift(cli_env(stack), *args)
+    assert ran.code == 0 and "usage" in ran.out, ran
