@@ -37,6 +37,7 @@ from catalog.models import (
     MigrationRecord,
     ShardInfo,
     ShardState,
+    ShardUsage,
     Violation,
     ViolationKind,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "ShardInfo",
     "ShardState",
     "ShardStateError",
+    "ShardUsage",
     "TokenMismatchError",
     "UnknownChunkError",
     "UnknownCollectionError",
