@@ -187,7 +187,11 @@ async def _cancel(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     result = await watch_or_report(handle, cls.progress, fmt, f"{what} {args.id}")
-    return 1 if result is None else show(result)
+    if result is not None:
+        code: int = show(result)  # past the commit point a cancelled move completes
+        return code
+    final = await handle.describe()
+    return 0 if final.status == WorkflowExecutionStatus.CANCELED else 1
 
 
 # -- complete -------------------------------------------------------------------------------------
@@ -220,4 +224,7 @@ async def _complete(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     result = await watch_or_report(handle, cls.progress, fmt, f"{what} {args.id}")
-    return 1 if result is None else show(result)
+    if result is None:
+        return 1
+    done: int = show(result)
+    return done

@@ -14,6 +14,7 @@ from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import CancelledError
 
 from cli.common import CliError
 from infra import Stack
@@ -86,10 +87,13 @@ async def watch(handle: Any, query: Any, fmt: Callable[[Any, float], str], *,
 
     On a terminal the line is redrawn in place; otherwise a plain line is printed whenever
     the phase changes (and every 5 s), and once more with the final state. Returns the
-    workflow's result (raises its failure).
+    workflow's result (raises its failure). Before watching, a workflow that still runs is
+    checked for a worker on its task queue (a warning on stderr if there is none). Ctrl-C
+    detaches: the workflow keeps running, and stderr says how to re-attach.
     """
     out = out or sys.stdout
     tty = out.isatty() if tty is None else tty
+    await _warn_without_worker(handle)
     result = asyncio.ensure_future(handle.result())
     start = time.monotonic()
     last_phase, last_print = None, 0.0
@@ -146,7 +150,10 @@ async def watch_or_report(handle: Any, query: Any, fmt: Callable[[Any, float], s
     try:
         return await watch(handle, query, fmt)
     except WorkflowFailureError as exc:
-        cause = exc.cause
+        if isinstance(exc.cause, CancelledError):
+            print(f"{what} was cancelled", file=sys.stderr)
+            return None
+        cause: Any = exc.cause
         while getattr(cause, "cause", None) is not None:
             cause = cause.cause
         print(f"{what} failed: {cause or exc}", file=sys.stderr)
