@@ -15,7 +15,7 @@ from catalog.models import MigrationKind, MigrationOutcome
 from shards.models import IndexDefinition
 from shards.postgres import PostgresShard
 
-BAD = [
+BAD: list[tuple[dict[str, object], str]] = [
     ({"engine": "post\x00gres"}, "engine"),
     ({"engine": "x" * 64}, "engine"),
     ({"engine": ""}, "engine"),
