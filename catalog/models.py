@@ -54,6 +54,18 @@ class ShardInfo(_Frozen):
     updated_at: datetime
 
 
+class ShardUsage(_Frozen):
+    """What the catalog says a shard holds now (``Catalog.shard_usage``)."""
+
+    shard_id: str
+    chunks: int = 0
+    collections: int = 0
+    moves_in: int = 0
+    """Active migrations with this shard as their target."""
+    moves_out: int = 0
+    """Active migrations with this shard as their source."""
+
+
 # -- collections and chunks -----------------------------------------------------------------
 
 

@@ -21,6 +21,15 @@
     shardshift verify --collection C [--chunk K] [--buckets N] [--json]
     shardshift verify --show MIGRATION_ID|REPORT_ID [--json]
     shardshift catalog check [--collection C] [--layout-only] [--json]
+    shardshift status [--collection C] [--json]
+    shardshift shard add NAME --dsn DSN [--capacity SIZE] [--superuser-dsn DSN]
+                         [--passfile PATH] [--update] [--json]
+    shardshift shard list [--json]
+    shardshift shard remove NAME [--json]
+    shardshift watch ID [--json]
+    shardshift cancel ID [--wait] [--json]
+    shardshift complete ID [--wait] [--json]
+    shardshift setup temporal [--namespace N] [--json]
     shardshift demo
 """
 
@@ -103,6 +112,10 @@ def _throttle_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--throttle-active", type=_count, metavar="N",
                         help="pause the bulk copy while the source has more than N active "
                              "client sessions")
+def _capacity(text: str) -> int:
+    from cli.shards import parse_capacity  # noqa: PLC0415 - command modules load on use
+
+    return parse_capacity(text)
 
 
 def _every(text: str) -> timedelta:
@@ -344,10 +357,95 @@ def build_parser() -> argparse.ArgumentParser:
                         help="draw the move's timeline (rows/s, lag, marks, the pause), or a "
                              "drain's or rebalance's bytes per shard, into this PNG file")
     report.set_defaults(func="cli.report:cmd_report")
+    _console_parsers(sub)
 
     demo = sub.add_parser("demo", help="the main job: a live chunk migration under load")
     demo.set_defaults(func="cli.demo:cmd_demo")
     return parser
+
+
+def _console_parsers(sub: Any) -> None:
+    """``status``, ``shard``, ``watch``, ``cancel``, ``complete`` and ``setup``."""
+    status = sub.add_parser(
+        "status", help="the fleet: shards (chunks, live bytes, load), moves in flight, "
+                       "schedules, workers",
+        description="Every shard (state, engine and version, chunks, documents, live bytes, "
+                    "load against its capacity, moves in and out), the moves in flight with "
+                    "their phase and lag, running drains and rebalances, the rebalance "
+                    "schedules with their next run, and the workers on the task queue.")
+    status.add_argument("--collection", metavar="C", help="count only this collection")
+    status.add_argument("--json", action="store_true",
+                        help='{"shards": [...], "moves": [...], "operations": [...], '
+                             '"schedules": [...], "workers": {...}, "errors": [...]}')
+    status.set_defaults(func="cli.status:cmd_status")
+
+    shard = sub.add_parser("shard", help="register, list and retire shards (production "
+                                         "servers, without the local stack)")
+    shard_sub = shard.add_subparsers(dest="action", required=True)
+    add = shard_sub.add_parser(
+        "add", help="provision a server's roles and register it as a shard",
+        description="With --superuser-dsn, creates (or updates) the router and mover roles, "
+                    "schemas and grants on the server, passwords in the passfile (the "
+                    "superuser DSN is used for that only and never stored). Then checks that "
+                    "the server answers as the mover and the router, and registers --dsn "
+                    "(without role or password) with the server's major version.")
+    add.add_argument("name", metavar="NAME", help="the shard id (a letter, then letters, "
+                                                   "digits, '_', '.', '-')")
+    add.add_argument("--dsn", required=True,
+                     help="where the shard is: host=... port=... dbname=... (no password; "
+                          "a user= is dropped: each component connects as its own role)")
+    add.add_argument("--capacity", type=_capacity, metavar="SIZE",
+                     help="storage the planners may fill, e.g. 500GiB or 2TB")
+    add.add_argument("--superuser-dsn", metavar="DSN",
+                     help="provision the roles first, as this superuser (not stored)")
+    add.add_argument("--passfile", type=Path, metavar="PATH",
+                     help="the libpq passfile holding (or receiving) the roles' passwords "
+                          "(default: SHARDSHIFT_DB__PASSFILE, the DSN's passfile=, "
+                          "PGPASSFILE, ~/.pgpass)")
+    add.add_argument("--update", action="store_true",
+                     help="allow a registered shard's address to change")
+    add.add_argument("--json", action="store_true")
+    lst = shard_sub.add_parser("list", help="registered shards, their state and chunks")
+    lst.add_argument("--json", action="store_true")
+    remove = shard_sub.add_parser(
+        "remove", help="retire a shard that holds no chunk and takes part in no move",
+        description="Refused while the shard holds chunks or takes part in a move (drain it "
+                    "first). The id stays in the catalog (retired) for the history of its "
+                    "migrations and is never reused; the server is left alone.")
+    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("--json", action="store_true")
+    shard.set_defaults(func="cli.shards:cmd_shard")
+
+    watch = sub.add_parser("watch", help="re-attach to a move, drain or rebalance by workflow "
+                                         "id: progress until it ends, then the result")
+    watch.add_argument("id", metavar="ID", help="the workflow id (e.g. move-payments-3)")
+    watch.add_argument("--json", action="store_true",
+                       help="no progress lines; the result (or failure) as one object")
+    watch.set_defaults(func="cli.control:cmd_watch")
+
+    cancel = sub.add_parser("cancel", help="stop a move, drain or rebalance (says what that "
+                                           "means in its current phase)")
+    cancel.add_argument("id", metavar="ID")
+    cancel.add_argument("--wait", action="store_true", help="then watch it to its end")
+    cancel.add_argument("--json", action="store_true")
+    cancel.set_defaults(func="cli.control:cmd_cancel")
+
+    complete = sub.add_parser("complete", help="close a move's open rollback window now "
+                                               "(keep the move, start its cleanup)")
+    complete.add_argument("id", metavar="ID")
+    complete.add_argument("--wait", action="store_true", help="then watch it to its end")
+    complete.add_argument("--json", action="store_true")
+    complete.set_defaults(func="cli.control:cmd_complete")
+
+    setup = sub.add_parser("setup", help="prepare external services for shardshift")
+    setup_sub = setup.add_subparsers(dest="action", required=True)
+    temporal = setup_sub.add_parser(
+        "temporal", help="register shardshift's search attributes on a Temporal namespace "
+                         "(idempotent)")
+    temporal.add_argument("--namespace", metavar="N",
+                          help="default: SHARDSHIFT_TEMPORAL__NAMESPACE (default)")
+    temporal.add_argument("--json", action="store_true")
+    setup.set_defaults(func="cli.setup:cmd_setup")
 
 
 def main(argv: list[str] | None = None) -> int:

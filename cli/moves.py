@@ -15,7 +15,7 @@ from catalog.errors import CatalogError
 from cli.common import CliError, catalog_dsn, copy_throttle
 from cli.render import format_progress, print_migrations, print_moves, print_result
 from cli.temporal import client as temporal_client
-from cli.temporal import ui_url, watch, watch_or_report
+from cli.temporal import ensure_worker, ui_url, watch, watch_or_report
 from settings import Settings, get_settings
 from shards.postgres.throttle import ThrottleSettings
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
@@ -51,14 +51,15 @@ async def _migrate(args: argparse.Namespace) -> int:
     await _check_move(settings, args.collection, args.chunk, args.to)
     client = await temporal_client(settings)
     task_queue = args.task_queue or settings.temporal.task_queue
+    # Without a worker nothing would happen: refuse to wait for it; --no-wait queues the move.
+    await ensure_worker(client, task_queue, required=not args.no_wait)
     try:
         handle = await client.start_workflow(MigrateChunkWorkflow.run, inp, id=wf_id,
                                              task_queue=task_queue)
     except WorkflowAlreadyStartedError:
         raise CliError(
             f"workflow {wf_id} is already running: chunk {args.chunk} of {args.collection} is "
-            f"being moved (watch: temporal workflow query --workflow-id {wf_id} --name progress; "
-            f"stop: temporal workflow cancel --workflow-id {wf_id})"
+            f"being moved (watch: shardshift watch {wf_id}; stop: shardshift cancel {wf_id})"
         ) from None
     ui = ui_url(settings, wf_id)
     print(f"started {wf_id} (run {handle.result_run_id}) on task queue {task_queue}")
@@ -142,8 +143,15 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 async def _rollback(args: argparse.Namespace) -> int:
-    client = await temporal_client(get_settings())
+    settings = get_settings()
+    client = await temporal_client(settings)
     handle = client.get_workflow_handle_for(MigrateChunkWorkflow.run, args.id)
+    try:
+        desc = await handle.describe()
+    except RPCError as exc:
+        raise CliError(f"rollback of {args.id} failed: {exc}") from exc
+    # The update waits for a worker to run it: without one it would hang.
+    await ensure_worker(client, desc.task_queue or settings.temporal.task_queue, required=True)
     try:
         answer = await handle.execute_update(MigrateChunkWorkflow.rollback)
     except WorkflowUpdateFailedError as exc:
@@ -151,5 +159,5 @@ async def _rollback(args: argparse.Namespace) -> int:
     except RPCError as exc:
         raise CliError(f"rollback of {args.id} failed: {exc}") from exc
     print(f"{args.id}: {answer} (the workflow moves the chunk back, then cleans up; "
-          f"watch: shardshift moves)")
+          f"watch: shardshift watch {args.id})")
     return 0

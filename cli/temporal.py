@@ -1,4 +1,5 @@
-"""The CLI's Temporal side: a client from settings, the Web UI link, watching a workflow."""
+"""The CLI's Temporal side: a client from settings, the Web UI link, whether a worker polls a
+task queue, watching a workflow (Ctrl-C detaches; ``shardshift watch ID`` re-attaches)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
+from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import WorkflowFailureError
-from temporalio.exceptions import TemporalError
+from temporalio.exceptions import CancelledError, TemporalError
 
 from cli.common import CliError
 from infra import Stack
@@ -26,6 +31,43 @@ async def client(settings: Settings) -> Any:
             f"(namespace {settings.temporal.namespace}): {exc} "
             "(local stack: ./dev shardshift infra up)"
         ) from exc
+
+
+POLLER_FRESH = timedelta(minutes=2)
+"""A poller last seen longer ago than this is a worker gone (a live one polls at least every
+minute or so)."""
+
+
+async def workers(client: Any, task_queue: str) -> int:
+    """How many workers poll ``task_queue`` for workflow tasks now (Temporal's pollers seen
+    within ``POLLER_FRESH``)."""
+    resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+        namespace=client.namespace,
+        task_queue=TaskQueue(name=task_queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
+        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+    ))
+    fresh = datetime.now(UTC) - POLLER_FRESH
+    return sum(1 for p in resp.pollers
+               if not p.HasField("last_access_time")
+               or p.last_access_time.ToDatetime(tzinfo=UTC) >= fresh)
+
+
+def no_worker_message(task_queue: str) -> str:
+    return (f"no worker polls task queue {task_queue!r}: nothing runs until one does "
+            f"(start one: shardshift worker"
+            + (f" with SHARDSHIFT_TEMPORAL__TASK_QUEUE={task_queue}" if task_queue != "shardshift"
+               else "") + ")")
+
+
+async def ensure_worker(client: Any, task_queue: str, *, required: bool) -> bool:
+    """Whether a worker polls ``task_queue``. Without one: ``required`` raises ``CliError``
+    (the command would wait for nothing), else a warning goes to stderr."""
+    if await workers(client, task_queue):
+        return True
+    if required:
+        raise CliError(no_worker_message(task_queue))
+    print(f"shardshift: warning: {no_worker_message(task_queue)}", file=sys.stderr)
+    return False
 
 
 def ui_url(settings: Settings, wf_id: str) -> str | None:
@@ -45,10 +87,13 @@ async def watch(handle: Any, query: Any, fmt: Callable[[Any, float], str], *,
 
     On a terminal the line is redrawn in place; otherwise a plain line is printed whenever
     the phase changes (and every 5 s), and once more with the final state. Returns the
-    workflow's result (raises its failure).
+    workflow's result (raises its failure). Before watching, a workflow that still runs is
+    checked for a worker on its task queue (a warning on stderr if there is none). Ctrl-C
+    detaches: the workflow keeps running, and stderr says how to re-attach.
     """
     out = out or sys.stdout
     tty = out.isatty() if tty is None else tty
+    await _warn_without_worker(handle)
     result = asyncio.ensure_future(handle.result())
     start = time.monotonic()
     last_phase, last_print = None, 0.0
@@ -72,6 +117,14 @@ async def watch(handle: Any, query: Any, fmt: Callable[[Any, float], str], *,
             if finished:
                 break  # the line above is the final state
             await asyncio.wait([result], timeout=interval)
+    except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels the main task on SIGINT)
+        if tty:
+            out.write("\n")
+            out.flush()
+            tty = False
+        print(f"detached from {handle.id}: it keeps running (re-attach: shardshift watch "
+              f"{handle.id}; stop it: shardshift cancel {handle.id})", file=sys.stderr)
+        raise
     finally:
         if tty:
             out.write("\n")
@@ -81,12 +134,25 @@ async def watch(handle: Any, query: Any, fmt: Callable[[Any, float], str], *,
     return result.result()
 
 
+async def _warn_without_worker(handle: Any) -> None:
+    try:
+        desc = await handle.describe()
+        if desc.status is not None and desc.status.name == "RUNNING" and desc.task_queue:
+            # (a handle has no public accessor for its client; the SDK keeps it as ``_client``)
+            await ensure_worker(handle._client, desc.task_queue, required=False)
+    except Exception:  # noqa: BLE001 - only a hint: the watch itself reports real failures
+        return
+
+
 async def watch_or_report(handle: Any, query: Any, fmt: Callable[[Any, float], str],
                           what: str) -> Any | None:
     """``watch`` to the end; a failed workflow is reported (its innermost cause) as None."""
     try:
         return await watch(handle, query, fmt)
     except WorkflowFailureError as exc:
+        if isinstance(exc.cause, CancelledError):
+            print(f"{what} was cancelled", file=sys.stderr)
+            return None
         cause = exc.cause
         while isinstance(cause, TemporalError) and cause.cause is not None:
             cause = cause.cause

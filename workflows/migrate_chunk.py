@@ -4,7 +4,8 @@ Phases (each recorded in the catalog's migration record and the ``ShardshiftPhas
 attribute): register -> snapshot + bulk import (concurrently, the import following the
 export part by part) -> replicate (a long-running applier activity) -> verify -> cutover
 (retried while it does not commit) -> rollback window (reverse stream; the ``rollback``
-update moves the chunk back) -> cleanup -> done.
+update moves the chunk back, the ``complete`` update closes the window early and keeps the
+move) -> cleanup -> done.
 
 Cancellation: before the commit point a cancel aborts cleanly (streams stopped, slots,
 publications and origins dropped, the target's partial copy deleted, fences restored, leases
@@ -285,6 +286,7 @@ class MigrateChunkWorkflow:
     def __init__(self) -> None:
         self._progress = Progress()
         self._rollback_requested = False
+        self._complete_requested = False
         self._phase_started: dict[str, Any] = {}
         self._phase_seconds: dict[str, float] = {}
         self._heartbeat = timedelta(seconds=30)
@@ -313,9 +315,24 @@ class MigrateChunkWorkflow:
 
     @rollback.validator
     def _validate_rollback(self) -> None:
-        if not self._progress.rollback_open:
+        if not self._progress.rollback_open or self._complete_requested:
             raise ApplicationError(
                 f"rollback is only possible during the rollback window (phase is "
+                f"{self._progress.phase})", non_retryable=True,
+            )
+
+    @workflow.update
+    async def complete(self) -> str:
+        """Close the rollback window now and keep the move: the reverse stream stops and the
+        cleanup starts (the source copy is deleted; ``rollback`` is no longer possible)."""
+        self._complete_requested = True
+        return "rollback window closed: the move is kept; cleanup follows"
+
+    @complete.validator
+    def _validate_complete(self) -> None:
+        if not self._progress.rollback_open or self._rollback_requested:
+            raise ApplicationError(
+                f"complete only closes an open rollback window (phase is "
                 f"{self._progress.phase})", non_retryable=True,
             )
 
@@ -869,13 +886,20 @@ class MigrateChunkWorkflow:
             self._progress.rollback_open = True
             try:
                 # A reverse stream that fails for good (its slot lost) closes the window early.
-                await workflow.wait_condition(lambda: self._rollback_requested or reverse.done(),
-                                              timeout=timedelta(seconds=inp.rollback_window_s))
+                # ``complete`` closes the window early. (No patch: the condition only differs
+                # once that update was accepted, which no history of an older build holds.)
+                await workflow.wait_condition(
+                    lambda: self._rollback_requested or self._complete_requested
+                    or reverse.done(),
+                    timeout=timedelta(seconds=inp.rollback_window_s))
             except TimeoutError:
                 pass  # the window closed without a rollback request: keep the move
             except asyncio.CancelledError:
                 self._cancel_pending = True
             self._progress.rollback_open = False
+            if self._complete_requested and not self._rollback_requested:
+                self._progress.detail = result_kw["detail"] = (
+                    "rollback window closed early by an operator (complete)")
             try:
                 if self._rollback_requested and not self._cancel_pending:
                     back = await self._roll_back(inp, spec, reverse)

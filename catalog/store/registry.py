@@ -7,15 +7,52 @@ change here is a ``SHARDS`` change.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 from psycopg import AsyncCursor
 
 from catalog.errors import ShardStateError
-from catalog.models import ChangeKind, ShardInfo, ShardState
+from catalog.models import ChangeKind, ShardInfo, ShardState, ShardUsage
 from catalog.store.checks import check_address, check_shard_id
 from catalog.store.rows import SHARD_SELECT, one, shard_in, to_shard
 from catalog.store.txn import CatalogBase, bump
+from shards.names import check_collection
+
+_ENGINE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_OPS_PER_S = 1e12
+"""The largest ``capacity_ops_per_s`` accepted (a trillion operations a second)."""
+
+
+def check_shard_values(engine: object, major_version: object, capacity_bytes: object,
+                       capacity_ops_per_s: object) -> None:
+    """What ``register_shard`` stores beside the id and address, checked before anything is
+    read: an engine name (lower-case letters, digits and ``_``, up to 32, so no NUL), a
+    major version (1 to 9999), a capacity in bytes (an int from 0 to 2^63 - 1) and in
+    operations a second (a finite float from 0 to ``MAX_OPS_PER_S``); None: unknown.
+
+    Raises:
+        ValueError: naming the field at fault.
+    """
+    if not isinstance(engine, str) or not _ENGINE.fullmatch(engine):
+        raise ValueError(f"invalid engine {engine!r}: use a lower-case name of up to 32 "
+                         "letters, digits or '_', for example 'postgres'")
+    if (not isinstance(major_version, int) or isinstance(major_version, bool)
+            or not 1 <= major_version <= 9999):
+        raise ValueError(f"invalid major_version {major_version!r}: expected an integer "
+                         "from 1 to 9999")
+    if capacity_bytes is not None and (
+            not isinstance(capacity_bytes, int) or isinstance(capacity_bytes, bool)
+            or not 0 <= capacity_bytes < 2**63):
+        raise ValueError(f"invalid capacity_bytes {capacity_bytes!r}: expected an integer "
+                         "from 0 to 2^63 - 1 (or None: unknown)")
+    if capacity_ops_per_s is not None and (
+            not isinstance(capacity_ops_per_s, int | float) or isinstance(capacity_ops_per_s, bool)
+            or not math.isfinite(capacity_ops_per_s)
+            or not 0 <= capacity_ops_per_s <= MAX_OPS_PER_S):
+        raise ValueError(f"invalid capacity_ops_per_s {capacity_ops_per_s!r}: expected a "
+                         f"finite number from 0 to {MAX_OPS_PER_S:g} (or None: unknown)")
 
 
 class ShardRegistry(CatalogBase):
@@ -38,14 +75,15 @@ class ShardRegistry(CatalogBase):
 
         Raises:
             InvalidNameError: a malformed shard id.
-            ValueError: an address that is not a DSN or that carries a password.
+            ValueError: an address that is not a DSN or that carries a password; an engine,
+                version or capacity out of range (see ``check_shard_values``). Nothing is
+                changed then.
         """
         check_shard_id(shard_id)
         check_address(address)
-        if not engine or not isinstance(engine, str):
-            raise ValueError("engine must be a non-empty string, for example 'postgres'")
-        if major_version < 1:
-            raise ValueError(f"invalid major_version {major_version}")
+        check_shard_values(engine, major_version, capacity_bytes, capacity_ops_per_s)
+        if capacity_ops_per_s is not None:
+            capacity_ops_per_s = float(capacity_ops_per_s)
 
         async def body(cur: AsyncCursor[Any]) -> ShardInfo:
             row = await one(cur, SHARD_SELECT + " WHERE shard_id = %s FOR UPDATE", (shard_id,))
@@ -133,5 +171,34 @@ class ShardRegistry(CatalogBase):
                 {"s": state.value if state else None},
             )
             return [to_shard(r) for r in await cur.fetchall()]
+
+        return await self._txn(body, read_only=True)
+
+    async def shard_usage(self, collection: str | None = None) -> dict[str, ShardUsage]:
+        """Per registered shard: chunks held (of ``collection``, or of all), the collections
+        they belong to, and active migrations into and out of it. One read, aggregated in
+        the catalog (no per-chunk round trips)."""
+        if collection is not None:
+            check_collection(collection)
+
+        async def body(cur: AsyncCursor[Any]) -> dict[str, ShardUsage]:
+            await cur.execute(
+                "WITH ch AS (SELECT shard_id, count(*) AS n, count(DISTINCT collection) AS k"
+                "   FROM catalog.chunks WHERE %(c)s::text IS NULL OR collection = %(c)s"
+                "   GROUP BY shard_id),"
+                " mv AS (SELECT source, target FROM catalog.migrations WHERE outcome IS NULL"
+                "   AND (%(c)s::text IS NULL OR collection = %(c)s)),"
+                " mi AS (SELECT target AS shard_id, count(*) AS n FROM mv GROUP BY target),"
+                " mo AS (SELECT source AS shard_id, count(*) AS n FROM mv GROUP BY source)"
+                " SELECT s.shard_id, coalesce(ch.n, 0), coalesce(ch.k, 0), coalesce(mi.n, 0),"
+                "   coalesce(mo.n, 0)"
+                " FROM catalog.shards s LEFT JOIN ch USING (shard_id)"
+                "   LEFT JOIN mi USING (shard_id) LEFT JOIN mo USING (shard_id)"
+                " ORDER BY s.shard_id",
+                {"c": collection},
+            )
+            return {r[0]: ShardUsage(shard_id=r[0], chunks=r[1], collections=r[2],
+                                     moves_in=r[3], moves_out=r[4])
+                    for r in await cur.fetchall()}
 
         return await self._txn(body, read_only=True)
