@@ -76,21 +76,19 @@ from settings import RouterSettings, Settings, TemporalSettings
 from shards.models import FenceState
 from shards.postgres import replication as repl
 from shards.postgres.apply import ApplyError, release_hold, request_hold
-from tests.workflows.procs import WorkerProcess, chunk_keys, preload_chunk, query_progress
+from tests.workflows.procs import (
+    WorkerProcess,
+    chunk_keys,
+    phase_index,
+    preload_chunk,
+    query_progress,
+)
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
 from workflows.migrate_chunk import Progress, describe_failure
 from workload.checker import check, collect_stored
 from workload.generator import LoadGenerator, WorkloadConfig
 
 PHASES = ["snapshot", "import", "replicate", "verify", "cutover", "rollback_window", "cleanup"]
-_ORDER = ["starting", "registered", *PHASES, "done"]
-
-
-def phase_index(phase: str | None) -> int:
-    """Position in the forward order; anything else (aborting, aborted) sorts last."""
-    return _ORDER.index(phase) if phase in _ORDER else len(_ORDER)
-
-
 class Fault(StrEnum):
     WORKER_KILL = "worker_kill"
     """The worker process SIGKILLed, a new one started at once."""

@@ -20,14 +20,13 @@ from shards.postgres.checksum import (
 )
 from shards.postgres.documents import encode_for_store
 from shards.postgres.snapshot import export_chunk
-from tests.shards.test_snapshot_import import (
+from tests.shards.helpers import (
     FULL,
     keyed,
     load_docs,
     make_docs,
     prepare,
     read_docs,
-    staging,  # noqa: F401 - fixture
 )
 
 BUCKETS = 32

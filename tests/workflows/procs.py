@@ -25,13 +25,14 @@ from shards.postgres import documents as D
 from shards.postgres.schema import collection_table
 from workflows import MigrateChunkWorkflow
 from workflows.migrate_chunk import Progress
+from workload.generator import keys_in
 
 PHASES = ["starting", "registered", "snapshot", "import", "replicate", "verify", "cutover",
           "rollback_window", "cleanup", "done"]
 
 
-def phase_index(phase: str) -> int:
-    """Position of a phase in the forward order (aborting/aborted sort last)."""
+def phase_index(phase: str | None) -> int:
+    """Position of a phase in the forward order (aborting, aborted and None sort last)."""
     return PHASES.index(phase) if phase in PHASES else len(PHASES)
 
 
@@ -132,14 +133,8 @@ async def poll_progress(
 
 def chunk_keys(chunk: Chunk, n: int, prefix: str) -> list[str]:
     """``n`` distinct shard-key values inside ``chunk``'s range (spread over its khashes)."""
-    out: list[str] = []
-    i = 0
-    while len(out) < n:
-        key = f"{prefix}-{i}"
-        if chunk.range.contains(khash(key)):
-            out.append(key)
-        i += 1
-        assert i < 200 * n + 100_000, "chunk range too narrow"
+    out = keys_in(chunk.range, n, prefix)
+    assert len(out) == n, "chunk range too narrow"
     return out
 
 

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import psycopg
 import pytest
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client
 
-from catalog.models import Chunk, MigrationOutcome
 from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
@@ -30,89 +27,22 @@ from shards.postgres import replication as repl
 from shards.postgres.apply import release_hold, request_hold
 from tests.router.conftest import Deployment, router_settings
 from tests.workflows.conftest import WorkerHandle
+from tests.workflows.helpers import FAULT_FAST, assert_moved, load_on, pick, start_move
 from tests.workflows.procs import (
     WorkerProcess,
-    chunk_keys,
     count_rows,
     phase_index,
     poll_progress,
     preload_chunk,
     timeline,
 )
-from tests.workflows.test_migrate import slots_left, wait_for
-from workflows import MigrateChunkInput, MigrateChunkResult, MigrateChunkWorkflow
-from workload.checker import CheckReport, check, collect_stored
-from workload.generator import LoadGenerator
 
-HEARTBEAT_S = 3.0
-"""Short heartbeat timeout: a killed worker's long-running activities are retried after it."""
-FAST = {"poll_s": 0.2, "cutover_retry_s": 0.2, "heartbeat_timeout_s": HEARTBEAT_S}
-BIG = {**FAST, "part_rows": 100}
+BIG = {**FAULT_FAST, "part_rows": 100}
 """For moves whose copy phases must last long enough to be hit (a preloaded chunk)."""
-SMALL = {**FAST, "part_rows": 500}
+SMALL = {**FAULT_FAST, "part_rows": 500}
 PRELOAD = 8000
 RESULT_TIMEOUT_S = 120.0
 PARTS_Q = "SELECT count(*) FROM shardshift.import_parts WHERE migration_id = %s"
-
-
-def acked(load: LoadGenerator) -> int:
-    return sum(r.outcome == "ok" for r in load.records)
-
-
-def pick(deployment: Deployment) -> tuple[Chunk, str, Chunk]:
-    """(chunk to move, target shard, a bystander chunk on the third shard)."""
-    moving = deployment.initial.chunks[0]
-    target = next(s for s in deployment.shards if s != moving.shard_id)
-    other = next(ch for ch in deployment.initial.chunks
-                 if ch.shard_id not in (moving.shard_id, target))
-    return moving, target, other
-
-
-@asynccontextmanager
-async def load_on(deployment: Deployment, moving: Chunk, other: Chunk) -> AsyncIterator[LoadGenerator]:
-    """Writes and reads on the moving chunk (and a bystander) for the whole block; on a clean
-    exit the load keeps running until more writes were acknowledged after the move."""
-    from workload.generator import WorkloadConfig  # noqa: PLC0415
-
-    async with Router(CatalogRouteSource(deployment.catalog), router_settings()) as router:
-        load = LoadGenerator(router, WorkloadConfig(
-            collection=deployment.collection, rate=300, workers=6,
-            only_keys=chunk_keys(moving, 30, "acct") + chunk_keys(other, 6, "o"),
-        ))
-        await load.start()
-        try:
-            await wait_for(lambda: acked(load) >= 100)
-            yield load
-            before = acked(load)
-            await wait_for(lambda: acked(load) >= before + 100)
-        finally:
-            await load.stop()
-
-
-async def start_move(client: Client, deployment: Deployment, moving: Chunk, target: str,
-                     task_queue: str, **kw: object) -> WorkflowHandle[MigrateChunkWorkflow, MigrateChunkResult]:
-    return await client.start_workflow(
-        MigrateChunkWorkflow.run,
-        MigrateChunkInput(collection=deployment.collection, chunk_id=moving.chunk_id,
-                          target=target, **kw),  # type: ignore[arg-type]
-        id=f"fault-{deployment.collection}-{uuid.uuid4().hex[:6]}", task_queue=task_queue,
-    )
-
-
-async def assert_moved(deployment: Deployment, result: MigrateChunkResult, moving: Chunk,
-                       target: str, load: LoadGenerator, *,
-                       allow_client_errors: bool = False) -> CheckReport:
-    assert result.outcome == MigrationOutcome.COMPLETED, result
-    assert result.verified is True, result
-    chunk = await deployment.catalog.chunk(deployment.collection, moving.chunk_id)
-    assert chunk.shard_id == target and chunk.token == moving.token + 1
-    stored = await collect_stored(deployment.shards, deployment.collection)
-    report = check(load.records, stored)
-    assert allow_client_errors or report.client_errors == 0, report.error_samples
-    assert report.ok, report
-    assert await deployment.shards[moving.shard_id].count(deployment.collection, moving.range) == 0
-    assert slots_left([s.dsn for s in deployment.shards.values()], result.migration_id) == []
-    return report
 
 
 # -- 1. the worker process is SIGKILLed in each phase ------------------------------------------

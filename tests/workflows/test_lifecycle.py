@@ -18,7 +18,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 from temporalio.client import (
     Client,
     WorkflowFailureError,
@@ -35,21 +34,19 @@ from catalog.models import Chunk, MigrationOutcome
 from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
-from router.hashing import khash
 from settings import Settings, TemporalSettings
-from shards.models import FenceState, KeyRange
-from shards.postgres.documents import encode_for_store
-from shards.postgres.replication import NAME_PREFIX, migration_prefix, stream_names
+from shards.models import FenceState
+from shards.postgres.replication import migration_prefix, stream_names
 from shards.staging import Staging
 from tests.conftest import owned_state_dir
 from tests.router.conftest import Deployment, router_settings
 from tests.workflows.conftest import WorkerHandle
-from tests.workflows.test_migrate import FAST, keys_in
+from tests.workflows.helpers import FAST, failure_chain, load_chunk, stream_objects, wait_until
 from worker import run_worker
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
 from workflows.migrate_chunk import Progress
 from workload.checker import check, collect_stored
-from workload.generator import LoadGenerator, WorkloadConfig
+from workload.generator import LoadGenerator, WorkloadConfig, keys_in
 
 HISTORIES = Path(__file__).parent / "histories"
 RECORDED = HISTORIES / "migrate_chunk_completed.json"
@@ -94,20 +91,6 @@ async def lc_worker(stack: Stack, temporal_client: Client) -> AsyncIterator[Work
 # -- helpers ----------------------------------------------------------------------------------
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 30.0,
-                     what: str = "condition") -> Any:
-    """Poll a (sync or async) predicate until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout}s"
-        await asyncio.sleep(0.02)
-
-
 async def wait_progress(handle: WorkflowHandle[Any, Any], pred: Callable[[Progress], bool],
                         timeout: float = 60.0, what: str = "progress") -> Progress:
     async def probe() -> Progress | None:
@@ -132,22 +115,6 @@ def other_shard(d: Deployment, *not_these: str) -> str:
     return next(s for s in sorted(d.shards) if s not in not_these)
 
 
-def stream_objects(dsns: list[str], prefix: str = NAME_PREFIX) -> list[str]:
-    """Replication slots, publications and origins whose name starts with ``prefix``."""
-    out = []
-    for dsn in dsns:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            for kind, query in (
-                ("slot", "SELECT slot_name FROM pg_replication_slots"
-                         " WHERE starts_with(slot_name::text, %s)"),
-                ("publication", "SELECT pubname FROM pg_publication"
-                                " WHERE starts_with(pubname::text, %s)"),
-                ("origin", "SELECT roname FROM pg_replication_origin WHERE starts_with(roname, %s)"),
-            ):
-                out += [f"{kind}:{r[0]}" for r in conn.execute(query, (prefix,))]
-    return out
-
-
 def prefix_of(d: Deployment, kind: str = "lc") -> str:
     """Name prefix of every replication object of this test's moves (workflow ids start with
     ``<kind>-<collection>``), so one test's leftovers never fail another test."""
@@ -156,24 +123,6 @@ def prefix_of(d: Deployment, kind: str = "lc") -> str:
 
 def dsns(d: Deployment) -> list[str]:
     return [s.dsn for s in d.shards.values()]
-
-
-def load_chunk(dsn: str, collection: str, rng: KeyRange, n: int) -> int:
-    """Write ``n`` documents of the chunk ``rng`` straight into a shard's table (setup)."""
-    keys = [k for k in (f"bulk-{i}" for i in range(n * 12)) if rng.contains(khash(k))]
-    assert len(keys) >= n // 2, "too few keys fall in the range"
-    table = sql.SQL("docs.{}").format(sql.Identifier(collection))
-    written = 0
-    with psycopg.connect(dsn) as conn, conn.cursor().copy(
-        sql.SQL("COPY {} (khash, id, doc) FROM STDIN").format(table)
-    ) as copy:
-        for i in range(n):
-            key = keys[i % len(keys)]
-            id_text, doc_text = encode_for_store({"_id": f"b{i}", "acct": key, "v": i,
-                                                  "pad": "x" * 100})
-            copy.write_row((khash(key), id_text, doc_text))
-            written += 1
-    return written
 
 
 async def assert_untouched(d: Deployment, before: Chunk, target: str) -> None:
@@ -185,15 +134,6 @@ async def assert_untouched(d: Deployment, before: Chunk, target: str) -> None:
     assert fence is not None and (fence.state, fence.token) == (FenceState.ACTIVE, before.token)
     assert await d.shards[target].fence(c, before.chunk_id) is None
     assert await d.shards[target].count(c, before.range) == 0
-
-
-def failure_chain(exc: BaseException) -> list[BaseException]:
-    out = []
-    cur: BaseException | None = exc
-    while cur is not None:
-        out.append(cur)
-        cur = cur.cause if hasattr(cur, "cause") else cur.__cause__  # type: ignore[attr-defined]
-    return out
 
 
 async def unfinished_activities(handle: WorkflowHandle[Any, Any]) -> list[str]:

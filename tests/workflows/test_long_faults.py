@@ -36,9 +36,8 @@ from shards.postgres.replication import cleanup_stream_objects, migration_prefix
 from shards.postgres.schema import collection_table
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle
+from tests.workflows.helpers import FAULT_FAST, assert_moved, load_on, pick, slots_left, start_move
 from tests.workflows.procs import phase_index, poll_progress, preload_chunk
-from tests.workflows.test_faults import FAST, assert_moved, load_on, pick, start_move
-from tests.workflows.test_migrate import slots_left
 from workflows import MigrateChunkInput
 from workload.checker import check, collect_stored
 
@@ -110,7 +109,7 @@ async def test_long_copy_continues_as_new(deployment: Deployment, worker: Worker
         await lock.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table))
         handle = await start_move(
             temporal_client, deployment, moving, target, worker.task_queue,
-            **FAST, part_rows=100,
+            **FAULT_FAST, part_rows=100,
             **opts(history_events_limit=HISTORY_LIMIT, progress_poll_max_s=0.2),
         )
         first = await poll_progress(handle, lambda p: bool(p.migration_id), what="a first answer")
@@ -151,7 +150,7 @@ async def test_progress_failure_never_fails_the_move(deployment: Deployment,
                             deployment.collection, moving, 3000)
     async with load_on(deployment, moving, other) as load:
         handle = await start_move(temporal_client, deployment, moving, target, worker.task_queue,
-                                  **FAST, part_rows=100)
+                                  **FAULT_FAST, part_rows=100)
         result = await asyncio.wait_for(handle.result(), 180)
     await assert_moved(deployment, result, moving, target, load)
 
@@ -181,7 +180,7 @@ async def test_target_outage_pauses_the_move(stack: Stack, deployment: Deploymen
     try:
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
-                                      worker.task_queue, **FAST, part_rows=500,
+                                      worker.task_queue, **FAULT_FAST, part_rows=500,
                                       **opts(target_give_up_s=TARGET_OUTAGE_S + 600))
             pg, mid = await _stop_in_replicate(stack, deployment, handle, target)
             stopped = time.monotonic()
@@ -225,7 +224,7 @@ async def test_target_lost_after_give_up(stack: Stack, deployment: Deployment,
     try:
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
-                                      worker.task_queue, **FAST, part_rows=500,
+                                      worker.task_queue, **FAULT_FAST, part_rows=500,
                                       **opts(target_give_up_s=20.0))
             pg, mid = await _stop_in_replicate(stack, deployment, handle, target)
             with pytest.raises(WorkflowFailureError) as failed:
@@ -278,7 +277,7 @@ async def test_target_lost_during_verify(stack: Stack, deployment: Deployment,
     try:
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
-                                      worker.task_queue, **FAST, part_rows=500,
+                                      worker.task_queue, **FAULT_FAST, part_rows=500,
                                       **opts(target_give_up_s=20.0))
             seen = await poll_progress(
                 handle, lambda p: phase_index(p.phase) >= phase_index("replicate"),
@@ -334,7 +333,7 @@ async def test_target_outage_in_cutover_pauses_the_move(
     try:
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
-                                      worker.task_queue, **FAST, part_rows=500,
+                                      worker.task_queue, **FAULT_FAST, part_rows=500,
                                       **opts(target_give_up_s=600.0))
             seen = await poll_progress(
                 handle, lambda p: phase_index(p.phase) >= phase_index("replicate"),

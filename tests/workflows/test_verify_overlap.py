@@ -29,7 +29,7 @@ from activities.models import Direction, MoveSpec, VerifyInput, VerifyResult
 from activities.replicate import stream_spec
 from activities.verify import VerifyActivities
 from router.hashing import khash
-from shards.models import FenceRef, KeyRange
+from shards.models import FenceRef
 from shards.postgres.apply import (
     ChangeApplier,
     HoldLostError,
@@ -54,6 +54,7 @@ from shards.postgres.replication import (
 from shards.staging import Staging
 from tests.conftest import owned_state_dir
 from tests.router.conftest import Deployment
+from workload.generator import keys_in
 
 # -- a streamed chunk ---------------------------------------------------------------------------
 
@@ -103,10 +104,6 @@ class Streamed:
         wait_caught_up(self.target_dsn, self.names, lsn, timeout=30)
 
 
-def keys_in(rng: KeyRange, n: int) -> list[str]:
-    return [k for k in (f"v-{i}" for i in range(n * 20)) if rng.contains(khash(k))][:n]
-
-
 @pytest.fixture
 async def streamed(deployment: Deployment) -> AsyncIterator[Streamed]:
     c = deployment.collection
@@ -117,7 +114,7 @@ async def streamed(deployment: Deployment) -> AsyncIterator[Streamed]:
                     token=chunk.token)
     source_dsn = deployment.shards[chunk.shard_id].dsn
     target_dsn = deployment.shards[target].dsn
-    keys = keys_in(chunk.range, 60)
+    keys = keys_in(chunk.range, 60, "v")
     names = stream_spec(spec, Direction.FORWARD).names
     stop = threading.Event()
     box: dict[str, Any] = {}
