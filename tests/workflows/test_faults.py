@@ -12,11 +12,13 @@ import asyncio
 import time
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 
+from activities.replicate import HOLD_LAG_ENV, lag_held
 from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
@@ -24,18 +26,26 @@ from settings import Settings
 from shards.models import FenceState
 from shards.postgres import PostgresShard
 from shards.postgres import replication as repl
-from shards.postgres.apply import release_hold, request_hold
 from tests.router.conftest import Deployment, router_settings
 from tests.workflows.conftest import WorkerHandle
-from tests.workflows.helpers import FAULT_FAST, assert_moved, load_on, pick, start_move
+from tests.workflows.helpers import FAULT_FAST, assert_moved, load_on, pick, start_move, wait_until
 from tests.workflows.procs import (
+    Gate,
+    LagHold,
     WorkerProcess,
+    activity_runs,
     count_rows,
+    freeze_marker_gate,
     phase_index,
     poll_progress,
     preload_chunk,
+    snapshot_gate,
     timeline,
+    wait_polling,
+    wait_slot_creation_waiting,
+    worker_running,
 )
+from workload.checker import max_write_gaps
 
 BIG = {**FAULT_FAST, "part_rows": 100}
 """For moves whose copy phases must last long enough to be hit (a preloaded chunk)."""
@@ -45,79 +55,97 @@ RESULT_TIMEOUT_S = 120.0
 PARTS_Q = "SELECT count(*) FROM shardshift.import_parts WHERE migration_id = %s"
 
 
-# -- 1. the worker process is SIGKILLed in each phase ------------------------------------------
+# -- 1. a worker process is SIGKILLed in each phase ---------------------------------------------
+#
+# Two worker processes poll the task queue, as in production; the one running the phase's
+# activity is killed, and the other (warm, already polling) takes the retry over. Each phase
+# has a gate that holds the move there until the kill has landed, and the history proves it
+# did: the activity ran again, on the other worker. A fault that misses fails the test.
+
+KILLED_IN = {"snapshot": "migrate.snapshot", "import": "migrate.bulk_import",
+             "replicate": "migrate.replicate", "cutover": "migrate.cutover"}
+"""The activity whose worker is killed in each phase."""
 
 
-@pytest.mark.parametrize("phase", ["snapshot", "import", "replicate", "cutover"])
+def two_workers(settings: Settings, tmp_path: Path, hold: LagHold) -> list[WorkerProcess]:
+    return [WorkerProcess(settings, tmp_path / f"worker-{i}.log", hold.env).start()
+            for i in range(2)]
+
+
+async def killed_and_retried(handle: WorkflowHandle[Any, Any], activity: str,
+                             workers: list[WorkerProcess], victim: WorkerProcess) -> None:
+    """The kill landed inside ``activity``: it ran again, to its end, on the other worker."""
+    runs = await activity_runs(handle, activity)
+    (standby,) = [w for w in workers if w is not victim]
+    assert any(attempt >= 2 and standby.runs(identity) for attempt, identity in runs), \
+        (activity, runs, await timeline(handle))
+
+
+@pytest.mark.parametrize("phase", ["snapshot", "import", "replicate"])
 async def test_worker_killed(phase: str, deployment: Deployment, worker_settings: Settings,
                              temporal_client: Client, tmp_path: Path) -> None:
+    """(The cutover's kill is ``test_worker_killed_inside_cutover_pause``.)"""
     moving, target, other = pick(deployment)
+    source_dsn, target_dsn = deployment.shards[moving.shard_id].dsn, deployment.shards[target].dsn
     copy_phase = phase in ("snapshot", "import")
     if copy_phase:
-        await asyncio.to_thread(preload_chunk, deployment.shards[moving.shard_id].dsn,
-                                deployment.collection, moving, PRELOAD)
-    log = tmp_path / "worker.log"
-    first = WorkerProcess(worker_settings, log).start()
-    second: WorkerProcess | None = None
+        await asyncio.to_thread(preload_chunk, source_dsn, deployment.collection, moving, PRELOAD)
+    hold = LagHold(tmp_path / "hold-lag", deployment.collection)
+    if phase == "replicate":
+        hold.hold()
+    task_queue = worker_settings.temporal.task_queue
+    workers = two_workers(worker_settings, tmp_path, hold)
+    gate: Gate | None = None
     try:
+        await wait_polling(temporal_client, task_queue, workers)
+        if phase == "snapshot":
+            gate = await snapshot_gate(source_dsn)
         async with load_on(deployment, moving, other) as load:
-            handle = await start_move(temporal_client, deployment, moving, target,
-                                      worker_settings.temporal.task_queue,
+            handle = await start_move(temporal_client, deployment, moving, target, task_queue,
                                       **(BIG if copy_phase else SMALL))
-            # The worker process is up and polling once it answers a query.
-            first_answer = await poll_progress(handle, lambda p: bool(p.migration_id),
-                                               timeout=60, what="a first answer")
-            mid = first_answer.migration_id
-            if phase == "import":
-                # Precisely inside the import: as soon as the target committed its first part
-                # (the import follows the export, so the phase may still read "snapshot").
-                deadline = time.monotonic() + 60
-                async with await psycopg.AsyncConnection.connect(
-                    deployment.shards[target].dsn, autocommit=True
-                ) as gate:
-                    while True:
-                        cur = await gate.execute(PARTS_Q, (mid,))
-                        if (await cur.fetchone())[0] >= 1:
-                            break
-                        assert time.monotonic() < deadline, "import did not start"
-                        await asyncio.sleep(0.002)
-                    # Hold the importer between parts (its next progress row cannot be
-                    # written), so the kill surely lands with parts still to import.
-                    await gate.execute("BEGIN")
-                    await gate.execute("LOCK TABLE shardshift.import_parts IN SHARE ROW EXCLUSIVE MODE")
-                    first.kill()
-                    await gate.execute("COMMIT")
-                killed_at = "import"
+            mid = (await poll_progress(handle, lambda p: bool(p.migration_id), timeout=60,
+                                       what="a first answer")).migration_id
+            if phase == "snapshot":
+                # The snapshot's slot waits for the gate's transaction: the export is to come.
+                await wait_slot_creation_waiting(source_dsn)
+            elif phase == "import":
+                # As soon as the target committed its first part, hold the importer between
+                # parts (its next progress row cannot be written): parts are still to import.
+                await wait_until(lambda: asyncio.to_thread(count_rows, target_dsn, PARTS_Q, (mid,)),
+                                 timeout=60, what="a first imported part")
+                gate = await import_gate(target_dsn)
             else:
-                seen = await poll_progress(
-                    handle, lambda p: phase_index(p.phase) >= phase_index(phase), timeout=120,
-                    what=f"phase {phase}")
-                first.kill()
-                killed_at = seen.phase
-                print(f"\nkilled worker in phase {killed_at} (wanted {phase}): {seen}")
-                # At or after the wanted phase, and before the move was over.
-                assert phase_index(phase) <= phase_index(killed_at) < phase_index("done"), seen
-                if killed_at == "snapshot":
-                    assert seen.parts_total is None or seen.parts_copied < seen.parts_total, seen
-            second = WorkerProcess(worker_settings, log).start()
+                await poll_progress(handle, lambda p: p.phase == "replicate", timeout=120,
+                                    what="replicate")
+            victim = await worker_running(handle, KILLED_IN[phase], workers)
+            victim.kill()
+            print(f"\nkilled worker {victim.pid} running {KILLED_IN[phase]}")
+            if gate is not None:
+                await gate.release()
+            hold.release()
             try:
                 result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
             except TimeoutError:
                 print("\n".join(await timeline(handle)))  # what the move was waiting for
-                print(log.read_text()[-5000:] if log.exists() else "(no worker log)")
+                print("\n".join(w.log_tail(100) for w in workers))
                 raise
         print(f"phase seconds: {result.phase_seconds}")
-        print("\n".join(await timeline(handle)))
+        await killed_and_retried(handle, KILLED_IN[phase], workers, victim)
         await assert_moved(deployment, result, moving, target, load)
-        if phase == "import":
-            # The kill interrupted the import (the gate held it between parts) and a retry on
-            # the new worker finished it. (Progress rows are gone: cleanup removes them.)
-            lines = await timeline(handle)
-            assert any("migrate.bulk_import attempt=2" in line for line in lines), lines
     finally:
-        first.kill()
-        if second is not None:
-            second.stop()
+        hold.release()
+        if gate is not None:
+            await gate.release()
+        for w in workers:
+            w.kill()
+
+
+async def import_gate(target_dsn: str) -> Gate:
+    """Hold the importer between parts: its next part's progress row cannot be written."""
+    conn = await psycopg.AsyncConnection.connect(target_dsn, autocommit=True)
+    await conn.execute("BEGIN")
+    await conn.execute("LOCK TABLE shardshift.import_parts IN SHARE ROW EXCLUSIVE MODE")
+    return Gate(conn)
 
 
 class WritesBlockedError(AssertionError):
@@ -126,51 +154,48 @@ class WritesBlockedError(AssertionError):
 
 async def test_worker_killed_inside_cutover_pause(deployment: Deployment, worker_settings: Settings,
                                                   temporal_client: Client, tmp_path: Path) -> None:
-    """Deterministic version of the cutover kill: the applier is held so the freeze marker
-    cannot arrive, the pause lasts (catch-up timeout 15 s), and the worker dies inside it."""
+    """The worker running the cutover dies while the source is frozen. The freeze marker
+    cannot be applied (``freeze_marker_gate``), so the pause lasts (catch-up timeout 15 s) and
+    the kill lands inside it every time. The other worker, already polling, takes the retry
+    over after the cutover's heartbeat timeout; its first step undoes the freeze (or finishes
+    the switch). Clients must see no error: the freeze must end within the router's retry
+    deadline."""
     moving, target, other = pick(deployment)
     source, target_dsn = deployment.shards[moving.shard_id], deployment.shards[target].dsn
-    log = tmp_path / "worker.log"
-    first = WorkerProcess(worker_settings, log).start()
-    second: WorkerProcess | None = None
+    task_queue = worker_settings.temporal.task_queue
+    hold = LagHold(tmp_path / "hold-lag", deployment.collection)
+    workers = two_workers(worker_settings, tmp_path, hold)
     try:
-        async with load_on(deployment, moving, other) as load:
-            handle = await start_move(temporal_client, deployment, moving, target,
-                                      worker_settings.temporal.task_queue,
+        await wait_polling(temporal_client, task_queue, workers)
+        async with await freeze_marker_gate(target_dsn) as gate, \
+                load_on(deployment, moving, other) as load:
+            handle = await start_move(temporal_client, deployment, moving, target, task_queue,
                                       **{**SMALL, "catchup_timeout_s": 15.0})
-            seen = await poll_progress(
-                handle, lambda p: phase_index(p.phase) >= phase_index("cutover"), timeout=120,
-                what="cutover")
-            assert seen.phase == "cutover", seen
-            names = repl.stream_names(seen.migration_id, "fwd")
-            await asyncio.to_thread(request_hold, target_dsn, names, None)
-            deadline = time.monotonic() + 20
-            while True:
+
+            async def frozen() -> bool:
                 fence = await source.fence(deployment.collection, moving.chunk_id)
-                if fence is not None and fence.state == FenceState.FROZEN:
-                    break
-                chunk = await deployment.catalog.chunk(deployment.collection, moving.chunk_id)
-                if chunk.shard_id == target:
-                    pytest.skip("the hold came too late: the cutover committed first")
-                assert time.monotonic() < deadline, "the source was never frozen"
-                await asyncio.sleep(0.002)
-            first.kill()
-            await asyncio.to_thread(release_hold, target_dsn, names)
-            second = WorkerProcess(worker_settings, log).start()
+                return fence is not None and fence.state == FenceState.FROZEN
+
+            await wait_until(frozen, timeout=120, what="the source frozen by the cutover")
+            victim = await worker_running(handle, "migrate.cutover", workers)
+            victim.kill()
+            await gate.release()
             result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
-        print(f"\nphase seconds: {result.phase_seconds}")
-        # Correctness holds; only availability is broken (every other check must pass, so
-        # the test fails for that reason alone).
+        gap_ms = max_write_gaps(load.records, lambda h: moving.range.contains(h)).get(True, 0.0)
+        print(f"\nlongest write gap on the moving chunk {gap_ms / 1000:.1f}s; "
+              f"phase seconds: {result.phase_seconds}")
+        await killed_and_retried(handle, "migrate.cutover", workers, victim)
+        # Correctness holds; only availability may be broken (every other check must pass,
+        # so the test fails for that reason alone).
         report = await assert_moved(deployment, result, moving, target, load,
                                     allow_client_errors=True)
         if report.client_errors:
             raise WritesBlockedError(
                 f"{report.client_errors} client errors, e.g. {report.error_samples[:1]}; "
-                f"cutover took {result.phase_seconds.get('cutover')} s")
+                f"longest write gap on the moving chunk {gap_ms / 1000:.1f}s")
     finally:
-        first.kill()
-        if second is not None:
-            second.stop()
+        for w in workers:
+            w.kill()
 
 
 # -- 2. the target PostgreSQL stops during the bulk import -------------------------------------
@@ -314,3 +339,22 @@ async def test_router_restarted(phase: str, deployment: Deployment, worker: Work
     finally:
         if fresh is not None:
             await fresh.close()
+
+
+# -- the lag-hold test hook (pure) -------------------------------------------------------------
+
+
+def test_lag_hold_hook_by_name_and_by_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SHARDSHIFT_TEST_HOLD_LAG`` names a collection, or ``@file`` listing collections (held
+    while the file lists them: how a test releases worker processes it started)."""
+    monkeypatch.delenv(HOLD_LAG_ENV, raising=False)
+    assert not lag_held("c1")
+    monkeypatch.setenv(HOLD_LAG_ENV, "c1")
+    assert lag_held("c1") and not lag_held("c2")
+    hold = LagHold(tmp_path / "hold", "c2")
+    monkeypatch.setenv(HOLD_LAG_ENV, hold.env[HOLD_LAG_ENV])
+    assert not lag_held("c2")
+    hold.hold()
+    assert lag_held("c2") and not lag_held("c1") and not lag_held("c")
+    hold.release()
+    assert not lag_held("c2")
