@@ -267,7 +267,12 @@ async def test_target_down_during_import(stack: Stack, deployment: Deployment,
 
 
 async def test_source_connection_dropped(deployment: Deployment, worker: WorkerHandle,
-                                         temporal_client: Client) -> None:
+                                         temporal_client: Client,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The applier's walsender is terminated twice while the move replicates (held there by
+    the lag-hold hook until both cuts landed): once right away, once after it has reconnected
+    (a resumed stream must survive a second loss)."""
+    monkeypatch.setenv(HOLD_LAG_ENV, deployment.collection)
     moving, target, other = pick(deployment)
     source_dsn = deployment.shards[moving.shard_id].dsn
     async with load_on(deployment, moving, other) as load:
@@ -287,26 +292,22 @@ async def test_source_connection_dropped(deployment: Deployment, worker: WorkerH
                 return bool(conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0])
 
         # The applier streams as soon as the replicate phase starts (before it, the slot's
-        # walsender is the snapshot's); cut it twice: once right away, once after it has
-        # reconnected (a resumed stream must survive a second loss).
-        await poll_progress(handle, lambda p: phase_index(p.phase) >= phase_index("replicate"),
-                            what="replicate")
+        # walsender is the snapshot's).
+        await poll_progress(handle, lambda p: p.phase == "replicate", what="replicate")
         killed: list[int] = []
+        def new_walsender() -> int | None:
+            pid = walsender()
+            return pid if pid not in killed else None
+
         for _ in range(2):
-            deadline = time.monotonic() + 60
-            while True:
-                pid = await asyncio.to_thread(walsender)
-                if pid is not None and pid not in killed:
-                    break
-                assert time.monotonic() < deadline, f"no (new) walsender on {slot}"
-                await asyncio.sleep(0.01)
-            p = await poll_progress(handle, lambda p: True)
-            if phase_index(p.phase) > phase_index("verify"):
-                break  # too late for the second cut: the cutover is under way
+            pid = await wait_until(lambda: asyncio.to_thread(new_walsender), timeout=60,
+                                   what=f"a (new) walsender on {slot}")
             assert await asyncio.to_thread(terminate, pid)
             killed.append(pid)
+            p = await poll_progress(handle, lambda p: True)
+            assert p.phase == "replicate", p
             print(f"\nterminated walsender {pid} in phase {p.phase}")
-        assert killed
+        monkeypatch.delenv(HOLD_LAG_ENV)
         result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
     with suppress(Exception):
         print(f"phase seconds: {result.phase_seconds}")
@@ -318,25 +319,49 @@ async def test_source_connection_dropped(deployment: Deployment, worker: WorkerH
 
 @pytest.mark.parametrize("phase", ["snapshot", "replicate", "cutover"])
 async def test_router_restarted(phase: str, deployment: Deployment, worker: WorkerHandle,
-                                temporal_client: Client) -> None:
+                                temporal_client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     """A router restarted mid-move (a fresh instance with a cold chunk-map cache takes over,
-    the old one drains what it has in flight) costs the clients nothing, in any phase."""
+    the old one drains what it has in flight) costs the clients nothing, in any phase. Each
+    phase is held until the restart happened: the snapshot's slot behind a transaction, the
+    replicate phase by the lag-hold hook, the cutover inside its pause (the freeze marker
+    cannot be applied)."""
     moving, target, other = pick(deployment)
-    await asyncio.to_thread(preload_chunk, deployment.shards[moving.shard_id].dsn,
-                            deployment.collection, moving, PRELOAD)
+    source_dsn, target_dsn = deployment.shards[moving.shard_id].dsn, deployment.shards[target].dsn
+    await asyncio.to_thread(preload_chunk, source_dsn, deployment.collection, moving, PRELOAD)
+    source = deployment.shards[moving.shard_id]
     fresh: Router | None = None
+    gate: Gate | None = None
     try:
+        if phase == "snapshot":
+            gate = await snapshot_gate(source_dsn)
+        elif phase == "replicate":
+            monkeypatch.setenv(HOLD_LAG_ENV, deployment.collection)
+        else:
+            gate = await freeze_marker_gate(target_dsn)
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
                                       worker.task_queue, **BIG)
-            seen = await poll_progress(handle, lambda p: phase_index(p.phase) >= phase_index(phase),
-                                       timeout=120, what=phase)
+            if phase == "snapshot":
+                await wait_slot_creation_waiting(source_dsn)
+            elif phase == "cutover":
+                async def frozen() -> bool:
+                    fence = await source.fence(deployment.collection, moving.chunk_id)
+                    return fence is not None and fence.state == FenceState.FROZEN
+
+                await wait_until(frozen, timeout=120, what="the source frozen by the cutover")
+            seen = await poll_progress(handle, lambda p: p.phase == phase, timeout=120,
+                                       what=phase)
             fresh = await Router(CatalogRouteSource(deployment.catalog), router_settings()).start()
             await load.swap_router(fresh)
             print(f"\nrouter restarted in phase {seen.phase}")
+            if gate is not None:
+                await gate.release()
+            monkeypatch.delenv(HOLD_LAG_ENV, raising=False)
             result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
         await assert_moved(deployment, result, moving, target, load)
     finally:
+        if gate is not None:
+            await gate.release()
         if fresh is not None:
             await fresh.close()
 
