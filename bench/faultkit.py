@@ -532,6 +532,8 @@ class MoveRun:
         elif f == Fault.WALSENDER_KILL:
             killed = await self._kill_walsenders()
             self.result.notes.append(f"terminated walsender(s) {killed}")
+            if not killed:  # the fault did not land: say so (the cell shows it)
+                self.result.landed = f"nowhere (no walsender in {self.result.landed})"
             self.fault_over.set()
         elif f in (Fault.TARGET_STOP, Fault.TARGET_STOP_LONG, Fault.SOURCE_STOP,
                    Fault.SOURCE_STOP_LONG, Fault.CATALOG_STOP, Fault.CATALOG_STOP_LONG):
