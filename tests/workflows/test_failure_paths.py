@@ -46,7 +46,7 @@ from shards.postgres.schema import collection_table
 from shards.staging import Staging
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle
-from tests.workflows.helpers import load_on, pick, wait_until
+from tests.workflows.helpers import load_on, pick, stream_objects, wait_until
 from tests.workflows.procs import chunk_keys, count_rows, poll_progress, preload_chunk
 from workflows import MigrateChunkInput, MigrateChunkResult, MigrateChunkWorkflow
 from workload.checker import check, collect_stored
@@ -76,24 +76,6 @@ def write_docs(dsn: str, collection: str, chunk: Chunk, n: int) -> None:
                                                     "pad": "m" * 200})
             conn.execute(sql.SQL("INSERT INTO {} (khash, id, doc) VALUES (%s, %s, %s)").format(
                 collection_table(collection)), (khash(key), id_text, doc_text))
-
-
-def stream_objects(d: Deployment, migration_id: str) -> list[str]:
-    """Slots, publications and origins of one migration on every shard."""
-    prefix = migration_prefix(migration_id)
-    out = []
-    for shard in d.shards.values():
-        with psycopg.connect(shard.dsn, autocommit=True) as conn:
-            for kind, query in (
-                ("slot", "SELECT slot_name FROM pg_replication_slots"
-                         " WHERE starts_with(slot_name::text, %s)"),
-                ("publication", "SELECT pubname FROM pg_publication"
-                                " WHERE starts_with(pubname::text, %s)"),
-                ("origin", "SELECT roname FROM pg_replication_origin"
-                           " WHERE starts_with(roname, %s)"),
-            ):
-                out += [f"{kind}:{r[0]}" for r in conn.execute(query, (prefix,))]
-    return out
 
 
 async def activity_results(handle: WorkflowHandle[Any, Any], name: str, cls: type) -> list[Any]:
@@ -138,7 +120,8 @@ async def assert_completed_clean(d: Deployment, result: MigrateChunkResult, movi
     record = await d.catalog.migration(result.migration_id)
     assert record.outcome == MigrationOutcome.COMPLETED, record
     assert await d.catalog.leases(migration_id=result.migration_id, live_only=False) == []
-    assert stream_objects(d, result.migration_id) == []
+    dsns = [x.dsn for x in d.shards.values()]
+    assert stream_objects(dsns, migration_prefix(result.migration_id)) == []
 
 
 # -- defect 1: a switch that committed is rolled forward, never undone ---------------------------
