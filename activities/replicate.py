@@ -21,6 +21,7 @@ import contextlib
 import os
 import threading
 import time
+from pathlib import Path
 from typing import TypedDict
 
 from temporalio import activity
@@ -55,7 +56,22 @@ from shards.postgres.server import probe
 
 HOLD_LAG_ENV = "SHARDSHIFT_TEST_HOLD_LAG"
 """Test hook: ``wait_caught_up`` of the collection named here never reports caught up, so a
-test can keep a move in its replicate phase for as long as it needs."""
+test can keep a move in its replicate phase for as long as it needs. ``@path`` instead names a
+file: the collections it lists (whitespace-separated) are held while it does, so a test can
+release a worker *process* it cannot change the environment of (by removing the file)."""
+
+
+def lag_held(collection: str) -> bool:
+    """Whether the ``HOLD_LAG_ENV`` test hook holds ``collection``'s lag wait (unset: no)."""
+    value = os.environ.get(HOLD_LAG_ENV)
+    if not value:
+        return False
+    if value.startswith("@"):
+        try:
+            return collection in Path(value[1:]).read_text().split()
+        except FileNotFoundError:
+            return False
+    return value == collection
 
 
 def stream_spec(spec: MoveSpec, direction: Direction) -> StreamSpec:
@@ -148,7 +164,7 @@ class ReplicateActivities:
                 while True:
                     lag = last["lag"] = _record_lag(inp.spec, inp.direction,
                                                     _sample_lag(source_dsn, target_dsn, names))
-                    held = os.environ.get(HOLD_LAG_ENV) == inp.spec.collection
+                    held = lag_held(inp.spec.collection)
                     if lag.streaming and lag.lag_bytes <= inp.max_lag_bytes and not held:
                         return lag
                     if time.monotonic() >= deadline or stop.wait(inp.poll_s):

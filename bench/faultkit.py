@@ -11,24 +11,27 @@ One *run* is one chunk move under load with one fault injected in one phase:
 4. the run waits for the workflow's end (with a deadline), stops the load and judges.
 
 Landing a fault inside a phase. Polling the ``progress`` query alone misses short phases on a
-busy machine, so each phase has a pin that holds the move in it until the fault has landed:
+busy machine, so each phase has a pin that holds the move in it until the fault has landed
+(the gates are ``tests.workflows.procs``'):
 
-- snapshot: no pin; the preload and a small ``part_rows`` make the export last seconds.
+- snapshot: a transaction holding an xid on the source, opened before the move starts; the
+  snapshot's slot creation waits for it (a logical slot's consistent point waits for the
+  transactions running when it started), seen as a walsender waiting on it.
 - import: a ``SHARE ROW EXCLUSIVE`` lock on the target's ``shardshift.import_parts`` holds the
   importer between parts (its next part cannot be claimed) while the export finishes.
-- replicate: the applier is held (``request_hold``: the verify phase's own mechanism) and the
-  source's WAL is pushed past ``max_lag_bytes`` with a non-transactional logical message
-  (which appliers ignore), so the lag check cannot admit the next phase.
+- replicate: the ``SHARDSHIFT_TEST_HOLD_LAG`` test hook, armed before the move starts through a
+  file the run's worker processes are pointed at: no lag wait reports caught up while the file
+  lists the collection, so the move cannot leave replicate; the pin's release removes it.
 - verify: a transaction holding an xid on the source, opened while the snapshot is exported;
-  verify's slot creation waits for it to end (a logical slot's consistent point waits for
-  the transactions running when it started).
-- cutover: the applier is held as the cutover starts; the fault lands while the source is
-  frozen and the freeze marker cannot be applied (the pause lasts ``catchup_timeout_s``).
+  verify's slot creation waits for it.
+- cutover: the target's ``shardshift.stream_markers`` locked before the move starts, so the
+  freeze's marker cannot be applied: the fault lands while the source is frozen (the pause
+  lasts ``catchup_timeout_s``).
 - rollback window and cleanup: the window (``rollback_window_s``) and a throttled range delete
   (``delete_batch``, ``delete_pause_s``) last long enough.
 
 The phase the move was in when the fault landed is recorded (``landed``); a run whose move
-had already left the wanted phase says so instead of pretending.
+had already left the wanted phase (or whose pin did not take) says so instead of pretending.
 
 Judging a run (after the workflow ended and every server is up again):
 
@@ -75,22 +78,24 @@ from router.core import Router
 from settings import RouterSettings, Settings, TemporalSettings
 from shards.models import FenceState
 from shards.postgres import replication as repl
-from shards.postgres.apply import ApplyError, release_hold, request_hold
-from tests.workflows.procs import WorkerProcess, chunk_keys, preload_chunk, query_progress
+from tests.workflows.procs import (
+    Gate,
+    LagHold,
+    WorkerProcess,
+    chunk_keys,
+    freeze_marker_gate,
+    phase_index,
+    preload_chunk,
+    query_progress,
+    snapshot_gate,
+    wait_slot_creation_waiting,
+)
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
 from workflows.migrate_chunk import Progress, describe_failure
 from workload.checker import check, collect_stored
 from workload.generator import LoadGenerator, WorkloadConfig
 
 PHASES = ["snapshot", "import", "replicate", "verify", "cutover", "rollback_window", "cleanup"]
-_ORDER = ["starting", "registered", *PHASES, "done"]
-
-
-def phase_index(phase: str | None) -> int:
-    """Position in the forward order; anything else (aborting, aborted) sorts last."""
-    return _ORDER.index(phase) if phase in _ORDER else len(_ORDER)
-
-
 class Fault(StrEnum):
     WORKER_KILL = "worker_kill"
     """The worker process SIGKILLed, a new one started at once."""
@@ -304,6 +309,8 @@ class MoveRun:
         self.log = lambda msg: log(f"[{phase}/{fault.value}] {msg}")
         self.result = RunResult(phase=phase, fault=fault.value)
         self.worker: WorkerProcess | None = None
+        self.lag_hold = LagHold(rig.work_dir / f"hold-lag-{self.collection}", self.collection)
+        """The replicate pin (``arm_pin``); the run's worker processes read its file."""
         self.router: Router | None = None
         self.routers: list[Router] = []
         self.router_catalog: Catalog | None = None
@@ -356,7 +363,8 @@ class MoveRun:
             temporal=TemporalSettings(address=rig.stack.temporal.address,
                                       task_queue=f"faults-{self.collection}"),
         )
-        self.worker = WorkerProcess(self.settings, rig.work_dir / f"worker-{self.collection}.log")
+        self.worker = WorkerProcess(self.settings, rig.work_dir / f"worker-{self.collection}.log",
+                                    self.lag_hold.env)
         self.worker.start()
         self.router_catalog = await Catalog(rig.stack.catalog_dsn, max_size=4).open()
         self.router = await self.new_router()
@@ -375,6 +383,7 @@ class MoveRun:
 
     async def start_move(self) -> None:
         assert self.settings is not None
+        await self.arm_pin()
         wid = f"faults-{self.collection}"
         self.result.workflow_id = wid
         self.handle = await self.rig.client.start_workflow(
@@ -426,12 +435,30 @@ class MoveRun:
 
     # -- pins --------------------------------------------------------------------------------
 
+    async def arm_pin(self) -> None:
+        """The pins that must be in place before the move starts (see the module notes)."""
+        if self.phase == "snapshot":
+            self._gate(await snapshot_gate(self.rig.dsns[self.source]))
+        elif self.phase == "replicate":
+            self.lag_hold.hold()
+
+            async def release() -> None:
+                self.lag_hold.release()
+
+            self.pin.on_release(release)
+        elif self.phase == "cutover":
+            self._gate(await freeze_marker_gate(self.rig.dsns[self.target]))
+
+    def _gate(self, gate: Gate) -> None:
+        self.pin.on_release(gate.release)
+
     async def pin_phase(self) -> Progress:
         """Bring the move into ``self.phase`` and hold it there (see the module notes)."""
         ph = self.phase
         first = await self.wait_progress(lambda p: bool(p.migration_id), "a first answer", 120)
         assert self.mid is not None
         if ph == "snapshot":
+            await self._slot_creation_waiting("the snapshot's slot")
             return await self.wait_progress(lambda p: p.phase == "snapshot", "snapshot")
         if ph in ("import", "verify"):
             await self.wait_sql(
@@ -443,21 +470,11 @@ class MoveRun:
         if ph == "verify":
             await self._hold_xid_on_source()
             await self.wait_progress(lambda p: p.phase == "verify", "verify")
-            vslot = repl.stream_names(self.mid, "ver").slot
-            with contextlib.suppress(PhaseMissed):  # pinned all the same: best effort
-                await self.wait_sql(self.source,
-                                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
-                                    (vslot,), lambda n: (n or 0) >= 1, "verify's slot", 10)
+            await self._slot_creation_waiting("verify's slot")
             return await self.wait_progress(lambda p: True, "verify")
         if ph == "replicate":
-            await self.wait_progress(lambda p: phase_index(p.phase) >= phase_index("replicate"),
-                                     "replicate")
-            await self._hold_applier(push_wal=True)
-            return await self.wait_progress(lambda p: True, "replicate")
+            return await self.wait_progress(lambda p: p.phase == "replicate", "replicate")
         if ph == "cutover":
-            await self.wait_progress(lambda p: phase_index(p.phase) >= phase_index("cutover"),
-                                     "cutover")
-            await self._hold_applier(push_wal=False)
             await self._wait_frozen()
             return await self.wait_progress(lambda p: True, "cutover")
         if ph == "rollback_window":
@@ -467,59 +484,25 @@ class MoveRun:
             return await self.wait_progress(lambda p: p.phase == "cleanup", "cleanup")
         return first
 
+    async def _slot_creation_waiting(self, what: str) -> None:
+        try:
+            await wait_slot_creation_waiting(self.rig.dsns[self.source])
+        except AssertionError as exc:
+            raise PhaseMissed(f"{what}: {exc}", await self.progress()) from None
+
     async def _hold_importer(self) -> None:
         conn = await psycopg.AsyncConnection.connect(self.rig.dsns[self.target], autocommit=True)
         await conn.execute("BEGIN")
         await conn.execute("LOCK TABLE shardshift.import_parts IN SHARE ROW EXCLUSIVE MODE")
-
-        async def release() -> None:
-            try:
-                await conn.execute("COMMIT")
-            finally:
-                await conn.close()
-
-        self.pin.on_release(release)
+        self._gate(Gate(conn))
 
     async def _hold_xid_on_source(self) -> None:
-        conn = await psycopg.AsyncConnection.connect(self.rig.dsns[self.source], autocommit=True)
-        await conn.execute("BEGIN")
-        await conn.execute("SELECT pg_current_xact_id()")
-
-        async def release() -> None:
-            try:
-                await conn.execute("COMMIT")
-            finally:
-                await conn.close()
-
-        self.pin.on_release(release)
-
-    async def _hold_applier(self, *, push_wal: bool) -> None:
-        assert self.mid is not None
-        names = repl.stream_names(self.mid, "fwd")
-        target_dsn = self.rig.dsns[self.target]
-        await self.wait_sql(self.target,
-                            "SELECT count(*) FROM shardshift.stream_state WHERE stream = %s",
-                            (names.origin,), lambda n: (n or 0) >= 1, "the applier's state row")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                await asyncio.to_thread(request_hold, target_dsn, names, None)
-                break
-            except ApplyError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-        self.pin.on_release(lambda: asyncio.to_thread(release_hold, target_dsn, names))
-        if push_wal:
-            # A non-transactional message: WAL the lag check counts, data no applier applies.
-            async with await psycopg.AsyncConnection.connect(self.rig.dsns[self.source],
-                                                             autocommit=True) as conn:
-                await conn.execute("SELECT pg_logical_emit_message(false, 'shardshift-bench-wal',"
-                                   " repeat('x', %s))", (self.cfg.max_lag_bytes * 4,))
+        self._gate(await snapshot_gate(self.rig.dsns[self.source]))
 
     async def _wait_frozen(self) -> None:
+        """Until the cutover has frozen the source (held there by the freeze-marker gate)."""
         assert self.moving is not None
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         async with await psycopg.AsyncConnection.connect(self.rig.dsns[self.source],
                                                          autocommit=True) as conn:
             while time.monotonic() < deadline:
@@ -529,11 +512,8 @@ class MoveRun:
                 row = await cur.fetchone()
                 if row and row[0] == FenceState.FROZEN.value:
                     return
-                p = await query_progress(self.handle, timeout=2) if self.handle else None
-                if p is not None and phase_index(p.phase) > phase_index("cutover"):
-                    return  # committed before the hold took: the landing says so
                 await asyncio.sleep(0.003)
-        self.result.notes.append("the source was not seen frozen")
+        raise PhaseMissed("the source was not seen frozen in 180s", await self.progress())
 
     # -- faults ------------------------------------------------------------------------------
 
@@ -555,6 +535,8 @@ class MoveRun:
         elif f == Fault.WALSENDER_KILL:
             killed = await self._kill_walsenders()
             self.result.notes.append(f"terminated walsender(s) {killed}")
+            if not killed:  # the fault did not land: say so (the cell shows it)
+                self.result.landed = f"nowhere (no walsender in {self.result.landed})"
             self.fault_over.set()
         elif f in (Fault.TARGET_STOP, Fault.TARGET_STOP_LONG, Fault.SOURCE_STOP,
                    Fault.SOURCE_STOP_LONG, Fault.CATALOG_STOP, Fault.CATALOG_STOP_LONG):

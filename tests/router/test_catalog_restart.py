@@ -25,17 +25,8 @@ from router.core import Router
 from router.hashing import khash
 from router.http import create_app
 from tests.router.conftest import Deployment, router_settings
-from tests.router.test_http_hostile import AUTH, ServeProcess, assert_error_shape
-
-
-def keys_in(deployment: Deployment, chunk_id: int, n: int) -> list[str]:
-    out, i = [], 0
-    while len(out) < n:
-        k = f"r-{i}"
-        if deployment.initial.locate(khash(k)).chunk_id == chunk_id:
-            out.append(k)
-        i += 1
-    return out
+from tests.router.serve import AUTH, ServeProcess, assert_error_shape
+from workload.generator import keys_in
 
 
 def body(resp: httpx.Response) -> dict:
@@ -91,7 +82,7 @@ async def test_restart_costs_uncached_reads_and_route_refreshes_nothing(
     route). Every request through HTTP succeeds; no client sees the dead connections."""
     c = deployment.collection
     chunk = deployment.initial.chunks[0]
-    keys = keys_in(deployment, chunk.chunk_id, 4)
+    keys = keys_in(chunk.range, 4, "r")
     source = CatalogRouteSource.from_dsn(catalog_dsn)
     async with Router(source, router_settings(), listen=False) as r:
         for i, k in enumerate(keys):
@@ -125,7 +116,7 @@ async def test_short_catalog_outage_waits_within_the_deadline(
     router did not know (its route refresh waits for the catalog too)."""
     c = deployment.collection
     chunk = deployment.initial.chunks[0]
-    (key,) = keys_in(deployment, chunk.chunk_id, 1)
+    (key,) = keys_in(chunk.range, 1, "r")
     catalog_port = stack.instance_for_dsn(catalog_dsn).port
     source = CatalogRouteSource.from_dsn(catalog_dsn)
     async with Router(source, router_settings(retry_deadline_s=6.0), listen=False) as r:

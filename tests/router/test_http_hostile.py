@@ -10,7 +10,6 @@ import os
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,86 +23,15 @@ from bson import json_util
 from psycopg import sql
 
 from infra import Stack
-from infra.net import free_port_block
 from router.core import cap_result
 from router.hashing import khash
 from router.http import max_body_bytes
 from router.service import is_loopback
-from settings import REPO_ROOT, RouterSettings
+from settings import RouterSettings
 from shards.codec import encode_value
 from shards.postgres.schema import collection_table
 from tests.router.conftest import Deployment
-
-TOKEN = "shardshift-local"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-MB = 1 << 20
-
-
-class ServeProcess:
-    """``python -m cli router serve`` with extra environment; stopped by the fixture."""
-
-    def __init__(self, catalog_dsn: str, args: list[str], env: dict[str, str],
-                 host: str = "127.0.0.1") -> None:
-        self.port = free_port_block(1)
-        self.args = ["--host", host, "--port", str(self.port), *args]
-        self.env = {**os.environ, "SHARDSHIFT_CATALOG_DSN": catalog_dsn,
-                    "PYTHONPATH": str(REPO_ROOT), **env}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log: list[str] = []
-        self._reader: threading.Thread | None = None
-
-    def run(self, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run to completion (for a configuration the command refuses)."""
-        return subprocess.run([sys.executable, "-m", "cli", "router", "serve", *self.args],
-                              env=self.env, cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def start(self, timeout: float = 60.0) -> ServeProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "router", "serve", *self.args],
-            env=self.env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._reader.join(5)
-                raise RuntimeError("router serve exited: " + "".join(self.log)[-2000:])
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)  # not listening yet
-        raise RuntimeError(f"router serve did not listen within {timeout}s")
-
-    def _read_log(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.log.append(line.decode(errors="replace"))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def peak_rss(self) -> int:
-        """The server process's peak resident set size so far (VmHWM), in bytes."""
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmHWM in /proc status")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._reader is not None:
-            self._reader.join(5)
+from tests.router.serve import AUTH, MB, TOKEN, ServeProcess, assert_error_shape
 
 
 @pytest.fixture(scope="module")
@@ -176,24 +104,6 @@ def test_a_declared_oversized_body_is_refused_before_it_is_sent(server: ServePro
 
 
 # -- one error shape, and what error bodies never say --------------------------------------------
-
-LEAKS = ("127.0.0.1", "localhost", "postgres", "psycopg", "user", "password", "passfile",
-         "connection to server", "Traceback")
-
-
-def assert_error_shape(r: httpx.Response, status: int, *ports: int) -> dict:
-    assert r.status_code == status, r.text[:500]
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert isinstance(body, dict) and set(body) <= {"error", "type", "details"}, body
-    assert isinstance(body["error"], str) and body["error"]
-    assert isinstance(body["type"], str) and body["type"]
-    for word in LEAKS:
-        assert word not in r.text.lower() if word.islower() else word not in r.text, (word, r.text)
-    for port in ports:
-        assert str(port) not in r.text, (port, r.text)
-    return body
-
 
 def test_every_error_status_has_one_shape(server: ServeProcess, deployment: Deployment) -> None:
     c = f"{server.url}/v1/collections/{deployment.collection}"

@@ -20,14 +20,13 @@ from shards.postgres.checksum import (
 )
 from shards.postgres.documents import encode_for_store
 from shards.postgres.snapshot import export_chunk
-from tests.shards.test_snapshot_import import (
+from tests.shards.helpers import (
     FULL,
     keyed,
     load_docs,
     make_docs,
     prepare,
     read_docs,
-    staging,  # noqa: F401 - fixture
 )
 
 BUCKETS = 32
@@ -54,7 +53,7 @@ async def copied_pair(src: str, dst: str, collection: str, stage, n: int = 80):
 
 
 async def test_checksums_detect_altered_missing_and_extra_rows(pg18_dsns, collection_name,
-                                                               staging):  # noqa: F811
+                                                               staging):
     src, dst = pg18_dsns[0], pg18_dsns[1]
     docs = await copied_pair(src, dst, collection_name, staging)
     a = checksum_range(src, collection_name, FULL, buckets=BUCKETS)
@@ -86,7 +85,7 @@ async def test_checksums_detect_altered_missing_and_extra_rows(pg18_dsns, collec
 
 
 async def test_checksum_and_recopy_read_the_given_snapshot(pg18_dsns, collection_name,
-                                                           staging):  # noqa: F811
+                                                           staging):
     src, dst = pg18_dsns[0], pg18_dsns[2]
     docs = await copied_pair(src, dst, collection_name, staging, n=40)
     victim = docs[0]
@@ -110,7 +109,7 @@ async def test_checksum_and_recopy_read_the_given_snapshot(pg18_dsns, collection
 
 
 async def test_sub_range_checksums_and_empty_buckets(pg18_dsns, collection_name,
-                                                     staging):  # noqa: F811
+                                                     staging):
     src, dst = pg18_dsns[0], pg18_dsns[1]
     await copied_pair(src, dst, collection_name, staging, n=30)
     chunk = FULL.split(4)[1]

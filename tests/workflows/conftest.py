@@ -8,6 +8,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 from temporalio.client import Client
@@ -17,7 +18,12 @@ from infra import Stack
 from settings import Settings, TemporalSettings
 from tests.conftest import owned_state_dir
 from tests.router.conftest import deployment, router, router_catalog  # noqa: F401 - fixtures
+from tests.workflows.streams import streamed  # noqa: F401 - a fixture for this package's tests
 from worker import run_worker
+
+if TYPE_CHECKING:
+    from catalog import Catalog
+    from tests.workflows.fleet import Fleet
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +71,17 @@ async def worker(worker_settings: Settings, temporal_client: Client) -> AsyncIte
     finally:
         if not task.done():
             await handle.shutdown()
+
+
+@pytest.fixture
+async def fleet_cleanup(router_catalog: Catalog) -> AsyncIterator[list[Fleet]]:  # noqa: F811
+    """Fleets a test made (``tests.workflows.fleet.make_fleet``): their tables dropped and
+    pools closed after the test."""
+    fleets: list[Fleet] = []
+    yield fleets
+    for f in fleets:
+        for s in f.shards.values():
+            try:
+                await s.drop_collection(f.collection)
+            finally:
+                await s.close()

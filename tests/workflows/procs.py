@@ -1,5 +1,6 @@
-"""Helpers for fault tests: a worker as a separate OS process (so it can be SIGKILLed), a
-fast bulk load of one chunk, and polling of a workflow's ``progress`` query."""
+"""Helpers for fault tests: a worker as a separate OS process (so it can be SIGKILLed) and which
+worker runs an activity, a fast bulk load of one chunk, polling of a workflow's ``progress``
+query, and *gates* that hold a move at a known point so a fault lands there every time."""
 
 from __future__ import annotations
 
@@ -15,32 +16,40 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from temporalio.client import WorkflowHandle
+from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 
+from activities.replicate import HOLD_LAG_ENV
 from catalog.models import Chunk
 from router.hashing import khash
 from settings import REPO_ROOT, Settings
 from shards.postgres import documents as D
+from shards.postgres.apply import ensure_apply_schema
 from shards.postgres.schema import collection_table
 from workflows import MigrateChunkWorkflow
 from workflows.migrate_chunk import Progress
+from workload.generator import keys_in
 
 PHASES = ["starting", "registered", "snapshot", "import", "replicate", "verify", "cutover",
           "rollback_window", "cleanup", "done"]
 
 
-def phase_index(phase: str) -> int:
-    """Position of a phase in the forward order (aborting/aborted sort last)."""
+def phase_index(phase: str | None) -> int:
+    """Position of a phase in the forward order (aborting, aborted and None sort last)."""
     return PHASES.index(phase) if phase in PHASES else len(PHASES)
 
 
 class WorkerProcess:
     """``python worker.py`` on the settings' task queue, in its own process group."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.extra_env = dict(extra_env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
@@ -53,6 +62,7 @@ class WorkerProcess:
             "SHARDSHIFT_TEMPORAL__TASK_QUEUE": s.temporal.task_queue,
             "PYTHONUNBUFFERED": "1",
         })
+        env.update(self.extra_env)
         return env
 
     def start(self) -> WorkerProcess:
@@ -69,6 +79,10 @@ class WorkerProcess:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def runs(self, identity: str) -> bool:
+        """Whether a Temporal worker identity is this process's (the SDK's ``pid@host``)."""
+        return self.proc is not None and identity.startswith(f"{self.proc.pid}@")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -132,14 +146,8 @@ async def poll_progress(
 
 def chunk_keys(chunk: Chunk, n: int, prefix: str) -> list[str]:
     """``n`` distinct shard-key values inside ``chunk``'s range (spread over its khashes)."""
-    out: list[str] = []
-    i = 0
-    while len(out) < n:
-        key = f"{prefix}-{i}"
-        if chunk.range.contains(khash(key)):
-            out.append(key)
-        i += 1
-        assert i < 200 * n + 100_000, "chunk range too narrow"
+    out = keys_in(chunk.range, n, prefix)
+    assert len(out) == n, "chunk range too narrow"
     return out
 
 
@@ -190,3 +198,160 @@ async def timeline(handle: WorkflowHandle[Any, Any]) -> list[str]:
             what = str(ev.workflow_task_timed_out_event_attributes.timeout_type)
         lines.append(f"{t - t0:8.3f} {kind} {what}")
     return lines
+
+
+# -- which worker runs what ----------------------------------------------------------------------
+
+
+async def activity_pollers(client: Client, task_queue: str) -> set[str]:
+    """Identities of the workers polling ``task_queue`` for activities."""
+    resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+        namespace=client.namespace, task_queue=TaskQueue(name=task_queue),
+        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY))
+    return {p.identity for p in resp.pollers}
+
+
+async def wait_polling(client: Client, task_queue: str, workers: list[WorkerProcess],
+                       timeout: float = 120.0) -> None:
+    """Until every worker process polls ``task_queue`` for activities (start-up done)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        polling = await activity_pollers(client, task_queue)
+        if all(any(w.runs(i) for i in polling) for w in workers):
+            return
+        dead = [w.log_tail() for w in workers if not w.alive()]
+        assert not dead, f"a worker exited: {dead}"
+        assert time.monotonic() < deadline, f"workers not polling in {timeout}s: {polling}"
+        await asyncio.sleep(0.1)
+
+
+async def running_activity(handle: WorkflowHandle[Any, Any], activity_type: str) -> str | None:
+    """Identity of the worker running the workflow's ``activity_type`` now, if one does."""
+    desc = await handle.describe()
+    for pa in desc.raw_description.pending_activities:
+        if pa.activity_type.name == activity_type \
+                and pa.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED:
+            return pa.last_worker_identity or None
+    return None
+
+
+async def worker_running(handle: WorkflowHandle[Any, Any], activity_type: str,
+                         workers: list[WorkerProcess], timeout: float = 30.0) -> WorkerProcess:
+    """The worker process running ``activity_type`` of the workflow (waits for it to start)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        identity = await running_activity(handle, activity_type)
+        if identity is not None:
+            found = [w for w in workers if w.runs(identity)]
+            assert found, f"{activity_type} runs on {identity}, none of ours"
+            return found[0]
+        assert time.monotonic() < deadline, f"{activity_type} not running in {timeout}s"
+        await asyncio.sleep(0.02)
+
+
+async def activity_runs(handle: WorkflowHandle[Any, Any], activity_type: str
+                        ) -> list[tuple[int, str]]:
+    """(attempt, worker identity) of every recorded start of ``activity_type`` in the run's
+    history (a retried activity's start is recorded with its last attempt)."""
+    names: dict[int, str] = {}
+    out: list[tuple[int, str]] = []
+    async for ev in handle.fetch_history_events():
+        if ev.HasField("activity_task_scheduled_event_attributes"):
+            names[ev.event_id] = ev.activity_task_scheduled_event_attributes.activity_type.name
+        if ev.HasField("activity_task_started_event_attributes"):
+            a = ev.activity_task_started_event_attributes
+            if names.get(a.scheduled_event_id) == activity_type:
+                out.append((a.attempt, a.identity))
+    return out
+
+
+# -- gates: a move held at a known point -------------------------------------------------------
+
+
+class Gate:
+    """A transaction on one server that holds a move at a known point until ``release``
+    (idempotent; also on leaving the ``async with``)."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.conn = conn
+        self.released = False
+
+    async def release(self) -> None:
+        if not self.released:
+            self.released = True
+            try:
+                await self.conn.execute("COMMIT")
+            finally:
+                await self.conn.close()
+
+    async def __aenter__(self) -> Gate:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+
+async def freeze_marker_gate(target_dsn: str) -> Gate:
+    """Hold a move's applier at the cutover's freeze marker: the marker cannot be recorded
+    (``shardshift.stream_markers`` is locked against inserts), so the cutover freezes the
+    source and waits for a catch-up that cannot come (up to ``catchup_timeout_s``).
+
+    Taken before the move starts, it lands every time: nothing of a move changes the
+    source's fence while it streams but the cutover's freeze, so every earlier batch applies
+    (the lag stays small) and the first marker is the freeze's. The target keeps serving."""
+    def schema() -> None:
+        with psycopg.connect(target_dsn, autocommit=True) as conn:
+            ensure_apply_schema(conn)
+
+    await asyncio.to_thread(schema)
+    conn = await psycopg.AsyncConnection.connect(target_dsn, autocommit=True)
+    await conn.execute("BEGIN")
+    await conn.execute("LOCK TABLE shardshift.stream_markers IN SHARE ROW EXCLUSIVE MODE")
+    return Gate(conn)
+
+
+async def snapshot_gate(source_dsn: str) -> Gate:
+    """Hold a move in its snapshot phase: a transaction with an xid on the source, so the
+    snapshot's replication slot cannot reach its consistent point (a logical slot's creation
+    waits for the transactions running when it started). Taken before the move starts."""
+    conn = await psycopg.AsyncConnection.connect(source_dsn, autocommit=True)
+    await conn.execute("BEGIN")
+    await conn.execute("SELECT pg_current_xact_id()")
+    return Gate(conn)
+
+
+async def wait_slot_creation_waiting(source_dsn: str, timeout: float = 120.0) -> None:
+    """Until a walsender on the source waits for a transaction (a slot being created behind
+    :func:`snapshot_gate`)."""
+    deadline = time.monotonic() + timeout
+    async with await psycopg.AsyncConnection.connect(source_dsn, autocommit=True) as conn:
+        while True:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'"
+                " AND wait_event = 'transactionid'")
+            row = await cur.fetchone()
+            if row and row[0]:
+                return
+            assert time.monotonic() < deadline, f"no slot creation waiting in {timeout}s"
+            await asyncio.sleep(0.01)
+
+
+class LagHold:
+    """The ``SHARDSHIFT_TEST_HOLD_LAG`` test hook for worker *processes*: while the file
+    lists the collection, no worker started with :attr:`env` lets the move leave its lag wait
+    (replicate, or the cutover's wait before each attempt)."""
+
+    def __init__(self, path: Path, collection: str) -> None:
+        self.path = path
+        self.collection = collection
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {HOLD_LAG_ENV: f"@{self.path}"}
+
+    def hold(self) -> LagHold:
+        self.path.write_text(self.collection + "\n")
+        return self
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)

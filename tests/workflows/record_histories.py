@@ -56,9 +56,8 @@ from shards.postgres import PostgresShard
 from shards.postgres.schema import collection_table
 from tests.conftest import make_stack_settings, owned_state_dir, reap_abandoned_stacks
 from tests.router.conftest import Deployment
-from tests.workflows.test_drain import Fleet, make_fleet
-from tests.workflows.test_lifecycle import load_chunk, wait_until
-from tests.workflows.test_migrate import FAST
+from tests.workflows.fleet import Fleet, make_fleet
+from tests.workflows.helpers import FAST, load_chunk, wait_until
 from worker import run_worker
 from workflows import (
     ALL_WORKFLOWS,

@@ -14,7 +14,7 @@ from infra import Stack
 from tests.router.conftest import Deployment
 from tests.workflows.cli_run import cli_env, shardshift
 from tests.workflows.conftest import WorkerHandle
-from tests.workflows.test_lifecycle import other_shard
+from tests.workflows.helpers import other_shard
 
 
 def test_window_run_times() -> None:

@@ -16,8 +16,9 @@ from shards.postgres.apply import read_state
 from tests.router.conftest import Deployment
 from tests.workflows.cli_run import cli_env, shardshift
 from tests.workflows.conftest import WorkerHandle
-from tests.workflows.test_lifecycle import load_chunk, other_shard, start_move
-from tests.workflows.test_verify_overlap import Streamed, streamed  # noqa: F401 - fixture
+from tests.workflows.helpers import load_chunk, other_shard
+from tests.workflows.helpers import start_worker_move as start_move
+from tests.workflows.streams import Streamed
 
 
 def delete_one(dsn: str, collection: str, key_id: str) -> int:
@@ -74,7 +75,7 @@ async def test_catalog_check_reports_a_broken_fence(deployment: Deployment, stac
     assert ran.code == 0 and "consistent" in ran.out, ran
 
 
-async def test_in_flight_move_compared_at_one_lsn(streamed: Streamed,  # noqa: F811
+async def test_in_flight_move_compared_at_one_lsn(streamed: Streamed,
                                                   stack: Stack) -> None:
     s = streamed
     d, spec = s.deployment, s.spec

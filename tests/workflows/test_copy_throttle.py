@@ -17,7 +17,7 @@ from shards.postgres.throttle import CopyThrottle, ThrottleSettings
 from shards.staging import Staging
 from tests.conftest import owned_state_dir
 from tests.router.conftest import Deployment
-from tests.workflows.test_lifecycle import load_chunk, wait_until
+from tests.workflows.helpers import load_chunk, wait_until
 
 
 class FakeClock:

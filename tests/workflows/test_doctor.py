@@ -44,6 +44,7 @@ from shards.postgres.roles import as_role
 from shards.staging import Staging
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle
+from tests.workflows.helpers import stream_objects
 from tests.workflows.procs import chunk_keys, poll_progress, preload_chunk
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
 from workflows.migrate_chunk import migration_id_for
@@ -74,16 +75,6 @@ async def doctor_json(stack: Stack, settings: Settings, *args: str) -> tuple[int
 
 def by_key(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     return {(f["kind"], f["object"]): f for f in report["findings"]}
-
-
-def stream_objects(dsn: str, prefix: str) -> list[str]:
-    """Slots, publications and origins on a server whose name starts with ``prefix``."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return [r[0] for r in conn.execute(
-            "SELECT slot_name::text FROM pg_replication_slots WHERE starts_with(slot_name::text, %(p)s)"
-            " UNION ALL SELECT pubname::text FROM pg_publication WHERE starts_with(pubname::text, %(p)s)"
-            " UNION ALL SELECT roname FROM pg_replication_origin WHERE starts_with(roname, %(p)s)",
-            {"p": prefix})]
 
 
 def leave_stream(source_dsn: str, target_dsn: str, migration_id: str, chunk: Chunk) -> str:
@@ -228,8 +219,8 @@ async def test_doctor_finds_and_repairs_leftovers(
 
         # Every leftover is gone, and nothing served was touched.
         for s in (s0, s1, s2):
-            assert stream_objects(dsn[s], migration_prefix(mid)) == []
-            assert stream_objects(dsn[s], migration_prefix(ghost)) == []
+            assert stream_objects([dsn[s]], migration_prefix(mid)) == []
+            assert stream_objects([dsn[s]], migration_prefix(ghost)) == []
         assert await shards[s1].fence(c, a.chunk_id) is None
         assert await shards[s1].count(c, a.range) == 0
         assert await shards[s0].count(c, a.range) == 40
@@ -280,7 +271,7 @@ async def test_doctor_reports_an_unreachable_target_and_cleans_it_when_back(
         closing = found[("migration", mid)]
         assert not closing["repaired"] and "could not be inspected" in closing["action"], closing
         assert (await cat.migration(mid)).active
-        assert stream_objects(shards[s0].dsn, migration_prefix(mid)) == []
+        assert stream_objects([shards[s0].dsn], migration_prefix(mid)) == []
     finally:
         await asyncio.to_thread(pg.start, 60)
     # The pool's connections to the restarted server are dead; a fresh engine reads it.
@@ -346,7 +337,7 @@ async def test_doctor_leaves_a_running_move_alone(
             rc, report = await doctor_json(stack, worker.settings, "--repair",
                                            "--collection", c)
             assert (rc, report["findings"]) == (0, []), (phase, report)
-            assert len(stream_objects(source.dsn if phase == "replicate" else target.dsn,
+            assert len(stream_objects([source.dsn if phase == "replicate" else target.dsn],
                                       migration_prefix(mid))) >= 2, phase
             assert (await cat.migration(mid)).active
             if phase == "replicate":
@@ -390,7 +381,7 @@ async def test_doctor_touches_nothing_of_a_move_it_cannot_judge(
         assert "cannot tell" in report.findings[0].detail
         assert report.findings[0].action.startswith("none:")
         assert not report.clean
-        assert len(stream_objects(shards[s0].dsn, migration_prefix(mid))) == 2  # slot, pub
+        assert len(stream_objects([shards[s0].dsn], migration_prefix(mid))) == 2  # slot, pub
         fence = await shards[s1].fence(c, a.chunk_id)
         assert fence is not None and fence.state == FenceState.RECEIVING
         assert await shards[s1].count(c, a.range) == 9

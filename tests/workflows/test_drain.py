@@ -7,118 +7,28 @@ import asyncio
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
 from activities.fleet import _bin_pack, _targets
 from activities.models import DrainPlanInput
 from catalog import Catalog, ShardState
-from catalog.admin import provision_collection
-from catalog.models import MigrationKind, MigrationOutcome, ShardInfo
+from catalog.models import MigrationKind, ShardInfo
 from infra import Stack
-from router.catalog_source import CatalogRouteSource
-from router.core import Router
-from shards.models import IndexDefinition
-from shards.postgres import PostgresShard
-from tests.router.conftest import router_settings
 from tests.workflows.conftest import WorkerHandle
-from tests.workflows.test_lifecycle import failure_chain, load_chunk, stream_objects, wait_until
-from tests.workflows.test_migrate import FAST
-from workflows import DrainShardInput, DrainShardResult, DrainShardWorkflow
-from workload.checker import check, collect_stored
-from workload.generator import LoadGenerator, WorkloadConfig
-
-RESULT_TIMEOUT_S = 240
-
-
-@dataclass
-class Fleet:
-    catalog: Catalog
-    collection: str
-    shards: dict[str, PostgresShard]
-    old: list[str]
-    """Shards holding the collection's chunks at the start."""
-    new: list[str]
-    """Empty shards registered as targets."""
-
-
-async def make_fleet(catalog: Catalog, collection: str, old: dict[str, tuple[str, int]],
-                     new: dict[str, tuple[str, int]], chunks_per_shard: int = 2) -> Fleet:
-    """Register shards (id -> (dsn, major version)) and provision the collection on ``old``."""
-    shards: dict[str, PostgresShard] = {}
-    for sid, (dsn, version) in {**old, **new}.items():
-        await catalog.register_shard(sid, dsn, engine="postgres", major_version=version)
-        shards[sid] = await PostgresShard(sid, dsn, max_size=4).open()
-    await provision_collection(
-        catalog, {s: shards[s] for s in old}, collection, "acct",
-        [IndexDefinition(name="by_email", fields=("email",))], chunks_per_shard=chunks_per_shard,
-    )
-    return Fleet(catalog, collection, shards, list(old), list(new))
-
-
-@pytest.fixture
-async def fleet_cleanup(router_catalog: Catalog) -> AsyncIterator[list[Fleet]]:
-    fleets: list[Fleet] = []
-    yield fleets
-    for f in fleets:
-        for s in f.shards.values():
-            try:
-                await s.drop_collection(f.collection)
-            finally:
-                await s.close()
-
-
-async def start_drain(client: Client, worker: WorkerHandle, inp: DrainShardInput
-                      ) -> WorkflowHandle[DrainShardWorkflow, DrainShardResult]:
-    return await client.start_workflow(
-        DrainShardWorkflow.run, inp, id=f"drain-{uuid.uuid4().hex[:8]}",
-        task_queue=worker.task_queue,
-    )
-
-
-async def run_under_load(fleet: Fleet, handle: WorkflowHandle) -> tuple[DrainShardResult, LoadGenerator]:
-    async with Router(CatalogRouteSource(fleet.catalog), router_settings()) as router:
-        load = LoadGenerator(router, WorkloadConfig(collection=fleet.collection, rate=200,
-                                                    workers=4, accounts=60))
-        await load.start()
-        try:
-            await wait_until(lambda: sum(r.outcome == "ok" for r in load.records) >= 50,
-                             what="load warm-up")
-            result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
-            acked = sum(r.outcome == "ok" for r in load.records)
-            await wait_until(lambda: sum(r.outcome == "ok" for r in load.records) >= acked + 50,
-                             what="writes after the drain")
-        finally:
-            await load.stop()
-    return result, load
-
-
-async def assert_drained(fleet: Fleet, result: DrainShardResult, load: LoadGenerator,
-                         kind: MigrationKind) -> None:
-    assert sorted(result.retired) == sorted(fleet.old), result
-    assert result.moves and all(m.outcome == MigrationOutcome.COMPLETED.value
-                                for m in result.moves), result.moves
-    for sid in fleet.old:
-        assert (await fleet.catalog.shard(sid)).state == ShardState.RETIRED
-    cmap = await fleet.catalog.chunk_map(fleet.collection)
-    assert {c.shard_id for c in cmap.chunks} <= set(fleet.new), cmap
-    for m in result.moves:
-        record = (await fleet.catalog.migrations(collection=fleet.collection))
-        assert any(r.chunk_id == m.chunk_id and r.kind == kind for r in record), m
-    stored = await collect_stored(fleet.shards, fleet.collection)
-    report = check(load.records, stored)
-    assert report.client_errors == 0, report.error_samples
-    assert report.ok, report
-    for sid in fleet.old:
-        assert await fleet.shards[sid].count(fleet.collection) == 0
-    dsns = [s.dsn for s in fleet.shards.values()]
-    assert stream_objects(dsns, "ss_drain") == []
-
+from tests.workflows.fleet import (
+    RESULT_TIMEOUT_S,
+    Fleet,
+    assert_drained,
+    make_fleet,
+    run_under_load,
+    start_drain,
+)
+from tests.workflows.helpers import FAST, failure_chain, load_chunk, stream_objects, wait_until
+from workflows import DrainShardInput, DrainShardWorkflow
 
 # -- 1. upgrade: PostgreSQL 15 -> 18 ---------------------------------------------------------
 

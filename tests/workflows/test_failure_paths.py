@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +36,6 @@ from activities.faults import ENV as FAULTS_ENV
 from activities.models import CleanupInput, CutoverInput, CutoverResult, Direction, MoveSpec
 from catalog import Catalog, LeaseUnavailableError
 from catalog.models import Chunk, MigrationKind, MigrationOutcome
-from router.catalog_source import CatalogRouteSource
-from router.core import Router
 from router.hashing import khash
 from shards.models import FenceState
 from shards.postgres import documents as D
@@ -48,61 +44,17 @@ from shards.postgres.locks import CutoverLock
 from shards.postgres.replication import migration_prefix, stream_names
 from shards.postgres.schema import collection_table
 from shards.staging import Staging
-from tests.router.conftest import Deployment, router_settings
+from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle
+from tests.workflows.helpers import load_on, pick, stream_objects, wait_until
 from tests.workflows.procs import chunk_keys, count_rows, poll_progress, preload_chunk
 from workflows import MigrateChunkInput, MigrateChunkResult, MigrateChunkWorkflow
 from workload.checker import check, collect_stored
-from workload.generator import LoadGenerator, WorkloadConfig
 
 FAST = {"poll_s": 0.2, "cutover_retry_s": 0.2, "part_rows": 500, "heartbeat_timeout_s": 5.0}
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def pick(d: Deployment) -> tuple[Chunk, str, Chunk]:
-    """(chunk to move, target shard, a bystander chunk on the third shard)."""
-    moving = d.initial.chunks[0]
-    target = next(s for s in sorted(d.shards) if s != moving.shard_id)
-    other = next(ch for ch in d.initial.chunks if ch.shard_id not in (moving.shard_id, target))
-    return moving, target, other
-
-
-def acked(load: LoadGenerator) -> int:
-    return sum(r.outcome == "ok" for r in load.records)
-
-
-async def until(predicate: Any, timeout: float = 60.0, what: str = "condition") -> Any:
-    """Poll a (sync or async) predicate until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout}s"
-        await asyncio.sleep(0.02)
-
-
-@asynccontextmanager
-async def load_on(d: Deployment, moving: Chunk, other: Chunk) -> AsyncIterator[LoadGenerator]:
-    """Writes and reads on the moving chunk (and a bystander) through a router; on a clean
-    exit the load keeps going until more writes were acknowledged after the block."""
-    async with Router(CatalogRouteSource(d.catalog), router_settings()) as router:
-        load = LoadGenerator(router, WorkloadConfig(
-            collection=d.collection, rate=200, workers=4,
-            only_keys=chunk_keys(moving, 20, "acct") + chunk_keys(other, 4, "o"),
-        ))
-        await load.start()
-        try:
-            await until(lambda: acked(load) >= 50, what="load warm-up")
-            yield load
-            before = acked(load)
-            await until(lambda: acked(load) >= before + 50, what="writes after the move")
-        finally:
-            await load.stop()
 
 
 async def start(client: Client, worker: WorkerHandle, d: Deployment, moving: Chunk, target: str,
@@ -124,24 +76,6 @@ def write_docs(dsn: str, collection: str, chunk: Chunk, n: int) -> None:
                                                     "pad": "m" * 200})
             conn.execute(sql.SQL("INSERT INTO {} (khash, id, doc) VALUES (%s, %s, %s)").format(
                 collection_table(collection)), (khash(key), id_text, doc_text))
-
-
-def stream_objects(d: Deployment, migration_id: str) -> list[str]:
-    """Slots, publications and origins of one migration on every shard."""
-    prefix = migration_prefix(migration_id)
-    out = []
-    for shard in d.shards.values():
-        with psycopg.connect(shard.dsn, autocommit=True) as conn:
-            for kind, query in (
-                ("slot", "SELECT slot_name FROM pg_replication_slots"
-                         " WHERE starts_with(slot_name::text, %s)"),
-                ("publication", "SELECT pubname FROM pg_publication"
-                                " WHERE starts_with(pubname::text, %s)"),
-                ("origin", "SELECT roname FROM pg_replication_origin"
-                           " WHERE starts_with(roname, %s)"),
-            ):
-                out += [f"{kind}:{r[0]}" for r in conn.execute(query, (prefix,))]
-    return out
 
 
 async def activity_results(handle: WorkflowHandle[Any, Any], name: str, cls: type) -> list[Any]:
@@ -186,7 +120,8 @@ async def assert_completed_clean(d: Deployment, result: MigrateChunkResult, movi
     record = await d.catalog.migration(result.migration_id)
     assert record.outcome == MigrationOutcome.COMPLETED, record
     assert await d.catalog.leases(migration_id=result.migration_id, live_only=False) == []
-    assert stream_objects(d, result.migration_id) == []
+    dsns = [x.dsn for x in d.shards.values()]
+    assert stream_objects(dsns, migration_prefix(result.migration_id)) == []
 
 
 # -- defect 1: a switch that committed is rolled forward, never undone ---------------------------
@@ -203,7 +138,7 @@ async def test_cutover_failing_after_the_switch_rolls_forward(
     moving, target, other = pick(d)
     await asyncio.to_thread(preload_chunk, d.shards[moving.shard_id].dsn, d.collection, moving, 300)
     monkeypatch.setenv(FAULTS_ENV, f"cutover.after_switch@{d.collection}")
-    async with load_on(d, moving, other) as load:
+    async with load_on(d, moving, other, rate=200, workers=4, keys=(20, 4), warm=50) as load:
         handle = await start(temporal_client, worker, d, moving, target)
         result = await asyncio.wait_for(handle.result(), 180)
     await assert_completed_clean(d, result, moving, target)
@@ -287,10 +222,10 @@ async def test_commit_check_waits_for_a_switch_in_flight(deployment: Deployment,
                     " AND datname = current_database()")
                 return (await cur.fetchone())[0] >= n
 
-            await until(lambda: waiting(1), 10, "the switch waiting on the gate")
+            await wait_until(lambda: waiting(1), 10, "the switch waiting on the gate")
             check_task = asyncio.create_task(CutoverActivities(ctx)._committed(run))
             # The check either waits on the switch's row lock or (the defect) answers at once.
-            await until(lambda: check_task.done() or waiting(2), 10, "the check to wait or answer")
+            await wait_until(lambda: check_task.done() or waiting(2), 10, "the check to wait or answer")
             answered_early = check_task.done()
             await gate.execute("COMMIT")
             await switch
@@ -357,7 +292,7 @@ async def test_leases_outlive_their_ttl_while_the_move_runs(
         except Exception:  # noqa: BLE001 - the applier has not written its state row yet
             return False
 
-    await until(lambda: asyncio.to_thread(hold), 60, "the applier to take a hold")
+    await wait_until(lambda: asyncio.to_thread(hold), 60, "the applier to take a hold")
     try:
         # Lag the held stream well past admission, so the move stays in replicate.
         await asyncio.to_thread(write_docs, d.shards[source].dsn, d.collection, moving, 2000)

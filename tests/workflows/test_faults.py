@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from temporalio.client import Client, WorkflowHandle
 
-from catalog.models import Chunk, MigrationOutcome
+from activities.replicate import HOLD_LAG_ENV, lag_held
 from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
@@ -27,167 +26,126 @@ from settings import Settings
 from shards.models import FenceState
 from shards.postgres import PostgresShard
 from shards.postgres import replication as repl
-from shards.postgres.apply import release_hold, request_hold
 from tests.router.conftest import Deployment, router_settings
 from tests.workflows.conftest import WorkerHandle
+from tests.workflows.helpers import FAULT_FAST, assert_moved, load_on, pick, start_move, wait_until
 from tests.workflows.procs import (
+    Gate,
+    LagHold,
     WorkerProcess,
-    chunk_keys,
+    activity_runs,
     count_rows,
+    freeze_marker_gate,
     phase_index,
     poll_progress,
     preload_chunk,
+    snapshot_gate,
     timeline,
+    wait_polling,
+    wait_slot_creation_waiting,
+    worker_running,
 )
-from tests.workflows.test_migrate import slots_left, wait_for
-from workflows import MigrateChunkInput, MigrateChunkResult, MigrateChunkWorkflow
-from workload.checker import CheckReport, check, collect_stored
-from workload.generator import LoadGenerator
+from workload.checker import max_write_gaps
 
-HEARTBEAT_S = 3.0
-"""Short heartbeat timeout: a killed worker's long-running activities are retried after it."""
-FAST = {"poll_s": 0.2, "cutover_retry_s": 0.2, "heartbeat_timeout_s": HEARTBEAT_S}
-BIG = {**FAST, "part_rows": 100}
+BIG = {**FAULT_FAST, "part_rows": 100}
 """For moves whose copy phases must last long enough to be hit (a preloaded chunk)."""
-SMALL = {**FAST, "part_rows": 500}
+SMALL = {**FAULT_FAST, "part_rows": 500}
 PRELOAD = 8000
 RESULT_TIMEOUT_S = 120.0
 PARTS_Q = "SELECT count(*) FROM shardshift.import_parts WHERE migration_id = %s"
 
 
-def acked(load: LoadGenerator) -> int:
-    return sum(r.outcome == "ok" for r in load.records)
+# -- 1. a worker process is SIGKILLed in each phase ---------------------------------------------
+#
+# Two worker processes poll the task queue, as in production; the one running the phase's
+# activity is killed, and the other (warm, already polling) takes the retry over. Each phase
+# has a gate that holds the move there until the kill has landed, and the history proves it
+# did: the activity ran again, on the other worker. A fault that misses fails the test.
+
+KILLED_IN = {"snapshot": "migrate.snapshot", "import": "migrate.bulk_import",
+             "replicate": "migrate.replicate", "cutover": "migrate.cutover"}
+"""The activity whose worker is killed in each phase."""
 
 
-def pick(deployment: Deployment) -> tuple[Chunk, str, Chunk]:
-    """(chunk to move, target shard, a bystander chunk on the third shard)."""
-    moving = deployment.initial.chunks[0]
-    target = next(s for s in deployment.shards if s != moving.shard_id)
-    other = next(ch for ch in deployment.initial.chunks
-                 if ch.shard_id not in (moving.shard_id, target))
-    return moving, target, other
+def two_workers(settings: Settings, tmp_path: Path, hold: LagHold) -> list[WorkerProcess]:
+    return [WorkerProcess(settings, tmp_path / f"worker-{i}.log", hold.env).start()
+            for i in range(2)]
 
 
-@asynccontextmanager
-async def load_on(deployment: Deployment, moving: Chunk, other: Chunk) -> AsyncIterator[LoadGenerator]:
-    """Writes and reads on the moving chunk (and a bystander) for the whole block; on a clean
-    exit the load keeps running until more writes were acknowledged after the move."""
-    from workload.generator import WorkloadConfig
-
-    async with Router(CatalogRouteSource(deployment.catalog), router_settings()) as router:
-        load = LoadGenerator(router, WorkloadConfig(
-            collection=deployment.collection, rate=300, workers=6,
-            only_keys=chunk_keys(moving, 30, "acct") + chunk_keys(other, 6, "o"),
-        ))
-        await load.start()
-        try:
-            await wait_for(lambda: acked(load) >= 100)
-            yield load
-            before = acked(load)
-            await wait_for(lambda: acked(load) >= before + 100)
-        finally:
-            await load.stop()
+async def killed_and_retried(handle: WorkflowHandle[Any, Any], activity: str,
+                             workers: list[WorkerProcess], victim: WorkerProcess) -> None:
+    """The kill landed inside ``activity``: it ran again, to its end, on the other worker."""
+    runs = await activity_runs(handle, activity)
+    (standby,) = [w for w in workers if w is not victim]
+    assert any(attempt >= 2 and standby.runs(identity) for attempt, identity in runs), \
+        (activity, runs, await timeline(handle))
 
 
-async def start_move(client: Client, deployment: Deployment, moving: Chunk, target: str,
-                     task_queue: str, **kw: object) -> WorkflowHandle[MigrateChunkWorkflow, MigrateChunkResult]:
-    return await client.start_workflow(
-        MigrateChunkWorkflow.run,
-        MigrateChunkInput(collection=deployment.collection, chunk_id=moving.chunk_id,
-                          target=target, **kw),  # type: ignore[arg-type]
-        id=f"fault-{deployment.collection}-{uuid.uuid4().hex[:6]}", task_queue=task_queue,
-    )
-
-
-async def assert_moved(deployment: Deployment, result: MigrateChunkResult, moving: Chunk,
-                       target: str, load: LoadGenerator, *,
-                       allow_client_errors: bool = False) -> CheckReport:
-    assert result.outcome == MigrationOutcome.COMPLETED, result
-    assert result.verified is True, result
-    chunk = await deployment.catalog.chunk(deployment.collection, moving.chunk_id)
-    assert chunk.shard_id == target and chunk.token == moving.token + 1
-    stored = await collect_stored(deployment.shards, deployment.collection)
-    report = check(load.records, stored)
-    assert allow_client_errors or report.client_errors == 0, report.error_samples
-    assert report.ok, report
-    assert await deployment.shards[moving.shard_id].count(deployment.collection, moving.range) == 0
-    assert slots_left([s.dsn for s in deployment.shards.values()], result.migration_id) == []
-    return report
-
-
-# -- 1. the worker process is SIGKILLed in each phase ------------------------------------------
-
-
-@pytest.mark.parametrize("phase", ["snapshot", "import", "replicate", "cutover"])
+@pytest.mark.parametrize("phase", ["snapshot", "import", "replicate"])
 async def test_worker_killed(phase: str, deployment: Deployment, worker_settings: Settings,
                              temporal_client: Client, tmp_path: Path) -> None:
+    """(The cutover's kill is ``test_worker_killed_inside_cutover_pause``.)"""
     moving, target, other = pick(deployment)
+    source_dsn, target_dsn = deployment.shards[moving.shard_id].dsn, deployment.shards[target].dsn
     copy_phase = phase in ("snapshot", "import")
     if copy_phase:
-        await asyncio.to_thread(preload_chunk, deployment.shards[moving.shard_id].dsn,
-                                deployment.collection, moving, PRELOAD)
-    log = tmp_path / "worker.log"
-    first = WorkerProcess(worker_settings, log).start()
-    second: WorkerProcess | None = None
+        await asyncio.to_thread(preload_chunk, source_dsn, deployment.collection, moving, PRELOAD)
+    hold = LagHold(tmp_path / "hold-lag", deployment.collection)
+    if phase == "replicate":
+        hold.hold()
+    task_queue = worker_settings.temporal.task_queue
+    workers = two_workers(worker_settings, tmp_path, hold)
+    gate: Gate | None = None
     try:
+        await wait_polling(temporal_client, task_queue, workers)
+        if phase == "snapshot":
+            gate = await snapshot_gate(source_dsn)
         async with load_on(deployment, moving, other) as load:
-            handle = await start_move(temporal_client, deployment, moving, target,
-                                      worker_settings.temporal.task_queue,
+            handle = await start_move(temporal_client, deployment, moving, target, task_queue,
                                       **(BIG if copy_phase else SMALL))
-            # The worker process is up and polling once it answers a query.
-            first_answer = await poll_progress(handle, lambda p: bool(p.migration_id),
-                                               timeout=60, what="a first answer")
-            mid = first_answer.migration_id
-            if phase == "import":
-                # Precisely inside the import: as soon as the target committed its first part
-                # (the import follows the export, so the phase may still read "snapshot").
-                deadline = time.monotonic() + 60
-                async with await psycopg.AsyncConnection.connect(
-                    deployment.shards[target].dsn, autocommit=True
-                ) as gate:
-                    while True:
-                        cur = await gate.execute(PARTS_Q, (mid,))
-                        if (await cur.fetchone())[0] >= 1:
-                            break
-                        assert time.monotonic() < deadline, "import did not start"
-                        await asyncio.sleep(0.002)
-                    # Hold the importer between parts (its next progress row cannot be
-                    # written), so the kill surely lands with parts still to import.
-                    await gate.execute("BEGIN")
-                    await gate.execute("LOCK TABLE shardshift.import_parts IN SHARE ROW EXCLUSIVE MODE")
-                    first.kill()
-                    await gate.execute("COMMIT")
-                killed_at = "import"
+            mid = (await poll_progress(handle, lambda p: bool(p.migration_id), timeout=60,
+                                       what="a first answer")).migration_id
+            if phase == "snapshot":
+                # The snapshot's slot waits for the gate's transaction: the export is to come.
+                await wait_slot_creation_waiting(source_dsn)
+            elif phase == "import":
+                # As soon as the target committed its first part, hold the importer between
+                # parts (its next progress row cannot be written): parts are still to import.
+                await wait_until(lambda: asyncio.to_thread(count_rows, target_dsn, PARTS_Q, (mid,)),
+                                 timeout=60, what="a first imported part")
+                gate = await import_gate(target_dsn)
             else:
-                seen = await poll_progress(
-                    handle, lambda p: phase_index(p.phase) >= phase_index(phase), timeout=120,
-                    what=f"phase {phase}")
-                first.kill()
-                killed_at = seen.phase
-                print(f"\nkilled worker in phase {killed_at} (wanted {phase}): {seen}")
-                # At or after the wanted phase, and before the move was over.
-                assert phase_index(phase) <= phase_index(killed_at) < phase_index("done"), seen
-                if killed_at == "snapshot":
-                    assert seen.parts_total is None or seen.parts_copied < seen.parts_total, seen
-            second = WorkerProcess(worker_settings, log).start()
+                await poll_progress(handle, lambda p: p.phase == "replicate", timeout=120,
+                                    what="replicate")
+            victim = await worker_running(handle, KILLED_IN[phase], workers)
+            victim.kill()
+            print(f"\nkilled worker {victim.pid} running {KILLED_IN[phase]}")
+            if gate is not None:
+                await gate.release()
+            hold.release()
             try:
                 result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
             except TimeoutError:
                 print("\n".join(await timeline(handle)))  # what the move was waiting for
-                print(log.read_text()[-5000:] if log.exists() else "(no worker log)")
+                print("\n".join(w.log_tail(100) for w in workers))
                 raise
         print(f"phase seconds: {result.phase_seconds}")
-        print("\n".join(await timeline(handle)))
+        await killed_and_retried(handle, KILLED_IN[phase], workers, victim)
         await assert_moved(deployment, result, moving, target, load)
-        if phase == "import":
-            # The kill interrupted the import (the gate held it between parts) and a retry on
-            # the new worker finished it. (Progress rows are gone: cleanup removes them.)
-            lines = await timeline(handle)
-            assert any("migrate.bulk_import attempt=2" in line for line in lines), lines
     finally:
-        first.kill()
-        if second is not None:
-            second.stop()
+        hold.release()
+        if gate is not None:
+            await gate.release()
+        for w in workers:
+            w.kill()
+
+
+async def import_gate(target_dsn: str) -> Gate:
+    """Hold the importer between parts: its next part's progress row cannot be written."""
+    conn = await psycopg.AsyncConnection.connect(target_dsn, autocommit=True)
+    await conn.execute("BEGIN")
+    await conn.execute("LOCK TABLE shardshift.import_parts IN SHARE ROW EXCLUSIVE MODE")
+    return Gate(conn)
 
 
 class WritesBlockedError(AssertionError):
@@ -196,51 +154,48 @@ class WritesBlockedError(AssertionError):
 
 async def test_worker_killed_inside_cutover_pause(deployment: Deployment, worker_settings: Settings,
                                                   temporal_client: Client, tmp_path: Path) -> None:
-    """Deterministic version of the cutover kill: the applier is held so the freeze marker
-    cannot arrive, the pause lasts (catch-up timeout 15 s), and the worker dies inside it."""
+    """The worker running the cutover dies while the source is frozen. The freeze marker
+    cannot be applied (``freeze_marker_gate``), so the pause lasts (catch-up timeout 15 s) and
+    the kill lands inside it every time. The other worker, already polling, takes the retry
+    over after the cutover's heartbeat timeout; its first step undoes the freeze (or finishes
+    the switch). Clients must see no error: the freeze must end within the router's retry
+    deadline."""
     moving, target, other = pick(deployment)
     source, target_dsn = deployment.shards[moving.shard_id], deployment.shards[target].dsn
-    log = tmp_path / "worker.log"
-    first = WorkerProcess(worker_settings, log).start()
-    second: WorkerProcess | None = None
+    task_queue = worker_settings.temporal.task_queue
+    hold = LagHold(tmp_path / "hold-lag", deployment.collection)
+    workers = two_workers(worker_settings, tmp_path, hold)
     try:
-        async with load_on(deployment, moving, other) as load:
-            handle = await start_move(temporal_client, deployment, moving, target,
-                                      worker_settings.temporal.task_queue,
+        await wait_polling(temporal_client, task_queue, workers)
+        async with await freeze_marker_gate(target_dsn) as gate, \
+                load_on(deployment, moving, other) as load:
+            handle = await start_move(temporal_client, deployment, moving, target, task_queue,
                                       **{**SMALL, "catchup_timeout_s": 15.0})
-            seen = await poll_progress(
-                handle, lambda p: phase_index(p.phase) >= phase_index("cutover"), timeout=120,
-                what="cutover")
-            assert seen.phase == "cutover", seen
-            names = repl.stream_names(seen.migration_id, "fwd")
-            await asyncio.to_thread(request_hold, target_dsn, names, None)
-            deadline = time.monotonic() + 20
-            while True:
+
+            async def frozen() -> bool:
                 fence = await source.fence(deployment.collection, moving.chunk_id)
-                if fence is not None and fence.state == FenceState.FROZEN:
-                    break
-                chunk = await deployment.catalog.chunk(deployment.collection, moving.chunk_id)
-                if chunk.shard_id == target:
-                    pytest.skip("the hold came too late: the cutover committed first")
-                assert time.monotonic() < deadline, "the source was never frozen"
-                await asyncio.sleep(0.002)
-            first.kill()
-            await asyncio.to_thread(release_hold, target_dsn, names)
-            second = WorkerProcess(worker_settings, log).start()
+                return fence is not None and fence.state == FenceState.FROZEN
+
+            await wait_until(frozen, timeout=120, what="the source frozen by the cutover")
+            victim = await worker_running(handle, "migrate.cutover", workers)
+            victim.kill()
+            await gate.release()
             result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
-        print(f"\nphase seconds: {result.phase_seconds}")
-        # Correctness holds; only availability is broken (every other check must pass, so
-        # the test fails for that reason alone).
+        gap_ms = max_write_gaps(load.records, lambda h: moving.range.contains(h)).get(True, 0.0)
+        print(f"\nlongest write gap on the moving chunk {gap_ms / 1000:.1f}s; "
+              f"phase seconds: {result.phase_seconds}")
+        await killed_and_retried(handle, "migrate.cutover", workers, victim)
+        # Correctness holds; only availability may be broken (every other check must pass,
+        # so the test fails for that reason alone).
         report = await assert_moved(deployment, result, moving, target, load,
                                     allow_client_errors=True)
         if report.client_errors:
             raise WritesBlockedError(
                 f"{report.client_errors} client errors, e.g. {report.error_samples[:1]}; "
-                f"cutover took {result.phase_seconds.get('cutover')} s")
+                f"longest write gap on the moving chunk {gap_ms / 1000:.1f}s")
     finally:
-        first.kill()
-        if second is not None:
-            second.stop()
+        for w in workers:
+            w.kill()
 
 
 # -- 2. the target PostgreSQL stops during the bulk import -------------------------------------
@@ -312,7 +267,12 @@ async def test_target_down_during_import(stack: Stack, deployment: Deployment,
 
 
 async def test_source_connection_dropped(deployment: Deployment, worker: WorkerHandle,
-                                         temporal_client: Client) -> None:
+                                         temporal_client: Client,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The applier's walsender is terminated twice while the move replicates (held there by
+    the lag-hold hook until both cuts landed): once right away, once after it has reconnected
+    (a resumed stream must survive a second loss)."""
+    monkeypatch.setenv(HOLD_LAG_ENV, deployment.collection)
     moving, target, other = pick(deployment)
     source_dsn = deployment.shards[moving.shard_id].dsn
     async with load_on(deployment, moving, other) as load:
@@ -332,26 +292,22 @@ async def test_source_connection_dropped(deployment: Deployment, worker: WorkerH
                 return bool(conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0])
 
         # The applier streams as soon as the replicate phase starts (before it, the slot's
-        # walsender is the snapshot's); cut it twice: once right away, once after it has
-        # reconnected (a resumed stream must survive a second loss).
-        await poll_progress(handle, lambda p: phase_index(p.phase) >= phase_index("replicate"),
-                            what="replicate")
+        # walsender is the snapshot's).
+        await poll_progress(handle, lambda p: p.phase == "replicate", what="replicate")
         killed: list[int] = []
+        def new_walsender() -> int | None:
+            pid = walsender()
+            return pid if pid not in killed else None
+
         for _ in range(2):
-            deadline = time.monotonic() + 60
-            while True:
-                pid = await asyncio.to_thread(walsender)
-                if pid is not None and pid not in killed:
-                    break
-                assert time.monotonic() < deadline, f"no (new) walsender on {slot}"
-                await asyncio.sleep(0.01)
-            p = await poll_progress(handle, lambda p: True)
-            if phase_index(p.phase) > phase_index("verify"):
-                break  # too late for the second cut: the cutover is under way
+            pid = await wait_until(lambda: asyncio.to_thread(new_walsender), timeout=60,
+                                   what=f"a (new) walsender on {slot}")
             assert await asyncio.to_thread(terminate, pid)
             killed.append(pid)
+            p = await poll_progress(handle, lambda p: True)
+            assert p.phase == "replicate", p
             print(f"\nterminated walsender {pid} in phase {p.phase}")
-        assert killed
+        monkeypatch.delenv(HOLD_LAG_ENV)
         result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
     with suppress(Exception):
         print(f"phase seconds: {result.phase_seconds}")
@@ -363,24 +319,67 @@ async def test_source_connection_dropped(deployment: Deployment, worker: WorkerH
 
 @pytest.mark.parametrize("phase", ["snapshot", "replicate", "cutover"])
 async def test_router_restarted(phase: str, deployment: Deployment, worker: WorkerHandle,
-                                temporal_client: Client) -> None:
+                                temporal_client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     """A router restarted mid-move (a fresh instance with a cold chunk-map cache takes over,
-    the old one drains what it has in flight) costs the clients nothing, in any phase."""
+    the old one drains what it has in flight) costs the clients nothing, in any phase. Each
+    phase is held until the restart happened: the snapshot's slot behind a transaction, the
+    replicate phase by the lag-hold hook, the cutover inside its pause (the freeze marker
+    cannot be applied)."""
     moving, target, other = pick(deployment)
-    await asyncio.to_thread(preload_chunk, deployment.shards[moving.shard_id].dsn,
-                            deployment.collection, moving, PRELOAD)
+    source_dsn, target_dsn = deployment.shards[moving.shard_id].dsn, deployment.shards[target].dsn
+    await asyncio.to_thread(preload_chunk, source_dsn, deployment.collection, moving, PRELOAD)
+    source = deployment.shards[moving.shard_id]
     fresh: Router | None = None
+    gate: Gate | None = None
     try:
+        if phase == "snapshot":
+            gate = await snapshot_gate(source_dsn)
+        elif phase == "replicate":
+            monkeypatch.setenv(HOLD_LAG_ENV, deployment.collection)
+        else:
+            gate = await freeze_marker_gate(target_dsn)
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
                                       worker.task_queue, **BIG)
-            seen = await poll_progress(handle, lambda p: phase_index(p.phase) >= phase_index(phase),
-                                       timeout=120, what=phase)
+            if phase == "snapshot":
+                await wait_slot_creation_waiting(source_dsn)
+            elif phase == "cutover":
+                async def frozen() -> bool:
+                    fence = await source.fence(deployment.collection, moving.chunk_id)
+                    return fence is not None and fence.state == FenceState.FROZEN
+
+                await wait_until(frozen, timeout=120, what="the source frozen by the cutover")
+            seen = await poll_progress(handle, lambda p: p.phase == phase, timeout=120,
+                                       what=phase)
             fresh = await Router(CatalogRouteSource(deployment.catalog), router_settings()).start()
             await load.swap_router(fresh)
             print(f"\nrouter restarted in phase {seen.phase}")
+            if gate is not None:
+                await gate.release()
+            monkeypatch.delenv(HOLD_LAG_ENV, raising=False)
             result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
         await assert_moved(deployment, result, moving, target, load)
     finally:
+        if gate is not None:
+            await gate.release()
         if fresh is not None:
             await fresh.close()
+
+
+# -- the lag-hold test hook (pure) -------------------------------------------------------------
+
+
+def test_lag_hold_hook_by_name_and_by_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SHARDSHIFT_TEST_HOLD_LAG`` names a collection, or ``@file`` listing collections (held
+    while the file lists them: how a test releases worker processes it started)."""
+    monkeypatch.delenv(HOLD_LAG_ENV, raising=False)
+    assert not lag_held("c1")
+    monkeypatch.setenv(HOLD_LAG_ENV, "c1")
+    assert lag_held("c1") and not lag_held("c2")
+    hold = LagHold(tmp_path / "hold", "c2")
+    monkeypatch.setenv(HOLD_LAG_ENV, hold.env[HOLD_LAG_ENV])
+    assert not lag_held("c2")
+    hold.hold()
+    assert lag_held("c2") and not lag_held("c1") and not lag_held("c")
+    hold.release()
+    assert not lag_held("c2")

@@ -29,17 +29,9 @@ from shards.postgres.bulk_import import forget_parts
 from shards.postgres.replication import cleanup_stream_objects
 from tests.router.conftest import router_settings
 from tests.workflows.conftest import WorkerHandle
+from tests.workflows.fleet import Fleet, assert_drained, make_fleet, run_under_load, start_drain
+from tests.workflows.helpers import FAST, load_chunk, stream_objects, wait_until
 from tests.workflows.procs import preload_chunk
-from tests.workflows.test_drain import (  # noqa: F401 - fleet_cleanup is a fixture
-    Fleet,
-    assert_drained,
-    fleet_cleanup,
-    make_fleet,
-    run_under_load,
-    start_drain,
-)
-from tests.workflows.test_lifecycle import load_chunk, stream_objects, wait_until
-from tests.workflows.test_migrate import FAST
 from workflows import (
     DrainShardInput,
     DrainShardWorkflow,
@@ -89,7 +81,7 @@ about a dozen events per child; 24 to 37 seen); a drain of 8 chunks in one run t
 
 async def test_long_drain_continues_as_new_with_bounded_history(
     router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
-    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
 ) -> None:
     c = collection_name
     fleet = await make_fleet(router_catalog, c, {f"{c[:40]}-l0": (pg18_dsns[0], 18)},
@@ -123,7 +115,7 @@ async def test_long_drain_continues_as_new_with_bounded_history(
 
 async def test_long_rebalance_continues_as_new_within_its_limits(
     router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
-    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
 ) -> None:
     c = collection_name
     fleet = await make_fleet(router_catalog, c, {f"{c[:40]}-q0": (pg18_dsns[0], 18)},
@@ -153,7 +145,7 @@ async def test_long_rebalance_continues_as_new_within_its_limits(
 
 async def test_cancel_after_continue_as_new_restores_the_shard(
     router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
-    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
 ) -> None:
     """A cancel reaches whichever run is current: the running move stops and the shard takes
     chunks again, as in a drain that never continued as new."""
@@ -194,7 +186,7 @@ async def test_cancel_after_continue_as_new_restores_the_shard(
 
 async def test_drain_awaits_a_move_already_running_under_its_id(
     router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
-    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
 ) -> None:
     """A parent reset, or an operator, may have started the move a drain is about to start,
     under the same id: the drain waits for that move instead of failing or moving twice."""
@@ -235,7 +227,7 @@ GIVE_UP_S = 10.0
 
 async def test_drain_replans_a_chunk_whose_target_is_lost(
     stack: Stack, router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
-    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
 ) -> None:
     """The target of a running move is stopped for good: the move gives up on it
     (``TargetLost``), the drain moves that chunk, and the ones it had planned onto the lost

@@ -18,7 +18,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 from temporalio.client import (
     Client,
     WorkflowFailureError,
@@ -35,21 +34,26 @@ from catalog.models import Chunk, MigrationOutcome
 from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
-from router.hashing import khash
 from settings import Settings, TemporalSettings
-from shards.models import FenceState, KeyRange
-from shards.postgres.documents import encode_for_store
-from shards.postgres.replication import NAME_PREFIX, migration_prefix, stream_names
+from shards.models import FenceState
+from shards.postgres.replication import migration_prefix, stream_names
 from shards.staging import Staging
 from tests.conftest import owned_state_dir
 from tests.router.conftest import Deployment, router_settings
 from tests.workflows.conftest import WorkerHandle
-from tests.workflows.test_migrate import FAST, keys_in
+from tests.workflows.helpers import (
+    failure_chain,
+    load_chunk,
+    other_shard,
+    start_worker_move,
+    stream_objects,
+    wait_until,
+)
 from worker import run_worker
-from workflows import MigrateChunkInput, MigrateChunkWorkflow
+from workflows import MigrateChunkWorkflow
 from workflows.migrate_chunk import Progress
 from workload.checker import check, collect_stored
-from workload.generator import LoadGenerator, WorkloadConfig
+from workload.generator import LoadGenerator, WorkloadConfig, keys_in
 
 HISTORIES = Path(__file__).parent / "histories"
 RECORDED = HISTORIES / "migrate_chunk_completed.json"
@@ -94,20 +98,6 @@ async def lc_worker(stack: Stack, temporal_client: Client) -> AsyncIterator[Work
 # -- helpers ----------------------------------------------------------------------------------
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 30.0,
-                     what: str = "condition") -> Any:
-    """Poll a (sync or async) predicate until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout}s"
-        await asyncio.sleep(0.02)
-
-
 async def wait_progress(handle: WorkflowHandle[Any, Any], pred: Callable[[Progress], bool],
                         timeout: float = 60.0, what: str = "progress") -> Progress:
     async def probe() -> Progress | None:
@@ -115,37 +105,6 @@ async def wait_progress(handle: WorkflowHandle[Any, Any], pred: Callable[[Progre
         return p if pred(p) else None
 
     return await wait_until(probe, timeout, what)
-
-
-async def start_move(client: Client, worker: WorkerHandle, collection: str, chunk_id: int,
-                     target: str, **kw: Any) -> WorkflowHandle[Any, Any]:
-    assert not worker.task.done(), "the worker is not running"
-    inp = MigrateChunkInput(collection=collection, chunk_id=chunk_id, target=target,
-                            **{**FAST, **kw})
-    return await client.start_workflow(
-        MigrateChunkWorkflow.run, inp, id=f"lc-{collection}-{chunk_id}-{uuid.uuid4().hex[:6]}",
-        task_queue=worker.task_queue,
-    )
-
-
-def other_shard(d: Deployment, *not_these: str) -> str:
-    return next(s for s in sorted(d.shards) if s not in not_these)
-
-
-def stream_objects(dsns: list[str], prefix: str = NAME_PREFIX) -> list[str]:
-    """Replication slots, publications and origins whose name starts with ``prefix``."""
-    out = []
-    for dsn in dsns:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            for kind, query in (
-                ("slot", "SELECT slot_name FROM pg_replication_slots"
-                         " WHERE starts_with(slot_name::text, %s)"),
-                ("publication", "SELECT pubname FROM pg_publication"
-                                " WHERE starts_with(pubname::text, %s)"),
-                ("origin", "SELECT roname FROM pg_replication_origin WHERE starts_with(roname, %s)"),
-            ):
-                out += [f"{kind}:{r[0]}" for r in conn.execute(query, (prefix,))]
-    return out
 
 
 def prefix_of(d: Deployment, kind: str = "lc") -> str:
@@ -158,24 +117,6 @@ def dsns(d: Deployment) -> list[str]:
     return [s.dsn for s in d.shards.values()]
 
 
-def load_chunk(dsn: str, collection: str, rng: KeyRange, n: int) -> int:
-    """Write ``n`` documents of the chunk ``rng`` straight into a shard's table (setup)."""
-    keys = [k for k in (f"bulk-{i}" for i in range(n * 12)) if rng.contains(khash(k))]
-    assert len(keys) >= n // 2, "too few keys fall in the range"
-    table = sql.SQL("docs.{}").format(sql.Identifier(collection))
-    written = 0
-    with psycopg.connect(dsn) as conn, conn.cursor().copy(
-        sql.SQL("COPY {} (khash, id, doc) FROM STDIN").format(table)
-    ) as copy:
-        for i in range(n):
-            key = keys[i % len(keys)]
-            id_text, doc_text = encode_for_store({"_id": f"b{i}", "acct": key, "v": i,
-                                                  "pad": "x" * 100})
-            copy.write_row((khash(key), id_text, doc_text))
-            written += 1
-    return written
-
-
 async def assert_untouched(d: Deployment, before: Chunk, target: str) -> None:
     """The chunk is where it was, served by its source at its token; the target has nothing."""
     c = d.collection
@@ -185,15 +126,6 @@ async def assert_untouched(d: Deployment, before: Chunk, target: str) -> None:
     assert fence is not None and (fence.state, fence.token) == (FenceState.ACTIVE, before.token)
     assert await d.shards[target].fence(c, before.chunk_id) is None
     assert await d.shards[target].count(c, before.range) == 0
-
-
-def failure_chain(exc: BaseException) -> list[BaseException]:
-    out = []
-    cur: BaseException | None = exc
-    while cur is not None:
-        out.append(cur)
-        cur = cur.cause if hasattr(cur, "cause") else cur.__cause__  # type: ignore[attr-defined]
-    return out
 
 
 async def unfinished_activities(handle: WorkflowHandle[Any, Any]) -> list[str]:
@@ -234,7 +166,7 @@ async def test_move_empty_chunk(deployment: Deployment, lc_worker: WorkerHandle,
     moving = deployment.initial.chunks[0]
     target = other_shard(deployment, moving.shard_id)
     assert await deployment.shards[moving.shard_id].count(c, moving.range) == 0
-    handle = await start_move(temporal_client, lc_worker, c, moving.chunk_id, target)
+    handle = await start_worker_move(temporal_client, lc_worker, c, moving.chunk_id, target)
     result = await handle.result()
     assert result.outcome == MigrationOutcome.COMPLETED, result
     assert result.documents == 0
@@ -264,7 +196,7 @@ async def test_rollback_under_load(deployment: Deployment, lc_worker: WorkerHand
         await load.start()
         try:
             await wait_until(lambda: ok_count(load) >= 50, what="load warm-up")
-            handle = await start_move(temporal_client, lc_worker, c, moving.chunk_id, target,
+            handle = await start_worker_move(temporal_client, lc_worker, c, moving.chunk_id, target,
                                       rollback_window_s=60)
             # Outside the window the validator refuses the update (nothing is recorded).
             with pytest.raises(WorkflowUpdateFailedError) as refused:
@@ -325,7 +257,7 @@ async def test_cancel_before_commit(phase: str, deployment: Deployment, lc_worke
         try:
             await wait_until(lambda: ok_count(load) >= 20, what="load warm-up")
             # Tiny parts and a slow lag poll stretch every phase before the cutover.
-            handle = await start_move(temporal_client, lc_worker, c, moving.chunk_id, target,
+            handle = await start_worker_move(temporal_client, lc_worker, c, moving.chunk_id, target,
                                       part_rows=100, poll_s=1.0, verify_buckets=4096)
             seen = await wait_progress(
                 handle, lambda p: p.phase in ORDER and ORDER.index(p.phase) >= ORDER.index(phase),
@@ -407,7 +339,7 @@ async def test_slot_lost_aborts_the_move(deployment: Deployment, lc_worker: Work
         await load.start()
         try:
             await wait_until(lambda: ok_count(load) >= 20, what="load warm-up")
-            handle = await start_move(temporal_client, lc_worker, c, moving.chunk_id, target,
+            handle = await start_worker_move(temporal_client, lc_worker, c, moving.chunk_id, target,
                                       part_rows=100)
             # Once the snapshot is taken its walsender lets go of the slot: drop it.
             seen = await wait_progress(
@@ -449,7 +381,7 @@ async def test_cancel_in_rollback_window_completes(deployment: Deployment, lc_wo
     source = moving.shard_id
     target = other_shard(deployment, source)
     load_chunk(deployment.shards[source].dsn, c, moving.range, 500)
-    handle = await start_move(temporal_client, lc_worker, c, moving.chunk_id, target,
+    handle = await start_worker_move(temporal_client, lc_worker, c, moving.chunk_id, target,
                               rollback_window_s=60)
     await wait_progress(handle, lambda p: p.rollback_open, what="rollback window")
     await handle.cancel()
@@ -475,7 +407,7 @@ async def test_reverse_slot_lost_closes_the_window(deployment: Deployment,
     source = moving.shard_id
     target = other_shard(deployment, source)
     load_chunk(deployment.shards[source].dsn, c, moving.range, 500)
-    handle = await start_move(temporal_client, lc_worker, c, moving.chunk_id, target,
+    handle = await start_worker_move(temporal_client, lc_worker, c, moving.chunk_id, target,
                               rollback_window_s=600)
     seen = await wait_progress(handle, lambda p: p.rollback_open, what="rollback window")
     await drop_slot(deployment.shards[target].dsn, stream_names(seen.migration_id, "rev").slot)
@@ -505,11 +437,11 @@ async def test_two_chunks_at_once_same_chunk_refused(deployment: Deployment,
     load_chunk(deployment.shards[b.shard_id].dsn, c, b.range, 300)
     ta = other_shard(deployment, a.shard_id, b.shard_id)
     tb = a.shard_id
-    ha = await start_move(temporal_client, lc_worker, c, a.chunk_id, ta)
-    hb = await start_move(temporal_client, lc_worker, c, b.chunk_id, tb)
+    ha = await start_worker_move(temporal_client, lc_worker, c, a.chunk_id, ta)
+    hb = await start_worker_move(temporal_client, lc_worker, c, b.chunk_id, tb)
     # Once the first is registered, a second move of the same chunk is refused.
     await wait_progress(ha, lambda p: p.phase not in ("starting", "registered"), what="registered")
-    dup = await start_move(temporal_client, lc_worker, c, a.chunk_id, b.shard_id)
+    dup = await start_worker_move(temporal_client, lc_worker, c, a.chunk_id, b.shard_id)
     with pytest.raises(WorkflowFailureError) as failed:
         await dup.result()
     chain = failure_chain(failed.value)
@@ -537,7 +469,7 @@ async def test_dry_run_changes_nothing(deployment: Deployment, lc_worker: Worker
     fences_before = {s: await e.fences(c) for s, e in deployment.shards.items()}
     # With a rollback window, so the plan includes the reverse stream (without one it is left
     # out: tests/workflows/test_failure_paths.py).
-    handle = await start_move(temporal_client, lc_worker, c, moving.chunk_id, target, dry_run=True,
+    handle = await start_worker_move(temporal_client, lc_worker, c, moving.chunk_id, target, dry_run=True,
                               rollback_window_s=60)
     result = await handle.result()
     assert [s.name for s in result.plan] == [
@@ -574,7 +506,7 @@ async def test_bad_input_fails_fast(case: str, deployment: Deployment, lc_worker
     else:
         to = moving.shard_id
     started = time.monotonic()
-    handle = await start_move(temporal_client, lc_worker, collection, chunk_id, to)
+    handle = await start_worker_move(temporal_client, lc_worker, collection, chunk_id, to)
     with pytest.raises(WorkflowFailureError) as failed:
         await handle.result()
     assert time.monotonic() - started < 10, "bad input must fail fast, not retry"
@@ -597,7 +529,7 @@ async def test_replay_is_deterministic(deployment: Deployment, lc_worker: Worker
     moving = deployment.initial.chunks[0]
     target = other_shard(deployment, moving.shard_id)
     load_chunk(deployment.shards[moving.shard_id].dsn, c, moving.range, 200)
-    handle = await start_move(temporal_client, lc_worker, c, moving.chunk_id, target)
+    handle = await start_worker_move(temporal_client, lc_worker, c, moving.chunk_id, target)
     result = await handle.result()
     assert result.outcome == MigrationOutcome.COMPLETED, result
     history = await handle.fetch_history()

@@ -36,9 +36,16 @@ from shards.postgres.replication import cleanup_stream_objects, migration_prefix
 from shards.postgres.schema import collection_table
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle
+from tests.workflows.helpers import (
+    FAULT_FAST,
+    assert_moved,
+    load_on,
+    pick,
+    slots_left,
+    start_move,
+    wait_until,
+)
 from tests.workflows.procs import phase_index, poll_progress, preload_chunk
-from tests.workflows.test_faults import FAST, assert_moved, load_on, pick, start_move
-from tests.workflows.test_migrate import slots_left
 from workflows import MigrateChunkInput
 from workload.checker import check, collect_stored
 
@@ -79,6 +86,14 @@ async def run_histories(client: Client, handle: WorkflowHandle[Any, Any]) -> lis
     return sizes
 
 
+async def cancel_requested(handle: WorkflowHandle[Any, Any]) -> bool:
+    """Whether the (current run of the) workflow has asked an activity to stop."""
+    async for ev in handle.fetch_history_events():
+        if ev.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED:
+            return True
+    return False
+
+
 def publications_left(dsn: str, migration_id: str) -> list[str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return [r[0] for r in conn.execute(
@@ -110,15 +125,17 @@ async def test_long_copy_continues_as_new(deployment: Deployment, worker: Worker
         await lock.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table))
         handle = await start_move(
             temporal_client, deployment, moving, target, worker.task_queue,
-            **FAST, part_rows=100,
+            **FAULT_FAST, part_rows=100,
             **opts(history_events_limit=HISTORY_LIMIT, progress_poll_max_s=0.2),
         )
         first = await poll_progress(handle, lambda p: bool(p.migration_id), what="a first answer")
-        deadline = time.monotonic() + 120
-        while (await handle.describe()).raw_description.workflow_execution_info \
-                .history_length < HISTORY_LIMIT:
-            assert time.monotonic() < deadline, "the copy was not sampled long enough"
-            await asyncio.sleep(0.2)
+        # Keep the import blocked until the run has decided to continue as new: it stops the
+        # copy's activities first, and their cancel requests are in the history. (Released
+        # earlier, the import could finish before the run next looks at its history length,
+        # and the move would end in one run.) The stop waits for the import, which is blocked
+        # on the lock: release it now.
+        await wait_until(lambda: cancel_requested(handle), timeout=120,
+                         what="the run stopping its copy to continue as new")
         await lock.rollback()  # the import may write again
         # The progress query answers across runs, and the migration id never changes.
         later = await poll_progress(handle, lambda p: getattr(p, "run", 1) >= 2, timeout=120,
@@ -151,7 +168,7 @@ async def test_progress_failure_never_fails_the_move(deployment: Deployment,
                             deployment.collection, moving, 3000)
     async with load_on(deployment, moving, other) as load:
         handle = await start_move(temporal_client, deployment, moving, target, worker.task_queue,
-                                  **FAST, part_rows=100)
+                                  **FAULT_FAST, part_rows=100)
         result = await asyncio.wait_for(handle.result(), 180)
     await assert_moved(deployment, result, moving, target, load)
 
@@ -181,7 +198,7 @@ async def test_target_outage_pauses_the_move(stack: Stack, deployment: Deploymen
     try:
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
-                                      worker.task_queue, **FAST, part_rows=500,
+                                      worker.task_queue, **FAULT_FAST, part_rows=500,
                                       **opts(target_give_up_s=TARGET_OUTAGE_S + 600))
             pg, mid = await _stop_in_replicate(stack, deployment, handle, target)
             stopped = time.monotonic()
@@ -225,7 +242,7 @@ async def test_target_lost_after_give_up(stack: Stack, deployment: Deployment,
     try:
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
-                                      worker.task_queue, **FAST, part_rows=500,
+                                      worker.task_queue, **FAULT_FAST, part_rows=500,
                                       **opts(target_give_up_s=20.0))
             pg, mid = await _stop_in_replicate(stack, deployment, handle, target)
             with pytest.raises(WorkflowFailureError) as failed:
@@ -278,7 +295,7 @@ async def test_target_lost_during_verify(stack: Stack, deployment: Deployment,
     try:
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
-                                      worker.task_queue, **FAST, part_rows=500,
+                                      worker.task_queue, **FAULT_FAST, part_rows=500,
                                       **opts(target_give_up_s=20.0))
             seen = await poll_progress(
                 handle, lambda p: phase_index(p.phase) >= phase_index("replicate"),
@@ -334,7 +351,7 @@ async def test_target_outage_in_cutover_pauses_the_move(
     try:
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
-                                      worker.task_queue, **FAST, part_rows=500,
+                                      worker.task_queue, **FAULT_FAST, part_rows=500,
                                       **opts(target_give_up_s=600.0))
             seen = await poll_progress(
                 handle, lambda p: phase_index(p.phase) >= phase_index("replicate"),

@@ -2,48 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 
-import psycopg
 from temporalio.client import Client
 
 from catalog.models import MigrationOutcome
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
-from router.hashing import khash
-from shards.postgres.replication import migration_prefix
 from tests.router.conftest import Deployment, router_settings
 from tests.workflows.conftest import WorkerHandle
+from tests.workflows.helpers import FAST, slots_left, wait_for
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
 from workload.checker import check, collect_stored
-from workload.generator import LoadGenerator, WorkloadConfig
-
-FAST = {"poll_s": 0.2, "cutover_retry_s": 0.2, "part_rows": 500}
-
-
-def keys_in(rng, n: int, prefix: str = "acct") -> list[str]:
-    return [k for k in (f"{prefix}-{i}" for i in range(20000)) if rng.contains(khash(k))][:n]
-
-
-async def wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
-def slots_left(dsns: list[str], migration_id: str) -> list[str]:
-    """Replication slots a migration left behind (scoped, so tests stay independent)."""
-    prefix = migration_prefix(migration_id)
-    out = []
-    for dsn in dsns:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            out += [r[0] for r in conn.execute(
-                "SELECT slot_name FROM pg_replication_slots WHERE starts_with(slot_name::text, %s)",
-                (prefix,))]
-    return out
+from workload.generator import LoadGenerator, WorkloadConfig, keys_in
 
 
 async def test_move_under_load(deployment: Deployment, worker: WorkerHandle,

@@ -16,9 +16,8 @@ from catalog import Catalog
 from catalog.models import MigrationKind, MigrationOutcome
 from infra import Stack
 from tests.workflows.conftest import WorkerHandle
-from tests.workflows.test_drain import Fleet, fleet_cleanup, make_fleet, run_under_load  # noqa: F401
-from tests.workflows.test_lifecycle import load_chunk, stream_objects, wait_until
-from tests.workflows.test_migrate import FAST
+from tests.workflows.fleet import Fleet, make_fleet, run_under_load
+from tests.workflows.helpers import FAST, load_chunk, stream_objects, wait_until
 from workflows import RebalanceInput, RebalanceResult, RebalanceWorkflow
 from workload.checker import check, collect_stored
 
@@ -89,7 +88,7 @@ async def skewed_fleet(catalog: Catalog, c: str, pg18_dsns: list[str], chunks_pe
 
 async def test_rebalance_evens_out_two_shards_under_load(
     router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
-    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
 ) -> None:
     c = collection_name
     fleet = await skewed_fleet(router_catalog, c, pg18_dsns, 4, [3000, 3000, 3000, 3000])
@@ -123,7 +122,7 @@ async def test_rebalance_evens_out_two_shards_under_load(
 
 async def test_shard_split_splits_a_chunk_too_large_to_move(
     router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
-    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
 ) -> None:
     c = collection_name
     fleet = await skewed_fleet(router_catalog, c, pg18_dsns, 1, [4000])
@@ -147,7 +146,7 @@ async def test_shard_split_splits_a_chunk_too_large_to_move(
 
 async def test_dry_run_and_bad_input_change_nothing(
     router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
-    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
 ) -> None:
     c = collection_name
     fleet = await skewed_fleet(router_catalog, c, pg18_dsns, 2, [2000, 2000])
@@ -174,7 +173,7 @@ async def test_dry_run_and_bad_input_change_nothing(
 
 async def test_schedule_runs_the_rebalance(
     router_catalog: Catalog, pg18_dsns: list[str], collection_name: str, stack: Stack,
-    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
 ) -> None:
     c = collection_name
     fleet = await skewed_fleet(router_catalog, c, pg18_dsns, 2, [2000, 2000])

@@ -22,9 +22,8 @@ from infra import Stack
 from settings import Settings, TemporalSettings
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle
-from tests.workflows.test_drain import RESULT_TIMEOUT_S, Fleet, fleet_cleanup, make_fleet  # noqa: F401
-from tests.workflows.test_lifecycle import load_chunk, wait_until
-from tests.workflows.test_migrate import FAST
+from tests.workflows.fleet import RESULT_TIMEOUT_S, Fleet, make_fleet
+from tests.workflows.helpers import FAST, load_chunk, wait_until
 from workflows import DrainShardInput, DrainShardWorkflow, MigrateChunkInput, MigrateChunkWorkflow
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -154,7 +153,7 @@ async def test_report_refuses_bad_input_and_writes_nothing(stack: Stack, tmp_pat
 
 async def test_drain_report_plots_bytes_per_shard_before_and_after(
     router_catalog: Any, pg18_dsns: list[str], collection_name: str, stack: Stack,
-    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],  # noqa: F811
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
     tmp_path: Path,
 ) -> None:
     c = collection_name
