@@ -45,13 +45,8 @@ from activities.timeline import mark
 from catalog.timeline import MarkName
 from shards.models import KeyRange
 from shards.postgres import replication as repl
-from shards.postgres.apply import (
-    StopRequested,
-    StreamHold,
-    request_hold,
-    wait_held,
-)
 from shards.postgres.checksum import VerifyLock, checksum_range, diff_checksums, recopy_range
+from shards.postgres.stream_control import StopRequested, StreamHold, request_hold, wait_held
 
 
 class VerifyActivities:

@@ -75,7 +75,7 @@ from router.core import Router
 from settings import RouterSettings, Settings, TemporalSettings
 from shards.models import FenceState
 from shards.postgres import replication as repl
-from shards.postgres.apply import ApplyError, release_hold, request_hold
+from shards.postgres.stream_control import ApplyError, release_hold, request_hold
 from tests.workflows.procs import WorkerProcess, chunk_keys, preload_chunk, query_progress
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
 from workflows.migrate_chunk import Progress, describe_failure

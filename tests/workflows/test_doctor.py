@@ -32,7 +32,6 @@ from router.hashing import khash
 from settings import Settings
 from shards.models import FenceState
 from shards.postgres import PostgresShard
-from shards.postgres.apply import ensure_apply_schema, release_hold
 from shards.postgres.replication import (
     cleanup_stream_objects,
     create_publication,
@@ -41,6 +40,7 @@ from shards.postgres.replication import (
     stream_names,
 )
 from shards.postgres.roles import as_role
+from shards.postgres.stream_control import ensure_apply_schema, release_hold
 from shards.staging import Staging
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle

@@ -27,7 +27,7 @@ from settings import Settings
 from shards.models import FenceState
 from shards.postgres import PostgresShard
 from shards.postgres import replication as repl
-from shards.postgres.apply import release_hold, request_hold
+from shards.postgres.stream_control import release_hold, request_hold
 from tests.router.conftest import Deployment, router_settings
 from tests.workflows.conftest import WorkerHandle
 from tests.workflows.procs import (

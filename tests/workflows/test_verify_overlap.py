@@ -30,17 +30,7 @@ from activities.replicate import stream_spec
 from activities.verify import VerifyActivities
 from router.hashing import khash
 from shards.models import FenceRef, KeyRange
-from shards.postgres.apply import (
-    ChangeApplier,
-    HoldLostError,
-    StreamHold,
-    check_held,
-    read_state,
-    release_hold,
-    request_hold,
-    wait_caught_up,
-    wait_held,
-)
+from shards.postgres.apply import ChangeApplier
 from shards.postgres.checksum import checksum_range, diff_checksums, recopy_range
 from shards.postgres.pgoutput import lsn_from_str
 from shards.postgres.replication import (
@@ -50,6 +40,16 @@ from shards.postgres.replication import (
     create_slot,
     current_lsn,
     stream_names,
+)
+from shards.postgres.stream_control import (
+    HoldLostError,
+    StreamHold,
+    check_held,
+    read_state,
+    release_hold,
+    request_hold,
+    wait_caught_up,
+    wait_held,
 )
 from shards.staging import Staging
 from tests.conftest import owned_state_dir
