@@ -3,7 +3,7 @@
 The apply loop
 --------------
 One :class:`ChangeApplier` per stream. It reads the source's committed transactions from
-the slot (``replication.ChangeStream``), groups consecutive ones into a *batch* and applies
+the slot (``change_stream.ChangeStream``), groups consecutive ones into a *batch* and applies
 the batch in ONE target transaction:
 
 1. ``pg_advisory_xact_lock(stream)`` and a read of the stream's control row (the hold);
@@ -65,6 +65,7 @@ from pydantic import BaseModel, ConfigDict
 
 from shards.models import KeyRange
 from shards.names import check_collection
+from shards.postgres.change_stream import ChangeStream
 from shards.postgres.pgoutput import (
     Delete,
     FenceMarker,
@@ -77,7 +78,7 @@ from shards.postgres.pgoutput import (
     lsn_to_str,
     pg_time_to_datetime,
 )
-from shards.postgres.replication import ChangeStream, StreamNames, stream_names
+from shards.postgres.replication import StreamNames, stream_names
 from shards.postgres.schema import collection_table
 from shards.postgres.stream_control import StreamStateError, batch_lock_sql, ensure_apply_schema
 
