@@ -17,7 +17,8 @@ from typing import Any
 import psycopg
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from activities.doctor import Doctor, FindingKind, format_report
+from activities.doctor import Doctor
+from activities.doctor_findings import FindingKind, format_report
 from catalog.invariants import assert_invariants
 from catalog.models import (
     Chunk,
