@@ -68,9 +68,9 @@ from shards.errors import FenceStateError
 from shards.models import Fence, FenceState
 from shards.postgres import PostgresShard
 from shards.postgres import replication as repl
-from shards.postgres.apply import measure_lag, wait_for_fence
 from shards.postgres.locks import CutoverLock
 from shards.postgres.server import is_connection_error
+from shards.postgres.stream_control import measure_lag, wait_for_fence
 
 STEPS: list[tuple[str, str]] = [
     ("admit", "check the stream is within {max_lag} bytes of {old}"),

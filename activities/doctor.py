@@ -41,29 +41,36 @@ Invariants
    of it was repaired; otherwise it stays active and the finding says why.
 
 The module decides; ``shards/postgres/inventory.py`` lists and drops server objects, and the
-Temporal check is injected (``MoveProbe``) so nothing here imports the Temporal client.
+Temporal check is injected (``MoveProbe``) so nothing here imports the Temporal client. This
+module examines and judges; the report and the examination's bookkeeping are in
+``activities/doctor_findings.py``, the repairs in ``activities/doctor_repair.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict, computed_field
 
+from activities.doctor_findings import (
+    Context,
+    DoctorReport,
+    Finding,
+    FindingKind,
+    Item,
+    Server,
+    rows_phrase,
+    shards_of,
+)
+from activities.doctor_repair import DoctorRepairs, drop_stream_fix
 from catalog import Catalog
 from catalog.models import (
-    Chunk,
     ChunkMap,
     Lease,
     MigrationOutcome,
     MigrationRecord,
-    ShardInfo,
     ShardState,
 )
 from settings import DatabaseSettings, get_settings
@@ -72,15 +79,10 @@ from shards.postgres import PostgresShard
 from shards.postgres.bulk_import import forget_parts
 from shards.postgres.inventory import (
     FenceRow,
-    ShardInventory,
-    StreamObject,
     StreamObjectKind,
     chunks_with_rows,
-    drop_stream_object,
     inspect_shard,
 )
-from shards.postgres.locks import cutover_lock
-from shards.postgres.range_delete import delete_range
 from shards.postgres.replication import migration_prefix
 from shards.postgres.server import server_key
 from shards.staging import Staging, StagingError, check_migration_id
@@ -88,44 +90,6 @@ from shards.staging import Staging, StagingError, check_migration_id
 MoveProbe = Callable[[MigrationRecord, Sequence[str]], Awaitable[bool]]
 """Whether a workflow runs this active migration, given the workflow ids that held its
 leases. Raising means "cannot tell": the migration is then treated as running."""
-
-
-class FindingKind(StrEnum):
-    SHARD = "shard_unreachable"
-    SLOT = "slot"
-    PUBLICATION = "publication"
-    ORIGIN = "origin"
-    STREAM_STATE = "stream_state"
-    FENCE = "fence"
-    ROWS = "rows"
-    IMPORT_PARTS = "import_parts"
-    STAGING = "staging"
-    LEASE = "lease"
-    MIGRATION = "migration"
-
-
-class Finding(BaseModel):
-    """One thing a failure left behind (the ``--json`` output's list items)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: FindingKind
-    shard: str | None
-    object: str
-    detail: str
-    action: str
-    """What ``--repair`` does, or ``none: ...`` with what a person should check."""
-    repaired: bool = False
-
-
-class DoctorReport(BaseModel):
-    findings: list[Finding]
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def clean(self) -> bool:
-        """Nothing left to look at: no findings, or every one repaired."""
-        return all(f.repaired for f in self.findings)
 
 
 _STREAM_KINDS = {
@@ -142,48 +106,7 @@ _ORDER = [FindingKind.SHARD, FindingKind.SLOT, FindingKind.PUBLICATION, FindingK
           FindingKind.MIGRATION]
 
 
-class _Skip(Exception):
-    """A repair that re-checked and found it must not act (the message says why)."""
-
-
-@dataclass
-class _Server:
-    """One PostgreSQL server; several catalog shard ids may name it (tests do)."""
-
-    key: str
-    dsn: str
-    shards: list[ShardInfo]
-    inventory: ShardInventory | None = None
-    error: str | None = None
-    rows: dict[tuple[str, int], int] = field(default_factory=dict)
-
-    @property
-    def ids(self) -> set[str]:
-        return {s.shard_id for s in self.shards}
-
-    def label(self, prefer: Iterable[str] = ()) -> str:
-        for sid in prefer:
-            if sid in self.ids:
-                return sid
-        return sorted(self.ids)[0]
-
-    def fence(self, collection: str, chunk_id: int) -> FenceRow | None:
-        if self.inventory is None:
-            return None
-        return next((f for f in self.inventory.fences
-                     if (f.collection, f.chunk_id) == (collection, chunk_id)), None)
-
-
-@dataclass
-class _Item:
-    finding: Finding
-    fix: Callable[[], Awaitable[None]] | None = None
-    migration_id: str | None = None
-    """The dead migration this leftover belongs to (its record is closed after it)."""
-    chunk: tuple[str, int] | None = None
-
-
-class Doctor:
+class Doctor(DoctorRepairs):
     """Examine the catalog, every shard, the staging area and Temporal; optionally repair.
 
     Args:
@@ -226,13 +149,13 @@ class Doctor:
             engines, self._engines = list(self._engines.values()), {}
             await asyncio.gather(*(e.close() for e in engines), return_exceptions=True)
 
-    async def _examine(self) -> list[_Item]:
+    async def _examine(self) -> list[Item]:
         cat = self.catalog
         # 1. Shards first (see invariant 3), with the layout they are judged against.
-        servers: dict[str, _Server] = {}
+        servers: dict[str, Server] = {}
         for info in await cat.list_shards():
             key = server_key(info.address)
-            servers.setdefault(key, _Server(key, self.db.mover(info.address), [])
+            servers.setdefault(key, Server(key, self.db.mover(info.address), [])
                                ).shards.append(info)
         maps = {n: m for n, m in (await cat.chunk_maps()).items() if self._in_scope(n)}
         if self.scope is not None:
@@ -268,13 +191,13 @@ class Doctor:
                 dead[r.migration_id] = r
         busy = {(by_id[m].collection, by_id[m].chunk_id) for m in live}
         dead_by_chunk = {(r.collection, r.chunk_id): r for r in dead.values()}
-        ctx = _Context(servers, maps, by_id, by_prefix, live, dead, dead_by_chunk, busy)
+        ctx = Context(servers, maps, by_id, by_prefix, live, dead, dead_by_chunk, busy)
 
-        items: list[_Item] = []
+        items: list[Item] = []
         for s in servers.values():
             if s.inventory is None:
                 if any(i.state != ShardState.RETIRED for i in s.shards):
-                    items.append(_Item(Finding(
+                    items.append(Item(Finding(
                         kind=FindingKind.SHARD, shard=s.label(), object=", ".join(sorted(s.ids)),
                         detail=f"cannot inspect {s.key}: {s.error}",
                         action="none: start it (or fix its address), then run doctor again; "
@@ -288,7 +211,7 @@ class Doctor:
         items += self._migration_items(ctx, unknown, items)
         return items
 
-    async def _inspect(self, server: _Server, maps: dict[str, ChunkMap]) -> None:
+    async def _inspect(self, server: Server, maps: dict[str, ChunkMap]) -> None:
         try:
             server.inventory = await asyncio.to_thread(inspect_shard, server.dsn)
             for name, cmap in maps.items():
@@ -303,7 +226,7 @@ class Doctor:
 
     # -- findings ----------------------------------------------------------------------------
 
-    def _stream_items(self, s: _Server, ctx: _Context) -> list[_Item]:
+    def _stream_items(self, s: Server, ctx: Context) -> list[Item]:
         assert s.inventory is not None
         out = []
         for obj in s.inventory.streams:
@@ -325,14 +248,14 @@ class Doctor:
                       StreamObjectKind.PUBLICATION: "drop the publication",
                       StreamObjectKind.ORIGIN: "drop the origin and its stream_state row",
                       StreamObjectKind.STREAM_STATE: "delete the row"}[obj.kind]
-            prefer = _shards_of(rec) + (ctx.collection_shards(collection) if collection else [])
-            out.append(_Item(
+            prefer = shards_of(rec) + (ctx.collection_shards(collection) if collection else [])
+            out.append(Item(
                 Finding(kind=_STREAM_KINDS[obj.kind], shard=s.label(prefer),
                         object=obj.name, detail=detail, action=action),
-                fix=_drop_stream(s.dsn, obj), migration_id=ctx.dead_id(rec)))
+                fix=drop_stream_fix(s.dsn, obj), migration_id=ctx.dead_id(rec)))
         return out
 
-    def _import_items(self, s: _Server, ctx: _Context) -> list[_Item]:
+    def _import_items(self, s: Server, ctx: Context) -> list[Item]:
         assert s.inventory is not None
         out = []
         for mid, n in s.inventory.import_parts.items():
@@ -346,20 +269,20 @@ class Doctor:
             async def fix(dsn: str = dsn, mid: str = mid) -> None:
                 await asyncio.to_thread(forget_parts, dsn, mid)
 
-            out.append(_Item(Finding(
-                kind=FindingKind.IMPORT_PARTS, shard=s.label(_shards_of(rec)), object=mid,
+            out.append(Item(Finding(
+                kind=FindingKind.IMPORT_PARTS, shard=s.label(shards_of(rec)), object=mid,
                 detail=f"{n} bulk-import progress row(s) {ctx.describe(rec)}",
                 action="delete the rows"), fix=fix, migration_id=ctx.dead_id(rec)))
         return out
 
-    def _staging_items(self, ctx: _Context) -> list[_Item]:
+    def _staging_items(self, ctx: Context) -> list[Item]:
         if self.staging is None:
             return []
         staging = self.staging
         try:
             infos = staging.fs.get_file_info(pafs.FileSelector(staging.root, allow_not_found=True))
         except OSError as exc:
-            return [_Item(Finding(
+            return [Item(Finding(
                 kind=FindingKind.STAGING, shard=None, object=staging.url,
                 detail=f"cannot list the staging area: {exc}",
                 action="none: check the staging_url setting and its permissions"))]
@@ -381,13 +304,13 @@ class Doctor:
             async def fix(mid: str = mid) -> None:
                 await asyncio.to_thread(staging.remove, mid)
 
-            out.append(_Item(Finding(
+            out.append(Item(Finding(
                 kind=FindingKind.STAGING, shard=None, object=info.path,
                 detail=f"staged snapshot files {ctx.describe(rec)}",
                 action="remove the directory"), fix=fix, migration_id=ctx.dead_id(rec)))
         return out
 
-    def _lease_items(self, leases: Sequence[Lease], ctx: _Context) -> list[_Item]:
+    def _lease_items(self, leases: Sequence[Lease], ctx: Context) -> list[Item]:
         now = datetime.now(UTC)
         out = []
         for lease in leases:
@@ -403,15 +326,15 @@ class Doctor:
             async def fix(mid: str = mid) -> None:
                 await self.catalog.release_leases(mid)
 
-            out.append(_Item(Finding(
+            out.append(Item(Finding(
                 kind=FindingKind.LEASE, shard=lease.shard_id, object=lease.lease_id,
                 detail=f"move lease held by {lease.holder!r}, {state}, {ctx.describe(rec)}",
                 action="release the migration's leases"), fix=fix, migration_id=ctx.dead_id(rec)))
         return out
 
-    def _fence_items(self, s: _Server, ctx: _Context) -> list[_Item]:
+    def _fence_items(self, s: Server, ctx: Context) -> list[Item]:
         assert s.inventory is not None
-        out: list[_Item] = []
+        out: list[Item] = []
         fenced: dict[tuple[str, int], FenceRow] = {}
         for f in s.inventory.fences:
             key = (f.collection, f.chunk_id)
@@ -428,10 +351,10 @@ class Doctor:
             c, k = key
             chunk = ctx.maps[c].chunk(k)
             assert chunk is not None
-            out.append(_Item(
+            out.append(Item(
                 Finding(kind=FindingKind.ROWS, shard=s.label(ctx.collection_shards(c)),
                         object=f"{c}/{k}",
-                        detail=f"{_rows(n)} of chunk {c}/{k} on a shard that does not own it "
+                        detail=f"{rows_phrase(n)} of chunk {c}/{k} on a shard that does not own it "
                                f"(the catalog places it on {chunk.shard_id} at token "
                                f"{chunk.token}); {ctx.describe(ctx.dead_by_chunk.get(key))}",
                         action="delete them (throttled range delete)"),
@@ -439,7 +362,7 @@ class Doctor:
                     ctx.dead_by_chunk.get(key)), chunk=key))
         return out
 
-    def _judge_fence(self, s: _Server, f: FenceRow, ctx: _Context) -> _Item | None:
+    def _judge_fence(self, s: Server, f: FenceRow, ctx: Context) -> Item | None:
         key = (f.collection, f.chunk_id)
         cmap = ctx.maps.get(f.collection)
         chunk = cmap.chunk(f.chunk_id) if cmap else None
@@ -448,8 +371,8 @@ class Doctor:
         dead = ctx.dead_by_chunk.get(key)
 
         def item(detail: str, action: str, fix: Callable[[], Awaitable[None]] | None = None,
-                 shard: str | None = None) -> _Item:
-            return _Item(Finding(kind=FindingKind.FENCE,
+                 shard: str | None = None) -> Item:
+            return Item(Finding(kind=FindingKind.FENCE,
                                  shard=shard or s.label(ctx.collection_shards(f.collection)),
                                  object=where, detail=f"fence {shown}: {detail}", action=action),
                          fix=fix, migration_id=ctx.dead_id(dead), chunk=key)
@@ -491,7 +414,7 @@ class Doctor:
                    "activated by a cutover that never committed (the catalog never reached "
                    "that token, so no router ever wrote here with it)")
             return item(
-                f"{how}, with {_rows(rows)}, on a shard that does not own the chunk ({placed}) "
+                f"{how}, with {rows_phrase(rows)}, on a shard that does not own the chunk ({placed}) "
                 f"and no move runs: the partial copy of an aborted move; {ctx.describe(dead)}",
                 "retire the fence, delete its rows (throttled range delete), drop the fence",
                 self._fix_partial_copy(s, chunk, f, ctx))
@@ -500,7 +423,7 @@ class Doctor:
                     and owner_fence.token == chunk.token:
                 return item(
                     f"the old owner of a committed move whose cleanup never ran ({placed}, "
-                    f"its fence there is active), with {_rows(rows)}; {ctx.describe(dead)}",
+                    f"its fence there is active), with {rows_phrase(rows)}; {ctx.describe(dead)}",
                     "retire the fence and delete its rows (throttled range delete)",
                     self._fix_old_owner(s, chunk, f, ctx))
             there = ("unreachable" if owner is None or owner.inventory is None
@@ -517,14 +440,14 @@ class Doctor:
             "none: not changed automatically; check the chunk's migration records "
             "(shardshift moves --catalog) and compare this shard's copy with the owner's")
 
-    def _migration_items(self, ctx: _Context, unknown: dict[str, str],
-                         items: list[_Item]) -> list[_Item]:
+    def _migration_items(self, ctx: Context, unknown: dict[str, str],
+                         items: list[Item]) -> list[Item]:
         out = []
         for mid, why in unknown.items():
             rec = ctx.by_id[mid]
             if not self._in_scope(rec.collection):
                 continue
-            out.append(_Item(Finding(
+            out.append(Item(Finding(
                 kind=FindingKind.MIGRATION, shard=rec.source, object=mid,
                 detail=f"active ({rec.phase}), {rec.collection}/{rec.chunk_id} {rec.source} -> "
                        f"{rec.target}; cannot tell whether a workflow runs it ({why})",
@@ -544,7 +467,7 @@ class Doctor:
             elif chunk is not None and chunk.shard_id == rec.target:
                 outcome = MigrationOutcome.COMPLETED
             if outcome is None:
-                out.append(_Item(Finding(
+                out.append(Item(Finding(
                     kind=FindingKind.MIGRATION, shard=rec.source, object=mid,
                     detail=base + ("; its chunk is no longer in the catalog" if chunk is None
                                    else f"; its chunk is on {chunk.shard_id}"),
@@ -554,7 +477,7 @@ class Doctor:
             why = {MigrationOutcome.ABORTED: "the switch never committed",
                    MigrationOutcome.ROLLED_BACK: "it was rolled back",
                    MigrationOutcome.COMPLETED: "the switch had committed"}[outcome]
-            out.append(_Item(
+            out.append(Item(
                 Finding(kind=FindingKind.MIGRATION, shard=rec.source, object=mid,
                         detail=f"{base}; the catalog places the chunk on {chunk.shard_id} "
                                f"({why})",
@@ -564,216 +487,5 @@ class Doctor:
                 chunk=(rec.collection, rec.chunk_id)))
         return out
 
-    # -- repairs -----------------------------------------------------------------------------
 
-    async def _repair(self, items: list[_Item]) -> None:
-        async with contextlib.AsyncExitStack() as locks:
-            blocked = await self._lock_dead_migrations(items, locks)
-            for it in items:
-                if it.fix is None:
-                    continue
-                if it.migration_id in blocked:
-                    it.finding.action += f" — not done: {blocked[it.migration_id]}"
-                    continue
-                try:
-                    await it.fix()
-                    it.finding.repaired = True
-                except _Skip as why:
-                    it.finding.action += f" — not done: {why}"
-                except Exception as exc:  # noqa: BLE001 - reported, the others go on
-                    it.finding.action += f" — failed: {type(exc).__name__}: {exc}"
-
-    async def _lock_dead_migrations(self, items: list[_Item],
-                                    locks: contextlib.AsyncExitStack) -> dict[str, str]:
-        """Take the cutover lock of every dead migration with something to repair (invariant
-        4); returns the migrations that must not be touched, with why."""
-        wanted: dict[str, MigrationRecord] = {}
-        for it in items:
-            if it.fix is not None and it.migration_id is not None \
-                    and it.migration_id not in wanted:
-                wanted[it.migration_id] = await self.catalog.migration(it.migration_id)
-        blocked: dict[str, str] = {}
-        for mid, rec in wanted.items():
-            for sid in (rec.source, rec.target):
-                try:
-                    dsn = self.db.mover((await self.catalog.shard(sid)).address)
-                    held = await locks.enter_async_context(cutover_lock(dsn, mid))
-                except Exception as exc:  # noqa: BLE001 - an unreachable shard holds no attempt
-                    if sid == rec.source:
-                        blocked[mid] = f"its source {sid} is unreachable ({type(exc).__name__})"
-                    continue
-                if not held:
-                    blocked[mid] = (f"a cutover attempt of it still runs (it holds its lock on "
-                                    f"{sid}); run doctor again in a minute")
-        return blocked
-
-    async def _engine(self, s: _Server) -> PostgresShard:
-        engine = self._engines.get(s.key)
-        if engine is None:
-            engine = await PostgresShard(s.label(), s.dsn, max_size=2, check=True).open()
-            self._engines[s.key] = engine
-        return engine
-
-    async def _recheck(self, seen: Chunk, ctx: _Context) -> Chunk:
-        """The chunk as the catalog has it now; raises ``_Skip`` when it changed or a move of
-        it started since the examination (invariant 3)."""
-        now = await self.catalog.chunk(seen.collection, seen.chunk_id)
-        if (now.shard_id, now.token, now.range) != (seen.shard_id, seen.token, seen.range):
-            raise _Skip(f"the catalog changed since (now on {now.shard_id} at token "
-                        f"{now.token}); run doctor again")
-        for m in await self.catalog.migrations(collection=seen.collection, active_only=True):
-            if m.chunk_id == seen.chunk_id and m.migration_id not in ctx.dead:
-                raise _Skip(f"migration {m.migration_id} of this chunk started since")
-        return now
-
-    async def _delete_rows(self, s: _Server, chunk: Chunk) -> None:
-        await asyncio.to_thread(delete_range, s.dsn, chunk.collection, chunk.range,
-                                batch_size=self.delete_batch, pause_s=self.delete_pause_s)
-
-    def _fix_unfreeze(self, s: _Server, chunk: Chunk, f: FenceRow,
-                      ctx: _Context) -> Callable[[], Awaitable[None]]:
-        async def fix() -> None:
-            now = await self._recheck(chunk, ctx)
-            if now.shard_id not in s.ids:
-                raise _Skip(f"the catalog no longer places the chunk here ({now.shard_id})")
-            engine = await self._engine(s)
-            await engine.unfreeze(chunk.collection, chunk.chunk_id, now.token + 1)
-        return fix
-
-    def _fix_partial_copy(self, s: _Server, chunk: Chunk, f: FenceRow,
-                          ctx: _Context) -> Callable[[], Awaitable[None]]:
-        async def fix() -> None:
-            await self._recheck(chunk, ctx)
-            engine = await self._engine(s)
-            c, k = chunk.collection, chunk.chunk_id
-            if f.state == FenceState.ACTIVE:
-                await engine.transition(c, k, expect_token=f.token,
-                                        expect_state=[FenceState.ACTIVE], new_token=f.token,
-                                        new_state=FenceState.RECEIVING)
-            await engine.retire(c, k)
-            await self._delete_rows(s, chunk)
-            await engine.drop_fence(c, k)
-        return fix
-
-    def _fix_old_owner(self, s: _Server, chunk: Chunk, f: FenceRow,
-                       ctx: _Context) -> Callable[[], Awaitable[None]]:
-        async def fix() -> None:
-            now = await self._recheck(chunk, ctx)
-            owner = ctx.server_of(now.shard_id)
-            if owner is None:
-                raise _Skip(f"the owner {now.shard_id} is not registered")
-            there = await (await self._engine(owner)).fence(chunk.collection, chunk.chunk_id)
-            if there is None or there.state != FenceState.ACTIVE or there.token != now.token:
-                raise _Skip(f"the owner's fence is no longer active at token {now.token}")
-            engine = await self._engine(s)
-            await engine.transition(chunk.collection, chunk.chunk_id, expect_token=f.token,
-                                    expect_state=[FenceState.FROZEN], new_token=f.token,
-                                    new_state=FenceState.RETIRED)
-            await self._delete_rows(s, chunk)
-        return fix
-
-    def _fix_rows(self, s: _Server, chunk: Chunk,
-                  ctx: _Context) -> Callable[[], Awaitable[None]]:
-        async def fix() -> None:
-            now = await self._recheck(chunk, ctx)
-            if now.shard_id in s.ids:
-                raise _Skip("the catalog places the chunk here now")
-            await self._delete_rows(s, chunk)  # refuses if an active or frozen fence appeared
-        return fix
-
-    def _fix_close(self, rec: MigrationRecord, outcome: MigrationOutcome, ctx: _Context,
-                   items: list[_Item]) -> Callable[[], Awaitable[None]]:
-        key = (rec.collection, rec.chunk_id)
-
-        async def fix() -> None:
-            left = [it for it in items
-                    if it.finding.kind != FindingKind.MIGRATION and not it.finding.repaired
-                    and (it.migration_id == rec.migration_id or it.chunk == key)]
-            for sid in (rec.source, rec.target):
-                s = ctx.server_of(sid)
-                if s is None or s.inventory is None:
-                    raise _Skip(f"{sid} could not be inspected, so what the move left there "
-                                "is unknown; the record stays open")
-            if left:
-                raise _Skip(f"{len(left)} of its leftovers remain (see above); the record "
-                            "stays open")
-            await self.catalog.finish_migration(
-                rec.migration_id, outcome,
-                detail=f"closed by shardshift doctor: no workflow ran it (phase {rec.phase})")
-        return fix
-
-
-@dataclass
-class _Context:
-    servers: dict[str, _Server]
-    maps: dict[str, ChunkMap]
-    by_id: dict[str, MigrationRecord]
-    by_prefix: dict[str, MigrationRecord]
-    live: set[str]
-    dead: dict[str, MigrationRecord]
-    dead_by_chunk: dict[tuple[str, int], MigrationRecord]
-    busy: set[tuple[str, int]]
-    published: dict[str, str] = field(default_factory=dict)
-    """Stream name -> the collection its publication (on any server) carries."""
-
-    def __post_init__(self) -> None:
-        self._by_shard = {i.shard_id: s for s in self.servers.values() for i in s.shards}
-        for s in self.servers.values():
-            for obj in (s.inventory.streams if s.inventory else ()):
-                if obj.kind == StreamObjectKind.PUBLICATION and obj.collections:
-                    self.published[obj.name] = obj.collections[0]
-
-    def server_of(self, shard_id: str) -> _Server | None:
-        return self._by_shard.get(shard_id)
-
-    def dead_id(self, rec: MigrationRecord | None) -> str | None:
-        return rec.migration_id if rec is not None and rec.migration_id in self.dead else None
-
-    def collection_shards(self, collection: str) -> list[str]:
-        cmap = self.maps.get(collection)
-        return sorted({c.shard_id for c in cmap.chunks}) if cmap else []
-
-    def describe(self, rec: MigrationRecord | None) -> str:
-        if rec is None:
-            return "of no migration the catalog knows"
-        if rec.migration_id in self.dead:
-            return f"of migration {rec.migration_id} (active, but no workflow runs it)"
-        return f"of migration {rec.migration_id} (finished: {rec.outcome})"
-
-
-def _shards_of(rec: MigrationRecord | None) -> list[str]:
-    return [rec.source, rec.target] if rec is not None else []
-
-
-def _rows(n: int) -> str:
-    return "no rows" if n == 0 else f"{n} row{'s' if n != 1 else ''}"
-
-
-def _drop_stream(dsn: str, obj: StreamObject) -> Callable[[], Awaitable[None]]:
-    async def fix() -> None:
-        await asyncio.to_thread(drop_stream_object, dsn, obj.kind, obj.name)
-    return fix
-
-
-def format_report(report: DoctorReport, *, repair: bool) -> str:
-    """The report for people: one block per finding, then a summary line."""
-    if not report.findings:
-        return "clean: nothing left behind by failed moves\n"
-    lines = []
-    for f in report.findings:
-        mark = "REPAIRED" if f.repaired else ("NOT REPAIRED" if repair else "FOUND")
-        lines.append(f"[{mark}] {f.kind:<17} {f.shard or '-':<14} {f.object}")
-        lines.append(f"    {f.detail}")
-        lines.append(f"    action: {f.action}")
-    left = sum(not f.repaired for f in report.findings)
-    done = len(report.findings) - left
-    summary = f"{len(report.findings)} finding(s)"
-    if repair:
-        summary += f", {done} repaired, {left} left"
-    elif any(not f.action.startswith("none") for f in report.findings):
-        summary += "; run with --repair to fix the ones with an action"
-    lines.append(summary + ("" if left else " — clean"))
-    return "\n".join(lines) + "\n"
-
-
-__all__ = ["Doctor", "DoctorReport", "Finding", "FindingKind", "MoveProbe", "format_report"]
+__all__ = ["Doctor", "MoveProbe"]

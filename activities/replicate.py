@@ -43,16 +43,11 @@ from activities.models import (
 )
 from activities.timeline import Sampler, utcnow
 from catalog.timeline import MoveSample, SampleKind
-from shards.postgres.apply import (
-    ChangeApplier,
-    StreamSpec,
-    StreamStateError,
-    measure_lag,
-    read_state,
-)
+from shards.postgres.apply import ChangeApplier, StreamSpec
 from shards.postgres.pgoutput import lsn_to_str
 from shards.postgres.replication import SlotMissingError, StreamNames, WalPositionReader
 from shards.postgres.server import probe
+from shards.postgres.stream_control import StreamStateError, measure_lag, read_state
 
 HOLD_LAG_ENV = "SHARDSHIFT_TEST_HOLD_LAG"
 """Test hook: ``wait_caught_up`` of the collection named here never reports caught up, so a

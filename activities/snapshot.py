@@ -18,8 +18,8 @@ from activities.context import MoveContext, Stopped, non_retryable
 from activities.models import CopyCheckpoint, SnapshotInput, SnapshotResult
 from shards.errors import ShardError
 from shards.postgres import replication as repl
-from shards.postgres.apply import StopRequested
 from shards.postgres.snapshot import ExportProgress, export_chunk
+from shards.postgres.stream_control import StopRequested
 from shards.postgres.throttle import CopyThrottle
 
 

@@ -48,12 +48,6 @@ from catalog.models import VerificationKind, VerificationReport
 from catalog.timeline import MarkName
 from shards.models import KeyRange
 from shards.postgres import replication as repl
-from shards.postgres.apply import (
-    StopRequested,
-    StreamHold,
-    request_hold,
-    wait_held,
-)
 from shards.postgres.checksum import (
     VerifyLock,
     checksum_range,
@@ -61,6 +55,7 @@ from shards.postgres.checksum import (
     range_digest,
     recopy_range,
 )
+from shards.postgres.stream_control import StopRequested, StreamHold, request_hold, wait_held
 
 
 class VerifyActivities:

@@ -44,7 +44,7 @@ from shards.codec import encode_value
 from shards.models import KHASH_END, FenceRef, FenceState, KeyRange
 from shards.postgres import PostgresShard
 from shards.postgres import documents as D
-from shards.postgres.apply import ChangeApplier, StreamSpec, wait_caught_up
+from shards.postgres.apply import ChangeApplier, StreamSpec
 from shards.postgres.replication import (
     cleanup_stream_objects,
     create_publication,
@@ -52,6 +52,7 @@ from shards.postgres.replication import (
     current_lsn,
 )
 from shards.postgres.schema import collection_table
+from shards.postgres.stream_control import wait_caught_up
 
 CHUNK = 1
 RANGE = KeyRange(lo=0, hi=KHASH_END)

@@ -7,7 +7,8 @@ import asyncio
 import json
 from typing import Any
 
-from activities.doctor import Doctor, MoveProbe, format_report
+from activities.doctor import Doctor, MoveProbe
+from activities.doctor_findings import format_report
 from catalog import Catalog
 from cli.common import CliError, catalog_dsn
 from cli.temporal import client as temporal_client

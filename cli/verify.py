@@ -45,8 +45,8 @@ from settings import get_settings
 from shards.errors import InvalidNameError
 from shards.names import check_collection
 from shards.postgres import PostgresShard
-from shards.postgres.apply import ApplyError
 from shards.postgres.checksum import checksum_range, range_digest
+from shards.postgres.stream_control import ApplyError
 from shards.postgres.vdiff import VerifyBusyError, diff_in_flight
 
 _IN_FLIGHT = {MigrationPhase.REPLICATE, MigrationPhase.VERIFY}

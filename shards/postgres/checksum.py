@@ -27,10 +27,10 @@ Reading and repairing a target that an applier writes
 A target's chunk is only comparable with the source at L while its applier holds at L, and a
 repair is only right at that same point: re-copying a bucket as of L over a target that has
 applied past L writes an older version over newer data, and the applier never sends those
-changes again. So, given the hold (:class:`~shards.postgres.apply.StreamHold`):
+changes again. So, given the hold (:class:`~shards.postgres.stream_control.StreamHold`):
 
 * :func:`checksum_range` reads the stream's state row in the same snapshot as the rows and
-  refuses (:class:`~shards.postgres.apply.HoldLostError`) unless that snapshot sees the
+  refuses (:class:`~shards.postgres.stream_control.HoldLostError`) unless that snapshot sees the
   applier held at L;
 * :func:`recopy_range` pins the hold in its one target transaction (the stream's hold lock,
   shared): the hold can be neither moved nor released, so the applier applies nothing, until
@@ -64,11 +64,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shards.models import KeyRange
 from shards.names import check_collection
-from shards.postgres.apply import StopRequested, StreamHold, check_held, release_hold
 from shards.postgres.bulk_import import copy_from_sql
 from shards.postgres.replication import StreamNames
 from shards.postgres.schema import collection_table
 from shards.postgres.snapshot import open_snapshot, range_predicate
+from shards.postgres.stream_control import StopRequested, StreamHold, check_held, release_hold
 
 ALGORITHM = "hashtextextended-v1"
 

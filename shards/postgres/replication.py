@@ -1,4 +1,4 @@
-"""The change stream of a chunk: publication, slot, walsender connection, feedback, cleanup.
+"""A chunk's stream objects: names, publication, slot, markers, cleanup, WAL positions.
 
 How a stream is laid out
 ------------------------
@@ -23,37 +23,23 @@ Invariants
    transaction is visible in the snapshot iff its commit record starts before L, and the slot
    streams exactly the others. A copy made at the snapshot plus the stream from L is the
    source's history with no gap and no overlap.
-2. Everything the server sends arrives in commit order, and a keepalive's ``walEnd`` (the
-   decoder's position) is sent after every transaction that commits before it. So once every
-   transaction received before a keepalive has been applied, the keepalive's position is
-   applied too (:class:`~shards.postgres.pgoutput.Position`). A keepalive that arrives in the
-   middle of a transaction is *not* turned into a position: the decoder has already read that
-   transaction's commit, so the position would run ahead of unapplied data.
-3. Feedback (the flush LSN in a standby status update) is the only thing that lets the server
-   discard WAL and never resend it. :class:`ChangeStream` sends exactly what its owner passes
-   to :meth:`ChangeStream.confirm`, and the applier calls it only after the target committed
-   everything before that LSN. A crash before feedback costs a resend, which the applier skips
-   by its origin's progress; feedback before the target commit could lose a write.
-4. On PostgreSQL 16+ the stream asks pgoutput for ``origin 'none'``: transactions that an
-   applier wrote under a replication origin are never sent, so a reverse stream never echoes
-   the forward stream back. PostgreSQL 15's pgoutput has no such option; it sends an
-   ``Origin`` message in those transactions and the decoder drops them whole.
-5. A slot retains WAL until it is dropped. :func:`cleanup_stream_objects` drops every slot,
+2. A slot retains WAL until it is dropped. :func:`cleanup_stream_objects` drops every slot,
    publication and origin whose name belongs to a migration, terminating a walsender that
    still holds a slot; the move's cleanup phase (and every abort path) calls it on the source
    and on the target.
+
+The walsender connection that streams a slot's changes and sends feedback is
+``shards/postgres/change_stream.py`` (its docstring has the stream's own invariants).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import select
-import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -62,21 +48,11 @@ from psycopg.conninfo import make_conninfo
 
 from shards.models import KeyRange
 from shards.names import check_collection
-from shards.postgres.pgoutput import (
-    ChunkDecoder,
-    Position,
-    Transaction,
-    lsn_from_str,
-    lsn_to_str,
-    unix_to_pg_time,
-)
+from shards.postgres.pgoutput import lsn_from_str, lsn_to_str
 from shards.postgres.schema import collection_table
 
 NAME_PREFIX = "ss_"
 MESSAGE_PREFIX = "shardshift"
-
-_STATUS = struct.Struct(">cqqqqb")
-_KEEPALIVE = struct.Struct(">qqb")
 
 
 class ReplicationError(Exception):
@@ -91,10 +67,6 @@ class SlotExistsError(ReplicationError):
 class SlotMissingError(ReplicationError):
     """The stream's slot does not exist on the source (dropped, or never created): the changes
     it was keeping are gone, so no retry can resume the stream; the move must start over."""
-
-
-class _SlotBusy(ReplicationError):
-    """The slot is active in another walsender (SQLSTATE 55006)."""
 
 
 # -- names -----------------------------------------------------------------------------------
@@ -193,7 +165,8 @@ class SlotSnapshot:
     snapshot_name: str | None
 
 
-def _walsender(dsn: str) -> pq.abc.PGconn:
+def open_walsender(dsn: str) -> pq.abc.PGconn:
+    """A walsender (``replication=database``) connection to ``dsn``."""
     conn = pq.PGconn.connect(make_conninfo(dsn, replication="database").encode())
     if conn.status != pq.ConnStatus.OK:
         message = conn.get_error_message()
@@ -261,7 +234,7 @@ def create_slot(
                 "replace it (its exported snapshot died with the connection that made it)"
             )
         drop_slot(dsn, names.slot)
-    conn = _walsender(dsn)
+    conn = open_walsender(dsn)
     try:
         mode = "export" if export_snapshot else "nothing"
         res = _exec(
@@ -315,247 +288,6 @@ def emit_marker(conn: psycopg.Connection[Any], names: StreamNames, content: str)
     ).fetchone()
     assert row is not None
     return str(row[0])
-
-
-# -- the stream --------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class StreamStats:
-    frames: int = 0
-    transactions: int = 0
-    keepalives: int = 0
-    feedback_sent: int = 0
-    bytes: int = 0
-    skipped_foreign: int = 0
-
-
-@dataclass
-class ChangeStream:
-    """A streaming walsender connection on one slot, decoded to one chunk's transactions.
-
-    Single-threaded: the owner calls :meth:`poll` to receive and :meth:`confirm` once the
-    target has committed, from the same thread.
-
-    Args:
-        dsn: the source shard.
-        names: the stream's names (slot, publication, message prefix).
-        collection, chunk_id, key_range: the chunk.
-        start_lsn: where to resume (the applier's origin progress); 0 starts at the slot's
-            confirmed position. The server never starts before that position, whatever is
-            asked.
-        status_interval: seconds between unprompted standby status updates (keeps the
-            server's ``wal_sender_timeout`` from firing while the applier is busy or held).
-    """
-
-    dsn: str
-    names: StreamNames
-    collection: str
-    chunk_id: int
-    key_range: KeyRange
-    start_lsn: int = 0
-    status_interval: float = 5.0
-    stats: StreamStats = field(default_factory=StreamStats)
-    server_lsn: int = 0
-    """Latest decoder position the server reported (keepalive ``walEnd``)."""
-    received_lsn: int = 0
-    """End of the last complete transaction (or position) received."""
-    confirmed_lsn: int = 0
-    """What the last status update told the server is durably applied."""
-    server_version: int = 0
-
-    def __post_init__(self) -> None:
-        self._conn: pq.abc.PGconn | None = None
-        self._decoder: ChunkDecoder | None = None
-        self._last_status = 0.0
-        self._want_reply = False
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self, busy_timeout: float = 30.0) -> ChangeStream:
-        """Connect and start streaming.
-
-        Args:
-            busy_timeout: how long to wait for a slot still held by a walsender whose client
-                died (a crashed applier): the server notices the dead peer and frees it.
-        """
-        deadline = time.monotonic() + busy_timeout
-        while True:
-            try:
-                return self._start()
-            except _SlotBusy:
-                if time.monotonic() > deadline:
-                    raise ReplicationError(
-                        f"replication slot {self.names.slot} is held by another walsender "
-                        f"after {busy_timeout}s; is another applier running this stream?"
-                    ) from None
-                time.sleep(0.1)
-
-    def _start(self) -> ChangeStream:
-        conn = _walsender(self.dsn)
-        self._conn = conn
-        self.server_version = conn.server_version
-        origin_filter = self.server_version >= 160000
-        self._decoder = ChunkDecoder(
-            self.collection, self.chunk_id, self.key_range, self.names.message_prefix,
-            skip_origins=True,
-        )
-        options = [
-            "proto_version '1'",
-            f"publication_names '\"{self.names.publication}\"'",
-            "messages 'true'",
-        ]
-        if origin_filter:
-            options.append("origin 'none'")
-        command = (
-            f'START_REPLICATION SLOT "{self.names.slot}" LOGICAL {lsn_to_str(self.start_lsn)}'
-            f" ({', '.join(options)})"
-        )
-        res = conn.exec_(command.encode())
-        if res.status != pq.ExecStatus.COPY_BOTH:
-            message = (res.error_message or b"").decode(errors="replace")
-            self.close()
-            sqlstate = res.error_field(pq.DiagnosticField.SQLSTATE)
-            if sqlstate == b"55006":
-                raise _SlotBusy(message)
-            if sqlstate == b"42704":
-                raise SlotMissingError(f"START_REPLICATION on {self.names.slot}: {message}")
-            raise ReplicationError(f"START_REPLICATION on {self.names.slot} failed: {message}")
-        conn.nonblocking = 1
-        self.confirmed_lsn = self.start_lsn
-        self._last_status = time.monotonic()
-        return self
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.finish()
-            self._conn = None
-
-    def __enter__(self) -> ChangeStream:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def in_transaction(self) -> bool:
-        return self._decoder is not None and self._decoder._txn is not None
-
-    @property
-    def decoded_changes(self) -> int:
-        return self._decoder.decoded_changes if self._decoder else 0
-
-    # -- receiving ---------------------------------------------------------------------------
-
-    def poll(self, timeout: float, max_items: int = 100_000) -> list[Transaction | Position]:
-        """Receive what the server has sent, waiting up to ``timeout`` for the first item.
-
-        Returns complete transactions (possibly empty: positions matter) and positions, in
-        server order. Returns early once the socket has nothing more buffered.
-        """
-        conn = self._require()
-        decoder = self._decoder
-        assert decoder is not None
-        out: list[Transaction | Position] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            n, data = conn.get_copy_data(1)
-            if n > 0:
-                self._frame(bytes(data), decoder, out)
-                if len(out) >= max_items:
-                    break
-                continue
-            if n == -1:
-                res = conn.get_result()
-                message = (res.error_message if res else b"") or b"stream ended"
-                raise ReplicationError(
-                    f"replication stream of {self.names.slot} ended: "
-                    f"{message.decode(errors='replace')}"
-                )
-            self.maybe_send_status()
-            wait = 0.0 if out else deadline - time.monotonic()
-            if wait < 0:
-                break
-            readable, _, _ = select.select([conn.socket], [], [], wait)
-            if not readable:
-                break
-            conn.consume_input()
-        return out
-
-    def _frame(self, data: bytes, decoder: ChunkDecoder,
-               out: list[Transaction | Position]) -> None:
-        self.stats.frames += 1
-        self.stats.bytes += len(data)
-        kind = data[0]
-        if kind == 0x77:  # 'w' XLogData
-            txn = decoder.feed(data[25:])
-            if txn is not None:
-                self.stats.transactions += 1
-                self.received_lsn = max(self.received_lsn, txn.end_lsn)
-                if txn.origin is not None and txn.empty:
-                    self.stats.skipped_foreign += 1
-                if txn.empty:
-                    out.append(Position(txn.end_lsn))
-                else:
-                    out.append(txn)
-        elif kind == 0x6B:  # 'k' primary keepalive
-            wal_end, _send_time, reply = _KEEPALIVE.unpack_from(data, 1)
-            self.stats.keepalives += 1
-            if wal_end > self.server_lsn:
-                self.server_lsn = wal_end
-            if not self.in_transaction:
-                self.received_lsn = max(self.received_lsn, wal_end)
-                out.append(Position(wal_end))
-            if reply:
-                self.send_status()
-        else:
-            raise ReplicationError(f"unexpected CopyData message {chr(kind)!r} from the server")
-
-    # -- feedback ----------------------------------------------------------------------------
-
-    def confirm(self, lsn: int) -> None:
-        """Tell the server that everything before ``lsn`` is durably applied.
-
-        Call only after the target transaction holding those changes committed.
-        """
-        if lsn > self.confirmed_lsn:
-            self.confirmed_lsn = lsn
-            self.send_status()
-
-    def request_reply(self) -> None:
-        """Ask the server for a keepalive (its current position) now."""
-        self._want_reply = True
-        self.send_status()
-
-    def maybe_send_status(self) -> None:
-        if time.monotonic() - self._last_status >= self.status_interval:
-            self.send_status()
-
-    def send_status(self) -> None:
-        conn = self._require()
-        reply = 1 if self._want_reply else 0
-        self._want_reply = False
-        now = unix_to_pg_time(time.time())
-        # write = what we received (informational); flush = apply = what the target holds.
-        msg = _STATUS.pack(
-            b"r", max(self.received_lsn, self.confirmed_lsn), self.confirmed_lsn,
-            self.confirmed_lsn, now, reply,
-        )
-        while (queued := conn.put_copy_data(msg)) == 0:
-            # Non-blocking send buffer full: let libpq drain it, then queue again.
-            conn.flush()
-            select.select([], [conn.socket], [], 1.0)
-        if queued != 1:
-            raise ReplicationError(f"could not send feedback: {conn.get_error_message()}")
-        while conn.flush() == 1:
-            select.select([], [conn.socket], [], 1.0)
-        self.stats.feedback_sent += 1
-        self._last_status = time.monotonic()
-
-    def _require(self) -> pq.abc.PGconn:
-        if self._conn is None:
-            raise ReplicationError("the change stream is not started")
-        return self._conn
 
 
 # -- cleanup -----------------------------------------------------------------------------------
@@ -651,7 +383,6 @@ def wal_position(dsn: str) -> str:
 
 
 __all__ = [
-    "ChangeStream",
     "WalPositionReader",
     "CleanupReport",
     "ReplicationError",

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field
 
-from shards.postgres.apply import StopRequested
+from shards.postgres.stream_control import StopRequested
 
 ACTIVE_SESSIONS_SQL = (
     "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"

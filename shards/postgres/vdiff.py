@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict
 
 from shards.models import KeyRange
 from shards.postgres import replication as repl
-from shards.postgres.apply import (
+from shards.postgres.checksum import VerifyLock, checksum_range, diff_checksums, range_digest
+from shards.postgres.stream_control import (
     ApplyError,
     StopRequested,
     StreamHold,
@@ -39,7 +40,6 @@ from shards.postgres.apply import (
     request_hold,
     wait_held,
 )
-from shards.postgres.checksum import VerifyLock, checksum_range, diff_checksums, range_digest
 
 SLOT_PART = "odv"
 """The stream part naming the comparison's slot (``ver`` is the move's own verify)."""

@@ -26,19 +26,7 @@ from router.hashing import khash
 from shards.errors import FenceRejectedError
 from shards.models import KHASH_END, KHASH_MIN, FenceRef, FenceState, KeyRange
 from shards.postgres import PostgresShard
-from shards.postgres.apply import (
-    ApplierStats,
-    ChangeApplier,
-    HoldTooLateError,
-    StreamSpec,
-    measure_lag,
-    read_state,
-    release_hold,
-    request_hold,
-    wait_caught_up,
-    wait_for_fence,
-    wait_held,
-)
+from shards.postgres.apply import ApplierStats, ChangeApplier, StreamSpec
 from shards.postgres.pgoutput import lsn_from_str, lsn_to_str
 from shards.postgres.replication import (
     SlotExistsError,
@@ -50,6 +38,16 @@ from shards.postgres.replication import (
     migration_prefix,
 )
 from shards.postgres.schema import collection_table
+from shards.postgres.stream_control import (
+    HoldTooLateError,
+    measure_lag,
+    read_state,
+    release_hold,
+    request_hold,
+    wait_caught_up,
+    wait_for_fence,
+    wait_held,
+)
 
 CHUNK = 1
 OTHER = 0

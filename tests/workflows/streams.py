@@ -17,7 +17,7 @@ from activities.models import Direction, MoveSpec
 from activities.replicate import stream_spec
 from router.hashing import khash
 from shards.models import FenceRef
-from shards.postgres.apply import ChangeApplier, wait_caught_up
+from shards.postgres.apply import ChangeApplier
 from shards.postgres.checksum import recopy_range
 from shards.postgres.replication import (
     StreamNames,
@@ -26,6 +26,7 @@ from shards.postgres.replication import (
     create_slot,
     current_lsn,
 )
+from shards.postgres.stream_control import wait_caught_up
 from tests.router.conftest import Deployment
 from workload.generator import keys_in
 

@@ -12,7 +12,7 @@ from temporalio.client import Client
 
 from catalog.models import MigrationKind, MigrationOutcome, MigrationPhase
 from infra import Stack
-from shards.postgres.apply import read_state
+from shards.postgres.stream_control import read_state
 from tests.router.conftest import Deployment
 from tests.workflows.cli_run import cli_env, shardshift
 from tests.workflows.conftest import WorkerHandle

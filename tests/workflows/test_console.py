@@ -44,8 +44,8 @@ from infra.postgres import PostgresInstance, embedded_bin_dir
 from settings import SEARCH_ATTRIBUTES, DatabaseSettings
 from shards.models import IndexDefinition
 from shards.postgres import PostgresShard
-from shards.postgres.apply import release_hold, request_hold
 from shards.postgres.replication import stream_names
+from shards.postgres.stream_control import release_hold, request_hold
 from tests.conftest import owned_state_dir
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle

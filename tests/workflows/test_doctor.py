@@ -17,7 +17,8 @@ from typing import Any
 import psycopg
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from activities.doctor import Doctor, FindingKind, format_report
+from activities.doctor import Doctor
+from activities.doctor_findings import FindingKind, format_report
 from catalog.invariants import assert_invariants
 from catalog.models import (
     Chunk,
@@ -32,7 +33,6 @@ from router.hashing import khash
 from settings import Settings
 from shards.models import FenceState
 from shards.postgres import PostgresShard
-from shards.postgres.apply import ensure_apply_schema, release_hold
 from shards.postgres.replication import (
     cleanup_stream_objects,
     create_publication,
@@ -41,6 +41,7 @@ from shards.postgres.replication import (
     stream_names,
 )
 from shards.postgres.roles import as_role
+from shards.postgres.stream_control import ensure_apply_schema, release_hold
 from shards.staging import Staging
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle

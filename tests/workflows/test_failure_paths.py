@@ -39,10 +39,10 @@ from catalog.models import Chunk, MigrationKind, MigrationOutcome
 from router.hashing import khash
 from shards.models import FenceState
 from shards.postgres import documents as D
-from shards.postgres.apply import release_hold, request_hold
 from shards.postgres.locks import CutoverLock
 from shards.postgres.replication import migration_prefix, stream_names
 from shards.postgres.schema import collection_table
+from shards.postgres.stream_control import release_hold, request_hold
 from shards.staging import Staging
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle

@@ -30,10 +30,10 @@ from catalog.models import MigrationOutcome
 from infra import Stack
 from shards.models import FenceState
 from shards.postgres import PostgresShard
-from shards.postgres.apply import ApplyError, release_hold, request_hold
 from shards.postgres.bulk_import import forget_parts
 from shards.postgres.replication import cleanup_stream_objects, migration_prefix, stream_names
 from shards.postgres.schema import collection_table
+from shards.postgres.stream_control import ApplyError, release_hold, request_hold
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle
 from tests.workflows.helpers import (

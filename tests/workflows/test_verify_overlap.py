@@ -28,7 +28,13 @@ from activities.context import MoveContext
 from activities.models import MoveSpec, VerifyInput, VerifyResult
 from activities.verify import VerifyActivities
 from router.hashing import khash
-from shards.postgres.apply import (
+from shards.postgres.checksum import checksum_range, diff_checksums, recopy_range
+from shards.postgres.pgoutput import lsn_from_str
+from shards.postgres.replication import (
+    create_slot,
+    stream_names,
+)
+from shards.postgres.stream_control import (
     HoldLostError,
     StreamHold,
     check_held,
@@ -36,12 +42,6 @@ from shards.postgres.apply import (
     release_hold,
     request_hold,
     wait_held,
-)
-from shards.postgres.checksum import checksum_range, diff_checksums, recopy_range
-from shards.postgres.pgoutput import lsn_from_str
-from shards.postgres.replication import (
-    create_slot,
-    stream_names,
 )
 from shards.staging import Staging
 from tests.conftest import owned_state_dir
