@@ -23,11 +23,12 @@ from bson import json_util
 from psycopg import sql
 
 from infra import Stack
+from infra.postgres import SUPERUSER
 from router.core import cap_result
 from router.hashing import khash
 from router.http import max_body_bytes
 from router.service import is_loopback
-from settings import RouterSettings
+from settings import RouterSettings, as_role
 from shards.codec import encode_value
 from shards.postgres.schema import collection_table
 from tests.router.conftest import Deployment
@@ -217,7 +218,9 @@ async def test_a_stopped_shard_or_catalog_leaks_nothing(
 
 
 def _waiting_on_lock(dsn: str) -> bool:
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    # As the superuser: another role's wait events are hidden from the mover (no
+    # pg_read_all_stats), so the router's blocked statement would never show.
+    with psycopg.connect(as_role(dsn, SUPERUSER), autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                            " AND backend_type = 'client backend'").fetchone()
         return bool(row and row[0])
