@@ -24,9 +24,10 @@ busy machine, so each phase has a pin that holds the move in it until the fault 
   lists the collection, so the move cannot leave replicate; the pin's release removes it.
 - verify: a transaction holding an xid on the source, opened while the snapshot is exported;
   verify's slot creation waits for it.
-- cutover: the target's ``shardshift.stream_markers`` locked before the move starts, so the
-  freeze's marker cannot be applied: the fault lands while the source is frozen (the pause
-  lasts ``catchup_timeout_s``).
+- cutover: once the move is in its cutover, the forward applier is held (``request_hold``),
+  so the freeze's marker cannot be applied: the fault lands while the source is frozen (the
+  pause lasts ``catchup_timeout_s``). A cutover that commits before the hold takes shows as
+  a fault landed in a later phase.
 - rollback window and cleanup: the window (``rollback_window_s``) and a throttled range delete
   (``delete_batch``, ``delete_pause_s``) last long enough.
 
@@ -78,12 +79,12 @@ from router.core import Router
 from settings import RouterSettings, Settings, TemporalSettings
 from shards.models import FenceState
 from shards.postgres import replication as repl
+from shards.postgres.stream_control import ApplyError, release_hold, request_hold
 from tests.workflows.procs import (
     Gate,
     LagHold,
     WorkerProcess,
     chunk_keys,
-    freeze_marker_gate,
     phase_index,
     preload_chunk,
     query_progress,
@@ -446,8 +447,6 @@ class MoveRun:
                 self.lag_hold.release()
 
             self.pin.on_release(release)
-        elif self.phase == "cutover":
-            self._gate(await freeze_marker_gate(self.rig.dsns[self.target]))
 
     def _gate(self, gate: Gate) -> None:
         self.pin.on_release(gate.release)
@@ -475,6 +474,12 @@ class MoveRun:
         if ph == "replicate":
             return await self.wait_progress(lambda p: p.phase == "replicate", "replicate")
         if ph == "cutover":
+            # The applier is held once the move is in its cutover, so the freeze marker cannot
+            # arrive and the pause lasts. (A gate taken before the move starts, as the tests
+            # do, held the bench's moves in replicate: a marker came before the freeze.)
+            await self.wait_progress(lambda p: phase_index(p.phase) >= phase_index("cutover"),
+                                     "cutover")
+            await self._hold_applier()
             await self._wait_frozen()
             return await self.wait_progress(lambda p: True, "cutover")
         if ph == "rollback_window":
@@ -498,6 +503,29 @@ class MoveRun:
 
     async def _hold_xid_on_source(self) -> None:
         self._gate(await snapshot_gate(self.rig.dsns[self.source]))
+
+    async def _hold_applier(self) -> None:
+        """Hold the forward applier (``request_hold``) once its state row exists."""
+        assert self.mid is not None
+        names = repl.stream_names(self.mid, "fwd")
+        target_dsn = self.rig.dsns[self.target]
+        await self.wait_sql(self.target,
+                            "SELECT count(*) FROM shardshift.stream_state WHERE stream = %s",
+                            (names.origin,), lambda n: (n or 0) >= 1, "the applier's state row")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await asyncio.to_thread(request_hold, target_dsn, names, None)
+                break
+            except ApplyError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+        async def release() -> None:
+            await asyncio.to_thread(release_hold, target_dsn, names)
+
+        self.pin.on_release(release)
 
     async def _wait_frozen(self) -> None:
         """Until the cutover has frozen the source (held there by the freeze-marker gate)."""
