@@ -99,7 +99,8 @@ class ReplicateActivities:
 
     async def _replicate(self, inp: ReplicateInput, src: str, dst: str) -> ReplicateResult:
         source_dsn, target_dsn = await shard_dsn(self.ctx, src), await shard_dsn(self.ctx, dst)
-        applier = ChangeApplier(stream_spec(inp.spec, inp.direction), source_dsn, target_dsn)
+        applier = ChangeApplier(stream_spec(inp.spec, inp.direction), source_dsn, target_dsn,
+                                throttle=inp.throttle)
 
         def checkpoint() -> ReplicateCheckpoint:
             s = applier.stats
