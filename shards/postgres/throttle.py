@@ -265,11 +265,12 @@ class ApplyThrottle:
 
         Args:
             caught_up_lsn: every source transaction before it is on the target (the lag is
-                the source's WAL position minus this).
+                the source's WAL position minus this); 0 (not known yet: nothing applied and
+                no position received) never pauses.
             hold_pending: a hold is set that the applier has not reached yet.
         """
         s = self.settings
-        if s.max_active is None or self.stop.is_set() or hold_pending:
+        if s.max_active is None or self.stop.is_set() or hold_pending or caught_up_lsn <= 0:
             return self._set(None)
         now = self.clock()
         if now >= self._next_probe:
