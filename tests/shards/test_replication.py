@@ -22,7 +22,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from infra.stack import Stack
 from router.hashing import khash
+from settings import as_role
 from shards.errors import FenceRejectedError
 from shards.models import KHASH_END, KHASH_MIN, FenceRef, FenceState, KeyRange
 from shards.postgres import PostgresShard
@@ -793,9 +795,11 @@ class BusyClients:
 
 
 @pytest.fixture
-async def busy_source(pg18_pair: tuple[PostgresShard, PostgresShard]
+async def busy_source(stack: Stack, pg18_pair: tuple[PostgresShard, PostgresShard]
                       ) -> AsyncIterator[BusyClients]:
-    clients = BusyClients(pg18_pair[0].dsn, 2)
+    """Two busy sessions of the router role on the source (the applier probes as the mover,
+    as workers do)."""
+    clients = BusyClients(as_role(pg18_pair[0].dsn, stack.role_name("router")), 2)
     try:
         yield clients
     finally:
