@@ -142,6 +142,8 @@ class ReplicateCheckpoint(_Frozen):
     applied_txns: int
     applied_changes: int
     lag_s: float
+    throttled: str | None = None
+    """Why the applier is paused by its throttle now (None: it runs)."""
 
 
 class ReplicateResult(_Frozen):
