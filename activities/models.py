@@ -129,6 +129,9 @@ class Direction(StrEnum):
 class ReplicateInput(_Input):
     spec: MoveSpec
     direction: Direction = Direction.FORWARD
+    throttle: ThrottleSettings | None = None
+    """Pause the applier while the stream's source is busy (``max_active``), within the lag
+    bound ``max_apply_lag_bytes`` and never in the cutover (``shards/postgres/throttle.py``)."""
 
 
 class ReplicateCheckpoint(_Frozen):
@@ -139,6 +142,8 @@ class ReplicateCheckpoint(_Frozen):
     applied_txns: int
     applied_changes: int
     lag_s: float
+    throttled: str | None = None
+    """Why the applier is paused by its throttle now (None: it runs)."""
 
 
 class ReplicateResult(_Frozen):

@@ -4,7 +4,9 @@
 workflow cancels it after the cutover, or on abort). It is resumable by construction: the
 applier starts from the target's replication-origin progress, so a retry on another worker
 continues exactly where the last committed batch ended. Heartbeats carry the applied LSN and
-lag, shown in the Temporal UI.
+lag, shown in the Temporal UI, and why the applier is throttled while it is (the forward
+stream of a move with ``copy_throttle.max_active`` pauses while the source is busy; see
+``shards/postgres/throttle.py``).
 
 Waiting is done inside activities, not by the workflow polling: ``wait_caught_up`` samples
 the lag every ``poll_s`` and heartbeats it (the Temporal UI shows it) until the stream is
@@ -99,7 +101,8 @@ class ReplicateActivities:
 
     async def _replicate(self, inp: ReplicateInput, src: str, dst: str) -> ReplicateResult:
         source_dsn, target_dsn = await shard_dsn(self.ctx, src), await shard_dsn(self.ctx, dst)
-        applier = ChangeApplier(stream_spec(inp.spec, inp.direction), source_dsn, target_dsn)
+        applier = ChangeApplier(stream_spec(inp.spec, inp.direction), source_dsn, target_dsn,
+                                throttle=inp.throttle)
 
         def checkpoint() -> ReplicateCheckpoint:
             s = applier.stats
@@ -107,6 +110,7 @@ class ReplicateActivities:
             return ReplicateCheckpoint(
                 direction=inp.direction, applied_lsn=lsn_to_str(applier.applied_lsn),
                 applied_txns=s.applied_txns, applied_changes=s.applied_changes, lag_s=lag,
+                throttled=applier.throttle.reason if applier.throttle is not None else None,
             )
 
         def work(stop: threading.Event) -> ReplicateResult:

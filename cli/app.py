@@ -110,8 +110,9 @@ def _throttle_args(parser: argparse.ArgumentParser) -> None:
                         help="limit the bulk copy's reads of the source: rows/s (20000) or "
                              "bytes/s (50MB)")
     parser.add_argument("--throttle-active", type=_count, metavar="N",
-                        help="pause the bulk copy while the source has more than N active "
-                             "client sessions")
+                        help="pause the bulk copy, and the change apply (while it is less "
+                             "than 256 MiB behind, and never in the cutover), while the source "
+                             "has more than N active client sessions")
 def _capacity(text: str) -> int:
     from cli.shards import parse_capacity  # noqa: PLC0415 - command modules load on use
 

@@ -22,7 +22,8 @@ def catalog_dsn(settings: Settings) -> str:
 
 def move_options(args: argparse.Namespace) -> dict[str, Any]:
     """Options of every chunk move a fleet command starts (``MigrateChunkInput`` fields):
-    the copy throttle of ``--max-copy-rate`` and ``--throttle-active``."""
+    the throttle of ``--max-copy-rate`` (the copy) and ``--throttle-active`` (the copy and the
+    change apply)."""
     throttle = copy_throttle(args)
     return {"copy_throttle": throttle} if throttle else {}
 

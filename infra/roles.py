@@ -28,6 +28,9 @@ On a shard
       applier stages rows in a temp table), ``EXECUTE`` on ``pg_replication_origin_*``.
       Slots and walsenders come with ``REPLICATION``; terminating a walsender that holds a
       slot needs nothing more, because the mover's own sessions are the ones it stops.
+      Member of ``pg_read_all_stats``: the copy and apply throttles count the sessions of
+      every role that are running a statement (``pg_stat_activity`` hides other roles'
+      ``state`` otherwise).
     * **router**: ``CONNECT`` (here); its rights on the shard's objects are granted by
       ``provision_shard``.
 
@@ -259,6 +262,8 @@ def provision_roles(
             conn.execute(_reassign(owner, list(layout.schemas), publications=kind == "shard"))
             if kind == "shard":
                 conn.execute(sql.SQL(_GRANT_ORIGIN_FUNCTIONS).format(mover=sql.Literal(owner)))
+                # The throttles count the source's busy sessions (other roles' included).
+                conn.execute(sql.SQL("GRANT pg_read_all_stats TO {}").format(ident(owner)))
             yield RoleStep(conn, ProvisionedServer(kind=kind, host=host, port=port, roles=roles),
                            db, owner)
 

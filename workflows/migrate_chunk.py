@@ -138,6 +138,7 @@ class MigrateChunkWorkflow(MoveCommit):
         self._progress.target = inp.target
         self._cancel_pending = False
         self._heartbeat = timedelta(seconds=inp.heartbeat_timeout_s)
+        self._throttle = inp.copy_throttle
         workflow.upsert_search_attributes([
             SA_KIND.value_set(inp.kind.value), SA_COLLECTION.value_set(inp.collection),
             SA_CHUNK.value_set(str(inp.chunk_id)), SA_TARGET.value_set(inp.target),

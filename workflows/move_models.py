@@ -94,8 +94,10 @@ class MigrateChunkInput(BaseModel):
     lag_window_s: float = Field(default=60.0, gt=0)
     """Longest one ``wait_caught_up`` / ``wait_reachable`` call waits before reporting."""
     copy_throttle: ThrottleSettings | None = None
-    """Limits of the bulk copy's reads of the source: rows/s, bytes/s, and a pause while the
-    source has more active sessions than ``max_active`` (``rebalance --max-copy-rate``)."""
+    """Limits of the move's reads of the source: the bulk copy's rows/s and bytes/s, and a
+    pause of the copy and of the forward stream's apply while the source has more active
+    sessions than ``max_active`` (the apply within ``max_apply_lag_bytes``, never in the
+    cutover) (``rebalance --max-copy-rate``, ``--throttle-active``)."""
     resume: MigrateChunkResume | None = None
     """Set by continue-as-new only: where the previous run of this move stopped."""
 

@@ -60,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.snapshot import SnapshotActivities
     from activities.verify import VerifyActivities
     from catalog.models import MigrationPhase
+    from shards.postgres.throttle import ThrottleSettings
     from workflows.common import FOREVER, MOVE_DATA, MOVE_QUICK, PROGRESS, SA_PHASE
 
 from workflows.move_models import (
@@ -87,6 +88,8 @@ class MovePauses:
         self._phase_started: dict[str, Any] = {}
         self._phase_seconds: dict[str, float] = {}
         self._heartbeat = timedelta(seconds=30)
+        self._throttle: ThrottleSettings | None = None
+        """The move's ``copy_throttle``: also the forward stream's apply throttle."""
         self._in_doubt = False
         """A cutover activity was started and has not returned a result (it may have
         committed): the catalog decides between rolling forward and undoing."""
@@ -145,8 +148,12 @@ class MovePauses:
             pass  # the cancellation we asked for (or a failure): either way it has stopped
 
     def _start_stream(self, spec: MoveSpec, direction: Direction) -> asyncio.Task[Any]:
+        # The throttle protects the move's source, so only the forward stream gets it; and it
+        # is passed only when set, so a move without one schedules the very same input.
+        throttled = self._throttle is not None and direction == Direction.FORWARD
+        extra: dict[str, Any] = {"throttle": self._throttle} if throttled else {}
         return workflow.start_activity_method(
-            ReplicateActivities.replicate, ReplicateInput(spec=spec, direction=direction),
+            ReplicateActivities.replicate, ReplicateInput(spec=spec, direction=direction, **extra),
             start_to_close_timeout=timedelta(days=30), heartbeat_timeout=self._heartbeat,
             retry_policy=self._pausing(FOREVER) if direction == Direction.FORWARD else FOREVER,
             cancellation_type=WAIT,

@@ -40,6 +40,12 @@ Invariants
   row it writes carries the origin. A stream out of the target (the reverse stream) asks
   pgoutput for ``origin 'none'`` (PostgreSQL 16+) or drops transactions carrying an Origin
   message (PostgreSQL 15), so applied changes never travel back.
+* **Throttled, not stalled.** With an :class:`~shards.postgres.throttle.ApplyThrottle` the
+  applier leaves the stream unread while the source is busy (between batches; what it already
+  read is still applied), but never while its stream lags more than the bound, while the
+  chunk's fence on the source is frozen (the cutover's pause) or while a hold it has not
+  reached is pending; see ``shards/postgres/throttle.py``. Feedback and the control row go
+  on meanwhile.
 * **One applier per stream.** A replication origin can be active in one session at a time
   and a slot streams to one walsender at a time; a second applier fails to start instead of
   interleaving with the first.
@@ -81,6 +87,7 @@ from shards.postgres.pgoutput import (
 from shards.postgres.replication import StreamNames, stream_names
 from shards.postgres.schema import collection_table
 from shards.postgres.stream_control import StreamStateError, batch_lock_sql, ensure_apply_schema
+from shards.postgres.throttle import ApplyThrottle, ThrottleSettings
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +123,10 @@ class ApplierStats:
     lag_samples: deque[float] = field(default_factory=lambda: deque(maxlen=500_000))
     applied_commit_lsns: deque[int] = field(default_factory=lambda: deque(maxlen=1_000_000))
     markers: list[tuple[int, FenceMarker | MessageMarker]] = field(default_factory=list)
+    throttle_pauses: int = 0
+    """Times the throttle paused the applier (see ``throttle``)."""
+    throttled_s: float = 0.0
+    """Time spent paused by the throttle."""
 
 
 def _lsn_text(lsn: int | None) -> str | None:
@@ -138,6 +149,8 @@ class ChangeApplier:
         after_commit: fault-injection hook for tests, called after a batch's target commit
             and before the feedback is sent (the window the exactly-once proof is about).
         on_batch: called after each applied batch with the stats (activity heartbeats).
+        throttle: pause while the source is busy (``max_active``; see
+            ``shards/postgres/throttle.py``); None or without ``max_active``: never.
     """
 
     def __init__(
@@ -153,6 +166,7 @@ class ChangeApplier:
         heartbeat_interval: float = 1.0,
         after_commit: Callable[[int], None] | None = None,
         on_batch: Callable[[ApplierStats], None] | None = None,
+        throttle: ThrottleSettings | None = None,
     ) -> None:
         check_collection(spec.collection)
         self.spec = spec
@@ -166,6 +180,10 @@ class ChangeApplier:
         self.heartbeat_interval = heartbeat_interval
         self.after_commit = after_commit
         self.on_batch = on_batch
+        self.throttle_settings = throttle if throttle is not None and throttle.max_active \
+            is not None else None
+        self.throttle: ApplyThrottle | None = None
+        """The running throttle (set by :meth:`run` when ``throttle`` has a load limit)."""
         self.stats = ApplierStats()
         self._pending: deque[Transaction | Position] = deque()
         self._pending_changes = 0
@@ -306,6 +324,10 @@ class ChangeApplier:
         """
         stop = stop or threading.Event()
         conn = self._open_target(startup_timeout)
+        if self.throttle_settings is not None:
+            self.throttle = ApplyThrottle(self.throttle_settings, source_dsn=self.source_dsn,
+                                          collection=self.spec.collection,
+                                          chunk_id=self.spec.chunk_id, stop=stop)
         try:
             stream = ChangeStream(
                 self.source_dsn, self.names, self.spec.collection, self.spec.chunk_id,
@@ -320,11 +342,35 @@ class ChangeApplier:
                     self._cycle(conn, stream)
         finally:
             conn.close()
+            if self.throttle is not None:
+                self.throttle.close()
+                self._throttle_stats()
         return self.stats
+
+    def _throttle_stats(self) -> None:
+        t = self.throttle
+        if t is not None:
+            self.stats.throttle_pauses = t.pauses
+            self.stats.throttled_s = t.paused_s
+
+    def _paused(self) -> bool:
+        """Should this cycle leave the stream unread (the throttle)?"""
+        t = self.throttle
+        if t is None:
+            return False
+        paused = t.should_pause(max(self._caught_up_lsn, self._applied_lsn),
+                                hold_pending=self._hold is not None and not self._held)
+        self._throttle_stats()
+        return paused
 
     def _cycle(self, conn: psycopg.Connection[Any], stream: ChangeStream) -> None:
         ready = self._ready_txn()
-        if self._pending_changes < self.max_pending_changes:
+        paused = self._paused()
+        if paused:
+            # Throttled: leave the stream in the server's socket (the walsender stops
+            # decoding once it is full); keep the session alive.
+            stream.maybe_send_status()
+        elif self._pending_changes < self.max_pending_changes:
             items = stream.poll(0.0 if ready else self.control_interval)
             for item in items:
                 self._pending.append(item)
@@ -338,13 +384,19 @@ class ChangeApplier:
             self._step(conn, stream)
         waiting_hold = self._hold is not None and not self._held
         idle = not self._pending
-        if (waiting_hold or idle) and now - self._last_reply_request > self.reply_interval:
+        if ((waiting_hold or idle) and not paused
+                and now - self._last_reply_request > self.reply_interval):
             # Learn the server's position promptly: an idle chunk's caught-up position (and
             # the slot's confirmed position, which frees WAL) advance only with it, and it
             # decides whether a hold is reached.
             self._last_reply_request = now
             stream.request_reply()
-        if not self._ready_txn() and self._pending_changes >= self.max_pending_changes:
+        if self._ready_txn():
+            return
+        if paused:
+            assert self.throttle is not None
+            self.throttle.wait(self.control_interval)  # ends early on a fence change or stop
+        elif self._pending_changes >= self.max_pending_changes:
             time.sleep(self.control_interval)  # held with a full buffer: wait for release
 
     def _ready_txn(self) -> bool:

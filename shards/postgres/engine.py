@@ -28,6 +28,7 @@ from shards.postgres.schema import (
     field_expr,
     index_table_name,
 )
+from shards.postgres.throttle import FENCE_CHANNEL
 
 _DDL_LOCK = 0x5348_4152_4453_4846  # "SHARDSHF": serializes schema DDL across processes
 
@@ -227,13 +228,17 @@ class PostgresShard:
 
     async def freeze(self, collection: str, chunk_id: int, token: int) -> tuple[Fence, str]:
         """Freeze an active chunk (token+1, frozen). Waits for writes in flight; every later
-        write is rejected. Returns the fence and an LSN at or after the freeze's commit."""
+        write is rejected. Returns the fence and an LSN at or after the freeze's commit.
+
+        After the freeze commits it notifies ``FENCE_CHANNEL``: a change applier paused by its
+        throttle runs again at once (``shards/postgres/throttle.py``)."""
         fence = await self.transition(
             collection, chunk_id, expect_token=token, expect_state=[FenceState.ACTIVE],
             new_token=token + 1, new_state=FenceState.FROZEN,
         )
         async with self._connection() as conn:
-            cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+            cur = await conn.execute("SELECT pg_current_wal_lsn()::text, pg_notify(%s, %s)",
+                                     (FENCE_CHANNEL, f"{collection}/{chunk_id}"))
             row = await cur.fetchone()
         assert row is not None
         return fence, row[0]

@@ -22,7 +22,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from infra.stack import Stack
 from router.hashing import khash
+from settings import as_role
 from shards.errors import FenceRejectedError
 from shards.models import KHASH_END, KHASH_MIN, FenceRef, FenceState, KeyRange
 from shards.postgres import PostgresShard
@@ -48,6 +50,8 @@ from shards.postgres.stream_control import (
     wait_for_fence,
     wait_held,
 )
+from shards.postgres.throttle import ThrottleSettings
+from tests.workflows.helpers import wait_until
 
 CHUNK = 1
 OTHER = 0
@@ -754,3 +758,145 @@ async def test_cleanup_by_migration_id_leaves_nothing(
     assert read_state(target.dsn, move.names) is None
     # Another migration's objects are untouched (its id shares a prefix with this one).
     assert leftovers(source.dsn, other.spec.migration_id) == (1, 1, 0)
+
+
+# -- the apply throttle ------------------------------------------------------------------------
+
+
+class BusyClients:
+    """``n`` sessions of the source running ``pg_sleep`` (active client sessions, as a busy
+    OLTP source shows them) until :meth:`release`."""
+
+    def __init__(self, dsn: str, n: int) -> None:
+        self.dsn = dsn
+        self.n = n
+        self.conns: list[psycopg.AsyncConnection[Any]] = []
+        self.sleepers: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        for _ in range(self.n):
+            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True,
+                                                         application_name="a-busy-client")
+            self.conns.append(conn)
+            self.sleepers.append(asyncio.create_task(conn.execute("SELECT pg_sleep(600)")))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.sleepers) and not any(t.done() for t in self.sleepers)
+
+    async def release(self) -> None:
+        for conn in self.conns:
+            conn.cancel()
+        await asyncio.gather(*self.sleepers, return_exceptions=True)
+        for conn in self.conns:
+            await conn.close()
+        self.conns.clear()
+        self.sleepers.clear()
+
+
+@pytest.fixture
+async def busy_source(stack: Stack, pg18_pair: tuple[PostgresShard, PostgresShard]
+                      ) -> AsyncIterator[BusyClients]:
+    """Two busy sessions of the router role on the source (the applier probes as the mover,
+    as workers do)."""
+    clients = BusyClients(as_role(pg18_pair[0].dsn, stack.role_name("router")), 2)
+    try:
+        yield clients
+    finally:
+        await clients.release()
+
+
+async def test_apply_pauses_while_the_source_is_busy_and_resumes(
+    request: pytest.FixtureRequest, cleanup: list[tuple[str, str]],
+    pg18_pair: tuple[PostgresShard, PostgresShard], collection_name: str,
+    busy_source: BusyClients,
+) -> None:
+    source, target = pg18_pair
+    await setup_shards(source, target, collection_name)
+    move = new_move(request, cleanup, source, target, collection_name)
+    await asyncio.to_thread(prepare_stream, move)
+    box = move.start_applier(throttle=ThrottleSettings(max_active=1, check_s=0.1))
+    applier: ChangeApplier = box["applier"]
+    writer = Writer(source, collection_name, 11, range(300))
+    for _ in range(100):
+        await writer.step()
+    await wait_applied(move)                 # not busy: the stream runs
+    assert applier.throttle is not None and applier.throttle.pauses == 0
+
+    await busy_source.start()                # 2 active client sessions > 1
+    await wait_until(lambda: applier.throttle is not None and applier.throttle.reason,
+                     what="the applier to pause")
+    assert "2 active sessions (limit 1)" in str(applier.throttle.reason)
+    on_target = chunk_rows(target.dsn, collection_name)
+    for _ in range(200):
+        await writer.step()
+    probes = applier.throttle.probes
+    await wait_until(lambda: applier.throttle is not None and applier.throttle.probes >= probes + 3,
+                     what="three more probes of the busy source")
+    # Nothing of what the source committed meanwhile reached the target.
+    assert chunk_rows(target.dsn, collection_name) == on_target
+    assert chunk_rows(source.dsn, collection_name) != on_target
+    assert_running(box)
+
+    await busy_source.release()
+    await wait_applied(move)                 # it resumes, and nothing was lost
+    assert chunk_rows(target.dsn, collection_name) == chunk_rows(source.dsn, collection_name)
+    assert applier.throttle.reason is None and applier.throttle.pauses >= 1
+    assert_running(box)
+    move.stop_appliers()
+    stats: ApplierStats = box["stats"]
+    assert stats.throttle_pauses >= 1 and stats.throttled_s > 0
+
+
+async def test_apply_lag_bound_keeps_applying_despite_the_load(
+    request: pytest.FixtureRequest, cleanup: list[tuple[str, str]],
+    pg18_pair: tuple[PostgresShard, PostgresShard], collection_name: str,
+    busy_source: BusyClients,
+) -> None:
+    source, target = pg18_pair
+    await setup_shards(source, target, collection_name)
+    move = new_move(request, cleanup, source, target, collection_name)
+    await asyncio.to_thread(prepare_stream, move)
+    await busy_source.start()
+    box = move.start_applier(throttle=ThrottleSettings(max_active=1, check_s=0.1,
+                                                       max_apply_lag_bytes=1))
+    applier: ChangeApplier = box["applier"]
+    writer = Writer(source, collection_name, 12, range(300))
+    for _ in range(300):
+        await writer.step()
+    await wait_applied(move)                 # a stream more than a byte behind is applied
+    assert chunk_rows(target.dsn, collection_name) == chunk_rows(source.dsn, collection_name)
+    assert busy_source.busy and applier.throttle is not None and applier.throttle.probes > 0
+    assert_running(box)
+
+
+async def test_apply_throttle_never_delays_the_freeze_marker(
+    request: pytest.FixtureRequest, cleanup: list[tuple[str, str]],
+    pg18_pair: tuple[PostgresShard, PostgresShard], collection_name: str,
+    busy_source: BusyClients,
+) -> None:
+    """A cutover's freeze ends a pause at once: the freeze notifies the throttle's session.
+    The probe interval here is far longer than the test, so only that notification can."""
+    source, target = pg18_pair
+    await setup_shards(source, target, collection_name)
+    move = new_move(request, cleanup, source, target, collection_name)
+    await asyncio.to_thread(prepare_stream, move)
+    await busy_source.start()
+    box = move.start_applier(throttle=ThrottleSettings(max_active=1, check_s=3600))
+    applier: ChangeApplier = box["applier"]
+    # Paused once it knows where the stream is (until then it runs).
+    await wait_until(lambda: applier.throttle is not None and applier.throttle.reason,
+                     what="the applier to pause")
+    writer = Writer(source, collection_name, 13, range(100))
+    for _ in range(100):
+        await writer.step()
+    with psycopg.connect(source.dsn, autocommit=True) as conn:
+        before_freeze = current_lsn(conn)
+    await source.freeze(collection_name, CHUNK, TOKEN)
+    await asyncio.to_thread(wait_for_fence, target.dsn, move.names, token=TOKEN + 1,
+                            state="frozen", after_lsn=before_freeze, timeout=30)
+    # Every write the source accepted is on the target, while the source is still busy.
+    assert busy_source.busy
+    assert chunk_rows(target.dsn, collection_name) == chunk_rows(source.dsn, collection_name)
+    assert applier.throttle is not None and applier.throttle.reason is None
+    assert_running(box)

@@ -27,8 +27,8 @@ from catalog.models import Chunk
 from router.hashing import khash
 from settings import REPO_ROOT, Settings
 from shards.postgres import documents as D
-from shards.postgres.apply import ensure_apply_schema
 from shards.postgres.schema import collection_table
+from shards.postgres.stream_control import ensure_apply_schema
 from workflows import MigrateChunkWorkflow
 from workflows.migrate_chunk import Progress
 from workload.generator import keys_in
