@@ -33,6 +33,7 @@ from temporalio.client import (
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 
+from activities.replicate import HOLD_LAG_ENV
 from catalog import Catalog
 from catalog.admin import provision_collection
 from catalog.models import ShardState
@@ -236,10 +237,14 @@ async def test_status_shows_shards_the_move_and_schedules_then_complete_closes_t
 
 async def test_cancel_before_the_commit_point_aborts_and_says_so(
     deployment: Deployment, worker: WorkerHandle, temporal_client: Client, stack: Stack,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A move held before its commit point (its applier held, the source written to):
     ``status`` shows it with its lag, ``cancel`` says it aborts, and it does."""
     d, c = deployment, deployment.collection
+    # The move stays in replicate (no lag wait reports caught up) until the lag is built, so
+    # it cannot reach its cutover before the test has written (the worker runs in-process).
+    monkeypatch.setenv(HOLD_LAG_ENV, c)
     moving = d.initial.chunks[0]
     source = moving.shard_id
     target = next(s for s in sorted(d.shards) if s != source)
