@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.fleet import _targets
 from activities.models import DrainPlanInput
@@ -260,7 +261,14 @@ async def test_drain_replans_a_chunk_whose_target_is_lost(
                     if not p.running:
                         return None
                     child = temporal_client.get_workflow_handle(p.running[0])
-                    cp = await child.query(MigrateChunkWorkflow.progress)
+                    try:
+                        cp = await child.query(MigrateChunkWorkflow.progress)
+                    except RPCError as err:
+                        # The drain lists a child as soon as it starts it; the server may
+                        # not know the child yet.
+                        if err.status == RPCStatusCode.NOT_FOUND:
+                            return None
+                        raise
                     return cp if cp.phase in ("snapshot", "import") and cp.target else None
 
                 first = await wait_until(copying, timeout=120, what="the first move copying")
