@@ -48,7 +48,7 @@ def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        pass
+        pass  # not an address literal: a name, resolved below
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError:
