@@ -32,6 +32,10 @@ SEARCH_ATTRIBUTES: dict[str, str] = {
 DEV_HTTP_TOKEN = "shardshift-local"
 """The router's built-in development bearer token: accepted only on a loopback address."""
 
+DEV_MONGO_USER = "shardshift"
+DEV_MONGO_PASSWORD = "shardshift-local"
+"""The MongoDB front end's built-in development user: accepted only on a loopback address."""
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -125,6 +129,14 @@ class DatabaseSettings(_Frozen):
         return self._as(address, self.catalog_reader_user)
 
 
+class MongoUser(_Frozen):
+    """A user of the MongoDB front end (SCRAM-SHA-256, the driver's ``username``/``password``;
+    ``authSource`` is ``admin``)."""
+
+    name: str = Field(min_length=1, max_length=128)
+    password: SecretStr
+
+
 class RouterSettings(_Frozen):
     retry_deadline_s: float = Field(default=5.0, gt=0)
     """How long a routed operation keeps retrying across a cutover before it fails."""
@@ -152,6 +164,25 @@ class RouterSettings(_Frozen):
     """One HTTP request's time limit, body upload included (then 504, or 408 for the body)."""
     http_max_in_flight: int = Field(default=64, ge=1)
     """Authorized HTTP requests served at once; more get 503 (bounds the bodies held)."""
+    mongo_users: list[MongoUser] = Field(
+        default_factory=lambda: [MongoUser(name=DEV_MONGO_USER,
+                                           password=SecretStr(DEV_MONGO_PASSWORD))],
+        min_length=1)
+    """Users of the MongoDB front end (``SHARDSHIFT_ROUTER__MONGO_USERS='[{"name": "app",
+    "password": "..."}]'``). The default is the development user: ``router serve
+    --mongo-port`` refuses it off loopback."""
+    mongo_database: str = Field(default="shardshift", pattern=r"^[A-Za-z0-9_-]{1,63}$")
+    """The database that holds the catalog's collections as the MongoDB front end shows
+    them (``client.shardshift.orders``). Other databases hold no collections."""
+    mongo_max_message_bytes: int = Field(default=48_000_000, ge=64 * 1024)
+    """The largest wire message accepted (MongoDB's ``maxMessageSizeBytes``); checked from the
+    header, before the message is read."""
+    mongo_max_unauthenticated_bytes: int = Field(default=64 * 1024, ge=4096)
+    """The largest message a connection may send before it has authenticated."""
+    mongo_max_connections: int = Field(default=1000, ge=1)
+    """Client connections served at once; more are closed on accept."""
+    mongo_scram_iterations: int = Field(default=15000, ge=4096)
+    """PBKDF2 iterations of the SCRAM-SHA-256 verifiers (MongoDB's default)."""
 
     @model_validator(mode="after")
     def _find_cap_holds_a_document(self) -> RouterSettings:

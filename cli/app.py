@@ -3,7 +3,7 @@
     shardshift infra up [--shards N] [--pg15 K] [--headless]
     shardshift infra status [--json]
     shardshift infra down [--destroy]
-    shardshift router serve [--host H] [--port P] [--tls-cert PEM --tls-key PEM]
+    shardshift router serve [--host H] [--port P] [--mongo-port P] [--tls-cert PEM --tls-key PEM]
                             [--metrics-port N] [--log-format text|json]
     shardshift worker [--metrics-port N] [--log-format text|json]
     shardshift collection create NAME --shard-key F [--index name:field[,field]...]
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = router_sub.add_parser("serve", help="serve the HTTP/JSON API (bearer-token auth)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--mongo-port", type=int, default=None,
+                       help="also serve the MongoDB wire protocol on this port (e.g. 27017): "
+                            "pymongo, mongosh and other drivers connect unchanged")
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve HTTPS")
     serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     _telemetry_args(serve, "also serve /metrics without a token on this port (it is always "

@@ -1,4 +1,4 @@
-"""``shardshift router serve``: the router's HTTP service."""
+"""``shardshift router serve``: the router's HTTP service and MongoDB front end."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from settings import get_settings
 def cmd_router(args: argparse.Namespace) -> int:
     settings = get_settings()
     try:
-        check_serve_config(settings, args.host, args.tls_cert, args.tls_key)
+        check_serve_config(settings, args.host, args.tls_cert, args.tls_key,
+                           mongo=args.mongo_port is not None)
     except ServeConfigError as exc:
         raise CliError(str(exc)) from None
     serve(catalog_dsn(settings), settings, host=args.host, port=args.port,
           tls_cert=args.tls_cert, tls_key=args.tls_key,
-          metrics_port=args.metrics_port, log_format=args.log_format)
+          metrics_port=args.metrics_port, log_format=args.log_format,
+          mongo_port=args.mongo_port)
     return 0

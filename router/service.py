@@ -1,10 +1,13 @@
-"""Running the router's HTTP service (``shardshift router serve``)."""
+"""Running the router's services (``shardshift router serve``): the HTTP/JSON API and, with
+``--mongo-port``, the MongoDB wire protocol, both over one ``Router`` in one process."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import socket
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +17,8 @@ from infra import telemetry
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.http import create_app
-from settings import DEV_HTTP_TOKEN, Settings
+from router.mongo.server import MongoServer
+from settings import DEV_HTTP_TOKEN, DEV_MONGO_PASSWORD, DEV_MONGO_USER, Settings
 
 
 class ServeConfigError(ValueError):
@@ -24,20 +28,23 @@ class ServeConfigError(ValueError):
 log = logging.getLogger("shardshift.router")
 
 
-def build_app(catalog_dsn: str, settings: Settings) -> FastAPI:
-    """The HTTP app with a router that opens its own catalog connection at start-up.
+def build_router(catalog_dsn: str, settings: Settings) -> Router:
+    """A router that opens its own catalog connection when started.
 
     The router is the internet-facing process, so it connects with the least it needs: the
     catalog as ``settings.db.catalog_reader_user`` (read-only, LISTEN) and shards as
     ``settings.db.router_user`` (routed DML, fence reads), whatever user ``catalog_dsn``
     names."""
-    def factory() -> Router:
-        source = CatalogRouteSource.from_dsn(
-            settings.db.catalog_reader(catalog_dsn), timeout_s=settings.router.catalog_timeout_s,
-            check_interval_s=settings.router.listen_check_s, db=settings.db)
-        return Router(source, settings.router)
+    source = CatalogRouteSource.from_dsn(
+        settings.db.catalog_reader(catalog_dsn), timeout_s=settings.router.catalog_timeout_s,
+        check_interval_s=settings.router.listen_check_s, db=settings.db)
+    return Router(source, settings.router)
 
-    return create_app(factory, settings.router, open_metrics=settings.telemetry.metrics_open)
+
+def build_app(catalog_dsn: str, settings: Settings) -> FastAPI:
+    """The HTTP app with a router of its own (started and closed with the app)."""
+    return create_app(lambda: build_router(catalog_dsn, settings), settings.router,
+                      open_metrics=settings.telemetry.metrics_open)
 
 
 def is_loopback(host: str) -> bool:
@@ -57,9 +64,19 @@ def is_loopback(host: str) -> bool:
 
 
 def check_serve_config(settings: Settings, host: str, tls_cert: Path | None,
-                       tls_key: Path | None) -> None:
-    """Refuse what must not serve: the development token off loopback, half a TLS pair, or
-    TLS files that cannot be read. Raises ``ServeConfigError`` with what to do."""
+                       tls_key: Path | None, *, mongo: bool = False) -> None:
+    """Refuse what must not serve: the development token (or, with ``mongo``, the
+    development MongoDB user) off loopback, half a TLS pair, or TLS files that cannot be read.
+    Raises ``ServeConfigError`` with what to do."""
+    if mongo and not is_loopback(host):
+        dev = [u.name for u in settings.router.mongo_users
+               if u.name == DEV_MONGO_USER or u.password.get_secret_value() == DEV_MONGO_PASSWORD]
+        if dev:
+            raise ServeConfigError(
+                f"refusing to serve the MongoDB protocol on {host}: it accepts the built-in "
+                f"development user {DEV_MONGO_USER!r} (or its password), which anyone can "
+                "guess. Set your own users, e.g. SHARDSHIFT_ROUTER__MONGO_USERS='[{\"name\": "
+                "\"app\", \"password\": \"<a long random secret>\"}]', or serve on 127.0.0.1")
     tokens = [t.get_secret_value() for t in settings.router.http_tokens]
     if DEV_HTTP_TOKEN in tokens and not is_loopback(host):
         raise ServeConfigError(
@@ -95,10 +112,21 @@ def server_config(app: FastAPI, settings: Settings, host: str, port: int, *,
     )
 
 
+def tls_context(tls_cert: Path | None, tls_key: Path | None) -> ssl.SSLContext | None:
+    """The server-side TLS context of the MongoDB front end (None without a certificate)."""
+    if tls_cert is None or tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls_cert), str(tls_key))
+    return ctx
+
+
 def serve(
     catalog_dsn: str, settings: Settings, host: str = "127.0.0.1", port: int = 8080, *,
     tls_cert: Path | None = None, tls_key: Path | None = None,
     metrics_port: int | None = None, log_format: Literal["text", "json"] | None = None,
+    mongo_port: int | None = None,
 ) -> None:
     """Serve the API until interrupted; ``ServeConfigError`` (nothing started) for an unsafe
     setup. ``/metrics`` is on the API port (bearer token unless ``telemetry.metrics_open``);
@@ -108,7 +136,11 @@ def serve(
     import uvicorn  # noqa: PLC0415 - only a process that serves HTTP loads the server
 
     fmt = log_format or settings.telemetry.log_format
-    config = server_config(build_app(catalog_dsn, settings), settings, host, port,
+    check_serve_config(settings, host, tls_cert, tls_key, mongo=mongo_port is not None)
+    router = build_router(catalog_dsn, settings) if mongo_port is not None else None
+    app = (create_app(router, settings.router, open_metrics=settings.telemetry.metrics_open)
+           if router is not None else build_app(catalog_dsn, settings))
+    config = server_config(app, settings, host, port,
                            tls_cert=tls_cert, tls_key=tls_key,
                            log_config=None if fmt == "json" else uvicorn.config.LOGGING_CONFIG)
     telemetry.configure_logging(fmt)
@@ -120,7 +152,26 @@ def serve(
     log.info("router HTTP service on %s://%s:%d (OpenAPI: /docs)%s", scheme, host, port,
              f"; metrics on http://{server.host}:{server.port}/metrics" if server else "")
     try:
-        uvicorn.Server(config).run()
+        if router is None or mongo_port is None:
+            uvicorn.Server(config).run()
+        else:
+            asyncio.run(_serve_both(router, uvicorn.Server(config), settings, host, mongo_port,
+                                    tls_context(tls_cert, tls_key)))
     finally:
         if server is not None:
             server.close()
+
+
+async def _serve_both(router: Router, http: Any, settings: Settings, host: str,
+                      mongo_port: int, ssl_context: ssl.SSLContext | None) -> None:
+    """The HTTP service and the MongoDB front end over one router, until interrupted."""
+    await router.start()
+    mongo = MongoServer(router, settings.router, ssl_context=ssl_context)
+    try:
+        await mongo.start(host, mongo_port)
+        log.info("router MongoDB front end on %s:%d%s (database %r)", host, mongo.port,
+                 " (TLS)" if ssl_context else "", settings.router.mongo_database)
+        await http.serve()
+    finally:
+        await mongo.close()
+        await router.close()

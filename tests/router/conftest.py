@@ -243,3 +243,15 @@ class CountingSource:
         async with asyncio.timeout(timeout):
             while self.handled < n:
                 await asyncio.sleep(0.01)
+
+
+# -- the MongoDB front end ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mongo(deployment: Deployment, catalog_reader_dsn: str) -> Any:
+    """The deployment's collection behind the MongoDB front end (pymongo: ``mongo.client()``)."""
+    from tests.router.mongo_front import mongo_front
+
+    with mongo_front(catalog_reader_dsn, router_settings()) as front:
+        yield front

@@ -1,0 +1,139 @@
+"""The MongoDB front end's connections: read a message, run its command, write the reply.
+
+Limits are enforced from the 16-byte header, before the rest of a message is read: a message
+longer than ``mongo_max_message_bytes`` (or, before the connection has authenticated,
+``mongo_max_unauthenticated_bytes``) gets an error reply and the connection is closed, so a
+hostile length costs no allocation. A message that cannot be parsed closes its connection (as
+MongoDB does); the process and every other connection go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import ssl
+import time
+from typing import Any
+
+from router.core import Router
+from router.mongo import admin, auth, reads, wire, writes  # noqa: F401 - importing registers their commands
+from router.mongo.errors import MongoError, ProtocolError
+from router.mongo.registry import ServerContext, Session, dispatch
+from settings import RouterSettings
+
+log = logging.getLogger("shardshift.router.mongo")
+
+_HANDSHAKE_OVER_OP_QUERY = frozenset({"hello", "isMaster", "ismaster"})
+
+
+class MongoServer:
+    """Serves the MongoDB wire protocol over one ``Router`` (which the caller starts/closes)."""
+
+    def __init__(self, router: Router, settings: RouterSettings, *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.context = ServerContext(router, settings, time.time())
+        self.settings = settings
+        self.ssl_context = ssl_context
+        self.host = ""
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._ids = itertools.count(1)
+        self._reply_ids = itertools.count(1)
+        self._connections: set[asyncio.Task[Any]] = set()
+        auth.users(self.context)  # derive the SCRAM verifiers now, not on a client's time
+
+    async def start(self, host: str = "127.0.0.1", port: int = 27017) -> MongoServer:
+        self._server = await asyncio.start_server(self._accept, host, port,
+                                                  ssl=self.ssl_context, limit=64 * 1024)
+        sock = self._server.sockets[0].getsockname()
+        self.host, self.port = sock[0], sock[1]
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._connections) >= self.settings.mongo_max_connections:
+            log.warning("refusing a connection: %d already open", len(self._connections))
+            writer.transport.abort()
+            return
+        self._connections.add(task)
+        peer = writer.get_extra_info("peername")
+        session = Session(self.context, next(self._ids),
+                          f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer))
+        try:
+            await self._serve(session, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass  # the client went away: nothing to answer
+        except ProtocolError as exc:
+            log.info("closing connection %d from %s: %s", session.conn_id, session.peer, exc)
+        finally:
+            self._connections.discard(task)
+            writer.transport.abort()
+
+    async def _serve(self, s: Session, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        while True:
+            header = await reader.readexactly(wire.HEADER.size)
+            length, request_id, _, op_code = wire.parse_header(header)
+            limit = (self.settings.mongo_max_message_bytes if s.authenticated
+                     else self.settings.mongo_max_unauthenticated_bytes)
+            if length < wire.HEADER.size or length > limit:
+                err = MongoError("BSONObjectTooLarge" if length > limit else "InvalidBSON",
+                                 f"message length {length} is outside [16, {limit}]"
+                                 + ("" if s.authenticated else " (not authenticated)"))
+                await self._reply(writer, op_code, request_id, err.reply(), failure=True)
+                raise ProtocolError(err.message)
+            payload = await reader.readexactly(length - wire.HEADER.size)
+            if op_code == wire.OP_MSG:
+                req = wire.parse_op_msg(request_id, payload)
+            elif op_code == wire.OP_QUERY:
+                req = wire.parse_op_query(request_id, payload)
+            else:
+                raise ProtocolError(f"unsupported opcode {op_code}")
+            reply = await self._run(s, req)
+            if not req.more_to_come:
+                await self._reply(writer, op_code, request_id, reply)
+
+    async def _run(self, s: Session, req: wire.Request) -> dict[str, Any]:
+        if req.op_code == wire.OP_QUERY:
+            name = next(iter(req.body), "")
+            if not req.namespace.endswith(".$cmd") or name not in _HANDSHAKE_OVER_OP_QUERY:
+                return MongoError(
+                    "CommandNotSupported",
+                    "OP_QUERY serves only the hello/isMaster handshake; use OP_MSG").reply()
+            body = {**req.body, "$db": req.namespace[: -len(".$cmd")] or "admin"}
+            return await dispatch(s, body, {})
+        return await dispatch(s, req.body, req.sequences)
+
+    async def _reply(self, writer: asyncio.StreamWriter, op_code: int, request_id: int,
+                     doc: dict[str, Any], *, failure: bool = False) -> None:
+        reply_id = next(self._reply_ids)
+        if op_code == wire.OP_QUERY:
+            data = wire.op_reply(request_id, reply_id, doc, failure=failure)
+        else:
+            data = wire.op_msg_reply(request_id, reply_id, doc)
+        writer.write(data)
+        await writer.drain()
+
+
+@contextlib.asynccontextmanager
+async def serving(router: Router, settings: RouterSettings, host: str = "127.0.0.1",
+                  port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+                  ) -> Any:
+    """A started front end over ``router`` (for tests and embedding); closed on exit."""
+    server = await MongoServer(router, settings, ssl_context=ssl_context).start(host, port)
+    try:
+        yield server
+    finally:
+        await server.close()
