@@ -181,6 +181,13 @@ class RouterSettings(_Frozen):
     """The largest message a connection may send before it has authenticated."""
     mongo_max_connections: int = Field(default=1000, ge=1)
     """Client connections served at once; more are closed on accept."""
+    mongo_max_in_flight_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    """Bytes of messages being read or run at once across all connections: a message waits
+    for room before its body is read, so many large messages cannot exhaust memory. A single
+    message larger than this is refused."""
+    mongo_message_timeout_s: float = Field(default=30.0, gt=0)
+    """Once a message's header has arrived, its body must arrive within this time (a client
+    that sends a header and stalls holds no reservation for longer)."""
     mongo_scram_iterations: int = Field(default=15000, ge=4096)
     """PBKDF2 iterations of the SCRAM-SHA-256 verifiers (MongoDB's default)."""
 

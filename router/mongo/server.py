@@ -3,8 +3,11 @@
 Limits are enforced from the 16-byte header, before the rest of a message is read: a message
 longer than ``mongo_max_message_bytes`` (or, before the connection has authenticated,
 ``mongo_max_unauthenticated_bytes``) gets an error reply and the connection is closed, so a
-hostile length costs no allocation. A message that cannot be parsed closes its connection (as
-MongoDB does); the process and every other connection go on.
+hostile length costs no allocation. Then the message waits for room in a byte budget shared
+by all connections (``mongo_max_in_flight_bytes``) before its body is read, and its body must
+arrive within ``mongo_message_timeout_s``: many large or stalled messages cannot exhaust
+memory. A message that cannot be parsed closes its connection (as MongoDB does); the process
+and every other connection go on.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import itertools
 import logging
 import ssl
 import time
+from collections.abc import AsyncIterator
 from typing import Any
+
+from bson.errors import InvalidDocument
 
 from router.core import Router
 from router.mongo import admin, auth, reads, wire, writes  # noqa: F401 - importing registers their commands
@@ -26,6 +32,27 @@ from settings import RouterSettings
 log = logging.getLogger("shardshift.router.mongo")
 
 _HANDSHAKE_OVER_OP_QUERY = frozenset({"hello", "isMaster", "ismaster"})
+
+
+class ByteBudget:
+    """Bytes of messages in flight across connections; ``hold`` waits for room."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._room = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        async with self._room:
+            await self._room.wait_for(lambda: self.used + n <= self.capacity)
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self._room:
+                self.used -= n
+                self._room.notify_all()
 
 
 class MongoServer:
@@ -42,6 +69,7 @@ class MongoServer:
         self._ids = itertools.count(1)
         self._reply_ids = itertools.count(1)
         self._connections: set[asyncio.Task[Any]] = set()
+        self.budget = ByteBudget(settings.mongo_max_in_flight_bytes)
         auth.users(self.context)  # derive the SCRAM verifiers now, not on a client's time
 
     async def start(self, host: str = "127.0.0.1", port: int = 27017) -> MongoServer:
@@ -77,6 +105,8 @@ class MongoServer:
             pass  # the client went away: nothing to answer
         except ProtocolError as exc:
             log.info("closing connection %d from %s: %s", session.conn_id, session.peer, exc)
+        except Exception:  # one connection's failure must not end the others: logged
+            log.exception("connection %d from %s failed", session.conn_id, session.peer)
         finally:
             self._connections.discard(task)
             writer.transport.abort()
@@ -86,22 +116,31 @@ class MongoServer:
         while True:
             header = await reader.readexactly(wire.HEADER.size)
             length, request_id, _, op_code = wire.parse_header(header)
-            limit = (self.settings.mongo_max_message_bytes if s.authenticated
-                     else self.settings.mongo_max_unauthenticated_bytes)
+            limit = (min(self.settings.mongo_max_message_bytes, self.budget.capacity)
+                     if s.authenticated else self.settings.mongo_max_unauthenticated_bytes)
             if length < wire.HEADER.size or length > limit:
                 err = MongoError("BSONObjectTooLarge" if length > limit else "InvalidBSON",
                                  f"message length {length} is outside [16, {limit}]"
                                  + ("" if s.authenticated else " (not authenticated)"))
-                await self._reply(writer, op_code, request_id, err.reply(), failure=True)
+                await self._reply(writer, op_code, request_id, err.reply())
                 raise ProtocolError(err.message)
-            payload = await reader.readexactly(length - wire.HEADER.size)
-            if op_code == wire.OP_MSG:
-                req = wire.parse_op_msg(request_id, payload)
-            elif op_code == wire.OP_QUERY:
-                req = wire.parse_op_query(request_id, payload)
-            else:
+            if op_code not in (wire.OP_MSG, wire.OP_QUERY):
                 raise ProtocolError(f"unsupported opcode {op_code}")
-            reply = await self._run(s, req)
+            async with self.budget.hold(length):
+                try:
+                    payload = await asyncio.wait_for(
+                        reader.readexactly(length - wire.HEADER.size),
+                        self.settings.mongo_message_timeout_s)
+                except TimeoutError:
+                    raise ProtocolError(
+                        f"a {length}-byte message did not arrive within "
+                        f"{self.settings.mongo_message_timeout_s:g}s") from None
+                if op_code == wire.OP_MSG:
+                    req = wire.parse_op_msg(request_id, payload)
+                else:
+                    req = wire.parse_op_query(request_id, payload)
+                del payload
+                reply = await self._run(s, req)
             if not req.more_to_come:
                 await self._reply(writer, op_code, request_id, reply)
 
@@ -117,14 +156,21 @@ class MongoServer:
         return await dispatch(s, req.body, req.sequences)
 
     async def _reply(self, writer: asyncio.StreamWriter, op_code: int, request_id: int,
-                     doc: dict[str, Any], *, failure: bool = False) -> None:
+                     doc: dict[str, Any]) -> None:
         reply_id = next(self._reply_ids)
-        if op_code == wire.OP_QUERY:
-            data = wire.op_reply(request_id, reply_id, doc, failure=failure)
-        else:
-            data = wire.op_msg_reply(request_id, reply_id, doc)
+        build = wire.op_reply if op_code == wire.OP_QUERY else wire.op_msg_reply
+        try:
+            data = build(request_id, reply_id, doc)
+        except (InvalidDocument, OverflowError, ValueError) as exc:
+            log.error("a reply could not be encoded: %s", exc)
+            data = build(request_id, reply_id, MongoError(
+                "InternalError", "internal error (see the router's log)").reply())
         writer.write(data)
-        await writer.drain()
+        try:
+            await asyncio.wait_for(writer.drain(), self.settings.mongo_message_timeout_s)
+        except TimeoutError:
+            raise ProtocolError(f"the client did not read a {len(data)}-byte reply within "
+                                f"{self.settings.mongo_message_timeout_s:g}s") from None
 
 
 @contextlib.asynccontextmanager
