@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from router.core import Router
-from router.mongo import admin, auth, reads, wire, writes  # noqa: F401 - importing registers their commands
+from router.mongo import admin, auth, find_and_modify, indexes, reads, wire, writes  # noqa: F401 - importing registers their commands
 from router.mongo.errors import MongoError, ProtocolError
 from router.mongo.registry import ServerContext, Session, dispatch
 from settings import RouterSettings

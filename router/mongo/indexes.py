@@ -1,0 +1,3 @@
+"""Index commands: ``createIndexes``, ``listIndexes``, ``dropIndexes``."""
+
+from __future__ import annotations
