@@ -34,12 +34,13 @@ class IndexDdl(Protocol):
         ...
 
 
-def _root(exc: BaseException) -> BaseException:
-    while isinstance(exc, FailureError) and exc.cause is not None:
-        if isinstance(exc, ApplicationError):
-            break
-        exc = exc.cause
-    return exc
+def _root(exc: WorkflowFailureError) -> BaseException:
+    """The application error under a failed workflow (workflow -> activity -> application)."""
+    cur: BaseException = exc.cause
+    while (isinstance(cur, FailureError) and not isinstance(cur, ApplicationError)
+           and cur.cause is not None):
+        cur = cur.cause
+    return cur
 
 
 class TemporalIndexDdl:
