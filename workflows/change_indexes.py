@@ -12,10 +12,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.indexes import IndexActivities, IndexChange, IndexChangeResult
+    from workflows.common import INDEX_DDL_RETRY
 
 ChangeIndexesInput = IndexChange
 ChangeIndexesResult = IndexChangeResult
@@ -32,5 +32,5 @@ class ChangeIndexesWorkflow:
         return await workflow.execute_activity_method(
             IndexActivities.change, inp,
             start_to_close_timeout=timedelta(hours=2),
-            retry_policy=RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=1)),
+            retry_policy=INDEX_DDL_RETRY,
         )
