@@ -1,16 +1,18 @@
-"""Index commands through the MongoDB front end (pymongo's async client): the index is built
-by a real worker (``ChangeIndexesWorkflow``) on every shard before the catalog lists it, and
-index DDL and chunk moves exclude each other."""
+"""The MongoDB front end with a real worker (pymongo's async client): index commands (the
+index is built by ``ChangeIndexesWorkflow`` on every shard before the catalog lists it;
+index DDL and chunk moves exclude each other), and writes while a chunk moves."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
 import pymongo
 import pytest
+from bson import Decimal128, Int64, ObjectId
 from pymongo.errors import OperationFailure
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -19,6 +21,7 @@ from catalog.admin import change_indexes, provision_collection
 from catalog.errors import ChunkBusyError
 from catalog.models import MigrationKind, MigrationOutcome
 from infra import Stack
+from router.hashing import khash
 from router.mongo.index_ddl import TemporalIndexDdl
 from shards.models import IndexDefinition
 from shards.postgres.schema import index_table_name
@@ -26,6 +29,8 @@ from tests.router.conftest import Deployment, router_settings
 from tests.router.mongo_front import MongoFront, mongo_front
 from tests.workflows.conftest import WorkerHandle
 from tests.workflows.helpers import start_worker_move
+
+T0 = dt.datetime(2026, 5, 6, 7, 8, 9, 10000, tzinfo=dt.UTC)
 
 
 @pytest.fixture
@@ -211,3 +216,61 @@ async def test_a_move_after_an_index_build_gives_its_target_the_index(
         for s in deployment.shards.values():
             await s.drop_collection(c)
         await deployment.catalog.drop_collection(c)
+
+
+async def test_mongo_writes_during_a_move_are_all_kept(
+        deployment: Deployment, catalog_reader_dsn: str, worker: WorkerHandle,
+        temporal_client: Client) -> None:
+    """Inserts, ``$inc`` updates, upserts and deletes through the MongoDB front end on the
+    keys of a moving chunk, before, during and after its cutover: every acknowledged write is
+    there afterwards, exactly once."""
+    c = deployment.collection
+    moving = deployment.initial.chunks[0]
+    target = next(s for s in sorted(deployment.shards) if s != moving.shard_id)
+    keys = [k for k in (f"mv{i}" for i in range(4000))
+            if deployment.initial.locate(khash(k)).chunk_id == moving.chunk_id][:20]
+    with mongo_front(catalog_reader_dsn, router_settings()) as f:
+        client = client_of(f)
+        try:
+            coll = client.shardshift[c]
+            await coll.insert_many([{"_id": k, "acct": k, "n": Int64(0), "at": T0}
+                                    for k in keys])
+            handle = await start_worker_move(temporal_client, worker, c, moving.chunk_id,
+                                             target)
+            incs = {k: 0 for k in keys}
+            inserted: list[ObjectId] = []
+            deleted: set[ObjectId] = set()
+            rounds = 0
+            seen_on: set[str] = set()
+            while True:
+                k = keys[rounds % len(keys)]
+                res = await coll.update_one({"acct": k, "_id": k}, {"$inc": {"n": 1}})
+                assert res.modified_count == 1
+                incs[k] += 1
+                oid = ObjectId()
+                await coll.insert_one({"_id": oid, "acct": k, "email": "mv@x",
+                                       "amount": Decimal128("0.10")})
+                inserted.append(oid)
+                if rounds % 3 == 0:
+                    gone = await coll.find_one_and_delete({"acct": k, "_id": inserted[-1]})
+                    assert gone is not None
+                    deleted.add(oid)
+                rounds += 1
+                placed = (await deployment.catalog.chunk(c, moving.chunk_id)).shard_id
+                seen_on.add(placed)
+                desc = await handle.describe()
+                if desc.status is not None and desc.status.name != "RUNNING" and rounds > 20:
+                    break
+            result = await handle.result()
+            assert result.outcome == MigrationOutcome.COMPLETED
+            # writes were acknowledged with the chunk on its source and on its target
+            assert seen_on == {moving.shard_id, target}, seen_on
+            for k in keys:
+                doc = await coll.find_one({"acct": k, "_id": k})
+                assert doc is not None and doc["n"] == incs[k], (k, doc, incs[k])
+            left = {d["_id"] async for d in coll.find({"email": "mv@x"})}
+            assert left == set(inserted) - deleted
+        finally:
+            await client.close()
+    chunk = await deployment.catalog.chunk(c, moving.chunk_id)
+    assert chunk.shard_id == target
