@@ -104,9 +104,14 @@ async def test_create_list_drop_indexes(front: MongoFront, deployment: Deploymen
         assert err.value.code == 27
         names = [ix["name"] async for ix in await coll.list_indexes()]
         assert names == ["_id_", "by_email", "by_tier", "by_cc_tier", "x_1"]
+        reply = await client.shardshift.command(
+            {"dropIndexes": c, "index": {"geo.cc": 1, "tier": 1}})  # by key pattern
+        assert reply["nIndexesWas"] == 5
         await coll.drop_index("by_tier")
         assert index_table_name(c, "by_tier") not in pg_indexes(
             next(iter(deployment.shards.values())).dsn, c)
+        assert [ix["name"] async for ix in await coll.list_indexes()] == [
+            "_id_", "by_email", "x_1"]
         await coll.drop_indexes()  # "*"
         names = [ix["name"] async for ix in await coll.list_indexes()]
         assert names == ["_id_"]
