@@ -13,6 +13,7 @@ change something answer ``CommandNotSupported`` with what to configure.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -24,13 +25,16 @@ from router.mongo.errors import MongoError
 from shards.models import IndexDefinition
 
 STATE_KEY = "index_ddl"
+DEFAULT_WAIT_S = 600.0
+"""How long a client waits for an index change unless its ``maxTimeMS`` says otherwise."""
 WORKFLOW = "ChangeIndexesWorkflow"
 
 
 class IndexDdl(Protocol):
     async def change(self, collection: str, create: list[IndexDefinition],
-                     drop: list[str]) -> list[IndexDefinition]:
-        """Build ``create`` and drop ``drop`` everywhere; the indexes the catalog lists now."""
+                     drop: list[str], *, wait_s: float = ...) -> list[IndexDefinition]:
+        """Build ``create`` and drop ``drop`` everywhere; the indexes the catalog lists now.
+        Gives up waiting (not the change) after ``wait_s``: MaxTimeMSExpired."""
         ...
 
 
@@ -62,7 +66,8 @@ class TemporalIndexDdl:
         return self._client
 
     async def change(self, collection: str, create: list[IndexDefinition],
-                     drop: list[str]) -> list[IndexDefinition]:
+                     drop: list[str], *, wait_s: float = DEFAULT_WAIT_S
+                     ) -> list[IndexDefinition]:
         client = await self._client_now()
         arg: dict[str, Any] = {"collection": collection,
                                "create": [i.model_dump(mode="json") for i in create],
@@ -76,7 +81,13 @@ class TemporalIndexDdl:
                              f"another index change of {collection} is running; try again "
                              "when it has finished") from exc
         try:
-            result = await handle.result()
+            result = await asyncio.wait_for(handle.result(), wait_s)
+        except TimeoutError as exc:
+            raise MongoError(
+                "MaxTimeMSExpired",
+                f"the index change of {collection} (workflow {handle.id}) did not finish in "
+                f"{wait_s:.0f}s and goes on on a worker (is one running?); listIndexes shows "
+                "the indexes once it has") from exc
         except WorkflowFailureError as exc:
             root = _root(exc)
             kind = root.type if isinstance(root, ApplicationError) else None

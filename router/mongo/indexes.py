@@ -14,7 +14,7 @@ from typing import Any
 
 from router.mongo.common import collection_arg, in_data_database, require_data_database
 from router.mongo.errors import MongoError
-from router.mongo.index_ddl import STATE_KEY, IndexDdl
+from router.mongo.index_ddl import DEFAULT_WAIT_S, STATE_KEY, IndexDdl
 from router.mongo.registry import Sequences, Session, command
 from router.mongo.write_args import check_fields, write_concern
 from router.routes import CollectionRoute
@@ -97,6 +97,13 @@ def _ddl(s: Session) -> IndexDdl:
     return runner
 
 
+def _wait_s(cmd: dict[str, Any]) -> float:
+    ms = cmd.get("maxTimeMS", 0)
+    if isinstance(ms, bool) or not isinstance(ms, int | float) or ms < 0:
+        raise MongoError("BadValue", "maxTimeMS must be a non-negative number")
+    return ms / 1000 if ms else DEFAULT_WAIT_S
+
+
 async def _route(s: Session, db: str, coll: str) -> CollectionRoute:
     require_data_database(s, db, coll)
     return await s.router.route(coll)
@@ -139,7 +146,7 @@ async def create_indexes(s: Session, db: str, cmd: dict[str, Any],
     if not wanted:
         return {"numIndexesBefore": before, "numIndexesAfter": before,
                 "createdCollectionAutomatically": False, "note": "all indexes already exist"}
-    now = await _ddl(s).change(coll, wanted, [])
+    now = await _ddl(s).change(coll, wanted, [], wait_s=_wait_s(cmd))
     await s.router.refresh(coll)
     return {"numIndexesBefore": before, "numIndexesAfter": len(now) + 1,
             "createdCollectionAutomatically": False}
@@ -200,7 +207,7 @@ async def drop_indexes(s: Session, db: str, cmd: dict[str, Any],
     if cmd["index"] == "*":
         reply["msg"] = "non-_id indexes dropped for collection"
     if names:
-        await _ddl(s).change(coll, [], names)
+        await _ddl(s).change(coll, [], names, wait_s=_wait_s(cmd))
         await s.router.refresh(coll)
     return reply
 

@@ -279,3 +279,30 @@ async def test_mongo_writes_during_a_move_are_all_kept(
             await client.close()
     chunk = await deployment.catalog.chunk(c, moving.chunk_id)
     assert chunk.shard_id == target
+
+
+async def test_without_a_worker_the_client_stops_waiting_and_nothing_counts(
+        deployment: Deployment, catalog_reader_dsn: str, stack: Stack,
+        temporal_client: Client) -> None:
+    """No worker serves the task queue: the client gets MaxTimeMSExpired (50) after its
+    maxTimeMS, and the catalog lists no new index."""
+    c = deployment.collection
+    address = stack.temporal.address
+
+    async def connect() -> Client:
+        return await Client.connect(address, data_converter=pydantic_data_converter)
+
+    queue = f"nobody-{c}"[:60]
+    with mongo_front(catalog_reader_dsn, router_settings(),
+                     TemporalIndexDdl(connect, queue)) as f:
+        client = client_of(f)
+        try:
+            with pytest.raises(OperationFailure) as err:
+                await client.shardshift.command(
+                    {"createIndexes": c, "indexes": [{"key": {"tier": 1}, "name": "by_tier"}],
+                     "maxTimeMS": 1500})
+            assert err.value.code == 50 and "is one running" in str(err.value)
+        finally:
+            await client.close()
+            await temporal_client.get_workflow_handle(f"indexes-{c}").terminate("test over")
+    assert [i.name for i in (await deployment.catalog.collection(c)).indexes] == ["by_email"]
