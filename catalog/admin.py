@@ -30,7 +30,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from catalog.errors import CatalogError, CatalogUnavailableError, InvalidLayoutError
-from catalog.models import Chunk, ChunkMap
+from catalog.models import Chunk, ChunkMap, CollectionInfo
 from catalog.store import Catalog
 from shards.base import DocumentShard
 from shards.models import FenceState, IndexDefinition, KeyRange
@@ -96,6 +96,38 @@ async def provision_collection(
 
     await asyncio.gather(*(on_shard(sid) for sid in sorted({c.shard_id for c in cmap.chunks})))
     return cmap
+
+
+async def change_indexes(
+    catalog: Catalog,
+    engine: Callable[[str], Awaitable[DocumentShard]],
+    collection: str,
+    *,
+    create: Sequence[IndexDefinition] = (),
+    drop: Sequence[str] = (),
+) -> CollectionInfo:
+    """Build ``create`` and drop ``drop`` (index names) on every shard that holds a chunk of
+    the collection, then record the new definition in the catalog (``engine(shard_id)``:
+    the shard's engine, connected with DDL rights).
+
+    An index counts (the catalog lists it, routers filter on it) only once every shard has
+    it; a dropped one stops counting in the same commit that follows its removal from the
+    shards, and a crash in between leaves an index the catalog lists but a shard lacks: an
+    equality filter on it still works (a scan), and running the drop again finishes it.
+    Idempotent. Refused while a chunk of the collection moves (``ChunkBusyError``); a move
+    registered meanwhile waits (see ``Catalog.change_indexes``).
+    """
+    dropped = set(drop)
+
+    async def apply(shard_ids: list[str]) -> None:
+        for sid in shard_ids:
+            shard = await engine(sid)
+            for name in sorted(dropped):
+                await shard.drop_index(collection, name)
+            if create:
+                await shard.create_collection(collection, list(create))
+
+    return await catalog.change_indexes(collection, create, drop, apply)
 
 
 async def _committed(catalog: Catalog, collection: str, new_ids: Sequence[int]) -> list[Chunk]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 
 from cli.common import CliError, catalog_dsn
+from router.mongo.index_ddl import TemporalIndexDdl
 from router.service import ServeConfigError, check_serve_config, serve
 from settings import get_settings
+from worker import connect
 
 
 def cmd_router(args: argparse.Namespace) -> int:
@@ -19,5 +21,7 @@ def cmd_router(args: argparse.Namespace) -> int:
     serve(catalog_dsn(settings), settings, host=args.host, port=args.port,
           tls_cert=args.tls_cert, tls_key=args.tls_key,
           metrics_port=args.metrics_port, log_format=args.log_format,
-          mongo_port=args.mongo_port)
+          mongo_port=args.mongo_port,
+          index_ddl=TemporalIndexDdl(lambda: connect(settings.temporal),
+                                     settings.temporal.task_queue))
     return 0

@@ -168,6 +168,11 @@ class RouteCache:
 
         self._spawn(reload(), f"router-reload-{collection}")
 
+    async def refresh(self, collection: str) -> CollectionRoute:
+        """Read one collection's route from the catalog now (after a change this process
+        made, e.g. index DDL, rather than waiting for its notification)."""
+        return await self._refresh(collection)
+
     async def _refresh(self, collection: str, timeout: float | None = None) -> CollectionRoute:
         """Reload one collection's route; concurrent callers share one catalog read. One
         attempt, bounded by the source's own limit and by ``timeout`` when given.

@@ -17,6 +17,7 @@ from infra import telemetry
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.http import create_app
+from router.mongo.index_ddl import IndexDdl
 from router.mongo.server import MongoServer
 from settings import DEV_HTTP_TOKEN, DEV_MONGO_PASSWORD, DEV_MONGO_USER, Settings
 
@@ -126,9 +127,10 @@ def serve(
     catalog_dsn: str, settings: Settings, host: str = "127.0.0.1", port: int = 8080, *,
     tls_cert: Path | None = None, tls_key: Path | None = None,
     metrics_port: int | None = None, log_format: Literal["text", "json"] | None = None,
-    mongo_port: int | None = None,
+    mongo_port: int | None = None, index_ddl: IndexDdl | None = None,
 ) -> None:
-    """Serve the API until interrupted; ``ServeConfigError`` (nothing started) for an unsafe
+    """Serve the API until interrupted (``index_ddl``: who runs the MongoDB front end's
+    index changes, see ``router.mongo.index_ddl``); ``ServeConfigError`` (nothing started) for an unsafe
     setup. ``/metrics`` is on the API port (bearer token unless ``telemetry.metrics_open``);
     ``metrics_port`` (default ``telemetry.metrics_port``) also serves it, without a token, on
     its own port. ``log_format`` overrides the setting. The causes error bodies leave out
@@ -156,17 +158,18 @@ def serve(
             uvicorn.Server(config).run()
         else:
             asyncio.run(_serve_both(router, uvicorn.Server(config), settings, host, mongo_port,
-                                    tls_context(tls_cert, tls_key)))
+                                    tls_context(tls_cert, tls_key), index_ddl))
     finally:
         if server is not None:
             server.close()
 
 
 async def _serve_both(router: Router, http: Any, settings: Settings, host: str,
-                      mongo_port: int, ssl_context: ssl.SSLContext | None) -> None:
+                      mongo_port: int, ssl_context: ssl.SSLContext | None,
+                      index_ddl: IndexDdl | None = None) -> None:
     """The HTTP service and the MongoDB front end over one router, until interrupted."""
     await router.start()
-    mongo = MongoServer(router, settings.router, ssl_context=ssl_context)
+    mongo = MongoServer(router, settings.router, ssl_context=ssl_context, index_ddl=index_ddl)
     try:
         await mongo.start(host, mongo_port)
         log.info("router MongoDB front end on %s:%d%s (database %r)", host, mongo.port,

@@ -59,6 +59,11 @@ MOVE_DATA = RetryPolicy(initial_interval=timedelta(seconds=1),
 """A move's data activities (snapshot, import, verify). No attempt limit: a shard or the
 catalog down for longer than any budget is waited for. Errors raised non-retryable (bad
 input, a lost slot) still fail the move at once."""
+INDEX_DDL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1),
+                              maximum_interval=timedelta(seconds=5), maximum_attempts=5,
+                              non_retryable_error_types=LOGIC_ERRORS)
+"""An index change (``ChangeIndexesWorkflow``): a client waits for it, so a shard or catalog
+that stays down fails it within seconds rather than holding the client."""
 PROGRESS = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=2)
 """Progress samples are best-effort: a failed one is skipped, the next poll tries again."""
 FOREVER = RetryPolicy(initial_interval=timedelta(seconds=1),

@@ -8,7 +8,7 @@ caller's (``catalog.admin.provision_collection`` does both). Creating and droppi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from psycopg import AsyncCursor
@@ -137,6 +137,52 @@ class Collections(CatalogBase):
             await cur.execute("DELETE FROM catalog.collections WHERE name = %s", (name,))
             await bump(cur, ChangeKind.LAYOUT, name)
             return True
+
+        return await self._txn(body)
+
+    async def change_indexes(
+        self,
+        name: str,
+        create: Sequence[IndexDefinition],
+        drop: Sequence[str],
+        apply: Callable[[list[str]], Awaitable[None]],
+    ) -> CollectionInfo:
+        """Add ``create`` to a collection's secondary indexes and remove those named in
+        ``drop``, after ``apply(shard ids)`` has made the shards holding its chunks match
+        (built or dropped there). The new list is computed under the row lock.
+
+        The collection's row stays locked while ``apply`` runs, and a live migration of any
+        of its chunks refuses the change (``ChunkBusyError``); ``register_migration`` takes
+        the same row lock, so a move registered during the change waits for it and then
+        creates its target with the new definition. Index DDL and moves therefore never
+        overlap: every shard that holds or receives a chunk ends with the catalog's indexes.
+        ``apply`` must be idempotent (a serialization retry runs it again).
+
+        Raises:
+            UnknownCollectionError, ChunkBusyError; ValueError for duplicate index names.
+        """
+        check_collection(name)
+        new = tuple(IndexDefinition.model_validate(i) for i in create)
+        dropped = set(drop)
+
+        async def body(cur: AsyncCursor[Any]) -> CollectionInfo:
+            row = await one(cur, COLLECTION_SELECT + " WHERE name = %s FOR UPDATE", (name,))
+            if row is None:
+                await collection_in(cur, name)  # raises UnknownCollectionError
+            assert row is not None
+            idx = tuple([i for i in to_collection(row).indexes if i.name not in dropped]
+                        + [i for i in new if i.name not in dropped])
+            idx = tuple(dict.fromkeys(idx))
+            if len({i.name for i in idx}) != len(idx):
+                raise ValueError(f"collection {name}: index names must be unique")
+            await refuse_busy(cur, name, None)
+            await cur.execute("SELECT DISTINCT shard_id FROM catalog.chunks WHERE collection = %s"
+                              " ORDER BY shard_id", (name,))
+            await apply([r[0] for r in await cur.fetchall()])
+            await cur.execute("UPDATE catalog.collections SET indexes = %s WHERE name = %s",
+                              (Jsonb([i.model_dump(mode="json") for i in idx]), name))
+            await bump(cur, ChangeKind.LAYOUT, name)
+            return await collection_in(cur, name)
 
         return await self._txn(body)
 

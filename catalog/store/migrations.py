@@ -83,6 +83,10 @@ class Migrations(CatalogBase):
                         f"{existing.target}"
                     )
                 return existing
+            # Index DDL holds this row FOR UPDATE while it runs (``change_indexes``): a move
+            # waits for it, then creates its target with the new definition.
+            await cur.execute(
+                "SELECT 1 FROM catalog.collections WHERE name = %s FOR SHARE", (collection,))
             chunk = await chunk_in(cur, collection, chunk_id, lock=True)
             await refuse_busy(cur, collection, [chunk_id])
             if chunk.shard_id != source:

@@ -43,6 +43,19 @@ CODES: dict[str, int] = {
     "DuplicateKey": 11000,
     "BSONObjectTooLarge": 10334,
     "StaleConfig": 13388,
+    # write and index commands
+    "InvalidLength": 16,
+    "PathNotViable": 28,
+    "ConflictingUpdateOperators": 40,
+    "DollarPrefixedFieldName": 52,
+    "EmptyFieldName": 56,
+    "IndexAlreadyExists": 68,
+    "UnknownReplWriteConcern": 79,
+    "UnsatisfiableWriteConcern": 100,
+    "ConflictingOperationInProgress": 117,
+    "InvalidIndexSpecificationOption": 197,
+    "Location31254": 31254,
+    "Location40415": 40415,
 }
 
 

@@ -24,8 +24,10 @@ from typing import Any
 from bson.errors import InvalidDocument
 
 from router.core import Router
-from router.mongo import admin, auth, reads, wire, writes  # noqa: F401 - importing registers their commands
+from router.mongo import admin, auth, find_and_modify, indexes, reads, wire, writes  # noqa: F401 - importing registers their commands
 from router.mongo.errors import MongoError, ProtocolError
+from router.mongo.index_ddl import STATE_KEY as INDEX_DDL
+from router.mongo.index_ddl import IndexDdl
 from router.mongo.registry import ServerContext, Session, dispatch
 from settings import RouterSettings
 
@@ -59,8 +61,11 @@ class MongoServer:
     """Serves the MongoDB wire protocol over one ``Router`` (which the caller starts/closes)."""
 
     def __init__(self, router: Router, settings: RouterSettings, *,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 index_ddl: IndexDdl | None = None) -> None:
         self.context = ServerContext(router, settings, time.time())
+        if index_ddl is not None:
+            self.context.state[INDEX_DDL] = index_ddl
         self.settings = settings
         self.ssl_context = ssl_context
         self.host = ""

@@ -18,11 +18,12 @@ from psycopg import sql
 from shards.codec import decode_document, encode_value
 from shards.errors import DuplicateDocumentError, FenceStateError
 from shards.models import Fence, FenceRef, FenceState, IndexDefinition, KeyRange
-from shards.names import check_collection, check_field_path
+from shards.names import check_collection, check_field_path, check_index_name
 from shards.postgres import documents as D
 from shards.postgres.pool import ShardPool
 from shards.postgres.schema import (
     DDL,
+    DOCS,
     collection_ddl,
     collection_table,
     field_expr,
@@ -136,6 +137,15 @@ class PostgresShard:
                 "SELECT tablename FROM pg_tables WHERE schemaname = 'docs' ORDER BY 1"
             )
             return [r[0] for r in await rows.fetchall()]
+
+    async def drop_index(self, collection: str, name: str) -> None:
+        """Drop one secondary index of a collection (idempotent)."""
+        check_collection(collection)
+        check_index_name(name)
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
+            await conn.execute(sql.SQL("DROP INDEX IF EXISTS {}.{}").format(
+                sql.Identifier(DOCS), sql.Identifier(index_table_name(collection, name))))
 
     async def drop_collection(self, collection: str) -> None:
         check_collection(collection)

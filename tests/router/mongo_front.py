@@ -20,8 +20,10 @@ from settings import DEV_MONGO_PASSWORD, DEV_MONGO_USER, RouterSettings
 class MongoFront:
     """A router and its MongoDB front end, served from a background thread's event loop."""
 
-    def __init__(self, catalog_reader_dsn: str, settings: RouterSettings) -> None:
+    def __init__(self, catalog_reader_dsn: str, settings: RouterSettings,
+                 index_ddl: Any = None) -> None:
         self.catalog_reader_dsn = catalog_reader_dsn
+        self.index_ddl = index_ddl
         self.settings = settings
         self.port = 0
         self.loop = asyncio.new_event_loop()
@@ -47,7 +49,8 @@ class MongoFront:
         source = CatalogRouteSource.from_dsn(self.catalog_reader_dsn)
         async with Router(source, self.settings) as router:
             self.router = router
-            self.server = await MongoServer(router, self.settings).start("127.0.0.1", 0)
+            self.server = await MongoServer(router, self.settings,
+                                         index_ddl=self.index_ddl).start("127.0.0.1", 0)
             self.port = self.server.port
             self._ready.set()
             try:
@@ -84,8 +87,9 @@ class MongoFront:
 
 
 @contextmanager
-def mongo_front(catalog_reader_dsn: str, settings: RouterSettings) -> Iterator[MongoFront]:
-    front = MongoFront(catalog_reader_dsn, settings).start()
+def mongo_front(catalog_reader_dsn: str, settings: RouterSettings,
+                index_ddl: Any = None) -> Iterator[MongoFront]:
+    front = MongoFront(catalog_reader_dsn, settings, index_ddl).start()
     try:
         yield front
     finally:
