@@ -108,6 +108,10 @@ class MongoServer:
             await self._serve(session, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass  # the client went away: nothing to answer
+        except asyncio.CancelledError:
+            # The front end is closing (``close`` cancels every connection): this task is the
+            # connection's own top level, so it ends here, quietly.
+            return
         except ProtocolError as exc:
             log.info("closing connection %d from %s: %s", session.conn_id, session.peer, exc)
         except Exception:  # one connection's failure must not end the others: logged
