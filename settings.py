@@ -164,6 +164,9 @@ class RouterSettings(_Frozen):
     """One HTTP request's time limit, body upload included (then 504, or 408 for the body)."""
     http_max_in_flight: int = Field(default=64, ge=1)
     """Authorized HTTP requests served at once; more get 503 (bounds the bodies held)."""
+    traffic_report_s: float = Field(default=10.0, gt=0, le=3600)
+    """How often the router reports operations per chunk to the catalog (the window the
+    catalog sums reports in; planners weigh chunks by this traffic)."""
     mongo_users: list[MongoUser] = Field(
         default_factory=lambda: [MongoUser(name=DEV_MONGO_USER,
                                            password=SecretStr(DEV_MONGO_PASSWORD))],

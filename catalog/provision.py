@@ -47,6 +47,9 @@ def provision_catalog(
                              " REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC").format(writer))
         conn.execute("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA catalog FROM PUBLIC")
         conn.execute(sql.SQL("GRANT USAGE ON SCHEMA catalog TO {}").format(reader))
+        # Routers report operations per chunk: they may add counts, through this one function.
+        conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION catalog.report_traffic("
+                             "text, bigint[], bigint[], int) TO {}").format(reader))
         conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA catalog TO {}").format(reader))
         conn.execute(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA catalog"
                              " GRANT SELECT ON TABLES TO {}").format(writer, reader))

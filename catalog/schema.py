@@ -236,4 +236,40 @@ CREATE TABLE IF NOT EXISTS catalog.shard_loads (
     measured_at   timestamptz NOT NULL,
     PRIMARY KEY (operation_id, first_run_id, stage, shard_id)
 );
+
+-- Routed operations per chunk as routers report them (catalog/store/traffic.py): one row per
+-- chunk and reporting window, reports of every router summed into it. Observations, never a
+-- catalog change. Routers may only add to it, through catalog.report_traffic.
+CREATE TABLE IF NOT EXISTS catalog.chunk_traffic (
+    collection    text   NOT NULL,
+    chunk_id      bigint NOT NULL,
+    window_start  timestamptz NOT NULL,
+    window_s      int    NOT NULL CHECK (window_s > 0),
+    ops           bigint NOT NULL CHECK (ops >= 0),
+    PRIMARY KEY (collection, chunk_id, window_start)
+);
+
+CREATE OR REPLACE FUNCTION catalog.report_traffic(
+    p_collection text, p_chunks bigint[], p_ops bigint[], p_window_s int
+) RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    -- A router's report, bounded: it can add counts, nothing else, and not without limit.
+    IF p_window_s IS NULL OR p_window_s < 1 OR p_window_s > 3600 THEN
+        RAISE EXCEPTION 'window must be 1 to 3600 seconds' USING ERRCODE = '22023';
+    END IF;
+    IF cardinality(p_chunks) > 100000 OR cardinality(p_chunks) <> cardinality(p_ops) THEN
+        RAISE EXCEPTION 'a report holds at most 100000 chunks, one count each'
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO catalog.chunk_traffic AS t (collection, chunk_id, window_start, window_s, ops)
+    SELECT p_collection, x.c,
+           to_timestamp(floor(extract(epoch FROM clock_timestamp()) / p_window_s) * p_window_s),
+           p_window_s, least(x.n, 1000000000)
+      FROM unnest(p_chunks, p_ops) AS x(c, n)
+      JOIN catalog.chunks ch ON ch.collection = p_collection AND ch.chunk_id = x.c
+     WHERE x.n > 0
+    ON CONFLICT (collection, chunk_id, window_start)
+        DO UPDATE SET ops = least(t.ops + EXCLUDED.ops, 9000000000000000000);
+END
+$fn$;
 """

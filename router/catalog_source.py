@@ -163,6 +163,11 @@ class CatalogRouteSource:
     async def shard_dsn(self, shard_id: str, *, timeout: float | None = None) -> str:
         return self.db.router((await self._bounded(self.catalog.shard(shard_id), timeout)).address)
 
+    async def report_traffic(self, collection: str, ops: dict[int, int], *,
+                             window_s: float) -> None:
+        """Add a router's operation counts to the catalog (``router/traffic.py``)."""
+        await self._bounded(self.catalog.report_traffic(collection, ops, window_s=window_s))
+
     async def ping(self, *, timeout: float | None = None) -> None:
         await self._bounded(self.catalog.version(), timeout)
 

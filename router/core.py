@@ -56,6 +56,7 @@ from router.errors import (
 from router.hashing import khash
 from router.route_cache import RouteCache, RouteSource
 from router.routes import CollectionRoute
+from router.traffic import TrafficCounter, TrafficSink, publish
 from settings import RouterSettings
 from shards import errors as serr
 from shards.codec import encode_value
@@ -117,6 +118,10 @@ class Router(RouteCache):
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.traffic = TrafficCounter()
+        """Operations per chunk since the last report (see ``router/traffic.py``)."""
+        self._publisher: asyncio.Task[None] | None = None
+        self._stop_publishing = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -127,7 +132,18 @@ class Router(RouteCache):
             await opener()
         if self._listen and self._listener is None:
             self._listener = asyncio.create_task(self._follow_changes(), name="router-listen")
+        sink = self._traffic_sink()
+        if sink is not None and self._publisher is None:
+            self._stop_publishing.clear()
+            self._publisher = asyncio.create_task(
+                publish(self.traffic, sink, self.settings.traffic_report_s,
+                        self._stop_publishing),
+                name="router-traffic")
         return self
+
+    def _traffic_sink(self) -> TrafficSink | None:
+        """The source, when it takes traffic reports (the catalog does)."""
+        return self.source if callable(getattr(self.source, "report_traffic", None)) else None  # type: ignore[return-value]
 
     async def close(self, drain_s: float | None = None) -> None:
         """Stop taking operations, let those in flight finish (up to ``drain_s``, default
@@ -142,8 +158,14 @@ class Router(RouteCache):
         # Only now may no pool open: an operation accepted before the close may need the new
         # owner's pool after a cutover it was absorbing.
         self._pools_closed = True
-        tasks = [*self._background, *([self._listener] if self._listener else [])]
-        self._listener = None
+        if self._publisher is not None:
+            # The last report (what was counted since the previous one), bounded like any
+            # catalog call; a report in flight finishes rather than being cut off.
+            self._stop_publishing.set()
+            await asyncio.wait({self._publisher}, timeout=2 * self.settings.catalog_timeout_s)
+        tasks = [*self._background, *([self._listener] if self._listener else []),
+                 *([self._publisher] if self._publisher else [])]
+        self._listener = self._publisher = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -295,6 +317,7 @@ class Router(RouteCache):
 
         async def op(r: CollectionRoute, t: float) -> None:
             c = r.lookup(h)
+            self.traffic.count(collection, c.chunk_id)
             await (await self.shard(c.shard_id, t)).insert(collection, c.ref, h, doc, timeout=t)
 
         await self._run(collection, "insert", op, read_only=False, deadline=deadline)
@@ -320,6 +343,7 @@ class Router(RouteCache):
 
         async def op(r: CollectionRoute, t: float) -> bool:
             c = r.lookup(h)
+            self.traffic.count(collection, c.chunk_id)
             return await (await self.shard(c.shard_id, t)).replace(
                 collection, c.ref, h, doc, timeout=t)
 
@@ -336,6 +360,7 @@ class Router(RouteCache):
 
         async def op(r: CollectionRoute, t: float) -> dict[str, Any] | None:
             c = r.lookup(h)
+            self.traffic.count(collection, c.chunk_id)
             return await (await self.shard(c.shard_id, t)).patch(
                 collection, c.ref, h, _id, update, protected, timeout=t
             )
@@ -353,6 +378,7 @@ class Router(RouteCache):
 
         async def op(r: CollectionRoute, t: float) -> bool:
             c = r.lookup(h)
+            self.traffic.count(collection, c.chunk_id)
             return await (await self.shard(c.shard_id, t)).delete(
                 collection, c.ref, h, _id, timeout=t)
 
@@ -365,6 +391,7 @@ class Router(RouteCache):
 
         async def op(r: CollectionRoute, t: float) -> dict[str, Any] | None:
             c = r.lookup(h)
+            self.traffic.count(collection, c.chunk_id)
             return await (await self.shard(c.shard_id, t)).get(collection, c.ref, h, _id, timeout=t)
 
         return await self._run(collection, "get", op, read_only=True, deadline=deadline)
@@ -391,6 +418,7 @@ class Router(RouteCache):
 
             async def by_key(r: CollectionRoute, t: float) -> list[dict[str, Any]]:
                 c = r.lookup(h)
+                self.traffic.count(collection, c.chunk_id)
                 return await (await self.shard(c.shard_id, t)).find_by_shard_key(
                     collection, c.ref, h, r.shard_key, value, limit, timeout=t
                 )

@@ -12,12 +12,13 @@ from catalog.store.notify import Notifications
 from catalog.store.registry import ShardRegistry
 from catalog.store.samples import Samples
 from catalog.store.topology import Topology
+from catalog.store.traffic import Traffic
 from catalog.store.verifications import Verifications
 
 
 class Catalog(
     ShardRegistry, Collections, ChunkMaps, Topology, Migrations, Leases, Notifications, Samples,
-    Verifications,
+    Verifications, Traffic,
 ):
     """The catalog: shards, collections, chunks, migrations, leases, move timelines and
     verification reports.
