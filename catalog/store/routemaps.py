@@ -9,7 +9,8 @@ collection's size. Removed chunks need no tombstones: every chunk a split or mer
 covered by the new chunks that replaced it, which are in the delta (see ``router.routes``).
 
 Both read the catalog version, the collection and the chunks in one statement, hence in one
-snapshot: a delta at version G holds every change up to G and none after it.
+snapshot: a delta at version G holds every change up to G and none after it. They run at
+REPEATABLE READ (``CatalogBase._txn(snapshot=True)``): no predicate lock per row read.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class RouteMaps(CatalogBase):
             await cur.execute(ROUTE_QUERY, {"c": collection}, binary=True)
             return _columns(await _one(cur), collection, complete=True, since=0)
 
-        return await self._txn(body, read_only=True)
+        return await self._txn(body, snapshot=True)
 
     async def route_delta(self, collection: str, since: int, *, limit: int) -> RouteColumns:
         """The chunks of ``collection`` written after catalog version ``since`` (at most
@@ -100,7 +101,7 @@ class RouteMaps(CatalogBase):
                               binary=True)
             return _columns(await _one(cur), collection, complete=False, since=since)
 
-        return await self._txn(body, read_only=True)
+        return await self._txn(body, snapshot=True)
 
 
 async def _one(cur: AsyncCursor[Any]) -> tuple[Any, ...] | None:
