@@ -56,9 +56,9 @@ def check_shard_values(engine: object, major_version: object, capacity_bytes: ob
 
 
 SHARD_USAGE_SQL = (
-    "WITH ch AS (SELECT shard_id, count(*) AS n, count(DISTINCT collection) AS k"
-    "   FROM catalog.chunks WHERE %(c)s::text IS NULL OR collection = %(c)s"
-    "   GROUP BY shard_id),"
+    "WITH pc AS (SELECT shard_id, collection, count(*) AS n FROM catalog.chunks"
+    "   WHERE %(c)s::text IS NULL OR collection = %(c)s GROUP BY shard_id, collection),"
+    " ch AS (SELECT shard_id, sum(n)::bigint AS n, count(*) AS k FROM pc GROUP BY shard_id),"
     " mv AS (SELECT source, target FROM catalog.migrations WHERE outcome IS NULL"
     "   AND (%(c)s::text IS NULL OR collection = %(c)s)),"
     " mi AS (SELECT target AS shard_id, count(*) AS n FROM mv GROUP BY target),"
@@ -69,7 +69,9 @@ SHARD_USAGE_SQL = (
     "   LEFT JOIN mi USING (shard_id) LEFT JOIN mo USING (shard_id)"
     " ORDER BY s.shard_id"
 )
-"""Chunks and active migrations per shard, aggregated in the catalog (``shard_usage``)."""
+"""Chunks and active migrations per shard, aggregated in the catalog (``shard_usage``): one
+pass over the chunks grouped by (shard, collection) (a hash aggregate; ``count(DISTINCT)``
+sorted all of them), then per shard."""
 
 
 class ShardRegistry(CatalogBase):
