@@ -10,7 +10,8 @@ covered by the new chunks that replaced it, which are in the delta (see ``router
 
 Both read the catalog version, the collection and the chunks in one statement, hence in one
 snapshot: a delta at version G holds every change up to G and none after it. They run at
-REPEATABLE READ (``CatalogBase._txn(snapshot=True)``): no predicate lock per row read.
+REPEATABLE READ (``CatalogBase._txn(snapshot=True)``): no serializable predicate lock per
+row read.
 """
 
 from __future__ import annotations

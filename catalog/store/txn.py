@@ -110,8 +110,8 @@ class CatalogBase:
         ``snapshot``: a read-only REPEATABLE READ transaction instead, for large reads. It
         sees the same consistent state: every change writes ``meta``'s row, so changes commit
         in version order and any snapshot holds exactly the changes up to one version; and it
-        skips the serializable predicate locks (one per row read: they tripled the time of a
-        100,000-chunk read)."""
+        takes no serializable predicate locks (one per row read, promoted to page and table
+        locks past a limit: memory, and false conflicts with concurrent changes)."""
         read_only = read_only or snapshot
         delay = 0.002
         for attempt in range(1, self.max_attempts + 1):
