@@ -13,6 +13,7 @@ nor conflict with a cutover's compare-and-set.
 from __future__ import annotations
 
 from bisect import bisect_right
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
@@ -142,6 +143,33 @@ class ChunkMap(_Frozen):
 
     def on_shard(self, shard_id: str) -> list[Chunk]:
         return [c for c in self.chunks if c.shard_id == shard_id]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteColumns:
+    """What a router needs of a collection's chunks, as parallel columns sorted by ``lo``:
+    the fast read of a whole map (``complete``), or the rows changed since ``since``.
+
+    A plain dataclass, not a validated model: at 100,000 chunks per-row models cost more than
+    the read itself. The router validates the columns as a whole (they must tile the khash
+    space, or a delta must tile the ranges it replaces) before it uses them.
+    """
+
+    collection: CollectionInfo
+    version: int
+    """The catalog version of the snapshot read."""
+    complete: bool
+    """The whole map (True) or only the chunks written after ``since`` (False)."""
+    since: int
+    chunk_ids: list[int]
+    los: list[int]
+    his: list[int]
+    """Exclusive upper bounds (``KHASH_END`` for the top of the space)."""
+    shard_ids: list[str]
+    tokens: list[int]
+
+    def __len__(self) -> int:
+        return len(self.chunk_ids)
 
 
 # -- migrations and leases ------------------------------------------------------------------

@@ -236,7 +236,7 @@ class Router(RouteCache):
                         fresh = route  # the catalog is down: wait for it, within the deadline
                     metrics.map_refreshes.add(1, {"reason": "rejection"})
                     metrics.retries.add(1, {"op": op, "reason": "fence"})
-                    if fresh.chunks == route.chunks:
+                    if fresh.same_placement(route):
                         # Same placement and tokens: the chunk is frozen mid-cutover. Wait a
                         # little (growing), never past the deadline.
                         await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))

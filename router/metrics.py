@@ -28,3 +28,8 @@ map_refreshes = _meter.create_counter(
     "shardshift.router.map_refreshes",
     description="Chunk-map reloads from the catalog (notification or rejection)",
 )
+map_rows_read = _meter.create_counter(
+    "shardshift.router.map_rows_read",
+    description="Chunk rows read from the catalog by map refreshes, by kind: full (the whole "
+                "map) or delta (the chunks changed since the map's version)",
+)

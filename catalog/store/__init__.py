@@ -38,6 +38,7 @@ version increment and notification every change makes):
 
 * ``registry``: the shard registry. ``collection``: collections and their initial chunks.
 * ``chunkmaps``: chunk maps and single chunks, chunk ids, chunk statistics.
+* ``routemaps``: the router's reads: a whole map as columns, the chunks changed since a version.
 * ``topology``: split, merge and ``move_chunk``, the commit point.
 * ``migrations``: migration records. ``leases``: move leases. ``notify``: ``listen``.
 * ``verifications``: verification reports (observations: no version bump).

@@ -1,8 +1,10 @@
 """Chunk maps: the chunks of a collection as routers and workflows read them, chunk ids, and
 chunk statistics.
 
-Reads (``chunk_map``, ``chunk_maps``) run in a read-only serializable transaction: a snapshot
-consistent with the catalog version they report. ``settled_chunk`` is the one read that
+Reads (``chunk_map``, ``chunk_maps``) run in a read-only REPEATABLE READ transaction
+(``_txn(snapshot=True)``): a snapshot consistent with the catalog version they report (every
+change writes ``meta``'s row, so a snapshot holds exactly the changes up to one version),
+without a serializable predicate lock per chunk row read. ``settled_chunk`` is the one read that
 waits for a placement change in flight (see its docstring). Statistics reports are not
 catalog changes: no version bump, no notification.
 """
@@ -42,7 +44,7 @@ class ChunkMaps(CatalogBase):
             UnknownCollectionError: no such collection.
         """
         check_collection(collection)
-        return await self._txn(lambda cur: map_in(cur, collection), read_only=True)
+        return await self._txn(lambda cur: map_in(cur, collection), snapshot=True)
 
     async def chunk_maps(self) -> dict[str, ChunkMap]:
         """Every collection's chunk map, all read at one catalog version."""
@@ -60,7 +62,7 @@ class ChunkMaps(CatalogBase):
                 for n, info in infos.items()
             }
 
-        return await self._txn(body, read_only=True)
+        return await self._txn(body, snapshot=True)
 
     async def chunk(self, collection: str, chunk_id: int) -> Chunk:
         """One chunk as the catalog holds it now.

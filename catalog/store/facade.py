@@ -10,6 +10,7 @@ from catalog.store.leases import Leases
 from catalog.store.migrations import Migrations
 from catalog.store.notify import Notifications
 from catalog.store.registry import ShardRegistry
+from catalog.store.routemaps import RouteMaps
 from catalog.store.samples import Samples
 from catalog.store.topology import Topology
 from catalog.store.traffic import Traffic
@@ -17,8 +18,8 @@ from catalog.store.verifications import Verifications
 
 
 class Catalog(
-    ShardRegistry, Collections, ChunkMaps, Topology, Migrations, Leases, Notifications, Samples,
-    Verifications, Traffic,
+    ShardRegistry, Collections, ChunkMaps, RouteMaps, Topology, Migrations, Leases,
+    Notifications, Samples, Verifications, Traffic,
 ):
     """The catalog: shards, collections, chunks, migrations, leases, move timelines and
     verification reports.

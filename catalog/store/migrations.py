@@ -36,6 +36,14 @@ from catalog.store.rows import (
 from catalog.store.txn import CatalogBase, bump
 from shards.names import check_collection
 
+MIGRATIONS_SQL = (
+    MIGRATION_SELECT + " WHERE (%(c)s::text IS NULL OR collection = %(c)s)"
+    " AND (NOT %(a)s OR outcome IS NULL) ORDER BY started_at DESC, migration_id"
+    " LIMIT %(n)s"
+)
+"""Migration records, newest first (``migrations``; ``active_only`` uses the partial index
+``migrations_active``)."""
+
 
 class Migrations(CatalogBase):
     """Register migrations, record their phases and outcomes, read them."""
@@ -201,9 +209,7 @@ class Migrations(CatalogBase):
 
         async def body(cur: AsyncCursor[Any]) -> list[MigrationRecord]:
             await cur.execute(
-                MIGRATION_SELECT + " WHERE (%(c)s::text IS NULL OR collection = %(c)s)"
-                " AND (NOT %(a)s OR outcome IS NULL) ORDER BY started_at DESC, migration_id"
-                " LIMIT %(n)s",
+                MIGRATIONS_SQL,
                 {"c": collection, "a": active_only, "n": limit},
             )
             return [to_migration(r) for r in await cur.fetchall()]

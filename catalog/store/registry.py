@@ -55,6 +55,25 @@ def check_shard_values(engine: object, major_version: object, capacity_bytes: ob
                          f"finite number from 0 to {MAX_OPS_PER_S:g} (or None: unknown)")
 
 
+SHARD_USAGE_SQL = (
+    "WITH pc AS (SELECT shard_id, collection, count(*) AS n FROM catalog.chunks"
+    "   WHERE %(c)s::text IS NULL OR collection = %(c)s GROUP BY shard_id, collection),"
+    " ch AS (SELECT shard_id, sum(n)::bigint AS n, count(*) AS k FROM pc GROUP BY shard_id),"
+    " mv AS (SELECT source, target FROM catalog.migrations WHERE outcome IS NULL"
+    "   AND (%(c)s::text IS NULL OR collection = %(c)s)),"
+    " mi AS (SELECT target AS shard_id, count(*) AS n FROM mv GROUP BY target),"
+    " mo AS (SELECT source AS shard_id, count(*) AS n FROM mv GROUP BY source)"
+    " SELECT s.shard_id, coalesce(ch.n, 0), coalesce(ch.k, 0), coalesce(mi.n, 0),"
+    "   coalesce(mo.n, 0)"
+    " FROM catalog.shards s LEFT JOIN ch USING (shard_id)"
+    "   LEFT JOIN mi USING (shard_id) LEFT JOIN mo USING (shard_id)"
+    " ORDER BY s.shard_id"
+)
+"""Chunks and active migrations per shard, aggregated in the catalog (``shard_usage``): one
+pass over the chunks grouped by (shard, collection) (a hash aggregate; ``count(DISTINCT)``
+sorted all of them), then per shard."""
+
+
 class ShardRegistry(CatalogBase):
     """Register shards, change their state, read them."""
 
@@ -183,18 +202,7 @@ class ShardRegistry(CatalogBase):
 
         async def body(cur: AsyncCursor[Any]) -> dict[str, ShardUsage]:
             await cur.execute(
-                "WITH ch AS (SELECT shard_id, count(*) AS n, count(DISTINCT collection) AS k"
-                "   FROM catalog.chunks WHERE %(c)s::text IS NULL OR collection = %(c)s"
-                "   GROUP BY shard_id),"
-                " mv AS (SELECT source, target FROM catalog.migrations WHERE outcome IS NULL"
-                "   AND (%(c)s::text IS NULL OR collection = %(c)s)),"
-                " mi AS (SELECT target AS shard_id, count(*) AS n FROM mv GROUP BY target),"
-                " mo AS (SELECT source AS shard_id, count(*) AS n FROM mv GROUP BY source)"
-                " SELECT s.shard_id, coalesce(ch.n, 0), coalesce(ch.k, 0), coalesce(mi.n, 0),"
-                "   coalesce(mo.n, 0)"
-                " FROM catalog.shards s LEFT JOIN ch USING (shard_id)"
-                "   LEFT JOIN mi USING (shard_id) LEFT JOIN mo USING (shard_id)"
-                " ORDER BY s.shard_id",
+                SHARD_USAGE_SQL,
                 {"c": collection},
             )
             return {r[0]: ShardUsage(shard_id=r[0], chunks=r[1], collections=r[2],

@@ -56,6 +56,11 @@ MIGRATION_SELECT = (
 LEASE_SELECT = (
     "SELECT lease_id, shard_id, migration_id, holder, acquired_at, expires_at FROM catalog.leases"
 )
+BUSY_SQL = (
+    "SELECT migration_id, chunk_id, phase FROM catalog.migrations"
+    " WHERE outcome IS NULL AND collection = %s"
+    " AND (%s::bigint[] IS NULL OR chunk_id = ANY(%s::bigint[])) LIMIT 1"
+)
 
 
 # -- rows to models --------------------------------------------------------------------------
@@ -187,9 +192,7 @@ async def refuse_busy(
     any chunk of the collection)."""
     row = await one(
         cur,
-        "SELECT migration_id, chunk_id, phase FROM catalog.migrations"
-        " WHERE outcome IS NULL AND collection = %s"
-        " AND (%s::bigint[] IS NULL OR chunk_id = ANY(%s::bigint[])) LIMIT 1",
+        BUSY_SQL,
         (collection, chunk_ids, chunk_ids),
     )
     if row is not None:

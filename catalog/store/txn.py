@@ -102,14 +102,25 @@ class CatalogBase:
     # -- transactions ------------------------------------------------------------------------
 
     async def _txn(
-        self, body: Callable[[AsyncCursor[Any]], Awaitable[T]], *, read_only: bool = False
+        self, body: Callable[[AsyncCursor[Any]], Awaitable[T]], *, read_only: bool = False,
+        snapshot: bool = False,
     ) -> T:
-        """Run ``body`` in one serializable transaction, retrying it on conflicts."""
+        """Run ``body`` in one serializable transaction, retrying it on conflicts.
+
+        ``snapshot``: a read-only REPEATABLE READ transaction instead, for large reads. It
+        sees the same consistent state: every change writes ``meta``'s row, so changes commit
+        in version order and any snapshot holds exactly the changes up to one version; and it
+        takes no serializable predicate locks (one per row read, promoted to page and table
+        locks past a limit: memory, and false conflicts with concurrent changes)."""
+        read_only = read_only or snapshot
         delay = 0.002
         for attempt in range(1, self.max_attempts + 1):
             try:
                 async with self._pool.connection() as conn, conn.transaction():
-                    if read_only:
+                    if snapshot:
+                        await conn.execute(
+                            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    elif read_only:
                         await conn.execute("SET TRANSACTION READ ONLY")
                     async with conn.cursor() as cur:
                         return await body(cur)
