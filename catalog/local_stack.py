@@ -39,17 +39,19 @@ def up_and_provision(stack: Stack) -> StackRecord:
     """Start every server of the stack (``Stack.up``), then provision them: a usable stack."""
     record = stack.up()
     provision_stack(stack)
+    stack.alias_standbys()  # the roles just made log in on the standbys too
     return record
 
 
 @contextmanager
 def private_stack(
-    shards: int = 2, *, pg15_shards: int = 0, prefix: str = "shardshift-bench-"
+    shards: int = 2, *, pg15_shards: int = 0, prefix: str = "shardshift-bench-",
+    standbys: tuple[str, ...] = (),
 ) -> Iterator[Stack]:
     """A running, provisioned private stack (own state directory and free ports), stopped
-    and removed on exit (also on errors)."""
+    and removed on exit (also on errors); ``standbys``: servers with a streaming standby."""
     state = new_state_dir(prefix)
-    stack = Stack(state, private_settings(shards, pg15_shards))
+    stack = Stack(state, private_settings(shards, pg15_shards, standbys))
     try:
         up_and_provision(stack)
         yield stack
@@ -87,7 +89,7 @@ async def register_stack_shards(
         info = known.get(server.name)
         if info is None:
             info = await catalog.register_shard(
-                server.name, stack.instance(server).address(), engine="postgres",
+                server.name, stack.address(server.name), engine="postgres",
                 major_version=server.major_version,
             )
         out.append(info)
