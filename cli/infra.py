@@ -19,6 +19,9 @@ def _stack(settings: Settings, args: argparse.Namespace) -> Stack:
         updates["pg15_shards"] = args.pg15
     if getattr(args, "headless", False):
         updates["headless"] = True
+    standby = getattr(args, "standby", None)
+    if standby is not None:
+        updates["standbys"] = tuple(standby) or ("*",)
     return Stack(settings.state_dir, infra.model_copy(update=updates))
 
 
@@ -32,6 +35,12 @@ def cmd_infra(args: argparse.Namespace) -> int:
     if args.action == "up":
         up_and_provision(stack)
         return 0 if _print_status(stack, False) else 1
+    if args.action == "promote":
+        server = stack.promote(args.name)
+        print(f"{args.name}: standby promoted; the primary listens on port "
+              f"{stack.instance(server).port}; the old primary stays down (stale) until "
+              f"`shardshift infra up --standby {args.name}` clones it again as the standby")
+        return 0
     if args.action == "down":
         if args.destroy:
             stack.destroy()
