@@ -81,9 +81,8 @@ def _one(dsn: str, query: str, params: tuple[Any, ...]) -> Any:
 
 
 class Bench:
-    def __init__(self, stack: Stack, catalog: Catalog, client: Client, task_queue: str) -> None:
+    def __init__(self, stack: Stack, client: Client, task_queue: str) -> None:
         self.stack = stack
-        self.catalog = catalog
         self.client = client
         self.task_queue = task_queue
 
@@ -110,13 +109,19 @@ class Bench:
             await asyncio.sleep(0.05)
 
     async def round(self, kind: str, n: int) -> dict[str, Any]:
+        # A catalog client of its own per round: a pooled connection to a failed-over catalog
+        # fails its next write (whose outcome is unknown, so it is never retried).
+        async with Catalog(self.stack.catalog_dsn, max_size=4) as catalog:
+            return await self._round(catalog, kind, n)
+
+    async def _round(self, catalog: Catalog, kind: str, n: int) -> dict[str, Any]:
         source, target, failing = KINDS[kind]
         collection = f"bf_{kind}_{n}_{uuid.uuid4().hex[:4]}"
         shards = {sid: await PostgresShard(sid, self.stack.dsn(sid, "mover"), max_size=4).open()
                   for sid in (source, target)}
         out: dict[str, Any] = {"kind": kind}
         try:
-            cmap = await provision_collection(self.catalog, shards, collection, "acct", [],
+            cmap = await provision_collection(catalog, shards, collection, "acct", [],
                                               chunks_per_shard=2)
             moving = next(c for c in cmap.chunks if c.shard_id == source)
             other = next(c for c in cmap.chunks if c.shard_id == target)
@@ -233,7 +238,7 @@ async def main(rounds: int, kinds: list[str]) -> int:
             await catalog.ensure_schema()
             await register_stack_shards(catalog, stack)
             task = asyncio.create_task(run_worker(settings, stop=stop, client=client))
-            bench = Bench(stack, catalog, client, "bench-failover")
+            bench = Bench(stack, client, "bench-failover")
             results: list[dict[str, Any]] = []
             try:
                 for n in range(rounds):

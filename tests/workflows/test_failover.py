@@ -61,8 +61,10 @@ async def ha_client(ha_stack: Stack) -> Client:
                                 data_converter=pydantic_data_converter)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 async def ha_catalog(ha_stack: Stack) -> AsyncIterator[Catalog]:
+    """A catalog client per test: after the catalog's failover a pooled connection to the old
+    primary would fail the next test's first write."""
     async with Catalog(ha_stack.catalog_dsn, max_size=8) as cat:
         await cat.ensure_schema()
         await register_stack_shards(cat, ha_stack)
