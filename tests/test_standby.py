@@ -95,20 +95,6 @@ def test_standby_promote_reclone_down(state_dir: Path) -> None:
             conn.execute("INSERT INTO shardshift.ha_probe VALUES (1)")
         _wait_rows(replica.dsn(), [1])
 
-        # A replica set registers as a shard under its multi-host address; provisioning puts
-        # the roles' passwords in the passfile for both nodes.
-        nodes = f"host=127.0.0.1,127.0.0.1 port={first.port},{first.standby_port}"
-        passfile = state_dir / "ha-pgpass"
-        added = _cli(state_dir, "shard", "add", "ha-1", "--dsn", f"{nodes} dbname=shardshift",
-                     "--superuser-dsn", f"{nodes} user=postgres passfile={st.passfile}",
-                     "--passfile", str(passfile), "--json")
-        assert added.returncode == 0, added
-        assert "target_session_attrs=read-write" in json.loads(added.stdout)["shard"]["address"]
-        for port_ in (first.port, first.standby_port):
-            with psycopg.connect(f"host=127.0.0.1 port={port_} dbname=shardshift "
-                                 f"user={st.role_name('router')} passfile={passfile}") as conn:
-                assert conn.execute("SELECT 1").fetchone() == (1,)
-
         # Bad input: one line, exit 2, nothing changed.
         bad = _cli(state_dir, "infra", "promote", "catalog")
         assert bad.returncode == 2 and "catalog has no standby" in bad.stderr, bad
@@ -140,6 +126,22 @@ def test_standby_promote_reclone_down(state_dir: Path) -> None:
         _wait_rows(old.dsn(), [1, 2])
         with psycopg.connect(old.dsn(), autocommit=True) as conn:
             assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+
+        # A replica set registers as a shard under its multi-host address; provisioning puts
+        # the roles' passwords (new ones: provisioning sets what its passfile holds) in the
+        # passfile for both nodes.
+        nodes = f"host=127.0.0.1,127.0.0.1 port={first.port},{first.standby_port}"
+        passfile = state_dir / "ha-pgpass"
+        added = _cli(state_dir, "shard", "add", "ha-1", "--dsn", f"{nodes} dbname=shardshift",
+                     "--superuser-dsn", f"{nodes} user=postgres passfile={st.passfile}",
+                     "--passfile", str(passfile), "--json")
+        assert added.returncode == 0, added
+        assert "target_session_attrs=read-write" in json.loads(added.stdout)["shard"]["address"]
+        for port_ in (first.port, first.standby_port):
+            with psycopg.connect(f"host=127.0.0.1 port={port_} dbname=shardshift "
+                                 f"user={st.role_name('router')} passfile={passfile}") as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+
         pids = st.pids()
         assert len(pids) == 4, pids  # temporal, the catalog, shard-1's primary and standby
     finally:
