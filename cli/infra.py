@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
-from catalog.local_stack import up_and_provision
+from catalog.local_stack import follow_standbys, up_and_provision
 from cli.render import print_status
 from infra import Stack
 from settings import Settings, get_settings
@@ -34,6 +35,9 @@ def cmd_infra(args: argparse.Namespace) -> int:
     stack = _stack(settings, args)
     if args.action == "up":
         up_and_provision(stack)
+        if getattr(args, "standby", None) is not None:
+            for name in asyncio.run(follow_standbys(stack, settings.db)):
+                print(f"{name}: the catalog's address now names its standby too")
         return 0 if _print_status(stack, False) else 1
     if args.action == "promote":
         server = stack.promote(args.name)

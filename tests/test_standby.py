@@ -3,6 +3,7 @@ old primary cloned again, ``infra down`` leaving nothing; multi-host addresses."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -15,7 +16,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from catalog.local_stack import up_and_provision
+from catalog import Catalog
+from catalog.local_stack import register_stack_shards, up_and_provision
 from infra import InfraError, Stack
 from infra.net import port_is_free
 from infra.private import private_settings
@@ -71,6 +73,17 @@ def _wait_rows(dsn: str, want: list[int], timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+async def _register(st: Stack) -> None:
+    async with Catalog(st.catalog_dsn, max_size=1) as cat:
+        await cat.ensure_schema()
+        await register_stack_shards(cat, st)
+
+
+async def _registered(st: Stack) -> str:
+    async with Catalog(st.catalog_dsn, max_size=1) as cat:
+        return (await cat.shard("shard-1")).address
+
+
 def _shard(st: Stack) -> ServerRecord:
     record = st.record()
     assert record is not None
@@ -78,11 +91,19 @@ def _shard(st: Stack) -> ServerRecord:
 
 
 def test_standby_promote_reclone_down(state_dir: Path) -> None:
-    infra = private_settings(1, standbys=("shard-1",))
+    infra = private_settings(1)
     st = Stack(state_dir, infra)
     pids: list[int] = []
     try:
+        # A stack whose shard is registered before it gets a standby: `up --standby` gives
+        # it one and the catalog's address follows (a single-host one would not follow a
+        # promotion).
         up_and_provision(st)
+        asyncio.run(_register(st))
+        added = _cli(state_dir, "infra", "up", "--standby", "shard-1")
+        assert added.returncode == 0, added
+        assert "shard-1: the catalog's address now names its standby too" in added.stdout
+        assert asyncio.run(_registered(st)) == st.address("shard-1")
         rows = {s.name: s for s in st.status()}
         assert rows["shard-1-standby"].role == "standby" and rows["shard-1-standby"].healthy
         mover = st.dsn("shard-1", "mover")
