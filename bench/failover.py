@@ -37,6 +37,7 @@ from typing import Any
 import psycopg
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
 from activities.replicate import HOLD_LAG_ENV
 from bench.faultkit import stop_immediate
@@ -227,7 +228,12 @@ async def main(rounds: int, kinds: list[str]) -> int:
     t0 = time.monotonic()
     with private_stack(2, pg15_shards=1 if has15 else 0, standbys=standbys,
                        prefix="shardshift-bench-failover-") as stack:
-        client = await Client.connect(stack.temporal.address,
+        # The in-process worker's SDK core logs to stdout: errors only, so stdout stays the
+        # one JSON object (an activity completing after its workflow moved on is expected
+        # here and would be a warning).
+        quiet = Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(
+            filter=TelemetryFilter(core_level="ERROR", other_level="ERROR"))))
+        client = await Client.connect(stack.temporal.address, runtime=quiet,
                                       data_converter=pydantic_data_converter)
         staging = stack.state_dir / "staging"
         settings = Settings(catalog_dsn=stack.catalog_dsn, staging_url=str(staging),
