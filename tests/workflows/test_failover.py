@@ -172,7 +172,7 @@ async def test_pg18_source_failover_mid_move(ha_stack: Stack, ha_catalog: Catalo
                              timeout=60, what="the applier streaming")
             await wait_until(lambda: asyncio.to_thread(slot_failover_ready, ha_stack,
                                                        "shard-1", slot),
-                             timeout=90, what="the slot synced to the standby")
+                             timeout=150, what="the slot synced to the standby")
             await asyncio.to_thread(fail_over, ha_stack, "shard-1")
             # The applier streams again, from the promoted standby's synced slot.
             await wait_until(lambda: asyncio.to_thread(applier_streams, d, "shard-1",
