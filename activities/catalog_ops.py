@@ -8,7 +8,7 @@ from datetime import timedelta
 from temporalio import activity
 
 from activities import metrics
-from activities.context import MoveContext, catalog_failure, non_retryable
+from activities.context import MoveContext, non_retryable, raise_catalog_failure
 from activities.faults import inject
 from activities.leases import renew_move_leases
 from activities.models import FinishInput, MoveSpec, PhaseInput, RegisteredInput, RegisterInput
@@ -57,7 +57,7 @@ class CatalogActivities:
                                   holder=inp.holder, ttl=ttl)
             info = await cat.collection(inp.collection)
         except CatalogError as exc:
-            raise catalog_failure(exc, "register") from exc
+            raise_catalog_failure(exc, "register")
         # At the record's own time, so a retried registration marks it once.
         await mark(cat, inp.migration_id, phase_mark("registered"), at=record.started_at)
         spec = MoveSpec(
@@ -91,7 +91,7 @@ class CatalogActivities:
             record = await self.ctx.catalog.set_migration_phase(inp.migration_id, inp.phase,
                                                                 detail=inp.detail)
         except CatalogError as exc:
-            raise catalog_failure(exc, "set phase") from exc
+            raise_catalog_failure(exc, "set phase")
         if record.phase == inp.phase:
             # At the time the catalog recorded the phase: a retry marks it once.
             await mark(self.ctx.catalog, inp.migration_id, phase_mark(inp.phase.value),
@@ -112,7 +112,7 @@ class CatalogActivities:
                 return None
             chunk = await cat.chunk(record.collection, record.chunk_id)
         except CatalogError as exc:
-            raise catalog_failure(exc, "registered") from exc
+            raise_catalog_failure(exc, "registered")
         return MoveSpec(
             migration_id=record.migration_id, kind=record.kind, collection=record.collection,
             chunk_id=record.chunk_id, key_range=chunk.range, source=record.source,
@@ -127,7 +127,7 @@ class CatalogActivities:
                 inp.spec.migration_id, inp.outcome, detail=inp.detail
             )
         except CatalogError as exc:
-            raise catalog_failure(exc, "finish") from exc
+            raise_catalog_failure(exc, "finish")
         await mark(self.ctx.catalog, inp.spec.migration_id, MarkName.FINISH,
                    at=record.finished_at, detail=record.outcome)
         metrics.moves.add(1, {"outcome": str(inp.outcome), "kind": str(inp.spec.kind)})

@@ -28,7 +28,7 @@ import threading
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.context import MoveContext, catalog_failure
+from activities.context import MoveContext, raise_catalog_failure
 from activities.faults import inject
 from activities.models import CleanupInput, CleanupResult, DeleteCheckpoint, MoveSpec
 from catalog import CatalogError, UnknownChunkError, UnknownCollectionError
@@ -90,7 +90,7 @@ class CleanupActivities:
         except (UnknownChunkError, UnknownCollectionError):
             return  # the collection was dropped: no copy is served any more
         except CatalogError as exc:
-            raise catalog_failure(exc, "cleanup: reading the chunk's owner") from exc
+            raise_catalog_failure(exc, "cleanup: reading the chunk's owner")
         if chunk.shard_id == loser:
             raise ApplicationError(
                 f"refusing to clean up migration {spec.migration_id} as {outcome}: the catalog "

@@ -15,7 +15,7 @@ import contextvars
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -137,8 +137,11 @@ def non_retryable(exc: BaseException, what: str) -> ApplicationError:
     return ApplicationError(f"{what}: {exc}", type=type(exc).__name__, non_retryable=True)
 
 
-def catalog_failure(exc: CatalogError, what: str) -> BaseException:
-    """Catalog errors: retryable ones propagate (Temporal retries), the rest stop the move."""
+def raise_catalog_failure(exc: CatalogError, what: str) -> NoReturn:
+    """Catalog errors: retryable ones propagate as they are (Temporal retries), the rest stop
+    the move. It raises, rather than returning what to raise, so a retryable error is never
+    made its own cause (``raise exc from exc``): Temporal's failure converter would recurse on
+    that cycle until ``RecursionError`` and the activity could not even report its failure."""
     if getattr(exc, "retryable", False):
-        return exc
-    return non_retryable(exc, what)
+        raise exc
+    raise non_retryable(exc, what) from exc

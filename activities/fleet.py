@@ -23,7 +23,7 @@ from temporalio import activity
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError, FailureError
 
-from activities.context import MoveContext, catalog_failure, non_retryable
+from activities.context import MoveContext, non_retryable, raise_catalog_failure
 from activities.models import (
     AllocateIdsInput,
     DrainFinishInput,
@@ -120,7 +120,7 @@ class FleetActivities:
             drained = [await cat.shard(s) for s in inp.shards]
             everyone = await cat.list_shards()
         except CatalogError as exc:
-            raise catalog_failure(exc, "drain") from exc
+            raise_catalog_failure(exc, "drain")
         for info in drained:
             if info.state == ShardState.RETIRED:
                 raise non_retryable(ValueError(f"shard {info.shard_id} is already retired"),
@@ -130,7 +130,7 @@ class FleetActivities:
         try:
             maps = await cat.chunk_maps()
         except CatalogError as exc:
-            raise catalog_failure(exc, "drain") from exc
+            raise_catalog_failure(exc, "drain")
         names = set(inp.shards)
         load: dict[str, int] = {t.shard_id: 0 for t in targets}
         chunks: list[tuple[str, int, str, int]] = []  # (collection, chunk, source, bytes)
@@ -157,7 +157,7 @@ class FleetActivities:
                 try:
                     await cat.set_shard_state(info.shard_id, ShardState.DRAINING)
                 except CatalogError as exc:
-                    raise catalog_failure(exc, "drain") from exc
+                    raise_catalog_failure(exc, "drain")
         return DrainPlan(moves=moves, targets=[t.shard_id for t in targets],
                          bytes_total=sum(m.bytes for m in moves),
                          target_bytes_after={t: load[t] for t in sorted(load)})
@@ -178,7 +178,7 @@ class FleetActivities:
                 await cat.set_shard_state(shard, ShardState.RETIRED)
                 retired.append(shard)
         except CatalogError as exc:
-            raise catalog_failure(exc, "retire") from exc
+            raise_catalog_failure(exc, "retire")
         await self._record_after(maps)
         return DrainFinishResult(retired=retired, chunks_left=left)
 
@@ -216,7 +216,7 @@ class FleetActivities:
                 if info.state == ShardState.DRAINING:
                     await cat.set_shard_state(shard, ShardState.ACTIVE)
         except CatalogError as exc:
-            raise catalog_failure(exc, "restore") from exc
+            raise_catalog_failure(exc, "restore")
 
 
     # -- a lost target: place the chunk elsewhere ----------------------------------------------
@@ -238,7 +238,7 @@ class FleetActivities:
             everyone = await cat.list_shards()
             maps = await cat.chunk_maps()
         except CatalogError as exc:
-            raise catalog_failure(exc, "re-plan") from exc
+            raise_catalog_failure(exc, "re-plan")
         if chunk.shard_id != inp.source:
             return ReplanResult(reason=f"the chunk is on {chunk.shard_id} now, not {inp.source}")
         excluded = set(inp.exclude) | {inp.source}
@@ -325,7 +325,7 @@ class FleetActivities:
             moving = {(m.collection, m.chunk_id)
                       for m in await cat.migrations(active_only=True)}
         except CatalogError as exc:
-            raise catalog_failure(exc, "rebalance") from exc
+            raise_catalog_failure(exc, "rebalance")
         chunks: dict[str, list[tuple[str, int, int]]] = {s: [] for s in active}
         busy = 0
         for collection, cmap in sorted(maps.items()):
@@ -353,7 +353,7 @@ class FleetActivities:
         try:
             return await self.ctx.catalog.allocate_chunk_ids(inp.n)
         except CatalogError as exc:
-            raise catalog_failure(exc, "allocate chunk ids") from exc
+            raise_catalog_failure(exc, "allocate chunk ids")
 
     @activity.defn(name="rebalance.split")
     async def split(self, inp: SplitInput) -> list[int]:
@@ -375,7 +375,7 @@ class FleetActivities:
             left, right = await split_chunk(cat, engines, inp.collection, inp.chunk_id,
                                             child_ids=inp.child_ids)
         except CatalogError as exc:
-            raise catalog_failure(exc, "split") from exc
+            raise_catalog_failure(exc, "split")
         return [left.chunk_id, right.chunk_id]
 
 

@@ -39,7 +39,7 @@ from temporalio import activity
 
 from activities import metrics
 from activities.availability import shard_errors
-from activities.context import MoveContext, Stopped, catalog_failure, non_retryable
+from activities.context import MoveContext, Stopped, non_retryable, raise_catalog_failure
 from activities.models import Direction, MoveSpec, VerifyInput, VerifyResult
 from activities.replicate import stream_spec
 from activities.timeline import mark
@@ -194,6 +194,6 @@ class VerifyActivities:
         try:
             stored = await self.ctx.catalog.record_verification(report)
         except CatalogError as exc:
-            raise catalog_failure(exc, "recording the verification report") from exc
+            raise_catalog_failure(exc, "recording the verification report")
         return result.model_copy(update={"verification_id": stored.verification_id})
 

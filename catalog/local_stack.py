@@ -17,11 +17,14 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
+from psycopg.conninfo import conninfo_to_dict
+
 from catalog.models import ShardInfo
 from catalog.provision import provision_catalog
 from catalog.store import Catalog
 from infra import InfraError, Stack, StackRecord
 from infra.private import new_state_dir, private_settings
+from infra.stack import ServerRecord
 from settings import DatabaseSettings, get_settings
 from shards.postgres import PostgresShard
 from shards.postgres.provision import provision_shard
@@ -39,17 +42,19 @@ def up_and_provision(stack: Stack) -> StackRecord:
     """Start every server of the stack (``Stack.up``), then provision them: a usable stack."""
     record = stack.up()
     provision_stack(stack)
+    stack.alias_standbys()  # the roles just made log in on the standbys too
     return record
 
 
 @contextmanager
 def private_stack(
-    shards: int = 2, *, pg15_shards: int = 0, prefix: str = "shardshift-bench-"
+    shards: int = 2, *, pg15_shards: int = 0, prefix: str = "shardshift-bench-",
+    standbys: tuple[str, ...] = (),
 ) -> Iterator[Stack]:
     """A running, provisioned private stack (own state directory and free ports), stopped
-    and removed on exit (also on errors)."""
+    and removed on exit (also on errors); ``standbys``: servers with a streaming standby."""
     state = new_state_dir(prefix)
-    stack = Stack(state, private_settings(shards, pg15_shards))
+    stack = Stack(state, private_settings(shards, pg15_shards, standbys))
     try:
         up_and_provision(stack)
         yield stack
@@ -87,11 +92,42 @@ async def register_stack_shards(
         info = known.get(server.name)
         if info is None:
             info = await catalog.register_shard(
-                server.name, stack.instance(server).address(), engine="postgres",
+                server.name, stack.address(server.name), engine="postgres",
                 major_version=server.major_version,
+            )
+        elif _gained_standby(info.address, server):
+            # Registered before the server had a standby: its address names the primary
+            # only and would not follow a promotion. The multi-host address replaces it.
+            info = await catalog.register_shard(
+                server.name, stack.address(server.name), engine=info.engine,
+                major_version=info.major_version, capacity_bytes=info.capacity_bytes,
+                capacity_ops_per_s=info.capacity_ops_per_s,
             )
         out.append(info)
     return out
+
+
+def _gained_standby(address: str, server: ServerRecord) -> bool:
+    """Whether a registered address names only this server's first node although the server
+    has a standby now."""
+    if server.standby_port is None:
+        return False
+    return str(conninfo_to_dict(address).get("port")) == str(server.port)
+
+
+async def follow_standbys(stack: Stack, db: DatabaseSettings | None = None) -> list[str]:
+    """After ``infra up --standby``: the stack's shards already registered in the catalog get
+    their multi-host address (see ``register_stack_shards``); returns the ids updated."""
+    record = stack.record()
+    db = db or get_settings().db
+    async with Catalog(db.catalog(stack.catalog_address), max_size=1) as catalog:
+        await catalog.ensure_schema()
+        known = {s.shard_id: s for s in await catalog.list_shards()}
+        names = [s.name for s in record.servers if s.role == "shard" and s.name in known
+                 and _gained_standby(known[s.name].address, s)] if record else []
+        if names:
+            await register_stack_shards(catalog, stack, names)
+        return names
 
 
 async def open_engines(shards: Sequence[ShardInfo], max_size: int = 4,

@@ -1,6 +1,7 @@
 """``shardshift``: the operator's command line.
 
-    shardshift infra up [--shards N] [--pg15 K] [--headless]
+    shardshift infra up [--shards N] [--pg15 K] [--headless] [--standby [NAME ...]]
+    shardshift infra promote NAME
     shardshift infra status [--json]
     shardshift infra down [--destroy]
     shardshift router serve [--host H] [--port P] [--mongo-port P] [--tls-cert PEM --tls-key PEM]
@@ -214,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--shards", type=int, help="number of PostgreSQL 18 shards (default 3)")
     up.add_argument("--pg15", type=int, metavar="K", help="add K PostgreSQL 15 shards")
     up.add_argument("--headless", action="store_true", help="no Temporal Web UI")
+    up.add_argument("--standby", nargs="*", metavar="NAME",
+                    help="give servers a streaming standby (no NAME: every server; "
+                         "catalog, shard-1, ...); a stale old primary named is cloned again")
+    promote = infra_sub.add_parser(
+        "promote", help="fail a server over to its standby (the old primary stays down)")
+    promote.add_argument("name", metavar="NAME", help="catalog, shard-1, ...")
     down = infra_sub.add_parser("down", help="stop every server of the stack")
     down.add_argument("--destroy", action="store_true", help="also delete all data")
     status = infra_sub.add_parser("status", help="each server, version, port and health")

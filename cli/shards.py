@@ -29,6 +29,7 @@ from catalog.store import check_address, check_shard_id
 from cli.common import CliError, catalog_dsn
 from cli.render import human_bytes
 from infra.errors import InfraError
+from infra.passfile import add_alias
 from settings import DatabaseSettings, Settings, get_settings
 from shards.postgres.provision import provision_shard
 from shards.postgres.roles import as_role
@@ -74,24 +75,34 @@ def provision_shard_roles(superuser_dsn: str, passfile: Path, db: DatabaseSettin
     provision_shard(superuser_dsn, passfile, db=db, passfile_host=host, passfile_port=port)
 
 
-def _address(dsn: str) -> tuple[str, str, int, str]:
-    """(address to store, host, port, dbname) of ``--dsn``: no password, no role."""
+def _address(dsn: str) -> tuple[str, list[tuple[str, int]], str]:
+    """(address to store, its (host, port)s, dbname) of ``--dsn``: no password, no role.
+
+    Several hosts (a primary and its standbys: ``host=a,b port=5432,5432``) make a replica
+    set's address; it gets ``target_session_attrs=read-write`` unless it chooses its own."""
     try:
         check_address(dsn)
         params = {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
     except ValueError as exc:
         raise CliError(f"invalid --dsn: {exc}".replace("\n", " ")) from None
-    host = params.get("host") or params.get("hostaddr")
-    if not host:
+    hosts = (params.get("host") or params.get("hostaddr") or "").split(",")
+    if not all(hosts):
         raise CliError("invalid --dsn: it needs host= (a TCP address every worker and router "
                        "can reach)")
+    ports = (params.get("port") or "5432").split(",")
+    if len(ports) == 1:
+        ports *= len(hosts)
+    if len(ports) != len(hosts):
+        raise CliError(f"invalid --dsn: {len(hosts)} hosts but {len(ports)} ports")
     try:
-        port = int(params.get("port") or 5432)
+        servers = [(h, int(p or 5432)) for h, p in zip(hosts, ports, strict=True)]
     except ValueError:
         raise CliError(f"invalid --dsn: port {params.get('port')!r} is no number") from None
     params.pop("user", None)  # each component connects as its own role
     params.setdefault("dbname", "shardshift")
-    return make_conninfo(**params), host, port, params["dbname"]
+    if len(servers) > 1:
+        params.setdefault("target_session_attrs", "read-write")
+    return make_conninfo(**params), servers, params["dbname"]
 
 
 def _passfile(args: argparse.Namespace, settings: Settings, address: str) -> Path:
@@ -112,6 +123,8 @@ def _superuser_dsn(dsn: str, dbname: str) -> str:
     if params.setdefault("dbname", dbname) != dbname:
         raise CliError(f"--superuser-dsn names database {params['dbname']!r}, --dsn "
                        f"{dbname!r}: they must be the same database")
+    if "," in params.get("host", params.get("hostaddr", "")):
+        params.setdefault("target_session_attrs", "read-write")  # provision the primary
     return make_conninfo(**params)
 
 
@@ -152,7 +165,8 @@ async def _add(args: argparse.Namespace) -> int:
         check_shard_id(args.name)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    address, host, port, dbname = _address(args.dsn)
+    address, servers, dbname = _address(args.dsn)
+    host, port = servers[0]
     passfile = _passfile(args, settings, address)
     superuser = _superuser_dsn(args.superuser_dsn, dbname) if args.superuser_dsn else None
     async with Catalog(catalog_dsn(settings), max_size=1) as cat:
@@ -178,6 +192,8 @@ async def _add(args: argparse.Namespace) -> int:
                 text = str(exc).strip().splitlines()
                 raise CliError(f"cannot provision {host}:{port} with --superuser-dsn: "
                                f"{text[0] if text else type(exc).__name__}") from None
+            for other_host, other_port in servers[1:]:  # its standbys: the same roles
+                add_alias(passfile, host, port, other_port, alias_host=other_host)
             provisioned = True
         me = await asyncio.to_thread(_check_roles, address, settings.db, passfile)
         capacity = args.capacity if args.capacity is not None else (

@@ -93,15 +93,18 @@ def ensure_password(passfile: Path, host: str, port: int | str, user: str) -> st
         return password
 
 
-def add_alias(passfile: Path, host: str, port: int | str, alias_port: int | str) -> None:
-    """Let every role of ``host:port`` log in through ``host:alias_port`` too (a proxy or a
-    connection pooler in front of the server): its lines, repeated for the alias port."""
+def add_alias(passfile: Path, host: str, port: int | str, alias_port: int | str,
+              alias_host: str | None = None) -> None:
+    """Let every role of ``host:port`` log in through ``alias_host:alias_port`` too (a proxy
+    or a connection pooler in front of the server, or its standby, which has the same roles):
+    its lines, repeated for the alias (``alias_host`` defaults to ``host``)."""
+    to_host = alias_host or host
     with _locked(passfile):
         have = {(f[0], f[1], f[3]) for f in _entries(passfile)}
         lines = [
-            ":".join(_escape(x) for x in (f[0], str(alias_port), f[2], f[3], f[4])) + "\n"
+            ":".join(_escape(x) for x in (to_host, str(alias_port), f[2], f[3], f[4])) + "\n"
             for f in _entries(passfile)
-            if f[0] == host and f[1] == str(port) and (host, str(alias_port), f[3]) not in have
+            if f[0] == host and f[1] == str(port) and (to_host, str(alias_port), f[3]) not in have
         ]
         if lines:
             fd = os.open(passfile, os.O_WRONLY | os.O_APPEND)

@@ -113,7 +113,7 @@ class PostgresInstance:
         self.bin_dir = bin_dir
         self.passfile = passfile
         self._password = password
-        self._run_as = run_as if os.geteuid() == 0 else None
+        self.run_as = run_as if os.geteuid() == 0 else None
         self.log_file = data_dir.parent / f"{name}.log"
 
     # -- addresses -------------------------------------------------------------------------
@@ -132,13 +132,17 @@ class PostgresInstance:
     # -- lifecycle -------------------------------------------------------------------------
 
     def _cmd(self, args: list[str]) -> list[str]:
-        if self._run_as:
-            return ["runuser", "-u", self._run_as, "--", *args]
+        if self.run_as:
+            return ["runuser", "-u", self.run_as, "--", *args]
         return args
 
-    def _run(self, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def run(self, args: list[str], timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run one of the server's programs (as the server user when root); ``env`` adds
+        variables to this process's environment."""
         proc = subprocess.run(
-            self._cmd(args), capture_output=True, text=True, timeout=timeout, cwd="/"
+            self._cmd(args), capture_output=True, text=True, timeout=timeout, cwd="/",
+            env={**os.environ, **env} if env else None,
         )
         if proc.returncode != 0:
             raise InfraError(
@@ -151,11 +155,11 @@ class PostgresInstance:
         if not self.data_dir.exists():
             return
         owner = self.data_dir.stat().st_uid
-        expected = pwd.getpwnam(self._run_as).pw_uid if self._run_as else os.geteuid()
+        expected = pwd.getpwnam(self.run_as).pw_uid if self.run_as else os.geteuid()
         if owner != expected:
             raise InfraError(
                 f"{self.name}: data directory {self.data_dir} is owned by uid {owner}, "
-                f"not by {self._run_as or 'the current user'} (uid {expected}); "
+                f"not by {self.run_as or 'the current user'} (uid {expected}); "
                 "remove it or use another state directory"
             )
 
@@ -174,15 +178,15 @@ class PostgresInstance:
         password = self._password or ensure_password(self.passfile, "127.0.0.1", self.port,
                                                      SUPERUSER)
         pwfile.write_text(password + "\n")
-        if self._run_as:
-            user = pwd.getpwnam(self._run_as)
+        if self.run_as:
+            user = pwd.getpwnam(self.run_as)
             for path in (self.data_dir, pwfile):
                 os.chown(path, user.pw_uid, user.pw_gid)
             self._check_traversable()
         os.chmod(self.data_dir, 0o700)
         os.chmod(pwfile, 0o600)
         try:
-            self._run(
+            self.run(
                 [
                     str(self.bin_dir / "initdb"),
                     "-D", str(self.data_dir),
@@ -204,7 +208,7 @@ class PostgresInstance:
                 fh.write(_CONF_18)
 
     def _check_traversable(self) -> None:
-        probe = self._run_as
+        probe = self.run_as
         assert probe
         proc = subprocess.run(
             ["runuser", "-u", probe, "--", "test", "-w", str(self.data_dir)],
@@ -241,10 +245,10 @@ class PostgresInstance:
                     "stop it or choose other ports (SHARDSHIFT_INFRA__BASE_PORT)"
                 )
             self.log_file.touch()
-            if self._run_as:
-                user = pwd.getpwnam(self._run_as)
+            if self.run_as:
+                user = pwd.getpwnam(self.run_as)
                 os.chown(self.log_file, user.pw_uid, user.pw_gid)
-            self._run(
+            self.run(
                 [
                     str(self.bin_dir / "pg_ctl"),
                     "-D", str(self.data_dir),
@@ -283,7 +287,7 @@ class PostgresInstance:
         pid = self.pid()
         if pid is None:
             return
-        self._run(
+        self.run(
             [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w",
              "-t", str(int(timeout)), "stop"],
             timeout=timeout + 10,

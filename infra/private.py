@@ -22,9 +22,12 @@ def new_state_dir(prefix: str) -> Path:
     return path
 
 
-def private_settings(shards: int, pg15_shards: int = 0) -> InfraSettings:
-    """Infra settings on free ports, headless Temporal."""
+def private_settings(shards: int, pg15_shards: int = 0,
+                     standbys: tuple[str, ...] = ()) -> InfraSettings:
+    """Infra settings on free ports, headless Temporal (``standbys``: servers that get a
+    streaming standby)."""
     base = free_port_block(shards + pg15_shards + 1)
     temporal = free_port_block(2)
     return InfraSettings(shards=shards, pg15_shards=pg15_shards, base_port=base,
-                         temporal_port=temporal, ui_port=temporal + 1, headless=True)
+                         temporal_port=temporal, ui_port=temporal + 1, headless=True,
+                         standbys=standbys)

@@ -134,11 +134,14 @@ class ProvisionedServer:
 
 
 def _address(dsn: str) -> tuple[str, int, str]:
+    """(host, port, dbname) of a DSN; of a multi-host DSN (a replica set, whose nodes share
+    their roles) the first node's."""
     params = conninfo_to_dict(dsn)
-    host = params.get("host") or params.get("hostaddr")
+    host = str(params.get("host") or params.get("hostaddr") or "").split(",")[0]
     if not host:
         raise InfraError("provisioning needs a DSN with host= (a TCP address)")
-    return str(host), int(params.get("port") or 5432), str(params.get("dbname") or "shardshift")
+    port = str(params.get("port") or 5432).split(",")[0] or "5432"
+    return host, int(port), str(params.get("dbname") or "shardshift")
 
 
 def _ensure_role(conn: psycopg.Connection[Any], name: str, password: str, *,

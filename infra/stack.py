@@ -21,8 +21,12 @@ from typing import Literal
 from psycopg.conninfo import conninfo_to_dict
 from pydantic import BaseModel, ConfigDict
 
+from infra import standby
 from infra.errors import InfraError
+from infra.net import free_port_block
+from infra.passfile import add_alias
 from infra.postgres import (
+    DATABASE,
     SUPERUSER,
     PostgresInstance,
     binary_version,
@@ -45,6 +49,13 @@ class ServerRecord(BaseModel):
     port: int
     major_version: int
     bin_dir: str
+    standby_port: int | None = None
+    """A streaming standby of this server listens here (``infra up --standby``)."""
+    promoted: bool = False
+    """The standby was promoted: it is the primary now (on ``standby_port``)."""
+    stale: bool = False
+    """The node that is not the primary (the old primary after a promotion) must be cloned
+    again before it runs: ``infra up --standby NAME`` does it."""
 
 
 class StackRecord(BaseModel):
@@ -129,6 +140,7 @@ class Stack:
                 major_version=binary_version(bin_dir), bin_dir=str(bin_dir),
             )
             next_index += 1
+        self._plan_standbys(servers)
         return StackRecord(
             state_dir=str(self.state_dir),
             temporal_port=self.temporal.port,
@@ -136,30 +148,77 @@ class Stack:
             servers=list(servers.values()),
         )
 
+    def _plan_standbys(self, servers: dict[str, ServerRecord]) -> None:
+        """A standby port for every server ``infra.standbys`` names (``*``: every one) that
+        has none yet: a free port outside the ephemeral range, kept in the stack file."""
+        wanted = set(self.infra.standbys)
+        unknown = sorted(wanted - set(servers) - {"*"})
+        if unknown:
+            raise InfraError(f"--standby names no server of the stack: {unknown}; "
+                             f"it has {sorted(servers)}")
+        taken = {s.port for s in servers.values()} | {
+            s.standby_port for s in servers.values() if s.standby_port}
+        for name, server in servers.items():
+            if server.standby_port is None and ("*" in wanted or name in wanted):
+                port = free_port_block(1)
+                while port in taken:
+                    port = free_port_block(1)
+                taken.add(port)
+                servers[name] = server.model_copy(update={"standby_port": port})
+
     # -- servers -------------------------------------------------------------------------------
 
-    def instance(self, server: ServerRecord) -> PostgresInstance:
+    def _node(self, server: ServerRecord, second: bool) -> PostgresInstance:
+        """One of a server's two nodes: the first (created by ``initdb``, on ``port``) or the
+        second (a clone, on ``standby_port``)."""
+        port = server.standby_port if second else server.port
+        if port is None:
+            raise InfraError(f"{server.name} has no standby")
+        name = f"{server.name}-standby" if second else server.name
         return PostgresInstance(
-            server.name,
-            data_dir=self.state_dir / "pg" / server.name,
-            port=server.port,
+            name,
+            data_dir=self.state_dir / "pg" / name,
+            port=port,
             bin_dir=Path(server.bin_dir),
             passfile=self.passfile,
             run_as=self.infra.run_as,
         )
 
+    def instance(self, server: ServerRecord) -> PostgresInstance:
+        """The server's primary (its only node without a standby)."""
+        return self._node(server, second=server.promoted)
+
+    def replica(self, server: ServerRecord) -> PostgresInstance | None:
+        """The server's standby node (None without ``--standby``); check ``server.stale``
+        before starting it."""
+        if server.standby_port is None:
+            return None
+        return self._node(server, second=not server.promoted)
+
     def instance_for_dsn(self, dsn: str) -> PostgresInstance:
         """The stack's server behind a DSN or address, whatever its role (to stop, start or
         inspect it)."""
-        port = conninfo_to_dict(dsn).get("port")
+        port = str(conninfo_to_dict(dsn).get("port"))
+        record = self.record()
+        for server in record.servers if record else []:
+            ports = {str(server.port), str(server.standby_port)}
+            if "," in port and set(port.split(",")) == ports:
+                return self.instance(server)  # a replicated server's address: its primary
         for inst in self.instances():
             if str(inst.port) == port:
                 return inst
         raise InfraError(f"no server of the stack in {self.state_dir} listens on port {port}")
 
     def instances(self) -> list[PostgresInstance]:
+        """Every node of every server: primaries and standbys."""
         record = self.record()
-        return [self.instance(s) for s in record.servers] if record else []
+        out: list[PostgresInstance] = []
+        for server in record.servers if record else []:
+            out.append(self.instance(server))
+            replica = self.replica(server)
+            if replica is not None:
+                out.append(replica)
+        return out
 
     def _server(self, name: str) -> ServerRecord:
         record = self.record()
@@ -171,15 +230,26 @@ class Stack:
         raise InfraError(f"unknown server {name!r}; the stack has {[s.name for s in record.servers]}")
 
     def address(self, name: str) -> str:
-        """A server's address without a role (what the catalog stores for a shard)."""
-        return self.instance(self._server(name)).address()
+        """A server's address without a role (what the catalog stores for a shard).
+
+        A server with a standby has a libpq multi-host address naming both nodes, always in
+        the same order, with ``target_session_attrs=read-write``: a connection goes to
+        whichever node is the primary, so every client follows a promotion on its next
+        connection and the address never changes."""
+        server = self._server(name)
+        if server.standby_port is None:
+            return self.instance(server).address()
+        return (f"host=127.0.0.1,127.0.0.1 port={server.port},{server.standby_port} "
+                f"dbname={DATABASE} passfile={self.passfile} target_session_attrs=read-write")
 
     def dsn(self, name: str, role: Role) -> str:
         """A server's DSN as one of the stack's roles: ``superuser`` (infra and tests only),
         ``router`` or ``mover`` (shards), ``catalog`` or ``catalog_reader`` (the catalog)."""
         server = self._server(name)
         user = self.role_name(role)
-        return self.instance(server).dsn(user=user)
+        if server.standby_port is None:
+            return self.instance(server).dsn(user=user)
+        return f"{self.address(name)} user={user}"
 
     def role_name(self, role: Role) -> str:
         names = {
@@ -225,8 +295,62 @@ class Stack:
         self.stack_file.write_text(planned.model_dump_json(indent=2))
         for server in planned.servers:
             self.instance(server).start(timeout)
+        for server in planned.servers:
+            self._start_standby(server, timeout)
         self.temporal.start(timeout)
-        return planned
+        return self.record() or planned
+
+    def _write_server(self, server: ServerRecord) -> None:
+        record = self.record()
+        assert record is not None
+        record.servers = [server if s.name == server.name else s for s in record.servers]
+        self.stack_file.write_text(record.model_dump_json(indent=2))
+
+    def _start_standby(self, server: ServerRecord, timeout: float) -> None:
+        """Clone the server's standby when it has none (or a stale one that ``--standby``
+        names again), start it and make the primary wait for it (``infra.standby``)."""
+        replica = self.replica(server)
+        if replica is None:
+            return
+        primary = self.instance(server)
+        add_alias(self.passfile, "127.0.0.1", primary.port, replica.port)
+        recloned = "*" in self.infra.standbys or server.name in self.infra.standbys
+        if server.stale and not recloned:
+            return  # the old primary stays down until asked for again
+        if server.stale or not replica.initialized():
+            replica.stop()
+            standby.clone(primary, replica, timeout)
+            server = server.model_copy(update={"stale": False})
+            self._write_server(server)
+        replica.start(timeout)
+        standby.configure_primary(primary, timeout)
+
+    def alias_standbys(self) -> None:
+        """Let every role log in on the standbys too (after roles were provisioned)."""
+        record = self.record()
+        for server in record.servers if record else []:
+            replica = self.replica(server)
+            if replica is not None:
+                add_alias(self.passfile, "127.0.0.1", self.instance(server).port, replica.port)
+
+    def promote(self, name: str) -> ServerRecord:
+        """Fail ``name`` over to its standby: stop the primary if it still runs (fast
+        shutdown: a switchover), promote the standby. The old primary is stale from now on:
+        it never starts again until ``infra up --standby NAME`` clones it from the new one."""
+        server = self._server(name)
+        replica = self.replica(server)
+        if replica is None:
+            raise InfraError(f"{name} has no standby (infra up --standby {name})")
+        if server.stale:
+            raise InfraError(f"{name}'s standby is stale (the old primary of the last "
+                             f"promotion): run `shardshift infra up --standby {name}` first")
+        if replica.pid() is None:
+            raise InfraError(f"{name}'s standby {replica.name} is not running")
+        self.instance(server).stop()
+        standby.promote(replica, self.infra.startup_timeout_s)
+        server = server.model_copy(update={"promoted": not server.promoted, "stale": True})
+        self._write_server(server)
+        return server
 
     def down(self) -> None:
         """Stop every server of the stack (data stays; ``destroy`` removes it)."""
@@ -267,11 +391,25 @@ class Stack:
             healthy, version = instance.health()
             out.append(
                 ServerStatus(
-                    name=server.name, role=server.role, address=f"127.0.0.1:{server.port}",
+                    name=server.name, role=server.role, address=f"127.0.0.1:{instance.port}",
                     version=version if healthy else f"{server.major_version} (down)",
                     healthy=healthy, detail="" if healthy else version,
                 )
             )
+            replica = self.replica(server)
+            if replica is None:
+                continue
+            if server.stale:
+                out.append(ServerStatus(
+                    name=f"{server.name}-standby", role="stale", address=f"127.0.0.1:{replica.port}",
+                    version=f"{server.major_version} (stopped)", healthy=True,
+                    detail=f"old primary of {server.name}: infra up --standby {server.name}"))
+                continue
+            healthy, version = replica.health()
+            out.append(ServerStatus(
+                name=f"{server.name}-standby", role="standby", address=f"127.0.0.1:{replica.port}",
+                version=version if healthy else f"{server.major_version} (down)",
+                healthy=healthy, detail=f"of {server.name}" if healthy else version))
         return out
 
     def pids(self) -> list[int]:

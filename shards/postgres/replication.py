@@ -23,7 +23,13 @@ Invariants
    transaction is visible in the snapshot iff its commit record starts before L, and the slot
    streams exactly the others. A copy made at the snapshot plus the stream from L is the
    source's history with no gap and no overlap.
-2. A slot retains WAL until it is dropped. :func:`cleanup_stream_objects` drops every slot,
+2. On PostgreSQL 17+ the slot is a failover slot (``FAILOVER true``): a streaming standby
+   with ``sync_replication_slots = on`` keeps a copy, and the primary's
+   ``synchronized_standby_slots`` holds every change back from the applier until the standby
+   has it, so after a promotion the slot on the new primary is never behind what the target
+   applied and the applier resumes from its origin. On 15 (no such slots) a failover loses
+   the slot: the stream fails with :class:`SlotMissingError` and the move aborts clean.
+3. A slot retains WAL until it is dropped. :func:`cleanup_stream_objects` drops every slot,
    publication and origin whose name belongs to a migration, terminating a walsender that
    still holds a slot; the move's cleanup phase (and every abort path) calls it on the source
    and on the target.
@@ -52,6 +58,8 @@ from shards.postgres.pgoutput import lsn_from_str, lsn_to_str
 from shards.postgres.schema import collection_table
 
 NAME_PREFIX = "ss_"
+FAILOVER_SLOTS_VERSION_NUM = 170000
+"""Servers from this version on create the streams' slots as failover slots."""
 MESSAGE_PREFIX = "shardshift"
 
 
@@ -237,9 +245,13 @@ def create_slot(
     conn = open_walsender(dsn)
     try:
         mode = "export" if export_snapshot else "nothing"
+        # A failover slot (17+): a streaming standby synchronizes it, so the move survives
+        # its source's failover (see the module notes).
+        failover = ", FAILOVER true" if conn.server_version >= FAILOVER_SLOTS_VERSION_NUM else ""
         res = _exec(
             conn,
-            f'CREATE_REPLICATION_SLOT "{names.slot}" LOGICAL pgoutput (SNAPSHOT \'{mode}\')',
+            f'CREATE_REPLICATION_SLOT "{names.slot}" LOGICAL pgoutput '
+            f"(SNAPSHOT '{mode}'{failover})",
         )
         slot = (res.get_value(0, 0) or b"").decode()
         lsn = (res.get_value(0, 1) or b"").decode()
