@@ -113,7 +113,12 @@ def _scans(plan: dict[str, Any]) -> list[tuple[str, str, str]]:
     while stack:
         node = stack.pop()
         if "Relation Name" in node:
-            out.append((node["Node Type"], node["Relation Name"], node.get("Index Name", "")))
+            index = node.get("Index Name", "")
+            if node["Node Type"] == "Bitmap Heap Scan":
+                # The index is named by the Bitmap Index Scan(s) under it.
+                index = ",".join(p.get("Index Name", "") for p in node.get("Plans", [])
+                                 if p["Node Type"] == "Bitmap Index Scan")
+            out.append((node["Node Type"], node["Relation Name"], index))
         stack.extend(node.get("Plans", []))
     return out
 
