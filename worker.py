@@ -111,7 +111,7 @@ async def _run(settings: Settings, client: Client, task_queue: str | None,
     catalog = await Catalog(catalog_dsn(settings), max_size=8,
                             max_moves_per_shard=settings.fleet.max_moves_per_shard).open()
     await catalog.ensure_schema()
-    ctx = MoveContext(catalog, Staging(settings.staging), db=settings.db)  # shards as the mover
+    ctx = MoveContext(catalog, Staging.from_settings(settings), db=settings.db)  # shards as the mover
     stop = stop or _signal_event()
     try:
         worker = Worker(
