@@ -1,5 +1,5 @@
 """Every side effect of a move, one module per phase: catalog_ops (register, phases,
-finish), snapshot, bulk_import, replicate, verify, cutover, cleanup; fleet plans and
+finish), staging (where a copy runs), snapshot, bulk_import, replicate, verify, cutover, cleanup; fleet plans and
 finishes the draining of whole shards (merges, upgrades).
 
 Activities are idempotent, heartbeat a typed checkpoint and resume from it (or from state the
@@ -17,6 +17,7 @@ from activities.cutover import CutoverActivities
 from activities.fleet import FleetActivities
 from activities.replicate import ReplicateActivities
 from activities.snapshot import SnapshotActivities
+from activities.staging import StagingActivities
 from activities.verify import VerifyActivities
 
 
@@ -25,7 +26,7 @@ def all_activities(ctx: MoveContext) -> list[Callable[..., Any]]:
     groups = [
         CatalogActivities(ctx), SnapshotActivities(ctx), ImportActivities(ctx),
         ReplicateActivities(ctx), VerifyActivities(ctx), CutoverActivities(ctx),
-        CleanupActivities(ctx), FleetActivities(ctx),
+        CleanupActivities(ctx), FleetActivities(ctx), StagingActivities(ctx),
     ]
     out: list[Callable[..., Any]] = []
     for g in groups:
