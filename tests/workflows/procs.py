@@ -62,6 +62,8 @@ class WorkerProcess:
             "SHARDSHIFT_TEMPORAL__TASK_QUEUE": s.temporal.task_queue,
             "PYTHONUNBUFFERED": "1",
         })
+        if s.staging_shared is not None:
+            env["SHARDSHIFT_STAGING_SHARED"] = str(s.staging_shared).lower()
         env.update(self.extra_env)
         return env
 

@@ -68,7 +68,10 @@ KILLED_IN = {"snapshot": "migrate.snapshot", "import": "migrate.bulk_import",
 
 
 def two_workers(settings: Settings, tmp_path: Path, hold: LagHold) -> list[WorkerProcess]:
-    return [WorkerProcess(settings, tmp_path / f"worker-{i}.log", hold.env).start()
+    # Both use one staging directory on this host: shared, so either may take a retry over
+    # (workers with staging of their own are ``test_many_hosts``).
+    shared = settings.model_copy(update={"staging_shared": True})
+    return [WorkerProcess(shared, tmp_path / f"worker-{i}.log", hold.env).start()
             for i in range(2)]
 
 
