@@ -75,6 +75,16 @@ def check_migration_id(migration_id: object) -> str:
     return migration_id
 
 
+_RESTAGED = re.compile(r"(.+)\.g\d+")
+
+
+def migration_of(staging_id: str) -> str:
+    """The migration a staging id belongs to: ``{migration_id}.g{N}`` names a copy redone on
+    another worker (the workflow's pinned copy); any other id is the migration's own."""
+    m = _RESTAGED.fullmatch(staging_id)
+    return m.group(1) if m else staging_id
+
+
 def _check_part(part: object) -> int:
     if not isinstance(part, int) or isinstance(part, bool) or not 0 <= part < MAX_PARTS:
         raise StagingError(f"invalid part number {part!r}: expected 0..{MAX_PARTS - 1}")
@@ -222,4 +232,5 @@ def s3_filesystem(s3: S3Settings) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kw)
 
 
-__all__ = ["MANIFEST", "Staging", "StagingError", "check_migration_id", "s3_filesystem"]
+__all__ = ["MANIFEST", "Staging", "StagingError", "check_migration_id", "migration_of",
+           "s3_filesystem"]

@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from settings import S3Settings, Settings
 from shards.postgres.bulk_import import import_parts
 from shards.postgres.snapshot import export_chunk
-from shards.staging import Staging, StagingError, s3_filesystem
+from shards.staging import Staging, StagingError, migration_of, s3_filesystem
 from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, moto_server
 from tests.shards.helpers import FULL, load_docs, make_docs, prepare, read_docs
 
@@ -126,3 +126,9 @@ def test_hostile_ids_are_refused_on_s3(migration_id: str, staging: Staging) -> N
 def test_an_s3_url_without_a_bucket_is_refused() -> None:
     with pytest.raises(StagingError):
         Staging.from_settings(Settings(staging_url="s3://"))
+
+
+def test_restaged_ids_belong_to_their_migration() -> None:
+    assert migration_of("wf-1.0123456789ab.g2") == "wf-1.0123456789ab"
+    assert migration_of("wf-1.0123456789ab") == "wf-1.0123456789ab"
+    assert migration_of("m.g") == "m.g" and migration_of("m.gx1") == "m.gx1"
