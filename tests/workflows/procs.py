@@ -293,6 +293,14 @@ class Gate:
         await self.release()
 
 
+async def import_gate(target_dsn: str) -> Gate:
+    """Hold the importer between parts: its next part's progress row cannot be written."""
+    conn = await psycopg.AsyncConnection.connect(target_dsn, autocommit=True)
+    await conn.execute("BEGIN")
+    await conn.execute("LOCK TABLE shardshift.import_parts IN SHARE ROW EXCLUSIVE MODE")
+    return Gate(conn)
+
+
 async def freeze_marker_gate(target_dsn: str) -> Gate:
     """Hold a move's applier at the cutover's freeze marker: the marker cannot be recorded
     (``shardshift.stream_markers`` is locked against inserts), so the cutover freezes the

@@ -443,7 +443,9 @@ async def recording_stack() -> AsyncIterator[Ctx]:
         await asyncio.to_thread(up_and_provision, stack)
         record = stack.record()
         assert record is not None
-        dsns = [stack.instance(s).dsn() for s in record.servers if s.role == "shard"]
+        # As the mover role, like the tests' ``pg18_dsns``: collections provisioned as the
+        # superuser would not be the mover's, and a move's DDL on them would be refused.
+        dsns = [stack.dsn(s.name, "mover") for s in record.servers if s.role == "shard"]
         client = await Client.connect(stack.temporal.address,
                                       data_converter=pydantic_data_converter)
         settings = Settings(catalog_dsn=stack.catalog_dsn, staging_url=str(staging),

@@ -35,13 +35,13 @@ from tests.workflows.procs import (
     WorkerProcess,
     activity_runs,
     count_rows,
+    import_gate,
     poll_progress,
     preload_chunk,
     timeline,
     wait_polling,
     worker_running,
 )
-from tests.workflows.test_faults import import_gate
 
 RESULT_TIMEOUT_S = 180.0
 PINNED = {**FAULT_FAST, "pinned_start_timeout_s": 5.0}
