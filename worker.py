@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-import os
 import re
 import signal
 import socket
-import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -118,7 +117,7 @@ async def _run(settings: Settings, client: Client, task_queue: str | None,
     queue = task_queue or settings.temporal.task_queue
     staging = Staging.from_settings(settings)
     # Staging private to this host: a move's export and import run on this worker's own queue.
-    home = None if staging.shared else home_queue(queue)
+    home = None if staging.shared else home_queue(queue, staging)
     ctx = MoveContext(catalog, staging, db=settings.db, home_queue=home)  # shards as the mover
     stop = stop or _signal_event()
     try:
@@ -146,10 +145,13 @@ async def _run(settings: Settings, client: Client, task_queue: str | None,
         await catalog.close()
 
 
-def home_queue(queue: str) -> str:
-    """A task queue of this worker process alone (host, process id and a random token)."""
+def home_queue(queue: str, staging: Staging) -> str:
+    """The task queue of the workers that see this host's staging directory: named by the
+    host and the directory, so a worker restarted on the same host (same directory) serves
+    the queue again and its moves' copies resume there instead of being redone elsewhere."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40]
-    return f"{queue}.host.{host}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    where = hashlib.sha256(staging.root.encode()).hexdigest()[:10]
+    return f"{queue}.host.{host}.{where}"
 
 
 def _signal_event() -> asyncio.Event:
