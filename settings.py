@@ -234,6 +234,20 @@ class TelemetrySettings(_Frozen):
     """How often metrics are pushed to the OTLP endpoint."""
 
 
+class S3Settings(_Frozen):
+    """How workers reach an S3-compatible object store used for staging (``staging_url`` =
+    ``s3://bucket/prefix``). Unset fields fall back to the AWS SDK's own chain (``AWS_*``
+    environment variables, ``~/.aws``, instance roles). Credentials are secrets: they never
+    appear in workflow inputs, logs or ``repr``."""
+
+    endpoint_url: str | None = None
+    """An S3-compatible endpoint (``https://minio.internal:9000``); None: AWS itself."""
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+
+
 class FleetSettings(_Frozen):
     """Limits of chunk moves across the fleet."""
 
@@ -259,7 +273,13 @@ class Settings(BaseSettings):
     catalog_dsn: str | None = None
     """Catalog database; default: the local stack's catalog instance."""
     staging_url: str | None = None
-    """Where snapshots are staged (a local path or any pyarrow filesystem URI)."""
+    """Where snapshots are staged (a local path or any pyarrow filesystem URI, such as
+    ``s3://bucket/prefix``)."""
+    staging_shared: bool | None = None
+    """Whether every worker reaches the same staging area. None (default): a local path is
+    private to its host (a move's import then runs on the worker that exported), a URI
+    (``s3://...``) is shared. Set True for a local path every host mounts (NFS)."""
+    s3: S3Settings = S3Settings()
     temporal: TemporalSettings = TemporalSettings()
     infra: InfraSettings = InfraSettings()
     router: RouterSettings = RouterSettings()

@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import re
 import signal
+import socket
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -111,13 +114,14 @@ async def _run(settings: Settings, client: Client, task_queue: str | None,
     catalog = await Catalog(catalog_dsn(settings), max_size=8,
                             max_moves_per_shard=settings.fleet.max_moves_per_shard).open()
     await catalog.ensure_schema()
-    ctx = MoveContext(catalog, Staging(settings.staging), db=settings.db)  # shards as the mover
+    queue = task_queue or settings.temporal.task_queue
+    staging = Staging.from_settings(settings)
+    # Staging private to this host: a move's export and import run on this worker's own queue.
+    home = None if staging.shared else home_queue(queue, staging)
+    ctx = MoveContext(catalog, staging, db=settings.db, home_queue=home)  # shards as the mover
     stop = stop or _signal_event()
     try:
-        worker = Worker(
-            client,
-            task_queue=task_queue or settings.temporal.task_queue,
-            workflows=list(workflows),
+        common: dict[str, Any] = dict(
             activities=all_activities(ctx),
             # Move leases live as long as the move; log lines name the activity's migration.
             interceptors=[LeaseKeeper(catalog), telemetry.LogContextInterceptor()],
@@ -127,13 +131,27 @@ async def _run(settings: Settings, client: Client, task_queue: str | None,
             max_heartbeat_throttle_interval=timedelta(seconds=1),
             graceful_shutdown_timeout=timedelta(seconds=10),
         )
-        async with worker:
-            log.info("worker on %s (queue %s)", settings.temporal.address,
-                     task_queue or settings.temporal.task_queue)
+        worker = Worker(client, task_queue=queue, workflows=list(workflows), **common)
+        async with contextlib.AsyncExitStack() as workers:
+            await workers.enter_async_context(worker)
+            if home is not None:
+                await workers.enter_async_context(Worker(client, task_queue=home, **common))
+            log.info("worker on %s (queue %s; staging %s, %s)", settings.temporal.address,
+                     queue, staging.url,
+                     f"private: copies pinned to queue {home}" if home else "shared")
             await stop.wait()
     finally:
         await ctx.close()
         await catalog.close()
+
+
+def home_queue(queue: str, staging: Staging) -> str:
+    """The task queue of the workers that see this host's staging directory: named by the
+    host and the directory, so a worker restarted on the same host (same directory) serves
+    the queue again and its moves' copies resume there instead of being redone elsewhere."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40]
+    where = hashlib.sha256(staging.root.encode()).hexdigest()[:10]
+    return f"{queue}.host.{host}.{where}"
 
 
 def _signal_event() -> asyncio.Event:

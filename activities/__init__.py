@@ -1,5 +1,5 @@
 """Every side effect of a move, one module per phase: catalog_ops (register, phases,
-finish), snapshot, bulk_import, replicate, verify, cutover, cleanup; fleet plans and
+finish), staging (where a copy runs), snapshot, bulk_import, replicate, verify, cutover, cleanup; fleet plans and
 finishes the draining of whole shards (merges, upgrades).
 
 Activities are idempotent, heartbeat a typed checkpoint and resume from it (or from state the
@@ -18,6 +18,7 @@ from activities.fleet import FleetActivities
 from activities.indexes import IndexActivities
 from activities.replicate import ReplicateActivities
 from activities.snapshot import SnapshotActivities
+from activities.staging import StagingActivities
 from activities.verify import VerifyActivities
 
 
@@ -27,6 +28,7 @@ def all_activities(ctx: MoveContext) -> list[Callable[..., Any]]:
         CatalogActivities(ctx), SnapshotActivities(ctx), ImportActivities(ctx),
         ReplicateActivities(ctx), VerifyActivities(ctx), CutoverActivities(ctx),
         CleanupActivities(ctx), FleetActivities(ctx), IndexActivities(ctx),
+        StagingActivities(ctx),
     ]
     out: list[Callable[..., Any]] = []
     for g in groups:

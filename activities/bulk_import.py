@@ -66,8 +66,9 @@ class ImportActivities:
         def work(stop: threading.Event) -> CopyProgress:
             total = (estimate_chunk_rows(source_dsn, spec.collection, spec.key_range,
                                          timeout_ms=COUNT_TIMEOUT_MS) if source_dsn else None)
-            done = imported_parts(target_dsn, spec.migration_id, timeout_ms=COUNT_TIMEOUT_MS)
-            manifest = load_manifest(self.ctx.staging, spec.migration_id)
+            staged = inp.staging_id or spec.migration_id
+            done = imported_parts(target_dsn, staged, timeout_ms=COUNT_TIMEOUT_MS)
+            manifest = load_manifest(self.ctx.staging, staged)
             return CopyProgress(rows_total=total, rows_imported=sum(done.values()),
                                 parts_imported=len(done),
                                 parts_total=len(manifest.parts) if manifest else None)
@@ -82,6 +83,7 @@ class ImportActivities:
     async def _bulk_import(self, inp: ImportInput) -> ImportResult:
         spec = inp.spec
         dsn = await shard_dsn(self.ctx, spec.target)
+        staged = inp.staging_id or spec.migration_id
         state = {"cp": CopyCheckpoint(stage="import", rows_done=0, parts_done=0, parts_total=0)}
 
         labels = {"collection": spec.collection}
@@ -107,7 +109,7 @@ class ImportActivities:
             # Where this attempt starts (parts earlier attempts imported): the baseline of
             # its first rate. Best effort: without it the first rate is missing, nothing else.
             try:
-                baseline: int | None = sum(imported_parts(dsn, spec.migration_id).values())
+                baseline: int | None = sum(imported_parts(dsn, staged).values())
             except Exception:  # noqa: BLE001 - a timeline sample never fails the import
                 baseline = None
             if baseline is not None:
@@ -126,7 +128,7 @@ class ImportActivities:
                 if stop.is_set():
                     raise Stopped()  # cancelled: stop between parts (a retry resumes)
 
-            result = import_parts(dsn, spec.collection, self.ctx.staging, spec.migration_id,
+            result = import_parts(dsn, spec.collection, self.ctx.staging, staged,
                                   progress=progress, follow_export_s=inp.follow_export_s)
             sample(result.rows_imported, final=True)
             metrics.log.info("imported %d parts into %s: %d rows (%d by this attempt) in %.1fs",

@@ -32,8 +32,11 @@ class MoveContext:
     """The catalog, shard engines (by catalog shard id) and staging area of a worker."""
 
     def __init__(self, catalog: Catalog, staging: Staging, *, max_threads: int = 64,
-                 address_ttl_s: float = 5.0, db: DatabaseSettings | None = None) -> None:
+                 address_ttl_s: float = 5.0, db: DatabaseSettings | None = None,
+                 home_queue: str | None = None) -> None:
         """Args:
+            home_queue: this worker's own task queue (serving the same activities), where a
+                move whose staging is private to this host runs its export and import.
             db: whom activities connect to shards as (``db.mover_user``; default: the
                 process settings). The catalog's addresses say where.
             address_ttl_s: a shard's address is re-read from the catalog (in the background)
@@ -42,6 +45,7 @@ class MoveContext:
         """
         self.catalog = catalog
         self.staging = staging
+        self.home_queue = home_queue
         self.db = db or get_settings().db
         self.executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="move")
         self.address_ttl_s = address_ttl_s

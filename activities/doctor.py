@@ -85,7 +85,7 @@ from shards.postgres.inventory import (
 )
 from shards.postgres.replication import migration_prefix
 from shards.postgres.server import server_key
-from shards.staging import Staging, StagingError, check_migration_id
+from shards.staging import Staging, StagingError, check_migration_id, migration_of
 
 MoveProbe = Callable[[MigrationRecord, Sequence[str]], Awaitable[bool]]
 """Whether a workflow runs this active migration, given the workflow ids that held its
@@ -259,9 +259,9 @@ class Doctor(DoctorRepairs):
         assert s.inventory is not None
         out = []
         for mid, n in s.inventory.import_parts.items():
-            if mid in ctx.live:
-                continue
-            rec = ctx.by_id.get(mid)
+            if migration_of(mid) in ctx.live:
+                continue  # (a restaged copy's rows belong to their migration)
+            rec = ctx.by_id.get(migration_of(mid))
             if not self._in_scope(rec.collection if rec else None):
                 continue
             dsn = s.dsn
@@ -295,9 +295,9 @@ class Doctor(DoctorRepairs):
                 check_migration_id(mid)
             except StagingError:
                 continue  # not a migration's directory: not ours to judge
-            if mid in ctx.live:
+            if migration_of(mid) in ctx.live:
                 continue
-            rec = ctx.by_id.get(mid)
+            rec = ctx.by_id.get(migration_of(mid))
             if not self._in_scope(rec.collection if rec else None):
                 continue
 

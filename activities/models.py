@@ -78,6 +78,9 @@ class SnapshotInput(_Input):
     part_rows: int = Field(default=50_000, ge=100)
     throttle: ThrottleSettings | None = None
     """Limits of the export's reads of the source (rate, and a pause while it is busy)."""
+    staging_id: str | None = None
+    """Names the staged files and import progress rows (None: the migration id). A copy
+    redone on another worker after its pinned worker was lost stages under a new one."""
 
 
 class SnapshotResult(_Frozen):
@@ -91,6 +94,8 @@ class ImportInput(_Input):
     spec: MoveSpec
     follow_export_s: float | None = 600.0
     """Import parts as the export writes them (None: only parts already staged)."""
+    staging_id: str | None = None
+    """As ``SnapshotInput.staging_id``."""
 
 
 class ImportResult(_Frozen):
@@ -101,6 +106,19 @@ class ImportResult(_Frozen):
 class CopyProgressInput(_Input):
     spec: MoveSpec
     count_source: bool = False
+    staging_id: str | None = None
+    """As ``SnapshotInput.staging_id``."""
+
+
+class StagingHome(_Frozen):
+    """Where a move's copy runs: the task queue of the worker whose staging area holds the
+    parts, or None when every worker shares one staging area (any worker may import)."""
+
+    task_queue: str | None
+
+
+class ReleaseStagingInput(_Input):
+    staging_id: str
 
 
 class CopyProgress(_Frozen):

@@ -36,6 +36,7 @@ class SnapshotActivities:
         spec = inp.spec
         dsn = await shard_dsn(self.ctx, spec.source)
         names = repl.stream_names(spec.migration_id, "fwd")
+        staged = inp.staging_id or spec.migration_id
         state = {"cp": CopyCheckpoint(stage="snapshot", rows_done=0, parts_done=0, parts_total=0)}
 
         def work(stop: threading.Event) -> SnapshotResult:
@@ -64,7 +65,7 @@ class SnapshotActivities:
             if repl.slot_position(dsn, names.slot) is None:
                 with repl.create_slot(dsn, names, export_snapshot=True) as slot:
                     result = export_chunk(
-                        dsn, spec.collection, spec.key_range, self.ctx.staging, spec.migration_id,
+                        dsn, spec.collection, spec.key_range, self.ctx.staging, staged,
                         snapshot=slot.snapshot_name, target_part_rows=inp.part_rows,
                         progress=progress, throttle=throttle,
                     )
@@ -73,7 +74,7 @@ class SnapshotActivities:
                 # Resumed: the slot still starts at T; finish the export at a fresh snapshot.
                 lsn = repl.slot_position(dsn, names.slot) or "0/0"
                 result = export_chunk(
-                    dsn, spec.collection, spec.key_range, self.ctx.staging, spec.migration_id,
+                    dsn, spec.collection, spec.key_range, self.ctx.staging, staged,
                     snapshot=None, target_part_rows=inp.part_rows, progress=progress,
                     throttle=throttle,
                 )

@@ -62,7 +62,7 @@ async def _worker(settings: Any, client: Any, stop: asyncio.Event, stock: bool) 
     from workflows import ALL_WORKFLOWS
 
     catalog = await Catalog(settings.catalog_dsn, max_size=8).open()
-    ctx = MoveContext(catalog, Staging(settings.staging))
+    ctx = MoveContext(catalog, Staging.from_settings(settings))
     try:
         async with Worker(client, task_queue=settings.temporal.task_queue,
                           workflows=list(ALL_WORKFLOWS), activities=all_activities(ctx),

@@ -45,7 +45,7 @@ async def _doctor(args: argparse.Namespace) -> int:
     else:
         probe = TemporalMoveProbe(client)
     async with Catalog(catalog_dsn(settings), max_size=2) as cat:
-        doctor = Doctor(cat, Staging(settings.staging), probe, collections=args.collection,
+        doctor = Doctor(cat, Staging.from_settings(settings), probe, collections=args.collection,
                         db=settings.db)
         report = await doctor.run(repair=args.repair)
     if args.json:

@@ -9,12 +9,18 @@ Invariants
 ----------
 * Names derive only from ``(migration_id, part)``: a retried export writes the same names, so it
   overwrites rather than duplicates, and cleanup is "remove the migration's directory".
-* A file is visible under its final name only when complete. On filesystems with an atomic
-  rename (local disk, the in-memory ``mock`` filesystem) a writer writes a private temporary
-  name in the same directory and renames it; object stores (S3, GCS, ...) publish an object only
-  when its upload completes, so the final name is written directly there. Hence
-  ``exists(part)`` means "complete", and an interrupted writer leaves at most a temporary file
-  that listings ignore and ``remove`` deletes.
+* A file is visible under its final name only when complete. A writer writes a private
+  temporary name (host, process, thread and a random token: a zombie writer and its retry on
+  another host never share one) in the same directory and then moves it to the final name. On
+  local disk that is an atomic rename. On object stores (S3, GCS, ...) a move is a server-side
+  copy, which publishes the whole object at once; the upload itself is not written under the
+  final name because closing an S3 output stream completes the upload even when the writer
+  failed half-way (a partial part would be published). Hence ``exists(part)`` means
+  "complete", and an interrupted writer leaves at most a temporary file that listings ignore
+  and ``remove`` deletes.
+* Shared or private: an object store (or a directory every host mounts, ``shared=True``) is
+  one staging area for every worker; a local directory is private to its host, so a move's
+  import must run where its export ran (``Staging.shared``; see the workflow's pinned copy).
 * Migration ids are validated (``^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$``, no ``..``) before any
   path is built, so an id can never address anything outside its own directory.
 """
@@ -23,7 +29,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,14 +40,17 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from settings import S3Settings, Settings
+
 _MIGRATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,100}")
 _PART_FILE = re.compile(r"part-(\d{5})\.parquet")
 MANIFEST = "manifest.json"
 MAX_PARTS = 100_000
 """Part numbers are written with five digits."""
 
-# Filesystems whose ``move`` is an atomic rename within a directory.
-_ATOMIC_RENAME = {"local", "mock"}
+# Filesystems private to one host (or process): staging there is not shared by default.
+_PRIVATE = {"local", "mock"}
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
 
 
 class StagingError(ValueError):
@@ -64,6 +75,16 @@ def check_migration_id(migration_id: object) -> str:
     return migration_id
 
 
+_RESTAGED = re.compile(r"(.+)\.g\d+")
+
+
+def migration_of(staging_id: str) -> str:
+    """The migration a staging id belongs to: ``{migration_id}.g{N}`` names a copy redone on
+    another worker (the workflow's pinned copy); any other id is the migration's own."""
+    m = _RESTAGED.fullmatch(staging_id)
+    return m.group(1) if m else staging_id
+
+
 def _check_part(part: object) -> int:
     if not isinstance(part, int) or isinstance(part, bool) or not 0 <= part < MAX_PARTS:
         raise StagingError(f"invalid part number {part!r}: expected 0..{MAX_PARTS - 1}")
@@ -79,17 +100,31 @@ class Staging:
         filesystem: An already-built filesystem; ``url`` is then a path inside it.
     """
 
-    def __init__(self, url: str | Path, filesystem: pafs.FileSystem | None = None) -> None:
+    def __init__(self, url: str | Path, filesystem: pafs.FileSystem | None = None, *,
+                 shared: bool | None = None) -> None:
         text = str(url)
         if filesystem is not None:
-            self.fs, root = filesystem, text
+            self.fs, root = filesystem, text.split("://", 1)[-1]
         elif "://" in text:
             self.fs, root = pafs.FileSystem.from_uri(text)
         else:
             self.fs, root = pafs.LocalFileSystem(), os.path.abspath(text)
         self.root = root.rstrip("/") or "/"
         self.url = text
-        self._atomic_rename = self.fs.type_name in _ATOMIC_RENAME
+        self.shared = shared if shared is not None else self.fs.type_name not in _PRIVATE
+        """Whether every worker sees this staging area (else a move's import must run on the
+        worker that exported)."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Staging:
+        """The staging area of ``settings.staging`` (``s3://`` URLs use ``settings.s3``)."""
+        url = settings.staging
+        if url.startswith("s3://"):
+            root = url.removeprefix("s3://").strip("/")
+            if not root:
+                raise StagingError(f"staging url {url!r} names no bucket")
+            return cls(f"s3://{root}", s3_filesystem(settings.s3), shared=settings.staging_shared)
+        return cls(url, shared=settings.staging_shared)
 
     def __repr__(self) -> str:
         return f"Staging({self.url!r})"
@@ -160,13 +195,9 @@ class Staging:
     def _atomic_output(self, final: str) -> Iterator[Any]:
         directory = final.rsplit("/", 1)[0]
         self.fs.create_dir(directory, recursive=True)
-        if not self._atomic_rename:
-            # Object stores publish the object only when the upload completes.
-            with self.fs.open_output_stream(final) as stream:
-                yield stream
-            return
         # Private temporary name: a zombie writer and its retry never interleave their bytes.
-        tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
+        tmp = (f"{final}.tmp-{_HOST}-{os.getpid()}-{threading.get_ident()}-"
+               f"{uuid.uuid4().hex[:8]}")
         out: IO[bytes] | Any = self.fs.open_output_stream(tmp)
         try:
             yield out
@@ -174,7 +205,7 @@ class Staging:
             self.fs.move(tmp, final)
         except BaseException:
             if not out.closed:
-                out.close()
+                out.close()  # (on S3 this publishes the temporary object: deleted next)
             try:
                 self.fs.delete_file(tmp)
             except OSError:  # already gone: nothing to clean
@@ -182,4 +213,24 @@ class Staging:
             raise
 
 
-__all__ = ["MANIFEST", "Staging", "StagingError", "check_migration_id"]
+def s3_filesystem(s3: S3Settings) -> pafs.S3FileSystem:
+    """pyarrow's S3 client for ``s3`` settings (unset credentials: the AWS default chain)."""
+    kw: dict[str, Any] = {}
+    if s3.endpoint_url:
+        scheme, _, rest = s3.endpoint_url.partition("://")
+        if not rest:
+            scheme, rest = "https", s3.endpoint_url
+        kw["endpoint_override"] = rest.rstrip("/")
+        kw["scheme"] = scheme
+    if s3.region:
+        kw["region"] = s3.region
+    if s3.access_key_id is not None and s3.secret_access_key is not None:
+        kw["access_key"] = s3.access_key_id.get_secret_value()
+        kw["secret_key"] = s3.secret_access_key.get_secret_value()
+        if s3.session_token is not None:
+            kw["session_token"] = s3.session_token.get_secret_value()
+    return pafs.S3FileSystem(**kw)
+
+
+__all__ = ["MANIFEST", "Staging", "StagingError", "check_migration_id", "migration_of",
+           "s3_filesystem"]

@@ -47,6 +47,7 @@ from workflows.move_models import (
     BEFORE_COMMIT,
     BOUNDED_HISTORY,
     CUTOVER_PAUSES,
+    PINNED_STAGING,
     TARGET_LOST,
     MigrateChunkInput,
     MigrateChunkResult,
@@ -61,6 +62,7 @@ from workflows.move_pauses import SHORT
 __all__ = [
     "BOUNDED_HISTORY",
     "CUTOVER_PAUSES",
+    "PINNED_STAGING",
     "TARGET_LOST",
     "MigrateChunkInput",
     "MigrateChunkResult",
@@ -130,6 +132,7 @@ class MigrateChunkWorkflow(MoveCommit):
     @workflow.run
     async def run(self, inp: MigrateChunkInput) -> MigrateChunkResult:
         self._v2 = workflow.patched(BOUNDED_HISTORY)
+        self._pinned = workflow.patched(PINNED_STAGING)
         info = workflow.info()
         # A continued run keeps the migration id of the first (it names everything the move made).
         mid = inp.resume.migration_id if inp.resume else migration_id_for(info.workflow_id,

@@ -41,6 +41,10 @@ instead of failing the workflow."""
 AFTER_COMMIT_UNTIL_DONE = "after-commit-until-done"
 """Patch id: after the commit point a step that failed for good is tried again after a pause
 (instead of failing the workflow)."""
+PINNED_STAGING = "pinned-staging"
+"""Patch id: with staging private to each worker's host, the copy (export, import, progress
+samples) runs on the task queue of the worker that ``migrate.staging_home`` names, and is
+redone elsewhere under a new staging id when that worker stops taking tasks."""
 
 TARGET_LOST = "TargetLost"
 """``ApplicationError.type`` of a move given up because its target is lost (fleet workflows
@@ -93,6 +97,10 @@ class MigrateChunkInput(BaseModel):
     """Copy progress is sampled every ``poll_s`` at first, backing off to this."""
     lag_window_s: float = Field(default=60.0, gt=0)
     """Longest one ``wait_caught_up`` / ``wait_reachable`` call waits before reporting."""
+    pinned_start_timeout_s: float = Field(default=120.0, gt=0)
+    """With staging private to each host, the copy runs on one worker's own task queue; a
+    copy activity that no worker starts there within this long means that worker is gone:
+    the copy is redone on another one."""
     copy_throttle: ThrottleSettings | None = None
     """Limits of the move's reads of the source: the bulk copy's rows/s and bytes/s, and a
     pause of the copy and of the forward stream's apply while the source has more active
@@ -184,6 +192,10 @@ class MigrateChunkResume(BaseModel):
     waiting_for: str | None = None
     waiting_since: datetime | None = None
     target_declared_lost: bool = False
+    staging_queue: str | None = None
+    """The task queue the copy is pinned to (None: not pinned, or not chosen yet)."""
+    staging_gen: int = 0
+    """How many times the copy was redone on another worker (names its staging id)."""
 
 
 def describe_failure(exc: BaseException) -> str:

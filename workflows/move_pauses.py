@@ -35,7 +35,14 @@ from typing import Any, NoReturn
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, FailureError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    FailureError,
+    TimeoutError,
+    TimeoutType,
+)
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
@@ -50,14 +57,17 @@ with workflow.unsafe.imports_passed_through():
         MoveSpec,
         PhaseInput,
         ReachableInput,
+        ReleaseStagingInput,
         ReplicateInput,
         SnapshotInput,
+        StagingHome,
         VerifyInput,
         VerifyResult,
         WaitLagInput,
     )
     from activities.replicate import ReplicateActivities
     from activities.snapshot import SnapshotActivities
+    from activities.staging import StagingActivities
     from activities.verify import VerifyActivities
     from catalog.models import MigrationPhase
     from shards.postgres.throttle import ThrottleSettings
@@ -100,6 +110,11 @@ class MovePauses:
         self._lost_declared = False
         self._target_lost = False
         self._waiting: tuple[str, datetime] | None = None
+        self._pinned = False
+        """Patch ``PINNED_STAGING``: the copy runs where its staging area is."""
+        self._home_chosen = False
+        self._staging_queue: str | None = None
+        self._staging_gen = 0
         self._cancel_pending = False
         """A cancel arrived while the move could not obey it (a cutover in flight, or after
         the commit point): remembered, then acted on."""
@@ -206,6 +221,7 @@ class MovePauses:
             verification=self._result_kw.get("verification"),
             waiting_for=waiting_for, waiting_since=waiting_since,
             target_declared_lost=self._lost_declared,
+            staging_queue=self._staging_queue, staging_gen=self._staging_gen,
         )
         workflow.logger.info("continuing as new (run %d, stage %s, %d events)", nxt, self._stage,
                              workflow.info().get_current_history_length())
@@ -280,8 +296,11 @@ class MovePauses:
         """One ``copy_progress`` sample, or None if it failed (progress is best-effort)."""
         try:
             return await workflow.execute_activity_method(
-                ImportActivities.copy_progress, CopyProgressInput(spec=spec, count_source=first),
+                ImportActivities.copy_progress,
+                CopyProgressInput(spec=spec, count_source=first,
+                                  staging_id=self._staging_id(spec)),
                 start_to_close_timeout=SHORT, retry_policy=PROGRESS,
+                **self._pin(SHORT),
             )
         except ActivityError as exc:
             workflow.logger.info("progress sample skipped: %s", describe_failure(exc))
@@ -356,24 +375,44 @@ class MovePauses:
         """Snapshot and bulk import (concurrently) to their end; (snapshot, import) results.
 
         Patched runs pause on an unreachable shard and start both again from their
-        checkpoints (staged parts, imported parts) once it answers."""
+        checkpoints (staged parts, imported parts) once it answers. With staging private to
+        each host (patch ``PINNED_STAGING``) both run on one worker's own task queue; when
+        that worker stops taking tasks the copy is redone on another one."""
         while True:
+            await self._choose_home(spec)
+            start = timedelta(seconds=inp.pinned_start_timeout_s)
+            sid = self._staging_id(spec)
             snap = workflow.start_activity_method(
                 SnapshotActivities.snapshot,
-                SnapshotInput(spec=spec, part_rows=inp.part_rows, throttle=inp.copy_throttle),
+                SnapshotInput(spec=spec, part_rows=inp.part_rows, throttle=inp.copy_throttle,
+                              staging_id=sid),
                 start_to_close_timeout=timedelta(days=1), heartbeat_timeout=self._heartbeat,
                 retry_policy=self._pausing(MOVE_DATA), cancellation_type=WAIT,
+                **self._pin(start),
             )
             imp = workflow.start_activity_method(
-                ImportActivities.bulk_import, ImportInput(spec=spec),
+                ImportActivities.bulk_import, ImportInput(spec=spec, staging_id=sid),
                 start_to_close_timeout=timedelta(days=1), heartbeat_timeout=self._heartbeat,
                 retry_policy=self._pausing(MOVE_DATA), cancellation_type=WAIT,
+                **self._pin(start),
             )
             running += [snap, imp]
             try:
                 await self._poll_copy(inp, spec, snap, imp)
+                await self._release_staging(spec)
                 return snap.result(), imp.result()
             except ActivityError as exc:
+                if self._pinned_worker_lost(exc):
+                    await self._stop(snap)
+                    await self._stop(imp)
+                    running.clear()
+                    lost = self._staging_queue
+                    self._staging_gen += 1
+                    self._home_chosen = False
+                    self._progress.detail = (f"copy redone on another worker: {lost} took no "
+                                             f"task for {inp.pinned_start_timeout_s:g} s")
+                    workflow.logger.warning("%s", self._progress.detail)
+                    continue
                 down = self._unavailable(exc) if self._v2 else None
                 if down is None:
                     raise
@@ -381,6 +420,59 @@ class MovePauses:
                 await self._stop(imp)
                 running.clear()
                 await self._wait_for_shard(inp, spec, down, workflow.now())
+
+    # -- the copy's home (patch PINNED_STAGING) -------------------------------------------------
+
+    async def _choose_home(self, spec: MoveSpec) -> None:
+        """Ask any worker where the copy runs (its own queue if its staging is private)."""
+        if not (self._v2 and self._pinned) or self._home_chosen:
+            return
+        home: StagingHome = await workflow.execute_activity_method(
+            StagingActivities.staging_home, start_to_close_timeout=SHORT,
+            retry_policy=MOVE_QUICK,
+        )
+        self._staging_queue = home.task_queue
+        self._home_chosen = True
+        if home.task_queue is not None:
+            workflow.logger.info("copy of %s pinned to %s (staging id %s)", spec.migration_id,
+                                 home.task_queue, self._staging_id(spec) or spec.migration_id)
+
+    def _staging_id(self, spec: MoveSpec) -> str | None:
+        """None (the migration id) until the copy is redone elsewhere: then a fresh id, so
+        the new worker's part plan never mixes with the lost one's import progress."""
+        return f"{spec.migration_id}.g{self._staging_gen}" if self._staging_gen else None
+
+    def _pin(self, start: timedelta) -> dict[str, Any]:
+        """Where a copy activity runs: the pinned queue (and how long it may wait there)."""
+        if self._staging_queue is None:
+            return {}
+        return {"task_queue": self._staging_queue, "schedule_to_start_timeout": start}
+
+    def _pinned_worker_lost(self, exc: BaseException) -> bool:
+        """A pinned copy activity that no worker started in time: its worker is gone."""
+        if self._staging_queue is None:
+            return False
+        cur: BaseException | None = exc
+        while cur is not None:
+            if isinstance(cur, TimeoutError) and cur.type == TimeoutType.SCHEDULE_TO_START:
+                return True
+            cur = cur.cause if isinstance(cur, FailureError) else None
+        return False
+
+    async def _release_staging(self, spec: MoveSpec) -> None:
+        """Remove the pinned copy's parts on its worker (best-effort: the doctor finds any
+        left behind). Shared staging is removed by the cleanup."""
+        if self._staging_queue is None:
+            return
+        sid = self._staging_id(spec) or spec.migration_id
+        try:
+            await workflow.execute_activity_method(
+                StagingActivities.release_staging, ReleaseStagingInput(staging_id=sid),
+                start_to_close_timeout=SHORT * 6, retry_policy=PROGRESS, **self._pin(SHORT),
+            )
+        except ActivityError as exc:
+            workflow.logger.warning("staged parts of %s left on %s: %s", sid,
+                                    self._staging_queue, describe_failure(exc))
 
     async def _verify(self, inp: MigrateChunkInput, spec: MoveSpec) -> VerifyResult:
         """Verify to its end. Patched runs pause on an unreachable shard like the copy does
@@ -455,6 +547,9 @@ class MovePauses:
         self._phase_started = dict(resume.phase_started)
         self._phase_seconds = dict(resume.phase_seconds)
         self._lost_declared = resume.target_declared_lost
+        self._staging_queue = resume.staging_queue
+        self._staging_gen = resume.staging_gen
+        self._home_chosen = resume.staging_queue is not None
         if resume.documents is not None:
             self._result_kw["documents"] = resume.documents
         if resume.verified is not None:

@@ -140,10 +140,17 @@ def copy_from_sql(collection: str) -> sql.Composed:
 
 
 def forget_parts(dsn: str, migration_id: str) -> int:
-    """Delete a finished (or abandoned) migration's import-progress rows; returns how many."""
+    """Delete a finished (or abandoned) migration's import-progress rows; returns how many.
+
+    Those of its restaged copies (``{migration_id}.g{N}``: a copy redone on another worker)
+    go too."""
+    check_migration_id(migration_id)
+    prefix = f"{migration_id}.g"
     with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute("DELETE FROM shardshift.import_parts WHERE migration_id = %s",
-                           (migration_id,))
+        cur = conn.execute(
+            "DELETE FROM shardshift.import_parts WHERE migration_id = %s OR "
+            "(starts_with(migration_id, %s) AND substr(migration_id, %s) ~ '^[0-9]+$')",
+            (migration_id, prefix, len(prefix) + 1))
         return cur.rowcount
 
 

@@ -19,7 +19,12 @@ from settings import DatabaseSettings, InfraSettings
 from shards.errors import InvalidNameError
 from shards.models import KHASH_MIN, FenceState, KeyRange
 from shards.postgres import PostgresShard
-from shards.postgres.bulk_import import StagedPartError, encode_copy_rows, import_parts
+from shards.postgres.bulk_import import (
+    StagedPartError,
+    encode_copy_rows,
+    forget_parts,
+    import_parts,
+)
 from shards.postgres.checksum import checksum_range, diff_checksums, recopy_range
 from shards.postgres.provision import provision_shard
 from shards.postgres.range_delete import DeleteProgress, LiveChunkError, delete_range
@@ -330,3 +335,43 @@ def test_staging_on_an_arrow_filesystem_uri():
     assert mem.parts("m1") == [3]
     mem.remove("m1")
     assert mem.parts("m1") == []
+
+
+async def test_copy_redone_on_another_host_needs_a_fresh_staging_id(pg18_dsns, collection_name):
+    """A copy redone on another worker (its staging private to the lost host) plans its parts
+    anew: the row count changed meanwhile. Imported under the same id, the target's progress
+    rows from the old plan mark new parts as done and their rows are lost; under a fresh id
+    (``{migration}.g1``, as the workflow's pinned copy does) every sub-range is reloaded."""
+    src, naive, restaged = pg18_dsns[0], pg18_dsns[1], pg18_dsns[2]
+    for dsn in (src, naive, restaged):
+        await prepare(dsn, collection_name)
+    load_docs(src, collection_name, make_docs(60))
+    host_a, host_b = owned_state_dir("staging-a"), owned_state_dir("staging-b")
+    try:
+        lost_host, survivor = Staging(host_a), Staging(host_b)
+        export_chunk(src, collection_name, FULL, lost_host, "mv.1", target_part_rows=20)
+
+        def die_in_second_part(p) -> None:
+            if p.part_in_flight == 1 and p.parts_done == 1:
+                raise RuntimeError("host lost")
+
+        for dst in (naive, restaged):
+            with pytest.raises(RuntimeError):
+                import_parts(dst, collection_name, lost_host, "mv.1",
+                             progress=die_in_second_part)
+        load_docs(src, collection_name, make_docs(60, tag="later"))
+
+        export_chunk(src, collection_name, FULL, survivor, "mv.1", target_part_rows=20)
+        import_parts(naive, collection_name, survivor, "mv.1")
+        assert len(read_docs(naive, collection_name)) < 120, "old-plan part 0 hid new rows"
+
+        export_chunk(src, collection_name, FULL, survivor, "mv.1.g1", target_part_rows=20)
+        import_parts(restaged, collection_name, survivor, "mv.1.g1")
+        assert len(read_docs(restaged, collection_name)) == 120
+        assert diff_checksums(checksum_range(src, collection_name, FULL, buckets=16),
+                              checksum_range(restaged, collection_name, FULL, buckets=16)) == []
+        # mv.1's part 0 (the old plan) and the six parts of mv.1.g1 are forgotten together.
+        assert forget_parts(restaged, "mv.1") == 7
+    finally:
+        shutil.rmtree(host_a, ignore_errors=True)
+        shutil.rmtree(host_b, ignore_errors=True)

@@ -62,6 +62,8 @@ class WorkerProcess:
             "SHARDSHIFT_TEMPORAL__TASK_QUEUE": s.temporal.task_queue,
             "PYTHONUNBUFFERED": "1",
         })
+        if s.staging_shared is not None:
+            env["SHARDSHIFT_STAGING_SHARED"] = str(s.staging_shared).lower()
         env.update(self.extra_env)
         return env
 
@@ -289,6 +291,14 @@ class Gate:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.release()
+
+
+async def import_gate(target_dsn: str) -> Gate:
+    """Hold the importer between parts: its next part's progress row cannot be written."""
+    conn = await psycopg.AsyncConnection.connect(target_dsn, autocommit=True)
+    await conn.execute("BEGIN")
+    await conn.execute("LOCK TABLE shardshift.import_parts IN SHARE ROW EXCLUSIVE MODE")
+    return Gate(conn)
 
 
 async def freeze_marker_gate(target_dsn: str) -> Gate:

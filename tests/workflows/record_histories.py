@@ -221,6 +221,22 @@ async def move_completed(ctx: Ctx) -> dict[str, WorkflowHistory]:
     return {"move_completed": await handle.fetch_history()}
 
 
+async def move_pinned_completed(ctx: Ctx) -> dict[str, WorkflowHistory]:
+    """The happy path with staging private to the worker's host (patch ``pinned-staging``):
+    ``staging_home`` names the worker's own queue, where the copy runs and is released."""
+    d = await ctx.deployment("move_pinned_completed")
+    handle, _ = await ctx.move(d, "move_pinned_completed")
+    result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+    assert result.outcome == MigrationOutcome.COMPLETED, result
+    history = await handle.fetch_history()
+    pinned = [e.activity_task_scheduled_event_attributes.task_queue.name for e in history.events
+              if e.HasField("activity_task_scheduled_event_attributes")
+              and e.activity_task_scheduled_event_attributes.activity_type.name
+              == "migrate.release_staging"]
+    assert len(pinned) == 1 and ".host." in pinned[0], pinned
+    return {"move_pinned_completed": history}
+
+
 async def move_rolled_back(ctx: Ctx) -> dict[str, WorkflowHistory]:
     """A move with a rollback window, rolled back through the reverse stream."""
     d = await ctx.deployment("move_rolled_back")
@@ -361,6 +377,9 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     "move_completed": Scenario(move_completed, {
         "move_completed": Recorded("MigrateChunkWorkflow", COMPLETED, outcome="completed")}),
+    "move_pinned_completed": Scenario(move_pinned_completed, {
+        "move_pinned_completed": Recorded("MigrateChunkWorkflow", COMPLETED,
+                                          outcome="completed")}),
     "move_rolled_back": Scenario(move_rolled_back, {
         "move_rolled_back": Recorded("MigrateChunkWorkflow", COMPLETED, outcome="rolled_back")}),
     "move_cancelled_before_commit": Scenario(move_cancelled_before_commit, {
@@ -424,7 +443,9 @@ async def recording_stack() -> AsyncIterator[Ctx]:
         await asyncio.to_thread(up_and_provision, stack)
         record = stack.record()
         assert record is not None
-        dsns = [stack.instance(s).dsn() for s in record.servers if s.role == "shard"]
+        # As the mover role, like the tests' ``pg18_dsns``: collections provisioned as the
+        # superuser would not be the mover's, and a move's DDL on them would be refused.
+        dsns = [stack.dsn(s.name, "mover") for s in record.servers if s.role == "shard"]
         client = await Client.connect(stack.temporal.address,
                                       data_converter=pydantic_data_converter)
         settings = Settings(catalog_dsn=stack.catalog_dsn, staging_url=str(staging),

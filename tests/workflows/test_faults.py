@@ -36,6 +36,7 @@ from tests.workflows.procs import (
     activity_runs,
     count_rows,
     freeze_marker_gate,
+    import_gate,
     phase_index,
     poll_progress,
     preload_chunk,
@@ -68,7 +69,10 @@ KILLED_IN = {"snapshot": "migrate.snapshot", "import": "migrate.bulk_import",
 
 
 def two_workers(settings: Settings, tmp_path: Path, hold: LagHold) -> list[WorkerProcess]:
-    return [WorkerProcess(settings, tmp_path / f"worker-{i}.log", hold.env).start()
+    # Both use one staging directory on this host: shared, so either may take a retry over
+    # (workers with staging of their own are ``test_many_hosts``).
+    shared = settings.model_copy(update={"staging_shared": True})
+    return [WorkerProcess(shared, tmp_path / f"worker-{i}.log", hold.env).start()
             for i in range(2)]
 
 
@@ -138,14 +142,6 @@ async def test_worker_killed(phase: str, deployment: Deployment, worker_settings
             await gate.release()
         for w in workers:
             w.kill()
-
-
-async def import_gate(target_dsn: str) -> Gate:
-    """Hold the importer between parts: its next part's progress row cannot be written."""
-    conn = await psycopg.AsyncConnection.connect(target_dsn, autocommit=True)
-    await conn.execute("BEGIN")
-    await conn.execute("LOCK TABLE shardshift.import_parts IN SHARE ROW EXCLUSIVE MODE")
-    return Gate(conn)
 
 
 class WritesBlockedError(AssertionError):
