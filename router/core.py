@@ -35,7 +35,8 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from bisect import bisect_left
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import bson
@@ -55,7 +56,7 @@ from router.errors import (
 )
 from router.hashing import khash
 from router.route_cache import RouteCache, RouteSource
-from router.routes import CollectionRoute
+from router.routes import CollectionRoute, CollectionSummary
 from settings import RouterSettings
 from shards import errors as serr
 from shards.codec import encode_value
@@ -66,6 +67,7 @@ from shards.errors import (
     KeyOutsideChunkError,
     ShardConnectionLostError,
 )
+from shards.models import KHASH_END, KHASH_MIN
 
 T = TypeVar("T")
 _MISSING = object()
@@ -431,3 +433,78 @@ class Router(RouteCache):
                                              timeout=timeout)
         except (InvalidDocumentError, InvalidNameError) as exc:
             raise BadRequestError(str(exc)) from exc
+
+    # -- scans (the MongoDB front end's queries) ---------------------------------------------
+
+    async def scan(
+        self, collection: str, *, ids: Sequence[Any] | None = None, field: str | None = None,
+        values: Sequence[Any] | None = None, key_values: Sequence[Any] | None = None,
+        page_size: int = 500,
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The collection's documents in pages, in (khash, _id) order, never all at once.
+
+        Chunk by chunk, in khash order, each page one fenced keyset statement (the rows after
+        the last (khash, id) read): a page a fence refuses reloads the map and is read again
+        from the same position, from whichever chunk holds it now, so a scan that meets a
+        cutover (or a split) neither misses nor repeats a document. Narrowed on the shard by
+        ``ids`` (``_id`` equals one of them), ``field``/``values`` (an indexed field equals one
+        of them, as stored) or ``key_values`` (shard key values: only the chunks holding
+        their khashes are read). The caller applies its full filter to what comes back.
+        """
+        if not 1 <= page_size <= 10_000:
+            raise BadRequestError("page_size must be from 1 to 10000")
+        await self.route(collection)
+        hashes = sorted({self._hash(v) for v in key_values}) if key_values is not None else None
+        pos: tuple[int, str] = (KHASH_MIN, "")
+        while True:
+            if hashes is not None:
+                i = bisect_left(hashes, pos[0])
+                if i == len(hashes):
+                    return
+                if hashes[i] > pos[0]:
+                    pos = (hashes[i], "")
+            at = pos
+
+            async def page(r: CollectionRoute, t: float, at: tuple[int, str] = at
+                           ) -> tuple[int, list[tuple[int, str, dict[str, Any]]]]:
+                c = r.lookup(at[0])
+                shard = await self.shard(c.shard_id, t)
+                try:
+                    rows = await shard.scan_page(
+                        collection, [c.ref], at, page_size, ids=ids, field=field,
+                        values=values, khashes=hashes, timeout=t)
+                except (InvalidDocumentError, InvalidNameError) as exc:
+                    raise BadRequestError(str(exc)) from exc
+                return c.range.hi, rows
+
+            hi, rows = await self._run(collection, "scan", page, read_only=True)
+            if rows:
+                yield [doc for _, _, doc in rows]
+                pos = (rows[-1][0], rows[-1][1])
+            if len(rows) < page_size:
+                if hi >= KHASH_END:
+                    return
+                pos = (hi, "")
+
+    async def count(self, collection: str) -> int:
+        """The collection's exact document count: one fenced count per shard, gathered."""
+
+        async def op(r: CollectionRoute, t: float) -> int:
+            async def leg(shard_id: str, refs: list[Any]) -> int:
+                return await (await self.shard(shard_id, t)).count_chunks(
+                    collection, refs, timeout=t)
+
+            counts = await asyncio.gather(*(leg(sid, [c.ref for c in chunks])
+                                            for sid, chunks in r.by_shard().items()))
+            return sum(counts)
+
+        return await self._run(collection, "count", op, read_only=True)
+
+    async def collections(self) -> list[CollectionSummary]:
+        """Every collection the catalog holds, with its chunk statistics."""
+        if self._closed:
+            raise RouterClosedError("the router is closed")
+        try:
+            return await self.source.collections(timeout=self.settings.retry_deadline_s)
+        except (TimeoutError, OSError, psycopg.OperationalError) as exc:
+            raise RouteUnavailableError(f"the catalog cannot list collections: {exc}") from exc

@@ -77,3 +77,16 @@ class CollectionRoute(BaseModel):
         for c in self.chunks:
             out.setdefault(c.shard_id, []).append(c)
         return out
+
+
+class CollectionSummary(BaseModel):
+    """What the catalog knows of one collection, for listings (not for routing): its shard
+    key, and its chunks' last measured statistics (estimates; 0 when never measured)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    shard_key: str
+    chunks: int
+    size_bytes: int
+    doc_count: int
