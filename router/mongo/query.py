@@ -42,6 +42,8 @@ from router.mongo.ordering import (
     values_at,
 )
 from router.routes import CollectionRoute
+from shards.codec import check_storable
+from shards.errors import InvalidDocumentError
 
 _MISSING = MISSING
 MAX_DEPTH = 100
@@ -454,16 +456,23 @@ def pinned(route: CollectionRoute, f: Filter) -> tuple[Any, Any] | None:
         return None
     if not (_storable(key) and _storable(_id)) or is_number(key) or is_number(_id):
         return None
-    if isinstance(key, Mapping):
-        return None
+    if isinstance(key, Mapping) or _variants((key, _id)) != [key, _id]:
+        return None  # a value no document can hold: the scan finds nothing, as it should
     return key, _id
 
 
 def _variants(values: tuple[Any, ...]) -> list[Any] | None:
+    """What to look for where values are stored by type; None when a value can also match
+    what is not stored (null: a missing field). A value no document can hold (a string
+    with NUL) is left out: it matches nothing."""
     out: list[Any] = []
     for v in values:
         if not _storable(v):
             return None
+        try:
+            check_storable(v)
+        except InvalidDocumentError:
+            continue
         out.extend(numeric_variants(v))
     return out
 

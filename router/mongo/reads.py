@@ -70,7 +70,8 @@ async def _sorted(pages: AsyncIterator[list[dict[str, Any]]], spec: SortSpec,
             size = len(bson.encode(doc))
             held.append((size, doc))
             used += size
-        if keep is not None and len(held) > 2 * keep + _PAGE:
+        if keep is not None and len(held) > keep and (
+                len(held) > 2 * keep + _PAGE or used > SORT_MAX_BYTES):
             held.sort(key=lambda sd: key(sd[1]))
             del held[keep:]
             used = sum(sz for sz, _ in held)

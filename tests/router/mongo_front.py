@@ -20,8 +20,11 @@ from settings import DEV_MONGO_PASSWORD, DEV_MONGO_USER, RouterSettings
 class MongoFront:
     """A router and its MongoDB front end, served from a background thread's event loop."""
 
-    def __init__(self, catalog_reader_dsn: str, settings: RouterSettings) -> None:
+    def __init__(self, catalog_reader_dsn: str, settings: RouterSettings, *,
+                 listen: bool = True) -> None:
         self.catalog_reader_dsn = catalog_reader_dsn
+        self.listen = listen
+        """False: the router never hears of catalog changes (only fences tell it)."""
         self.settings = settings
         self.port = 0
         self.loop = asyncio.new_event_loop()
@@ -44,7 +47,7 @@ class MongoFront:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        source = CatalogRouteSource.from_dsn(self.catalog_reader_dsn)
+        source = CatalogRouteSource.from_dsn(self.catalog_reader_dsn, listen=self.listen)
         async with Router(source, self.settings) as router:
             self.router = router
             self.server = await MongoServer(router, self.settings).start("127.0.0.1", 0)
@@ -84,8 +87,9 @@ class MongoFront:
 
 
 @contextmanager
-def mongo_front(catalog_reader_dsn: str, settings: RouterSettings) -> Iterator[MongoFront]:
-    front = MongoFront(catalog_reader_dsn, settings).start()
+def mongo_front(catalog_reader_dsn: str, settings: RouterSettings, *,
+                listen: bool = True) -> Iterator[MongoFront]:
+    front = MongoFront(catalog_reader_dsn, settings, listen=listen).start()
     try:
         yield front
     finally:
