@@ -105,7 +105,11 @@ async def open_cursor(s: Session, ns: str, pages: AsyncIterator[list[dict[str, A
     """Read the first batch; keep the cursor if more may follow. The ``cursor`` reply."""
     cur = Cursor(0, ns, s.user, pages, limit)
     size = DEFAULT_FIRST_BATCH if first_batch is None else first_batch
-    docs = await cur.batch(size)
+    try:
+        docs = await cur.batch(size)
+    except BaseException:
+        await cur.close()
+        raise
     if single or cur.done:
         await cur.close()
         return {"cursor": {"id": bson.Int64(0), "ns": ns, "firstBatch": docs}}

@@ -22,11 +22,14 @@ from router.mongo.errors import CODES, MongoError
 from router.mongo.query import Filter, iterate_matching, matches, parse_filter
 from router.mongo.registry import Sequences, Session, command
 from router.mongo.shape import Projection, SortSpec, parse_projection, parse_sort, sort_key_fn
+from shards.errors import InvalidNameError
+from shards.names import check_collection
 
 CODES.setdefault("Location40324", 40324)  # MongoDB's "Unrecognized pipeline stage name"
 
 SORT_MAX_BYTES = 100 * 1024 * 1024
 _PAGE = 500
+_MAX_NS_BYTES = 255
 
 _FIND_UNSUPPORTED = ("min", "max", "returnKey", "showRecordId", "tailable", "awaitData",
                      "oplogReplay", "let")
@@ -87,10 +90,22 @@ async def _sorted(pages: AsyncIterator[list[dict[str, Any]]], spec: SortSpec,
         yield docs[i:i + _PAGE]
 
 
+def _coll(s: Session, db: str, cmd: dict[str, Any], name: str) -> str:
+    """The collection a read names; InvalidNamespace (73) for a name MongoDB refuses."""
+    coll = collection_arg(s, db, cmd, name)
+    if "\x00" in coll or "$" in coll or len(f"{db}.{coll}".encode()) > _MAX_NS_BYTES:
+        raise MongoError("InvalidNamespace",
+                         f"Invalid collection name: {coll[:100]!r} (no '$' or NUL, and the "
+                         f"namespace at most {_MAX_NS_BYTES} bytes)")
+    return coll
+
+
 async def _exists(s: Session, coll: str) -> bool:
+    """Does the collection exist? A name no shardshift collection can have does not."""
     try:
+        check_collection(coll)
         await s.router.route(coll)
-    except UnknownCollectionError:
+    except (UnknownCollectionError, InvalidNameError):
         return False
     return True
 
@@ -106,7 +121,7 @@ def _check_find(cmd: dict[str, Any]) -> None:
 
 @command("find")
 async def find(s: Session, db: str, cmd: dict[str, Any], seqs: Sequences) -> dict[str, Any]:
-    coll = collection_arg(s, db, cmd, "find")
+    coll = _coll(s, db, cmd, "find")
     ns = f"{db}.{coll}"
     _check_find(cmd)
     f = parse_filter(cmd.get("filter"))
@@ -151,7 +166,7 @@ async def get_more(s: Session, db: str, cmd: dict[str, Any], seqs: Sequences
 @command("killCursors")
 async def kill_cursors(s: Session, db: str, cmd: dict[str, Any], seqs: Sequences
                        ) -> dict[str, Any]:
-    coll = collection_arg(s, db, cmd, "killCursors")
+    coll = _coll(s, db, cmd, "killCursors")
     ids = cmd.get("cursors")
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
                                             for i in ids):
@@ -173,7 +188,7 @@ async def _count(s: Session, coll: str, f: Filter, skip: int, limit: int | None)
 
 @command("count")
 async def count(s: Session, db: str, cmd: dict[str, Any], seqs: Sequences) -> dict[str, Any]:
-    coll = collection_arg(s, db, cmd, "count")
+    coll = _coll(s, db, cmd, "count")
     f = parse_filter(cmd.get("query"))
     skip = int_arg(cmd, "skip", 0)
     limit = _signed_int(cmd, "limit")
@@ -227,7 +242,7 @@ async def aggregate(s: Session, db: str, cmd: dict[str, Any], seqs: Sequences
                     ) -> dict[str, Any]:
     if not isinstance(cmd.get("aggregate"), str):
         raise MongoError("NotImplemented", "collectionless aggregate is not supported")
-    coll = collection_arg(s, db, cmd, "aggregate")
+    coll = _coll(s, db, cmd, "aggregate")
     ns = f"{db}.{coll}"
     if not isinstance(cmd.get("cursor"), dict) and not cmd.get("explain"):
         raise MongoError("FailedToParse", "The 'cursor' option is required, except for "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -17,7 +18,7 @@ from pymongo.errors import CursorNotFound, OperationFailure
 
 from catalog.admin import split_chunk
 from router.hashing import khash
-from router.mongo import reads
+from router.mongo import cursors, reads
 from router.mongo.cursors import BATCH_BYTES
 from settings import MongoUser
 from tests.router.conftest import Deployment, router_settings
@@ -338,3 +339,43 @@ async def itertools_take(cursor: Any, n: int) -> Any:
     """The first ``n`` documents of an async cursor, leaving it open."""
     for _ in itertools.repeat(None, n):
         yield await cursor.next()
+
+
+def test_hostile_collection_names(mongo: MongoFront, deployment: Deployment) -> None:
+    with mongo.client() as client:
+        client.shardshift[deployment.collection].insert_one({"_id": 1, "acct": "a"})
+        db = client.shardshift
+        for name in ("a$b", "$x", "a\x00b", "x" * 300):
+            for cmd in ({"find": name}, {"count": name},
+                        {"aggregate": name, "pipeline": [], "cursor": {}}):
+                with pytest.raises(OperationFailure) as err:
+                    db.command(cmd)
+                assert err.value.code == 73, (name, cmd)
+        # names MongoDB allows but no collection has: empty, as for any missing collection
+        for name in ("a.b", "system.views", "é", "x" * 200, "1abc"):
+            assert list(db[name].find({})) == [] and db[name].count_documents({}) == 0
+        assert db[deployment.collection].count_documents({}) == 1
+
+
+def test_idle_cursors_expire_and_open_cursors_are_bounded(
+        mongo: MongoFront, deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    with mongo.client() as client:
+        client.shardshift[deployment.collection].insert_many(corpus(10))
+        find = {"find": deployment.collection, "batchSize": 1}
+        cid = client.shardshift.command(find)["cursor"]["id"]
+        assert mongo.server is not None
+        ctx = mongo.server.context
+        # Ten minutes and a second later (MongoDB's idle timeout), the cursor is gone.
+        closed = mongo.run(cursors.expire_idle(ctx, time.monotonic() + cursors.IDLE_S + 1))
+        assert closed == 1 and cursors.open_count(ctx) == 0
+        with pytest.raises(CursorNotFound):
+            client.shardshift.command({"getMore": cid, "collection": deployment.collection})
+        monkeypatch.setattr(cursors, "MAX_CURSORS", 2)
+        kept = [client.shardshift.command(find)["cursor"]["id"] for _ in range(2)]
+        with pytest.raises(OperationFailure) as err:
+            client.shardshift.command(find)
+        assert err.value.code == 96 and "too many open cursors" in str(err.value)
+        # a query that needs no cursor still runs, and a closed cursor frees its place
+        assert len(list(client.shardshift[deployment.collection].find({}))) == 10
+        client.shardshift.command({"killCursors": deployment.collection, "cursors": kept[:1]})
+        assert client.shardshift.command(find)["cursor"]["id"] != 0
