@@ -138,7 +138,8 @@ def run(catalog_dsn: str, catalog_reader_dsn: str, shard_dsns: dict[str, str], d
     with _Front(catalog_reader_dsn) as front:
         uri = (f"mongodb://{DEV_MONGO_USER}:{DEV_MONGO_PASSWORD}@127.0.0.1:{front.port}/"
                "?authSource=admin")
-        with MongoClient(uri) as client:
+        client: MongoClient[dict[str, Any]] = MongoClient(uri)
+        with client:
             coll = client.shardshift[COLLECTION]
             t = time.perf_counter()
             for i in range(0, docs, 1000):

@@ -152,12 +152,18 @@ class DocumentStatements:
 
 
     def scan_sql(self, where: str | None = None, *, by_hash: bool = False) -> bytes:
-        """Keyset page of one chunk (or several on this shard), fenced like ``find_field_sql``:
-        rows of the given chunks after ``(lh, li)`` in (khash, id) order, at most ``n``, as three
-        arrays (khash, id, document text; NULL when there is none). ``where`` narrows it: ``"_id"`` (its stored text in ``ids``) or a validated
-        field path (its value in ``vs``, pushed down to an expression index); ``by_hash`` keeps
-        rows whose khash is in ``hs`` (a shard key pinned by equality or ``$in``)."""
-        cond: list[sql.Composable] = [sql.SQL("(d.khash, d.id) > (%(lh)s::bigint, %(li)s::text)")]
+        """Keyset page of one chunk, fenced like ``get``: its rows after ``(lh, li)`` in
+        (khash, id) order, at most ``n``, as three arrays (khash, id, document text; NULL
+        when there is none). The chunk's bounds come from its fence row, so the page walks
+        the primary key in order and stops after ``n`` rows. ``where`` narrows it:
+        ``"_id"`` (its stored text in ``ids``) or a validated field path (its value in
+        ``vs``, as an expression index holds it); ``by_hash`` keeps rows whose khash is in
+        ``hs`` (a shard key pinned by equality or ``$in``)."""
+        cond: list[sql.Composable] = [
+            sql.SQL("d.khash >= (SELECT lo FROM cf)"),
+            sql.SQL("d.khash <= coalesce((SELECT hi FROM cf) - 1, 9223372036854775807)"),
+            sql.SQL("(d.khash, d.id) > (%(lh)s::bigint, %(li)s::text)"),
+        ]
         if by_hash:
             cond.append(sql.SQL("d.khash = ANY(%(hs)s::bigint[])"))
         if where == "_id":
@@ -166,17 +172,15 @@ class DocumentStatements:
             cond.append(sql.SQL("{} = ANY(%(vs)s::jsonb[])").format(
                 field_expr(check_field_path(where), "doc")))
         return sql.SQL(
-            "WITH f AS MATERIALIZED ("
-            "  SELECT shardshift.fence_check(%(c)s, u.k, u.t, NULL, false) AS ok"
-            "  FROM unnest(%(ks)s::bigint[], %(ts)s::bigint[]) AS u(k, t))"
-            " SELECT (SELECT count(*) FROM f), array_agg(p.khash ORDER BY p.khash, p.id),"
+            "WITH f AS MATERIALIZED ({r}),"
+            " cf AS MATERIALIZED (SELECT lo, hi FROM shardshift.chunk_fence"
+            "  WHERE collection = %(c)s AND chunk_id = %(k)s::bigint)"
+            " SELECT (SELECT ok FROM f), array_agg(p.khash ORDER BY p.khash, p.id),"
             "  array_agg(p.id ORDER BY p.khash, p.id), array_agg(p.doc ORDER BY p.khash, p.id)"
-            " FROM (SELECT d.khash, d.id, d.doc::text AS doc"
-            "   FROM {t} d JOIN shardshift.chunk_fence cf"
-            "   ON cf.collection = %(c)s AND cf.chunk_id = ANY(%(ks)s::bigint[])"
-            "   AND d.khash >= cf.lo AND (cf.hi IS NULL OR d.khash < cf.hi)"
+            " FROM (SELECT d.khash, d.id, d.doc::text AS doc FROM {t} d"
             "   WHERE {cond} ORDER BY d.khash, d.id LIMIT %(n)s) AS p"
-        ).format(t=self._t, cond=sql.SQL(" AND ").join(cond)).as_bytes(None)
+        ).format(r=sql.SQL(_FENCE_R), t=self._t,
+                 cond=sql.SQL(" AND ").join(cond)).as_bytes(None)
 
     def count_sql(self) -> bytes:
         """Fenced count of the documents of the given chunks (all on this shard)."""

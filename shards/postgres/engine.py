@@ -379,35 +379,31 @@ class PostgresShard:
         return D.decode_many(docs)
 
     async def scan_page(
-        self, collection: str, refs: Sequence[FenceRef], after: tuple[int, str], limit: int,
+        self, collection: str, ref: FenceRef, after: tuple[int, str], limit: int,
         *, ids: Sequence[Any] | None = None, field: str | None = None,
         values: Sequence[Any] | None = None, khashes: Sequence[int] | None = None,
         timeout: float | None = None,
     ) -> list[tuple[int, str, dict[str, Any]]]:
-        """One fenced keyset page of the given chunks (all on this shard): up to ``limit``
-        documents after ``after`` = (khash, id text) in (khash, id) order, as
-        (khash, id text, document). ``ids`` keeps documents whose ``_id`` is one of them;
-        ``field``/``values`` those whose field equals one of the values (as stored: the
-        caller filters further); ``khashes`` those whose khash is one of them."""
-        if not refs:
-            return []
+        """One fenced keyset page of a chunk: up to ``limit`` documents after ``after`` =
+        (khash, id text) in (khash, id) order, as (khash, id text, document). ``ids`` keeps
+        documents whose ``_id`` is one of them; ``field``/``values`` those whose field equals
+        one of the values (as stored: the caller filters further); ``khashes`` those whose
+        khash is one of them."""
         where = "_id" if ids is not None else field
         key = (collection, "scan", where, khashes is not None)
         query = self._find_sql.get(key) if where is None or isinstance(where, str) else None
         if query is None:
             query = self._find_sql[key] = self._st(collection).scan_sql(
                 where, by_hash=khashes is not None)
-        params: dict[str, Any] = {
-            "c": collection, "ks": [r.chunk_id for r in refs], "ts": [r.token for r in refs],
-            "lh": after[0], "li": after[1], "n": limit,
-        }
+        params = D.fence_params(collection, ref, None) | {
+            "lh": after[0], "li": after[1], "n": limit}
         if ids is not None:
             params["ids"] = [encode_value(v) for v in ids]
-        if field is not None and ids is None:
+        elif field is not None:
             params["vs"] = [encode_value(v) for v in values or ()]
         if khashes is not None:
             params["hs"] = list(khashes)
-        _, hs, idl, docs = await self._run(query, params, collection, refs[0].chunk_id, timeout)
+        _, hs, idl, docs = await self._run(query, params, collection, ref.chunk_id, timeout)
         if not hs:
             return []
         return [(h, i, decode_document(d)) for h, i, d in zip(hs, idl, docs, strict=True)]
