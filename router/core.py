@@ -471,7 +471,7 @@ class Router(RouteCache):
                 shard = await self.shard(c.shard_id, t)
                 try:
                     rows = await shard.scan_page(
-                        collection, c.ref, at, page_size, ids=ids, field=field,
+                        collection, c.ref, c.range, at, page_size, ids=ids, field=field,
                         values=values, khashes=hashes, timeout=t)
                 except (InvalidDocumentError, InvalidNameError) as exc:
                     raise BadRequestError(str(exc)) from exc

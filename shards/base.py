@@ -76,7 +76,8 @@ class DocumentShard(Protocol):
         limit: int = 1000,
     ) -> list[dict[str, Any]]: ...
     async def scan_page(
-        self, collection: str, ref: FenceRef, after: tuple[int, str], limit: int,
+        self, collection: str, ref: FenceRef, key_range: KeyRange, after: tuple[int, str],
+        limit: int,
         *, ids: Sequence[Any] | None = None, field: str | None = None,
         values: Sequence[Any] | None = None, khashes: Sequence[int] | None = None,
     ) -> list[tuple[int, str, dict[str, Any]]]: ...

@@ -152,17 +152,20 @@ class DocumentStatements:
 
 
     def scan_sql(self, where: str | None = None, *, by_hash: bool = False) -> bytes:
-        """Keyset page of one chunk, fenced like ``get``: its rows after ``(lh, li)`` in
-        (khash, id) order, at most ``n``, as three arrays (khash, id, document text; NULL
-        when there is none). The chunk's bounds come from its fence row, so the page walks
-        the primary key in order and stops after ``n`` rows. ``where`` narrows it:
-        ``"_id"`` (its stored text in ``ids``) or a validated field path (its value in
-        ``vs``, as an expression index holds it); ``by_hash`` keeps rows whose khash is in
-        ``hs`` (a shard key pinned by equality or ``$in``)."""
+        """Keyset page of one chunk: its rows after ``(lh, li)`` in (khash, id) order, at most
+        ``n``, as three arrays (khash, id, document text; NULL when there is none).
+
+        Fenced like ``get``, and the fence row must also have the range the caller read the
+        chunk at (``lo``, ``hi``; else a fence rejection), so the page's bounds are plain
+        parameters: the planner walks the primary key in order from ``(lh, li)`` and stops
+        after ``n`` rows (bounds read from the fence row in the statement made it scan and
+        sort the whole rest of the chunk for every page). The caller's position is inside
+        the chunk. ``where`` narrows the page: ``"_id"`` (its stored text in ``ids``) or a
+        validated field path (its value in ``vs``, as an expression index holds it);
+        ``by_hash`` keeps rows whose khash is in ``hs`` (a shard key pinned by ``$in``)."""
         cond: list[sql.Composable] = [
-            sql.SQL("d.khash >= (SELECT lo FROM cf)"),
-            sql.SQL("d.khash <= coalesce((SELECT hi FROM cf) - 1, 9223372036854775807)"),
             sql.SQL("(d.khash, d.id) > (%(lh)s::bigint, %(li)s::text)"),
+            sql.SQL("d.khash <= %(top)s::bigint"),
         ]
         if by_hash:
             cond.append(sql.SQL("d.khash = ANY(%(hs)s::bigint[])"))
@@ -172,15 +175,18 @@ class DocumentStatements:
             cond.append(sql.SQL("{} = ANY(%(vs)s::jsonb[])").format(
                 field_expr(check_field_path(where), "doc")))
         return sql.SQL(
-            "WITH f AS MATERIALIZED ({r}),"
-            " cf AS MATERIALIZED (SELECT lo, hi FROM shardshift.chunk_fence"
-            "  WHERE collection = %(c)s AND chunk_id = %(k)s::bigint)"
+            "WITH f AS MATERIALIZED ("
+            "  SELECT CASE WHEN cf.token = %(t)s::bigint AND cf.state = 'active'"
+            "   AND cf.lo = %(lo)s::bigint AND cf.hi IS NOT DISTINCT FROM %(hi)s::bigint"
+            "   THEN true ELSE shardshift.fence_reject(%(c)s, %(k)s::bigint, %(t)s::bigint, NULL)"
+            "   END AS ok"
+            "  FROM (SELECT 1) AS one LEFT JOIN shardshift.chunk_fence AS cf"
+            "  ON cf.collection = %(c)s AND cf.chunk_id = %(k)s::bigint)"
             " SELECT (SELECT ok FROM f), array_agg(p.khash ORDER BY p.khash, p.id),"
             "  array_agg(p.id ORDER BY p.khash, p.id), array_agg(p.doc ORDER BY p.khash, p.id)"
             " FROM (SELECT d.khash, d.id, d.doc::text AS doc FROM {t} d"
             "   WHERE {cond} ORDER BY d.khash, d.id LIMIT %(n)s) AS p"
-        ).format(r=sql.SQL(_FENCE_R), t=self._t,
-                 cond=sql.SQL(" AND ").join(cond)).as_bytes(None)
+        ).format(t=self._t, cond=sql.SQL(" AND ").join(cond)).as_bytes(None)
 
     def count_sql(self) -> bytes:
         """Fenced count of the documents of the given chunks (all on this shard)."""

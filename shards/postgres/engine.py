@@ -379,12 +379,14 @@ class PostgresShard:
         return D.decode_many(docs)
 
     async def scan_page(
-        self, collection: str, ref: FenceRef, after: tuple[int, str], limit: int,
+        self, collection: str, ref: FenceRef, key_range: KeyRange, after: tuple[int, str],
+        limit: int,
         *, ids: Sequence[Any] | None = None, field: str | None = None,
         values: Sequence[Any] | None = None, khashes: Sequence[int] | None = None,
         timeout: float | None = None,
     ) -> list[tuple[int, str, dict[str, Any]]]:
-        """One fenced keyset page of a chunk: up to ``limit`` documents after ``after`` =
+        """One fenced keyset page of a chunk (at ``ref`` and ``key_range``, as the caller's
+        map has it; ``after`` inside it): up to ``limit`` documents after ``after`` =
         (khash, id text) in (khash, id) order, as (khash, id text, document). ``ids`` keeps
         documents whose ``_id`` is one of them; ``field``/``values`` those whose field equals
         one of the values (as stored: the caller filters further); ``khashes`` those whose
@@ -396,7 +398,8 @@ class PostgresShard:
             query = self._find_sql[key] = self._st(collection).scan_sql(
                 where, by_hash=khashes is not None)
         params = D.fence_params(collection, ref, None) | {
-            "lh": after[0], "li": after[1], "n": limit}
+            "lo": key_range.lo, "hi": key_range.sql_hi,
+            "top": key_range.hi - 1, "lh": after[0], "li": after[1], "n": limit}
         if ids is not None:
             params["ids"] = [encode_value(v) for v in ids]
         elif field is not None:
