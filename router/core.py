@@ -441,7 +441,8 @@ class Router(RouteCache):
         values: Sequence[Any] | None = None, key_values: Sequence[Any] | None = None,
         page_size: int = 500,
     ) -> AsyncIterator[list[dict[str, Any]]]:
-        """The collection's documents in pages, in (khash, _id) order, never all at once.
+        """The collection's documents in pages (at most ``page_size`` documents and, past
+        the first, about 4 MiB), in (khash, _id) order, never all at once.
 
         Chunk by chunk, in khash order, each page one fenced keyset statement (the rows after
         the last (khash, id) read): a page a fence refuses reloads the map and is read again
@@ -466,22 +467,22 @@ class Router(RouteCache):
             at = pos
 
             async def page(r: CollectionRoute, t: float, at: tuple[int, str] = at
-                           ) -> tuple[int, list[tuple[int, str, dict[str, Any]]]]:
+                           ) -> tuple[int, list[tuple[int, str, dict[str, Any]]], bool]:
                 c = r.lookup(at[0])
                 shard = await self.shard(c.shard_id, t)
                 try:
-                    rows = await shard.scan_page(
+                    rows, more = await shard.scan_page(
                         collection, c.ref, c.range, at, page_size, ids=ids, field=field,
                         values=values, khashes=hashes, timeout=t)
                 except (InvalidDocumentError, InvalidNameError) as exc:
                     raise BadRequestError(str(exc)) from exc
-                return c.range.hi, rows
+                return c.range.hi, rows, more
 
-            hi, rows = await self._run(collection, "scan", page, read_only=True)
+            hi, rows, more = await self._run(collection, "scan", page, read_only=True)
             if rows:
                 yield [doc for _, _, doc in rows]
                 pos = (rows[-1][0], rows[-1][1])
-            if len(rows) < page_size:
+            if not more:
                 if hi >= KHASH_END:
                     return
                 pos = (hi, "")

@@ -5,7 +5,8 @@ page only when a batch needs it), owned by the user who opened it: another user'
 ``getMore`` or ``killCursors`` is refused. A cursor left idle longer than ``IDLE_S`` (MongoDB's
 10 minutes) is closed (a later ``getMore`` gets CursorNotFound, code 43); at most
 ``MAX_CURSORS`` are open in one front end (the next ``find`` that would need one is refused).
-A batch stops before its documents reach ``BATCH_BYTES`` (16 MiB, MongoDB's
+An open cursor holds at most one page of its scan (500 documents, about 4 MiB as stored)
+between batches. A batch stops before its documents reach ``BATCH_BYTES`` (16 MiB, MongoDB's
 ``maxBsonObjectSize``, less room for the reply's envelope), and holds at least one document.
 """
 
@@ -24,7 +25,7 @@ from router.mongo.errors import MongoError
 from router.mongo.registry import ServerContext, Session
 
 IDLE_S = 600.0
-MAX_CURSORS = 10_000
+MAX_CURSORS = 1000
 BATCH_BYTES = 16 * 1024 * 1024 - 16 * 1024
 DEFAULT_FIRST_BATCH = 101
 _STATE_KEY = "cursors"

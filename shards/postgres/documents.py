@@ -153,7 +153,9 @@ class DocumentStatements:
 
     def scan_sql(self, where: str | None = None, *, by_hash: bool = False) -> bytes:
         """Keyset page of one chunk: its rows after ``(lh, li)`` in (khash, id) order, at most
-        ``n``, as three arrays (khash, id, document text; NULL when there is none).
+        ``n`` and, after the first, no more than ``budget`` bytes of stored documents: how many
+        rows were read (``n`` or less), then three arrays (khash, id, document text; NULL
+        when there is none) of those kept.
 
         Fenced like ``get``, and the fence row must also have the range the caller read the
         chunk at (``lo``, ``hi``; else a fence rejection), so the page's bounds are plain
@@ -182,10 +184,14 @@ class DocumentStatements:
             "   END AS ok"
             "  FROM (SELECT 1) AS one LEFT JOIN shardshift.chunk_fence AS cf"
             "  ON cf.collection = %(c)s AND cf.chunk_id = %(k)s::bigint)"
-            " SELECT (SELECT ok FROM f), array_agg(p.khash ORDER BY p.khash, p.id),"
-            "  array_agg(p.id ORDER BY p.khash, p.id), array_agg(p.doc ORDER BY p.khash, p.id)"
-            " FROM (SELECT d.khash, d.id, d.doc::text AS doc FROM {t} d"
-            "   WHERE {cond} ORDER BY d.khash, d.id LIMIT %(n)s) AS p"
+            " SELECT (SELECT ok FROM f), count(*),"
+            "  array_agg(p.khash ORDER BY p.khash, p.id) FILTER (WHERE p.keep),"
+            "  array_agg(p.id ORDER BY p.khash, p.id) FILTER (WHERE p.keep),"
+            "  array_agg(p.doc::text ORDER BY p.khash, p.id) FILTER (WHERE p.keep)"
+            " FROM (SELECT q.khash, q.id, q.doc, sum(pg_column_size(q.doc))"
+            "   OVER (ORDER BY q.khash, q.id) - pg_column_size(q.doc) < %(budget)s AS keep"
+            "  FROM (SELECT d.khash, d.id, d.doc FROM {t} d"
+            "   WHERE {cond} ORDER BY d.khash, d.id LIMIT %(n)s) AS q) AS p"
         ).format(t=self._t, cond=sql.SQL(" AND ").join(cond)).as_bytes(None)
 
     def count_sql(self) -> bytes:

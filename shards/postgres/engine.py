@@ -383,14 +383,16 @@ class PostgresShard:
         limit: int,
         *, ids: Sequence[Any] | None = None, field: str | None = None,
         values: Sequence[Any] | None = None, khashes: Sequence[int] | None = None,
-        timeout: float | None = None,
-    ) -> list[tuple[int, str, dict[str, Any]]]:
+        budget: int = 4 * 1024 * 1024, timeout: float | None = None,
+    ) -> tuple[list[tuple[int, str, dict[str, Any]]], bool]:
         """One fenced keyset page of a chunk (at ``ref`` and ``key_range``, as the caller's
         map has it; ``after`` inside it): up to ``limit`` documents after ``after`` =
         (khash, id text) in (khash, id) order, as (khash, id text, document). ``ids`` keeps
         documents whose ``_id`` is one of them; ``field``/``values`` those whose field equals
         one of the values (as stored: the caller filters further); ``khashes`` those whose
-        khash is one of them."""
+        khash is one of them. The page stops once its documents reach ``budget`` bytes (as
+        stored; at least one document). Returns the page and whether the chunk may hold more
+        after it."""
         where = "_id" if ids is not None else field
         key = (collection, "scan", where, khashes is not None)
         query = self._find_sql.get(key) if where is None or isinstance(where, str) else None
@@ -399,17 +401,19 @@ class PostgresShard:
                 where, by_hash=khashes is not None)
         params = D.fence_params(collection, ref, None) | {
             "lo": key_range.lo, "hi": key_range.sql_hi,
-            "top": key_range.hi - 1, "lh": after[0], "li": after[1], "n": limit}
+            "top": key_range.hi - 1, "lh": after[0], "li": after[1], "n": limit,
+            "budget": budget}
         if ids is not None:
             params["ids"] = [encode_value(v) for v in ids]
         elif field is not None:
             params["vs"] = [encode_value(v) for v in values or ()]
         if khashes is not None:
             params["hs"] = list(khashes)
-        _, hs, idl, docs = await self._run(query, params, collection, ref.chunk_id, timeout)
-        if not hs:
-            return []
-        return [(h, i, decode_document(d)) for h, i, d in zip(hs, idl, docs, strict=True)]
+        _, read, hs, idl, docs = await self._run(query, params, collection, ref.chunk_id,
+                                                 timeout)
+        rows = [(h, i, decode_document(d))
+                for h, i, d in zip(hs or (), idl or (), docs or (), strict=True)]
+        return rows, read >= limit or len(rows) < read
 
     async def count_chunks(self, collection: str, refs: Sequence[FenceRef], *,
                            timeout: float | None = None) -> int:

@@ -4,8 +4,10 @@ that meets a chunk map gone stale."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import itertools
+import os
 import time
 from decimal import Decimal
 from typing import Any
@@ -210,16 +212,20 @@ def test_an_unbounded_sort_past_the_memory_bound_is_refused(
 
 def test_batches_stay_under_the_reply_size_limit(mongo: MongoFront,
                                                   deployment: Deployment) -> None:
-    blob = "x" * (3 * 1024 * 1024)
+    """Incompressible 3 MiB documents: shard pages stop at about 4 MiB as stored (so a page
+    holds one or two of them) and reply batches below 16 MiB; nothing is lost between."""
     with mongo.client() as client:
         coll = client.shardshift[deployment.collection]
         for i in range(8):
-            coll.insert_one({"_id": i, "acct": f"a{i}", "i": i, "blob": blob})
+            blob = base64.b64encode(os.urandom(3 * 1024 * 1024 * 3 // 4)).decode()
+            coll.insert_one({"_id": i, "acct": "same", "i": i, "blob": blob})
         reply = client.shardshift.command({"find": deployment.collection})
         first = reply["cursor"]["firstBatch"]
         size = sum(len(bson.encode(d)) for d in first)
         assert 0 < len(first) < 8 and size <= BATCH_BYTES
-        assert len(list(coll.find({}, {"i": 1}))) == 8
+        assert sorted(d["i"] for d in coll.find({}, {"i": 1})) == list(range(8))
+        assert sorted(d["i"] for d in coll.find({"acct": "same"}, {"i": 1}, batch_size=3)) == \
+            list(range(8))
 
 
 def test_count_and_the_count_pipelines(mongo: MongoFront, deployment: Deployment) -> None:
