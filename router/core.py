@@ -71,6 +71,8 @@ from shards.models import KHASH_END, KHASH_MIN
 
 T = TypeVar("T")
 _MISSING = object()
+SCAN_FANOUT = 16
+"""Chunks a scan narrowed to ``_id`` or an indexed field reads at once."""
 
 
 log = logging.getLogger(__name__)
@@ -442,28 +444,73 @@ class Router(RouteCache):
         page_size: int = 500,
     ) -> AsyncIterator[list[dict[str, Any]]]:
         """The collection's documents in pages (at most ``page_size`` documents and, past
-        the first, about 4 MiB), in (khash, _id) order, never all at once.
+        the first, about 4 MiB), never all at once.
 
-        Chunk by chunk, in khash order, each page one fenced keyset statement (the rows after
-        the last (khash, id) read): a page a fence refuses reloads the map and is read again
-        from the same position, from whichever chunk holds it now, so a scan that meets a
-        cutover (or a split) neither misses nor repeats a document. Narrowed on the shard by
-        ``ids`` (``_id`` equals one of them), ``field``/``values`` (an indexed field equals one
-        of them, as stored) or ``key_values`` (shard key values: only the chunks holding
-        their khashes are read). The caller applies its full filter to what comes back.
+        Chunk by chunk, each page one fenced keyset statement (the rows after the last
+        (khash, id) read): a page a fence refuses reloads the map and is read again from the
+        same position, from whichever chunk holds it now, so a scan that meets a cutover (or
+        a split, or a merge) neither misses nor repeats a document. Narrowed on the shard by
+        ``ids`` (``_id`` equals one of them) or ``field``/``values`` (an indexed field equals
+        one of them, as stored): then the chunks are read concurrently (``SCAN_FANOUT`` at
+        once), each its own khash range, and pages come in the order they are read.
+        Otherwise in (khash, _id) order, one chunk after another; ``key_values`` (shard key
+        values) reads only the chunks holding their khashes. The caller applies its full
+        filter to what comes back.
         """
         if not 1 <= page_size <= 10_000:
             raise BadRequestError("page_size must be from 1 to 10000")
-        await self.route(collection)
+        route = await self.route(collection)
         hashes = sorted({self._hash(v) for v in key_values}) if key_values is not None else None
-        pos: tuple[int, str] = (KHASH_MIN, "")
+        narrow: dict[str, Any] = {"ids": ids, "field": field, "values": values,
+                                  "khashes": hashes, "page_size": page_size}
+        if (ids is None and field is None) or len(route.chunks) == 1:
+            async for page in self._scan_range(collection, KHASH_MIN, KHASH_END, **narrow):
+                yield page
+            return
+        queue: asyncio.Queue[list[dict[str, Any]] | Exception | None] = asyncio.Queue(4)
+        gate = asyncio.Semaphore(SCAN_FANOUT)
+
+        async def drain(lo: int, hi: int) -> None:
+            try:
+                async with gate:
+                    async for page in self._scan_range(collection, lo, hi, **narrow):
+                        await queue.put(page)
+            except Exception as exc:  # noqa: BLE001 - handed to the reader, who raises it
+                await queue.put(exc)
+                return
+            await queue.put(None)
+
+        tasks = [asyncio.create_task(drain(c.range.lo, c.range.hi), name="router-scan")
+                 for c in route.chunks]
+        try:
+            left = len(tasks)
+            while left:
+                item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _scan_range(
+        self, collection: str, lo: int, hi: int, *, ids: Sequence[Any] | None,
+        field: str | None, values: Sequence[Any] | None, khashes: list[int] | None,
+        page_size: int,
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The documents of the khash range [lo, hi), in (khash, _id) order, page by page."""
+        pos: tuple[int, str] = (lo, "")
         while True:
-            if hashes is not None:
-                i = bisect_left(hashes, pos[0])
-                if i == len(hashes):
+            if khashes is not None:
+                i = bisect_left(khashes, pos[0])
+                if i == len(khashes) or khashes[i] >= hi:
                     return
-                if hashes[i] > pos[0]:
-                    pos = (hashes[i], "")
+                if khashes[i] > pos[0]:
+                    pos = (khashes[i], "")
             at = pos
 
             async def page(r: CollectionRoute, t: float, at: tuple[int, str] = at
@@ -473,19 +520,19 @@ class Router(RouteCache):
                 try:
                     rows, more = await shard.scan_page(
                         collection, c.ref, c.range, at, page_size, ids=ids, field=field,
-                        values=values, khashes=hashes, timeout=t)
+                        values=values, khashes=khashes, stop=hi, timeout=t)
                 except (InvalidDocumentError, InvalidNameError) as exc:
                     raise BadRequestError(str(exc)) from exc
-                return c.range.hi, rows, more
+                return min(c.range.hi, hi), rows, more
 
-            hi, rows, more = await self._run(collection, "scan", page, read_only=True)
+            end, rows, more = await self._run(collection, "scan", page, read_only=True)
             if rows:
                 yield [doc for _, _, doc in rows]
                 pos = (rows[-1][0], rows[-1][1])
             if not more:
-                if hi >= KHASH_END:
+                if end >= hi:
                     return
-                pos = (hi, "")
+                pos = (end, "")
 
     async def count(self, collection: str) -> int:
         """The collection's exact document count: one fenced count per shard, gathered."""

@@ -80,6 +80,6 @@ class DocumentShard(Protocol):
         limit: int,
         *, ids: Sequence[Any] | None = None, field: str | None = None,
         values: Sequence[Any] | None = None, khashes: Sequence[int] | None = None,
-        budget: int = 4 * 1024 * 1024,
+        budget: int = 4 * 1024 * 1024, stop: int | None = None,
     ) -> tuple[list[tuple[int, str, dict[str, Any]]], bool]: ...
     async def count_chunks(self, collection: str, refs: Sequence[FenceRef]) -> int: ...

@@ -6,7 +6,7 @@ page only when a batch needs it), owned by the user who opened it: another user'
 10 minutes) is closed (a later ``getMore`` gets CursorNotFound, code 43); at most
 ``MAX_CURSORS`` are open in one front end (the next ``find`` that would need one is refused).
 An open cursor holds at most one page of its scan (500 documents, about 4 MiB as stored)
-between batches. A batch stops before its documents reach ``BATCH_BYTES`` (16 MiB, MongoDB's
+between batches, a few more when its chunks are read concurrently (``Router.scan``). A batch stops before its documents reach ``BATCH_BYTES`` (16 MiB, MongoDB's
 ``maxBsonObjectSize``, less room for the reply's envelope), and holds at least one document.
 """
 

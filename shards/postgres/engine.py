@@ -17,7 +17,7 @@ from psycopg import sql
 
 from shards.codec import decode_document, encode_value
 from shards.errors import DuplicateDocumentError, FenceStateError
-from shards.models import Fence, FenceRef, FenceState, IndexDefinition, KeyRange
+from shards.models import KHASH_END, Fence, FenceRef, FenceState, IndexDefinition, KeyRange
 from shards.names import check_collection, check_field_path
 from shards.postgres import documents as D
 from shards.postgres.pool import ShardPool
@@ -383,14 +383,15 @@ class PostgresShard:
         limit: int,
         *, ids: Sequence[Any] | None = None, field: str | None = None,
         values: Sequence[Any] | None = None, khashes: Sequence[int] | None = None,
-        budget: int = 4 * 1024 * 1024, timeout: float | None = None,
+        budget: int = 4 * 1024 * 1024, stop: int | None = None, timeout: float | None = None,
     ) -> tuple[list[tuple[int, str, dict[str, Any]]], bool]:
         """One fenced keyset page of a chunk (at ``ref`` and ``key_range``, as the caller's
         map has it; ``after`` inside it): up to ``limit`` documents after ``after`` =
         (khash, id text) in (khash, id) order, as (khash, id text, document). ``ids`` keeps
         documents whose ``_id`` is one of them; ``field``/``values`` those whose field equals
         one of the values (as stored: the caller filters further); ``khashes`` those whose
-        khash is one of them. The page stops once its documents reach ``budget`` bytes (as
+        khash is one of them; ``stop`` ends the page's range before the chunk's end. The
+        page stops once its documents reach ``budget`` bytes (as
         stored; at least one document). Returns the page and whether the chunk may hold more
         after it."""
         where = "_id" if ids is not None else field
@@ -401,7 +402,8 @@ class PostgresShard:
                 where, by_hash=khashes is not None)
         params = D.fence_params(collection, ref, None) | {
             "lo": key_range.lo, "hi": key_range.sql_hi,
-            "top": key_range.hi - 1, "lh": after[0], "li": after[1], "n": limit,
+            "top": min(key_range.hi, KHASH_END if stop is None else stop) - 1,
+            "lh": after[0], "li": after[1], "n": limit,
             "budget": budget}
         if ids is not None:
             params["ids"] = [encode_value(v) for v in ids]

@@ -326,12 +326,17 @@ async def test_async_client_and_a_scan_across_a_stale_chunk_map(
             await coll.insert_many(docs)
             cursor = coll.find({"i": {"$gte": 0}}, batch_size=30)
             seen = [d["i"] async for d in itertools_take(cursor, 30)]
+            emails = ["u1@example.com", "u2@example.com"]  # pushed down, chunks in parallel
+            by_email = coll.find({"email": {"$in": emails}}, batch_size=5)
+            seen_email = [d["i"] async for d in itertools_take(by_email, 5)]
             version_before = front.run(front.router.route(deployment.collection)).version
             for c in (await deployment.chunk_map()).chunks:
                 await split_chunk(deployment.catalog, deployment.shards, deployment.collection,
                                   c.chunk_id)
             seen += [d["i"] async for d in cursor]
             assert sorted(seen) == list(range(300))
+            seen_email += [d["i"] async for d in by_email]
+            assert sorted(seen_email) == expected(docs, lambda d: d["email"] in emails)
             fresh = await coll.find({"tags": "t1"}).to_list()
             assert ids(fresh) == expected(docs, lambda d: "t1" in d["tags"])
             assert front.run(front.router.route(deployment.collection)).version > version_before
