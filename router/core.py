@@ -72,7 +72,9 @@ from shards.models import KHASH_END, KHASH_MIN
 T = TypeVar("T")
 _MISSING = object()
 SCAN_FANOUT = 16
-"""Chunks a scan narrowed to ``_id`` or an indexed field reads at once."""
+"""Ranges a narrowed scan reads at once."""
+SCAN_POINT_KEYS = 64
+"""Up to this many shard key values, a scan reads each one's khash alone (concurrently)."""
 
 
 log = logging.getLogger(__name__)
@@ -453,9 +455,10 @@ class Router(RouteCache):
         ``ids`` (``_id`` equals one of them) or ``field``/``values`` (an indexed field equals
         one of them, as stored): then the chunks are read concurrently (``SCAN_FANOUT`` at
         once), each its own khash range, and pages come in the order they are read.
-        Otherwise in (khash, _id) order, one chunk after another; ``key_values`` (shard key
-        values) reads only the chunks holding their khashes. The caller applies its full
-        filter to what comes back.
+        ``key_values`` (shard key values) reads only their khashes: each alone and
+        concurrently up to ``SCAN_POINT_KEYS`` of them, else the chunks holding them one
+        after another. Otherwise in (khash, _id) order, one chunk after another. The caller
+        applies its full filter to what comes back.
         """
         if not 1 <= page_size <= 10_000:
             raise BadRequestError("page_size must be from 1 to 10000")
@@ -463,10 +466,16 @@ class Router(RouteCache):
         hashes = sorted({self._hash(v) for v in key_values}) if key_values is not None else None
         narrow: dict[str, Any] = {"ids": ids, "field": field, "values": values,
                                   "khashes": hashes, "page_size": page_size}
-        if (ids is None and field is None) or len(route.chunks) == 1:
+        if hashes is not None and len(hashes) <= SCAN_POINT_KEYS:
+            # Each khash is a range of its own: an exact primary-key range per statement.
+            ranges = [(h, h + 1) for h in hashes]
+            narrow["khashes"] = None
+        elif (ids is None and field is None) or hashes is not None or len(route.chunks) == 1:
             async for page in self._scan_range(collection, KHASH_MIN, KHASH_END, **narrow):
                 yield page
             return
+        else:
+            ranges = [(c.range.lo, c.range.hi) for c in route.chunks]
         queue: asyncio.Queue[list[dict[str, Any]] | Exception | None] = asyncio.Queue(4)
         gate = asyncio.Semaphore(SCAN_FANOUT)
 
@@ -480,8 +489,7 @@ class Router(RouteCache):
                 return
             await queue.put(None)
 
-        tasks = [asyncio.create_task(drain(c.range.lo, c.range.hi), name="router-scan")
-                 for c in route.chunks]
+        tasks = [asyncio.create_task(drain(lo, hi), name="router-scan") for lo, hi in ranges]
         try:
             left = len(tasks)
             while left:
