@@ -40,7 +40,7 @@ from catalog.models import CatalogChange, ChunkMap, RouteColumns
 from catalog.schema import NOTIFY_CHANNEL
 from catalog.store import Catalog
 from router.errors import UnknownCollectionError
-from router.routes import ChunkRoute, CollectionRoute
+from router.routes import ChunkRoute, CollectionRoute, CollectionSummary
 from settings import DatabaseSettings, get_settings
 from shards.postgres.pool import connect_kwargs
 
@@ -180,6 +180,16 @@ class CatalogRouteSource:
                 self.catalog.route_delta(collection, since, limit=limit), timeout)
         except cerr.UnknownCollectionError as exc:
             raise UnknownCollectionError(str(exc)) from exc
+
+    async def collections(self, *, timeout: float | None = None) -> list[CollectionSummary]:
+        maps = await self._bounded(self.catalog.chunk_maps(), timeout)
+        return [
+            CollectionSummary(
+                name=name, shard_key=m.collection.shard_key, chunks=len(m.chunks),
+                size_bytes=sum(c.size_bytes for c in m.chunks),
+                doc_count=sum(c.doc_count for c in m.chunks))
+            for name, m in sorted(maps.items())
+        ]
 
     async def shard_dsn(self, shard_id: str, *, timeout: float | None = None) -> str:
         return self.db.router((await self._bounded(self.catalog.shard(shard_id), timeout)).address)

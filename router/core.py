@@ -35,7 +35,8 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from bisect import bisect_left
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import bson
@@ -55,7 +56,7 @@ from router.errors import (
 )
 from router.hashing import khash
 from router.route_cache import RouteCache, RouteSource
-from router.routes import CollectionRoute
+from router.routes import CollectionRoute, CollectionSummary
 from router.traffic import TrafficCounter, TrafficSink, publish
 from settings import RouterSettings
 from shards import errors as serr
@@ -67,9 +68,14 @@ from shards.errors import (
     KeyOutsideChunkError,
     ShardConnectionLostError,
 )
+from shards.models import KHASH_END, KHASH_MIN
 
 T = TypeVar("T")
 _MISSING = object()
+SCAN_FANOUT = 16
+"""Ranges a narrowed scan reads at once."""
+SCAN_POINT_KEYS = 64
+"""Up to this many shard key values, a scan reads each one's khash alone (concurrently)."""
 
 
 log = logging.getLogger(__name__)
@@ -459,3 +465,130 @@ class Router(RouteCache):
                                              timeout=timeout)
         except (InvalidDocumentError, InvalidNameError) as exc:
             raise BadRequestError(str(exc)) from exc
+
+    # -- scans (the MongoDB front end's queries) ---------------------------------------------
+
+    async def scan(
+        self, collection: str, *, ids: Sequence[Any] | None = None, field: str | None = None,
+        values: Sequence[Any] | None = None, key_values: Sequence[Any] | None = None,
+        page_size: int = 500,
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The collection's documents in pages (at most ``page_size`` documents and, past
+        the first, about 4 MiB), never all at once.
+
+        Chunk by chunk, each page one fenced keyset statement (the rows after the last
+        (khash, id) read): a page a fence refuses reloads the map and is read again from the
+        same position, from whichever chunk holds it now, so a scan that meets a cutover (or
+        a split, or a merge) neither misses nor repeats a document. Narrowed on the shard by
+        ``ids`` (``_id`` equals one of them) or ``field``/``values`` (an indexed field equals
+        one of them, as stored): then the chunks are read concurrently (``SCAN_FANOUT`` at
+        once), each its own khash range, and pages come in the order they are read.
+        ``key_values`` (shard key values) reads only their khashes: each alone and
+        concurrently up to ``SCAN_POINT_KEYS`` of them, else the chunks holding them one
+        after another. Otherwise in (khash, _id) order, one chunk after another. The caller
+        applies its full filter to what comes back.
+        """
+        if not 1 <= page_size <= 10_000:
+            raise BadRequestError("page_size must be from 1 to 10000")
+        route = await self.route(collection)
+        hashes = sorted({self._hash(v) for v in key_values}) if key_values is not None else None
+        narrow: dict[str, Any] = {"ids": ids, "field": field, "values": values,
+                                  "khashes": hashes, "page_size": page_size}
+        if hashes is not None and len(hashes) <= SCAN_POINT_KEYS:
+            # Each khash is a range of its own: an exact primary-key range per statement.
+            ranges = [(h, h + 1) for h in hashes]
+            narrow["khashes"] = None
+        elif (ids is None and field is None) or hashes is not None or len(route.chunks) == 1:
+            async for page in self._scan_range(collection, KHASH_MIN, KHASH_END, **narrow):
+                yield page
+            return
+        else:
+            ranges = [(c.range.lo, c.range.hi) for c in route.chunks]
+        queue: asyncio.Queue[list[dict[str, Any]] | Exception | None] = asyncio.Queue(4)
+        gate = asyncio.Semaphore(SCAN_FANOUT)
+
+        async def drain(lo: int, hi: int) -> None:
+            try:
+                async with gate:
+                    async for page in self._scan_range(collection, lo, hi, **narrow):
+                        await queue.put(page)
+            except Exception as exc:  # noqa: BLE001 - handed to the reader, who raises it
+                await queue.put(exc)
+                return
+            await queue.put(None)
+
+        tasks = [asyncio.create_task(drain(lo, hi), name="router-scan") for lo, hi in ranges]
+        try:
+            left = len(tasks)
+            while left:
+                item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _scan_range(
+        self, collection: str, lo: int, hi: int, *, ids: Sequence[Any] | None,
+        field: str | None, values: Sequence[Any] | None, khashes: list[int] | None,
+        page_size: int,
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The documents of the khash range [lo, hi), in (khash, _id) order, page by page."""
+        pos: tuple[int, str] = (lo, "")
+        while True:
+            if khashes is not None:
+                i = bisect_left(khashes, pos[0])
+                if i == len(khashes) or khashes[i] >= hi:
+                    return
+                if khashes[i] > pos[0]:
+                    pos = (khashes[i], "")
+            at = pos
+
+            async def page(r: CollectionRoute, t: float, at: tuple[int, str] = at
+                           ) -> tuple[int, list[tuple[int, str, dict[str, Any]]], bool]:
+                c = r.lookup(at[0])
+                shard = await self.shard(c.shard_id, t)
+                try:
+                    rows, more = await shard.scan_page(
+                        collection, c.ref, c.range, at, page_size, ids=ids, field=field,
+                        values=values, khashes=khashes, stop=hi, timeout=t)
+                except (InvalidDocumentError, InvalidNameError) as exc:
+                    raise BadRequestError(str(exc)) from exc
+                return min(c.range.hi, hi), rows, more
+
+            end, rows, more = await self._run(collection, "scan", page, read_only=True)
+            if rows:
+                yield [doc for _, _, doc in rows]
+                pos = (rows[-1][0], rows[-1][1])
+            if not more:
+                if end >= hi:
+                    return
+                pos = (end, "")
+
+    async def count(self, collection: str) -> int:
+        """The collection's exact document count: one fenced count per shard, gathered."""
+
+        async def op(r: CollectionRoute, t: float) -> int:
+            async def leg(shard_id: str, refs: list[Any]) -> int:
+                return await (await self.shard(shard_id, t)).count_chunks(
+                    collection, refs, timeout=t)
+
+            counts = await asyncio.gather(*(leg(sid, [c.ref for c in chunks])
+                                            for sid, chunks in r.by_shard().items()))
+            return sum(counts)
+
+        return await self._run(collection, "count", op, read_only=True)
+
+    async def collections(self) -> list[CollectionSummary]:
+        """Every collection the catalog holds, with its chunk statistics."""
+        if self._closed:
+            raise RouterClosedError("the router is closed")
+        try:
+            return await self.source.collections(timeout=self.settings.retry_deadline_s)
+        except (TimeoutError, OSError, psycopg.OperationalError) as exc:
+            raise RouteUnavailableError(f"the catalog cannot list collections: {exc}") from exc

@@ -39,7 +39,7 @@ import psycopg
 
 from router import metrics
 from router.errors import RouterClosedError, RouteUnavailableError
-from router.routes import CollectionRoute, RouteDeltaError
+from router.routes import CollectionRoute, CollectionSummary, RouteDeltaError
 from settings import RouterSettings
 from shards import errors as serr
 from shards.postgres import PostgresShard
@@ -67,6 +67,11 @@ class RouteSource(Protocol):
 
     def changes(self) -> AsyncIterator[str | None]:
         """Names of collections whose layout changed (None: anything may have changed)."""
+        ...
+
+    async def collections(self, *, timeout: float | None = None) -> list[CollectionSummary]:
+        """Every collection, by name, with its catalog statistics (bounded like
+        ``load_route``)."""
         ...
 
     # Optional: ``load_delta(collection, since, *, limit, timeout=None) -> RouteColumns``,

@@ -246,4 +246,17 @@ def _first_break(los: list[int], his: list[int]) -> Any:
     return expected
 
 
-__all__ = ["ChunkRoute", "CollectionRoute", "RouteDeltaError"]
+class CollectionSummary(BaseModel):
+    """What the catalog knows of one collection, for listings (not for routing): its shard
+    key, and its chunks' last measured statistics (estimates; 0 when never measured)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    shard_key: str
+    chunks: int
+    size_bytes: int
+    doc_count: int
+
+
+__all__ = ["ChunkRoute", "CollectionRoute", "CollectionSummary", "RouteDeltaError"]

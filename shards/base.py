@@ -76,3 +76,11 @@ class DocumentShard(Protocol):
         self, collection: str, refs: Sequence[FenceRef], path: str, value: Any,
         limit: int = 1000,
     ) -> list[dict[str, Any]]: ...
+    async def scan_page(
+        self, collection: str, ref: FenceRef, key_range: KeyRange, after: tuple[int, str],
+        limit: int,
+        *, ids: Sequence[Any] | None = None, field: str | None = None,
+        values: Sequence[Any] | None = None, khashes: Sequence[int] | None = None,
+        budget: int = 4 * 1024 * 1024, stop: int | None = None,
+    ) -> tuple[list[tuple[int, str, dict[str, Any]]], bool]: ...
+    async def count_chunks(self, collection: str, refs: Sequence[FenceRef]) -> int: ...

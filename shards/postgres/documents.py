@@ -151,6 +151,62 @@ class DocumentStatements:
         ).format(t=self._t, e=field_expr(check_field_path(path))).as_bytes(None)
 
 
+    def scan_sql(self, where: str | None = None, *, by_hash: bool = False) -> bytes:
+        """Keyset page of one chunk: its rows after ``(lh, li)`` in (khash, id) order, at most
+        ``n`` and, after the first, no more than ``budget`` bytes of stored documents: how many
+        rows were read (``n`` or less), then three arrays (khash, id, document text; NULL
+        when there is none) of those kept.
+
+        Fenced like ``get``, and the fence row must also have the range the caller read the
+        chunk at (``lo``, ``hi``; else a fence rejection), so the page's bounds are plain
+        parameters: the planner walks the primary key in order from ``(lh, li)`` and stops
+        after ``n`` rows (bounds read from the fence row in the statement made it scan and
+        sort the whole rest of the chunk for every page). The caller's position is inside
+        the chunk. ``where`` narrows the page: ``"_id"`` (its stored text in ``ids``) or a
+        validated field path (its value in ``vs``, as an expression index holds it);
+        ``by_hash`` keeps rows whose khash is in ``hs`` (a shard key pinned by ``$in``)."""
+        cond: list[sql.Composable] = [
+            sql.SQL("(d.khash, d.id) > (%(lh)s::bigint, %(li)s::text)"),
+            sql.SQL("d.khash <= %(top)s::bigint"),
+        ]
+        if by_hash:
+            cond.append(sql.SQL("d.khash = ANY(%(hs)s::bigint[])"))
+        if where == "_id":
+            cond.append(sql.SQL("d.id = ANY(%(ids)s::text[])"))
+        elif where is not None:
+            cond.append(sql.SQL("{} = ANY(%(vs)s::jsonb[])").format(
+                field_expr(check_field_path(where), "doc")))
+        return sql.SQL(
+            "WITH f AS MATERIALIZED ("
+            "  SELECT CASE WHEN cf.token = %(t)s::bigint AND cf.state = 'active'"
+            "   AND cf.lo = %(lo)s::bigint AND cf.hi IS NOT DISTINCT FROM %(hi)s::bigint"
+            "   THEN true ELSE shardshift.fence_reject(%(c)s, %(k)s::bigint, %(t)s::bigint, NULL)"
+            "   END AS ok"
+            "  FROM (SELECT 1) AS one LEFT JOIN shardshift.chunk_fence AS cf"
+            "  ON cf.collection = %(c)s AND cf.chunk_id = %(k)s::bigint)"
+            " SELECT (SELECT ok FROM f), count(*),"
+            "  array_agg(p.khash ORDER BY p.khash, p.id) FILTER (WHERE p.keep),"
+            "  array_agg(p.id ORDER BY p.khash, p.id) FILTER (WHERE p.keep),"
+            "  array_agg(p.doc::text ORDER BY p.khash, p.id) FILTER (WHERE p.keep)"
+            " FROM (SELECT q.khash, q.id, q.doc, sum(pg_column_size(q.doc))"
+            "   OVER (ORDER BY q.khash, q.id) - pg_column_size(q.doc) < %(budget)s AS keep"
+            "  FROM (SELECT d.khash, d.id, d.doc FROM {t} d"
+            "   WHERE {cond} ORDER BY d.khash, d.id LIMIT %(n)s) AS q) AS p"
+        ).format(t=self._t, cond=sql.SQL(" AND ").join(cond)).as_bytes(None)
+
+    def count_sql(self) -> bytes:
+        """Fenced count of the documents of the given chunks (all on this shard)."""
+        return sql.SQL(
+            "WITH f AS MATERIALIZED ("
+            "  SELECT shardshift.fence_check(%(c)s, u.k, u.t, NULL, false) AS ok"
+            "  FROM unnest(%(ks)s::bigint[], %(ts)s::bigint[]) AS u(k, t))"
+            " SELECT (SELECT count(*) FROM f),"
+            "  (SELECT count(*) FROM {t} d JOIN shardshift.chunk_fence cf"
+            "   ON cf.collection = %(c)s AND cf.chunk_id = ANY(%(ks)s::bigint[])"
+            "   AND d.khash >= cf.lo AND (cf.hi IS NULL OR d.khash < cf.hi))"
+        ).format(t=self._t).as_bytes(None)
+
+
 def validate_patch(update: Mapping[str, Any], protected: Sequence[str]) -> str:
     """A MongoDB-style update (``$set``, ``$unset``, ``$inc``) as the JSON ``apply_patch`` takes.
 

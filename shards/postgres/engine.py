@@ -17,7 +17,7 @@ from psycopg import sql
 
 from shards.codec import decode_document, encode_value
 from shards.errors import DuplicateDocumentError, FenceStateError
-from shards.models import Fence, FenceRef, FenceState, IndexDefinition, KeyRange
+from shards.models import KHASH_END, Fence, FenceRef, FenceState, IndexDefinition, KeyRange
 from shards.names import check_collection, check_field_path, check_index_name
 from shards.postgres import documents as D
 from shards.postgres.pool import ShardPool
@@ -58,7 +58,7 @@ class PostgresShard:
             connect_timeout_s=connect_timeout_s, breaker_open_s=breaker_open_s,
         )
         self._statements: dict[str, D.DocumentStatements] = {}
-        self._find_sql: dict[tuple[str, str, str], bytes] = {}
+        self._find_sql: dict[tuple[Any, ...], bytes] = {}
 
     @property
     def dsn(self) -> str:
@@ -387,6 +387,59 @@ class PostgresShard:
         }
         _, docs = await self._run(query, params, collection, refs[0].chunk_id, timeout)
         return D.decode_many(docs)
+
+    async def scan_page(
+        self, collection: str, ref: FenceRef, key_range: KeyRange, after: tuple[int, str],
+        limit: int,
+        *, ids: Sequence[Any] | None = None, field: str | None = None,
+        values: Sequence[Any] | None = None, khashes: Sequence[int] | None = None,
+        budget: int = 4 * 1024 * 1024, stop: int | None = None, timeout: float | None = None,
+    ) -> tuple[list[tuple[int, str, dict[str, Any]]], bool]:
+        """One fenced keyset page of a chunk (at ``ref`` and ``key_range``, as the caller's
+        map has it; ``after`` inside it): up to ``limit`` documents after ``after`` =
+        (khash, id text) in (khash, id) order, as (khash, id text, document). ``ids`` keeps
+        documents whose ``_id`` is one of them; ``field``/``values`` those whose field equals
+        one of the values (as stored: the caller filters further); ``khashes`` those whose
+        khash is one of them; ``stop`` ends the page's range before the chunk's end. The
+        page stops once its documents reach ``budget`` bytes (as
+        stored; at least one document). Returns the page and whether the chunk may hold more
+        after it."""
+        where = "_id" if ids is not None else field
+        key = (collection, "scan", where, khashes is not None)
+        query = self._find_sql.get(key) if where is None or isinstance(where, str) else None
+        if query is None:
+            query = self._find_sql[key] = self._st(collection).scan_sql(
+                where, by_hash=khashes is not None)
+        params = D.fence_params(collection, ref, None) | {
+            "lo": key_range.lo, "hi": key_range.sql_hi,
+            "top": min(key_range.hi, KHASH_END if stop is None else stop) - 1,
+            "lh": after[0], "li": after[1], "n": limit,
+            "budget": budget}
+        if ids is not None:
+            params["ids"] = [encode_value(v) for v in ids]
+        elif field is not None:
+            params["vs"] = [encode_value(v) for v in values or ()]
+        if khashes is not None:
+            params["hs"] = list(khashes)
+        _, read, hs, idl, docs = await self._run(query, params, collection, ref.chunk_id,
+                                                 timeout)
+        rows = [(h, i, decode_document(d))
+                for h, i, d in zip(hs or (), idl or (), docs or (), strict=True)]
+        return rows, read >= limit or len(rows) < read
+
+    async def count_chunks(self, collection: str, refs: Sequence[FenceRef], *,
+                           timeout: float | None = None) -> int:
+        """Fenced exact count of the documents of the given chunks (all on this shard)."""
+        if not refs:
+            return 0
+        key = (collection, "count", None, False)
+        query = self._find_sql.get(key)
+        if query is None:
+            query = self._find_sql[key] = self._st(collection).count_sql()
+        params = {"c": collection, "ks": [r.chunk_id for r in refs],
+                  "ts": [r.token for r in refs]}
+        _, n = await self._run(query, params, collection, refs[0].chunk_id, timeout)
+        return int(n)
 
     async def scan(self, collection: str, key_range: KeyRange) -> list[dict[str, Any]]:
         """Every document of a khash range, unfenced and in key order: for checkers and

@@ -21,9 +21,11 @@ class MongoFront:
     """A router and its MongoDB front end, served from a background thread's event loop."""
 
     def __init__(self, catalog_reader_dsn: str, settings: RouterSettings,
-                 index_ddl: Any = None) -> None:
+                 index_ddl: Any = None, *, listen: bool = True) -> None:
         self.catalog_reader_dsn = catalog_reader_dsn
         self.index_ddl = index_ddl
+        self.listen = listen
+        """False: the router never hears of catalog changes (only fences tell it)."""
         self.settings = settings
         self.port = 0
         self.loop = asyncio.new_event_loop()
@@ -46,7 +48,7 @@ class MongoFront:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        source = CatalogRouteSource.from_dsn(self.catalog_reader_dsn)
+        source = CatalogRouteSource.from_dsn(self.catalog_reader_dsn, listen=self.listen)
         async with Router(source, self.settings) as router:
             self.router = router
             self.server = await MongoServer(router, self.settings,
@@ -88,8 +90,8 @@ class MongoFront:
 
 @contextmanager
 def mongo_front(catalog_reader_dsn: str, settings: RouterSettings,
-                index_ddl: Any = None) -> Iterator[MongoFront]:
-    front = MongoFront(catalog_reader_dsn, settings, index_ddl).start()
+                index_ddl: Any = None, *, listen: bool = True) -> Iterator[MongoFront]:
+    front = MongoFront(catalog_reader_dsn, settings, index_ddl, listen=listen).start()
     try:
         yield front
     finally:
