@@ -21,6 +21,11 @@ Prints ONE JSON object:
   per-operation medians stay put.
 * ``router_ops_per_s`` / ``direct_ops_per_s``: throughput with ``--concurrency`` tasks (the
   direct side gets a pool per shard as large as the router's).
+* ``mongo_p50_ms`` (and p99, per-operation p50s), ``mongo_ratio_p50`` (per operation against
+  the direct side, averaged like ``ratio_p50``; goal <= 1.5) and ``mongo_ops_per_s``: the same
+  mix as a MongoDB driver sends it (pymongo's ``AsyncMongoClient``: ``find`` by shard key and
+  ``_id``, ``update`` with a replacement) to ``shardshift router serve --mongo-port`` in its
+  own process (``bench.router_mongo``); in the same rotating rounds as the other sides.
 * ``http_ops_per_s``: the same mix through the HTTP service as deployed (``shardshift router
   serve``: uvicorn with httptools and uvloop, in its own process), driven from this process by
   ``httpx.AsyncClient`` with ``--concurrency`` requests in flight. On 2 cores the client, the
@@ -57,6 +62,7 @@ from psycopg import sql
 from psycopg.types.string import TextLoader
 from psycopg_pool import AsyncConnectionPool
 
+from bench.router_mongo import mongo_op, open_client
 from catalog import Catalog
 from catalog.admin import provision_collection
 from router.catalog_source import CatalogRouteSource
@@ -252,17 +258,20 @@ class HttpServer:
     """The router's HTTP service as deployed: ``shardshift router serve`` in its own process
     (uvicorn with httptools and uvloop), so client and server do not share a GIL."""
 
-    def __init__(self, catalog_dsn: str, settings: RouterSettings) -> None:
+    def __init__(self, catalog_dsn: str, settings: RouterSettings, *,
+                 mongo: bool = False) -> None:
         self.catalog_dsn = catalog_dsn
         self.settings = settings
         self.port = _free_port()
+        self.mongo_port = _free_port() if mongo else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> HttpServer:
         env = {**os.environ, "SHARDSHIFT_CATALOG_DSN": self.catalog_dsn}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "router", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port)],
+             "--port", str(self.port),
+             *(["--mongo-port", str(self.mongo_port)] if self.mongo_port else [])],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout
@@ -371,12 +380,24 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         es.push_async_callback(direct.close)
         r_op = router_op(router)
 
-        # Warm up both sides, one operation at a time (prepared statements, caches). Pools
+        # The MongoDB wire path: ``router serve --mongo-port`` in its own process (its own
+        # router and pools), pymongo's AsyncMongoClient here; one connection while sequential.
+        server = await asyncio.to_thread(HttpServer(catalog_dsn, settings, mongo=True).start)
+        es.callback(server.stop)
+        assert server.mongo_port is not None
+        mongo_seq_client = open_client(server.mongo_port, settings, pool=1)
+        es.push_async_callback(mongo_seq_client.close)
+        m_op = mongo_op(mongo_seq_client, settings.mongo_database, COLLECTION, SHARD_KEY,
+                        make_doc)
+        lat_m: dict[str, list[float]] = {"get": [], "replace": []}
+
+        # Warm up every side, one operation at a time (prepared statements, caches). Pools
         # stay at one connection per shard until the throughput phase, like the direct side.
         rng = random.Random(1)
         warm = max(1000, ops // 20)
         scratch: dict[str, list[float]] = {"get": [], "replace": []}
-        sides = [(direct.op_seq, lat_d), (r_op, lat_r), (direct.op_fenced, lat_f)]
+        sides = [(direct.op_seq, lat_d), (r_op, lat_r), (direct.op_fenced, lat_f),
+                 (m_op, lat_m)]
         for _ in range(2):
             seq = [rng.randrange(docs) for _ in range(warm)]
             for fn, _out in sides:
@@ -388,7 +409,8 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         prof = cProfile.Profile() if profile else None
         for r in range(rounds):
             seq = [rng.randrange(docs) for _ in range(per_round)]
-            for fn, out in sides[r % 3:] + sides[:r % 3]:
+            turn = r % len(sides)
+            for fn, out in sides[turn:] + sides[:turn]:
                 if prof is not None and fn is r_op:
                     prof.enable()
                 await sequential(fn, targets, seq, 0, out)
@@ -400,6 +422,12 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         await concurrent(r_op, targets, warm, concurrency, seed=2)
         direct_tp = await concurrent(direct.op_pooled, targets, ops, concurrency, seed=3)
         router_tp = await concurrent(r_op, targets, ops, concurrency, seed=3)
+        mongo_client = open_client(server.mongo_port, settings, pool=concurrency)
+        es.push_async_callback(mongo_client.close)
+        m_pool_op = mongo_op(mongo_client, settings.mongo_database, COLLECTION, SHARD_KEY,
+                             make_doc)
+        await concurrent(m_pool_op, targets, warm, concurrency, seed=2)
+        mongo_tp = await concurrent(m_pool_op, targets, ops, concurrency, seed=3)
 
         # Sequential latency again with full pools (the pool hands out its connections in
         # turn, so each operation lands on a colder backend): router vs direct pooled.
@@ -412,7 +440,7 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
                 await sequential(fn, targets, seq, 0, out)
 
         # HTTP: the service in its own process, with its own router and catalog pool.
-        server = await asyncio.to_thread(HttpServer(catalog_dsn, settings).start)
+        server = await asyncio.to_thread(HttpServer(catalog_dsn, settings).start)  # HTTP only
         try:
             token = settings.http_tokens[0].get_secret_value()
             http_tp = await http_throughput(server.port, token, targets, http_ops, concurrency,
@@ -432,6 +460,13 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         result["ratio_get_p50"] = round(get_ratio, 3)
         result["ratio_replace_p50"] = round(replace_ratio, 3)
         result["ratio_mixed_p50"] = round(result["router_p50_ms"] / result["direct_p50_ms"], 3)
+        result.update(_lat_summary("mongo", lat_m))
+        m_get = result["mongo_get_p50_ms"] / result["direct_get_p50_ms"]
+        m_replace = result["mongo_replace_p50_ms"] / result["direct_replace_p50_ms"]
+        result["mongo_ratio_p50"] = round((m_get + m_replace) / 2, 3)
+        result["mongo_ratio_get_p50"] = round(m_get, 3)
+        result["mongo_ratio_replace_p50"] = round(m_replace, 3)
+        result["mongo_ops_per_s"] = round(mongo_tp, 1)
         result.update({
             "router_ops_per_s": round(router_tp, 1),
             "direct_ops_per_s": round(direct_tp, 1),
