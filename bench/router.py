@@ -23,9 +23,11 @@ Prints ONE JSON object:
   direct side gets a pool per shard as large as the router's).
 * ``mongo_p50_ms`` (and p99, per-operation p50s), ``mongo_ratio_p50`` (per operation against
   the direct side, averaged like ``ratio_p50``; goal <= 1.5) and ``mongo_ops_per_s``: the same
-  mix as a MongoDB driver sends it (pymongo's ``AsyncMongoClient``: ``find`` by shard key and
-  ``_id``, ``update`` with a replacement) to ``shardshift router serve --mongo-port`` in its
-  own process (``bench.router_mongo``); in the same rotating rounds as the other sides.
+  mix as a MongoDB driver sends it (``find`` by shard key and ``_id``, ``update`` with a
+  replacement) to ``shardshift router serve --mongo-port`` in its own process
+  (``bench.router_mongo``), in the same rotating rounds as the other sides: latency with
+  pymongo's ``MongoClient`` (``mongo_async_*``: ``AsyncMongoClient``), throughput with
+  ``AsyncMongoClient`` and ``--concurrency`` operations in flight.
 * ``http_ops_per_s``: the same mix through the HTTP service as deployed (``shardshift router
   serve``: uvicorn with httptools and uvloop, in its own process), driven from this process by
   ``httpx.AsyncClient`` with ``--concurrency`` requests in flight. On 2 cores the client, the
@@ -62,7 +64,7 @@ from psycopg import sql
 from psycopg.types.string import TextLoader
 from psycopg_pool import AsyncConnectionPool
 
-from bench.router_mongo import mongo_op, open_client
+from bench.router_mongo import mongo_op, open_client, open_sync_client, sync_sequential
 from catalog import Catalog
 from catalog.admin import provision_collection
 from router.catalog_source import CatalogRouteSource
@@ -387,9 +389,24 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         assert server.mongo_port is not None
         mongo_seq_client = open_client(server.mongo_port, settings, pool=1)
         es.push_async_callback(mongo_seq_client.close)
-        m_op = mongo_op(mongo_seq_client, settings.mongo_database, COLLECTION, SHARD_KEY,
-                        make_doc)
+        m_async = mongo_op(mongo_seq_client, settings.mongo_database, COLLECTION, SHARD_KEY,
+                           make_doc)
+        mongo_sync = open_sync_client(server.mongo_port, settings)
+        es.callback(mongo_sync.close)
+
+        async def m_op(i: int, t: Target) -> None:
+            raise AssertionError("a marker: its rounds run sync_sequential in a thread")
+
+        async def one_round(fn: Callable[[int, Target], Awaitable[None]], seq: list[int],
+                            out: dict[str, list[float]]) -> None:
+            if fn is m_op:
+                await asyncio.to_thread(sync_sequential, mongo_sync, settings.mongo_database,
+                                        COLLECTION, SHARD_KEY, make_doc, targets, seq, 0, out)
+            else:
+                await sequential(fn, targets, seq, 0, out)
+
         lat_m: dict[str, list[float]] = {"get": [], "replace": []}
+        lat_ma: dict[str, list[float]] = {"get": [], "replace": []}
 
         # Warm up every side, one operation at a time (prepared statements, caches). Pools
         # stay at one connection per shard until the throughput phase, like the direct side.
@@ -397,11 +414,11 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         warm = max(1000, ops // 20)
         scratch: dict[str, list[float]] = {"get": [], "replace": []}
         sides = [(direct.op_seq, lat_d), (r_op, lat_r), (direct.op_fenced, lat_f),
-                 (m_op, lat_m)]
+                 (m_op, lat_m), (m_async, lat_ma)]
         for _ in range(2):
             seq = [rng.randrange(docs) for _ in range(warm)]
             for fn, _out in sides:
-                await sequential(fn, targets, seq, 0, scratch)
+                await one_round(fn, seq, scratch)
 
         # Sequential latency: rounds in rotating order, the same documents for every side.
         rounds = 6
@@ -413,7 +430,7 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
             for fn, out in sides[turn:] + sides[:turn]:
                 if prof is not None and fn is r_op:
                     prof.enable()
-                await sequential(fn, targets, seq, 0, out)
+                await one_round(fn, seq, out)
                 if prof is not None and fn is r_op:
                     prof.disable()
 
@@ -461,11 +478,15 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         result["ratio_replace_p50"] = round(replace_ratio, 3)
         result["ratio_mixed_p50"] = round(result["router_p50_ms"] / result["direct_p50_ms"], 3)
         result.update(_lat_summary("mongo", lat_m))
+        result.update(_lat_summary("mongo_async", lat_ma))
         m_get = result["mongo_get_p50_ms"] / result["direct_get_p50_ms"]
         m_replace = result["mongo_replace_p50_ms"] / result["direct_replace_p50_ms"]
         result["mongo_ratio_p50"] = round((m_get + m_replace) / 2, 3)
         result["mongo_ratio_get_p50"] = round(m_get, 3)
         result["mongo_ratio_replace_p50"] = round(m_replace, 3)
+        result["mongo_async_ratio_p50"] = round(
+            (result["mongo_async_get_p50_ms"] / result["direct_get_p50_ms"]
+             + result["mongo_async_replace_p50_ms"] / result["direct_replace_p50_ms"]) / 2, 3)
         result["mongo_ops_per_s"] = round(mongo_tp, 1)
         result.update({
             "router_ops_per_s": round(router_tp, 1),
