@@ -27,7 +27,10 @@ Prints ONE JSON object:
   replacement) to ``shardshift router serve --mongo-port`` in its own process
   (``bench.router_mongo``), in the same rotating rounds as the other sides: latency with
   pymongo's ``MongoClient`` (``mongo_async_*``: ``AsyncMongoClient``), throughput with
-  ``AsyncMongoClient`` and ``--concurrency`` operations in flight.
+  ``AsyncMongoClient`` and ``--concurrency`` operations in flight. ``mongo_inproc_*``: the
+  front end in the bench's own process over the routed side's router, ``AsyncMongoClient``
+  on the same loop: the front end's own cost without a hop between processes (which, on a
+  machine with more runnable processes than cores, adds a scheduling wait per operation).
 * ``http_ops_per_s``: the same mix through the HTTP service as deployed (``shardshift router
   serve``: uvicorn with httptools and uvloop, in its own process), driven from this process by
   ``httpx.AsyncClient`` with ``--concurrency`` requests in flight. On 2 cores the client, the
@@ -70,6 +73,7 @@ from catalog.admin import provision_collection
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.hashing import khash
+from router.mongo.server import serving
 from settings import DatabaseSettings, RouterSettings
 from shards.codec import decode_document, encode_document, encode_value
 from shards.models import FenceRef
@@ -407,6 +411,14 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
 
         lat_m: dict[str, list[float]] = {"get": [], "replace": []}
         lat_ma: dict[str, list[float]] = {"get": [], "replace": []}
+        # The front end in this process over this router, the client on the same loop: the
+        # front end's own cost (wire, BSON, dispatch) without a hop to another process.
+        front = await es.enter_async_context(serving(router, settings))
+        inproc_client = open_client(front.port, settings, pool=1)
+        es.push_async_callback(inproc_client.close)
+        m_inproc = mongo_op(inproc_client, settings.mongo_database, COLLECTION, SHARD_KEY,
+                            make_doc)
+        lat_mi: dict[str, list[float]] = {"get": [], "replace": []}
 
         # Warm up every side, one operation at a time (prepared statements, caches). Pools
         # stay at one connection per shard until the throughput phase, like the direct side.
@@ -414,7 +426,7 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         warm = max(1000, ops // 20)
         scratch: dict[str, list[float]] = {"get": [], "replace": []}
         sides = [(direct.op_seq, lat_d), (r_op, lat_r), (direct.op_fenced, lat_f),
-                 (m_op, lat_m), (m_async, lat_ma)]
+                 (m_op, lat_m), (m_async, lat_ma), (m_inproc, lat_mi)]
         for _ in range(2):
             seq = [rng.randrange(docs) for _ in range(warm)]
             for fn, _out in sides:
@@ -479,14 +491,16 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         result["ratio_mixed_p50"] = round(result["router_p50_ms"] / result["direct_p50_ms"], 3)
         result.update(_lat_summary("mongo", lat_m))
         result.update(_lat_summary("mongo_async", lat_ma))
+        result.update(_lat_summary("mongo_inproc", lat_mi))
         m_get = result["mongo_get_p50_ms"] / result["direct_get_p50_ms"]
         m_replace = result["mongo_replace_p50_ms"] / result["direct_replace_p50_ms"]
         result["mongo_ratio_p50"] = round((m_get + m_replace) / 2, 3)
         result["mongo_ratio_get_p50"] = round(m_get, 3)
         result["mongo_ratio_replace_p50"] = round(m_replace, 3)
-        result["mongo_async_ratio_p50"] = round(
-            (result["mongo_async_get_p50_ms"] / result["direct_get_p50_ms"]
-             + result["mongo_async_replace_p50_ms"] / result["direct_replace_p50_ms"]) / 2, 3)
+        for side in ("mongo_async", "mongo_inproc"):
+            result[f"{side}_ratio_p50"] = round(
+                (result[f"{side}_get_p50_ms"] / result["direct_get_p50_ms"]
+                 + result[f"{side}_replace_p50_ms"] / result["direct_replace_p50_ms"]) / 2, 3)
         result["mongo_ops_per_s"] = round(mongo_tp, 1)
         result.update({
             "router_ops_per_s": round(router_tp, 1),
