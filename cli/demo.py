@@ -46,7 +46,7 @@ from shards.models import IndexDefinition
 from shards.postgres import PostgresShard
 from worker import run_worker
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
-from workload.checker import check, collect_stored, collect_visible
+from workload.checker import CheckReport, check, collect_stored, collect_visible
 from workload.generator import LoadGenerator, WorkloadConfig, keys_in
 from workload.stores import DocumentStore, MongoStore, RouterStore, mongo_uri
 
@@ -161,6 +161,8 @@ async def _demo(settings: Settings, stack: Stack, via: str) -> int:
     engines: dict[str, PostgresShard] = {}
     stop_worker = asyncio.Event()
     worker_task: asyncio.Task[None] | None = None
+    visible: CheckReport | None = None
+    visible_error = ""
     try:
         await catalog.ensure_schema()
         shards = await register_stack_shards(catalog, stack, names)
@@ -225,7 +227,11 @@ async def _demo(settings: Settings, stack: Stack, via: str) -> int:
             await asyncio.sleep(AFTER_S)
             await load.stop()
             _step(f"reading every document of the load back through {PATHS[store.path]}")
-            visible = check(load.records, await collect_visible(store, collection, load.records))
+            try:
+                visible = check(load.records,
+                                await collect_visible(store, collection, load.records))
+            except Exception as exc:  # noqa: BLE001 - reported, and the demo fails
+                visible_error = f"{type(exc).__name__}: {exc}"
 
         _step("running the checker")
         stored = await collect_stored(engines, collection)
@@ -263,8 +269,8 @@ async def _demo(settings: Settings, stack: Stack, via: str) -> int:
     # -- the report ---------------------------------------------------------------------------
     completed = result is not None and result.outcome.value == "completed"
     preload_ok = len(seeds) == PRELOAD_DOCS and seed_dups == 0
-    passed = (report.ok and visible.ok and report.client_errors == 0 and completed
-              and preload_ok)
+    passed = (report.ok and visible is not None and visible.ok and report.client_errors == 0
+              and completed and preload_ok)
     print()
     print("=" * 72)
     print(f" shardshift demo: chunk {moving.chunk_id} of {collection}, "
@@ -289,9 +295,12 @@ async def _demo(settings: Settings, stack: Stack, via: str) -> int:
           f"{report.documents_found} found in total (incl. {len(seeds)}/{PRELOAD_DOCS} preloaded)")
     print(f"  lost {len(report.lost)}, altered {len(report.altered)}, "
           f"duplicated {len(report.duplicated) + seed_dups}, resurrected {len(report.resurrected)}")
-    print(f"  read back          {visible.documents_found} documents through {store.path}: "
-          f"lost {len(visible.lost)}, altered {len(visible.altered)}, "
-          f"resurrected {len(visible.resurrected)}")
+    if visible is not None:
+        print(f"  read back          {visible.documents_found} documents through {store.path}: "
+              f"lost {len(visible.lost)}, altered {len(visible.altered)}, "
+              f"resurrected {len(visible.resurrected)}")
+    else:
+        print(f"  read back          FAILED: {visible_error}")
     verdict = "PASS" if passed else "FAIL"
     print(f"  verdict            {verdict}")
     ui = f"http://127.0.0.1:{stack.temporal.ui_port}/namespaces/{settings.temporal.namespace}"

@@ -213,17 +213,29 @@ async def collect_stored(shards: Mapping[str, Any], collection: str) -> dict[str
 
 
 async def collect_visible(store: DocumentStore, collection: str, records: Iterable[OpRecord],
-                          *, concurrency: int = 16) -> dict[str, list[dict[str, Any]]]:
+                          *, concurrency: int = 4, attempts: int = 5
+                          ) -> dict[str, list[dict[str, Any]]]:
     """doc_id -> [the document as ``store`` reads it] for every document the records name
-    (absent: not found). A read that fails raises: the view must be complete to judge."""
+    (absent: not found). A read that fails is tried ``attempts`` times, then raises: the view
+    must be complete to judge."""
     keys = {r.doc_id: r.key for r in records}
     pending = list(keys.items())
     out: dict[str, list[dict[str, Any]]] = {}
 
+    async def read(key: str, doc_id: str) -> dict[str, Any] | None:
+        for attempt in range(attempts):
+            try:
+                return await store.get(collection, key, doc_id)
+            except Exception:  # any failure: tried again; the last one raises
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+        return None  # not reached: the loop returns or raises
+
     async def reader() -> None:
         while pending:
             doc_id, key = pending.pop()
-            doc = await store.get(collection, key, doc_id)
+            doc = await read(key, doc_id)
             if doc is not None:
                 out[doc_id] = [doc]
 
