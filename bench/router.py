@@ -39,7 +39,8 @@ Prints ONE JSON object:
 It starts a private stack (catalog + 2 shards) in a temporary directory, provisions a
 collection with ``catalog.admin.provision_collection``, loads ``--docs`` documents of ~1 KB,
 and stops and removes everything at the end, also on errors. ``--profile`` adds a cProfile
-of the routed sequential loop (top functions by own time) under ``profile``.
+of the routed sequential loop and of the in-process wire side (top functions by own time),
+printed to stderr.
 """
 
 from __future__ import annotations
@@ -436,15 +437,17 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         rounds = 6
         per_round = max(2, ops // rounds // 2 * 2)
         prof = cProfile.Profile() if profile else None
+        prof_m = cProfile.Profile() if profile else None  # the in-process wire side
         for r in range(rounds):
             seq = [rng.randrange(docs) for _ in range(per_round)]
             turn = r % len(sides)
             for fn, out in sides[turn:] + sides[:turn]:
-                if prof is not None and fn is r_op:
-                    prof.enable()
+                p = prof if fn is r_op else prof_m if fn is m_inproc else None
+                if p is not None:
+                    p.enable()
                 await one_round(fn, seq, out)
-                if prof is not None and fn is r_op:
-                    prof.disable()
+                if p is not None:
+                    p.disable()
 
         # Throughput with concurrency (warmed first: the pools grow to their maximum).
         await concurrent(direct.op_pooled, targets, warm, concurrency, seed=2)
@@ -468,14 +471,17 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
             for fn, out in pair[r:] + pair[:r]:
                 await sequential(fn, targets, seq, 0, out)
 
-        # HTTP: the service in its own process, with its own router and catalog pool.
-        server = await asyncio.to_thread(HttpServer(catalog_dsn, settings).start)  # HTTP only
-        try:
-            token = settings.http_tokens[0].get_secret_value()
-            http_tp = await http_throughput(server.port, token, targets, http_ops, concurrency,
-                                            warmup=max(500, http_ops // 20))
-        finally:
-            await asyncio.to_thread(server.stop)
+        # HTTP: the service in its own process, with its own router and catalog pool
+        # (``--http-ops 0`` leaves it out).
+        http_tp: float | None = None
+        if http_ops > 0:
+            server = await asyncio.to_thread(HttpServer(catalog_dsn, settings).start)
+            try:
+                token = settings.http_tokens[0].get_secret_value()
+                http_tp = await http_throughput(server.port, token, targets, http_ops,
+                                                concurrency, warmup=max(500, http_ops // 20))
+            finally:
+                await asyncio.to_thread(server.stop)
 
         result: dict[str, Any] = {}
         result.update(_lat_summary("direct", lat_d))
@@ -505,7 +511,7 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         result.update({
             "router_ops_per_s": round(router_tp, 1),
             "direct_ops_per_s": round(direct_tp, 1),
-            "http_ops_per_s": round(http_tp, 1),
+            "http_ops_per_s": round(http_tp, 1) if http_tp is not None else None,
             "ops": len(lat_r["get"]) + len(lat_r["replace"]),
             "http_ops": http_ops,
             "docs": docs,
@@ -514,9 +520,11 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
             "shards": len(shard_dsns),
             "chunks": len(cmap.chunks),
         })
-        if prof is not None:
+        if prof is not None and prof_m is not None:
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+            buf.write("\n-- the in-process wire side (client and front end) --\n")
+            pstats.Stats(prof_m, stream=buf).sort_stats("tottime").print_stats(30)
             result["profile"] = buf.getvalue()
         await asyncio.gather(*(s.drop_collection(COLLECTION) for s in shards.values()))
         return result
@@ -529,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--http-ops", type=int, default=None,
-                        help="operations through HTTP (default: --ops)")
+                        help="operations through HTTP (default: --ops; 0: leave HTTP out)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the routed sequential loop (adds its overhead to it)")
     args = parser.parse_args(argv)
@@ -539,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     with private_stack(2) as st:
         shard_dsns = {f"bench-s{i}": dsn for i, dsn in enumerate(st.shard_dsns().values())}
         result = asyncio.run(run(st.catalog_dsn, shard_dsns, args.ops, args.docs,
-                                 args.concurrency, args.http_ops or args.ops, args.profile))
+                                 args.concurrency, args.ops if args.http_ops is None else args.http_ops, args.profile))
     profile = result.pop("profile", None)
     if profile:
         print(profile, file=sys.stderr)

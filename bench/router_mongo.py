@@ -16,7 +16,8 @@ from settings import RouterSettings
 
 
 class _Target(Protocol):
-    key: int
+    @property
+    def key(self) -> int: ...
 
 
 def open_client(port: int, settings: RouterSettings, pool: int) -> AsyncMongoClient[Any]:
