@@ -21,6 +21,16 @@ Prints ONE JSON object:
   per-operation medians stay put.
 * ``router_ops_per_s`` / ``direct_ops_per_s``: throughput with ``--concurrency`` tasks (the
   direct side gets a pool per shard as large as the router's).
+* ``mongo_p50_ms`` (and p99, per-operation p50s), ``mongo_ratio_p50`` (per operation against
+  the direct side, averaged like ``ratio_p50``; goal <= 1.5) and ``mongo_ops_per_s``: the same
+  mix as a MongoDB driver sends it (``find`` by shard key and ``_id``, ``update`` with a
+  replacement) to ``shardshift router serve --mongo-port`` in its own process
+  (``bench.router_mongo``), in the same rotating rounds as the other sides: latency with
+  pymongo's ``MongoClient`` (``mongo_async_*``: ``AsyncMongoClient``), throughput with
+  ``AsyncMongoClient`` and ``--concurrency`` operations in flight. ``mongo_inproc_*``: the
+  front end in the bench's own process over the routed side's router, ``AsyncMongoClient``
+  on the same loop: the front end's own cost without a hop between processes (which, on a
+  machine with more runnable processes than cores, adds a scheduling wait per operation).
 * ``http_ops_per_s``: the same mix through the HTTP service as deployed (``shardshift router
   serve``: uvicorn with httptools and uvloop, in its own process), driven from this process by
   ``httpx.AsyncClient`` with ``--concurrency`` requests in flight. On 2 cores the client, the
@@ -29,7 +39,8 @@ Prints ONE JSON object:
 It starts a private stack (catalog + 2 shards) in a temporary directory, provisions a
 collection with ``catalog.admin.provision_collection``, loads ``--docs`` documents of ~1 KB,
 and stops and removes everything at the end, also on errors. ``--profile`` adds a cProfile
-of the routed sequential loop (top functions by own time) under ``profile``.
+of the routed sequential loop and of the in-process wire side (top functions by own time),
+printed to stderr.
 """
 
 from __future__ import annotations
@@ -57,11 +68,13 @@ from psycopg import sql
 from psycopg.types.string import TextLoader
 from psycopg_pool import AsyncConnectionPool
 
+from bench.router_mongo import mongo_op, open_client, open_sync_client, sync_sequential
 from catalog import Catalog
 from catalog.admin import provision_collection
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.hashing import khash
+from router.mongo.server import serving
 from settings import DatabaseSettings, RouterSettings
 from shards.codec import decode_document, encode_document, encode_value
 from shards.models import FenceRef
@@ -252,17 +265,20 @@ class HttpServer:
     """The router's HTTP service as deployed: ``shardshift router serve`` in its own process
     (uvicorn with httptools and uvloop), so client and server do not share a GIL."""
 
-    def __init__(self, catalog_dsn: str, settings: RouterSettings) -> None:
+    def __init__(self, catalog_dsn: str, settings: RouterSettings, *,
+                 mongo: bool = False) -> None:
         self.catalog_dsn = catalog_dsn
         self.settings = settings
         self.port = _free_port()
+        self.mongo_port = _free_port() if mongo else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> HttpServer:
         env = {**os.environ, "SHARDSHIFT_CATALOG_DSN": self.catalog_dsn}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "router", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port)],
+             "--port", str(self.port),
+             *(["--mongo-port", str(self.mongo_port)] if self.mongo_port else [])],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout
@@ -371,35 +387,79 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         es.push_async_callback(direct.close)
         r_op = router_op(router)
 
-        # Warm up both sides, one operation at a time (prepared statements, caches). Pools
+        # The MongoDB wire path: ``router serve --mongo-port`` in its own process (its own
+        # router and pools), pymongo's AsyncMongoClient here; one connection while sequential.
+        server = await asyncio.to_thread(HttpServer(catalog_dsn, settings, mongo=True).start)
+        es.callback(server.stop)
+        assert server.mongo_port is not None
+        mongo_seq_client = open_client(server.mongo_port, settings, pool=1)
+        es.push_async_callback(mongo_seq_client.close)
+        m_async = mongo_op(mongo_seq_client, settings.mongo_database, COLLECTION, SHARD_KEY,
+                           make_doc)
+        mongo_sync = open_sync_client(server.mongo_port, settings)
+        es.callback(mongo_sync.close)
+
+        async def m_op(i: int, t: Target) -> None:
+            raise AssertionError("a marker: its rounds run sync_sequential in a thread")
+
+        async def one_round(fn: Callable[[int, Target], Awaitable[None]], seq: list[int],
+                            out: dict[str, list[float]]) -> None:
+            if fn is m_op:
+                await asyncio.to_thread(sync_sequential, mongo_sync, settings.mongo_database,
+                                        COLLECTION, SHARD_KEY, make_doc, targets, seq, 0, out)
+            else:
+                await sequential(fn, targets, seq, 0, out)
+
+        lat_m: dict[str, list[float]] = {"get": [], "replace": []}
+        lat_ma: dict[str, list[float]] = {"get": [], "replace": []}
+        # The front end in this process over this router, the client on the same loop: the
+        # front end's own cost (wire, BSON, dispatch) without a hop to another process.
+        front = await es.enter_async_context(serving(router, settings))
+        inproc_client = open_client(front.port, settings, pool=1)
+        es.push_async_callback(inproc_client.close)
+        m_inproc = mongo_op(inproc_client, settings.mongo_database, COLLECTION, SHARD_KEY,
+                            make_doc)
+        lat_mi: dict[str, list[float]] = {"get": [], "replace": []}
+
+        # Warm up every side, one operation at a time (prepared statements, caches). Pools
         # stay at one connection per shard until the throughput phase, like the direct side.
         rng = random.Random(1)
         warm = max(1000, ops // 20)
         scratch: dict[str, list[float]] = {"get": [], "replace": []}
-        sides = [(direct.op_seq, lat_d), (r_op, lat_r), (direct.op_fenced, lat_f)]
+        sides = [(direct.op_seq, lat_d), (r_op, lat_r), (direct.op_fenced, lat_f),
+                 (m_op, lat_m), (m_async, lat_ma), (m_inproc, lat_mi)]
         for _ in range(2):
             seq = [rng.randrange(docs) for _ in range(warm)]
             for fn, _out in sides:
-                await sequential(fn, targets, seq, 0, scratch)
+                await one_round(fn, seq, scratch)
 
         # Sequential latency: rounds in rotating order, the same documents for every side.
         rounds = 6
         per_round = max(2, ops // rounds // 2 * 2)
         prof = cProfile.Profile() if profile else None
+        prof_m = cProfile.Profile() if profile else None  # the in-process wire side
         for r in range(rounds):
             seq = [rng.randrange(docs) for _ in range(per_round)]
-            for fn, out in sides[r % 3:] + sides[:r % 3]:
-                if prof is not None and fn is r_op:
-                    prof.enable()
-                await sequential(fn, targets, seq, 0, out)
-                if prof is not None and fn is r_op:
-                    prof.disable()
+            turn = r % len(sides)
+            for fn, out in sides[turn:] + sides[:turn]:
+                p = prof if fn is r_op else prof_m if fn is m_inproc else None
+                if p is not None:
+                    p.enable()
+                await one_round(fn, seq, out)
+                if p is not None:
+                    p.disable()
 
         # Throughput with concurrency (warmed first: the pools grow to their maximum).
         await concurrent(direct.op_pooled, targets, warm, concurrency, seed=2)
         await concurrent(r_op, targets, warm, concurrency, seed=2)
         direct_tp = await concurrent(direct.op_pooled, targets, ops, concurrency, seed=3)
         router_tp = await concurrent(r_op, targets, ops, concurrency, seed=3)
+        mongo_client = open_client(server.mongo_port, settings, pool=concurrency)
+        es.push_async_callback(mongo_client.close)
+        m_pool_op = mongo_op(mongo_client, settings.mongo_database, COLLECTION, SHARD_KEY,
+                             make_doc)
+        await concurrent(m_pool_op, targets, warm, concurrency, seed=2)
+        mongo_tp = await concurrent(m_pool_op, targets, ops, concurrency, seed=3)
 
         # Sequential latency again with full pools (the pool hands out its connections in
         # turn, so each operation lands on a colder backend): router vs direct pooled.
@@ -411,14 +471,17 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
             for fn, out in pair[r:] + pair[:r]:
                 await sequential(fn, targets, seq, 0, out)
 
-        # HTTP: the service in its own process, with its own router and catalog pool.
-        server = await asyncio.to_thread(HttpServer(catalog_dsn, settings).start)
-        try:
-            token = settings.http_tokens[0].get_secret_value()
-            http_tp = await http_throughput(server.port, token, targets, http_ops, concurrency,
-                                            warmup=max(500, http_ops // 20))
-        finally:
-            await asyncio.to_thread(server.stop)
+        # HTTP: the service in its own process, with its own router and catalog pool
+        # (``--http-ops 0`` leaves it out).
+        http_tp: float | None = None
+        if http_ops > 0:
+            server = await asyncio.to_thread(HttpServer(catalog_dsn, settings).start)
+            try:
+                token = settings.http_tokens[0].get_secret_value()
+                http_tp = await http_throughput(server.port, token, targets, http_ops,
+                                                concurrency, warmup=max(500, http_ops // 20))
+            finally:
+                await asyncio.to_thread(server.stop)
 
         result: dict[str, Any] = {}
         result.update(_lat_summary("direct", lat_d))
@@ -432,10 +495,23 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         result["ratio_get_p50"] = round(get_ratio, 3)
         result["ratio_replace_p50"] = round(replace_ratio, 3)
         result["ratio_mixed_p50"] = round(result["router_p50_ms"] / result["direct_p50_ms"], 3)
+        result.update(_lat_summary("mongo", lat_m))
+        result.update(_lat_summary("mongo_async", lat_ma))
+        result.update(_lat_summary("mongo_inproc", lat_mi))
+        m_get = result["mongo_get_p50_ms"] / result["direct_get_p50_ms"]
+        m_replace = result["mongo_replace_p50_ms"] / result["direct_replace_p50_ms"]
+        result["mongo_ratio_p50"] = round((m_get + m_replace) / 2, 3)
+        result["mongo_ratio_get_p50"] = round(m_get, 3)
+        result["mongo_ratio_replace_p50"] = round(m_replace, 3)
+        for side in ("mongo_async", "mongo_inproc"):
+            result[f"{side}_ratio_p50"] = round(
+                (result[f"{side}_get_p50_ms"] / result["direct_get_p50_ms"]
+                 + result[f"{side}_replace_p50_ms"] / result["direct_replace_p50_ms"]) / 2, 3)
+        result["mongo_ops_per_s"] = round(mongo_tp, 1)
         result.update({
             "router_ops_per_s": round(router_tp, 1),
             "direct_ops_per_s": round(direct_tp, 1),
-            "http_ops_per_s": round(http_tp, 1),
+            "http_ops_per_s": round(http_tp, 1) if http_tp is not None else None,
             "ops": len(lat_r["get"]) + len(lat_r["replace"]),
             "http_ops": http_ops,
             "docs": docs,
@@ -444,9 +520,11 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
             "shards": len(shard_dsns),
             "chunks": len(cmap.chunks),
         })
-        if prof is not None:
+        if prof is not None and prof_m is not None:
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+            buf.write("\n-- the in-process wire side (client and front end) --\n")
+            pstats.Stats(prof_m, stream=buf).sort_stats("tottime").print_stats(30)
             result["profile"] = buf.getvalue()
         await asyncio.gather(*(s.drop_collection(COLLECTION) for s in shards.values()))
         return result
@@ -459,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--http-ops", type=int, default=None,
-                        help="operations through HTTP (default: --ops)")
+                        help="operations through HTTP (default: --ops; 0: leave HTTP out)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the routed sequential loop (adds its overhead to it)")
     args = parser.parse_args(argv)
@@ -469,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     with private_stack(2) as st:
         shard_dsns = {f"bench-s{i}": dsn for i, dsn in enumerate(st.shard_dsns().values())}
         result = asyncio.run(run(st.catalog_dsn, shard_dsns, args.ops, args.docs,
-                                 args.concurrency, args.http_ops or args.ops, args.profile))
+                                 args.concurrency, args.ops if args.http_ops is None else args.http_ops, args.profile))
     profile = result.pop("profile", None)
     if profile:
         print(profile, file=sys.stderr)

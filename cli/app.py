@@ -371,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     _console_parsers(sub)
 
     demo = sub.add_parser("demo", help="the main job: a live chunk migration under load")
+    demo.add_argument("--via", choices=("mongo", "router"), default="mongo",
+                      help="what the load goes through: a MongoDB driver (pymongo) through the "
+                           "router's MongoDB front end (default), or the router core in-process "
+                           "(the HTTP API's path)")
     demo.set_defaults(func="cli.demo:cmd_demo")
     return parser
 

@@ -5,9 +5,13 @@ a report.
 2. provision a fresh collection ``demo_<timestamp>`` (3 shards, 2 chunks each) and load a few
    thousand documents through the router;
 3. start a worker in-process (its own task queue) and a load generator writing and reading
-   through the router, over keys of the moving chunk and of other chunks;
+   through the router, over keys of the moving chunk and of other chunks: by default an
+   ordinary MongoDB driver (pymongo's ``AsyncMongoClient``) through the router's MongoDB
+   front end, served in-process on a free loopback port (``--via router``: the router core
+   called in-process, the path the HTTP API takes);
 4. run ``MigrateChunkWorkflow`` for one chunk to another shard, with a live progress line;
-5. keep the load going a few seconds after, stop it, run the checker and print a report;
+5. keep the load going a few seconds after, stop it, run the checker (on what the shards
+   hold, and on what the load's path reads back) and print a report;
 6. draw the move's timeline (``shardshift report --plot``) under ``<state dir>/reports/``.
 
 The stack stays up afterwards (the workflow stays visible in the Temporal Web UI). The exit
@@ -21,6 +25,7 @@ import argparse
 import asyncio
 import random
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 from temporalio.client import Client
@@ -35,13 +40,15 @@ from cli.report import build, write_plot
 from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
+from router.mongo.server import serving
 from settings import RouterSettings, Settings, TemporalSettings, get_settings
 from shards.models import IndexDefinition
 from shards.postgres import PostgresShard
 from worker import run_worker
 from workflows import MigrateChunkInput, MigrateChunkWorkflow
-from workload.checker import check, collect_stored
+from workload.checker import CheckReport, check, collect_stored, collect_visible
 from workload.generator import LoadGenerator, WorkloadConfig, keys_in
+from workload.stores import DocumentStore, MongoStore, RouterStore, mongo_uri
 
 DEMO_SHARDS = 3
 CHUNKS_PER_SHARD = 2
@@ -54,31 +61,42 @@ AFTER_S = 4.0
 # -- the preload ------------------------------------------------------------------------------
 
 
-async def preload(router: Router, collection: str, n: int, *, concurrency: int = 32,
+def seed_doc(i: int, rng: random.Random, accounts: int) -> dict[str, object]:
+    return {"_id": f"seed-{i}", "acct": f"acct-{rng.randrange(accounts)}",
+            "email": f"user{i}@example.com", "v": 0, "pad": "s" * 200}
+
+
+async def preload(store: DocumentStore, collection: str, n: int, *, concurrency: int = 32,
                   accounts: int = 2000) -> None:
-    """Insert ``n`` documents ``seed-<i>`` through the router, spread over ``accounts`` keys."""
+    """Insert ``n`` documents ``seed-<i>`` through ``store``, spread over ``accounts`` keys
+    (a MongoDB driver sends them in ``insert_many`` batches)."""
     rng = random.Random(11)
-    queue = list(range(n))
+    docs = [seed_doc(i, rng, accounts) for i in range(n)]
+    if isinstance(store, MongoStore):
+        batches = [docs[i:i + 250] for i in range(0, n, 250)]
 
-    async def one(worker: int) -> None:
-        while queue:
-            i = queue.pop()
-            await router.insert(collection, {
-                "_id": f"seed-{i}", "acct": f"acct-{rng.randrange(accounts)}",
-                "email": f"user{i}@example.com", "v": 0, "pad": "s" * 200,
-            })
+        async def batch_worker() -> None:
+            while batches:
+                await store.insert_many(collection, batches.pop())
 
-    await asyncio.gather(*(one(w) for w in range(concurrency)))
+        await asyncio.gather(*(batch_worker() for _ in range(min(8, concurrency))))
+        return
+
+    async def one() -> None:
+        while docs:
+            await store.insert(collection, dict(docs.pop()))
+
+    await asyncio.gather(*(one() for _ in range(concurrency)))
 
 
 # -- the demo ---------------------------------------------------------------------------------
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(get_settings())
+    return run_demo(get_settings(), via=getattr(args, "via", "mongo"))
 
 
-def run_demo(settings: Settings) -> int:
+def run_demo(settings: Settings, via: str = "mongo") -> int:
     stack = Stack.from_settings(settings)
     print(f"==> bringing the local stack up in {stack.state_dir}")
     up_and_provision(stack)
@@ -88,14 +106,38 @@ def run_demo(settings: Settings) -> int:
     if not all(r.healthy for r in rows):
         print("demo: the local stack is not healthy (see `./dev shardshift infra status`)")
         return 1
-    return asyncio.run(_demo(settings, stack))
+    return asyncio.run(_demo(settings, stack, via))
+
+
+PATHS = {"mongo-wire": "pymongo (AsyncMongoClient) through the router's MongoDB front end",
+         "router-core": "the router core in-process (the HTTP API's path)"}
+
+
+async def _load_path(paths: AsyncExitStack, router: Router, settings: RouterSettings,
+                     via: str) -> DocumentStore:
+    """What the preload and the load go through: with ``via="mongo"`` the MongoDB front end
+    on a free loopback port of this process and a pymongo client of the first configured
+    user; else the router core."""
+    if via != "mongo":
+        return RouterStore(router)
+    if not settings.mongo_users:
+        raise SystemExit("demo: no MongoDB user is configured (SHARDSHIFT_ROUTER__MONGO_USERS); "
+                         "use --via router")
+    front = await paths.enter_async_context(serving(router, settings, "127.0.0.1", 0))
+    user = settings.mongo_users[0]
+    store = MongoStore(mongo_uri(front.host, front.port, user.name,
+                                 user.password.get_secret_value()), settings.mongo_database)
+    paths.push_async_callback(store.close)
+    _step(f"MongoDB front end on {front.host}:{front.port} (database "
+          f"{settings.mongo_database!r}); clients: pymongo as user {user.name!r}")
+    return store
 
 
 def _step(msg: str) -> None:
     print(f"==> {msg}", flush=True)
 
 
-async def _demo(settings: Settings, stack: Stack) -> int:
+async def _demo(settings: Settings, stack: Stack, via: str) -> int:
     t_start = time.monotonic()
     record = stack.record()
     assert record is not None
@@ -119,6 +161,8 @@ async def _demo(settings: Settings, stack: Stack) -> int:
     engines: dict[str, PostgresShard] = {}
     stop_worker = asyncio.Event()
     worker_task: asyncio.Task[None] | None = None
+    visible: CheckReport | None = None
+    visible_error = ""
     try:
         await catalog.ensure_schema()
         shards = await register_stack_shards(catalog, stack, names)
@@ -138,10 +182,11 @@ async def _demo(settings: Settings, stack: Stack) -> int:
         # The router as in production: the catalog read-only, shards as the router role.
         source = CatalogRouteSource.from_dsn(settings.db.catalog_reader(catalog_address),
                                              db=settings.db)
-        async with Router(source, router_settings) as router:
+        async with Router(source, router_settings) as router, AsyncExitStack() as paths:
+            store = await _load_path(paths, router, router_settings, via)
             t0 = time.monotonic()
-            await preload(router, collection, PRELOAD_DOCS)
-            _step(f"loaded {PRELOAD_DOCS} documents through the router in "
+            await preload(store, collection, PRELOAD_DOCS)
+            _step(f"loaded {PRELOAD_DOCS} documents through {PATHS[store.path]} in "
                   f"{time.monotonic() - t0:.1f} s")
 
             client = await Client.connect(stack.temporal.address,
@@ -151,7 +196,7 @@ async def _demo(settings: Settings, stack: Stack) -> int:
                 run_worker(worker_settings, stop=stop_worker, client=client), name="demo-worker")
             _step(f"worker running in-process on task queue {task_queue!r}")
 
-            load = LoadGenerator(router, WorkloadConfig(
+            load = LoadGenerator(store, WorkloadConfig(
                 collection=collection, rate=LOAD_RATE, workers=8,
                 only_keys=keys_in(moving.range, 40) + keys_in(other.range, 16, "other"),
             ))
@@ -181,6 +226,12 @@ async def _demo(settings: Settings, stack: Stack) -> int:
             _step(f"move finished; keeping the load on for {AFTER_S:.0f} s more")
             await asyncio.sleep(AFTER_S)
             await load.stop()
+            _step(f"reading every document of the load back through {PATHS[store.path]}")
+            try:
+                visible = check(load.records,
+                                await collect_visible(store, collection, load.records))
+            except Exception as exc:  # noqa: BLE001 - reported, and the demo fails
+                visible_error = f"{type(exc).__name__}: {exc}"
 
         _step("running the checker")
         stored = await collect_stored(engines, collection)
@@ -218,7 +269,8 @@ async def _demo(settings: Settings, stack: Stack) -> int:
     # -- the report ---------------------------------------------------------------------------
     completed = result is not None and result.outcome.value == "completed"
     preload_ok = len(seeds) == PRELOAD_DOCS and seed_dups == 0
-    passed = report.ok and report.client_errors == 0 and completed and preload_ok
+    passed = (report.ok and visible is not None and visible.ok and report.client_errors == 0
+              and completed and preload_ok)
     print()
     print("=" * 72)
     print(f" shardshift demo: chunk {moving.chunk_id} of {collection}, "
@@ -229,7 +281,7 @@ async def _demo(settings: Settings, stack: Stack) -> int:
     else:
         print(f"  workflow FAILED: {wf_error}")
     print(f"  chunk now on       {placed}")
-    print("  -- clients (through the router) --")
+    print(f"  -- clients: {PATHS[store.path]} --")
     print(f"  operations         {report.operations} ({report.acknowledged_writes} acknowledged "
           f"writes, {moved_writes} on the moving chunk)")
     print(f"  client errors      {report.client_errors}"
@@ -243,6 +295,12 @@ async def _demo(settings: Settings, stack: Stack) -> int:
           f"{report.documents_found} found in total (incl. {len(seeds)}/{PRELOAD_DOCS} preloaded)")
     print(f"  lost {len(report.lost)}, altered {len(report.altered)}, "
           f"duplicated {len(report.duplicated) + seed_dups}, resurrected {len(report.resurrected)}")
+    if visible is not None:
+        print(f"  read back          {visible.documents_found} documents through {store.path}: "
+              f"lost {len(visible.lost)}, altered {len(visible.altered)}, "
+              f"resurrected {len(visible.resurrected)}")
+    else:
+        print(f"  read back          FAILED: {visible_error}")
     verdict = "PASS" if passed else "FAIL"
     print(f"  verdict            {verdict}")
     ui = f"http://127.0.0.1:{stack.temporal.ui_port}/namespaces/{settings.temporal.namespace}"

@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,11 +158,24 @@ def serve(
         if router is None or mongo_port is None:
             uvicorn.Server(config).run()
         else:
-            asyncio.run(_serve_both(router, uvicorn.Server(config), settings, host, mongo_port,
-                                    tls_context(tls_cert, tls_key), index_ddl))
+            # uvicorn picks uvloop for the HTTP-only service; serving both, pick it here too
+            # (both protocols' hot paths run on this loop).
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                runner.run(_serve_both(router, uvicorn.Server(config), settings, host,
+                                       mongo_port, tls_context(tls_cert, tls_key), index_ddl))
     finally:
         if server is not None:
             server.close()
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (a dependency), else asyncio's."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional at import time; only a serving process needs it
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def _serve_both(router: Router, http: Any, settings: Settings, host: str,

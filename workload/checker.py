@@ -12,10 +12,16 @@ the shards hold:
 Operations with an unknown outcome may have either result; the worker's read-back picks which.
 It also reports client-visible errors and, per chunk, the longest gap between successful
 writes (the pause a client saw during a cutover).
+
+``collect_stored`` reads what the shards hold under active fences (the judge: it sees
+duplicates); ``collect_visible`` reads every document of the load back through the path the
+load used (a MongoDB driver through the front end, or the router core), so the same check
+also judges what an application sees.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
@@ -26,6 +32,7 @@ from pydantic import BaseModel
 
 from shards.models import FenceState
 from workload.generator import OpRecord
+from workload.stores import DocumentStore
 
 
 class Expected:
@@ -203,3 +210,34 @@ async def collect_stored(shards: Mapping[str, Any], collection: str) -> dict[str
             for doc in await shard.scan(collection, fence.range):
                 out[str(doc["_id"])].append(doc)
     return dict(out)
+
+
+async def collect_visible(store: DocumentStore, collection: str, records: Iterable[OpRecord],
+                          *, concurrency: int = 4, attempts: int = 5
+                          ) -> dict[str, list[dict[str, Any]]]:
+    """doc_id -> [the document as ``store`` reads it] for every document the records name
+    (absent: not found). A read that fails is tried ``attempts`` times, then raises: the view
+    must be complete to judge."""
+    keys = {r.doc_id: r.key for r in records}
+    pending = list(keys.items())
+    out: dict[str, list[dict[str, Any]]] = {}
+
+    async def read(key: str, doc_id: str) -> dict[str, Any] | None:
+        for attempt in range(attempts):
+            try:
+                return await store.get(collection, key, doc_id)
+            except Exception:  # any failure: tried again; the last one raises
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+        return None  # not reached: the loop returns or raises
+
+    async def reader() -> None:
+        while pending:
+            doc_id, key = pending.pop()
+            doc = await read(key, doc_id)
+            if doc is not None:
+                out[doc_id] = [doc]
+
+    await asyncio.gather(*(reader() for _ in range(concurrency)))
+    return out

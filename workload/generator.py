@@ -10,6 +10,11 @@ Unknown outcomes: when an operation fails such that it may or may not have been 
 lost connection mid-write, a timeout), the worker immediately reads the document back and
 records what it saw; the checker accepts the outcome only if the observation matches one of
 the two possible states. A worker stops writing a document whose state it could not resolve.
+
+Paths: the generator drives a ``workload.stores.DocumentStore``: the router core in-process
+(``RouterStore``; a ``Router`` given directly is wrapped in one) or a MongoDB driver through
+the router's wire-protocol front end (``MongoStore``). Each store says which failures leave
+the outcome unknown.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from typing import Any
 from bson import Decimal128
 
 from router.core import Router
-from router.errors import OutcomeUnknownError, RetryDeadlineExceeded
 from router.hashing import khash
 from shards.models import KeyRange
+from workload.stores import DocumentStore, RouterStore
 
 
 @dataclass(slots=True)
@@ -84,8 +89,8 @@ def keys_in(rng: KeyRange, n: int, prefix: str = "acct") -> list[str]:
 class LoadGenerator:
     """Runs ``config.workers`` workers until stopped; keeps every ``OpRecord``."""
 
-    def __init__(self, router: Router, config: WorkloadConfig) -> None:
-        self.router = router
+    def __init__(self, router: Router | DocumentStore, config: WorkloadConfig) -> None:
+        self.store: DocumentStore = RouterStore(router) if isinstance(router, Router) else router
         self.config = config
         self.records: list[OpRecord] = []
         self._stop = asyncio.Event()
@@ -103,8 +108,10 @@ class LoadGenerator:
     async def swap_router(self, router: Router) -> None:
         """Restart the router under the load: operations from now on go through ``router``;
         the old one finishes those in flight, then closes (a graceful restart)."""
-        old, self.router = self.router, router
-        await old.close()
+        old = self.store
+        assert isinstance(old, RouterStore), "only the router-core path restarts a router"
+        self.store = RouterStore(router)
+        await old.router.close()
 
     async def stop(self) -> None:
         self._stop.set()
@@ -152,7 +159,7 @@ class LoadGenerator:
 
     async def _execute(self, rec: OpRecord, rng: random.Random, live: dict[str, str]) -> None:
         cfg = self.config
-        r = self.router
+        r = self.store
         c = cfg.collection
         try:
             if rec.op == "insert":
@@ -162,8 +169,9 @@ class LoadGenerator:
                 live[rec.doc_id] = rec.key
             elif rec.op == "replace":
                 rec.arg = rec.seq + 1_000_000 * rec.worker
-                await r.replace(c, {"_id": rec.doc_id, cfg.shard_key: rec.key, "v": rec.arg,
-                                    "balance": None, "pad": "r" * cfg.pad_bytes})
+                await r.replace(c, rec.key, {"_id": rec.doc_id, cfg.shard_key: rec.key,
+                                             "v": rec.arg, "balance": None,
+                                             "pad": "r" * cfg.pad_bytes})
             elif rec.op == "inc":
                 amount = f"{rng.randint(1, 10000) / 100:.2f}"
                 rec.arg = amount
@@ -174,11 +182,12 @@ class LoadGenerator:
             else:
                 rec.result = await r.get(c, rec.key, rec.doc_id)
             rec.outcome = "ok"
-        except OutcomeUnknownError as exc:
-            rec.outcome = "unknown"
-            rec.error = f"{type(exc).__name__}: {exc}"
-            await self._resolve(rec, live)
-        except (RetryDeadlineExceeded, Exception) as exc:  # noqa: BLE001 - every error counts
+        except Exception as exc:  # noqa: BLE001 - every error counts, by kind
+            if r.outcome_unknown(exc):
+                rec.outcome = "unknown"
+                rec.error = f"{type(exc).__name__}: {exc}"
+                await self._resolve(rec, live)
+                return
             rec.outcome = "error"
             rec.error = f"{type(exc).__name__}: {exc}"
             if rec.op == "insert":
@@ -191,7 +200,7 @@ class LoadGenerator:
         """Read the document back after an ambiguous failure and record what it was."""
         for _ in range(50):
             try:
-                rec.result = await self.router.get(self.config.collection, rec.key, rec.doc_id)
+                rec.result = await self.store.get(self.config.collection, rec.key, rec.doc_id)
                 rec.outcome = "unknown"
                 if rec.op == "insert" and rec.result is not None:
                     live[rec.doc_id] = rec.key

@@ -5,7 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from bson import Int64
+
 from router.mongo import auth
+from router.mongo.errors import MongoError
 from router.mongo.registry import Sequences, Session, command
 
 VERSION = "7.0.0"
@@ -90,3 +93,76 @@ async def connection_status(s: Session, db: str, cmd: dict[str, Any], seqs: Sequ
 async def whats_my_uri(s: Session, db: str, cmd: dict[str, Any], seqs: Sequences
                        ) -> dict[str, Any]:
     return {"you": s.peer}
+
+
+# -- what shells and tools ask at start-up (mongosh: getParameter, getLog, ...) -------------------
+
+FEATURE_COMPATIBILITY_VERSION = ".".join(VERSION.split(".")[:2])
+
+
+def _parameters(s: Session) -> dict[str, Any]:
+    """The server parameters ``getParameter`` reports (a router's few that clients read)."""
+    return {
+        "featureCompatibilityVersion": {"version": FEATURE_COMPATIBILITY_VERSION},
+        "authenticationMechanisms": [auth.MECHANISM],
+        "maxBSONObjectSize": s.settings.max_document_bytes,
+    }
+
+
+@command("getParameter")
+async def get_parameter(s: Session, db: str, cmd: dict[str, Any], seqs: Sequences
+                        ) -> dict[str, Any]:
+    """``{getParameter: 1, <name>: 1, ...}`` or ``{getParameter: "*"}``, as MongoDB answers:
+    the named parameters it knows; none of them known is ``InvalidOptions``."""
+    if db != "admin":
+        raise MongoError("Unauthorized", "getParameter may only be run against the admin database.")
+    known = _parameters(s)
+    if cmd["getParameter"] == "*":
+        return dict(known)
+    wanted = [k for k in cmd if k not in ("getParameter", "comment") and not k.startswith("$")]
+    found = {k: known[k] for k in wanted if k in known}
+    if not found:
+        raise MongoError("InvalidOptions", "no option found to get")
+    return found
+
+
+_LOGS = ("global", "startupWarnings")
+
+
+@command("getLog")
+async def get_log(s: Session, db: str, cmd: dict[str, Any], seqs: Sequences) -> dict[str, Any]:
+    """The router keeps no log in memory: every log is empty (``"*"`` lists their names)."""
+    if db != "admin":
+        raise MongoError("Unauthorized", "getLog may only be run against the admin database.")
+    name = cmd["getLog"]
+    if name == "*":
+        return {"names": list(_LOGS)}
+    if name not in _LOGS:
+        raise MongoError("OperationFailed", f"no RamLog named: {str(name)[:64]}")
+    return {"totalLinesWritten": 0, "log": []}
+
+
+@command("getCmdLineOpts")
+async def get_cmd_line_opts(s: Session, db: str, cmd: dict[str, Any], seqs: Sequences
+                            ) -> dict[str, Any]:
+    if db != "admin":
+        raise MongoError("Unauthorized",
+                         "getCmdLineOpts may only be run against the admin database.")
+    return {"argv": ["shardshift", "router", "serve"], "parsed": {}}
+
+
+@command("listDatabases")
+async def list_databases(s: Session, db: str, cmd: dict[str, Any], seqs: Sequences
+                         ) -> dict[str, Any]:
+    """The one database that holds collections (``show dbs``); sizes are not tracked here."""
+    if db != "admin":
+        raise MongoError("Unauthorized",
+                         "listDatabases may only be run against the admin database.")
+    if "filter" in cmd and cmd["filter"] not in ({}, None):
+        raise MongoError("NotImplemented", "listDatabases: a filter is not supported")
+    names_only = bool(cmd.get("nameOnly"))
+    entry: dict[str, Any] = {"name": s.server.database}
+    if names_only:
+        return {"databases": [entry]}
+    entry.update(sizeOnDisk=Int64(0), empty=False)
+    return {"databases": [entry], "totalSize": Int64(0), "totalSizeMb": Int64(0)}

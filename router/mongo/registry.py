@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bson import Int64
+
 from router.core import Router
 from router.mongo.errors import MongoError
 from router.mongo.errors_map import to_mongo_error
@@ -117,4 +119,9 @@ async def dispatch(session: Session, body: dict[str, Any], sequences: Sequences)
             log.exception("command failed on connection %d", session.conn_id)
         return err.reply()
     reply.setdefault("ok", 1.0)
+    cursor = reply.get("cursor")
+    if isinstance(cursor, dict) and type(cursor.get("id")) is int:
+        # Cursor ids are int64 on the wire, whatever their value: drivers check the type
+        # (the Node.js driver, and so mongosh, treats an int32 id as missing).
+        cursor["id"] = Int64(cursor["id"])
     return reply

@@ -11,17 +11,19 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from temporalio.client import Client, WorkflowHandle
 
+from catalog import Catalog
 from catalog.models import Chunk, MigrationOutcome
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.hashing import khash
+from router.mongo.server import serving
 from shards.models import KeyRange
 from shards.postgres.documents import encode_for_store
 from shards.postgres.replication import NAME_PREFIX, migration_prefix
@@ -31,6 +33,7 @@ from tests.workflows.procs import chunk_keys
 from workflows import MigrateChunkInput, MigrateChunkResult, MigrateChunkWorkflow
 from workload.checker import CheckReport, check, collect_stored
 from workload.generator import LoadGenerator, WorkloadConfig
+from workload.stores import DocumentStore, MongoStore, RouterStore, mongo_uri
 
 FAST = {"poll_s": 0.2, "cutover_retry_s": 0.2, "part_rows": 500}
 """Move options for tests: short polls and retries, small parts."""
@@ -143,14 +146,36 @@ def pick(deployment: Deployment) -> tuple[Chunk, str, Chunk]:
 
 
 @asynccontextmanager
+async def load_path(catalog: Catalog, *, via_mongo: bool) -> AsyncIterator[DocumentStore]:
+    """A fresh router over ``catalog``; with ``via_mongo`` also its MongoDB front end and a
+    pymongo ``AsyncMongoClient`` through it (the store a load generator drives)."""
+    async with AsyncExitStack() as stack:
+        settings = router_settings()
+        router = await stack.enter_async_context(Router(CatalogRouteSource(catalog), settings))
+        if not via_mongo:
+            yield RouterStore(router)
+            return
+        front = await stack.enter_async_context(serving(router, settings))
+        store = MongoStore(mongo_uri(front.host, front.port), settings.mongo_database)
+        stack.push_async_callback(store.close)
+        yield store
+
+
+def driver_errors(load: LoadGenerator) -> int:
+    """Operations whose caller saw an exception (failed, or of unknown outcome)."""
+    return sum(r.outcome != "ok" for r in load.records)
+
+
+@asynccontextmanager
 async def load_on(deployment: Deployment, moving: Chunk, other: Chunk, *, rate: float = 300,
                   workers: int = 6, keys: tuple[int, int] = (30, 6),
-                  warm: int = 100) -> AsyncIterator[LoadGenerator]:
+                  warm: int = 100, via_mongo: bool = False) -> AsyncIterator[LoadGenerator]:
     """Writes and reads on the moving chunk's keys and a bystander's (``keys``: how many of
     each) for the whole block, once ``warm`` operations were acknowledged; on a clean exit the
-    load keeps running until ``warm`` more were acknowledged after the block."""
-    async with Router(CatalogRouteSource(deployment.catalog), router_settings()) as router:
-        load = LoadGenerator(router, WorkloadConfig(
+    load keeps running until ``warm`` more were acknowledged after the block. ``via_mongo``:
+    through the MongoDB front end with pymongo instead of the router core."""
+    async with load_path(deployment.catalog, via_mongo=via_mongo) as store:
+        load = LoadGenerator(store, WorkloadConfig(
             collection=deployment.collection, rate=rate, workers=workers,
             only_keys=chunk_keys(moving, keys[0], "acct") + chunk_keys(other, keys[1], "o"),
         ))
