@@ -18,7 +18,6 @@ import itertools
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from bson.errors import InvalidDocument
@@ -37,23 +36,31 @@ _HANDSHAKE_OVER_OP_QUERY = frozenset({"hello", "isMaster", "ismaster"})
 
 
 class ByteBudget:
-    """Bytes of messages in flight across connections; ``hold`` waits for room."""
+    """Bytes of messages in flight across connections: ``take`` waits for room, ``give``
+    returns it. (One event loop: the check and the update need no lock; only waiters wait.)"""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
         self._room = asyncio.Condition()
+        self._waiting = 0
 
-    @contextlib.asynccontextmanager
-    async def hold(self, n: int) -> AsyncIterator[None]:
-        async with self._room:
-            await self._room.wait_for(lambda: self.used + n <= self.capacity)
+    async def take(self, n: int) -> None:
+        if self.used + n <= self.capacity:
             self.used += n
+            return
+        self._waiting += 1
         try:
-            yield
-        finally:
             async with self._room:
-                self.used -= n
+                await self._room.wait_for(lambda: self.used + n <= self.capacity)
+                self.used += n
+        finally:
+            self._waiting -= 1
+
+    async def give(self, n: int) -> None:
+        self.used -= n
+        if self._waiting:
+            async with self._room:
                 self._room.notify_all()
 
 
@@ -135,11 +142,11 @@ class MongoServer:
                 raise ProtocolError(err.message)
             if op_code not in (wire.OP_MSG, wire.OP_QUERY):
                 raise ProtocolError(f"unsupported opcode {op_code}")
-            async with self.budget.hold(length):
+            await self.budget.take(length)
+            try:
                 try:
-                    payload = await asyncio.wait_for(
-                        reader.readexactly(length - wire.HEADER.size),
-                        self.settings.mongo_message_timeout_s)
+                    async with asyncio.timeout(self.settings.mongo_message_timeout_s):
+                        payload = await reader.readexactly(length - wire.HEADER.size)
                 except TimeoutError:
                     raise ProtocolError(
                         f"a {length}-byte message did not arrive within "
@@ -150,6 +157,8 @@ class MongoServer:
                     req = wire.parse_op_query(request_id, payload)
                 del payload
                 reply = await self._run(s, req)
+            finally:
+                await self.budget.give(length)
             if not req.more_to_come:
                 await self._reply(writer, op_code, request_id, reply)
 
@@ -175,8 +184,11 @@ class MongoServer:
             data = build(request_id, reply_id, MongoError(
                 "InternalError", "internal error (see the router's log)").reply())
         writer.write(data)
+        if writer.transport.get_write_buffer_size() == 0:
+            return  # all sent: nothing to wait for
         try:
-            await asyncio.wait_for(writer.drain(), self.settings.mongo_message_timeout_s)
+            async with asyncio.timeout(self.settings.mongo_message_timeout_s):
+                await writer.drain()
         except TimeoutError:
             raise ProtocolError(f"the client did not read a {len(data)}-byte reply within "
                                 f"{self.settings.mongo_message_timeout_s:g}s") from None
