@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from bson import Int64
-
 from router.mongo import auth
 from router.mongo.errors import MongoError
 from router.mongo.registry import Sequences, Session, command
@@ -149,20 +147,3 @@ async def get_cmd_line_opts(s: Session, db: str, cmd: dict[str, Any], seqs: Sequ
         raise MongoError("Unauthorized",
                          "getCmdLineOpts may only be run against the admin database.")
     return {"argv": ["shardshift", "router", "serve"], "parsed": {}}
-
-
-@command("listDatabases")
-async def list_databases(s: Session, db: str, cmd: dict[str, Any], seqs: Sequences
-                         ) -> dict[str, Any]:
-    """The one database that holds collections (``show dbs``); sizes are not tracked here."""
-    if db != "admin":
-        raise MongoError("Unauthorized",
-                         "listDatabases may only be run against the admin database.")
-    if "filter" in cmd and cmd["filter"] not in ({}, None):
-        raise MongoError("NotImplemented", "listDatabases: a filter is not supported")
-    names_only = bool(cmd.get("nameOnly"))
-    entry: dict[str, Any] = {"name": s.server.database}
-    if names_only:
-        return {"databases": [entry]}
-    entry.update(sizeOnDisk=Int64(0), empty=False)
-    return {"databases": [entry], "totalSize": Int64(0), "totalSizeMb": Int64(0)}
