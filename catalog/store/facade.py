@@ -11,13 +11,14 @@ from catalog.store.migrations import Migrations
 from catalog.store.notify import Notifications
 from catalog.store.registry import ShardRegistry
 from catalog.store.samples import Samples
+from catalog.store.stats import ChunkStatistics
 from catalog.store.topology import Topology
 from catalog.store.verifications import Verifications
 
 
 class Catalog(
     ShardRegistry, Collections, ChunkMaps, Topology, Migrations, Leases, Notifications, Samples,
-    Verifications,
+    Verifications, ChunkStatistics,
 ):
     """The catalog: shards, collections, chunks, migrations, leases, move timelines and
     verification reports.
