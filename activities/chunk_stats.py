@@ -31,9 +31,10 @@ def chunk_range(load: ChunkLoad) -> KeyRange:
 
 
 async def measure(ctx: MoveContext, loads: Sequence[ChunkLoad], shards: Collection[str],
-                  *, parallel: int = MEASURE_PARALLEL) -> list[ChunkLoad]:
+                  *, record: bool = True, parallel: int = MEASURE_PARALLEL) -> list[ChunkLoad]:
     """Measure every chunk in ``loads`` held by one of ``shards``, record the sizes in the
-    catalog and return ``loads`` with them (the other chunks as they were)."""
+    catalog (unless ``record`` is off: a dry run changes nothing) and return ``loads`` with
+    them (the other chunks as they were)."""
     groups: dict[tuple[str, str], list[ChunkLoad]] = defaultdict(list)
     for load in loads:
         if load.shard_id in shards:
@@ -58,8 +59,9 @@ async def measure(ctx: MoveContext, loads: Sequence[ChunkLoad], shards: Collecti
                                f"({len(measured)} chunks)")
 
     await asyncio.gather(*(one(s, c, cs) for (s, c), cs in sorted(groups.items())))
-    await ctx.catalog.record_chunk_sizes(
-        [ChunkSize(c, i, size, docs) for (c, i), (docs, size) in sorted(measured.items())])
+    if record:
+        await ctx.catalog.record_chunk_sizes(
+            [ChunkSize(c, i, size, docs) for (c, i), (docs, size) in sorted(measured.items())])
     out = []
     for load in loads:
         got = measured.get((load.collection, load.chunk_id))

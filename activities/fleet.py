@@ -61,6 +61,8 @@ class RebalancePlanRequest(RebalancePlanInput):
 
     exclude: list[str] = []
     """Shards a move gave up on (lost): neither measured nor planned to or from."""
+    dry_run: bool = False
+    """Plan only: the measured chunk sizes are not recorded."""
 
 
 class ReplanInput(BaseModel):
@@ -134,7 +136,8 @@ class FleetActivities:
         load: dict[str, int] = {t.shard_id: 0 for t in targets}
         ops_load: dict[str, float] = {t.shard_id: 0.0 for t in targets}
         try:
-            loads = await measure(self.ctx, await cat.chunk_loads(), names | set(load))
+            loads = await measure(self.ctx, await cat.chunk_loads(), names | set(load),
+                                  record=not inp.dry_run)
         except CatalogError as exc:
             raise catalog_failure(exc, "drain") from exc
         chunks: list[PackEntry] = []  # (collection, chunk, source, bytes, ops/s)
@@ -321,7 +324,7 @@ class FleetActivities:
             moving = {(m.collection, m.chunk_id)
                       for m in await cat.migrations(active_only=True)}
             activity.heartbeat("measuring chunks")
-            loads = await measure(self.ctx, loads, active)
+            loads = await measure(self.ctx, loads, active, record=not inp.dry_run)
         except CatalogError as exc:
             raise catalog_failure(exc, "rebalance") from exc
         chunks: dict[str, list[ChunkEntry]] = {s: [] for s in active}
