@@ -68,3 +68,12 @@ async def measure(ctx: MoveContext, loads: Sequence[ChunkLoad], shards: Collecti
         out.append(load if got is None or load.shard_id not in shards
                    else load._replace(doc_count=got[0], size_bytes=got[1]))
     return out
+
+
+async def record_sizes(ctx: MoveContext, loads: Sequence[ChunkLoad],
+                       shards: Collection[str]) -> None:
+    """Record the sizes of the chunks of ``shards`` in ``loads`` (measured by ``measure``
+    with ``record=False``, once the operation they were measured for is known to go on)."""
+    await ctx.catalog.record_chunk_sizes(
+        [ChunkSize(c.collection, c.chunk_id, c.size_bytes, c.doc_count)
+         for c in loads if c.shard_id in shards])

@@ -23,7 +23,7 @@ from temporalio import activity
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError, FailureError
 
-from activities.chunk_stats import measure
+from activities.chunk_stats import measure, record_sizes
 from activities.context import MoveContext, catalog_failure, non_retryable
 from activities.models import (
     AllocateIdsInput,
@@ -136,8 +136,9 @@ class FleetActivities:
         load: dict[str, int] = {t.shard_id: 0 for t in targets}
         ops_load: dict[str, float] = {t.shard_id: 0.0 for t in targets}
         try:
+            # Recorded only once the plan stands: a refused drain changes nothing.
             loads = await measure(self.ctx, await cat.chunk_loads(), names | set(load),
-                                  record=not inp.dry_run)
+                                  record=False)
         except CatalogError as exc:
             raise catalog_failure(exc, "drain") from exc
         chunks: list[PackEntry] = []  # (collection, chunk, source, bytes, ops/s)
@@ -155,6 +156,11 @@ class FleetActivities:
         # The first plan of the drain is its "before" (later rounds change nothing).
         await record_loads(cat, inp.kind.value, LoadStage.BEFORE, before)
         moves = _bin_pack(chunks, targets, load, ops_load)
+        if not inp.dry_run:
+            try:
+                await record_sizes(self.ctx, loads, names | set(load))
+            except CatalogError as exc:
+                raise catalog_failure(exc, "drain") from exc
         for info in [] if inp.dry_run else drained:
             if info.state != ShardState.DRAINING:
                 try:

@@ -23,17 +23,28 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-from temporalio.exceptions import ApplicationError
 
 from activities.context import non_retryable
 from activities.models import PlannedMove
 from catalog.models import ShardInfo
 
+FIRST_TRY = 1.04
+"""A merge first tries to keep this many times the lower bound of shards."""
+
 PackEntry = tuple[str, int, str, int] | tuple[str, int, str, int, float]
 """(collection, chunk id, source shard, bytes[, ops/s])."""
+
+
+Placement = tuple[str, int, str, str, int, float]
+"""(collection, chunk id, source, target, bytes, ops/s)."""
+
+
+class _NoRoom(Exception):
+    def __init__(self, entry: tuple[str, int, str, int, float]) -> None:
+        super().__init__(entry)
+        self.entry = entry
 
 
 def bin_pack(chunks: Sequence[PackEntry], targets: Sequence[ShardInfo], load: dict[str, int],
@@ -45,82 +56,107 @@ def bin_pack(chunks: Sequence[PackEntry], targets: Sequence[ShardInfo], load: di
         ApplicationError: (non-retryable) a chunk no target has room for.
     """
     ops_load = ops_load if ops_load is not None else {}
-    for t in load:
-        ops_load.setdefault(t, 0.0)
-    cap_b = {t.shard_id: t.capacity_bytes for t in targets}
-    cap_o = {t.shard_id: t.capacity_ops_per_s for t in targets}
     entries = [(c[0], c[1], c[2], c[3], float(c[4]) if len(c) > 4 else 0.0)
                for c in chunks]
-    traffic = any(e[4] > 0 for e in entries) or any(v > 0 for v in ops_load.values())
-    names = list(load)
+    try:
+        placed = _pack(entries, targets, load, ops_load)
+    except _NoRoom as exc:
+        cap_b = {t.shard_id: t.capacity_bytes for t in targets}
+        room = {t: math.inf if cap_b.get(t) is None else (cap_b[t] or 0) - load[t]
+                for t in load}
+        roomiest = sorted(room, key=lambda t: -room[t])[:5]
+        collection, chunk_id, _, size, ops = exc.entry
+        what = f"{size} bytes" + (f", {ops:g} ops/s" if ops else "")
+        raise non_retryable(ValueError(
+            f"no target has room for chunk {collection}/{chunk_id} ({what}); room left "
+            f"(bytes) on the roomiest {len(roomiest)} of {len(room)}: "
+            f"{ {t: room[t] for t in roomiest} }"), "drain") from None
+    return [PlannedMove(collection=c, chunk_id=i, source=s, target=t, bytes=b, ops_per_s=o)
+            for c, i, s, t, b, o in placed]
+
+
+def _units(targets: Sequence[ShardInfo], names: Sequence[str], total_b: float,
+           total_o: float) -> tuple[float, float, bool, bool]:
+    """Per-dimension yardsticks (the targets' mean capacity, else their mean load once
+    packed) and whether every target declares each capacity."""
+    info = {t.shard_id: t for t in targets}
     n = max(len(names), 1)
-    all_b = bool(names) and all(cap_b.get(t) is not None for t in names)
-    all_o = bool(names) and all(cap_o.get(t) is not None for t in names)
-    # Per-dimension yardsticks: the targets' mean capacity, else their mean load once packed.
+    all_b = bool(names) and all(info[t].capacity_bytes is not None for t in names)
+    all_o = bool(names) and all(info[t].capacity_ops_per_s is not None for t in names)
+    unit_b = (sum(info[t].capacity_bytes or 0 for t in names) / n if all_b
+              else total_b / n) or 1.0
+    unit_o = (sum(info[t].capacity_ops_per_s or 0.0 for t in names) / n if all_o
+              else total_o / n) or 1.0
+    return unit_b, unit_o, all_b, all_o
+
+
+def _order(entries: list[tuple[str, int, str, int, float]], unit_b: float, unit_o: float,
+           traffic: bool) -> list[tuple[str, int, str, int, float]]:
+    """Largest first: by bytes, or with traffic by the larger of the two relative sizes."""
+    if traffic:
+        return sorted(entries, key=lambda e: (-max(e[3] / unit_b, e[4] / unit_o), e[0], e[1]))
+    return sorted(entries, key=lambda e: (-e[3], e[0], e[1]))
+
+
+def _pack(entries: list[tuple[str, int, str, int, float]], targets: Sequence[ShardInfo],
+          load: dict[str, int], ops_load: dict[str, float], *,
+          ordered: bool = False) -> list[Placement]:
+    """The packing itself, on plain tuples; ``ordered``: ``entries`` are already in
+    ``_order``. Raises ``_NoRoom`` with the first chunk nothing can take."""
+    for t in load:
+        ops_load.setdefault(t, 0.0)
+    info = {t.shard_id: t for t in targets}
+    names = list(load)
+    traffic = any(e[4] > 0 for e in entries) or any(v > 0 for v in ops_load.values())
     total_b = sum(load.values()) + sum(e[3] for e in entries)
     total_o = sum(ops_load.values()) + sum(e[4] for e in entries)
-    unit_b = (sum(cap_b[t] or 0 for t in names) / n if all_b else total_b / n) or 1.0
-    unit_o = (sum(cap_o[t] or 0.0 for t in names) / n if all_o else total_o / n) or 1.0
+    unit_b, unit_o, all_b, all_o = _units(targets, names, total_b, total_o)
     most_room = all_b and (all_o or not traffic)
-
-    def room_b(t: str) -> float:
-        c = cap_b.get(t)
-        return math.inf if c is None else c - load[t]
-
-    def room_o(t: str) -> float:
-        c = cap_o.get(t)
-        return math.inf if c is None else c - ops_load[t]
+    inf = math.inf
+    cap_b = {t: inf if info[t].capacity_bytes is None else float(info[t].capacity_bytes or 0)
+             for t in names}
+    cap_o = {t: inf if info[t].capacity_ops_per_s is None
+             else float(info[t].capacity_ops_per_s or 0.0) for t in names}
 
     def key(t: str) -> float:
         if not traffic:
-            return -room_b(t) if most_room else float(load[t])
+            return -(cap_b[t] - load[t]) if most_room else float(load[t])
         if most_room:
-            return -min(room_b(t) / max(cap_b[t] or 0, 1), room_o(t) / max(cap_o[t] or 0.0, 1e-9))
+            return -min((cap_b[t] - load[t]) / max(cap_b[t], 1.0),
+                        (cap_o[t] - ops_load[t]) / max(cap_o[t], 1e-9))
         return max(load[t] / unit_b, ops_load[t] / unit_o)
 
-    if traffic:
-        order = sorted(entries, key=lambda e: (-max(e[3] / unit_b, e[4] / unit_o), e[0], e[1]))
-    else:
-        order = sorted(entries, key=lambda e: (-e[3], e[0], e[1]))
-    placed = dict.fromkeys(load, 0)  # ties (empty chunks) spread by count
-    stamp = dict.fromkeys(load, 0)
-    heap = [(key(t), 0, t, 0) for t in load]
+    order = entries if ordered else _order(entries, unit_b, unit_o, traffic)
+    placed = dict.fromkeys(names, 0)  # ties (empty chunks) spread by count
+    stamp = dict.fromkeys(names, 0)
+    heap = [(key(t), 0, t, 0) for t in names]
     heapq.heapify(heap)
-    moves: list[PlannedMove] = []
-    for collection, chunk_id, source, size, ops in order:
+    out: list[Placement] = []
+    pop, push = heapq.heappop, heapq.heappush
+    for entry in order:
+        size, ops = entry[3], entry[4]
         skipped = []
         best = None
         while heap:
-            entry = heapq.heappop(heap)
-            t = entry[2]
-            if entry[3] != stamp[t]:
+            top = pop(heap)
+            t = top[2]
+            if top[3] != stamp[t]:
                 continue
-            if room_b(t) >= size and room_o(t) >= ops:
+            if cap_b[t] - load[t] >= size and cap_o[t] - ops_load[t] >= ops:
                 best = t
                 break
-            skipped.append(entry)
-        for entry in skipped:
-            heapq.heappush(heap, entry)
+            skipped.append(top)
+        for top in skipped:
+            push(heap, top)
         if best is None:
-            raise _no_room(collection, chunk_id, size, ops, names, room_b)
+            raise _NoRoom(entry)
         load[best] += size
         ops_load[best] += ops
         placed[best] += 1
         stamp[best] += 1
-        heapq.heappush(heap, (key(best), placed[best], best, stamp[best]))
-        moves.append(PlannedMove(collection=collection, chunk_id=chunk_id, source=source,
-                                 target=best, bytes=size, ops_per_s=ops))
-    return moves
-
-
-def _no_room(collection: str, chunk_id: int, size: int, ops: float, names: list[str],
-             rb: Callable[[str], float]) -> ApplicationError:
-    roomiest = sorted(names, key=lambda t: -rb(t))[:5]
-    what = f"{size} bytes" + (f", {ops:g} ops/s" if ops else "")
-    return non_retryable(ValueError(
-        f"no target has room for chunk {collection}/{chunk_id} ({what}); room left "
-        f"(bytes) on the roomiest {len(roomiest)} of {len(names)}: "
-        f"{ {t: rb(t) for t in roomiest} }"), "drain")
+        push(heap, (key(best), placed[best], best, stamp[best]))
+        out.append((entry[0], entry[1], entry[2], best, size, ops))
+    return out
 
 
 # -- merges ------------------------------------------------------------------------------------
@@ -173,35 +209,43 @@ def plan_merge(chunks: Mapping[str, Sequence[tuple[str, int, int, float]]],
     order = sorted(info, key=lambda s: (-used(s), -(info[s].capacity_bytes or 0), s))
     bound = lower_bound(shards, sum(bytes_.values()), sum(ops.values()))
 
-    def attempt(k: int) -> list[PlannedMove] | None:
-        kept, drained = order[:k], order[k:]
-        entries: list[PackEntry] = [(c[0], c[1], s, c[2], c[3])
-                                    for s in drained for c in chunks.get(s, ())]
+    everything = [(c[0], c[1], s, c[2], c[3]) for s in order for c in chunks.get(s, ())]
+    unit_b, unit_o, _, _ = _units(shards, order, sum(bytes_.values()), sum(ops.values()))
+    ranked = _order(everything, unit_b, unit_o, any(e[4] > 0 for e in everything))
+
+    def attempt(k: int) -> list[Placement] | None:
+        kept = set(order[:k])
+        entries = [e for e in ranked if e[2] not in kept]
         try:
-            return bin_pack(entries, [info[s] for s in kept], {s: bytes_[s] for s in kept},
-                            {s: ops[s] for s in kept})
-        except ApplicationError:
+            return _pack(entries, [info[s] for s in order[:k]],
+                         {s: bytes_[s] for s in order[:k]}, {s: ops[s] for s in order[:k]},
+                         ordered=True)
+        except _NoRoom:
             return None
 
-    lo, hi = max(bound, 1) - 1, None  # lo: known (or assumed) infeasible
-    best: tuple[int, list[PlannedMove]] = (len(order), [])
-    step = 1
-    while hi is None:
-        k = min(lo + step, len(order))
-        moves = attempt(k)
-        if moves is not None:
-            hi, best = k, (k, moves)
-        elif k >= len(order):
-            break
+    # The first try a little above the bound (packings rarely fill shards completely), then
+    # steps up (doubling) until one fits, then a bisection between the largest count that
+    # failed and the smallest that fit.
+    n = len(order)
+    lo = max(bound, 1) - 1  # known (or assumed) not to fit
+    hi = n  # keeping every shard always fits (nothing moves)
+    best: list[Placement] = []
+    k = min(n, max(bound, math.ceil(bound * FIRST_TRY)))
+    step = max(1, k - lo)
+    growing = True  # no fit found yet: step up, doubling, before bisecting
+    while hi - lo > 1:
+        placed = attempt(k)
+        if placed is None:
+            lo = k
         else:
-            lo, step = k, step * 2
-    while hi is not None and hi - lo > 1:
-        mid = (lo + hi) // 2
-        moves = attempt(mid)
-        if moves is None:
-            lo = mid
+            hi, best, growing = k, placed, False
+        if growing:
+            step *= 2
+            k = min(hi, lo + step)
         else:
-            hi, best = mid, (mid, moves)
-    k, moves = best
+            k = (lo + hi) // 2
+    moves = [PlannedMove(collection=c, chunk_id=i, source=s, target=t, bytes=b, ops_per_s=o)
+             for c, i, s, t, b, o in best]
+    k = hi
     return MergePlan(drained=sorted(order[k:]), kept=sorted(order[:k]), moves=moves,
                      lower_bound=bound)

@@ -54,6 +54,9 @@ from activities.models import PlannedMove, PlannedSplit, RebalancePlan
 HOT_FRACTION = 0.5
 """A chunk above this fraction of a shard's declared ops/s capacity is split, not moved."""
 
+TAKERS_TRIED = 8
+"""Least loaded shards tried for a giver before it is set aside in a dimension."""
+
 ChunkEntry = tuple[str, int, int] | tuple[str, int, int, float]
 """(collection, chunk id, bytes[, ops/s]); a negative size marks a chunk being moved."""
 
@@ -77,6 +80,14 @@ class _Heap:
 
     def push(self, value: float, rank: int, stamp: int, shard: str) -> None:
         heapq.heappush(self.items, (self.sign * value, self.sign * rank, stamp, shard))
+
+
+@dataclass(frozen=True, slots=True)
+class _Bounds:
+    others: list[tuple[float, float] | None]
+    """Per dimension: (most, least) loaded among the shards a move does not touch."""
+    phi: float
+    """Sum over dimensions of (spread / mean) squared, now."""
 
 
 @dataclass(slots=True)
@@ -144,7 +155,8 @@ class _Rebalancer:
             for heap in self.heaps[d]:
                 heap.push(self.norm[d][s], self.rank[s], self.stamp[s], s)
 
-    def _top(self, heap: _Heap, d: int, role: str, skip: str | None = None) -> str | None:
+    def _top(self, heap: _Heap, d: int, role: str, skip: str | tuple[str, ...] = ()
+             ) -> str | None:
         """The first live, eligible shard of a heap (ineligibility only grows: dropped)."""
         items = heap.items
         held: list[tuple[float, int, int, str]] = []
@@ -155,7 +167,7 @@ class _Rebalancer:
             if entry[2] != self.stamp[s] or not self._eligible(s, d, role):
                 heapq.heappop(items)
                 continue
-            if s == skip:
+            if s == skip or s in skip:
                 held.append(heapq.heappop(items))
                 continue
             found = s
@@ -163,6 +175,21 @@ class _Rebalancer:
         for entry in held:
             heapq.heappush(items, entry)
         return found
+
+    def _takers(self, d: int, skip: str, k: int) -> list[str]:
+        """The ``k`` least loaded takers in ``d`` (other than ``skip``), least first."""
+        heap = self.heaps[d][1]
+        out: list[str] = []
+        held: list[tuple[float, int, int, str]] = []
+        while len(out) < k:
+            s = self._top(heap, d, "taker", skip=skip)
+            if s is None:
+                break
+            out.append(s)
+            held.append(heapq.heappop(heap.items))
+        for entry in held:
+            heapq.heappush(heap.items, entry)
+        return out
 
     def _eligible(self, s: str, d: int, role: str) -> bool:
         if role == "giver":
@@ -212,56 +239,81 @@ class _Rebalancer:
                 best = (ratio, d, hi, lo, gap)
         return None if best is None else best[1:]
 
-    def _bounds(self) -> list[tuple[float, float]]:
-        out = [(0.0, 0.0), (0.0, 0.0)]
+    def _bounds(self, hi: str, lo: str) -> _Bounds:
+        """Per dimension, the most and least loaded shards other than ``hi`` and ``lo`` (None
+        when there are none), and the current sum of squared relative spreads."""
+        others: list[tuple[float, float] | None] = [None, None]
+        phi = 0.0
         for d in self.dims:
             _, _, most, least = self.heaps[d]
-            hi, lo = self._top(most, d, "all"), self._top(least, d, "all")
-            assert hi is not None and lo is not None
-            out[d] = (self.norm[d][hi], self.norm[d][lo])
-        return out
+            top, bottom = self._top(most, d, "all"), self._top(least, d, "all")
+            assert top is not None and bottom is not None
+            phi += ((self.norm[d][top] - self.norm[d][bottom]) / self.mean[d]) ** 2
+            top = self._top(most, d, "all", (hi, lo))
+            bottom = self._top(least, d, "all", (hi, lo))
+            if top is not None and bottom is not None:
+                others[d] = (self.norm[d][top], self.norm[d][bottom])
+        return _Bounds(others, phi)
+
+    def _cost(self, raw: tuple[int, float], d: int, hi: str, lo: str, gap: float,
+              bounds: _Bounds) -> float | None:
+        """How far apart ``hi`` and ``lo`` end if ``raw`` (bytes, ops/s) moves between them, or
+        None when that move does not help in ``d``, overfills ``lo`` or makes the fleet's
+        spreads worse (the sum over dimensions of each spread over its mean, squared)."""
+        if raw[d] <= 0:
+            return None
+        after = self.norm[d][hi] - raw[d] / self.scale[d][hi] \
+            - self.norm[d][lo] - raw[d] / self.scale[d][lo]
+        if abs(after) >= gap:
+            return None
+        cap_b, cap_o = self.caps[lo].bytes, self.caps[lo].ops_per_s
+        if cap_b is not None and self.bytes[lo] + raw[0] > cap_b:
+            return None
+        if cap_o is not None and self.ops[lo] + raw[1] > cap_o:
+            return None
+        cost = phi = 0.0
+        for e in self.dims:
+            h = self.norm[e][hi] - raw[e] / self.scale[e][hi]
+            low = self.norm[e][lo] + raw[e] / self.scale[e][lo]
+            others = bounds.others[e]
+            if others is None:
+                top, bottom = max(h, low), min(h, low)
+            else:
+                top, bottom = max(others[0], h, low), min(others[1], h, low)
+            phi += ((top - bottom) / self.mean[e]) ** 2
+            cost += ((h - low) / self.mean[e]) ** 2
+        if phi > bounds.phi * (1 + 1e-12):
+            return None
+        return cost
 
     def _pick(self, d: int, hi: str, lo: str, gap: float) -> _Chunk | None:
-        bounds = self._bounds()
-        cap_b, cap_o = self.caps[lo].bytes, self.caps[lo].ops_per_s
+        bounds = self._bounds(hi, lo)
         best: tuple[float, str, int] | None = None
         pick = None
         for c in self.movable[hi]:
-            raw = (c.bytes, c.ops)
-            if raw[d] <= 0:
-                continue
-            after = self.norm[d][hi] - raw[d] / self.scale[d][hi] \
-                - self.norm[d][lo] - raw[d] / self.scale[d][lo]
-            if abs(after) >= gap:
-                continue
-            if cap_b is not None and self.bytes[lo] + c.bytes > cap_b:
-                continue
-            if cap_o is not None and self.ops[lo] + c.ops > cap_o:
-                continue
-            cost = 0.0
-            ok = True
-            for e in self.dims:
-                top, bottom = bounds[e]
-                h = self.norm[e][hi] - raw[e] / self.scale[e][hi]
-                low = self.norm[e][lo] + raw[e] / self.scale[e][lo]
-                if low > top or h < bottom:
-                    ok = False
-                    break
-                cost += ((h - low) / self.mean[e]) ** 2
-            if not ok:
+            cost = self._cost((c.bytes, c.ops), d, hi, lo, gap, bounds)
+            if cost is None:
                 continue
             key = (cost, c.collection, c.chunk_id)
             if best is None or key < best:
                 best, pick = key, c
         return pick
 
-    def _split_instead(self, d: int, hi: str, gap: float) -> None:
-        """No chunk of ``hi`` helps in ``d``: split its largest there if half of it would."""
+    def _split_instead(self, d: int, hi: str, lo: str, gap: float) -> None:
+        """No chunk of ``hi`` helps in ``d``: split its largest there if moving half of it
+        would (within ``lo``'s capacities, widening no spread)."""
         if not self.split or len(self.splits) >= self.max_moves:
             return
         c = max(self.movable[hi], key=lambda c: ((c.bytes, c.ops)[d], c.chunk_id))
-        half = (c.bytes, c.ops)[d] / 2 / self.scale[d][hi]
-        if 0 < half < gap and (c.collection, c.chunk_id) not in self.split_keys:
+        if (c.collection, c.chunk_id) in self.split_keys:
+            return
+        if d == 0 and len(self.dims) == 1:
+            # One dimension: the rule the planner always had (half of it inside the gap).
+            helps = 0 < c.bytes / 2 / self.scale[0][hi] < gap
+        else:
+            helps = self._cost((c.bytes // 2, c.ops / 2), d, hi, lo, gap,
+                               self._bounds(hi, lo)) is not None
+        if helps:
             self.movable[hi].remove(c)
             self._add_split(hi, c, "size" if d == 0 else "hot")
 
@@ -274,7 +326,18 @@ class _Rebalancer:
             d, hi, lo, gap = pair
             c = self._pick(d, hi, lo, gap)
             if c is None:
-                self._split_instead(d, hi, gap)
+                # The least loaded taker may be the most loaded in the other dimension: try
+                # the next few before setting the giver aside.
+                for other in self._takers(d, hi, TAKERS_TRIED)[1:]:
+                    other_gap = self.norm[d][hi] - self.norm[d][other]
+                    if other_gap <= self.tolerance * self.mean[d]:
+                        break
+                    c = self._pick(d, hi, other, other_gap)
+                    if c is not None:
+                        lo = other
+                        break
+            if c is None:
+                self._split_instead(d, hi, lo, gap)
                 self.exhausted[d].add(hi)
                 continue
             self.movable[hi].remove(c)
