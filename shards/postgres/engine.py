@@ -463,7 +463,7 @@ class PostgresShard:
                 return 0
             sample = sql.SQL("TABLESAMPLE SYSTEM (1)") if estimate > 200_000 else sql.SQL("")
             cur = await conn.execute(
-                sql.SQL("SELECT avg(pg_column_size(d.*)) FROM {t} {s} AS d").format(t=t, s=sample)
+                sql.SQL("SELECT avg(pg_column_size(d.*)) FROM {t} AS d {s}").format(t=t, s=sample)
             )
             avg = (await cur.fetchone() or (None,))[0]
             if avg is None:  # an unlucky sample: read the whole table once

@@ -2,9 +2,12 @@
 
 What a planner relies on: each chunk's documents and bytes are exactly those of its own range
 (rows between or outside the given ranges count nowhere), the top chunk (``hi`` = 2^63) is
-included, empty chunks are zero, and overlapping ranges are refused."""
+included, empty chunks are zero, and overlapping ranges are refused. And the per-table
+estimates (``chunk_bytes``, ``live_usage``) work on tables large enough to be sampled."""
 
 from __future__ import annotations
+
+import asyncio
 
 import psycopg
 import pytest
@@ -12,6 +15,7 @@ from psycopg import sql
 
 from shards.models import KeyRange
 from shards.postgres import PostgresShard
+from shards.postgres.server import SAMPLE_ABOVE_ROWS, live_usage
 from tests.shards.helpers import FULL, load_docs, make_docs, prepare
 
 
@@ -52,3 +56,30 @@ async def test_chunk_sizes_measure_every_chunk_in_one_pass(
     assert pieces[-1].sql_hi is None and truth[60][0] > 0  # the top chunk is measured
     assert all(docs > 0 and size > 0 for docs, size in sizes.values())
     assert left_out[0] > 0 and sum(d for d, _ in sizes.values()) == total - left_out[0]
+
+
+async def test_large_tables_are_sampled_not_refused(pg18_dsns: list[str],
+                                                    collection_name: str) -> None:
+    """Above ``SAMPLE_ABOVE_ROWS`` rows the row size is averaged over a block sample; that
+    statement must be valid SQL (the alias goes before ``TABLESAMPLE``)."""
+    dsn = pg18_dsns[0]
+    await prepare(dsn, collection_name)
+    rows = SAMPLE_ABOVE_ROWS + 5_000
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        table = sql.SQL("docs.{}").format(sql.Identifier(collection_name))
+        conn.execute(sql.SQL(
+            "INSERT INTO {} (khash, id, doc) SELECT ((random() - 0.5) * 1.8e19)::bigint,"
+            " i::text, jsonb_build_object('account', i, 'pad', repeat('x', 100))"
+            " FROM generate_series(1, %s) AS i").format(table), (rows,))
+        conn.execute(sql.SQL("ANALYZE {}").format(table))
+    async with PostgresShard("t", dsn) as shard:
+        try:
+            estimate = await shard.chunk_bytes(collection_name, FULL)
+            usage = await asyncio.to_thread(live_usage, dsn, collection_name)
+            [(docs, exact)] = (await shard.chunk_sizes(collection_name, [(1, FULL)])).values()
+        finally:
+            await shard.drop_collection(collection_name)
+    assert docs == rows == usage.documents
+    # A 1 % block sample of rows of (nearly) one size: within a few percent of the truth.
+    assert abs(estimate - exact) <= 0.05 * exact
+    assert abs(usage.live_bytes - exact) <= 0.05 * exact
