@@ -450,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the rebalance's global limit (default: one per shard)")
     parser.add_argument("--max-moves-per-shard", type=int,
                         default=FleetSettings().max_moves_per_shard)
-    parser.add_argument("--rounds", type=int, default=10,
-                        help="rebalance rounds at most (a workflow run plans up to 10)")
+    parser.add_argument("--rounds", type=int, default=30,
+                        help="rebalance rounds at most (a workflow run plans up to 10; a "
+                             "schedule runs it again)")
     parser.add_argument("--changes", type=int, default=5,
                         help="chunk splits the router must follow")
     args = parser.parse_args(argv)
