@@ -30,10 +30,11 @@ Hot chunks
 ----------
 A chunk whose traffic no shard can carry evenly is planned as a split (reason ``hot``) so its
 halves can live apart, and is not moved itself: its ops/s exceed ``hot_fraction`` (0.5) of
-the largest declared ``capacity_ops_per_s`` in scope, or exceed ``(1 + tolerance)`` times the
-mean ops/s per shard (a shard holding that chunk alone is out of tolerance, whatever else it
-holds). Splits are metadata changes (a token bump, no data moves); the next round moves a
-half.
+what one shard may carry, the smaller of the largest declared ``capacity_ops_per_s`` in scope
+and ``(1 + tolerance)`` times the mean ops/s per shard (the most a shard holds while the fleet
+is in tolerance). A shard holding such a chunk has room for less than that chunk's traffic
+again, so the rest of its chunks cannot be evened around it. Splits are metadata changes (a
+token bump, no data moves); the next round moves a half.
 
 Cost
 ----
@@ -204,10 +205,11 @@ class _Rebalancer:
     def plan_hot_splits(self) -> None:
         if not self.split or 1 not in self.dims or self.max_moves <= 0:
             return
-        limits = [(1 + self.tolerance) * self.mean[1] * max(self.scale[1].values())]
+        # What one shard may carry: its declared capacity, and what keeps it in tolerance.
+        most = (1 + self.tolerance) * self.mean[1] * max(self.scale[1].values())
         if self.ops_capped:
-            limits.append(self.hot_fraction * max(self.scale[1].values()))
-        limit = min(limits)
+            most = min(most, max(self.scale[1].values()))
+        limit = self.hot_fraction * most
         hot = sorted(((c.ops, s, c) for s in self.shards for c in self.movable[s]
                       if c.ops > limit), key=lambda t: (-t[0], t[1], t[2].chunk_id))
         for _, s, c in hot[:self.max_moves]:
