@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import time
 from typing import Any
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=9000)
     parser.add_argument("--docs", type=int, default=200_000)
     args = parser.parse_args(argv)
+    # A SIGTERM (a timeout) still stops and removes what was started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with private_stack(1, prefix="shardshift-chunkstats-") as st:
         [dsn] = st.shard_dsns().values()  # the mover role, as the planners' activities
         result = asyncio.run(run(dsn, args.chunks, args.docs))

@@ -49,6 +49,7 @@ import asyncio
 import json
 import random
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
@@ -458,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.shards < 2 or args.chunks < args.shards or not 1 <= args.collections <= 26:
         parser.error("need at least 2 shards, a chunk per shard, 1 to 26 collections")
+    # A SIGTERM (a timeout) still stops and removes what was started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with private_catalog() as dsn:
         result = asyncio.run(run(
             dsn, shards=args.shards, chunks=args.chunks, collections=args.collections,
