@@ -255,6 +255,10 @@ class FleetSettings(_Frozen):
     """Live moves per shard at most (source or target): the catalog's lease limit on the
     workers, and the rebalancer's per-shard limit unless ``--max-moves-per-shard`` says
     otherwise (``SHARDSHIFT_FLEET__MAX_MOVES_PER_SHARD``)."""
+    traffic_span_s: float = Field(default=300.0, ge=1, le=3600)
+    """Planners weigh a chunk by the operations routers reported for it over this many
+    seconds (``SHARDSHIFT_FLEET__TRAFFIC_SPAN_S``); a collection no router reported on in that
+    span keeps its recorded ``ops_per_s``."""
 
 
 class Settings(BaseSettings):

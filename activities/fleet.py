@@ -23,6 +23,7 @@ from temporalio import activity
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError, FailureError
 
+from activities.chunk_stats import measure, record_sizes
 from activities.context import MoveContext, non_retryable, raise_catalog_failure
 from activities.models import (
     AllocateIdsInput,
@@ -32,16 +33,19 @@ from activities.models import (
     DrainPlanInput,
     DrainRestoreInput,
     PlannedMove,
-    PlannedSplit,
     RebalancePlan,
     RebalancePlanInput,
     SplitInput,
 )
+from activities.packing import PackEntry
+from activities.packing import bin_pack as _bin_pack
+from activities.planners import ChunkEntry, ShardCapacity, plan_rebalance
 from activities.timeline import first_run_id, record_loads
 from catalog import CatalogError, ShardState
 from catalog.admin import split_chunk
-from catalog.models import ChunkMap, MigrationKind, ShardInfo
+from catalog.models import MigrationKind, ShardInfo
 from catalog.timeline import LoadStage
+from settings import get_settings
 
 
 class DrainPlanRequest(DrainPlanInput):
@@ -58,6 +62,8 @@ class RebalancePlanRequest(RebalancePlanInput):
 
     exclude: list[str] = []
     """Shards a move gave up on (lost): neither measured nor planned to or from."""
+    dry_run: bool = False
+    """Plan only: the measured chunk sizes are not recorded."""
 
 
 class ReplanInput(BaseModel):
@@ -107,6 +113,8 @@ class AwaitedMove(BaseModel):
 class FleetActivities:
     def __init__(self, ctx: MoveContext) -> None:
         self.ctx = ctx
+        self._traffic_span_s = get_settings().fleet.traffic_span_s
+        """Chunks are weighed by the operations routers reported over this span."""
 
     @activity.defn(name="drain.plan")
     async def plan(self, inp: DrainPlanRequest) -> DrainPlan:
@@ -127,31 +135,37 @@ class FleetActivities:
                                     "nothing to drain")
         targets = _targets(inp, drained, everyone, inp.exclude)
         activity.heartbeat("measuring chunks")
-        try:
-            maps = await cat.chunk_maps()
-        except CatalogError as exc:
-            raise_catalog_failure(exc, "drain")
         names = set(inp.shards)
         load: dict[str, int] = {t.shard_id: 0 for t in targets}
-        chunks: list[tuple[str, int, str, int]] = []  # (collection, chunk, source, bytes)
-        for collection, cmap in sorted(maps.items()):
-            for chunk in cmap.chunks:
-                if chunk.shard_id not in names and chunk.shard_id not in load:
-                    continue
-                engine = await self.ctx.engine(chunk.shard_id)
-                size = await engine.chunk_bytes(collection, chunk.range)
-                if chunk.shard_id in load:
-                    load[chunk.shard_id] += size
-                else:
-                    chunks.append((collection, chunk.chunk_id, chunk.shard_id, size))
+        ops_load: dict[str, float] = {t.shard_id: 0.0 for t in targets}
+        try:
+            # Recorded only once the plan stands: a refused drain changes nothing.
+            loads = await measure(self.ctx,
+                                  await cat.chunk_loads(traffic_span_s=self._traffic_span_s),
+                                  names | set(load),
+                                  record=False)
+        except CatalogError as exc:
+            raise_catalog_failure(exc, "drain")
+        chunks: list[PackEntry] = []  # (collection, chunk, source, bytes, ops/s)
+        for c in loads:
+            if c.shard_id in load:
+                load[c.shard_id] += c.size_bytes
+                ops_load[c.shard_id] += c.ops_per_s
+            elif c.shard_id in names:
+                chunks.append((c.collection, c.chunk_id, c.shard_id, c.size_bytes, c.ops_per_s))
         before = dict(load)
-        for _, _, source, size in chunks:
-            before[source] = before.get(source, 0) + size
+        for chunk in chunks:
+            before[chunk[2]] = before.get(chunk[2], 0) + chunk[3]
         for info in drained:
             before.setdefault(info.shard_id, 0)
         # The first plan of the drain is its "before" (later rounds change nothing).
         await record_loads(cat, inp.kind.value, LoadStage.BEFORE, before)
-        moves = _bin_pack(chunks, targets, load)
+        moves = _bin_pack(chunks, targets, load, ops_load)
+        if not inp.dry_run:
+            try:
+                await record_sizes(self.ctx, loads, names | set(load))
+            except CatalogError as exc:
+                raise_catalog_failure(exc, "drain")
         for info in [] if inp.dry_run else drained:
             if info.state != ShardState.DRAINING:
                 try:
@@ -179,10 +193,10 @@ class FleetActivities:
                 retired.append(shard)
         except CatalogError as exc:
             raise_catalog_failure(exc, "retire")
-        await self._record_after(maps)
+        await self._record_after()
         return DrainFinishResult(retired=retired, chunks_left=left)
 
-    async def _record_after(self, maps: dict[str, ChunkMap]) -> None:
+    async def _record_after(self) -> None:
         """The drain's "after": bytes now on every shard its "before" measured (best effort:
         a shard that cannot be measured leaves the record as it was)."""
         if not activity.in_activity():
@@ -195,12 +209,9 @@ class FleetActivities:
             if not rows:
                 return
             after = dict.fromkeys(sorted({row.shard_id for row in rows}), 0)
-            for collection, cmap in sorted(maps.items()):
-                for chunk in cmap.chunks:
-                    if chunk.shard_id in after:
-                        engine = await self.ctx.engine(chunk.shard_id)
-                        after[chunk.shard_id] += await engine.chunk_bytes(collection,
-                                                                          chunk.range)
+            for c in await measure(self.ctx, await self.ctx.catalog.chunk_loads(), set(after)):
+                if c.shard_id in after:
+                    after[c.shard_id] += c.size_bytes
         except Exception as exc:  # noqa: BLE001 - a measurement never fails the drain
             activity.logger.warning("the drain's loads after were not measured: %s", exc)
             return
@@ -236,7 +247,6 @@ class FleetActivities:
             chunk = await cat.chunk(inp.collection, inp.chunk_id)
             source = await cat.shard(inp.source)
             everyone = await cat.list_shards()
-            maps = await cat.chunk_maps()
         except CatalogError as exc:
             raise_catalog_failure(exc, "re-plan")
         if chunk.shard_id != inp.source:
@@ -251,22 +261,24 @@ class FleetActivities:
         if not eligible:
             return ReplanResult(reason=f"no other eligible shard (excluded: {sorted(excluded)})")
         load = {s.shard_id: 0 for s in eligible}
-        size = 0
-        for collection, cmap in sorted(maps.items()):
-            for ch in cmap.chunks:
-                mine = collection == inp.collection and ch.chunk_id == inp.chunk_id
-                if ch.shard_id not in load and not mine:
-                    continue
-                activity.heartbeat(f"measuring {collection}/{ch.chunk_id}")
-                engine = await self.ctx.engine(ch.shard_id)
-                n = await engine.chunk_bytes(collection, ch.range)
-                if mine:
-                    size = n
-                else:
-                    load[ch.shard_id] += n
+        ops_load = {s.shard_id: 0.0 for s in eligible}
+        size, ops = 0, 0.0
+        activity.heartbeat("measuring chunks")
         try:
-            [move] = _bin_pack([(inp.collection, inp.chunk_id, inp.source, size)],
-                               sorted(eligible, key=lambda s: s.shard_id), load)
+            loads = await measure(self.ctx,
+                                  await cat.chunk_loads(traffic_span_s=self._traffic_span_s),
+                                  {inp.source, *load})
+        except CatalogError as exc:
+            raise_catalog_failure(exc, "re-plan")
+        for c in loads:
+            if c.collection == inp.collection and c.chunk_id == inp.chunk_id:
+                size, ops = c.size_bytes, c.ops_per_s
+            elif c.shard_id in load:
+                load[c.shard_id] += c.size_bytes
+                ops_load[c.shard_id] += c.ops_per_s
+        try:
+            [move] = _bin_pack([(inp.collection, inp.chunk_id, inp.source, size, ops)],
+                               sorted(eligible, key=lambda s: s.shard_id), load, ops_load)
         except ApplicationError as exc:
             return ReplanResult(reason=exc.message)
         return ReplanResult(move=move)
@@ -307,7 +319,8 @@ class FleetActivities:
         """Measure every active shard and plan moves from the most to the least loaded."""
         cat = self.ctx.catalog
         try:
-            active = {s.shard_id for s in await cat.list_shards(ShardState.ACTIVE)}
+            infos = {s.shard_id: s for s in await cat.list_shards(ShardState.ACTIVE)}
+            active = set(infos)
             if inp.shards is not None:
                 unknown = sorted(set(inp.shards) - active)
                 if unknown:
@@ -315,38 +328,37 @@ class FleetActivities:
                                         "rebalance")
                 active = set(inp.shards)
             active -= set(inp.exclude)
-            maps = await cat.chunk_maps()
+            loads = await cat.chunk_loads(inp.collections, traffic_span_s=self._traffic_span_s)
             if inp.collections is not None:
-                unknown = sorted(set(inp.collections) - set(maps))
+                unknown = sorted(set(inp.collections) - {c.collection for c in loads})
                 if unknown:
                     raise non_retryable(ValueError(f"unknown collection(s) {unknown}"),
                                         "rebalance")
-                maps = {c: m for c, m in maps.items() if c in inp.collections}
             moving = {(m.collection, m.chunk_id)
                       for m in await cat.migrations(active_only=True)}
+            activity.heartbeat("measuring chunks")
+            loads = await measure(self.ctx, loads, active, record=not inp.dry_run)
         except CatalogError as exc:
             raise_catalog_failure(exc, "rebalance")
-        chunks: dict[str, list[tuple[str, int, int]]] = {s: [] for s in active}
-        busy = 0
-        for collection, cmap in sorted(maps.items()):
-            for chunk in cmap.chunks:
-                if chunk.shard_id not in active:
-                    continue
-                activity.heartbeat(f"measuring {collection}/{chunk.chunk_id}")
-                engine = await self.ctx.engine(chunk.shard_id)
-                size = await engine.chunk_bytes(collection, chunk.range)
-                if (collection, chunk.chunk_id) in moving:
-                    busy += 1
-                    chunks[chunk.shard_id].append((collection, chunk.chunk_id, -size))
-                else:
-                    chunks[chunk.shard_id].append((collection, chunk.chunk_id, size))
+        chunks: dict[str, list[ChunkEntry]] = {s: [] for s in active}
+        busy: set[tuple[str, int]] = set()
+        for c in loads:
+            if c.shard_id not in active:
+                continue
+            chunks[c.shard_id].append((c.collection, c.chunk_id, c.size_bytes, c.ops_per_s))
+            if (c.collection, c.chunk_id) in moving:
+                busy.add((c.collection, c.chunk_id))
+        capacities = {s: ShardCapacity(bytes=infos[s].capacity_bytes,
+                                       ops_per_s=infos[s].capacity_ops_per_s) for s in active}
+        activity.heartbeat(f"planning {len(loads)} chunks on {len(active)} shards")
         plan = plan_rebalance(chunks, tolerance=inp.tolerance, max_moves=inp.max_moves,
-                              max_moves_per_shard=inp.max_moves_per_shard, split=inp.split)
+                              max_moves_per_shard=inp.max_moves_per_shard, split=inp.split,
+                              capacities=capacities, busy=busy)
         # The first measurement of the operation is its "before", the latest its "after".
         # (a shard split is recorded as a rebalance too: the plan does not carry the kind)
         await record_loads(cat, "rebalance", LoadStage.BEFORE, plan.loads)
         await record_loads(cat, "rebalance", LoadStage.AFTER, plan.loads)
-        return plan.model_copy(update={"busy_chunks": busy})
+        return plan.model_copy(update={"busy_chunks": len(busy)})
 
     @activity.defn(name="rebalance.allocate_ids")
     async def allocate_ids(self, inp: AllocateIdsInput) -> list[int]:
@@ -377,57 +389,6 @@ class FleetActivities:
         except CatalogError as exc:
             raise_catalog_failure(exc, "split")
         return [left.chunk_id, right.chunk_id]
-
-
-def plan_rebalance(chunks: dict[str, list[tuple[str, int, int]]], *, tolerance: float,
-                   max_moves: int, max_moves_per_shard: int, split: bool) -> RebalancePlan:
-    """Moves from the most to the least loaded shard until the spread is within tolerance.
-
-    ``chunks`` maps each active shard to (collection, chunk id, estimated bytes); a negative
-    size marks a chunk that is being moved (it counts in its shard's load but is not planned).
-    Each step takes the most and the least loaded shards still under their per-shard limit and
-    moves the chunk of the first whose size is closest to half the gap (moving ``x`` out of a
-    gap ``g`` leaves ``|g - 2x|``, so only ``x < g`` helps). When no chunk helps and ``split``
-    is on, the largest chunk of that shard is split instead, if moving a half would help, and
-    planning stops there (the next round plans with the halves).
-    """
-    load = {s: sum(abs(c[2]) for c in cs) for s, cs in chunks.items()}
-    before = dict(load)
-    moves: list[PlannedMove] = []
-    splits: list[PlannedSplit] = []
-    per_shard = dict.fromkeys(load, 0)
-    movable = {s: [c for c in cs if c[2] >= 0] for s, cs in chunks.items()}
-    while len(load) >= 2 and len(moves) < max_moves:
-        mean = sum(load.values()) / len(load)
-        if mean <= 0 or max(load.values()) - min(load.values()) <= tolerance * mean:
-            break
-        # The most and the least loaded shards still under their per-shard move limit.
-        free = [s for s in load if per_shard[s] < max_moves_per_shard]
-        givers = [s for s in free if movable[s]]
-        if not givers or len(free) < 2:
-            break
-        hi = max(givers, key=lambda s: (load[s], s))
-        lo = min((s for s in free if s != hi), key=lambda s: (load[s], s))
-        gap = load[hi] - load[lo]
-        if gap <= tolerance * mean:
-            break
-        helpful = [c for c in movable[hi] if 0 < c[2] < gap]
-        if not helpful:
-            if split:
-                collection, chunk_id, size = max(movable[hi], key=lambda c: (c[2], c[1]))
-                if 0 < size / 2 < gap:  # moving a half would close part of the gap
-                    splits.append(PlannedSplit(collection=collection, chunk_id=chunk_id,
-                                               shard=hi, bytes=size))
-            break
-        pick = min(helpful, key=lambda c: (abs(gap / 2 - c[2]), c[0], c[1]))
-        movable[hi].remove(pick)
-        load[hi] -= pick[2]
-        load[lo] += pick[2]
-        per_shard[hi] += 1
-        per_shard[lo] += 1
-        moves.append(PlannedMove(collection=pick[0], chunk_id=pick[1], source=hi, target=lo,
-                                 bytes=pick[2]))
-    return RebalancePlan(loads=before, loads_after=load, moves=moves, splits=splits)
 
 
 def _targets(inp: DrainPlanInput, drained: list[ShardInfo], everyone: list[ShardInfo],
@@ -467,37 +428,3 @@ def _targets(inp: DrainPlanInput, drained: list[ShardInfo], everyone: list[Shard
         raise non_retryable(ValueError(f"no shard can take the chunks of {sorted(names)}: "
                                        f"register {what} first"), "drain")
     return sorted(candidates, key=lambda s: s.shard_id)
-
-
-def _bin_pack(chunks: list[tuple[str, int, str, int]], targets: list[ShardInfo],
-              load: dict[str, int]) -> list[PlannedMove]:
-    """Largest chunk first, each onto the target with the most room left.
-
-    Room is ``capacity_bytes - load``; when every target declares a capacity the one with the
-    most room wins, otherwise the least loaded one (a declared capacity is still never
-    exceeded). A chunk no target has room for fails the plan: a drain must not overfill a
-    shard.
-    Updates ``load`` with the placements.
-    """
-    cap = {t.shard_id: t.capacity_bytes for t in targets}
-    placed = dict.fromkeys(load, 0)  # ties (empty chunks) spread by count
-    moves: list[PlannedMove] = []
-    for collection, chunk_id, source, size in sorted(chunks, key=lambda c: (-c[3], c[0], c[1])):
-        def room(shard_id: str) -> float:
-            capacity = cap[shard_id]
-            return float("inf") if capacity is None else capacity - load[shard_id]
-
-        fitting = [t for t in load if room(t) >= size]
-        if not fitting:
-            raise non_retryable(ValueError(
-                f"no target has room for chunk {collection}/{chunk_id} ({size} bytes); "
-                f"room left: { {t: room(t) for t in sorted(load)} }"), "drain")
-        if all(c is not None for c in cap.values()):
-            best = min(fitting, key=lambda t: (-room(t), placed[t], t))
-        else:
-            best = min(fitting, key=lambda t: (load[t], placed[t], t))
-        load[best] += size
-        placed[best] += 1
-        moves.append(PlannedMove(collection=collection, chunk_id=chunk_id, source=source,
-                                 target=best, bytes=size))
-    return moves

@@ -335,6 +335,8 @@ class PlannedMove(_Frozen):
     target: str
     bytes: int
     """Estimated size (table and index bytes in proportion to the chunk's rows)."""
+    ops_per_s: float = 0.0
+    """The chunk's measured traffic (``chunk_stats.ops_per_s``) when it was planned."""
 
 
 class DrainPlan(_Frozen):
@@ -381,6 +383,9 @@ class PlannedSplit(_Frozen):
     chunk_id: int
     shard: str
     bytes: int
+    ops_per_s: float = 0.0
+    reason: str = "size"
+    """``size``: too large to move usefully; ``hot``: too much traffic for one shard."""
 
 
 class RebalancePlan(_Frozen):
@@ -390,6 +395,10 @@ class RebalancePlan(_Frozen):
     """Estimated bytes per active shard once the planned moves are done."""
     moves: list[PlannedMove]
     splits: list[PlannedSplit]
+    ops: dict[str, float] = {}
+    """Measured operations per second per active shard now (empty: no traffic measured)."""
+    ops_after: dict[str, float] = {}
+    """Operations per second per active shard once the planned moves are done."""
     busy_chunks: int = 0
     """Chunks left out because a migration is moving them."""
 

@@ -171,10 +171,12 @@ def print_rebalance_result(result: Any, *, dry_run: bool) -> None:
     print(("load planned       " if dry_run else "load after         ")
           + " ".join(f"{s}={human_bytes(b)}" for s, b in sorted(result.loads_after.items())))
     for sp in result.splits:
-        print(f"  split {sp.collection}/{sp.chunk_id} on {sp.shard}")
+        why = " (too hot for one shard)" if getattr(sp, "reason", "size") == "hot" else ""
+        print(f"  split {sp.collection}/{sp.chunk_id} on {sp.shard}{why}")
     for m in result.planned:
+        ops = getattr(m, "ops_per_s", 0.0)
         print(f"  plan  {m.collection}/{m.chunk_id} {m.source} -> {m.target} "
-              f"({human_bytes(m.bytes)})")
+              f"({human_bytes(m.bytes)}" + (f", {ops:.1f} ops/s)" if ops else ")"))
     for m in result.moves:
         print(f"  moved {m.collection}/{m.chunk_id} {m.source} -> {m.target} {m.outcome}")
 

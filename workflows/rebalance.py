@@ -150,7 +150,8 @@ class RebalanceWorkflow:
             RebalancePlanRequest(tolerance=inp.tolerance, max_moves=max_moves,
                                  max_moves_per_shard=inp.max_moves_per_shard, split=inp.split,
                                  collections=inp.collections, shards=inp.shards,
-                                 exclude=list(self._progress.lost_targets)),
+                                 exclude=list(self._progress.lost_targets),
+                                 dry_run=inp.dry_run),
             start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(minutes=5),
             retry_policy=FLEET_RETRY,
         )

@@ -12,6 +12,7 @@ from catalog.store.notify import Notifications
 from catalog.store.registry import ShardRegistry
 from catalog.store.routemaps import RouteMaps
 from catalog.store.samples import Samples
+from catalog.store.stats import ChunkStatistics
 from catalog.store.topology import Topology
 from catalog.store.traffic import Traffic
 from catalog.store.verifications import Verifications
@@ -19,7 +20,7 @@ from catalog.store.verifications import Verifications
 
 class Catalog(
     ShardRegistry, Collections, ChunkMaps, RouteMaps, Topology, Migrations, Leases,
-    Notifications, Samples, Verifications, Traffic,
+    Notifications, Samples, Verifications, Traffic, ChunkStatistics,
 ):
     """The catalog: shards, collections, chunks, migrations, leases, move timelines and
     verification reports.

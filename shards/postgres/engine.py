@@ -454,6 +454,56 @@ class PostgresShard:
             )
             return [decode_document(r[0]) for r in await cur.fetchall()]
 
+    async def chunk_sizes(
+        self, collection: str, ranges: Sequence[tuple[int, KeyRange]],
+        *, sample_percent: float | None = None, timeout_s: float = 600.0,
+    ) -> dict[int, tuple[int, int]]:
+        """Documents and bytes of live rows of many chunks, in one pass over the table.
+
+        ``ranges`` are (chunk id, range) pairs that do not overlap. One statement buckets each
+        row into its chunk with ``width_bucket`` over the sorted lower bounds (a binary search
+        per row) and checks the bucket's upper bound, so rows between or outside the given
+        ranges (another shard's leftovers) count nowhere. Bytes are each row's stored size
+        (``pg_column_size`` of the row), summed per chunk: exact, unlike one table-wide
+        average. With ``sample_percent`` the pass reads that share of the table's blocks
+        (``TABLESAMPLE SYSTEM``) and scales up: for tables too large to read, at the price
+        of small chunks' precision.
+
+        Returns:
+            chunk id -> (documents, bytes), for every chunk given (zero when empty).
+        """
+        if sample_percent is not None and not 0 < sample_percent <= 100:
+            raise ValueError(f"sample_percent must be in (0, 100], not {sample_percent!r}")
+        ordered = sorted(ranges, key=lambda r: r[1].lo)
+        for (_, a), (_, b) in zip(ordered, ordered[1:], strict=False):
+            if b.lo < a.hi:
+                raise ValueError(f"chunk ranges overlap: {a} and {b}")
+        out = {chunk_id: (0, 0) for chunk_id, _ in ordered}
+        if not ordered:
+            return out
+        t = collection_table(check_collection(collection))
+        sample = sql.SQL("") if sample_percent is None else sql.SQL(
+            "TABLESAMPLE SYSTEM ({})").format(sql.Literal(float(sample_percent)))
+        query = sql.SQL(
+            "SELECT x.b, count(*), coalesce(sum(x.sz), 0)::bigint FROM ("
+            " SELECT width_bucket(d.khash, %(los)s::bigint[]) AS b, d.khash,"
+            "  pg_column_size(d.*) AS sz FROM {t} AS d {s}) AS x"
+            " WHERE x.b > 0 AND ((%(his)s::bigint[])[x.b] IS NULL"
+            "  OR x.khash < (%(his)s::bigint[])[x.b])"
+            " GROUP BY x.b"
+        ).format(t=t, s=sample)
+        params = {"los": [r.lo for _, r in ordered], "his": [r.sql_hi for _, r in ordered]}
+        scale = 1.0 if sample_percent is None else 100.0 / sample_percent
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
+                sql.Literal(int(timeout_s * 1000))))
+            cur = await conn.execute(query, params)
+            rows = await cur.fetchall()
+        for bucket, docs, size in rows:
+            chunk_id = ordered[int(bucket) - 1][0]
+            out[chunk_id] = (round(int(docs) * scale), round(int(size) * scale))
+        return out
+
     async def chunk_bytes(self, collection: str, key_range: KeyRange) -> int:
         """Estimated bytes of live documents in a khash range: its row count (an index-only
         count) times the table's average row size (from a 1 % block sample once the table is
@@ -476,7 +526,7 @@ class PostgresShard:
                 return 0
             sample = sql.SQL("TABLESAMPLE SYSTEM (1)") if estimate > 200_000 else sql.SQL("")
             cur = await conn.execute(
-                sql.SQL("SELECT avg(pg_column_size(d.*)) FROM {t} {s} AS d").format(t=t, s=sample)
+                sql.SQL("SELECT avg(pg_column_size(d.*)) FROM {t} AS d {s}").format(t=t, s=sample)
             )
             avg = (await cur.fetchone() or (None,))[0]
             if avg is None:  # an unlucky sample: read the whole table once

@@ -160,7 +160,7 @@ def live_usage(dsn: str, collection: str | None = None,
             if rows == 0:
                 continue
             sample = sql.SQL("TABLESAMPLE SYSTEM (1)" if rows > SAMPLE_ABOVE_ROWS else "")
-            avg: Any = (conn.execute(sql.SQL("SELECT avg(pg_column_size(d.*)) FROM {} {} AS d")
+            avg: Any = (conn.execute(sql.SQL("SELECT avg(pg_column_size(d.*)) FROM {} AS d {}")
                                      .format(table, sample)).fetchone() or (None,))[0]
             if avg is None:  # an unlucky sample: read the whole table once
                 avg = (conn.execute(sql.SQL("SELECT avg(pg_column_size(d.*)) FROM {} AS d")
