@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mongo-port", type=int, default=None,
                        help="also serve the MongoDB wire protocol on this port (e.g. 27017): "
                             "pymongo, mongosh and other drivers connect unchanged")
+    serve.add_argument("--mongo-index-ddl", action="store_true",
+                       help="let MongoDB clients create and drop indexes (createIndexes, "
+                            "dropIndexes): the router then starts index workflows through "
+                            "Temporal, so its host needs Temporal credentials")
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve HTTPS")
     serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     _telemetry_args(serve, "also serve /metrics without a token on this port (it is always "

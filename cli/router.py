@@ -22,6 +22,8 @@ def cmd_router(args: argparse.Namespace) -> int:
           tls_cert=args.tls_cert, tls_key=args.tls_key,
           metrics_port=args.metrics_port, log_format=args.log_format,
           mongo_port=args.mongo_port,
+          # Index changes start a workflow: only a router told so holds Temporal credentials.
           index_ddl=TemporalIndexDdl(lambda: connect(settings.temporal),
-                                     settings.temporal.task_queue))
+                                     settings.temporal.task_queue)
+          if args.mongo_index_ddl else None)
     return 0

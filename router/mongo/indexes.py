@@ -92,8 +92,10 @@ def _ddl(s: Session) -> IndexDdl:
     if runner is None:
         raise MongoError(
             "CommandNotSupported",
-            "index changes run on a worker: start the router with a Temporal connection "
-            "(router serve --mongo-port), or use `shardshift collection create --index`")
+            "index changes are off on this router: they run on a worker, started through "
+            "Temporal, and this router holds no Temporal credentials (start it with "
+            "`router serve --mongo-index-ddl`), or define indexes with "
+            "`shardshift collection create --index`")
     return runner
 
 
