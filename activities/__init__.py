@@ -15,6 +15,7 @@ from activities.cleanup import CleanupActivities
 from activities.context import MoveContext
 from activities.cutover import CutoverActivities
 from activities.fleet import FleetActivities
+from activities.fleet_plans import FleetPlanActivities
 from activities.replicate import ReplicateActivities
 from activities.snapshot import SnapshotActivities
 from activities.verify import VerifyActivities
@@ -25,7 +26,7 @@ def all_activities(ctx: MoveContext) -> list[Callable[..., Any]]:
     groups = [
         CatalogActivities(ctx), SnapshotActivities(ctx), ImportActivities(ctx),
         ReplicateActivities(ctx), VerifyActivities(ctx), CutoverActivities(ctx),
-        CleanupActivities(ctx), FleetActivities(ctx),
+        CleanupActivities(ctx), FleetActivities(ctx), FleetPlanActivities(ctx),
     ]
     out: list[Callable[..., Any]] = []
     for g in groups:

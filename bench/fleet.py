@@ -9,7 +9,10 @@ unevenly (every chunk on the first two shards, none on the others), preloads ``-
 documents into each chunk, starts that many ``python worker.py`` processes with a per-shard
 move limit of ``--per-shard`` (``SHARDSHIFT_FLEET__MAX_MOVES_PER_SHARD``, the catalog's
 lease limit) and runs one ``RebalanceWorkflow`` with ``max_parallel`` ``--max-parallel``
-under a load generator that writes and reads every chunk through an in-process router.
+under a load generator that writes and reads every chunk through an in-process router. The
+workflows get the same per-shard limit (``RunLimits.max_running_per_shard``), so a move starts
+when both its shards have room; ``--start-all`` leaves it out (every move starts as
+``max_parallel`` allows and waits for its leases in its registration).
 
 While it runs a sampler reads the catalog every ``--sample-s`` seconds: the live move
 leases per shard, and the active migrations past registration per shard (as source or
@@ -24,7 +27,7 @@ Prints ONE JSON object:
 
 * ``runs``: per worker count, ``moves``, ``moves_completed``, ``failures``, ``seconds``,
   ``moves_per_min``, ``max_concurrent_per_shard`` (``lease_peak``, ``phase_peak``: the two
-  samples), ``layout_valid`` (``catalog.invariants.check_invariants`` with the shards, after
+  samples), ``mean_moves_running`` (moves holding leases, on average), ``layout_valid`` (``catalog.invariants.check_invariants`` with the shards, after
   the run), ``lost_writes``, ``client_errors``;
 * ``moves``, ``failures``: over every run; ``moves_per_min``: worker count -> moves a minute;
   ``max_concurrent_per_shard``: over every run; ``layout_valid``: every run's and the merge's;
@@ -65,6 +68,8 @@ class Sampler:
         self.lease_peak = 0
         self.phase_peak = 0
         self.samples = 0
+        self.running_sum = 0
+        """Moves holding leases, summed over the samples (for the mean)."""
         self.peak_shard: str | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -87,6 +92,7 @@ class Sampler:
                         setattr(self, attr, n)
                         self.peak_shard = shard
             self.samples += 1
+            self.running_sum += len({lease.migration_id for lease in leases})
             try:
                 await asyncio.wait_for(self._stop.wait(), self.every_s)
             except TimeoutError:
@@ -103,6 +109,12 @@ class Sampler:
     @property
     def peak(self) -> int:
         return max(self.lease_peak, self.phase_peak)
+
+    @property
+    def mean_running(self) -> float:
+        """Moves holding their leases at once, on average: against the most the per-shard
+        limit allows, how busy the fleet kept its move slots."""
+        return round(self.running_sum / self.samples, 2) if self.samples else 0.0
 
 
 class Loaded:
@@ -180,6 +192,7 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
         RebalanceInput,
         RebalanceWorkflow,
     )
+    from workflows.child_moves import RunLimits
 
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -195,6 +208,9 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
     engines = await open_engines(shards)
     client = await Client.connect(stack.temporal.address, data_converter=pydantic_data_converter)
     move = {"poll_s": args.poll_s, "cutover_retry_s": 0.2, "part_rows": 1000}
+    # The workflows start a move only when both its shards have room under the workers' lease
+    # limit (unless --start-all: every move starts and waits for its leases in registration).
+    limits = RunLimits(max_running_per_shard=None if args.start_all else args.per_shard)
     workers: list[WorkerProcess] = []
     collections: list[str] = []
 
@@ -251,7 +267,7 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
             RebalanceWorkflow.run,
             RebalanceInput(collections=[collection], tolerance=0.2, max_moves=args.max_moves,
                            max_moves_per_shard=100, max_parallel=args.max_parallel, rounds=1,
-                           split=False, move=move),
+                           split=False, move=move, limits=limits),
             id=f"fleet-rebalance-w{w}-{uuid.uuid4().hex[:6]}",
             task_queue=settings.temporal.task_queue)
         result = await watch(handle, RebalanceWorkflow.progress, args.deadline_s,
@@ -267,6 +283,7 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
             "moves_per_min": round(done / (seconds / 60), 1) if seconds else None,
             "max_concurrent_per_shard": sampler.peak, "lease_peak": sampler.lease_peak,
             "phase_peak": sampler.phase_peak, "samples": sampler.samples,
+            "mean_moves_running": sampler.mean_running,
             "layout_valid": not violations, "violations": violations[:3],
             "loads_after": result.loads_after if result is not None else None,
         }
@@ -292,7 +309,8 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
         t0 = time.monotonic()
         handle = await client.start_workflow(
             DrainShardWorkflow.run,
-            DrainShardInput(shards=drained, max_parallel=args.max_parallel, move=move),
+            DrainShardInput(shards=drained, max_parallel=args.max_parallel, move=move,
+                            limits=limits),
             id=f"fleet-merge-{uuid.uuid4().hex[:6]}", task_queue=settings.temporal.task_queue)
         drain = await watch(handle, DrainShardWorkflow.progress, args.deadline_s, "merge")
         seconds = time.monotonic() - t0
@@ -307,8 +325,8 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
             "data_bytes": total, "drained": drained, "moves": len(moves),
             "failures": len(moves) - done + (drain is None), "seconds": round(seconds, 1),
             "moves_per_min": round(done / (seconds / 60), 1) if seconds else None,
-            "max_concurrent_per_shard": sampler.peak, "layout_valid": not violations,
-            "violations": violations[:3],
+            "max_concurrent_per_shard": sampler.peak, "mean_moves_running": sampler.mean_running,
+            "layout_valid": not violations, "violations": violations[:3],
         }
 
     try:
@@ -347,7 +365,7 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
                + [merge.get("max_concurrent_per_shard", 0)])
     out = {
         "chunks": args.chunks, "shards": len(names), "per_shard_limit": args.per_shard,
-        "max_parallel": args.max_parallel,
+        "max_parallel": args.max_parallel, "start_all": args.start_all,
         "moves": sum(r["moves"] for r in runs) + merge.get("moves", 0),
         "failures": sum(r["failures"] for r in runs) + merge.get("failures", 0),
         "moves_per_min": {str(r["workers"]): r["moves_per_min"] for r in runs},
@@ -408,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-s", type=float, default=0.2, help="the moves' poll interval")
     parser.add_argument("--fill", type=float, default=0.6,
                         help="a shard's declared capacity, as a fraction of the data (merge)")
+    parser.add_argument("--start-all", action="store_true",
+                        help="start every move as max_parallel allows; each waits for its "
+                             "leases (no per-shard room check in the workflow)")
     parser.add_argument("--sample-s", type=float, default=0.25)
     parser.add_argument("--deadline-s", type=float, default=1800.0)
     args = parser.parse_args(argv)

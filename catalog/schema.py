@@ -236,4 +236,18 @@ CREATE TABLE IF NOT EXISTS catalog.shard_loads (
     measured_at   timestamptz NOT NULL,
     PRIMARY KEY (operation_id, first_run_id, stage, shard_id)
 );
+
+-- The moves a fleet operation planned, per round, in plan order (catalog/store/plans.py): read
+-- back in pages so a plan of thousands of moves never passes through the workflow's history.
+CREATE TABLE IF NOT EXISTS catalog.fleet_plans (
+    plan_id     text NOT NULL,
+    round       integer NOT NULL CHECK (round >= 1),
+    seq         integer NOT NULL CHECK (seq >= 0),
+    collection  text NOT NULL,
+    chunk_id    bigint NOT NULL,
+    source      text NOT NULL,  -- labels, not references: a plan never blocks removing a shard
+    target      text NOT NULL,
+    bytes       bigint NOT NULL CHECK (bytes >= 0),
+    PRIMARY KEY (plan_id, round, seq)
+);
 """

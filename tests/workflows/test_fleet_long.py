@@ -30,7 +30,15 @@ from shards.postgres.bulk_import import forget_parts
 from shards.postgres.replication import cleanup_stream_objects
 from tests.router.conftest import router_settings
 from tests.workflows.conftest import WorkerHandle
-from tests.workflows.fleet import Fleet, assert_drained, make_fleet, run_under_load, start_drain
+from tests.workflows.fleet import (
+    Fleet,
+    assert_drained,
+    child_starts,
+    make_fleet,
+    run_histories,
+    run_under_load,
+    start_drain,
+)
 from tests.workflows.helpers import FAST, load_chunk, stream_objects, wait_until
 from tests.workflows.procs import preload_chunk
 from workflows import (
@@ -48,28 +56,6 @@ from workload.generator import LoadGenerator, WorkloadConfig
 RESULT_TIMEOUT_S = 240
 PRELOAD = 6000
 """Documents preloaded into a chunk whose move must still be copying when the test acts."""
-
-
-async def run_histories(client: Client, workflow_id: str, first_run_id: str
-                        ) -> list[list[Any]]:
-    """The events of every run of a workflow, first to last, following continue-as-new."""
-    runs: list[list[Any]] = []
-    run_id: str | None = first_run_id
-    while run_id is not None:
-        events = [e async for e in client.get_workflow_handle(
-            workflow_id, run_id=run_id).fetch_history_events()]
-        runs.append(events)
-        last = events[-1]
-        run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
-                  if last.HasField("workflow_execution_continued_as_new_event_attributes")
-                  else None)
-    return runs
-
-
-def child_starts(events: list[Any]) -> list[str]:
-    return [e.start_child_workflow_execution_initiated_event_attributes.workflow_id
-            for e in events
-            if e.HasField("start_child_workflow_execution_initiated_event_attributes")]
 
 
 # -- 1. continue-as-new keeps every run's history bounded --------------------------------------
