@@ -15,6 +15,7 @@ from activities.cleanup import CleanupActivities
 from activities.context import MoveContext
 from activities.cutover import CutoverActivities
 from activities.fleet import FleetActivities
+from activities.fleet_plans import FleetPlanActivities
 from activities.indexes import IndexActivities
 from activities.replicate import ReplicateActivities
 from activities.snapshot import SnapshotActivities
@@ -28,7 +29,7 @@ def all_activities(ctx: MoveContext) -> list[Callable[..., Any]]:
         CatalogActivities(ctx), SnapshotActivities(ctx), ImportActivities(ctx),
         ReplicateActivities(ctx), VerifyActivities(ctx), CutoverActivities(ctx),
         CleanupActivities(ctx), FleetActivities(ctx), IndexActivities(ctx),
-        StagingActivities(ctx),
+        StagingActivities(ctx), FleetPlanActivities(ctx),
     ]
     out: list[Callable[..., Any]] = []
     for g in groups:

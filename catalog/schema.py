@@ -317,4 +317,18 @@ CREATE INDEX IF NOT EXISTS migrations_active ON catalog.migrations (collection, 
     WHERE outcome IS NULL;
 
 UPDATE catalog.meta SET schema_version = 2 WHERE schema_version < 2;
+
+-- The moves a fleet operation planned, per round, in plan order (catalog/store/plans.py): read
+-- back in pages so a plan of thousands of moves never passes through the workflow's history.
+CREATE TABLE IF NOT EXISTS catalog.fleet_plans (
+    plan_id     text NOT NULL,
+    round       integer NOT NULL CHECK (round >= 1),
+    seq         integer NOT NULL CHECK (seq >= 0),
+    collection  text NOT NULL,
+    chunk_id    bigint NOT NULL,
+    source      text NOT NULL,  -- labels, not references: a plan never blocks removing a shard
+    target      text NOT NULL,
+    bytes       bigint NOT NULL CHECK (bytes >= 0),
+    PRIMARY KEY (plan_id, round, seq)
+);
 """

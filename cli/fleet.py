@@ -34,6 +34,13 @@ from cli.temporal import client as temporal_client
 from cli.temporal import ui_url, watch_or_report
 from settings import Settings, get_settings
 from workflows import DrainShardInput, DrainShardWorkflow, RebalanceInput, RebalanceWorkflow
+from workflows.child_moves import RunLimits
+
+
+def _limits(settings: Settings) -> RunLimits:
+    """A move starts when both its shards have room under the workers' lease limit."""
+    return RunLimits(max_running_per_shard=settings.fleet.max_moves_per_shard)
+
 
 # -- drain ------------------------------------------------------------------------------------
 
@@ -48,7 +55,7 @@ async def _drain(args: argparse.Namespace) -> int:
     try:
         inp = DrainShardInput(shards=args.shards, targets=args.to or None, kind=kind,
                               max_parallel=args.parallel, dry_run=args.dry_run,
-                              move=move_options(args))
+                              move=move_options(args), limits=_limits(settings))
     except ValueError as exc:
         raise CliError(f"invalid drain: {exc}".replace("\n", " ")) from exc
     await _check_drain(settings, inp.shards, inp.targets or [])
@@ -152,7 +159,7 @@ async def _rebalance(args: argparse.Namespace) -> int:
             shards=[split_shard, args.to] if split_shard else args.shard, dry_run=args.dry_run,
             max_moves_per_shard=getattr(args, "max_moves_per_shard", None)
             or settings.fleet.max_moves_per_shard,
-            move=move_options(args),
+            move=move_options(args), limits=_limits(settings),
         )
     except ValueError as exc:
         raise CliError(f"invalid rebalance: {exc}".replace("\n", " ")) from exc

@@ -36,7 +36,8 @@ Changes to the command sequence of this code are behind ``workflow.patched`` mar
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -67,6 +68,7 @@ TARGET_LOST = "TargetLost"
 PATCH_CONTINUE_AS_NEW = "fleet-continue-as-new"
 PATCH_RETARGET = "fleet-retry-elsewhere"
 PATCH_AWAIT_EXISTING = "fleet-await-existing-move"
+PATCH_PLAN_PAGES = "fleet-plan-pages"
 
 MOVES_KEPT = 200
 """Move records a fleet workflow keeps (and carries across runs); later ones are counted in
@@ -151,6 +153,9 @@ class FleetState(BaseModel):
     progress: MovesProgress = MovesProgress()
     moves: list[ChildMove] = []
     moves_omitted: int = 0
+    plan_cursor: int | None = None
+    """Where the round's stored plan goes on (its moves before it were fetched; those of
+    them not started are in ``pending``). None: the plan is not stored (older runs)."""
 
 
 class RunLimits(BaseModel):
@@ -165,6 +170,12 @@ class RunLimits(BaseModel):
     50k events; the server may suggest continuing earlier, which is obeyed too)."""
     max_retargets: int = Field(default=2, ge=0, le=10)
     """How many other shards a chunk is re-planned onto when its target is lost."""
+    max_running_per_shard: int | None = Field(default=None, ge=1, le=100)
+    """Moves of this operation running at once per shard (source or target); set to the
+    workers' lease limit (``FleetSettings.max_moves_per_shard``), a move starts only when
+    both its shards have room, instead of starting and then waiting in its registration for
+    a lease (retried with a backoff of up to 20 s) while it holds one of ``max_parallel``.
+    None: every move starts in plan order as ``max_parallel`` allows."""
 
 
 Replan = Callable[[PlannedMove, list[str]], Awaitable[ReplanResult]]
@@ -195,21 +206,55 @@ class MoveRunner:
         self.started = 0
         """Children started in this run."""
         self._stopping = False
+        self._free = max_parallel
+        self._busy: dict[str, int] = {}
+        """Moves of this run running per shard (with ``limits.max_running_per_shard``)."""
+
+    @contextlib.asynccontextmanager
+    async def _admit(self, m: PlannedMove, sem: asyncio.Semaphore) -> AsyncIterator[None]:
+        """A place for ``m``: one of ``max_parallel`` and, with a per-shard limit, room on both
+        its shards (earlier moves of the plan first; a move whose shards are full lets later
+        ones with room go ahead)."""
+        limit = self.limits.max_running_per_shard
+        if limit is None:
+            async with sem:
+                yield
+            return
+        shards = (m.source, m.target)
+
+        def room() -> bool:
+            return self._free > 0 and all(self._busy.get(s, 0) < limit for s in shards)
+
+        while not room():  # another waiter may take the room first: look again
+            await workflow.wait_condition(room)
+        self._free -= 1
+        for s in shards:
+            self._busy[s] = self._busy.get(s, 0) + 1
+        try:
+            yield
+        finally:
+            self._free += 1
+            for s in shards:
+                self._busy[s] -= 1
 
     def planned(self, moves: list[PlannedMove]) -> None:
         """Count a new plan's moves in the totals."""
-        self.progress.chunks_total += len(moves)
-        self.progress.bytes_total += sum(m.bytes for m in moves)
+        self.planned_count(len(moves), sum(m.bytes for m in moves))
+
+    def planned_count(self, moves: int, bytes_total: int) -> None:
+        """Count a new plan's moves in the totals (a plan stored in the catalog)."""
+        self.progress.chunks_total += moves
+        self.progress.bytes_total += bytes_total
 
     def carry(self, *, round_: int, pending: list[PlannedMove], round_moved: int,
-              targets: list[str]) -> FleetState:
+              targets: list[str], plan_cursor: int | None = None) -> FleetState:
         """The state the next run starts from (the running list is empty: nothing runs)."""
         progress = MovesProgress.model_validate(
             {**self.progress.model_dump(include=set(MovesProgress.model_fields)),
              "running": [], "runs": self.progress.runs + 1})
         return FleetState(round=round_, pending=pending, round_moved=round_moved,
                           targets=targets, progress=progress, moves=self.record,
-                          moves_omitted=self.omitted)
+                          moves_omitted=self.omitted, plan_cursor=plan_cursor)
 
     def _should_continue_as_new(self) -> bool:
         info = workflow.info()
@@ -277,7 +322,7 @@ class MoveRunner:
         left: list[PlannedMove] = []
 
         async def one(m: PlannedMove) -> bool:
-            async with sem:
+            async with self._admit(m, sem):
                 if self._stopping or self._should_continue_as_new():
                     self._stopping = True
                     left.append(m)

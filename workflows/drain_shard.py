@@ -39,6 +39,13 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 
 with workflow.unsafe.imports_passed_through():
     from activities.fleet import DrainPlanRequest, FleetActivities, ReplanInput, ReplanResult
+    from activities.fleet_plans import (
+        DropPlanInput,
+        FleetPlanActivities,
+        PlanPageInput,
+        StoredPlan,
+        StorePlanInput,
+    )
     from activities.models import (
         DrainFinishInput,
         DrainFinishResult,
@@ -49,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
     from catalog.models import MigrationKind
     from catalog.store import check_shard_id
     from workflows.child_moves import (
+        PATCH_PLAN_PAGES,
         ChildMove,
         FleetState,
         MoveRunner,
@@ -137,11 +145,17 @@ class DrainShardResult(BaseModel):
     """A dry run's estimate of each target's bytes once the planned moves are done."""
 
 
+PAGE_SIZE = 500
+"""Moves of a stored plan fetched at once (about 75 KB as a payload)."""
+
+
 @workflow.defn
 class DrainShardWorkflow:
     def __init__(self) -> None:
         self._progress = DrainProgress()
         self._kind = MigrationKind.MERGE_SHARDS
+        self._paged = False
+        self._plan_id = ""
 
     @workflow.query
     def progress(self) -> DrainProgress:
@@ -167,34 +181,56 @@ class DrainShardWorkflow:
                                            SA_SOURCE.value_set(",".join(inp.shards))])
         if inp.dry_run:
             return await self._dry_run(inp)
+        # Plans stored in the catalog and read in pages; histories recorded before kept the
+        # whole plan in the activity's result and the carried state.
+        self._paged = workflow.patched(PATCH_PLAN_PAGES)
+        info = workflow.info()
+        self._plan_id = f"{info.workflow_id}@{info.first_execution_run_id}"
         try:
             for round_ in range(state.round, inp.rounds + 1):
                 self._progress.round = round_
-                carried = round_ == state.round and bool(state.pending)
-                moved_before = state.round_moved if round_ == state.round else 0
-                if carried:
-                    moves = state.pending  # planned by an earlier run, not started yet
-                else:
+                first = round_ == state.round
+                moved_before = state.round_moved if first else 0
+                if first and state.plan_cursor is not None:
+                    # A stored plan's round, continued: the carried moves, then the next pages.
+                    moved = await self._run_pages(inp, runner, round_, state.plan_cursor,
+                                                  list(state.pending), moved_before)
+                elif self._paged and not (first and state.pending):
                     await self._set_phase("planning")
-                    plan: DrainPlan = await workflow.execute_activity_method(
-                        FleetActivities.plan,
-                        DrainPlanRequest(shards=inp.shards, targets=inp.targets, kind=inp.kind,
-                                         exclude=list(self._progress.lost_targets)),
+                    stored: StoredPlan = await workflow.execute_activity_method(
+                        FleetPlanActivities.plan_stored,
+                        StorePlanInput(request=self._plan_request(inp), plan_id=self._plan_id,
+                                       round=round_),
                         start_to_close_timeout=timedelta(minutes=30),
                         heartbeat_timeout=timedelta(minutes=5), retry_policy=FLEET_RETRY,
                     )
-                    if not plan.moves:
+                    if not stored.moves:
                         break
-                    self._progress.targets = plan.targets
-                    runner.planned(plan.moves)
-                    moves = plan.moves
-                await self._set_phase("moving")
-                done = await runner.run(moves, round_)
-                moved = moved_before + done.moved
-                if done.left:
-                    self._continue_as_new(inp, runner.carry(
-                        round_=round_, pending=done.left, round_moved=moved,
-                        targets=self._progress.targets))
+                    self._progress.targets = stored.targets
+                    runner.planned_count(stored.moves, stored.bytes_total)
+                    moved = await self._run_pages(inp, runner, round_, 0, [], 0)
+                else:
+                    if first and state.pending:
+                        moves = state.pending  # planned by an earlier run, not started yet
+                    else:
+                        await self._set_phase("planning")
+                        plan: DrainPlan = await workflow.execute_activity_method(
+                            FleetActivities.plan, self._plan_request(inp),
+                            start_to_close_timeout=timedelta(minutes=30),
+                            heartbeat_timeout=timedelta(minutes=5), retry_policy=FLEET_RETRY,
+                        )
+                        if not plan.moves:
+                            break
+                        self._progress.targets = plan.targets
+                        runner.planned(plan.moves)
+                        moves = plan.moves
+                    await self._set_phase("moving")
+                    done = await runner.run(moves, round_)
+                    moved = moved_before + done.moved
+                    if done.left:
+                        self._continue_as_new(inp, runner.carry(
+                            round_=round_, pending=done.left, round_moved=moved,
+                            targets=self._progress.targets))
                 if not moved:
                     break  # nothing moved in a whole round: more rounds would not help
             await self._set_phase("retiring")
@@ -202,6 +238,7 @@ class DrainShardWorkflow:
                 FleetActivities.finish, DrainFinishInput(shards=inp.shards),
                 start_to_close_timeout=timedelta(seconds=30), retry_policy=FLEET_RETRY,
             )
+            await self._drop_plan()
         except (asyncio.CancelledError, CancelledError):
             await self._restore(inp, "cancelled")
             raise
@@ -263,4 +300,43 @@ class DrainShardWorkflow:
             FleetActivities.restore, DrainRestoreInput(shards=inp.shards),
             start_to_close_timeout=timedelta(seconds=30), retry_policy=FLEET_RETRY,
         )
+        await self._drop_plan()
         await self._set_phase(phase)
+
+    def _plan_request(self, inp: DrainShardInput) -> DrainPlanRequest:
+        return DrainPlanRequest(shards=inp.shards, targets=inp.targets, kind=inp.kind,
+                                exclude=list(self._progress.lost_targets))
+
+    async def _run_pages(self, inp: DrainShardInput, runner: MoveRunner, round_: int,
+                         cursor: int, pending: list[PlannedMove], moved: int) -> int:
+        """Run a stored round from ``cursor`` on (after the carried ``pending`` moves), a page
+        at a time; continues as new when the run has had enough. Returns the round's moves."""
+        await self._set_phase("moving")
+        size = min(PAGE_SIZE, inp.limits.moves_per_run)
+        while True:
+            if pending:
+                page, pending = pending, []
+            else:
+                page = await workflow.execute_activity_method(
+                    FleetPlanActivities.plan_page,
+                    PlanPageInput(plan_id=self._plan_id, round=round_, offset=cursor,
+                                  limit=size),
+                    start_to_close_timeout=timedelta(minutes=5), retry_policy=FLEET_RETRY,
+                )
+                if not page:
+                    return moved
+                cursor += len(page)
+            done = await runner.run(page, round_)
+            moved += done.moved
+            if done.left:
+                self._continue_as_new(inp, runner.carry(
+                    round_=round_, pending=done.left, round_moved=moved,
+                    targets=self._progress.targets, plan_cursor=cursor))
+
+    async def _drop_plan(self) -> None:
+        """The operation's stored plans are no longer needed (it ended)."""
+        if self._paged:
+            await workflow.execute_activity_method(
+                FleetPlanActivities.drop_plan, DropPlanInput(plan_id=self._plan_id),
+                start_to_close_timeout=timedelta(seconds=60), retry_policy=FLEET_RETRY,
+            )

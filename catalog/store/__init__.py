@@ -43,6 +43,7 @@ version increment and notification every change makes):
 * ``migrations``: migration records. ``leases``: move leases. ``notify``: ``listen``.
 * ``verifications``: verification reports (observations: no version bump).
 * ``stats``: chunk sizes recorded and every chunk's load read in bulk, for the planners.
+* ``plans``: the stored plans of fleet operations, read back in pages (no version bump).
 * ``rows``: rows to models, and the reads inside a transaction that the sections share.
   ``checks``: validation of shard ids, migration ids, addresses, chunk ids and tokens.
 
@@ -53,9 +54,10 @@ The check of the layout and the shards' fences against the invariants is
 from catalog.store.checks import check_address, check_migration_id, check_shard_id
 from catalog.store.collection import MAX_CHUNKS_PER_COLLECTION_CREATE
 from catalog.store.facade import Catalog
+from catalog.store.plans import MAX_PAGE, StoredMove, check_plan_id
 from catalog.store.stats import ChunkLoad, ChunkSize
 
 __all__ = [
-    "MAX_CHUNKS_PER_COLLECTION_CREATE", "Catalog", "ChunkLoad", "ChunkSize", "check_address",
-    "check_migration_id", "check_shard_id",
+    "MAX_CHUNKS_PER_COLLECTION_CREATE", "MAX_PAGE", "Catalog", "ChunkLoad", "ChunkSize",
+    "StoredMove", "check_address", "check_migration_id", "check_plan_id", "check_shard_id",
 ]

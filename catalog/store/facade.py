@@ -9,6 +9,7 @@ from catalog.store.collection import Collections
 from catalog.store.leases import Leases
 from catalog.store.migrations import Migrations
 from catalog.store.notify import Notifications
+from catalog.store.plans import FleetPlans
 from catalog.store.registry import ShardRegistry
 from catalog.store.routemaps import RouteMaps
 from catalog.store.samples import Samples
@@ -20,10 +21,10 @@ from catalog.store.verifications import Verifications
 
 class Catalog(
     ShardRegistry, Collections, ChunkMaps, RouteMaps, Topology, Migrations, Leases,
-    Notifications, Samples, Verifications, Traffic, ChunkStatistics,
+    Notifications, Samples, Verifications, Traffic, ChunkStatistics, FleetPlans,
 ):
-    """The catalog: shards, collections, chunks, migrations, leases, move timelines and
-    verification reports.
+    """The catalog: shards, collections, chunks, migrations, leases, move timelines,
+    verification reports and the stored plans of fleet operations.
 
     Build one per process, ``await catalog.open()`` (or ``async with``), share it: methods are
     safe to call concurrently (each takes its own pooled connection).

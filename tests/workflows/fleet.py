@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from temporalio.client import Client, WorkflowHandle
 
@@ -99,3 +99,25 @@ async def assert_drained(fleet: Fleet, result: DrainShardResult, load: LoadGener
         assert await fleet.shards[sid].count(fleet.collection) == 0
     dsns = [s.dsn for s in fleet.shards.values()]
     assert stream_objects(dsns, "ss_drain") == []
+
+
+async def run_histories(client: Client, workflow_id: str, first_run_id: str
+                        ) -> list[list[Any]]:
+    """The events of every run of a workflow, first to last, following continue-as-new."""
+    runs: list[list[Any]] = []
+    run_id: str | None = first_run_id
+    while run_id is not None:
+        events = [e async for e in client.get_workflow_handle(
+            workflow_id, run_id=run_id).fetch_history_events()]
+        runs.append(events)
+        last = events[-1]
+        run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                  if last.HasField("workflow_execution_continued_as_new_event_attributes")
+                  else None)
+    return runs
+
+
+def child_starts(events: list[Any]) -> list[str]:
+    return [e.start_child_workflow_execution_initiated_event_attributes.workflow_id
+            for e in events
+            if e.HasField("start_child_workflow_execution_initiated_event_attributes")]
