@@ -75,11 +75,13 @@ def history_figures(runs: list[list[Any]]) -> dict[str, Any]:
     }
 
 
-RUNS = 3
-MOVES_PER_RUN = 20
+RUNS = 2
+MOVES_PER_RUN = 5
+"""Enough runs to cross continue-as-new with the plan's cursor carried (and few moves per run:
+every catalog-only move is three serialized catalog changes; the suite waits for them)."""
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(900)
 async def test_drain_of_ten_thousand_chunks_stays_within_history_limits(
     router_catalog: Catalog, pg18_dsns: list[str], collection_name: str,
     worker_settings: Settings, temporal_client: Client, fleet_cleanup: list[Fleet],
