@@ -27,7 +27,7 @@ Prints ONE JSON object:
   changes divided by the time from the enable until the native apply worker has committed
   the last backlog transaction (a marker row written after the backlog is on the target;
   apply is in commit order). ``drain_ratio`` is ``backlog_drain_per_s / native_drain_per_s``
-  (the goal: 1 or more is "as fast as the engine"). The subscription, its slot and the
+  (1.0: as fast as the engine's own apply worker). The subscription, its slot and the
   publication are dropped at the end, also on errors. ``--no-native`` skips it.
 * ``source_rate_per_s`` / ``rate_reached``: with ``--rate R``, what the source sustained in
   the live phase and whether it reached 95 % of ``R`` (on a loaded machine the writers may
