@@ -1,6 +1,6 @@
 """HTTP baseline: ``shardshift router serve`` against a bare FastAPI app, keyed gets.
 
-    python -m bench.http [--seconds 10] [--connections 16] [--docs 10000]
+    python -m bench.http [--seconds 20] [--rounds 4] [--connections 16] [--docs 10000]
 
 Starts a private stack (catalog + ONE shard, in a temporary directory, removed at the end),
 provisions a collection on that shard (2 chunks), loads ``--docs`` small documents (~120
@@ -16,11 +16,14 @@ bytes of Extended JSON) and serves them twice, one after the other, each in its 
 The load generator is ``wrk`` (Debian's package: ``apt-get install -y wrk``), in its own
 process, 2 threads and ``--connections`` keep-alive connections, each request a
 ``POST .../get`` of a random document (a Lua script picks the key); without ``wrk`` on the
-PATH the bench stops with that message. Each side gets a warm-up of 2 s, then ``--seconds``
-of load. On 2 cores wrk, the service and PostgreSQL share the CPUs (as they do for both).
+PATH the bench stops with that message. Both services run side by side; each gets a warm-up
+of 2 s, then ``--rounds`` alternating rounds (router first, then baseline first, ...) share
+``--seconds`` of load per side, so a machine whose load drifts hits both alike. On 2 cores
+wrk, the service and PostgreSQL share the CPUs (as they do for both).
 
 Prints ONE JSON object: ``router_rps`` / ``baseline_rps`` (requests per second),
-``router_p50_ms`` / ``baseline_p50_ms`` and p99s (wrk's latency distribution),
+``router_p50_ms`` / ``baseline_p50_ms`` (median of the rounds' p50s) and p99s (the worst
+round's; wrk's latency distribution), ``*_rps_rounds`` (each round's rate),
 ``http_ratio`` = ``router_rps / baseline_rps`` (1.0: as fast as the bare app), the error counts wrk
 saw (``*_errors``: connect, read, write, timeout and non-2xx responses; every one is a
 failure of the bench), ``load_generator`` and the settings.
@@ -34,6 +37,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,7 +170,7 @@ async def _load(catalog_dsn: str, shard_id: str, shard_dsn: str, docs: int) -> N
 
 
 def run(catalog_dsn: str, shard_id: str, shard_dsn: str, seconds: float, connections: int,
-        docs: int) -> dict[str, Any]:
+        docs: int, rounds: int = 4) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("bench.http needs wrk on the PATH (Debian: apt-get install -y wrk)")
     settings = RouterSettings()
@@ -176,41 +180,50 @@ def run(catalog_dsn: str, shard_id: str, shard_dsn: str, seconds: float, connect
     try:
         script = tmp / "get.lua"
         script.write_text(LUA % {"docs": docs, "collection": COLLECTION, "token": token})
-        figures: dict[str, dict[str, Any]] = {}
-        router = HttpServer(catalog_dsn, settings).start()
-        try:
-            _check_get(router.port, token, docs)
-            wrk(router.port, script, 2, connections)
-            figures["router"] = wrk(router.port, script, seconds, connections)
-        finally:
-            router.stop()
+        runs: dict[str, list[dict[str, Any]]] = {"router": [], "baseline": []}
+        router = HttpServer(catalog_dsn, settings)
         base = Baseline(DatabaseSettings().router(shard_dsn), settings.pool_max_size)
         try:
+            router.start()
             base.wait_ready()
-            _check_get(base.port, token, docs)
-            wrk(base.port, script, 2, connections)
-            figures["baseline"] = wrk(base.port, script, seconds, connections)
+            ports = {"router": router.port, "baseline": base.port}
+            for port in ports.values():
+                _check_get(port, token, docs)
+                wrk(port, script, 2, connections)  # warm-up: pools, caches, prepared plans
+            # Alternating rounds (the order swaps each round), so the machine's drift hits
+            # both sides alike; both services stay up, the idle one costs nothing.
+            for r in range(rounds):
+                order = ["router", "baseline"] if r % 2 == 0 else ["baseline", "router"]
+                for side in order:
+                    runs[side].append(wrk(ports[side], script, seconds / rounds, connections))
         finally:
+            router.stop()
             base.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result: dict[str, Any] = {}
-    for side, f in figures.items():
-        result[f"{side}_rps"] = round(f["requests"] / (f["duration_us"] / 1e6), 1)
-        result[f"{side}_p50_ms"] = round(f["p50_us"] / 1000, 3)
-        result[f"{side}_p99_ms"] = round(f["p99_us"] / 1000, 3)
-        result[f"{side}_errors"] = f["errors"]
+    for side, rs in runs.items():
+        requests = sum(f["requests"] for f in rs)
+        result[f"{side}_rps"] = round(requests / (sum(f["duration_us"] for f in rs) / 1e6), 1)
+        result[f"{side}_p50_ms"] = round(statistics.median(f["p50_us"] for f in rs) / 1000, 3)
+        result[f"{side}_p99_ms"] = round(max(f["p99_us"] for f in rs) / 1000, 3)
+        result[f"{side}_errors"] = sum(f["errors"] for f in rs)
+        result[f"{side}_rps_rounds"] = [round(f["requests"] / (f["duration_us"] / 1e6), 1)
+                                        for f in rs]
     result["http_ratio"] = round(result["router_rps"] / result["baseline_rps"], 3)
     result.update({"load_generator": "wrk -t2", "connections": connections,
-                   "seconds": seconds, "docs": docs, "pool_size": settings.pool_max_size})
+                   "seconds": seconds, "rounds": rounds, "docs": docs, "pool_size": settings.pool_max_size})
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--seconds", type=float, default=20,
+                        help="seconds of load per side, over all rounds")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--docs", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating rounds per side; --seconds is split between them")
     args = parser.parse_args(argv)
 
     from catalog.local_stack import private_stack
@@ -220,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         address = st.address(shard_id)
         del shard_dsn
         result = run(st.catalog_dsn, shard_id, address, args.seconds, args.connections,
-                     args.docs)
+                     args.docs, args.rounds)
     print(json.dumps(result))
     return 0 if result["router_errors"] == 0 and result["baseline_errors"] == 0 else 1
 
