@@ -144,11 +144,17 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
         worker_task = asyncio.create_task(_worker(settings, client, stop, stock_worker))
         router_settings = RouterSettings(retry_deadline_s=5.0, pool_max_size=8)
         async with Router(CatalogRouteSource(catalog), router_settings) as router:
-            await asyncio.gather(*(
-                router.insert(COLLECTION, {"_id": f"seed-{i}", "acct": chunk_keys[i % keys],
-                                           "v": 0, "pad": "s" * 200})
-                for i in range(docs)
-            ))
+            # Seeded 16 at a time: thousands at once queue on the router's pool and, on a
+            # loaded machine, outwait the first connection's catalog read (a 2 s timeout).
+            seed_slots = asyncio.Semaphore(16)
+
+            async def seed(i: int) -> None:
+                async with seed_slots:
+                    await router.insert(COLLECTION, {"_id": f"seed-{i}",
+                                                     "acct": chunk_keys[i % keys],
+                                                     "v": 0, "pad": "s" * 200})
+
+            await asyncio.gather(*(seed(i) for i in range(docs)))
             load = LoadGenerator(router, WorkloadConfig(
                 collection=COLLECTION, rate=rate, workers=16, only_keys=chunk_keys,
                 mix={"insert": 0.35, "replace": 0.25, "inc": 0.3, "delete": 0.1},
