@@ -266,17 +266,29 @@ def _native_cleanup(source: str, target: str) -> None:
     with psycopg.connect(target, autocommit=True) as conn:
         if conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s",
                         (NATIVE_SUB,)).fetchone():
-            conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(
-                sql.Identifier(NATIVE_SUB)))
-            conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(
-                sql.Identifier(NATIVE_SUB)))
-            conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(NATIVE_SUB)))
+            sub = sql.Identifier(NATIVE_SUB)
+            try:
+                conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sub))  # drops its slot
+            except psycopg.Error:
+                # The publisher refused to drop the slot: detach it, drop it below.
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sub))
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(sub))
+                conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sub))
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(collection_table(NATIVE)))
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(NATIVE_PUB)))
-        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots"
-                                    " WHERE slot_name = %s", (NATIVE_SUB,)).fetchall():
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        deadline = time.monotonic() + 30
+        while True:
+            row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                               (NATIVE_SUB,)).fetchone()
+            if row is None:
+                break
+            if not row[0] or time.monotonic() > deadline:
+                # Inactive (or still held by a walsender past the deadline: then this
+                # raises, and the slot's name is in the error for a manual drop).
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (NATIVE_SUB,))
+                break
+            time.sleep(0.05)  # a walsender of the dropped subscription is exiting
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(collection_table(NATIVE)))
 
 
