@@ -15,7 +15,10 @@ index, created before any data, as on a real target):
   (``sequential_rows_per_s``), which is what a workflow that runs the snapshot and import
   activities strictly in sequence gets.
 
-It prints one JSON object; ``ratio`` is ``shardshift_rows_per_s / copy_pipe_rows_per_s``.
+It prints one JSON object; ``ratio`` is ``shardshift_rows_per_s / copy_pipe_rows_per_s``
+(the goal: ``ratio_goal_min``, 0.9; ``meets_goal``). Staging is included: the rows pass
+through the Parquet parts on disk inside the timed span. ``--docs 1000000`` is the goal's
+size for ``peak_rss_mb``.
 ``peak_rss_mb`` is this process's peak resident memory (``ru_maxrss``; the servers are other
 processes); documents are generated and loaded streaming, so it measures the data movement.
 """
@@ -49,6 +52,7 @@ from shards.staging import Staging
 
 FULL = KeyRange(lo=KHASH_MIN, hi=KHASH_END)
 INDEX = IndexDefinition(name="account", fields=("account",))
+RATIO_GOAL = 0.9  # shardshift at 90 % of the raw COPY pipe or better
 
 
 def private_stack(shards: int) -> tuple[Stack, Path]:
@@ -227,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             "shardshift_rows_per_s": round(n / pipelined_s),
             "copy_pipe_rows_per_s": round(n / pipe_s),
             "ratio": round(pipe_s / pipelined_s, 3),
+            "ratio_goal_min": RATIO_GOAL,
+            "meets_goal": pipe_s / pipelined_s >= RATIO_GOAL,
             "sequential_rows_per_s": round(n / (export_s + import_s)),
             "sequential_ratio": round(pipe_s / (export_s + import_s), 3),
             "export_rows_per_s": round(n / export_s),

@@ -1,7 +1,11 @@
 """Benchmark of the change stream and applier: live lag under load, and backlog drain.
 
     python -m bench.cdc --seconds 20 --writers 8 [--rate 5000] [--backlog 100000]
-                        [--dsn-source DSN --dsn-target DSN]
+                        [--batch B] [--no-native] [--dsn-source DSN --dsn-target DSN]
+    python -m bench.cdc --rate 10000 --batch 50     # live apply at 10,000 writes/s
+
+Unchanged figures keep their names (``backlog_drain_per_s``, ``lag_p99_s``, ...), so a new
+run prints the old figure beside the new ratio.
 
 Prints ONE JSON object:
 
@@ -16,6 +20,18 @@ Prints ONE JSON object:
 * ``backlog_drain_per_s``: the applier is stopped, ``--backlog`` changes are written (batched
   inserts and updates), the applier is started again; changes divided by the time from its
   start until the target has applied everything (includes connecting and resuming).
+* ``native_drain_per_s``: PostgreSQL's own logical replication on the same two servers, the
+  same backlog shape: a publication of a second collection's table on the source, a
+  subscription on the target (``copy_data = false``, its slot created at once, disabled),
+  ``--backlog`` changes written exactly as above, then ``ALTER SUBSCRIPTION ... ENABLE``;
+  changes divided by the time from the enable until the native apply worker has committed
+  the last backlog transaction (a marker row written after the backlog is on the target;
+  apply is in commit order). ``drain_ratio`` is ``backlog_drain_per_s / native_drain_per_s``
+  (1.0: as fast as the engine's own apply worker). The subscription, its slot and the
+  publication are dropped at the end, also on errors. ``--no-native`` skips it.
+* ``source_rate_per_s`` / ``rate_reached``: with ``--rate R``, what the source sustained in
+  the live phase and whether it reached 95 % of ``R`` (on a loaded machine the writers may
+  not: then the lag figures are those of the rate the source did sustain).
 * ``verified``: after catch-up the source chunk and the target chunk are identical.
 
 Without DSNs it starts a private two-shard stack in a temporary directory and removes it at
@@ -38,6 +54,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from router.hashing import khash
 from shards.codec import encode_value
@@ -52,13 +69,17 @@ from shards.postgres.replication import (
     current_lsn,
 )
 from shards.postgres.schema import collection_table
-from shards.postgres.stream_control import wait_caught_up
+from shards.postgres.stream_control import ensure_apply_schema, wait_caught_up
 
 CHUNK = 1
 RANGE = KeyRange(lo=0, hi=KHASH_END)
 TOKEN = 1
 COLLECTION = "bench_cdc"
 MIGRATION = "bench-cdc"
+NATIVE = "bench_cdc_native"  # the collection PostgreSQL's own replication carries
+NATIVE_PUB = "bench_cdc_native_pub"
+NATIVE_SUB = "bench_cdc_native_sub"
+MARKER_KEY = -1  # a key outside the backlog's keys: the marker row after the backlog
 
 
 # -- the applier process -------------------------------------------------------------------
@@ -208,9 +229,10 @@ async def _live_phase(source: str, writers: int, seconds: float, rate: float,
         return counter[0] / (time.monotonic() - start)
 
 
-def _backlog(source: str, n: int) -> None:
-    """``n`` changes written fast: batched inserts, then batched updates of half of them."""
-    table = collection_table(COLLECTION)
+def _backlog(source: str, n: int, collection: str = COLLECTION) -> None:
+    """``n`` changes written fast: 2/3 inserts, then updates of half of them, 500 changes
+    per transaction, small jsonb documents."""
+    table = collection_table(collection)
     keys = _chunk_keys(10**9, n * 2 // 3)
     with psycopg.connect(source) as conn:
         with conn.cursor() as cur:
@@ -236,12 +258,110 @@ def _backlog(source: str, n: int) -> None:
                 conn.commit()
 
 
-def _chunk_digest(dsn: str) -> tuple[int, str]:
+# -- PostgreSQL's native logical replication, the same backlog ---------------------------------
+
+
+def _native_cleanup(source: str, target: str) -> None:
+    """Drop the native subscription (and its slot), the publication and the tables."""
+    with psycopg.connect(target, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s",
+                        (NATIVE_SUB,)).fetchone():
+            sub = sql.Identifier(NATIVE_SUB)
+            try:
+                conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sub))  # drops its slot
+            except psycopg.Error:
+                # The publisher refused to drop the slot: detach it, drop it below.
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sub))
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(sub))
+                conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sub))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(collection_table(NATIVE)))
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(NATIVE_PUB)))
+        deadline = time.monotonic() + 30
+        while True:
+            row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                               (NATIVE_SUB,)).fetchone()
+            if row is None:
+                break
+            if not row[0] or time.monotonic() > deadline:
+                # Inactive (or still held by a walsender past the deadline: then this
+                # raises, and the slot's name is in the error for a manual drop).
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (NATIVE_SUB,))
+                break
+            time.sleep(0.05)  # a walsender of the dropped subscription is exiting
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(collection_table(NATIVE)))
+
+
+def _wait_marker(target: str, timeout: float) -> None:
+    """Wait (polling every 10 ms, up to ``timeout``) for the marker row on the target."""
+    stmt = sql.SQL("SELECT 1 FROM {} WHERE khash = %s AND id = %s").format(
+        collection_table(NATIVE))
+    marker_id = json.dumps({"$numberInt": str(MARKER_KEY)}, separators=(",", ":"))
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(target, autocommit=True) as conn:
+        while conn.execute(stmt, (khash(MARKER_KEY), marker_id)).fetchone() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"native subscription did not apply the backlog in {timeout}s")
+            time.sleep(0.01)
+
+
+def native_drain(source: str, target: str, n: int) -> dict[str, Any]:
+    """PostgreSQL's apply worker draining the same backlog between the same servers.
+
+    ``source`` and ``target`` must be able to create publications and subscriptions (the
+    superuser on a private stack); the subscription connects to ``source`` from the target
+    server."""
+    async def prepare() -> None:
+        async with PostgresShard("bench-src", source) as s, \
+                PostgresShard("bench-dst", target) as t:
+            for shard in (s, t):
+                await shard.ensure_schema()
+                await shard.drop_collection(NATIVE)
+                await shard.create_collection(NATIVE)
+
+    _native_cleanup(source, target)
+    asyncio.run(prepare())
+    try:
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(NATIVE_PUB), collection_table(NATIVE)))
+            # The apply worker runs as the server's OS user, which may not read our
+            # passfile: it gets the password libpq used, in its connection string.
+            publisher = make_conninfo(source, password=conn.info.password or None,
+                                      passfile=None)
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute(sql.SQL(
+                "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {}"
+                " WITH (copy_data = false, create_slot = true, enabled = false)"
+            ).format(sql.Identifier(NATIVE_SUB), sql.Literal(publisher),
+                     sql.Identifier(NATIVE_PUB)))
+        _backlog(source, n, NATIVE)
+        with psycopg.connect(source) as conn:
+            conn.execute(sql.SQL("INSERT INTO {} (khash, id, doc) VALUES (%s, %s, %s::jsonb)")
+                         .format(collection_table(NATIVE)),
+                         (khash(MARKER_KEY),
+                          json.dumps({"$numberInt": str(MARKER_KEY)}, separators=(",", ":")),
+                          '{"marker": true}'))
+            conn.commit()
+        started = time.monotonic()
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(
+                sql.Identifier(NATIVE_SUB)))
+        _wait_marker(target, timeout=600)
+        drain_s = time.monotonic() - started
+        same = _chunk_digest(source, NATIVE) == _chunk_digest(target, NATIVE)
+        return {"native_drain_per_s": round(n / drain_s, 1),
+                "native_drain_s": round(drain_s, 3), "native_verified": same}
+    finally:
+        _native_cleanup(source, target)
+
+
+def _chunk_digest(dsn: str, collection: str = COLLECTION) -> tuple[int, str]:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
             sql.SQL("SELECT count(*), coalesce(md5(string_agg(khash::text || ':' || id || ':' ||"
                     " doc::text, ',' ORDER BY khash, id)), '') FROM {} WHERE khash >= 0")
-            .format(collection_table(COLLECTION))
+            .format(collection_table(collection))
         ).fetchone()
     assert row is not None
     return int(row[0]), str(row[1])
@@ -270,10 +390,27 @@ async def _prepare(source: str, target: str) -> None:
             await shard.create_collection(COLLECTION)
         await s.put_fence(COLLECTION, CHUNK, RANGE, TOKEN, FenceState.ACTIVE)
         await t.put_fence(COLLECTION, CHUNK, RANGE, TOKEN, FenceState.RECEIVING)
+    # The stream state table before the applier process starts (which also creates it):
+    # waiting for the catch-up reads it, and the spawned process may not be there yet.
+    with psycopg.connect(target) as conn:
+        ensure_apply_schema(conn)
 
 
 def run(source: str, target: str, seconds: float, writers: int, rate: float,
-        backlog: int, batch: int = 1) -> dict[str, Any]:
+        backlog: int, batch: int = 1, native: tuple[str, str] | None = None
+        ) -> dict[str, Any]:
+    """Our applier's figures; with ``native`` (source and target DSNs allowed to create a
+    subscription) also PostgreSQL's own drain of the same backlog and the ratio."""
+    result = _run_ours(source, target, seconds, writers, rate, backlog, batch)
+    if native is not None:
+        result.update(native_drain(native[0], native[1], backlog))
+        result["drain_ratio"] = round(
+            result["backlog_drain_per_s"] / result["native_drain_per_s"], 3)
+    return result
+
+
+def _run_ours(source: str, target: str, seconds: float, writers: int, rate: float,
+              backlog: int, batch: int) -> dict[str, Any]:
     spec = StreamSpec(migration_id=MIGRATION, collection=COLLECTION, chunk_id=CHUNK,
                       key_range=RANGE)
     for dsn in (source, target):
@@ -304,6 +441,8 @@ def run(source: str, target: str, seconds: float, writers: int, rate: float,
         lags = live["lags"]
         return {
             "source_writes_per_s": round(writes_per_s, 1),
+            "source_rate_per_s": round(writes_per_s, 1),
+            "rate_reached": rate <= 0 or writes_per_s >= 0.95 * rate,
             "applied_per_s": round(live["applied_changes"] / seconds, 1),
             "lag_p50_s": round(statistics.median(lags), 4) if lags else 0.0,
             "lag_p99_s": round(_pct(lags, 0.99), 4),
@@ -332,23 +471,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1,
                         help="fenced writes per source transaction (1: single-document "
                         "writes through PostgresShard)")
+    parser.add_argument("--no-native", action="store_true",
+                        help="skip PostgreSQL's own logical replication of the same backlog")
     parser.add_argument("--dsn-source")
     parser.add_argument("--dsn-target")
+    parser.add_argument("--native-dsn-source",
+                        help="with --dsn-*: a role that may create the native publication")
+    parser.add_argument("--native-dsn-target",
+                        help="with --dsn-*: a role that may create the native subscription")
     args = parser.parse_args(argv)
 
     with ExitStack() as stack:
         if args.dsn_source and args.dsn_target:
             source, target = args.dsn_source, args.dsn_target
+            native = (args.native_dsn_source or source, args.native_dsn_target or target)
         else:
             from catalog.local_stack import private_stack
 
             st = stack.enter_context(private_stack(2))
             dsns = list(st.shard_dsns().values())
             source, target = dsns[0], dsns[1]
+            supers = list(st.shard_dsns("superuser").values())
+            native = (supers[0], supers[1])
         result = run(source, target, args.seconds, args.writers, args.rate, args.backlog,
-                     args.batch)
+                     args.batch, None if args.no_native else native)
     print(json.dumps(result))
-    return 0 if result["verified"] else 1
+    return 0 if result["verified"] and result.get("native_verified", True) else 1
 
 
 if __name__ == "__main__":

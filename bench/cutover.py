@@ -1,12 +1,13 @@
 """Benchmark of chunk moves under write load: the cutover pause and what clients see.
 
-    python -m bench.cutover --moves 10 --rate 500 [--docs 3000] [--keys 64]
+    python -m bench.cutover --moves 20 --rate 500 [--docs 3000] [--keys 64] [--steady 2.0]
 
 Starts a private two-shard stack in a temporary directory (removed at the end), provisions a
 collection with one chunk per shard, starts a worker in-process on a fresh task queue and a
 load generator writing through the router at ``--rate`` writes/s, all aimed at the moving
 chunk. Then it moves that chunk back and forth between the two shards ``--moves`` times, one
-``MigrateChunkWorkflow`` after the other, under that load. At the end the checker compares
+``MigrateChunkWorkflow`` after the other with ``--steady`` seconds without a move between
+two, under that load. At the end the checker compares
 every acknowledged write with what the shards hold.
 
 Prints ONE JSON object:
@@ -21,6 +22,12 @@ Prints ONE JSON object:
 * ``lost_writes``: checker lost + altered + duplicated + resurrected documents.
 * ``move_seconds_p50`` / ``move_seconds_max``: workflow start to result, per move.
 * ``writes_acked``, ``writes_per_s``: acknowledged writes and their rate over the run.
+* ``p99_ms_moving`` / ``p99_ms_steady`` (and p50s, ``ops_moving`` / ``ops_steady``): latency
+  of the routed operations that succeeded, classified by their timestamps: "moving" when the
+  operation overlaps a move's span (workflow start to its result: every phase, from the
+  snapshot through the cutover and the cleanup), "steady" when it lies wholly between moves
+  (or before the first, after the load's first second, or after the last). The goal compares
+  the two: what a running move costs every client of the collection.
 """
 
 from __future__ import annotations
@@ -81,8 +88,24 @@ def _max_gap_ms(times: list[float], lo: float, hi: float) -> float:
     return max((b - a for a, b in zip(ts, ts[1:], strict=False)), default=0.0) * 1000
 
 
+def _split_latencies(records: list[Any], windows: list[tuple[float, float]], since: float
+                     ) -> tuple[list[float], list[float]]:
+    """Latencies (ms) of the successful operations overlapping a move / wholly outside."""
+    moving: list[float] = []
+    steady: list[float] = []
+    for r in records:
+        if r.outcome != "ok" or r.started < since:
+            continue
+        ms = (r.finished - r.started) * 1000
+        if any(r.started <= hi and r.finished >= lo for lo, hi in windows):
+            moving.append(ms)
+        else:
+            steady.append(ms)
+    return moving, steady
+
+
 async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys: int,
-              stock_worker: bool) -> dict[str, Any]:
+              stock_worker: bool, steady_s: float = 1.0) -> dict[str, Any]:
     from temporalio.client import Client
     from temporalio.contrib.pydantic import pydantic_data_converter
 
@@ -121,11 +144,17 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
         worker_task = asyncio.create_task(_worker(settings, client, stop, stock_worker))
         router_settings = RouterSettings(retry_deadline_s=5.0, pool_max_size=8)
         async with Router(CatalogRouteSource(catalog), router_settings) as router:
-            await asyncio.gather(*(
-                router.insert(COLLECTION, {"_id": f"seed-{i}", "acct": chunk_keys[i % keys],
-                                           "v": 0, "pad": "s" * 200})
-                for i in range(docs)
-            ))
+            # Seeded 16 at a time: thousands at once queue on the router's pool and, on a
+            # loaded machine, outwait the first connection's catalog read (a 2 s timeout).
+            seed_slots = asyncio.Semaphore(16)
+
+            async def seed(i: int) -> None:
+                async with seed_slots:
+                    await router.insert(COLLECTION, {"_id": f"seed-{i}",
+                                                     "acct": chunk_keys[i % keys],
+                                                     "v": 0, "pad": "s" * 200})
+
+            await asyncio.gather(*(seed(i) for i in range(docs)))
             load = LoadGenerator(router, WorkloadConfig(
                 collection=COLLECTION, rate=rate, workers=16, only_keys=chunk_keys,
                 mix={"insert": 0.35, "replace": 0.25, "inc": 0.3, "delete": 0.1},
@@ -133,6 +162,7 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
             t_load = time.monotonic()
             await load.start()
             await asyncio.sleep(1.0)
+            t_warm = time.monotonic()
             results: list[Any] = []
             windows: list[tuple[float, float]] = []
             try:
@@ -150,6 +180,7 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
                     )
                     windows.append((t0, time.monotonic()))
                     results.append(res)
+                    await asyncio.sleep(steady_s)  # load without a move: the steady sample
                     print(f"move {i + 1}/{moves}: {current} -> {target} {res.outcome.value} "
                           f"pause {res.pause_ms or 0:.1f} ms in {windows[-1][1] - t0:.1f} s",
                           file=sys.stderr, flush=True)
@@ -163,6 +194,7 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
         write_times = [r.finished for r in load.records if r.op != "get" and r.outcome == "ok"]
         gaps = [_max_gap_ms(write_times, lo, hi) for lo, hi in windows]
         pauses = [r.pause_ms for r in results if r.pause_ms is not None]
+        lat_moving, lat_steady = _split_latencies(load.records, windows, t_warm)
         secs = [hi - lo for lo, hi in windows]
         return {
             "moves": moves,
@@ -184,6 +216,13 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
             "move_seconds_max": round(max(secs), 2) if secs else None,
             "writes_acked": report.acknowledged_writes,
             "writes_per_s": round(report.acknowledged_writes / (t_end - t_load), 1),
+            "p99_ms_moving": _pct(lat_moving, 99),
+            "p99_ms_steady": _pct(lat_steady, 99),
+            "p50_ms_moving": _pct(lat_moving, 50),
+            "p50_ms_steady": _pct(lat_steady, 50),
+            "ops_moving": len(lat_moving),
+            "ops_steady": len(lat_steady),
+            "steady_s_between_moves": steady_s,
             "worker": "stock" if stock_worker else "heartbeat-throttle-1s",
         }
     finally:
@@ -198,12 +237,14 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--moves", type=int, default=10)
+    parser.add_argument("--moves", type=int, default=20)
     parser.add_argument("--rate", type=float, default=500.0, help="writes/s on the moving chunk")
     parser.add_argument("--docs", type=int, default=3000, help="documents preloaded in the chunk")
     parser.add_argument("--keys", type=int, default=64, help="shard-key values the load uses")
     parser.add_argument("--stock-worker", action="store_true",
                         help="worker.run_worker as is (default heartbeat throttling)")
+    parser.add_argument("--steady", type=float, default=2.0,
+                        help="seconds of load without a move after each move")
     args = parser.parse_args(argv)
 
     from catalog.local_stack import private_stack
@@ -211,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     with private_stack(2) as st:
         state = st.state_dir
         result = asyncio.run(run(st, state, args.moves, args.rate, args.docs, args.keys,
-                                 args.stock_worker))
+                                 args.stock_worker, args.steady))
     print(json.dumps(result))
     ok = (result["client_errors"] == 0 and result["lost_writes"] == 0
           and result["moves_completed"] == result["moves"])

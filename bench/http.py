@@ -1,0 +1,242 @@
+"""HTTP baseline: ``shardshift router serve`` against a bare FastAPI app, keyed gets.
+
+    python -m bench.http [--seconds 20] [--rounds 4] [--connections 16] [--docs 10000]
+
+Starts a private stack (catalog + ONE shard, in a temporary directory, removed at the end),
+provisions a collection on that shard (2 chunks), loads ``--docs`` small documents (~120
+bytes of Extended JSON) and serves them twice, one after the other, each in its own process:
+
+* ``router``: ``shardshift router serve`` as deployed (uvicorn with uvloop and httptools, the
+  bearer token, route lookup from the cached chunk map, the fenced read, the document decoded
+  and encoded as Extended JSON);
+* ``baseline``: :mod:`bench.http_baseline`, a bare FastAPI + uvicorn (uvloop, httptools) +
+  psycopg-pool app doing the same primary-key lookup on the same shard with a pool of the
+  same size (no routing, no fence, no token, the stored text returned as it is).
+
+The load generator is ``wrk`` (Debian's package: ``apt-get install -y wrk``), in its own
+process, 2 threads and ``--connections`` keep-alive connections, each request a
+``POST .../get`` of a random document (a Lua script picks the key); without ``wrk`` on the
+PATH the bench stops with that message. Both services run side by side; each gets a warm-up
+of 2 s, then ``--rounds`` alternating rounds (router first, then baseline first, ...) share
+``--seconds`` of load per side, so a machine whose load drifts hits both alike. On 2 cores
+wrk, the service and PostgreSQL share the CPUs (as they do for both).
+
+Prints ONE JSON object: ``router_rps`` / ``baseline_rps`` (requests per second),
+``router_p50_ms`` / ``baseline_p50_ms`` (median of the rounds' p50s) and p99s (the worst
+round's; wrk's latency distribution), ``*_rps_rounds`` (each round's rate),
+``http_ratio`` = ``router_rps / baseline_rps`` (1.0: as fast as the bare app), the error counts wrk
+saw (``*_errors``: connect, read, write, timeout and non-2xx responses; every one is a
+failure of the bench), ``load_generator`` and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.router import HttpServer
+from catalog import Catalog
+from catalog.admin import provision_collection
+from router.hashing import khash
+from settings import DatabaseSettings, RouterSettings
+from shards.postgres import PostgresShard
+
+COLLECTION = "bench_http"
+SHARD_KEY = "acct"
+
+LUA = r"""
+local n = %(docs)d
+local path = "/v1/collections/%(collection)s/get"
+local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer %(token)s"}
+math.randomseed(os.time())
+request = function()
+  local k = math.random(1, n)
+  return wrk.format("POST", path, headers, '{"key":' .. k .. ',"id":' .. k .. '}')
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write("WRKJSON " .. string.format(
+    '{"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p99_us":%%d,' ..
+    '"errors":%%d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout + e.status))
+end
+"""
+
+
+def make_doc(i: int) -> dict[str, Any]:
+    return {"_id": i, SHARD_KEY: i, "name": f"customer {i}", "n": 0, "tags": ["a", "b"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Baseline:
+    """:mod:`bench.http_baseline` under uvicorn in its own process."""
+
+    def __init__(self, dsn: str, pool: int) -> None:
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "bench.http_baseline:app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--loop", "uvloop", "--http", "httptools",
+             "--no-access-log", "--log-level", "warning"],
+            env={**os.environ, "BENCH_BASELINE_DSN": dsn, "BENCH_BASELINE_POOL": str(pool)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"baseline exited: {err[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass  # not listening yet
+            time.sleep(0.1)
+        raise RuntimeError(f"baseline not ready in {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wrk(port: int, script: Path, seconds: float, connections: int) -> dict[str, Any]:
+    """One wrk run against ``port``; its ``done`` hook prints the figures as JSON."""
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+         "-s", str(script), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, check=True, timeout=seconds + 120,
+    ).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("WRKJSON "))
+    return dict(json.loads(line[len("WRKJSON "):]))
+
+
+def _check_get(port: int, token: str, key: int) -> None:
+    """One get through the service: the document comes back (a bench of 404s means nothing)."""
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/collections/{COLLECTION}/get",
+                   json={"key": key, "id": key}, headers={"Authorization": f"Bearer {token}"},
+                   timeout=10)
+    r.raise_for_status()
+    doc = r.json()["document"]
+    if doc is None or doc.get("name") != f"customer {key}":
+        raise RuntimeError(f"port {port}: wrong document for key {key}: {r.text[:200]}")
+
+
+async def _load(catalog_dsn: str, shard_id: str, shard_dsn: str, docs: int) -> None:
+    db = DatabaseSettings()
+    async with Catalog(catalog_dsn, max_size=2) as catalog, \
+            PostgresShard(shard_id, db.mover(shard_dsn), max_size=4) as shard:
+        await catalog.ensure_schema()
+        await catalog.register_shard(shard_id, shard_dsn, engine="postgres", major_version=18)
+        await shard.ensure_schema()
+        await shard.drop_collection(COLLECTION)
+        cmap = await provision_collection(catalog, {shard_id: shard}, COLLECTION, SHARD_KEY,
+                                          chunks_per_shard=2)
+        sem = asyncio.Semaphore(4)
+
+        async def put(k: int) -> None:
+            h = khash(k)
+            chunk = next(c for c in cmap.chunks if c.range.contains(h))
+            async with sem:
+                await shard.insert(COLLECTION, chunk.ref, h, make_doc(k))
+
+        async with asyncio.TaskGroup() as tg:
+            for k in range(1, docs + 1):
+                tg.create_task(put(k))
+
+
+def run(catalog_dsn: str, shard_id: str, shard_dsn: str, seconds: float, connections: int,
+        docs: int, rounds: int = 4) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench.http needs wrk on the PATH (Debian: apt-get install -y wrk)")
+    settings = RouterSettings()
+    token = settings.http_tokens[0].get_secret_value()
+    asyncio.run(_load(catalog_dsn, shard_id, shard_dsn, docs))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    try:
+        script = tmp / "get.lua"
+        script.write_text(LUA % {"docs": docs, "collection": COLLECTION, "token": token})
+        runs: dict[str, list[dict[str, Any]]] = {"router": [], "baseline": []}
+        router = HttpServer(catalog_dsn, settings)
+        base = Baseline(DatabaseSettings().router(shard_dsn), settings.pool_max_size)
+        try:
+            router.start()
+            base.wait_ready()
+            ports = {"router": router.port, "baseline": base.port}
+            for port in ports.values():
+                _check_get(port, token, docs)
+                wrk(port, script, 2, connections)  # warm-up: pools, caches, prepared plans
+            # Alternating rounds (the order swaps each round), so the machine's drift hits
+            # both sides alike; both services stay up, the idle one costs nothing.
+            for r in range(rounds):
+                order = ["router", "baseline"] if r % 2 == 0 else ["baseline", "router"]
+                for side in order:
+                    runs[side].append(wrk(ports[side], script, seconds / rounds, connections))
+        finally:
+            router.stop()
+            base.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result: dict[str, Any] = {}
+    for side, rs in runs.items():
+        requests = sum(f["requests"] for f in rs)
+        result[f"{side}_rps"] = round(requests / (sum(f["duration_us"] for f in rs) / 1e6), 1)
+        result[f"{side}_p50_ms"] = round(statistics.median(f["p50_us"] for f in rs) / 1000, 3)
+        result[f"{side}_p99_ms"] = round(max(f["p99_us"] for f in rs) / 1000, 3)
+        result[f"{side}_errors"] = sum(f["errors"] for f in rs)
+        result[f"{side}_rps_rounds"] = [round(f["requests"] / (f["duration_us"] / 1e6), 1)
+                                        for f in rs]
+    result["http_ratio"] = round(result["router_rps"] / result["baseline_rps"], 3)
+    result.update({"load_generator": "wrk -t2", "connections": connections,
+                   "seconds": seconds, "rounds": rounds, "docs": docs, "pool_size": settings.pool_max_size})
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=20,
+                        help="seconds of load per side, over all rounds")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--docs", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating rounds per side; --seconds is split between them")
+    args = parser.parse_args(argv)
+
+    from catalog.local_stack import private_stack
+
+    with private_stack(1) as st:
+        (shard_id, shard_dsn), = st.shard_dsns().items()
+        address = st.address(shard_id)
+        del shard_dsn
+        result = run(st.catalog_dsn, shard_id, address, args.seconds, args.connections,
+                     args.docs, args.rounds)
+    print(json.dumps(result))
+    return 0 if result["router_errors"] == 0 and result["baseline_errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

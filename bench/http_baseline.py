@@ -1,0 +1,76 @@
+"""The thinnest HTTP document service: the baseline of ``bench.http``.
+
+A bare FastAPI app on uvicorn (uvloop, httptools: as ``shardshift router serve`` runs) with a
+psycopg-pool over ONE shard, serving the router's get request shape
+(``POST /v1/collections/{collection}/get`` with ``{"key": K, "id": I}``) by one primary-key
+lookup, ``SELECT doc FROM docs."<collection>" WHERE khash = %s AND id = %s``: no route
+lookup, no fence, no bearer token, and the stored jsonb text is returned as it is (not
+decoded and encoded again). Run it as::
+
+    BENCH_BASELINE_DSN=... python -m uvicorn bench.http_baseline:app --loop uvloop \\
+        --http httptools --port N
+
+``BENCH_BASELINE_POOL`` sets the pool's size (default 8, the router's ``pool_max_size``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import Response
+from psycopg import sql
+from psycopg.types.string import TextLoader
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+
+from router.hashing import khash
+from shards.codec import encode_value
+from shards.names import check_collection
+from shards.postgres.schema import collection_table
+
+
+class KeyId(BaseModel):
+    key: Any
+    id: Any
+
+
+async def _configure(conn: Any) -> None:
+    conn.adapters.register_loader("jsonb", TextLoader)  # the stored text, as it is
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    size = int(os.environ.get("BENCH_BASELINE_POOL", "8"))
+    pool = AsyncConnectionPool(os.environ["BENCH_BASELINE_DSN"], min_size=size, max_size=size,
+                               configure=_configure, open=False)
+    await pool.open(wait=True)
+    app.state.pool = pool
+    try:
+        yield
+    finally:
+        await pool.close()
+
+
+app = FastAPI(lifespan=_lifespan)
+
+
+@app.get("/readyz")
+async def readyz() -> dict[str, str]:
+    return {"status": "ready"}
+
+
+@app.post("/v1/collections/{collection}/get")
+async def get(collection: str, body: KeyId) -> Response:
+    check_collection(collection)
+    stmt = sql.SQL("SELECT doc FROM {} WHERE khash = %s AND id = %s").format(
+        collection_table(collection))
+    async with app.state.pool.connection() as conn:
+        cur = await conn.execute(stmt, (khash(body.key), encode_value(body.id)))
+        row = await cur.fetchone()
+    if row is None:
+        raise HTTPException(404, "no such document")
+    return Response(b'{"document":' + row[0].encode() + b"}", media_type="application/json")
