@@ -402,6 +402,22 @@ class Router(RouteCache):
 
         return await self._run(collection, "get", op, read_only=True, deadline=deadline)
 
+    async def get_many(self, collection: str, key: Any, ids: Sequence[Any]
+                       ) -> list[dict[str, Any]]:
+        """The documents with shard key ``key`` whose ``_id`` is one of ``ids`` (compared as
+        stored), from the one chunk that owns the key: one fenced statement."""
+        deadline = self._deadline()
+        await self.route(collection, deadline)
+        h = self._hash(key)
+
+        async def op(r: CollectionRoute, t: float) -> list[dict[str, Any]]:
+            c = r.lookup(h)
+            self.traffic.count(collection, c.chunk_id)
+            return await (await self.shard(c.shard_id, t)).get_many(collection, c.ref, h, ids,
+                                                                    timeout=t)
+
+        return await self._run(collection, "get", op, read_only=True, deadline=deadline)
+
     async def find(
         self, collection: str, filter: Mapping[str, Any], *, limit: int = 100
     ) -> FindResult:

@@ -68,6 +68,9 @@ class DocumentShard(Protocol):
     async def get(
         self, collection: str, ref: FenceRef, khash: int, _id: Any
     ) -> dict[str, Any] | None: ...
+    async def get_many(
+        self, collection: str, ref: FenceRef, khash: int, ids: Sequence[Any]
+    ) -> list[dict[str, Any]]: ...
     async def find_by_shard_key(
         self, collection: str, ref: FenceRef, khash: int, shard_key: str, value: Any,
         limit: int = 1000,

@@ -19,6 +19,7 @@ only. A field holding an array matches when the array itself or one of its eleme
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -477,6 +478,17 @@ def _variants(values: tuple[Any, ...]) -> list[Any] | None:
     return out
 
 
+MAX_POINT_IDS = 64
+MAX_POINT_KEYS = 8
+"""A filter pinning at most ``MAX_POINT_KEYS`` stored shard key forms and ``MAX_POINT_IDS``
+``_id`` forms is read with one statement per key (``Router.get_many``) rather than a scan."""
+
+
+def khash_key(value: Any) -> Any:
+    """A key that tells stored forms apart as the shard key hash does (by BSON type)."""
+    return (type(value).__name__, repr(value))
+
+
 @dataclass(frozen=True)
 class Plan:
     """Where a filter's documents are looked for (see ``Router.scan``)."""
@@ -518,6 +530,14 @@ async def iterate_matching(router: Router, collection: str, f: Filter, *,
     """The matching documents, in pages of fenced reads (a page may be empty)."""
     route = await router.route(collection)
     p = plan(route, f)
+    if (p.key_values is not None and p.ids is not None
+            and len(p.key_values) <= MAX_POINT_KEYS and len(p.ids) <= MAX_POINT_IDS):
+        # A few shard key values and a few _ids (a number has a few stored forms: 5,
+        # Int64(5), 5.0, each hashed apart): one fenced statement per key value, at once.
+        keys = list({khash_key(k): k for k in p.key_values}.values())
+        found = await asyncio.gather(*(router.get_many(collection, k, p.ids) for k in keys))
+        yield [d for docs in found for d in docs if f.pred(d)]
+        return
     async for page in router.scan(collection, ids=p.ids, field=p.field, values=p.values,
                                   key_values=p.key_values, page_size=page_size):
         yield [d for d in page if f.pred(d)]

@@ -120,6 +120,13 @@ class DocumentStatements:
             " SELECT (SELECT ok FROM f),"
             "  (SELECT doc::text FROM {t} WHERE khash = %(h)s AND id = %(id)s)"
         ).format(r=r, t=t)
+        get_many = sql.SQL(
+            "WITH f AS MATERIALIZED ({r})"
+            " SELECT (SELECT ok FROM f),"
+            "  array(SELECT doc::text FROM {t} WHERE khash = %(h)s AND id = ANY(%(ids)s::text[])"
+            "   ORDER BY id)"
+        ).format(r=r, t=t)
+        self.get_many = get_many.as_bytes(None)
         self._t = t
         # Rendered once: composing the identifiers into the text on every execute costs more
         # than the rest of the client side of a get. (Names are validated; UTF-8 throughout.)

@@ -358,6 +358,16 @@ class PostgresShard:
         _, doc = await self._run(st.get, params, collection, ref.chunk_id, timeout)
         return decode_document(doc) if doc is not None else None
 
+    async def get_many(self, collection: str, ref: FenceRef, khash: int, ids: Sequence[Any],
+                       *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The documents with this khash whose ``_id`` is one of ``ids`` (each compared as
+        stored, so ``5`` and ``Int64(5)`` are two values), in ``_id`` order; one statement."""
+        st = self._st(collection)
+        params = D.fence_params(collection, ref, khash) | {
+            "ids": [encode_value(i) for i in ids]}
+        _, docs = await self._run(st.get_many, params, collection, ref.chunk_id, timeout)
+        return D.decode_many(docs)
+
     async def find_by_shard_key(self, collection: str, ref: FenceRef, khash: int,
                                 shard_key: str, value: Any, limit: int = 1000, *,
                                 timeout: float | None = None) -> list[dict[str, Any]]:
