@@ -79,11 +79,16 @@ class Upsert:
 
     ``doc`` is None only when the source sent the column as "unchanged TOAST" (an UPDATE that
     kept a large document as it was); the target's copy is then already right.
+
+    ``fresh`` is True when the source INSERTed the row: just before this change the source
+    had no such document (the applier inserts it without a conflict check when nothing
+    earlier in its batch touched the key; see ``shards/postgres/apply_batch.py``).
     """
 
     khash: int
     id: str
     doc: str | None
+    fresh: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -396,7 +401,7 @@ class ChunkDecoder:
         key = self._doc_key(rel, values)
         if key is not None:
             self._require_txn("Insert").changes.append(
-                Upsert(key[0], key[1], self._doc_text(rel, values))
+                Upsert(key[0], key[1], self._doc_text(rel, values), True)
             )
             self.decoded_changes += 1
 
