@@ -221,9 +221,10 @@ class ChangeStream:
                     f"{message.decode(errors='replace')}"
                 )
             self.maybe_send_status()
-            wait = 0.0 if out else deadline - time.monotonic()
-            if wait < 0:
-                break
+            # Nothing complete is buffered: look at the socket once more even when the time
+            # is up (a caller woken by a readable socket must consume it, or it stays
+            # readable and the caller spins).
+            wait = 0.0 if out else max(0.0, deadline - time.monotonic())
             readable, _, _ = select.select([conn.socket], [], [], wait)
             if not readable:
                 break
