@@ -81,9 +81,7 @@ def collapse(txns: Sequence[Transaction]) -> Collapsed:
     for txn in txns:
         for change in txn.changes:
             changes += 1
-            kind = type(change)
-            if kind is Upsert:
-                assert isinstance(change, Upsert)
+            if type(change) is Upsert:
                 key = (change.khash, change.id)
                 prev = ops.get(key)
                 doc = change.doc
@@ -96,12 +94,11 @@ def collapse(txns: Sequence[Transaction]) -> Collapsed:
                     ops[key] = (prev[0], OP_UPSERT, doc)
                 # else: unchanged TOAST after an earlier change of this batch, which still
                 # holds the right document.
-            elif kind is Delete:
-                assert isinstance(change, Delete)
+            elif type(change) is Delete:
                 key = (change.khash, change.id)
                 prev = ops.get(key)
                 ops[key] = (truncated if prev is None else prev[0], OP_DELETE, None)
-            elif kind is TruncateChunk:
+            elif type(change) is TruncateChunk:
                 ops.clear()
                 out.truncate = truncated = True
         for marker in txn.markers:
