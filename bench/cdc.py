@@ -52,7 +52,7 @@ from shards.postgres.replication import (
     current_lsn,
 )
 from shards.postgres.schema import collection_table
-from shards.postgres.stream_control import ensure_apply_schema, wait_caught_up
+from shards.postgres.stream_control import wait_caught_up
 
 CHUNK = 1
 RANGE = KeyRange(lo=0, hi=KHASH_END)
@@ -279,8 +279,6 @@ def run(source: str, target: str, seconds: float, writers: int, rate: float,
     for dsn in (source, target):
         cleanup_stream_objects(dsn, MIGRATION)
     asyncio.run(_prepare(source, target))
-    with psycopg.connect(target, autocommit=True) as conn:
-        ensure_apply_schema(conn)  # waits below may run before the applier process starts
     try:
         create_publication(source, spec.names, COLLECTION, CHUNK, RANGE)
         with create_slot(source, spec.names, export_snapshot=False):
