@@ -10,7 +10,9 @@ the batch in ONE target transaction:
 2. the batch's changes, collapsed to the last change per ``(khash, id)`` (changes to
    different keys commute, so only each key's last change matters; a truncate drops every
    earlier change and deletes the chunk's range first), copied into a temporary table and
-   applied as one ``DELETE ... USING`` and one ``INSERT ... ON CONFLICT DO UPDATE``;
+   applied as one ``DELETE ... USING``, one ``INSERT ... ON CONFLICT DO UPDATE`` and one
+   plain ``INSERT`` of the keys the target cannot hold yet (``shards/postgres/apply_batch.py``;
+   while the target runs them the applier reads and decodes the stream's next transactions);
 3. ``pg_replication_origin_xact_setup(end_lsn_of_last_source_txn, its_commit_time)``;
 4. the stream's state row (applied LSN, lag, markers seen) updated;
 5. COMMIT; then, and only then, feedback to the source (flush = that end LSN).
@@ -66,26 +68,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from pydantic import BaseModel, ConfigDict
 
 from shards.models import KeyRange
 from shards.names import check_collection
+from shards.postgres.apply_batch import STAGING_DDL, BatchWriter, collapse
 from shards.postgres.change_stream import ChangeStream
 from shards.postgres.pgoutput import (
-    Delete,
     FenceMarker,
     MessageMarker,
     Position,
     Transaction,
-    TruncateChunk,
-    Upsert,
     lsn_from_str,
     lsn_to_str,
     pg_time_to_datetime,
 )
 from shards.postgres.replication import StreamNames, stream_names
-from shards.postgres.schema import collection_table
 from shards.postgres.stream_control import StreamStateError, batch_lock_sql, ensure_apply_schema
 from shards.postgres.throttle import ApplyThrottle, ThrottleSettings
 
@@ -127,6 +125,9 @@ class ApplierStats:
     """Times the throttle paused the applier (see ``throttle``)."""
     throttled_s: float = 0.0
     """Time spent paused by the throttle."""
+    plain_insert_fallbacks: int = 0
+    """Batches whose plain insert met a row it expected absent and upserted instead (a
+    target written behind the applier's back; see ``shards/postgres/apply_batch.py``)."""
 
 
 def _lsn_text(lsn: int | None) -> str | None:
@@ -197,20 +198,8 @@ class ChangeApplier:
         self._lag_s = 0.0
         self._last_commit_us = 0
         self._pending_markers: list[tuple[int, FenceMarker | MessageMarker]] = []
-        t = collection_table(spec.collection)
-        r = spec.key_range
-        self._sql_delete = sql.SQL(
-            "DELETE FROM {t} d USING pg_temp.ss_apply s"
-            " WHERE NOT s.up AND d.khash = s.khash AND d.id = s.id"
-        ).format(t=t)
-        self._sql_upsert = sql.SQL(
-            "INSERT INTO {t} (khash, id, doc) SELECT khash, id, doc FROM pg_temp.ss_apply"
-            " WHERE up ON CONFLICT (khash, id) DO UPDATE SET doc = EXCLUDED.doc"
-        ).format(t=t)
-        self._sql_truncate = sql.SQL(
-            "DELETE FROM {t} WHERE khash >= {lo}::bigint AND ({hi}::bigint IS NULL OR khash < {hi}::bigint)"
-        ).format(t=t, lo=sql.Literal(str(r.lo)),
-                 hi=sql.Literal(None if r.sql_hi is None else str(r.sql_hi)))
+        self._writer = BatchWriter(spec.collection, spec.key_range)
+        self._read_paused = False
 
     @property
     def applied_lsn(self) -> int:
@@ -282,11 +271,7 @@ class ChangeApplier:
                 progress = truth
             conn.execute("SELECT set_config('application_name', %s, false)",
                          (f"shardshift-apply {name}"[:63],))
-            conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS ss_apply"
-                " (up boolean NOT NULL, khash bigint NOT NULL, id text NOT NULL, doc jsonb)"
-                " ON COMMIT DELETE ROWS"
-            )
+            conn.execute(STAGING_DDL)
             conn.execute(
                 "UPDATE shardshift.stream_state SET applier_pid = pg_backend_pid(),"
                 " updated_at = now() WHERE stream = %s", (name,),
@@ -365,17 +350,21 @@ class ChangeApplier:
 
     def _cycle(self, conn: psycopg.Connection[Any], stream: ChangeStream) -> None:
         ready = self._ready_txn()
-        paused = self._paused()
+        paused = self._read_paused = self._paused()
         if paused:
             # Throttled: leave the stream in the server's socket (the walsender stops
             # decoding once it is full); keep the session alive.
             stream.maybe_send_status()
+        elif ready and self._pending_changes >= self.max_batch_changes:
+            # A full batch is waiting: apply it first (the stream is read while the target
+            # works on it, see _pump).
+            stream.maybe_send_status()
         elif self._pending_changes < self.max_pending_changes:
-            items = stream.poll(0.0 if ready else self.control_interval)
-            for item in items:
-                self._pending.append(item)
-                if isinstance(item, Transaction):
-                    self._pending_changes += len(item.changes)
+            # Read about one batch before applying, so the target starts early and the
+            # rest is decoded while it works.
+            room = self.max_batch_changes - self._pending_changes
+            self._receive(stream.poll(0.0 if ready else self.control_interval,
+                                      max_changes=room if room > 0 else None))
         else:
             # Backpressure: leave the rest in the server's socket; keep the session alive.
             stream.maybe_send_status()
@@ -398,6 +387,20 @@ class ChangeApplier:
             self.throttle.wait(self.control_interval)  # ends early on a fence change or stop
         elif self._pending_changes >= self.max_pending_changes:
             time.sleep(self.control_interval)  # held with a full buffer: wait for release
+
+    def _receive(self, items: Sequence[Transaction | Position]) -> None:
+        for item in items:
+            self._pending.append(item)
+            if isinstance(item, Transaction):
+                self._pending_changes += len(item.changes)
+
+    def _pump(self) -> bool:
+        """Read what the stream has buffered while the target applies a batch (the same
+        reads :meth:`_cycle` makes; never while throttled or with a full buffer)."""
+        if self._read_paused or self._pending_changes >= self.max_pending_changes:
+            return False
+        self._receive(self._stream.poll(0.0))
+        return self._pending_changes < self.max_pending_changes
 
     def _ready_txn(self) -> bool:
         """Is there a pending transaction the current hold allows to apply?"""
@@ -453,7 +456,7 @@ class ChangeApplier:
                 self._held = False
             txns, position = self._take_batch()
             if txns:
-                self._apply(conn, txns)
+                self._apply(conn, stream, txns)
             # Positions are consumed only behind applied transactions (see _take_batch), so
             # once this commits everything before them is on the target.
             self._caught_up_lsn = max(self._caught_up_lsn, self._applied_lsn, position)
@@ -490,41 +493,11 @@ class ChangeApplier:
         # transaction before the hold is still pending: nothing committing before it can come.
         return stream.received_lsn >= self._hold or self._applied_lsn >= self._hold
 
-    def _apply(self, conn: psycopg.Connection[Any], txns: Sequence[Transaction]) -> None:
-        ops: dict[tuple[int, str], Upsert | Delete] = {}
-        truncate = False
-        markers: list[tuple[int, FenceMarker | MessageMarker]] = []
-        changes = 0
-        for txn in txns:
-            for change in txn.changes:
-                changes += 1
-                if type(change) is Upsert:
-                    key = (change.khash, change.id)
-                    if change.doc is None:
-                        # "Unchanged TOAST": the document did not change; an earlier change of
-                        # this batch (if any) still holds the right document.
-                        continue
-                    ops[key] = change
-                elif type(change) is Delete:
-                    ops[(change.khash, change.id)] = change
-                elif type(change) is TruncateChunk:
-                    ops.clear()
-                    truncate = True
-            for marker in txn.markers:
-                markers.append((txn.commit_lsn, marker))
-        if truncate:
-            conn.execute(self._sql_truncate)
-        if ops:
-            cur = conn.cursor()
-            with cur.copy("COPY pg_temp.ss_apply (up, khash, id, doc) FROM STDIN") as copy:
-                write = copy.write_row
-                for op in ops.values():
-                    if type(op) is Upsert:
-                        write((True, op.khash, op.id, op.doc))
-                    else:
-                        write((False, op.khash, op.id, None))
-            conn.execute(self._sql_delete)
-            conn.execute(self._sql_upsert)
+    def _apply(self, conn: psycopg.Connection[Any], stream: ChangeStream,
+               txns: Sequence[Transaction]) -> None:
+        batch = collapse(txns)
+        self._writer.write(conn, batch, self._pump, stream.fileno())
+        self.stats.plain_insert_fallbacks = self._writer.fallbacks
         last = txns[-1]
         conn.execute(
             "SELECT pg_replication_origin_xact_setup(%s::pg_lsn, %s)",
@@ -533,10 +506,10 @@ class ChangeApplier:
         self._applied_lsn = last.end_lsn
         self._last_commit_us = last.commit_time_us
         self._lag_s = max(0.0, time.time() - last.commit_time_unix)
-        self._pending_markers = markers
+        self._pending_markers = batch.markers
         self.stats.applied_txns += len(txns)
-        self.stats.applied_changes += changes
-        self.stats.rows_written += len(ops)
+        self.stats.applied_changes += batch.changes
+        self.stats.rows_written += len(batch.rows)
 
     def _write_state(self, conn: psycopg.Connection[Any], stream: ChangeStream,
                      txns: Sequence[Transaction], held: bool) -> None:

@@ -174,6 +174,10 @@ class ChangeStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def fileno(self) -> int:
+        """The walsender connection's socket (readable when :meth:`poll` has input)."""
+        return self._require().socket
+
     @property
     def in_transaction(self) -> bool:
         return self._decoder is not None and self._decoder._txn is not None
@@ -184,22 +188,29 @@ class ChangeStream:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def poll(self, timeout: float, max_items: int = 100_000) -> list[Transaction | Position]:
+    def poll(self, timeout: float, max_items: int = 100_000,
+             max_changes: int | None = None) -> list[Transaction | Position]:
         """Receive what the server has sent, waiting up to ``timeout`` for the first item.
 
         Returns complete transactions (possibly empty: positions matter) and positions, in
-        server order. Returns early once the socket has nothing more buffered.
+        server order. Returns early once the socket has nothing more buffered, or once
+        ``max_changes`` document changes were decoded (the rest stays buffered for the next
+        call; a transaction cut there is completed by it).
         """
         conn = self._require()
         decoder = self._decoder
         assert decoder is not None
         out: list[Transaction | Position] = []
         deadline = time.monotonic() + timeout
+        change_limit = None if max_changes is None else decoder.decoded_changes + max_changes
         while True:
             n, data = conn.get_copy_data(1)
             if n > 0:
                 self._frame(bytes(data), decoder, out)
                 if len(out) >= max_items:
+                    break
+                if (change_limit is not None and out
+                        and decoder.decoded_changes >= change_limit):
                     break
                 continue
             if n == -1:
@@ -210,9 +221,10 @@ class ChangeStream:
                     f"{message.decode(errors='replace')}"
                 )
             self.maybe_send_status()
-            wait = 0.0 if out else deadline - time.monotonic()
-            if wait < 0:
-                break
+            # Nothing complete is buffered: look at the socket once more even when the time
+            # is up (a caller woken by a readable socket must consume it, or it stays
+            # readable and the caller spins).
+            wait = 0.0 if out else max(0.0, deadline - time.monotonic())
             readable, _, _ = select.select([conn.socket], [], [], wait)
             if not readable:
                 break

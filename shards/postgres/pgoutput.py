@@ -79,11 +79,16 @@ class Upsert:
 
     ``doc`` is None only when the source sent the column as "unchanged TOAST" (an UPDATE that
     kept a large document as it was); the target's copy is then already right.
+
+    ``fresh`` is True when the source INSERTed the row: just before this change the source
+    had no such document (the applier inserts it without a conflict check when nothing
+    earlier in its batch touched the key; see ``shards/postgres/apply_batch.py``).
     """
 
     khash: int
     id: str
     doc: str | None
+    fresh: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -174,6 +179,8 @@ class _Relation:
     kind: int
     name: str
     columns: dict[str, int]
+    doc_columns: tuple[int, int, int] = (0, 0, 0)
+    """Positions of ``khash``, ``id`` and ``doc`` (a document table)."""
 
 
 class ProtocolError(Exception):
@@ -336,7 +343,10 @@ class ChunkDecoder:
             kind, missing = _OTHER, set()
         if missing:
             raise ProtocolError(f"relation {namespace}.{name} lacks columns {sorted(missing)}")
-        self._relations[relid] = _Relation(kind, f"{namespace}.{name}", columns)
+        rel = _Relation(kind, f"{namespace}.{name}", columns)
+        if kind == _DOCS:
+            rel.doc_columns = (columns["khash"], columns["id"], columns["doc"])
+        self._relations[relid] = rel
 
     def _rel(self, buf: bytes) -> _Relation:
         (relid,) = _OID.unpack_from(buf, 1)
@@ -356,13 +366,27 @@ class ChunkDecoder:
             return None
         return khash, raw_id.decode()
 
-    def _doc_text(self, rel: _Relation, values: list[object]) -> str | None:
-        raw = values[rel.columns["doc"]]
-        if raw is _UNCHANGED:
-            return None
-        if not isinstance(raw, bytes):
+    def _upsert(self, rel: _Relation, values: list[object], fresh: bool) -> None:
+        """The document row ``values`` as an :class:`Upsert` of the open transaction (when
+        inside the range): the hot path, one call per document change."""
+        k, i, d = rel.doc_columns
+        raw_khash, raw_id, raw_doc = values[k], values[i], values[d]
+        if type(raw_khash) is not bytes or type(raw_id) is not bytes:
+            raise ProtocolError(f"{rel.name}: a primary key column arrived NULL or unchanged")
+        khash = int(raw_khash)
+        if khash < self.lo or khash >= self.hi:
+            return
+        if raw_doc is _UNCHANGED:
+            doc = None
+        elif type(raw_doc) is bytes:
+            doc = raw_doc.decode()
+        else:
             raise ProtocolError(f"{rel.name}: doc arrived NULL")
-        return raw.decode()
+        txn = self._txn
+        if txn is None:
+            raise ProtocolError("a document change outside a transaction")
+        txn.changes.append(Upsert(khash, raw_id.decode(), doc, fresh))
+        self.decoded_changes += 1
 
     def _fence(self, rel: _Relation, values: list[object], deleted: bool) -> None:
         cols = rel.columns
@@ -393,12 +417,7 @@ class ChunkDecoder:
         if rel.kind == _FENCE:
             self._fence(rel, values, deleted=False)
             return
-        key = self._doc_key(rel, values)
-        if key is not None:
-            self._require_txn("Insert").changes.append(
-                Upsert(key[0], key[1], self._doc_text(rel, values))
-            )
-            self.decoded_changes += 1
+        self._upsert(rel, values, True)
 
     def _update(self, buf: bytes) -> None:
         rel = self._rel(buf)
@@ -422,10 +441,7 @@ class ChunkDecoder:
             if old_key is not None:
                 txn.changes.append(Delete(old_key[0], old_key[1]))
                 self.decoded_changes += 1
-        key = self._doc_key(rel, values)
-        if key is not None:
-            txn.changes.append(Upsert(key[0], key[1], self._doc_text(rel, values)))
-            self.decoded_changes += 1
+        self._upsert(rel, values, False)
 
     def _delete(self, buf: bytes) -> None:
         rel = self._rel(buf)

@@ -298,10 +298,14 @@ def _wait(target_dsn: str, names: StreamNames, ok: Callable[[StreamState], bool]
     last: StreamState | None = None
     with psycopg.connect(target_dsn, autocommit=True) as conn:
         while True:
-            row = conn.execute(
-                f"SELECT {_STATE_COLUMNS} FROM shardshift.stream_state WHERE stream = %s",  # noqa: S608 - fixed column list
-                (names.origin,),
-            ).fetchone()
+            try:
+                row = conn.execute(
+                    f"SELECT {_STATE_COLUMNS} FROM shardshift.stream_state WHERE stream = %s",  # noqa: S608 - fixed column list
+                    (names.origin,),
+                ).fetchone()
+            except psycopg.errors.UndefinedTable:
+                # No applier has started on this shard yet (it creates the table): wait.
+                row = None
             last = _state(row) if row else None
             if last is not None and ok(last):
                 return last

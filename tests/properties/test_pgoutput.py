@@ -144,7 +144,7 @@ def streams(draw: st.DrawFn) -> Case:
             if kind == "ins":
                 msgs.append(insert(docs_oid, row))
                 if inside(h):
-                    txn.changes.append(Upsert(h, i, d))
+                    txn.changes.append(Upsert(h, i, d, fresh=True))
             elif kind == "upd":
                 msgs.append(update(docs_oid, row))
                 if inside(h):

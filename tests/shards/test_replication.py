@@ -9,10 +9,12 @@ finalizer even when the test fails.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import random
 import signal
+import string
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -900,3 +902,138 @@ async def test_apply_throttle_never_delays_the_freeze_marker(
     assert chunk_rows(target.dsn, collection_name) == chunk_rows(source.dsn, collection_name)
     assert applier.throttle is not None and applier.throttle.reason is None
     assert_running(box)
+
+
+# -- the applier's batches: several changes per key, a row expected absent, small batches ------
+
+
+def _key_in_chunk(start: int) -> int:
+    k = start
+    while not RANGE.contains(khash(k)):
+        k += 1
+    return k
+
+
+def _ids(start: int, n: int) -> list[int]:
+    keys: list[int] = []
+    k = start
+    while len(keys) < n:
+        k = _key_in_chunk(k)
+        keys.append(k)
+        k += 1
+    return keys
+
+
+def _doc(key: int, **fields: object) -> str:
+    return json.dumps({"_id": {"$numberInt": str(key)}, **fields})
+
+
+def _id(key: int) -> str:
+    return f'{{"$numberInt": "{key}"}}'
+
+
+async def test_one_transaction_with_many_changes_per_key_applies_as_in_order(
+    request: pytest.FixtureRequest, cleanup: list[tuple[str, str]],
+    pg18_pair: tuple[PostgresShard, PostgresShard], collection_name: str,
+) -> None:
+    source, target = pg18_pair
+    await setup_shards(source, target, collection_name)
+    move = new_move(request, cleanup, source, target, collection_name)
+    a, b, c, d, e, big = _ids(10_000, 6)
+    table = collection_table(collection_name)
+    ins = psycopg.sql.SQL("INSERT INTO {} (khash, id, doc) VALUES (%s, %s, %s::jsonb)").format(table)
+    upd = psycopg.sql.SQL("UPDATE {} SET doc = %s::jsonb WHERE khash = %s AND id = %s").format(table)
+    dele = psycopg.sql.SQL("DELETE FROM {} WHERE khash = %s AND id = %s").format(table)
+    rng = random.Random(7)
+    blob = "".join(rng.choice(string.ascii_letters) for _ in range(20_000))  # TOASTed
+    with psycopg.connect(source.dsn) as conn:
+        for k in (c, d):
+            conn.execute(ins, (khash(k), _id(k), _doc(k, n=0)))
+        conn.execute(ins, (khash(big), _id(big), _doc(big, blob=blob)))
+    await asyncio.to_thread(prepare_stream, move)  # c, d, big copied at the snapshot
+    with psycopg.connect(source.dsn) as conn:  # one source transaction: one batch
+        conn.execute(ins, (khash(a), _id(a), _doc(a, n=1)))
+        conn.execute(upd, (_doc(a, n=2), khash(a), _id(a)))
+        conn.execute(dele, (khash(a), _id(a)))                # a: insert, update, delete
+        conn.execute(ins, (khash(b), _id(b), _doc(b, n=1)))
+        conn.execute(upd, (_doc(b, n=2), khash(b), _id(b)))   # b: insert, update
+        conn.execute(upd, (_doc(c, n=1), khash(c), _id(c)))
+        conn.execute(dele, (khash(c), _id(c)))                # c: update, delete
+        conn.execute(dele, (khash(d), _id(d)))
+        conn.execute(ins, (khash(d), _id(d), _doc(d, n=9)))   # d: delete, insert again
+        conn.execute(ins, (khash(e), _id(e), _doc(e, n=1)))
+        conn.execute(dele, (khash(e), _id(e)))
+        conn.execute(ins, (khash(e), _id(e), _doc(e, n=2)))   # e: insert, delete, insert
+        # big: an update that leaves the TOASTed document unchanged
+        conn.execute(psycopg.sql.SQL("UPDATE {} SET khash = khash WHERE khash = %s AND id = %s")
+                     .format(table), (khash(big), _id(big)))
+    box = move.start_applier()
+    await wait_applied(move)
+    assert_running(box)
+    rows = chunk_rows(target.dsn, collection_name)
+    assert rows == chunk_rows(source.dsn, collection_name)
+    by_id = {row[1]: row[2] for row in rows}
+    assert _id(a) not in by_id and _id(c) not in by_id
+    assert '"n": 2' in by_id[_id(b)] and '"n": 9' in by_id[_id(d)] and '"n": 2' in by_id[_id(e)]
+    assert blob in by_id[_id(big)]
+    assert box["applier"].stats.plain_insert_fallbacks == 0
+
+
+async def test_a_row_the_batch_expected_absent_is_upserted(
+    request: pytest.FixtureRequest, cleanup: list[tuple[str, str]],
+    pg18_pair: tuple[PostgresShard, PostgresShard], collection_name: str,
+) -> None:
+    """A target that holds a row the source then inserts (written behind the applier's back)
+    still ends equal to the source: the plain insert falls back to the upsert, nothing else
+    of the batch is lost."""
+    source, target = pg18_pair
+    await setup_shards(source, target, collection_name)
+    move = new_move(request, cleanup, source, target, collection_name)
+    await asyncio.to_thread(prepare_stream, move)
+    keys = _ids(20_000, 50)
+    table = collection_table(collection_name)
+    ins = psycopg.sql.SQL("INSERT INTO {} (khash, id, doc) VALUES (%s, %s, %s::jsonb)").format(table)
+    with psycopg.connect(target.dsn) as conn:
+        conn.execute(ins, (khash(keys[10]), _id(keys[10]), _doc(keys[10], stale=1)))
+    with psycopg.connect(source.dsn) as conn:
+        for k in keys:
+            conn.execute(ins, (khash(k), _id(k), _doc(k, n=k)))
+    box = move.start_applier()
+    await wait_applied(move)
+    assert_running(box)
+    rows = chunk_rows(target.dsn, collection_name)
+    assert rows == chunk_rows(source.dsn, collection_name)
+    assert len(rows) == 50 and all("stale" not in row[2] for row in rows)
+    assert box["applier"].stats.plain_insert_fallbacks == 1
+
+
+async def test_small_batches_read_while_the_target_applies(
+    request: pytest.FixtureRequest, cleanup: list[tuple[str, str]],
+    pg18_pair: tuple[PostgresShard, PostgresShard], collection_name: str,
+) -> None:
+    """A backlog of many transactions applied in small batches (the stream is read while the
+    target works on each): the target ends equal to the source, every change applied once."""
+    source, target = pg18_pair
+    await setup_shards(source, target, collection_name)
+    move = new_move(request, cleanup, source, target, collection_name)
+    await asyncio.to_thread(prepare_stream, move)
+    keys = _ids(30_000, 400)
+    ref = FenceRef(chunk_id=CHUNK, token=TOKEN)
+    changes = 0
+    for k in keys:
+        await source.insert(collection_name, ref, khash(k), {"_id": k, "k": k, "n": 0})
+        changes += 1
+    for k in keys[::2]:
+        await source.patch(collection_name, ref, khash(k), k, {"$inc": {"n": 1}},
+                           protected=("_id", "k"))
+        changes += 1
+    for k in keys[::5]:
+        await source.delete(collection_name, ref, khash(k), k)
+        changes += 1
+    box = move.start_applier(max_batch_changes=37)
+    await wait_applied(move)
+    assert_running(box)
+    assert chunk_rows(target.dsn, collection_name) == chunk_rows(source.dsn, collection_name)
+    stats = box["applier"].stats
+    assert stats.applied_changes == changes
+    assert stats.batches > 10

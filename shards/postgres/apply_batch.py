@@ -1,0 +1,245 @@
+"""One batch of the change applier: collapsed per key, staged by COPY, applied set-based.
+
+:class:`BatchWriter` turns the source transactions of one applier batch
+(``shards/postgres/apply.py``) into at most four set-based statements on the target, inside
+the batch's target transaction:
+
+1. the changes are collapsed to the last change per ``(khash, id)`` in source order (changes
+   to different keys commute, so only each key's last change matters; a truncate drops every
+   earlier change and deletes the chunk's range first);
+2. each key is classified by what the target holds *at the start of the batch*: a key whose
+   first change in the batch is a source INSERT (``Upsert.fresh``), or that follows a
+   truncate, has no row there (the target equals the source as of the previous batch, and
+   the source had no such row just before it inserted it). Its last change is then a plain
+   insert (no conflict check: half the cost of an upsert), or nothing at all when that last
+   change is a delete. Every other key is an upsert (``INSERT ... ON CONFLICT DO UPDATE``)
+   or a delete;
+3. the rows go into the session's temporary table ``pg_temp.ss_apply`` with one COPY, and
+   ``DELETE ... USING``, the upsert and the plain insert read it. The plain insert runs in a
+   savepoint: should a row be there after all (a target changed behind the applier's back),
+   its unique violation rolls back to the savepoint and the same rows are upserted, which is
+   what the batch would have done without the classification.
+
+The statements after the COPY are sent as one query, and while the target works on them the
+applier keeps reading and decoding its change stream (``pump``): the source's next
+transactions are decoded while the target applies the current ones, instead of after.
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import pq, sql
+from psycopg.errors import error_from_result
+
+from shards.models import KeyRange
+from shards.postgres.pgoutput import Delete, Marker, Transaction, TruncateChunk, Upsert
+from shards.postgres.schema import collection_table
+
+OP_DELETE, OP_UPSERT, OP_INSERT = 0, 1, 2
+"""The ``op`` column of ``pg_temp.ss_apply``."""
+
+STAGING_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS ss_apply"
+    " (op smallint NOT NULL, khash bigint NOT NULL, id text NOT NULL, doc jsonb)"
+    " ON COMMIT DELETE ROWS"
+)
+"""The applier session's staging table (emptied by every commit)."""
+
+_UNIQUE_VIOLATION = "23505"
+_SAVEPOINT = "ss_apply_fresh"
+
+
+@dataclass(slots=True)
+class Collapsed:
+    """A batch reduced to what the target must do."""
+
+    rows: list[tuple[int, int, str, str | None]] = field(default_factory=list)
+    """``(op, khash, id, doc)`` per key, at most one row per key."""
+    truncate: bool = False
+    """Delete the chunk's range first."""
+    markers: list[tuple[int, Marker]] = field(default_factory=list)
+    """``(commit_lsn, marker)`` of the batch's fence changes and messages, in order."""
+    changes: int = 0
+    """Source changes in the batch."""
+    counts: tuple[int, int, int] = (0, 0, 0)
+    """Rows per op: deletes, upserts, plain inserts."""
+
+
+def collapse(txns: Sequence[Transaction]) -> Collapsed:
+    """The last change per key, classified by whether the target has the key's row at the
+    start of the batch (see the module docstring)."""
+    # key -> (absent at the start of the batch, op or None for "nothing to do", doc)
+    ops: dict[tuple[int, str], tuple[bool, int | None, str | None]] = {}
+    out = Collapsed()
+    truncated = False
+    changes = 0
+    for txn in txns:
+        for change in txn.changes:
+            changes += 1
+            if type(change) is Upsert:
+                key = (change.khash, change.id)
+                prev = ops.get(key)
+                doc = change.doc
+                if prev is None:
+                    # "Unchanged TOAST" (doc None) as the key's first change: the document
+                    # is on the target and did not change.
+                    ops[key] = (change.fresh or truncated,
+                                None if doc is None else OP_UPSERT, doc)
+                elif doc is not None:
+                    ops[key] = (prev[0], OP_UPSERT, doc)
+                # else: unchanged TOAST after an earlier change of this batch, which still
+                # holds the right document.
+            elif type(change) is Delete:
+                key = (change.khash, change.id)
+                prev = ops.get(key)
+                ops[key] = (truncated if prev is None else prev[0], OP_DELETE, None)
+            elif type(change) is TruncateChunk:
+                ops.clear()
+                out.truncate = truncated = True
+        for marker in txn.markers:
+            out.markers.append((txn.commit_lsn, marker))
+    rows = out.rows
+    append = rows.append
+    deletes = upserts = inserts = 0
+    for (khash, id_), (absent, op, doc) in ops.items():
+        if op is None:
+            continue
+        if op == OP_DELETE:
+            if absent:
+                continue  # inserted and deleted within the batch: nothing to do
+            deletes += 1
+            append((OP_DELETE, khash, id_, None))
+        elif absent:
+            inserts += 1
+            append((OP_INSERT, khash, id_, doc))
+        else:
+            upserts += 1
+            append((OP_UPSERT, khash, id_, doc))
+    out.changes = changes
+    out.counts = (deletes, upserts, inserts)
+    return out
+
+
+Pump = Callable[[], bool]
+"""Reads and decodes what the change stream has buffered; False when it should not be
+called again during this statement (the applier's buffer is full, or it is throttled)."""
+
+
+class BatchWriter:
+    """The target side of one stream's batches (one per applier; statements prepared once).
+
+    Args:
+        collection: the collection (validated by the caller).
+        key_range: the chunk's range (a truncate deletes it).
+    """
+
+    def __init__(self, collection: str, key_range: KeyRange) -> None:
+        t = collection_table(collection)
+        r = key_range
+        self._delete = sql.SQL(
+            "DELETE FROM {t} d USING pg_temp.ss_apply s"
+            " WHERE s.op = 0 AND d.khash = s.khash AND d.id = s.id"
+        ).format(t=t)
+        self._upsert = sql.SQL(
+            "INSERT INTO {t} (khash, id, doc) SELECT khash, id, doc FROM pg_temp.ss_apply"
+            " WHERE op = {op} ON CONFLICT (khash, id) DO UPDATE SET doc = EXCLUDED.doc"
+        )
+        self._upsert_some = self._upsert.format(t=t, op=sql.Literal(OP_UPSERT))
+        self._upsert_fresh = self._upsert.format(t=t, op=sql.Literal(OP_INSERT))
+        self._insert = sql.SQL(
+            "INSERT INTO {t} (khash, id, doc) SELECT khash, id, doc FROM pg_temp.ss_apply"
+            " WHERE op = {op}"
+        ).format(t=t, op=sql.Literal(OP_INSERT))
+        self._truncate = sql.SQL(
+            "DELETE FROM {t} WHERE khash >= {lo}::bigint"
+            " AND ({hi}::bigint IS NULL OR khash < {hi}::bigint)"
+        ).format(t=t, lo=sql.Literal(str(r.lo)),
+                 hi=sql.Literal(None if r.sql_hi is None else str(r.sql_hi)))
+        self.fallbacks = 0
+        """Batches whose plain insert met an existing row and was upserted instead."""
+
+    def write(self, conn: psycopg.Connection[Any], batch: Collapsed,
+              pump: Pump | None = None, pump_fd: int | None = None) -> None:
+        """Apply ``batch`` in the caller's open transaction on ``conn``; while the target
+        works, call ``pump`` whenever ``pump_fd`` is readable."""
+        if batch.truncate:
+            conn.execute(self._truncate)
+        if not batch.rows:
+            return
+        with conn.cursor().copy("COPY pg_temp.ss_apply (op, khash, id, doc) FROM STDIN"
+                                ) as copy:
+            write = copy.write_row
+            for row in batch.rows:
+                write(row)
+        deletes, upserts, inserts = batch.counts
+        statements: list[sql.Composable] = []
+        if deletes:
+            statements.append(self._delete)
+        if upserts:
+            statements.append(self._upsert_some)
+        insert_at = -1
+        if inserts:
+            statements.append(sql.SQL("SAVEPOINT " + _SAVEPOINT))
+            insert_at = len(statements)
+            statements.append(self._insert)
+            statements.append(sql.SQL("RELEASE SAVEPOINT " + _SAVEPOINT))
+        query = sql.SQL("; ").join(statements).as_bytes(conn)
+        failed_at, error = _run_pumped(conn, query, pump, pump_fd)
+        if error is None:
+            return
+        if failed_at == insert_at and error.sqlstate == _UNIQUE_VIOLATION:
+            # A row the batch expected absent is there: upsert those rows instead.
+            conn.execute("ROLLBACK TO SAVEPOINT " + _SAVEPOINT)
+            conn.execute(self._upsert_fresh)
+            conn.execute("RELEASE SAVEPOINT " + _SAVEPOINT)
+            self.fallbacks += 1
+            return
+        raise error
+
+
+def _run_pumped(conn: psycopg.Connection[Any], query: bytes, pump: Pump | None,
+                pump_fd: int | None) -> tuple[int, psycopg.Error | None]:
+    """Run ``query`` (one or more statements, no parameters) on ``conn`` and, until the
+    target has answered, call ``pump`` whenever ``pump_fd`` is readable.
+
+    Returns the index of the statement that failed and its error (``(-1, None)`` when all
+    succeeded); the connection is idle in its transaction either way.
+    """
+    pgconn = conn.pgconn
+    pgconn.send_query(query)  # raises OperationalError when it cannot be sent
+    watch = pump is not None and pump_fd is not None
+    target_fd = pgconn.socket
+    index = 0
+    failed_at, error = -1, None
+    pump_error: BaseException | None = None
+    readable: list[int] = [pump_fd] if watch and pump_fd is not None else []
+    while True:
+        # The first round pumps without waiting: libpq may hold frames already read.
+        if watch and pump is not None and pump_fd in readable:
+            try:
+                watch = pump()
+            except BaseException as exc:  # noqa: BLE001 - re-raised once the target is idle
+                pump_error, watch = exc, False
+        readable = []
+        pgconn.consume_input()
+        if pgconn.is_busy():
+            fds = [target_fd, pump_fd] if watch and pump_fd is not None else [target_fd]
+            readable, _, _ = select.select(fds, [], [], 1.0)
+            continue
+        res = pgconn.get_result()
+        if res is None:
+            break
+        if res.status == pq.ExecStatus.FATAL_ERROR and error is None:
+            failed_at, error = index, error_from_result(res, encoding=conn.info.encoding)
+        index += 1
+    if pump_error is not None:
+        raise pump_error
+    return failed_at, error
+
+
+__all__ = ["STAGING_DDL", "BatchWriter", "Collapsed", "collapse"]
