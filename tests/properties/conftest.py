@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
@@ -25,15 +26,30 @@ from shards.postgres import PostgresShard
 FULL = KeyRange(lo=KHASH_MIN, hi=KHASH_END)
 T = TypeVar("T")
 
-DB = settings(max_examples=40, deadline=None,
+PROFILE = os.environ.get("SHARDSHIFT_HYPOTHESIS_PROFILE", "suite")
+"""``suite`` (the default): derandomized, the same examples every run, counts that keep the
+suite short. ``nightly``: random examples, many more of them (a long CI job or a bench run:
+``SHARDSHIFT_HYPOTHESIS_PROFILE=nightly ./dev test tests/properties``)."""
+if PROFILE not in ("suite", "nightly"):
+    raise pytest.UsageError(f"SHARDSHIFT_HYPOTHESIS_PROFILE={PROFILE!r}: use suite or nightly")
+settings.register_profile("suite", derandomize=True, database=None, deadline=None)
+settings.register_profile("nightly", deadline=None)
+_PARENT = settings.get_profile(PROFILE)
+
+
+def examples(suite: int, nightly: int) -> int:
+    return nightly if PROFILE == "nightly" else suite
+
+
+DB = settings(_PARENT, max_examples=examples(40, 400),
               suppress_health_check=[HealthCheck.function_scoped_fixture,
                                      HealthCheck.too_slow])
 """For properties that touch a real server: few examples, no per-example deadline."""
 
-PURE = settings(max_examples=100, deadline=None)
+PURE = settings(_PARENT, max_examples=examples(40, 2000))
 """For pure-logic properties."""
 
-FEW = settings(max_examples=40, deadline=None)
+FEW = settings(_PARENT, max_examples=examples(20, 500))
 """For pure properties whose examples are slow to build (hostile text, composed SQL)."""
 
 SQL_FRAGMENTS = [
