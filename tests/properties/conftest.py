@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
@@ -22,24 +21,11 @@ from hypothesis import strategies as st
 
 from shards.models import KHASH_END, KHASH_MIN, FenceState, IndexDefinition, KeyRange
 from shards.postgres import PostgresShard
+from tests.profiles import PARENT as _PARENT
+from tests.profiles import examples
 
 FULL = KeyRange(lo=KHASH_MIN, hi=KHASH_END)
 T = TypeVar("T")
-
-PROFILE = os.environ.get("SHARDSHIFT_HYPOTHESIS_PROFILE", "suite")
-"""``suite`` (the default): derandomized, the same examples every run, counts that keep the
-suite short. ``nightly``: random examples, many more of them (a long CI job or a bench run:
-``SHARDSHIFT_HYPOTHESIS_PROFILE=nightly ./dev test tests/properties``)."""
-if PROFILE not in ("suite", "nightly"):
-    raise pytest.UsageError(f"SHARDSHIFT_HYPOTHESIS_PROFILE={PROFILE!r}: use suite or nightly")
-settings.register_profile("suite", derandomize=True, database=None, deadline=None)
-settings.register_profile("nightly", deadline=None)
-_PARENT = settings.get_profile(PROFILE)
-
-
-def examples(suite: int, nightly: int) -> int:
-    return nightly if PROFILE == "nightly" else suite
-
 
 DB = settings(_PARENT, max_examples=examples(40, 400),
               suppress_health_check=[HealthCheck.function_scoped_fixture,
