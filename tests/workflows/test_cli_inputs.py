@@ -8,6 +8,7 @@ process shows: its exit code, a trace at interpreter exit)."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -119,3 +120,16 @@ async def test_bad_ids_and_names_are_one_line_and_exit_2(
 async def test_help_still_works(args: list[str], stack: Stack) -> None:
     ran = await shardshift(cli_env(stack), *args)
     assert ran.code == 0 and "usage" in ran.out, ran
+
+
+async def test_in_process_runs_answer_as_a_process_would() -> None:
+    """The in-process runner reports the exit code and output a process would: ``--help`` is
+    exit 0 on stdout, a usage error exit 2 with one line on stderr, and the environment is
+    left as it was."""
+    before = dict(os.environ)
+    helped = await shardshift_in_process({"SHARDSHIFT_STATE_DIR": "/nonexistent"}, "--help")
+    assert helped.code == 0 and "usage" in helped.out and helped.err == "", helped
+    usage = await shardshift_in_process({}, "migrate", "--chunk", "abc")
+    assert usage.code == 2 and len(usage.err.strip().splitlines()) == 1, usage
+    assert usage.out == "" and "Traceback" not in usage.err
+    assert dict(os.environ) == before
