@@ -469,17 +469,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    command = _command(args.func)
-    # What is loaded by now (modules, the parser) lives as long as the process: the collection
-    # below need not walk it (a full collection of everything costs about 0.3 s of CPU).
-    gc.freeze()
     try:
-        return int(command(args))
+        return int(_command(args.func)(args))
     finally:
         # Free Temporal clients caught in exception reference cycles now: the SDK's native
         # runtime must not be torn down during interpreter finalization (it aborts).
         gc.collect()
-        gc.unfreeze()
 
 
 def _command(ref: str) -> Callable[[argparse.Namespace], int]:
