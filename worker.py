@@ -12,7 +12,7 @@ carries Temporal's tracing interceptor; log lines are text or JSON.
     python worker.py            # or: shardshift worker [--metrics-port N] [--log-format json]
 
 It also holds the client side the CLI and bench share: ``connect`` (a Temporal client from
-settings) and ``TemporalMoveProbe`` (the doctor's check whether a workflow runs a migration).
+settings, from ``infra.temporal_client``) and ``TemporalMoveProbe`` (the doctor's check whether a workflow runs a migration).
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
-from temporalio.client import Client, TLSConfig, WorkflowExecutionStatus
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.runtime import Runtime
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
@@ -38,40 +36,13 @@ from activities import MoveContext, all_activities
 from activities.leases import LeaseKeeper
 from catalog import Catalog
 from infra import Stack, telemetry
-from settings import Settings, TelemetrySettings, TemporalSettings, get_settings
+from infra.temporal_client import connect
+from settings import Settings, get_settings
 from shards.staging import Staging
 from workflows import ALL_WORKFLOWS
 from workflows.migrate_chunk import MigrateChunkWorkflow, migration_id_for
 
 log = logging.getLogger("shardshift.worker")
-
-
-async def connect(
-    temporal: TemporalSettings,
-    *,
-    runtime: Runtime | None = None,
-    telemetry_settings: TelemetrySettings | None = None,
-) -> Client:
-    """A Temporal client from settings (TLS and API key for a hosted cluster).
-
-    It carries Temporal's tracing interceptor (so do the workers built on it): a workflow it
-    starts joins the caller's trace. With ``telemetry_settings`` naming an OTLP endpoint the
-    process's tracer is installed first, so the spans are exported."""
-    if telemetry_settings is not None and telemetry_settings.otlp_endpoint:
-        telemetry.setup("shardshift-client", telemetry_settings)
-    tls: TLSConfig | bool = False
-    if temporal.tls:
-        tls = TLSConfig(
-            client_cert=temporal.tls_client_cert.read_bytes() if temporal.tls_client_cert else None,
-            client_private_key=temporal.tls_client_key.read_bytes() if temporal.tls_client_key else None,
-        )
-    return await Client.connect(
-        temporal.address, namespace=temporal.namespace, tls=tls,
-        api_key=temporal.api_key.get_secret_value() if temporal.api_key else None,
-        data_converter=pydantic_data_converter,
-        interceptors=[telemetry.tracing_interceptor()],
-        runtime=runtime,
-    )
 
 
 def catalog_dsn(settings: Settings) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from cli.common import CliError, catalog_dsn
+from infra.temporal_client import connect
 from router.mongo.index_ddl import TemporalIndexDdl
 from router.service import ServeConfigError, check_serve_config, serve
 from settings import get_settings
-from worker import connect
 
 
 def cmd_router(args: argparse.Namespace) -> int:

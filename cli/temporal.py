@@ -18,8 +18,8 @@ from temporalio.exceptions import CancelledError, TemporalError
 
 from cli.common import CliError
 from infra import Stack
+from infra.temporal_client import connect
 from settings import Settings
-from worker import connect
 
 
 async def client(settings: Settings) -> Any:

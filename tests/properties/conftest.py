@@ -21,19 +21,21 @@ from hypothesis import strategies as st
 
 from shards.models import KHASH_END, KHASH_MIN, FenceState, IndexDefinition, KeyRange
 from shards.postgres import PostgresShard
+from tests.profiles import PARENT as _PARENT
+from tests.profiles import examples
 
 FULL = KeyRange(lo=KHASH_MIN, hi=KHASH_END)
 T = TypeVar("T")
 
-DB = settings(max_examples=40, deadline=None,
+DB = settings(_PARENT, max_examples=examples(40, 400),
               suppress_health_check=[HealthCheck.function_scoped_fixture,
                                      HealthCheck.too_slow])
 """For properties that touch a real server: few examples, no per-example deadline."""
 
-PURE = settings(max_examples=100, deadline=None)
+PURE = settings(_PARENT, max_examples=examples(40, 2000))
 """For pure-logic properties."""
 
-FEW = settings(max_examples=40, deadline=None)
+FEW = settings(_PARENT, max_examples=examples(20, 500))
 """For pure properties whose examples are slow to build (hostile text, composed SQL)."""
 
 SQL_FRAGMENTS = [

@@ -16,6 +16,7 @@ from router.core import Router
 from router.http import create_app, max_body_bytes
 from router.service import build_app
 from settings import RouterSettings, Settings
+from tests.profiles import PARENT, examples
 from tests.router.conftest import Deployment
 
 TOKEN = "shardshift-local"
@@ -157,7 +158,7 @@ def test_fuzz_finds_no_server_error(http_server: str, deployment: Deployment) ->
 
         @hypothesis.given(case=operation.as_strategy())
         @hypothesis.settings(
-            max_examples=40, deadline=None, derandomize=True, database=None,
+            PARENT, max_examples=examples(25, 400),
             suppress_health_check=list(hypothesis.HealthCheck),
         )
         def fuzz(case) -> None:  # case: a schemathesis Case

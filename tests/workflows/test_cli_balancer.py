@@ -12,7 +12,7 @@ from temporalio.client import Client
 from cli.schedule import parse_window, run_minutes, window_calendars
 from infra import Stack
 from tests.router.conftest import Deployment
-from tests.workflows.cli_run import cli_env, shardshift
+from tests.workflows.cli_run import cli_env, shardshift, shardshift_in_process
 from tests.workflows.conftest import WorkerHandle
 from tests.workflows.helpers import other_shard
 
@@ -38,6 +38,8 @@ def test_bad_windows() -> None:
 
 async def test_schedule_window_pause_and_resume(deployment: Deployment, stack: Stack,
                                                 temporal_client: Client) -> None:
+    """The schedule is created by a ``shardshift`` process; pause, info, resume and unschedule
+    run through ``cli.main`` in-process (the same commands, without a Python start each)."""
     sid = f"reb-{uuid.uuid4().hex[:6]}"
     env = cli_env(stack, task_queue="no-worker-listens-here")
     ran = await shardshift(env, "rebalance", "--schedule", "1h", "--window", "01:00-05:00",
@@ -49,19 +51,20 @@ async def test_schedule_window_pause_and_resume(deployment: Deployment, stack: S
         assert {t.hour for t in desc.info.next_action_times} <= {1, 2, 3, 4}
         assert desc.info.next_action_times and all(
             t.minute == 0 for t in desc.info.next_action_times)
-        ran = await shardshift(env, "rebalance", "--pause", "--note", "maintenance",
-                               "--schedule-id", sid)
+        ran = await shardshift_in_process(env, "rebalance", "--pause", "--note", "maintenance",
+                                          "--schedule-id", sid)
         assert ran.code == 0, ran
-        ran = await shardshift(env, "rebalance", "--schedule-info", "--json", "--schedule-id", sid)
+        ran = await shardshift_in_process(env, "rebalance", "--schedule-info", "--json",
+                                          "--schedule-id", sid)
         info = json.loads(ran.out)
         assert (info["paused"], info["note"], info["calendars"]) == (True, "maintenance", 1)  # minute 0 of hours 1-4
         assert (await temporal_client.get_schedule_handle(sid).describe()).schedule.state.paused
-        ran = await shardshift(env, "rebalance", "--resume", "--schedule-id", sid)
+        ran = await shardshift_in_process(env, "rebalance", "--resume", "--schedule-id", sid)
         assert ran.code == 0, ran
-        ran = await shardshift(env, "rebalance", "--schedule-info", "--schedule-id", sid)
+        ran = await shardshift_in_process(env, "rebalance", "--schedule-info", "--schedule-id", sid)
         assert ran.code == 0 and "active" in ran.out and "PAUSED" not in ran.out, ran
     finally:
-        await shardshift(env, "rebalance", "--unschedule", "--schedule-id", sid)
+        await shardshift_in_process(env, "rebalance", "--unschedule", "--schedule-id", sid)
 
 
 async def test_dry_runs_report_dry_run(deployment: Deployment, worker: WorkerHandle,
