@@ -4,7 +4,8 @@
 The module runs its own private stack (its catalog, a PostgreSQL 18 shard and, when installed,
 the PostgreSQL 15 shard have streaming standbys; shards' and the catalog's addresses are
 multi-host DSNs with ``target_session_attrs=read-write``) and its own Temporal dev server.
-Each test consumes one standby: (1) shard-1 (18), (2) shard-3 (15), (3) the catalog.
+Each test consumes one standby: (1) shard-1 (18), (1b) shard-2 (18, a move's target),
+(2) shard-3 (15), (3) the catalog.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ MOVE = {**FAULT_FAST, "part_rows": 500}
 
 @pytest.fixture(scope="module")
 def ha_stack() -> Iterator[Stack]:
-    standbys = ("catalog", "shard-1") + (("shard-3",) if HAS_PG15 else ())
+    standbys = ("catalog", "shard-1", "shard-2") + (("shard-3",) if HAS_PG15 else ())
     with private_stack(2, pg15_shards=1 if HAS_PG15 else 0, standbys=standbys,
                        prefix=f"{TEST_STATE_PREFIX}failover-") as stack:
         yield stack
@@ -178,6 +179,48 @@ async def test_pg18_source_failover_mid_move(ha_stack: Stack, ha_catalog: Catalo
             await wait_until(lambda: asyncio.to_thread(applier_streams, d, "shard-1",
                                                        p.migration_id),
                              timeout=90, what="the applier streaming from the new primary")
+            assert (await poll_progress(handle, lambda p: True)).phase == "replicate"
+            monkeypatch.delenv(HOLD_LAG_ENV)
+            result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+        report = await assert_moved(d, result, moving, "shard-2", load, allow_client_errors=True)
+        print(f"\nclient errors {report.client_errors}, unknown {report.unknown_outcomes}")
+    finally:
+        await close(d)
+
+
+# -- 1b. the target of a move fails over mid-move ---------------------------------------------
+
+
+async def test_pg18_target_failover_mid_move(ha_stack: Stack, ha_catalog: Catalog,
+                                             ha_worker: Settings, ha_client: Client,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """shard-2, the move's target, loses its primary while the move replicates; its standby
+    is promoted. What the target holds (the imported copy, the applier's replication origin
+    and state row) was committed synchronously to the standby, so the applier resumes on the
+    new primary from where the origin says: the move completes, verifies, nothing is lost."""
+    d = await deploy(ha_stack, ha_catalog, f"ha18t_{uuid.uuid4().hex[:6]}",
+                     ["shard-1", "shard-2"])
+    try:
+        moving = next(c for c in d.initial.chunks if c.shard_id == "shard-1")
+        other = next(c for c in d.initial.chunks if c.shard_id == "shard-2")
+        monkeypatch.setenv(HOLD_LAG_ENV, d.collection)
+        async with load_on(d, moving, other) as load:
+            handle = await start(ha_client, d, moving.chunk_id, "shard-2",
+                                 ha_worker.temporal.task_queue)
+            p = await poll_progress(handle, lambda p: p.phase == "replicate", timeout=120,
+                                    what="replicate")
+            await wait_until(lambda: asyncio.to_thread(applier_streams, d, "shard-1",
+                                                       p.migration_id),
+                             timeout=60, what="the applier streaming")
+            acked = sum(r.outcome == "ok" for r in load.records)
+            await asyncio.to_thread(fail_over, ha_stack, "shard-2")
+            # Writes go on (the moving chunk is still served by its source), and the applier
+            # streams again into the promoted target.
+            await wait_until(lambda: sum(r.outcome == "ok" for r in load.records) >= acked + 50,
+                             timeout=90, what="writes after the target's failover")
+            await wait_until(lambda: asyncio.to_thread(applier_streams, d, "shard-1",
+                                                       p.migration_id),
+                             timeout=90, what="the applier streaming into the new target")
             assert (await poll_progress(handle, lambda p: True)).phase == "replicate"
             monkeypatch.delenv(HOLD_LAG_ENV)
             result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
