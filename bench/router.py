@@ -91,7 +91,7 @@ RATIO_P50_GOAL = 1.2  # a routed operation's p50 within 20 % of the direct state
 # -- documents -------------------------------------------------------------------------------
 
 
-def make_doc(i: int, n: int = 0) -> dict[str, Any]:
+def make_doc(i: int | str, n: int = 0) -> dict[str, Any]:
     return {
         "_id": i,
         SHARD_KEY: i,
@@ -107,7 +107,7 @@ def make_doc(i: int, n: int = 0) -> dict[str, Any]:
 class Target:
     """What the direct side knows about one document: its khash, id text and shard."""
 
-    key: int
+    key: int | str
     h: int
     id_text: str
     shard_id: str
@@ -339,7 +339,8 @@ async def http_throughput(port: int, token: str, targets: list[Target], ops: int
 
 
 async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
-              concurrency: int, http_ops: int, profile: bool) -> dict[str, Any]:
+              concurrency: int, http_ops: int, profile: bool,
+              key_type: str = "int") -> dict[str, Any]:
     settings = RouterSettings()
     db = DatabaseSettings()  # the product's roles: the mover provisions, routers route
     pool_size = settings.pool_max_size
@@ -358,7 +359,10 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
 
         router = await es.enter_async_context(Router(CatalogRouteSource(catalog), settings))
         route = await router.route(COLLECTION)
-        keys = list(range(1, docs + 1))
+        # int (today's figures): a MongoDB equality on a number also matches its other
+        # stored forms (Int64, double, Decimal128), so the wire path reads each form; str: one.
+        keys: list[int | str] = (list(range(1, docs + 1)) if key_type == "int"
+                                 else [f"k{i}" for i in range(1, docs + 1)])
         targets = []
         for k in keys:
             h = khash(k)
@@ -541,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--http-ops", type=int, default=None,
                         help="operations through HTTP (default: --ops; 0: leave HTTP out)")
+    parser.add_argument("--key-type", choices=["int", "str"], default="int",
+                        help="shard key and _id values: numbers (the default, as before) or "
+                             "strings (one stored form each: the wire path's own cost)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the routed sequential loop (adds its overhead to it)")
     args = parser.parse_args(argv)
@@ -550,7 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     with private_stack(2) as st:
         shard_dsns = {f"bench-s{i}": dsn for i, dsn in enumerate(st.shard_dsns().values())}
         result = asyncio.run(run(st.catalog_dsn, shard_dsns, args.ops, args.docs,
-                                 args.concurrency, args.ops if args.http_ops is None else args.http_ops, args.profile))
+                                 args.concurrency, args.ops if args.http_ops is None else args.http_ops, args.profile,
+                                 args.key_type))
+    result["key_type"] = args.key_type
     profile = result.pop("profile", None)
     if profile:
         print(profile, file=sys.stderr)

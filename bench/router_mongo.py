@@ -17,7 +17,7 @@ from settings import RouterSettings
 
 class _Target(Protocol):
     @property
-    def key(self) -> int: ...
+    def key(self) -> int | str: ...
 
 
 def open_client(port: int, settings: RouterSettings, pool: int) -> AsyncMongoClient[Any]:
@@ -30,7 +30,7 @@ def open_client(port: int, settings: RouterSettings, pool: int) -> AsyncMongoCli
 
 
 def mongo_op(client: AsyncMongoClient[Any], database: str, collection: str, shard_key: str,
-             make_doc: Callable[[int, int], dict[str, Any]]
+             make_doc: Callable[[Any, int], dict[str, Any]]
              ) -> Callable[[int, Any], Awaitable[None]]:
     """One operation of the mix: a get on even ``i``, a replace on odd."""
     coll = client[database][collection]
@@ -56,7 +56,7 @@ def open_sync_client(port: int, settings: RouterSettings) -> MongoClient[Any]:
 
 
 def sync_sequential(client: MongoClient[Any], database: str, collection: str, shard_key: str,
-                    make_doc: Callable[[int, int], dict[str, Any]], targets: Sequence[_Target],
+                    make_doc: Callable[[Any, int], dict[str, Any]], targets: Sequence[_Target],
                     seq: list[int], start: int, out: dict[str, list[float]]) -> None:
     """``bench.router.sequential`` with the synchronous driver (run it in a thread)."""
     coll = client[database][collection]
