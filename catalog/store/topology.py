@@ -129,6 +129,20 @@ class Topology(CatalogBase):
                          parent.doc_count // 2 + share * (parent.doc_count % 2),
                          parent.ops_per_s / 2),
                     )
+            # The parent's reported traffic goes to its halves, half each (where in the range
+            # it fell is not known): a chunk split for being hot stays hot in both halves, so
+            # the next plan can move them apart.
+            await cur.execute(
+                "INSERT INTO catalog.chunk_traffic (collection, chunk_id, window_start,"
+                "  window_s, ops)"
+                " SELECT t.collection, x.id, t.window_start, t.window_s, (t.ops + x.share) / 2"
+                " FROM catalog.chunk_traffic t, (VALUES (%s::bigint, 0), (%s::bigint, 1))"
+                "   AS x(id, share)"
+                " WHERE t.collection = %s AND t.chunk_id = %s",
+                (left_id, right_id, collection, chunk_id))
+            await cur.execute(
+                "DELETE FROM catalog.chunk_traffic WHERE collection = %s AND chunk_id = %s",
+                (collection, chunk_id))
             await bump(cur, ChangeKind.LAYOUT, collection)
             return (await chunk_in(cur, collection, left_id),
                     await chunk_in(cur, collection, right_id))
@@ -207,6 +221,17 @@ class Topology(CatalogBase):
                      sum(c.doc_count for c in ordered), sum(c.ops_per_s for c in ordered),
                      None if None in stamps else min(s for s in stamps if s is not None)),
                 )
+            # The merged chunk's traffic is the sum of its parts', window by window.
+            await cur.execute(
+                "INSERT INTO catalog.chunk_traffic (collection, chunk_id, window_start,"
+                "  window_s, ops)"
+                " SELECT %s, %s, window_start, max(window_s), sum(ops)"
+                " FROM catalog.chunk_traffic WHERE collection = %s AND chunk_id = ANY(%s)"
+                " GROUP BY window_start",
+                (collection, new_id, collection, ids))
+            await cur.execute(
+                "DELETE FROM catalog.chunk_traffic WHERE collection = %s AND chunk_id = ANY(%s)",
+                (collection, ids))
             await bump(cur, ChangeKind.LAYOUT, collection)
             return await chunk_in(cur, collection, new_id)
 

@@ -68,3 +68,23 @@ async def test_a_router_can_only_add_bounded_counts(
                            (coll, [chunk, 987654321], [2**62, 5]))
     rates = await router_catalog.traffic_rates(coll, 600)
     assert rates == {chunk: pytest.approx(1e9 / 600)}  # clamped; an unknown chunk is ignored
+
+
+async def test_a_split_gives_its_halves_the_traffic_and_a_merge_sums_it(
+        deployment: Deployment, router_catalog: Catalog) -> None:
+    """A chunk split for being hot stays hot in both halves (so a plan can move them apart),
+    and chunks merged carry the sum of their traffic."""
+    coll = deployment.collection
+    chunk = (await deployment.chunk_map()).chunks[0]
+    await router_catalog.report_traffic(coll, {chunk.chunk_id: 101}, window_s=10)
+    mid = chunk.range.lo + (chunk.range.hi - chunk.range.lo) // 2
+    left, right = await router_catalog.split_chunk(coll, chunk.chunk_id, mid, chunk.token)
+    rates = await router_catalog.traffic_rates(coll, 600)
+    assert chunk.chunk_id not in rates
+    assert (rates[left.chunk_id] * 600, rates[right.chunk_id] * 600) == (
+        pytest.approx(50), pytest.approx(51))
+    merged = await router_catalog.merge_chunks(coll, [left.chunk_id, right.chunk_id],
+                                               [left.token, right.token])
+    rates = await router_catalog.traffic_rates(coll, 600)
+    assert set(rates) == {merged.chunk_id}
+    assert rates[merged.chunk_id] * 600 == pytest.approx(101)
