@@ -61,6 +61,8 @@ from tests.workflows.helpers import FAST, load_chunk, wait_until
 from worker import run_worker
 from workflows import (
     ALL_WORKFLOWS,
+    ChangeIndexesInput,
+    ChangeIndexesWorkflow,
     DrainShardInput,
     DrainShardWorkflow,
     MigrateChunkInput,
@@ -367,6 +369,56 @@ async def rebalance_completed(ctx: Ctx) -> dict[str, WorkflowHistory]:
     return {"rebalance_completed": await handle.fetch_history()}
 
 
+async def drain_paged_completed(ctx: Ctx) -> dict[str, WorkflowHistory]:
+    """A drain whose plan is stored in the catalog and read back in pages (patch
+    ``fleet-plan-pages``): one shard's four chunks onto two others."""
+    fleet = await ctx.fleet("drain_paged", old=1, new=2, chunks_per_shard=4)
+    handle = await ctx.client.start_workflow(
+        DrainShardWorkflow.run,
+        DrainShardInput(shards=fleet.old, targets=fleet.new, max_parallel=2, move=FAST),
+        id="drain_paged_completed", task_queue=ctx.task_queue)
+    result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+    assert sorted(result.retired) == sorted(fleet.old), result
+    history = await handle.fetch_history()
+    activities = _activity_types(history)
+    assert "drain.plan_stored" in activities and "fleet.plan_page" in activities, activities
+    return {"drain_paged_completed": history}
+
+
+async def drain_per_shard_limit_completed(ctx: Ctx) -> dict[str, WorkflowHistory]:
+    """Two shards drained onto one with ``RunLimits.max_running_per_shard`` 1: a move starts
+    only when both its shards have room, so the moves run one at a time."""
+    fleet = await ctx.fleet("drain_limit", old=2, new=1, chunks_per_shard=1)
+    handle = await ctx.client.start_workflow(
+        DrainShardWorkflow.run,
+        DrainShardInput(shards=fleet.old, targets=fleet.new, max_parallel=4, move=FAST,
+                        limits=RunLimits(max_running_per_shard=1)),
+        id="drain_per_shard_limit_completed", task_queue=ctx.task_queue)
+    result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+    assert sorted(result.retired) == sorted(fleet.old), result
+    return {"drain_per_shard_limit_completed": await handle.fetch_history()}
+
+
+async def change_indexes_completed(ctx: Ctx) -> dict[str, WorkflowHistory]:
+    """``ChangeIndexesWorkflow`` builds an index on every shard holding the collection and
+    drops another, as the MongoDB front end's ``createIndexes``/``dropIndexes`` start it."""
+    d = await ctx.deployment("change_indexes")
+    handle = await ctx.client.start_workflow(
+        ChangeIndexesWorkflow.run,
+        ChangeIndexesInput(collection=d.collection,
+                           create=[IndexDefinition(name="by_name", fields=("name",))],
+                           drop=["by_email"]),
+        id="change_indexes_completed", task_queue=ctx.task_queue)
+    result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+    assert [i.name for i in result.indexes] == ["by_name"], result
+    return {"change_indexes_completed": await handle.fetch_history()}
+
+
+def _activity_types(history: WorkflowHistory) -> set[str]:
+    return {e.activity_task_scheduled_event_attributes.activity_type.name
+            for e in history.events if e.HasField("activity_task_scheduled_event_attributes")}
+
+
 @dataclass(frozen=True)
 class Scenario:
     play: Callable[[Ctx], Awaitable[dict[str, WorkflowHistory]]]
@@ -401,6 +453,12 @@ SCENARIOS: dict[str, Scenario] = {
         "drain_continued_as_new_last": Recorded("DrainShardWorkflow", COMPLETED)}),
     "rebalance_completed": Scenario(rebalance_completed, {
         "rebalance_completed": Recorded("RebalanceWorkflow", COMPLETED)}),
+    "drain_paged_completed": Scenario(drain_paged_completed, {
+        "drain_paged_completed": Recorded("DrainShardWorkflow", COMPLETED)}),
+    "drain_per_shard_limit_completed": Scenario(drain_per_shard_limit_completed, {
+        "drain_per_shard_limit_completed": Recorded("DrainShardWorkflow", COMPLETED)}),
+    "change_indexes_completed": Scenario(change_indexes_completed, {
+        "change_indexes_completed": Recorded("ChangeIndexesWorkflow", COMPLETED)}),
 }
 
 
