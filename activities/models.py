@@ -7,8 +7,9 @@ workflow decides with is typed and validated on both sides.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from catalog.models import MigrationKind, MigrationOutcome, MigrationPhase
 from shards.models import KeyRange
@@ -19,9 +20,32 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class _Input(_Frozen):
+MAX_DURATION_S = 10 * 366 * 86_400.0
+"""The longest duration a workflow or activity input may carry: ten years. A duration
+becomes a ``timedelta`` and a Temporal protobuf ``Duration`` in the workflow; ``1e300``
+seconds is finite but overflows both (the workflow task would fail on it, again and again)."""
+
+
+class BoundedDurations(BaseModel):
+    """A model whose ``..._s`` fields (durations in seconds; rates end in ``per_s``) are at
+    most ``MAX_DURATION_S``. Combine with ``allow_inf_nan=False`` for finiteness."""
+
+    @model_validator(mode="after")
+    def _durations_bounded(self) -> Self:
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if (name.endswith("_s") and not name.endswith("per_s")
+                    and isinstance(value, int | float) and not isinstance(value, bool)
+                    and abs(value) > MAX_DURATION_S):
+                raise ValueError(f"{name} is {value!r} seconds: at most {MAX_DURATION_S:.0f} "
+                                 "(ten years)")
+        return self
+
+
+class _Input(_Frozen, BoundedDurations):
     """An activity's input: its floats are durations and limits, never inf or NaN (a
-    workflow hands them to ``timedelta``, which raises on them)."""
+    workflow hands them to ``timedelta``, which raises on them), and no duration is longer
+    than ``MAX_DURATION_S``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 

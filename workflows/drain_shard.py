@@ -47,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         StorePlanInput,
     )
     from activities.models import (
+        BoundedDurations,
         DrainFinishInput,
         DrainFinishResult,
         DrainPlan,
@@ -67,7 +68,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.common import FLEET_RETRY, SA_KIND, SA_PHASE, SA_SOURCE
 
 
-class DrainShardInput(BaseModel):
+class DrainShardInput(BoundedDurations):
     """Which shards to empty, where to, and how the moves run."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)

@@ -18,7 +18,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.models import CutoverStep, MoveSpec, VerifyResult
+    from activities.models import BoundedDurations, CutoverStep, MoveSpec, VerifyResult
     from catalog.models import MigrationKind, MigrationOutcome
     from catalog.store import check_shard_id
     from shards.names import check_collection
@@ -53,7 +53,7 @@ BEFORE_COMMIT = {"starting", "registered", "snapshot", "import", "replicate", "v
 """``progress.phase`` values before the commit point (a target can be declared lost then)."""
 
 
-class MigrateChunkInput(BaseModel):
+class MigrateChunkInput(BoundedDurations):
     """What to move and how. Durations are seconds (settings a test can shorten)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)

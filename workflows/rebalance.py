@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.fleet import FleetActivities, RebalancePlanRequest, ReplanInput, ReplanResult
     from activities.models import (
         AllocateIdsInput,
+        BoundedDurations,
         PlannedMove,
         PlannedSplit,
         RebalancePlan,
@@ -63,7 +64,7 @@ class RebalanceState(FleetState):
     """Moves per shard (as source or target) in the carried round: its per-shard limit."""
 
 
-class RebalanceInput(BaseModel):
+class RebalanceInput(BoundedDurations):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: MigrationKind = MigrationKind.REBALANCE

@@ -22,6 +22,8 @@ from workflows.drain_shard import DrainShardInput
 from workflows.migrate_chunk import MigrateChunkInput
 from workflows.rebalance import RebalanceInput
 
+TEMPORAL_MAX_DURATION_S = 315_576_000_000
+
 shard_ids = st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 
 
@@ -36,8 +38,10 @@ def _usable(model: BaseModel) -> None:
     ``tolerance``, are ratios: a huge one only means "nothing to do".)"""
     for name, value in _floats(model).items():
         assert math.isfinite(value), name
-        if name.endswith("_s"):
+        if name.endswith("_s") and not name.endswith("per_s"):
             timedelta(seconds=value)
+            # and Temporal takes it as a protobuf Duration (at most 10,000 years)
+            assert abs(value) <= TEMPORAL_MAX_DURATION_S, (name, value)
 
 
 def _field_values(model: type[BaseModel]) -> st.SearchStrategy[dict[str, Any]]:
@@ -50,13 +54,16 @@ def _field_values(model: type[BaseModel]) -> st.SearchStrategy[dict[str, Any]]:
 @example({"poll_s": math.inf}, "c", 1, "s")
 @example({"catchup_timeout_s": math.inf}, "c", 1, "s")
 @example({"rollback_window_s": math.inf}, "c", 1, "s")
+@example({"poll_s": 1e300}, "c", 1, "s")
+@example({"target_give_up_s": 1e12}, "c", 1, "s")
 @example({"collection": "x'; DROP TABLE catalog.chunks; --"}, "c", 1, "s")
 @example({"chunk_id": -1}, "c", 1, "s")
 @example({"target": "shard 1\x00"}, "c", 1, "s")
 def test_migrate_inputs_valid_or_refused(over: dict[str, Any], collection: str, chunk: int,
                                          target: str) -> None:
     """Found: ``poll_s=inf`` (any duration) was accepted and failed the workflow task with an
-    ``OverflowError``; a hostile collection, target or a negative chunk id was accepted and
+    ``OverflowError``, and so did a huge finite one (``poll_s=1e300``, now refused past ten
+    years); a hostile collection, target or a negative chunk id was accepted and
     the move's first activity failed on it again and again."""
     raw = {"collection": collection, "chunk_id": chunk, "target": target, **over}
     try:
