@@ -175,6 +175,23 @@ class TemporalMoveProbe:
                                  migration_id_for(wf.id, first)}
         return mid in self._listed
 
+    async def plan_running(self, plan_id: str) -> bool:
+        """``activities.doctor.PlanProbe``: does the fleet operation that stored this plan
+        (``{workflow id}@{first run id}``) still run? Its workflow id must be running, in a
+        chain that began with that run (a later operation reusing the id is another one)."""
+        wid, sep, first = plan_id.rpartition("@")
+        if not sep:
+            return False  # not a plan id any operation stores
+        try:
+            desc = await self.client.get_workflow_handle(wid).describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            return False
+        return bool((getattr(desc.raw_info, "first_run_id", "") or desc.run_id) == first)
+
 
 def main(metrics_port: int | None = None,
          log_format: Literal["text", "json"] | None = None) -> None:

@@ -91,6 +91,10 @@ MoveProbe = Callable[[MigrationRecord, Sequence[str]], Awaitable[bool]]
 """Whether a workflow runs this active migration, given the workflow ids that held its
 leases. Raising means "cannot tell": the migration is then treated as running."""
 
+PlanProbe = Callable[[str], Awaitable[bool]]
+"""Whether the fleet operation that stored a plan (plan id ``{workflow id}@{first run id}``)
+still runs. Raising means "cannot tell": the plan is then left alone."""
+
 
 _STREAM_KINDS = {
     StreamObjectKind.SLOT: FindingKind.SLOT,
@@ -103,7 +107,7 @@ _STREAM_KINDS = {
 _ORDER = [FindingKind.SHARD, FindingKind.SLOT, FindingKind.PUBLICATION, FindingKind.ORIGIN,
           FindingKind.STREAM_STATE, FindingKind.FENCE, FindingKind.ROWS,
           FindingKind.IMPORT_PARTS, FindingKind.STAGING, FindingKind.LEASE,
-          FindingKind.MIGRATION]
+          FindingKind.MIGRATION, FindingKind.FLEET_PLAN]
 
 
 class Doctor(DoctorRepairs):
@@ -119,12 +123,18 @@ class Doctor(DoctorRepairs):
         delete_batch, delete_pause_s: The range delete's batch size and throttle.
         db: whom it connects to shards as (the mover, like a worker; default: the process
             settings).
+        plan_running: The Temporal check for stored fleet plans (see ``PlanProbe``; None:
+            plans are not examined). A drain stores its plan in the catalog and drops it when
+            it ends, cancelled or not; a terminated drain (or one whose drop failed) leaves
+            it. Plans are examined only without a collection filter.
     """
 
     def __init__(self, catalog: Catalog, staging: Staging | None, is_running: MoveProbe, *,
                  collections: Iterable[str] | None = None, delete_batch: int = 5_000,
-                 delete_pause_s: float = 0.0, db: DatabaseSettings | None = None) -> None:
+                 delete_pause_s: float = 0.0, db: DatabaseSettings | None = None,
+                 plan_running: PlanProbe | None = None) -> None:
         self.catalog = catalog
+        self.plan_running = plan_running
         self.db = db or get_settings().db
         self.staging = staging
         self.is_running = is_running
@@ -209,7 +219,38 @@ class Doctor(DoctorRepairs):
         items += self._staging_items(ctx)
         items += self._lease_items(leases, ctx)
         items += self._migration_items(ctx, unknown, items)
+        items += await self._plan_items()
         return items
+
+    async def _plan_items(self) -> list[Item]:
+        """Stored plans of fleet operations that no longer run (read after the shards and
+        records: a plan stored later belongs to an operation that runs)."""
+        if self.plan_running is None or self.scope is not None:
+            return []
+        out = []
+        for plan_id, moves in (await self.catalog.plan_ids()).items():
+            try:
+                if await self.plan_running(plan_id):
+                    continue
+            except Exception as exc:  # noqa: BLE001 - cannot tell: leave it alone
+                out.append(Item(Finding(
+                    kind=FindingKind.FLEET_PLAN, shard=None, object=plan_id,
+                    detail=f"{moves} planned move(s); cannot tell whether its operation runs "
+                           f"({type(exc).__name__}: {exc})",
+                    action="none: nothing is touched; check Temporal, then run doctor again")))
+                continue
+            out.append(Item(
+                Finding(kind=FindingKind.FLEET_PLAN, shard=None, object=plan_id,
+                        detail=f"{moves} planned move(s) stored by a fleet operation that no "
+                               "longer runs (terminated, or its drop failed)",
+                        action="drop the stored plan (moves already made stay made)"),
+                fix=self._fix_drop_plan(plan_id)))
+        return out
+
+    def _fix_drop_plan(self, plan_id: str) -> Callable[[], Awaitable[None]]:
+        async def fix() -> None:
+            await self.catalog.drop_plan(plan_id)
+        return fix
 
     async def _inspect(self, server: Server, maps: dict[str, ChunkMap]) -> None:
         try:
@@ -488,4 +529,4 @@ class Doctor(DoctorRepairs):
         return out
 
 
-__all__ = ["Doctor", "MoveProbe"]
+__all__ = ["Doctor", "MoveProbe", "PlanProbe"]

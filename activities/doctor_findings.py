@@ -30,6 +30,7 @@ class FindingKind(StrEnum):
     STAGING = "staging"
     LEASE = "lease"
     MIGRATION = "migration"
+    FLEET_PLAN = "fleet_plan"
 
 
 class Finding(BaseModel):

@@ -7,7 +7,7 @@ import asyncio
 import json
 from typing import Any
 
-from activities.doctor import Doctor, MoveProbe
+from activities.doctor import Doctor, MoveProbe, PlanProbe
 from activities.doctor_findings import format_report
 from catalog import Catalog
 from cli.common import CliError, catalog_dsn
@@ -31,6 +31,7 @@ async def _doctor(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
     settings = get_settings()
     probe: MoveProbe
+    plans: PlanProbe
     try:
         client = await temporal_client(settings)
     except CliError as exc:
@@ -41,12 +42,16 @@ async def _doctor(args: argparse.Namespace) -> int:
         async def unreachable(record: Any, workflow_ids: Any) -> bool:
             raise RuntimeError(reason)
 
-        probe = unreachable
+        async def plan_unknown(plan_id: str) -> bool:
+            raise RuntimeError(reason)
+
+        probe, plans = unreachable, plan_unknown
     else:
-        probe = TemporalMoveProbe(client)
+        temporal_probe = TemporalMoveProbe(client)
+        probe, plans = temporal_probe, temporal_probe.plan_running
     async with Catalog(catalog_dsn(settings), max_size=2) as cat:
         doctor = Doctor(cat, Staging.from_settings(settings), probe, collections=args.collection,
-                        db=settings.db)
+                        db=settings.db, plan_running=plans)
         report = await doctor.run(repair=args.repair)
     if args.json:
         print(json.dumps(report.model_dump(mode="json"), indent=2))

@@ -92,6 +92,16 @@ class FleetPlans(CatalogBase):
 
         return await self._txn(body, read_only=True)
 
+    async def plan_ids(self) -> dict[str, int]:
+        """Every stored plan's id and how many moves it holds (all rounds)."""
+
+        async def body(cur: AsyncCursor[Any]) -> dict[str, int]:
+            await cur.execute("SELECT plan_id, count(*) FROM catalog.fleet_plans"
+                              " GROUP BY plan_id ORDER BY plan_id")
+            return {r[0]: int(r[1]) for r in await cur.fetchall()}
+
+        return await self._txn(body, read_only=True)
+
     async def drop_plan(self, plan_id: str) -> int:
         """Remove every round of an operation's plan; how many moves were stored."""
         check_plan_id(plan_id)

@@ -5,6 +5,7 @@ an unreachable shard is a finding (not a crash), and a running move is never tou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -27,6 +28,7 @@ from catalog.models import (
     MigrationPhase,
     MigrationRecord,
 )
+from catalog.store.plans import StoredMove
 from infra import Stack
 from infra.postgres import SUPERUSER
 from router.hashing import khash
@@ -47,7 +49,12 @@ from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle
 from tests.workflows.helpers import stream_objects
 from tests.workflows.procs import chunk_keys, poll_progress, preload_chunk
-from workflows import MigrateChunkInput, MigrateChunkWorkflow
+from workflows import (
+    ChangeIndexesInput,
+    ChangeIndexesWorkflow,
+    MigrateChunkInput,
+    MigrateChunkWorkflow,
+)
 from workflows.migrate_chunk import migration_id_for
 
 FAST = {"poll_s": 0.2, "cutover_retry_s": 0.2, "part_rows": 500}
@@ -390,3 +397,62 @@ async def test_doctor_touches_nothing_of_a_move_it_cannot_judge(
         assert (await cat.migration(mid)).active
     finally:
         await asyncio.to_thread(drop_all, [shards[s0].dsn, shards[s1].dsn], mid)
+
+
+async def test_doctor_drops_the_plan_of_a_fleet_operation_that_no_longer_runs(
+    deployment: Deployment, worker_settings: Settings, stack: Stack, temporal_client: Client
+) -> None:
+    """A drain stores its plan in the catalog and drops it when it ends; a terminated one
+    left it for good. The doctor reports the plan of an operation that no longer runs
+    (terminated, never existed, or a later run under the same id) and ``--repair`` drops it;
+    the plan of an operation that runs is neither reported nor touched."""
+    cat, c = deployment.catalog, deployment.collection
+    chunk = deployment.initial.chunks[0]
+    moves = [StoredMove(collection=c, chunk_id=chunk.chunk_id, source=chunk.shard_id,
+                        target="elsewhere", bytes=10)]
+    queue = f"no-worker-{uuid.uuid4().hex[:8]}"  # nobody polls it: a started run stays running
+    tag = uuid.uuid4().hex[:8]
+
+    async def start(name: str) -> Any:
+        return await temporal_client.start_workflow(
+            ChangeIndexesWorkflow.run, ChangeIndexesInput(collection=c),
+            id=f"{name}-{tag}", task_queue=queue)
+
+    running, terminated = await start("drain-running"), await start("drain-terminated")
+    await terminated.terminate("as an operator might")
+    reused = await start("drain-reused")
+    await reused.terminate("first run")
+    reused_again = await start("drain-reused")  # the same id, a new chain: another operation
+    plans = {
+        "running": f"{running.id}@{running.first_execution_run_id}",
+        "terminated": f"{terminated.id}@{terminated.first_execution_run_id}",
+        "never_ran": f"drain-nobody-{tag}@{uuid.uuid4()}",
+        "reused": f"{reused.id}@{reused.first_execution_run_id}",
+    }
+    try:
+        for plan_id in plans.values():
+            await cat.save_plan(plan_id, 1, moves * 2)
+        rc, report = await doctor_json(stack, worker_settings)
+        found = {f["object"]: f for f in report["findings"] if f["kind"] == "fleet_plan"}
+        assert set(found) == {plans["terminated"], plans["never_ran"], plans["reused"]}, found
+        assert rc == 1 and "2 planned move(s)" in found[plans["terminated"]]["detail"]
+        assert not any(f["repaired"] for f in found.values())
+        assert set(await cat.plan_ids()) >= set(plans.values())  # a report changes nothing
+
+        rc, report = await doctor_json(stack, worker_settings, "--repair")
+        found = {f["object"]: f for f in report["findings"] if f["kind"] == "fleet_plan"}
+        assert all(f["repaired"] for f in found.values()) and len(found) == 3, found
+        left = await cat.plan_ids()
+        assert plans["running"] in left and left[plans["running"]] == 2
+        assert not {plans["terminated"], plans["never_ran"], plans["reused"]} & set(left)
+        # a collection-scoped run leaves plans alone (they are an operation's, not a chunk's)
+        await running.terminate("done")
+        rc, report = await doctor_json(stack, worker_settings, "--collection", c)
+        assert not [f for f in report["findings"] if f["kind"] == "fleet_plan"]
+        assert plans["running"] in await cat.plan_ids()
+    finally:
+        for handle in (running, reused_again):
+            with contextlib.suppress(Exception):
+                await handle.terminate("test teardown")
+        for plan_id in plans.values():
+            await cat.drop_plan(plan_id)
