@@ -326,28 +326,30 @@ async def move_continued_as_new(ctx: Ctx) -> dict[str, WorkflowHistory]:
     return {"move_continued_as_new_first": runs[0], "move_continued_as_new_last": runs[-1]}
 
 
+async def drain(ctx: Ctx, fleet: Fleet, workflow_id: str, **kw: Any
+                ) -> WorkflowHandle[Any, Any]:
+    """Drain the fleet's old shards onto its new ones to the end (every old shard retired)."""
+    handle = await ctx.client.start_workflow(
+        DrainShardWorkflow.run,
+        DrainShardInput(shards=fleet.old, targets=fleet.new, move=FAST, **kw),
+        id=workflow_id, task_queue=ctx.task_queue)
+    result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+    assert sorted(result.retired) == sorted(fleet.old), result
+    return handle
+
+
 async def drain_merge_completed(ctx: Ctx) -> dict[str, WorkflowHistory]:
     """A merge: one shard's three chunks drained onto two others, two moves at a time."""
     fleet = await ctx.fleet("drain_merge", old=1, new=2, chunks_per_shard=3)
-    handle = await ctx.client.start_workflow(
-        DrainShardWorkflow.run,
-        DrainShardInput(shards=fleet.old, targets=fleet.new, max_parallel=2, move=FAST),
-        id="drain_merge_completed", task_queue=ctx.task_queue)
-    result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
-    assert sorted(result.retired) == sorted(fleet.old), result
+    handle = await drain(ctx, fleet, "drain_merge_completed", max_parallel=2)
     return {"drain_merge_completed": await handle.fetch_history()}
 
 
 async def drain_continued_as_new(ctx: Ctx) -> dict[str, WorkflowHistory]:
     """A drain limited to one move per run: it continues as new between moves."""
     fleet = await ctx.fleet("drain_can", old=1, new=1, chunks_per_shard=2)
-    handle = await ctx.client.start_workflow(
-        DrainShardWorkflow.run,
-        DrainShardInput(shards=fleet.old, targets=fleet.new, max_parallel=1, move=FAST,
-                        limits=RunLimits(moves_per_run=1)),
-        id="drain_continued_as_new", task_queue=ctx.task_queue)
-    result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
-    assert sorted(result.retired) == sorted(fleet.old), result
+    handle = await drain(ctx, fleet, "drain_continued_as_new", max_parallel=1,
+                         limits=RunLimits(moves_per_run=1))
     runs = await runs_of(ctx.client, handle)
     assert len(runs) >= 2, len(runs)
     return {"drain_continued_as_new_first": runs[0], "drain_continued_as_new_last": runs[-1]}
@@ -373,12 +375,7 @@ async def drain_paged_completed(ctx: Ctx) -> dict[str, WorkflowHistory]:
     """A drain whose plan is stored in the catalog and read back in pages (patch
     ``fleet-plan-pages``): one shard's four chunks onto two others."""
     fleet = await ctx.fleet("drain_paged", old=1, new=2, chunks_per_shard=4)
-    handle = await ctx.client.start_workflow(
-        DrainShardWorkflow.run,
-        DrainShardInput(shards=fleet.old, targets=fleet.new, max_parallel=2, move=FAST),
-        id="drain_paged_completed", task_queue=ctx.task_queue)
-    result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
-    assert sorted(result.retired) == sorted(fleet.old), result
+    handle = await drain(ctx, fleet, "drain_paged_completed", max_parallel=2)
     history = await handle.fetch_history()
     activities = _activity_types(history)
     assert "drain.plan_stored" in activities and "fleet.plan_page" in activities, activities
@@ -389,13 +386,8 @@ async def drain_per_shard_limit_completed(ctx: Ctx) -> dict[str, WorkflowHistory
     """Two shards drained onto one with ``RunLimits.max_running_per_shard`` 1: a move starts
     only when both its shards have room, so the moves run one at a time."""
     fleet = await ctx.fleet("drain_limit", old=2, new=1, chunks_per_shard=1)
-    handle = await ctx.client.start_workflow(
-        DrainShardWorkflow.run,
-        DrainShardInput(shards=fleet.old, targets=fleet.new, max_parallel=4, move=FAST,
-                        limits=RunLimits(max_running_per_shard=1)),
-        id="drain_per_shard_limit_completed", task_queue=ctx.task_queue)
-    result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
-    assert sorted(result.retired) == sorted(fleet.old), result
+    handle = await drain(ctx, fleet, "drain_per_shard_limit_completed", max_parallel=4,
+                         limits=RunLimits(max_running_per_shard=1))
     return {"drain_per_shard_limit_completed": await handle.fetch_history()}
 
 
