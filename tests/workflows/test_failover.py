@@ -11,9 +11,11 @@ Each test consumes one standby: (1) shard-1 (18), (1b) shard-2 (18, a move's tar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -26,6 +28,7 @@ from bench.faultkit import stop_immediate
 from catalog import Catalog
 from catalog.admin import provision_collection
 from catalog.local_stack import private_stack, register_stack_shards
+from catalog.models import Chunk
 from infra import Stack
 from settings import Settings, TemporalSettings
 from shards.postgres import PostgresShard
@@ -147,6 +150,49 @@ def applier_streams(d: Deployment, source: str, mid: str) -> bool:
     return slot_streaming(d.shards[source].dsn, repl.stream_names(mid, "fwd").slot)
 
 
+@dataclass
+class Replicating:
+    """A move held in replicate under load, its applier streaming."""
+
+    moving: Chunk
+    handle: WorkflowHandle[Any, Any]
+    migration_id: str
+    load: Any
+
+    async def finish(self, monkeypatch: pytest.MonkeyPatch) -> Any:
+        """Release the lag hold and wait for the move's result."""
+        monkeypatch.delenv(HOLD_LAG_ENV)
+        return await asyncio.wait_for(self.handle.result(), RESULT_TIMEOUT_S)
+
+
+@contextlib.asynccontextmanager
+async def deployed(stack: Stack, catalog: Catalog, prefix: str, shard_ids: list[str]
+                   ) -> AsyncIterator[Deployment]:
+    d = await deploy(stack, catalog, f"{prefix}_{uuid.uuid4().hex[:6]}", shard_ids)
+    try:
+        yield d
+    finally:
+        await close(d)
+
+
+@contextlib.asynccontextmanager
+async def replicating(d: Deployment, client: Client, worker: Settings,
+                      monkeypatch: pytest.MonkeyPatch, source: str, target: str
+                      ) -> AsyncIterator[Replicating]:
+    """Load on a chunk of ``source`` and one of ``target``; the first moving to ``target``,
+    held in replicate (``HOLD_LAG_ENV``) with its applier streaming."""
+    moving = next(c for c in d.initial.chunks if c.shard_id == source)
+    other = next(c for c in d.initial.chunks if c.shard_id == target)
+    monkeypatch.setenv(HOLD_LAG_ENV, d.collection)
+    async with load_on(d, moving, other) as load:
+        handle = await start(client, d, moving.chunk_id, target, worker.temporal.task_queue)
+        p = await poll_progress(handle, lambda p: p.phase == "replicate", timeout=120,
+                                what="replicate")
+        await wait_until(lambda: asyncio.to_thread(applier_streams, d, source, p.migration_id),
+                         timeout=60, what="the applier streaming")
+        yield Replicating(moving, handle, p.migration_id, load)
+
+
 # -- 1. a PostgreSQL 18 shard fails over mid-move ----------------------------------------------
 
 
@@ -157,35 +203,22 @@ async def test_pg18_source_failover_mid_move(ha_stack: Stack, ha_catalog: Catalo
     failover slot was synchronized to the standby, so the applier resumes from it on the new
     primary: the move completes, verifies, and the checker finds nothing lost; the router
     follows the promotion through the multi-host address."""
-    d = await deploy(ha_stack, ha_catalog, f"ha18_{uuid.uuid4().hex[:6]}", ["shard-1", "shard-2"])
-    try:
-        moving = next(c for c in d.initial.chunks if c.shard_id == "shard-1")
-        other = next(c for c in d.initial.chunks if c.shard_id == "shard-2")
-        monkeypatch.setenv(HOLD_LAG_ENV, d.collection)
-        async with load_on(d, moving, other) as load:
-            handle = await start(ha_client, d, moving.chunk_id, "shard-2",
-                                 ha_worker.temporal.task_queue)
-            p = await poll_progress(handle, lambda p: p.phase == "replicate", timeout=120,
-                                    what="replicate")
-            slot = repl.stream_names(p.migration_id, "fwd").slot
-            await wait_until(lambda: asyncio.to_thread(applier_streams, d, "shard-1",
-                                                       p.migration_id),
-                             timeout=60, what="the applier streaming")
+    async with deployed(ha_stack, ha_catalog, "ha18", ["shard-1", "shard-2"]) as d:
+        async with replicating(d, ha_client, ha_worker, monkeypatch, "shard-1", "shard-2") as m:
+            slot = repl.stream_names(m.migration_id, "fwd").slot
             await wait_until(lambda: asyncio.to_thread(slot_failover_ready, ha_stack,
                                                        "shard-1", slot),
                              timeout=150, what="the slot synced to the standby")
             await asyncio.to_thread(fail_over, ha_stack, "shard-1")
             # The applier streams again, from the promoted standby's synced slot.
             await wait_until(lambda: asyncio.to_thread(applier_streams, d, "shard-1",
-                                                       p.migration_id),
+                                                       m.migration_id),
                              timeout=90, what="the applier streaming from the new primary")
-            assert (await poll_progress(handle, lambda p: True)).phase == "replicate"
-            monkeypatch.delenv(HOLD_LAG_ENV)
-            result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
-        report = await assert_moved(d, result, moving, "shard-2", load, allow_client_errors=True)
+            assert (await poll_progress(m.handle, lambda p: True)).phase == "replicate"
+            result = await m.finish(monkeypatch)
+        report = await assert_moved(d, result, m.moving, "shard-2", m.load,
+                                    allow_client_errors=True)
         print(f"\nclient errors {report.client_errors}, unknown {report.unknown_outcomes}")
-    finally:
-        await close(d)
 
 
 # -- 1b. the target of a move fails over mid-move ---------------------------------------------
@@ -198,36 +231,22 @@ async def test_pg18_target_failover_mid_move(ha_stack: Stack, ha_catalog: Catalo
     is promoted. What the target holds (the imported copy, the applier's replication origin
     and state row) was committed synchronously to the standby, so the applier resumes on the
     new primary from where the origin says: the move completes, verifies, nothing is lost."""
-    d = await deploy(ha_stack, ha_catalog, f"ha18t_{uuid.uuid4().hex[:6]}",
-                     ["shard-1", "shard-2"])
-    try:
-        moving = next(c for c in d.initial.chunks if c.shard_id == "shard-1")
-        other = next(c for c in d.initial.chunks if c.shard_id == "shard-2")
-        monkeypatch.setenv(HOLD_LAG_ENV, d.collection)
-        async with load_on(d, moving, other) as load:
-            handle = await start(ha_client, d, moving.chunk_id, "shard-2",
-                                 ha_worker.temporal.task_queue)
-            p = await poll_progress(handle, lambda p: p.phase == "replicate", timeout=120,
-                                    what="replicate")
-            await wait_until(lambda: asyncio.to_thread(applier_streams, d, "shard-1",
-                                                       p.migration_id),
-                             timeout=60, what="the applier streaming")
-            acked = sum(r.outcome == "ok" for r in load.records)
+    async with deployed(ha_stack, ha_catalog, "ha18t", ["shard-1", "shard-2"]) as d:
+        async with replicating(d, ha_client, ha_worker, monkeypatch, "shard-1", "shard-2") as m:
+            acked = sum(r.outcome == "ok" for r in m.load.records)
             await asyncio.to_thread(fail_over, ha_stack, "shard-2")
             # Writes go on (the moving chunk is still served by its source), and the applier
             # streams again into the promoted target.
-            await wait_until(lambda: sum(r.outcome == "ok" for r in load.records) >= acked + 50,
+            await wait_until(lambda: sum(r.outcome == "ok" for r in m.load.records) >= acked + 50,
                              timeout=90, what="writes after the target's failover")
             await wait_until(lambda: asyncio.to_thread(applier_streams, d, "shard-1",
-                                                       p.migration_id),
+                                                       m.migration_id),
                              timeout=90, what="the applier streaming into the new target")
-            assert (await poll_progress(handle, lambda p: True)).phase == "replicate"
-            monkeypatch.delenv(HOLD_LAG_ENV)
-            result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
-        report = await assert_moved(d, result, moving, "shard-2", load, allow_client_errors=True)
+            assert (await poll_progress(m.handle, lambda p: True)).phase == "replicate"
+            result = await m.finish(monkeypatch)
+        report = await assert_moved(d, result, m.moving, "shard-2", m.load,
+                                    allow_client_errors=True)
         print(f"\nclient errors {report.client_errors}, unknown {report.unknown_outcomes}")
-    finally:
-        await close(d)
 
 
 # -- 2. a PostgreSQL 15 shard fails over mid-move ----------------------------------------------
@@ -241,22 +260,12 @@ async def test_pg15_source_failover_aborts_clean_and_retry_completes(
     with a missing slot and the move aborts clean (no stream object, no partial copy on the
     target, leases released, the chunk still on its source at its token); a second move of
     the same chunk completes and nothing is lost."""
-    d = await deploy(ha_stack, ha_catalog, f"ha15_{uuid.uuid4().hex[:6]}", ["shard-3", "shard-2"])
-    try:
-        moving = next(c for c in d.initial.chunks if c.shard_id == "shard-3")
-        other = next(c for c in d.initial.chunks if c.shard_id == "shard-2")
-        monkeypatch.setenv(HOLD_LAG_ENV, d.collection)
-        async with load_on(d, moving, other) as load:
-            handle = await start(ha_client, d, moving.chunk_id, "shard-2",
-                                 ha_worker.temporal.task_queue)
-            p = await poll_progress(handle, lambda p: p.phase == "replicate", timeout=120,
-                                    what="replicate")
-            mid = p.migration_id
-            await wait_until(lambda: asyncio.to_thread(applier_streams, d, "shard-3", mid),
-                             timeout=60, what="the applier streaming")
+    async with deployed(ha_stack, ha_catalog, "ha15", ["shard-3", "shard-2"]) as d:
+        async with replicating(d, ha_client, ha_worker, monkeypatch, "shard-3", "shard-2") as m:
+            mid, moving = m.migration_id, m.moving
             await asyncio.to_thread(fail_over, ha_stack, "shard-3")
             with pytest.raises(WorkflowFailureError) as failed:
-                await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+                await asyncio.wait_for(m.handle.result(), RESULT_TIMEOUT_S)
             chain = " | ".join(str(e) for e in failure_chain(failed.value))
             assert "does not exist" in chain, chain
             dsns = [s.dsn for s in d.shards.values()]
@@ -271,10 +280,9 @@ async def test_pg15_source_failover_aborts_clean_and_retry_completes(
             retry = await start(ha_client, d, moving.chunk_id, "shard-2",
                                 ha_worker.temporal.task_queue)
             result = await asyncio.wait_for(retry.result(), RESULT_TIMEOUT_S)
-        report = await assert_moved(d, result, moving, "shard-2", load, allow_client_errors=True)
+        report = await assert_moved(d, result, moving, "shard-2", m.load,
+                                    allow_client_errors=True)
         print(f"\nclient errors {report.client_errors}, unknown {report.unknown_outcomes}")
-    finally:
-        await close(d)
 
 
 # -- 3. the catalog fails over under a router and a running move --------------------------------
@@ -286,28 +294,13 @@ async def test_catalog_failover_under_router_and_move(
     """The catalog's primary dies while a move replicates under load; its standby is
     promoted. Router, worker and the test's catalog client reach the new primary through the
     multi-host DSN: clients see no error (a pause at most) and the move completes."""
-    d = await deploy(ha_stack, ha_catalog, f"hacat_{uuid.uuid4().hex[:6]}",
-                     ["shard-2", "shard-1"])
-    try:
-        moving = next(c for c in d.initial.chunks if c.shard_id == "shard-2")
-        other = next(c for c in d.initial.chunks if c.shard_id == "shard-1")
-        monkeypatch.setenv(HOLD_LAG_ENV, d.collection)
-        async with load_on(d, moving, other) as load:
-            handle = await start(ha_client, d, moving.chunk_id, "shard-1",
-                                 ha_worker.temporal.task_queue)
-            p = await poll_progress(handle, lambda p: p.phase == "replicate", timeout=120,
-                                    what="replicate")
-            await wait_until(lambda: asyncio.to_thread(applier_streams, d, "shard-2",
-                                                       p.migration_id),
-                             timeout=60, what="the applier streaming")
+    async with deployed(ha_stack, ha_catalog, "hacat", ["shard-2", "shard-1"]) as d:
+        async with replicating(d, ha_client, ha_worker, monkeypatch, "shard-2", "shard-1") as m:
             await asyncio.to_thread(fail_over, ha_stack, "catalog")
-            monkeypatch.delenv(HOLD_LAG_ENV)
-            result = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
-        await assert_moved(d, result, moving, "shard-1", load)
+            result = await m.finish(monkeypatch)
+        await assert_moved(d, result, m.moving, "shard-1", m.load)
         with psycopg.connect(ha_stack.catalog_dsn, autocommit=True) as conn:
             row = conn.execute("SELECT pg_is_in_recovery(), current_setting('port')").fetchone()
         server = next(s for s in (ha_stack.record() or pytest.fail("no stack")).servers
                       if s.name == "catalog")
         assert row == (False, str(server.standby_port)), row
-    finally:
-        await close(d)
