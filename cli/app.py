@@ -14,6 +14,7 @@
     shardshift moves [--collection C] [--phase P] [--catalog]
     shardshift rollback --id WORKFLOW_ID
     shardshift drain SHARD... [--to SHARD...] [--upgrade] [--parallel N] [--no-wait]
+    shardshift merge [--among SHARD...] [--parallel N] [--dry-run] [--no-wait]
     shardshift rebalance [--tolerance F] [--max-moves N] [--dry-run] [--schedule EVERY]
                          [--unschedule]
     shardshift split-shard SHARD --to SHARD [--dry-run]
@@ -307,6 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     _throttle_args(drain)
     _workflow_args(drain, "drain-SHARDS or upgrade-SHARDS")
     drain.set_defaults(func="cli.fleet:cmd_drain")
+
+    merge = sub.add_parser(
+        "merge", help="drain the least utilized shards onto the others: as few shards as hold "
+                      "the data within their declared capacities (bin packing)")
+    merge.add_argument("--among", nargs="+", metavar="SHARD",
+                       help="only these active shards (default: every active shard; all must "
+                            "run one engine version and declare a capacity)")
+    merge.add_argument("--parallel", type=int, default=2, metavar="N",
+                       help="chunk moves at once (default 2)")
+    merge.add_argument("--no-wait", action="store_true", help="start it and return")
+    merge.add_argument("--dry-run", action="store_true",
+                       help="say which shards it would drain; start nothing")
+    _throttle_args(merge)
+    _workflow_args(merge, "merge-SHARDS")
+    merge.set_defaults(func="cli.fleet:cmd_merge")
 
     reb = sub.add_parser("rebalance", help="even out the data across active shards (now, "
                                            "or on a Temporal Schedule)")

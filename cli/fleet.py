@@ -1,5 +1,6 @@
-"""Many chunks at once: ``shardshift drain`` (merges, ``--upgrade``), ``rebalance`` (now or
-on a Temporal Schedule) and ``split-shard``."""
+"""Many chunks at once: ``shardshift drain`` (merges, ``--upgrade``), ``merge`` (which shards
+to drain, chosen by bin packing), ``rebalance`` (now or on a Temporal Schedule) and
+``split-shard``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from temporalio.client import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.context import MoveContext
+from activities.merge_choice import MergeRefused, choose_merge
 from catalog import Catalog
 from catalog.errors import CatalogError
 from catalog.models import MigrationKind
@@ -27,12 +30,14 @@ from cli.render import (
     format_drain_progress,
     format_rebalance_progress,
     print_drain_result,
+    print_merge_choice,
     print_rebalance_result,
     print_schedule_status,
 )
 from cli.temporal import client as temporal_client
 from cli.temporal import ui_url, watch_or_report
 from settings import Settings, get_settings
+from shards.staging import Staging
 from workflows import DrainShardInput, DrainShardWorkflow, RebalanceInput, RebalanceWorkflow
 from workflows.child_moves import RunLimits
 
@@ -61,6 +66,12 @@ async def _drain(args: argparse.Namespace) -> int:
     await _check_drain(settings, inp.shards, inp.targets or [])
     wf_id = args.id or f"{'upgrade' if args.upgrade else 'drain'}-{'-'.join(args.shards)}" + (
         "-dry-run" if args.dry_run else "")
+    return await _start_drain(settings, args, inp, wf_id)
+
+
+async def _start_drain(settings: Settings, args: argparse.Namespace, inp: DrainShardInput,
+                       wf_id: str) -> int:
+    """Start a drain and watch it to its result (unless ``--no-wait``)."""
     client = await temporal_client(settings)
     task_queue = args.task_queue or settings.temporal.task_queue
     try:
@@ -83,6 +94,44 @@ async def _drain(args: argparse.Namespace) -> int:
         return 1
     print_drain_result(result)
     return 0
+
+
+# -- merge --------------------------------------------------------------------------------------
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    return asyncio.run(_merge(args))
+
+
+async def _merge(args: argparse.Namespace) -> int:
+    """Choose the shards to drain (``activities.merge_choice``), say so, then drain them onto
+    the others (``--dry-run``: only say so)."""
+    settings = get_settings()
+    try:
+        move = move_options(args)
+        DrainShardInput(shards=["x"], max_parallel=args.parallel, move=move)
+    except ValueError as exc:
+        raise CliError(f"invalid merge: {exc}".replace("\n", " ")) from exc
+    async with Catalog(catalog_dsn(settings), max_size=2) as cat:
+        ctx = MoveContext(cat, Staging.from_settings(settings), max_threads=4, db=settings.db)
+        try:
+            choice = await choose_merge(ctx, args.among,
+                                        traffic_span_s=settings.fleet.traffic_span_s)
+        except (MergeRefused, CatalogError) as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            await ctx.close()
+    print_merge_choice(choice)
+    if not choice.drained:
+        print("nothing to merge: every shard is needed to hold the data within its capacity")
+        return 0
+    if args.dry_run:
+        return 0
+    inp = DrainShardInput(shards=choice.drained, targets=choice.kept,
+                          kind=MigrationKind.MERGE_SHARDS, max_parallel=args.parallel,
+                          move=move, limits=_limits(settings))
+    wf_id = args.id or f"merge-{'-'.join(choice.drained)}"
+    return await _start_drain(settings, args, inp, wf_id)
 
 
 async def _check_drain(settings: Settings, shards: list[str], targets: list[str]) -> None:

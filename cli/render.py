@@ -149,6 +149,19 @@ def print_drain_result(result: Any) -> None:
               f" {m.documents} docs  pause {pause}")
 
 
+def print_merge_choice(choice: Any) -> None:
+    """``shardshift merge``: which shards it keeps and drains, and why that many."""
+    print(f"merge among {len(choice.considered)} shards: keep {len(choice.kept)}, "
+          f"drain {len(choice.drained)} (at least {choice.lower_bound} needed for "
+          f"{human_bytes(choice.bytes_total)} within the declared capacities)")
+    for s in choice.considered:
+        role = "drain" if s in choice.drained else "keep "
+        print(f"  {role} {s:<20} {human_bytes(choice.bytes_by_shard.get(s, 0)):>10} of "
+              f"{human_bytes(choice.capacity_by_shard.get(s, 0))}")
+    if choice.drained:
+        print(f"moves              {choice.moves} chunk(s), {human_bytes(choice.bytes_moved)}")
+
+
 def format_rebalance_progress(p: Any, elapsed: float) -> str:
     parts = [f"{elapsed:6.1f}s", f"{p.phase:<9}"]
     if p.loads:

@@ -110,8 +110,9 @@ def stream_objects(dsns: list[str], prefix: str = NAME_PREFIX) -> list[str]:
 # -- setup -------------------------------------------------------------------------------------
 
 
-def load_chunk(dsn: str, collection: str, rng: KeyRange, n: int) -> int:
-    """Write ``n`` documents of the chunk ``rng`` straight into a shard's table (setup)."""
+def load_chunk(dsn: str, collection: str, rng: KeyRange, n: int, *, id_prefix: str = "b") -> int:
+    """Write ``n`` documents of the chunk ``rng`` straight into a shard's table (setup); their
+    ``_id``s are ``{id_prefix}{i}`` (give each chunk its own prefix when loading several)."""
     keys = [k for k in (f"bulk-{i}" for i in range(n * 12)) if rng.contains(khash(k))]
     assert len(keys) >= n // 2, "too few keys fall in the range"
     table = sql.SQL("docs.{}").format(sql.Identifier(collection))
@@ -121,7 +122,7 @@ def load_chunk(dsn: str, collection: str, rng: KeyRange, n: int) -> int:
     ) as copy:
         for i in range(n):
             key = keys[i % len(keys)]
-            id_text, doc_text = encode_for_store({"_id": f"b{i}", "acct": key, "v": i,
+            id_text, doc_text = encode_for_store({"_id": f"{id_prefix}{i}", "acct": key, "v": i,
                                                   "pad": "x" * 100})
             copy.write_row((khash(key), id_text, doc_text))
             written += 1

@@ -4,6 +4,7 @@ both under load and judged by the checker; bad input; cancel. Plus the planner's
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sys
 import uuid
@@ -18,6 +19,7 @@ from activities.models import DrainPlanInput
 from catalog import Catalog, ShardState
 from catalog.models import MigrationKind, ShardInfo
 from infra import Stack
+from tests.workflows.cli_run import shardshift_in_process
 from tests.workflows.conftest import WorkerHandle
 from tests.workflows.fleet import (
     RESULT_TIMEOUT_S,
@@ -231,3 +233,53 @@ async def test_cli_drain_shows_progress_and_retires(
     )
     _, err = await bad.communicate()
     assert bad.returncode == 2 and "nosuch-shard" in err.decode(), err.decode()
+
+
+async def test_cli_merge_chooses_the_least_utilized_shard_and_drains_it(
+    router_catalog: Catalog, pg18_dsns: list[str], collection_name: str, stack: Stack,
+    worker: WorkerHandle, temporal_client: Client, fleet_cleanup: list[Fleet],
+) -> None:
+    """``shardshift merge``: three shards holding 800, 500 and 120 documents' worth, each
+    declaring room for 62 % of the total, so two can hold everything. It keeps the two most
+    utilized and drains the third onto them under load (nothing lost, no client error); a
+    dry run changes nothing, and a merge it cannot plan is refused before anything starts."""
+    c = collection_name
+    ids = [f"{c[:40]}-g{i}" for i in range(3)]
+    fleet = await make_fleet(router_catalog, c, {s: (pg18_dsns[i], 18) for i, s in enumerate(ids)},
+                             {})
+    fleet_cleanup.append(fleet)
+    cmap = await router_catalog.chunk_map(c)
+    for sid, per_chunk in zip(ids, (400, 250, 60), strict=True):
+        for chunk in cmap.on_shard(sid):
+            await asyncio.to_thread(load_chunk, fleet.shards[sid].dsn, c, chunk.range, per_chunk,
+                                    id_prefix=f"c{chunk.chunk_id}-")
+    sizes = {sid: sum(b for _, b in (await fleet.shards[sid].chunk_sizes(
+        c, [(k.chunk_id, k.range) for k in cmap.on_shard(sid)])).values()) for sid in ids}
+    env = {**os.environ, "SHARDSHIFT_CATALOG_DSN": stack.catalog_dsn,
+           "SHARDSHIFT_TEMPORAL__ADDRESS": stack.temporal.address,
+           "SHARDSHIFT_STATE_DIR": str(stack.state_dir)}
+
+    # Refused, nothing started: no capacity declared, one shard, an unknown shard.
+    for args, says in ((["--among", *ids], "without a declared capacity"),
+                       (["--among", ids[0]], "at least two"),
+                       (["--among", ids[0], "nosuch-shard"], "unknown shard")):
+        ran = await shardshift_in_process(env, "merge", *args, "--dry-run")
+        assert ran.code == 2 and says in ran.err, (args, ran)
+
+    capacity = math.ceil(sum(sizes.values()) * 0.62)
+    for i, sid in enumerate(ids):
+        await router_catalog.register_shard(sid, pg18_dsns[i], engine="postgres",
+                                            major_version=18, capacity_bytes=capacity)
+    ran = await shardshift_in_process(env, "merge", "--among", *ids, "--dry-run")
+    assert ran.code == 0, ran
+    assert "keep 2, drain 1" in ran.out and f"drain {ids[2]}" in ran.out, ran.out
+    assert [(await router_catalog.shard(s)).state for s in ids] == [ShardState.ACTIVE] * 3
+
+    wf_id = f"merge-cli-{uuid.uuid4().hex[:6]}"
+    ran = await shardshift_in_process(env, "merge", "--among", *ids, "--no-wait", "--id", wf_id,
+                                      "--task-queue", worker.task_queue)
+    assert ran.code == 0 and f"started {wf_id}" in ran.out, ran
+    view = Fleet(router_catalog, c, fleet.shards, old=[ids[2]], new=ids[:2])
+    result, load = await run_under_load(view, temporal_client.get_workflow_handle_for(
+        DrainShardWorkflow.run, wf_id))
+    await assert_drained(view, result, load, MigrationKind.MERGE_SHARDS)
