@@ -126,6 +126,10 @@ class Router(RouteCache):
         self._idle.set()
         self.traffic = TrafficCounter()
         """Operations per chunk since the last report (see ``router/traffic.py``)."""
+        self.statements: dict[str, int] = {}
+        """Routed statements sent (attempts, retries included) by operation (``get``,
+        ``replace``, ``scan`` ...) since the router was made: what a caller's request cost
+        in shard round trips (diagnostics and tests)."""
         self._publisher: asyncio.Task[None] | None = None
         self._stop_publishing = asyncio.Event()
 
@@ -227,6 +231,7 @@ class Router(RouteCache):
             while True:
                 route = await self.route(collection, deadline)
                 attempts += 1
+                self.statements[op] = self.statements.get(op, 0) + 1
                 try:
                     result = await fn(route, max(0.0, deadline - loop.time()))
                     outcome = "ok"

@@ -29,6 +29,7 @@ from bson import Decimal128, Int64, ObjectId, Regex
 from bson.binary import Binary
 
 from router.core import Router
+from router.hashing import khash
 from router.mongo.errors import MongoError
 from router.mongo.ordering import (
     ARRAY,
@@ -480,13 +481,18 @@ def _variants(values: tuple[Any, ...]) -> list[Any] | None:
 
 MAX_POINT_IDS = 64
 MAX_POINT_KEYS = 8
-"""A filter pinning at most ``MAX_POINT_KEYS`` stored shard key forms and ``MAX_POINT_IDS``
-``_id`` forms is read with one statement per key (``Router.get_many``) rather than a scan."""
+"""A filter pinning at most ``MAX_POINT_KEYS`` shard key hashes and ``MAX_POINT_IDS`` ``_id``
+forms is read with one statement per hash (``Router.get_many``) rather than a scan."""
 
 
 def khash_key(value: Any) -> Any:
-    """A key that tells stored forms apart as the shard key hash does (by BSON type)."""
-    return (type(value).__name__, repr(value))
+    """A key that tells shard key values apart as the shard key hash does: every numeric
+    form of one number (``5``, ``Int64(5)``, ``5.0``, ``Decimal128("5")``) hashes alike
+    (``router.hashing``), so they share one key and one statement."""
+    try:
+        return khash(value)
+    except InvalidDocumentError:
+        return (type(value).__name__, repr(value))
 
 
 @dataclass(frozen=True)
@@ -530,11 +536,16 @@ async def iterate_matching(router: Router, collection: str, f: Filter, *,
     """The matching documents, in pages of fenced reads (a page may be empty)."""
     route = await router.route(collection)
     p = plan(route, f)
-    if (p.key_values is not None and p.ids is not None
-            and len(p.key_values) <= MAX_POINT_KEYS and len(p.ids) <= MAX_POINT_IDS):
+    keys = (list({khash_key(k): k for k in p.key_values}.values())
+            if p.key_values is not None else None)
+    if (keys is not None and p.ids is not None
+            and len(keys) <= MAX_POINT_KEYS and len(p.ids) <= MAX_POINT_IDS):
         # A few shard key values and a few _ids (a number has a few stored forms: 5,
-        # Int64(5), 5.0, each hashed apart): one fenced statement per key value, at once.
-        keys = list({khash_key(k): k for k in p.key_values}.values())
+        # Int64(5), 5.0, all hashed alike, so one key): one fenced statement per key hash
+        # (khash = h AND id = ANY(every _id form)), at once.
+        if len(keys) == 1:
+            yield [d for d in await router.get_many(collection, keys[0], p.ids) if f.pred(d)]
+            return
         found = await asyncio.gather(*(router.get_many(collection, k, p.ids) for k in keys))
         yield [d for docs in found for d in docs if f.pred(d)]
         return
