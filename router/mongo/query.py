@@ -463,6 +463,26 @@ def pinned(route: CollectionRoute, f: Filter) -> tuple[Any, Any] | None:
     return key, _id
 
 
+def pinned_pair(shard_key: str, q: Mapping[str, Any]) -> tuple[Any, Any] | None:
+    """(shard key value, _id) when the raw filter document is exactly ``{<shard key>: v,
+    _id: w}`` (either order) with plain values a document can hold (not null, a regex, an
+    array, a document or an operator), else None: the shape a driver sends to read or write
+    one document by its address (the fast paths of ``find`` and ``update``)."""
+    if len(q) != 2 or shard_key == "_id":
+        return None
+    key, _id = q.get(shard_key, _MISSING), q.get("_id", _MISSING)
+    if key is _MISSING or _id is _MISSING:
+        return None
+    for v in (key, _id):
+        if isinstance(v, Mapping) or not _storable(v):
+            return None
+        try:
+            check_storable(v)
+        except InvalidDocumentError:
+            return None
+    return key, _id
+
+
 def _variants(values: tuple[Any, ...]) -> list[Any] | None:
     """What to look for where values are stored by type; None when a value can also match
     what is not stored (null: a missing field). A value no document can hold (a string

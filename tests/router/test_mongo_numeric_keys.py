@@ -11,6 +11,7 @@ from typing import Any
 import bson
 import pytest
 from bson import Decimal128, Int64
+from pymongo.errors import WriteError
 
 from router.hashing import khash
 from tests.router.conftest import Deployment
@@ -151,3 +152,46 @@ def test_an_upsert_stores_the_form_sent_on_the_chunk_its_normalized_hash_names(
         assert coll.find_one({"acct": 12.0, "_id": Int64(3)}) == {
             "_id": 3, "acct": Decimal128("12"), "y": 2}
         assert _delta(before, _statements(mongo)) == {"get": 1}
+
+
+def test_a_replacement_pinned_by_shard_key_and_id_is_one_statement(
+        mongo: MongoFront, deployment: Deployment) -> None:
+    with mongo.client() as client:
+        coll = client.shardshift[deployment.collection]
+        coll.insert_many([{"_id": "a", "acct": "x", "v": 1, "nested": {"p": 1, "q": 2}},
+                          {"_id": Int64(7), "acct": 7, "v": 1}])
+
+        before = _statements(mongo)
+        res = coll.replace_one({"acct": "x", "_id": "a"}, {"acct": "x", "v": 2,
+                                                           "nested": {"p": 1, "q": 2}})
+        assert (res.matched_count, res.modified_count) == (1, 1)
+        assert _delta(before, _statements(mongo)) == {"replace": 1}  # no read first
+        assert coll.find_one({"acct": "x", "_id": "a"}) == {
+            "_id": "a", "acct": "x", "v": 2, "nested": {"p": 1, "q": 2}}
+
+        # The same document again (fields in another order): matched, not modified.
+        before = _statements(mongo)
+        res = coll.replace_one({"_id": "a", "acct": "x"}, {"nested": {"q": 2, "p": 1},
+                                                           "v": 2, "acct": "x", "_id": "a"})
+        assert (res.matched_count, res.modified_count) == (1, 0)
+        assert _delta(before, _statements(mongo)) == {"replace": 1}
+
+        # Nothing there: matched nothing, nothing written, no document made.
+        res = coll.replace_one({"acct": "x", "_id": "nope"}, {"acct": "x", "v": 9})
+        assert (res.matched_count, res.modified_count) == (0, 0)
+        assert coll.count_documents({"acct": "x"}) == 1
+
+        # Stored with another numeric form of the _id: found by the general path, which
+        # keeps the stored _id.
+        res = coll.replace_one({"acct": 7, "_id": 7}, {"acct": 7, "v": 3})
+        assert (res.matched_count, res.modified_count) == (1, 1)
+        got = coll.find_one({"acct": 7, "_id": 7})
+        assert got == {"_id": 7, "acct": 7, "v": 3} and isinstance(got["_id"], Int64)
+
+        # What MongoDB refuses is refused as before, nothing written.
+        for q, doc in [({"acct": "x", "_id": "a"}, {"acct": "y", "v": 5}),
+                       ({"acct": "x", "_id": "a"}, {"_id": "b", "acct": "x"})]:
+            with pytest.raises(WriteError) as err:
+                coll.replace_one(q, doc)
+            assert err.value.code == 66
+        assert coll.find_one({"acct": "x", "_id": "a"})["v"] == 2
