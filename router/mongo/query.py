@@ -483,10 +483,11 @@ def pinned_pair(shard_key: str, q: Mapping[str, Any]) -> tuple[Any, Any] | None:
     return key, _id
 
 
-def _variants(values: tuple[Any, ...]) -> list[Any] | None:
+def _variants(values: tuple[Any, ...], *, numbers: bool = True) -> list[Any] | None:
     """What to look for where values are stored by type; None when a value can also match
     what is not stored (null: a missing field). A value no document can hold (a string
-    with NUL) is left out: it matches nothing."""
+    with NUL) is left out: it matches nothing. ``numbers=False``: a number stands for
+    itself only (where it is only hashed: every form of it hashes alike)."""
     out: list[Any] = []
     for v in values:
         if not _storable(v):
@@ -495,7 +496,10 @@ def _variants(values: tuple[Any, ...]) -> list[Any] | None:
             check_storable(v)
         except InvalidDocumentError:
             continue
-        out.extend(numeric_variants(v))
+        if numbers:
+            out.extend(numeric_variants(v))
+        else:
+            out.append(v)
     return out
 
 
@@ -536,7 +540,9 @@ class Plan:
 
 def plan(route: CollectionRoute, f: Filter) -> Plan:
     keys = f.values(route.shard_key)
-    key_values = _variants(keys) if keys is not None else None
+    # Shard key values are only hashed (``Router.get_many``, ``Router.scan``), and every
+    # numeric form of a number hashes alike: no need to list the forms.
+    key_values = _variants(keys, numbers=False) if keys is not None else None
     if key_values is not None and any(isinstance(v, Mapping) for v in key_values):
         key_values = None  # a document is never a shard key value: look everywhere
     ids_in = f.values("_id")
