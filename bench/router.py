@@ -31,6 +31,11 @@ Prints ONE JSON object:
   front end in the bench's own process over the routed side's router, ``AsyncMongoClient``
   on the same loop: the front end's own cost without a hop between processes (which, on a
   machine with more runnable processes than cores, adds a scheduling wait per operation).
+* ``mongo_ping_p50_ms`` (and p99): the floor of the wire path, pymongo's ``MongoClient``
+  sending ``ping`` (an admin command: no shard, no routing) to the same front-end process,
+  in the same rotating rounds: the driver, the hop between processes and the front end's
+  loop and dispatch alone. ``mongo_get_p50_ms - mongo_ping_p50_ms`` is what a find costs
+  beyond it (the routed read and our command code).
 * ``http_ops_per_s``: the same mix through the HTTP service as deployed (``shardshift router
   serve``: uvicorn with httptools and uvloop, in its own process), driven from this process by
   ``httpx.AsyncClient`` with ``--concurrency`` requests in flight. On 2 cores the client, the
@@ -68,7 +73,7 @@ from psycopg import sql
 from psycopg.types.string import TextLoader
 from psycopg_pool import AsyncConnectionPool
 
-from bench.router_mongo import mongo_op, open_client, open_sync_client, sync_sequential
+from bench.router_mongo import mongo_op, open_client, open_sync_client, sync_ping, sync_sequential
 from catalog import Catalog
 from catalog.admin import provision_collection
 from router.catalog_source import CatalogRouteSource
@@ -407,9 +412,14 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         async def m_op(i: int, t: Target) -> None:
             raise AssertionError("a marker: its rounds run sync_sequential in a thread")
 
+        async def ping_op(i: int, t: Target) -> None:
+            raise AssertionError("a marker: its rounds run sync_ping in a thread")
+
         async def one_round(fn: Callable[[int, Target], Awaitable[None]], seq: list[int],
                             out: dict[str, list[float]]) -> None:
-            if fn is m_op:
+            if fn is ping_op:
+                await asyncio.to_thread(sync_ping, mongo_sync, len(seq), out["get"])
+            elif fn is m_op:
                 await asyncio.to_thread(sync_sequential, mongo_sync, settings.mongo_database,
                                         COLLECTION, SHARD_KEY, make_doc, targets, seq, 0, out)
             else:
@@ -425,6 +435,9 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         m_inproc = mongo_op(inproc_client, settings.mongo_database, COLLECTION, SHARD_KEY,
                             make_doc)
         lat_mi: dict[str, list[float]] = {"get": [], "replace": []}
+        # The floor: pymongo's ping (an admin command) against the same front end process,
+        # the same synchronous client, as many round trips per round as the other sides.
+        lat_ping: dict[str, list[float]] = {"get": [], "replace": []}
 
         # Warm up every side, one operation at a time (prepared statements, caches). Pools
         # stay at one connection per shard until the throughput phase, like the direct side.
@@ -432,7 +445,7 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
         warm = max(1000, ops // 20)
         scratch: dict[str, list[float]] = {"get": [], "replace": []}
         sides = [(direct.op_seq, lat_d), (r_op, lat_r), (direct.op_fenced, lat_f),
-                 (m_op, lat_m), (m_async, lat_ma), (m_inproc, lat_mi)]
+                 (m_op, lat_m), (m_async, lat_ma), (m_inproc, lat_mi), (ping_op, lat_ping)]
         for _ in range(2):
             seq = [rng.randrange(docs) for _ in range(warm)]
             for fn, _out in sides:
@@ -514,6 +527,8 @@ async def run(catalog_dsn: str, shard_dsns: dict[str, str], ops: int, docs: int,
             result[f"{side}_ratio_p50"] = round(
                 (result[f"{side}_get_p50_ms"] / result["direct_get_p50_ms"]
                  + result[f"{side}_replace_p50_ms"] / result["direct_replace_p50_ms"]) / 2, 3)
+        result["mongo_ping_p50_ms"] = round(statistics.median(lat_ping["get"]), 4)
+        result["mongo_ping_p99_ms"] = round(_pct(lat_ping["get"], 0.99), 4)
         result["mongo_ops_per_s"] = round(mongo_tp, 1)
         result.update({
             "router_ops_per_s": round(router_tp, 1),

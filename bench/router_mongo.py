@@ -73,3 +73,14 @@ def sync_sequential(client: MongoClient[Any], database: str, collection: str, sh
         else:
             assert coll.replace_one({shard_key: k, "_id": k}, make_doc(k, i)).matched_count == 1
             reps.append((pc() - t0) * 1000.0)
+
+
+def sync_ping(client: MongoClient[Any], n: int, out: list[float]) -> None:
+    """``n`` pings (``{ping: 1}`` on ``admin``), one at a time; latencies (ms) appended to
+    ``out``: the floor of a round trip (driver, hop, the front end's loop and dispatch)."""
+    admin = client.admin
+    pc = time.perf_counter
+    for _ in range(n):
+        t0 = pc()
+        admin.command("ping")
+        out.append((pc() - t0) * 1000.0)

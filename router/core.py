@@ -126,6 +126,10 @@ class Router(RouteCache):
         self._idle.set()
         self.traffic = TrafficCounter()
         """Operations per chunk since the last report (see ``router/traffic.py``)."""
+        self.statements: dict[str, int] = {}
+        """Routed statements sent (attempts, retries included) by operation (``get``,
+        ``replace``, ``scan`` ...) since the router was made: what a caller's request cost
+        in shard round trips (diagnostics and tests)."""
         self._publisher: asyncio.Task[None] | None = None
         self._stop_publishing = asyncio.Event()
 
@@ -227,6 +231,7 @@ class Router(RouteCache):
             while True:
                 route = await self.route(collection, deadline)
                 attempts += 1
+                self.statements[op] = self.statements.get(op, 0) + 1
                 try:
                     result = await fn(route, max(0.0, deadline - loop.time()))
                     outcome = "ok"
@@ -352,6 +357,26 @@ class Router(RouteCache):
             self.traffic.count(collection, c.chunk_id)
             return await (await self.shard(c.shard_id, t)).replace(
                 collection, c.ref, h, doc, timeout=t)
+
+        return await self._run(collection, "replace", op, read_only=False, deadline=deadline)
+
+    async def replace_pinned(self, collection: str, doc: Mapping[str, Any]) -> tuple[int, int]:
+        """Replace the document whose shard key and ``_id`` are, as stored (same BSON type
+        and value), those of ``doc``, unless it already equals ``doc``: (matched, written),
+        each 0 or 1, in one fenced statement (the read-modify-write of a MongoDB replacement
+        pinned by shard key and ``_id``). (0, 0): no document holds that key and ``_id`` in
+        those very types (one may in others: the caller looks further)."""
+        deadline = self._deadline()
+        route = await self.route(collection, deadline)
+        h = self._hash(self._key_of(route, doc))
+        self._check_size(doc)
+        shard_key = route.shard_key
+
+        async def op(r: CollectionRoute, t: float) -> tuple[int, int]:
+            c = r.lookup(h)
+            self.traffic.count(collection, c.chunk_id)
+            return await (await self.shard(c.shard_id, t)).replace_pinned(
+                collection, c.ref, h, shard_key, doc, timeout=t)
 
         return await self._run(collection, "replace", op, read_only=False, deadline=deadline)
 

@@ -60,6 +60,10 @@ class DocumentShard(Protocol):
     async def replace(
         self, collection: str, ref: FenceRef, khash: int, doc: Mapping[str, Any]
     ) -> bool: ...
+    async def replace_pinned(
+        self, collection: str, ref: FenceRef, khash: int, shard_key: str,
+        doc: Mapping[str, Any],
+    ) -> tuple[int, int]: ...
     async def patch(
         self, collection: str, ref: FenceRef, khash: int, _id: Any,
         update: Mapping[str, Any], protected: Sequence[str] = ("_id",),

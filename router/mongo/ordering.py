@@ -160,7 +160,8 @@ def values_at(doc: Any, parts: tuple[str, ...]) -> Iterator[Any]:
 def numeric_variants(v: Any) -> list[Any]:
     """The values of every BSON number type that holds ``v`` exactly (int32, int64, double,
     and Decimal128 in its plain form), ``v`` first: what an equality on a number must look
-    for where values are stored (and hashed) by type. Not a number: ``[v]``."""
+    for where values are stored by type (``_id``, indexed fields; the shard key *hash* is the
+    same for all of them, see ``router.hashing``). Not a number: ``[v]``."""
     if not is_number(v):
         return [v]
     n = number_value(v)

@@ -29,6 +29,7 @@ from bson import Decimal128, Int64, ObjectId, Regex
 from bson.binary import Binary
 
 from router.core import Router
+from router.hashing import khash
 from router.mongo.errors import MongoError
 from router.mongo.ordering import (
     ARRAY,
@@ -462,10 +463,31 @@ def pinned(route: CollectionRoute, f: Filter) -> tuple[Any, Any] | None:
     return key, _id
 
 
-def _variants(values: tuple[Any, ...]) -> list[Any] | None:
+def pinned_pair(shard_key: str, q: Mapping[str, Any]) -> tuple[Any, Any] | None:
+    """(shard key value, _id) when the raw filter document is exactly ``{<shard key>: v,
+    _id: w}`` (either order) with plain values a document can hold (not null, a regex, an
+    array, a document or an operator), else None: the shape a driver sends to read or write
+    one document by its address (the fast paths of ``find`` and ``update``)."""
+    if len(q) != 2 or shard_key == "_id":
+        return None
+    key, _id = q.get(shard_key, _MISSING), q.get("_id", _MISSING)
+    if key is _MISSING or _id is _MISSING:
+        return None
+    for v in (key, _id):
+        if isinstance(v, Mapping) or not _storable(v):
+            return None
+        try:
+            check_storable(v)
+        except InvalidDocumentError:
+            return None
+    return key, _id
+
+
+def _variants(values: tuple[Any, ...], *, numbers: bool = True) -> list[Any] | None:
     """What to look for where values are stored by type; None when a value can also match
     what is not stored (null: a missing field). A value no document can hold (a string
-    with NUL) is left out: it matches nothing."""
+    with NUL) is left out: it matches nothing. ``numbers=False``: a number stands for
+    itself only (where it is only hashed: every form of it hashes alike)."""
     out: list[Any] = []
     for v in values:
         if not _storable(v):
@@ -474,19 +496,27 @@ def _variants(values: tuple[Any, ...]) -> list[Any] | None:
             check_storable(v)
         except InvalidDocumentError:
             continue
-        out.extend(numeric_variants(v))
+        if numbers:
+            out.extend(numeric_variants(v))
+        else:
+            out.append(v)
     return out
 
 
 MAX_POINT_IDS = 64
 MAX_POINT_KEYS = 8
-"""A filter pinning at most ``MAX_POINT_KEYS`` stored shard key forms and ``MAX_POINT_IDS``
-``_id`` forms is read with one statement per key (``Router.get_many``) rather than a scan."""
+"""A filter pinning at most ``MAX_POINT_KEYS`` shard key hashes and ``MAX_POINT_IDS`` ``_id``
+forms is read with one statement per hash (``Router.get_many``) rather than a scan."""
 
 
 def khash_key(value: Any) -> Any:
-    """A key that tells stored forms apart as the shard key hash does (by BSON type)."""
-    return (type(value).__name__, repr(value))
+    """A key that tells shard key values apart as the shard key hash does: every numeric
+    form of one number (``5``, ``Int64(5)``, ``5.0``, ``Decimal128("5")``) hashes alike
+    (``router.hashing``), so they share one key and one statement."""
+    try:
+        return khash(value)
+    except InvalidDocumentError:
+        return (type(value).__name__, repr(value))
 
 
 @dataclass(frozen=True)
@@ -510,7 +540,9 @@ class Plan:
 
 def plan(route: CollectionRoute, f: Filter) -> Plan:
     keys = f.values(route.shard_key)
-    key_values = _variants(keys) if keys is not None else None
+    # Shard key values are only hashed (``Router.get_many``, ``Router.scan``), and every
+    # numeric form of a number hashes alike: no need to list the forms.
+    key_values = _variants(keys, numbers=False) if keys is not None else None
     if key_values is not None and any(isinstance(v, Mapping) for v in key_values):
         key_values = None  # a document is never a shard key value: look everywhere
     ids_in = f.values("_id")
@@ -530,11 +562,16 @@ async def iterate_matching(router: Router, collection: str, f: Filter, *,
     """The matching documents, in pages of fenced reads (a page may be empty)."""
     route = await router.route(collection)
     p = plan(route, f)
-    if (p.key_values is not None and p.ids is not None
-            and len(p.key_values) <= MAX_POINT_KEYS and len(p.ids) <= MAX_POINT_IDS):
+    keys = (list({khash_key(k): k for k in p.key_values}.values())
+            if p.key_values is not None else None)
+    if (keys is not None and p.ids is not None
+            and len(keys) <= MAX_POINT_KEYS and len(p.ids) <= MAX_POINT_IDS):
         # A few shard key values and a few _ids (a number has a few stored forms: 5,
-        # Int64(5), 5.0, each hashed apart): one fenced statement per key value, at once.
-        keys = list({khash_key(k): k for k in p.key_values}.values())
+        # Int64(5), 5.0, all hashed alike, so one key): one fenced statement per key hash
+        # (khash = h AND id = ANY(every _id form)), at once.
+        if len(keys) == 1:
+            yield [d for d in await router.get_many(collection, keys[0], p.ids) if f.pred(d)]
+            return
         found = await asyncio.gather(*(router.get_many(collection, k, p.ids) for k in keys))
         yield [d for docs in found for d in docs if f.pred(d)]
         return

@@ -19,7 +19,14 @@ from router.errors import UnknownCollectionError
 from router.mongo import cursors
 from router.mongo.common import collection_arg, in_data_database, int_arg
 from router.mongo.errors import CODES, MongoError
-from router.mongo.query import Filter, iterate_matching, matches, parse_filter
+from router.mongo.query import (
+    Filter,
+    find_matching,
+    iterate_matching,
+    matches,
+    parse_filter,
+    pinned_pair,
+)
 from router.mongo.registry import Sequences, Session, command
 from router.mongo.shape import Projection, SortSpec, parse_projection, parse_sort, sort_key_fn
 from shards.errors import InvalidNameError
@@ -138,6 +145,18 @@ async def find(s: Session, db: str, cmd: dict[str, Any], seqs: Sequences) -> dic
     limit = limit or None
     if single and limit is not None:
         batch = limit if batch is None else min(batch, limit)
+    if (limit == 1 and batch != 0 and proj is None and not spec and not skip
+            and in_data_database(s, db)):
+        # The fast path of ``find_one({<shard key>: v, _id: w})``: one fenced read, the
+        # reply built here (no cursor can remain open with a limit of one).
+        try:
+            check_collection(coll)
+            route = await s.router.route(coll)
+        except (UnknownCollectionError, InvalidNameError):
+            return _empty_cursor(ns)
+        if pinned_pair(route.shard_key, f.doc) is not None:
+            docs = await find_matching(s.router, coll, f, limit=1)
+            return {"cursor": {"id": bson.Int64(0), "ns": ns, "firstBatch": docs}}
     if not in_data_database(s, db) or not await _exists(s, coll):
         return _empty_cursor(ns)
     pages: AsyncIterator[list[dict[str, Any]]] = iterate_matching(s.router, coll, f)

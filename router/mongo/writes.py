@@ -34,10 +34,11 @@ import bson
 from bson import ObjectId
 
 from router.core import Router
+from router.errors import BadRequestError, DocumentTooLargeError
 from router.mongo.common import collection_arg, documents_arg, require_data_database
 from router.mongo.errors import MongoError
 from router.mongo.errors_map import to_mongo_error
-from router.mongo.query import find_matching, parse_filter
+from router.mongo.query import find_matching, parse_filter, pinned_pair
 from router.mongo.registry import Sequences, Session, command
 from router.mongo.updates import (
     MISSING,
@@ -62,7 +63,7 @@ from router.mongo.write_args import (
     write_concern,
 )
 from router.routes import CollectionRoute
-from shards.errors import DuplicateDocumentError
+from shards.errors import DuplicateDocumentError, InvalidDocumentError
 
 MULTI_WRITE_MAX = 9_999
 """Documents one multi-document update may change (the filter's matches are read at once);
@@ -256,6 +257,9 @@ async def update_statement(s: Session, db: str, coll: str, route: CollectionRout
     upsert = bool_arg(st, "upsert", "update.updates", False)
     upd = parse_statement_update(st, multi)
     flt = parse_filter(q)
+    if upd.replacement is not None and await _replace_pinned(s, coll, route, q, upd.replacement,
+                                                             counts):
+        return
     docs = await find_matching(s.router, coll, flt, limit=_ROUND if multi else 1)
     if multi and len(docs) > MULTI_WRITE_MAX:
         raise MongoError("ExceededTimeLimit",
@@ -270,6 +274,41 @@ async def update_statement(s: Session, db: str, coll: str, route: CollectionRout
         modified, now = await write_update(s, coll, route, doc, upd)
         counts.n += int(now is not None)
         counts.modified += int(modified)
+
+
+def _same_bson(a: Any, b: Any) -> bool:
+    return bson.encode({"v": a}) == bson.encode({"v": b})
+
+
+async def _replace_pinned(s: Session, coll: str, route: CollectionRoute, q: dict[str, Any],
+                          replacement: dict[str, Any], counts: Counts) -> bool:
+    """The fast path of a replacement pinned by shard key and ``_id`` (``replace_one({k: v,
+    _id: w}, doc)``): the read-modify-write in one fenced statement (``Router.replace_pinned``)
+    when the stored document holds ``v`` and ``w`` in the very BSON types the filter names
+    and the replacement keeps both. True when it matched (``counts`` updated); False, with
+    nothing written, when the general path must decide (no such document in those types, an
+    upsert to make, a replacement the general path refuses or reports on)."""
+    pair = pinned_pair(route.shard_key, q)
+    if pair is None:
+        return False
+    key, _id = pair
+    if "_id" in replacement and not _same_bson(replacement["_id"], _id):
+        return False  # ImmutableField, or another _id form: the general path says which
+    new = {"_id": _id, **replacement}
+    new_key = value_at(new, route.shard_key)
+    if new_key is MISSING or not _same_bson(new_key, key):
+        return False
+    try:
+        if len(bson.encode(new)) > s.settings.max_document_bytes:
+            return False  # BSONObjectTooLarge, once a match is known
+        matched, written = await s.router.replace_pinned(coll, new)
+    except (BadRequestError, DocumentTooLargeError, InvalidDocumentError):
+        return False  # refused before anything was sent: reported as the general path does
+    if not matched:
+        return False
+    counts.n += 1
+    counts.modified += written
+    return True
 
 
 @command("update")

@@ -144,6 +144,22 @@ class DocumentStatements:
         ).format(r=sql.SQL(_FENCE_R), t=self._t,
                  sk=field_expr(check_field_path(shard_key))).as_bytes(None)
 
+    def replace_pinned_sql(self, shard_key: str) -> bytes:
+        """Replace the document with this khash and ``_id`` whose shard key is (as stored)
+        exactly ``%(v)s``, unless it already equals the new one: (fence ok, documents
+        matched, documents written) in one statement. The row is locked (``FOR UPDATE``)
+        before it is compared, so a concurrent write is compared at its newest version."""
+        return sql.SQL(
+            "WITH f AS MATERIALIZED ({w}),"
+            " old AS (SELECT d.doc FROM {t} d, f WHERE d.khash = %(h)s AND d.id = %(id)s"
+            "  AND {sk} = %(v)s::jsonb FOR UPDATE OF d),"
+            " upd AS (UPDATE {t} d SET doc = %(doc)s::jsonb FROM old"
+            "  WHERE d.khash = %(h)s AND d.id = %(id)s"
+            "  AND old.doc IS DISTINCT FROM %(doc)s::jsonb RETURNING 1)"
+            " SELECT (SELECT ok FROM f), (SELECT count(*) FROM old), (SELECT count(*) FROM upd)"
+        ).format(w=sql.SQL(_FENCE_W), t=self._t,
+                 sk=field_expr(check_field_path(shard_key))).as_bytes(None)
+
     def find_field_sql(self, path: str) -> bytes:
         """Scatter leg: documents of the given chunks whose field equals a value."""
         return sql.SQL(

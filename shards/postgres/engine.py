@@ -334,6 +334,25 @@ class PostgresShard:
         _, n = await self._run(st.replace, params, collection, ref.chunk_id, timeout)
         return bool(n)
 
+    async def replace_pinned(self, collection: str, ref: FenceRef, khash: int, shard_key: str,
+                             doc: Mapping[str, Any], *, timeout: float | None = None
+                             ) -> tuple[int, int]:
+        """Replace the document with ``doc``'s ``_id`` and shard key (each compared as stored:
+        same BSON type and value) by ``doc``, unless it already equals ``doc``: (matched,
+        written), each 0 or 1, in one statement."""
+        key = (collection, "replace", shard_key)
+        query = self._find_sql.get(key) if isinstance(shard_key, str) else None
+        if query is None:
+            query = self._find_sql[key] = self._st(collection).replace_pinned_sql(shard_key)
+        value: Any = doc
+        for part in shard_key.split("."):
+            value = value[part]
+        id_text, doc_text = D.encode_for_store(doc)
+        params = D.fence_params(collection, ref, khash) | {
+            "id": id_text, "doc": doc_text, "v": encode_value(value)}
+        _, matched, written = await self._run(query, params, collection, ref.chunk_id, timeout)
+        return int(matched), int(written)
+
     async def patch(self, collection: str, ref: FenceRef, khash: int, _id: Any,
                     update: Mapping[str, Any], protected: Sequence[str] = ("_id",), *,
                     timeout: float | None = None) -> dict[str, Any] | None:

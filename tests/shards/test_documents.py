@@ -304,3 +304,32 @@ async def test_write_waiting_on_a_freeze_is_rejected_after_it(shard: PostgresSha
     with pytest.raises(FenceRejectedError, match="frozen"):
         await write
     assert await shard.count(coll) == 0
+
+
+async def test_replace_pinned_matches_by_stored_types_writes_only_a_change_and_is_fenced(
+    shard: PostgresShard, coll: str
+) -> None:
+    """The one-statement read-modify-write of a MongoDB replacement pinned by shard key and
+    _id: (matched, written), the key and _id compared as stored, nothing written when equal."""
+    h = khash(7)  # every numeric form of 7 hashes alike
+    await shard.insert(coll, REF, h, {"_id": 1, "user": 7, "v": 1, "nested": {"a": 1, "b": 2}})
+    await shard.insert(coll, REF, h, {"_id": 2, "user": Int64(7), "v": 1})
+    new = {"_id": 1, "user": 7, "v": 2, "nested": {"a": 1, "b": 2}}
+    assert await shard.replace_pinned(coll, REF, h, "user", new) == (1, 1)
+    assert await shard.get(coll, REF, h, 1) == new
+    same = {"nested": {"b": 2, "a": 1}, "v": 2, "user": 7, "_id": 1}  # field order aside
+    assert await shard.replace_pinned(coll, REF, h, "user", same) == (1, 0)
+    # The key stored as Int64(7) is not the int32 7; an _id stored as 1 is not Int64(1).
+    assert await shard.replace_pinned(coll, REF, h, "user", {"_id": 2, "user": 7}) == (0, 0)
+    assert await shard.replace_pinned(coll, REF, h, "user",
+                                      {"_id": Int64(1), "user": 7}) == (0, 0)
+    assert await shard.get(coll, REF, h, 2) == {"_id": 2, "user": Int64(7), "v": 1}
+    with pytest.raises(FenceRejectedError):
+        await shard.replace_pinned(coll, FenceRef(chunk_id=1, token=0), h, "user",
+                                   {"_id": 1, "user": 7, "v": 3})
+    await shard.freeze(coll, 1, 1)
+    with pytest.raises(FenceRejectedError):
+        await shard.replace_pinned(coll, FenceRef(chunk_id=1, token=2), h, "user",
+                                   {"_id": 1, "user": 7, "v": 3})
+    await shard.unfreeze(coll, 1, 2)
+    assert (await shard.get(coll, REF, h, 1))["v"] == 2
