@@ -118,3 +118,22 @@ def decode_document(text: str | bytes) -> dict[str, Any]:
     return doc
 
 
+
+
+_REWRITTEN = ('"$numberDouble"', '"$numberDecimal"')
+
+
+def canonical_text(stored: str) -> str:
+    """A stored document's text as the canonical Extended JSON a reader is given: the stored
+    text itself when it already is (no decode, no encode), else decoded and encoded again.
+
+    Stored text is canonical Extended JSON (``encode_document``) as ``jsonb`` prints it: the
+    same separators and key order ``json_util.dumps`` of the decoded document gives. Only
+    numbers computed by the shard (``$inc``) can be spelled otherwise: PostgreSQL prints the
+    double 3.0 as ``"3"`` and the decimal 1E-7 as ``"0.0000001"``; a text with a double or a
+    decimal is therefore re-encoded. What may still differ is JSON's own spelling, never a
+    value: ``jsonb`` writes non-ASCII characters as UTF-8 where ``json_util`` escapes them
+    (``\\u00e9``)."""
+    if _REWRITTEN[0] in stored or _REWRITTEN[1] in stored:
+        return json_util.dumps(decode_document(stored), json_options=JSON_OPTIONS)
+    return stored
