@@ -32,7 +32,11 @@ Prints ONE JSON object: ``router_rps`` / ``baseline_rps`` (requests per second),
 round's; wrk's latency distribution), ``*_rps_rounds`` (each round's rate),
 ``http_ratio`` = ``router_rps / baseline_rps`` (1.0: as fast as the bare app),
 ``http_ratio_txn_baseline`` = ``router_rps / baseline_txn_rps`` (the ratio as measured before
-the baseline's fix), the error counts wrk
+the baseline's fix), per core: ``*_cpu_us_per_request`` (the service process's user + system
+CPU time during its rounds, from ``/proc``, per request served; PostgreSQL's and wrk's CPU not
+counted), ``*_rps_per_core`` (requests per CPU-second of the service) and ``per_core_ratio``
+(router / baseline: what one core of each serves; on a machine whose other load takes CPU
+from the services unevenly, the steadier figure), the error counts wrk
 saw (``*_errors``: connect, read, write, timeout and non-2xx responses; every one is a
 failure of the bench), ``load_generator`` and the settings.
 """
@@ -144,6 +148,12 @@ def wrk(port: int, script: Path, seconds: float, connections: int) -> dict[str, 
     return dict(json.loads(line[len("WRKJSON "):]))
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far, from ``/proc/<pid>/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _check_get(port: int, token: str, key: int) -> None:
     """One get through the service: the document comes back (a bench of 404s means nothing)."""
     r = httpx.post(f"http://127.0.0.1:{port}/v1/collections/{COLLECTION}/get",
@@ -199,6 +209,8 @@ def run(catalog_dsn: str, shard_id: str, shard_dsn: str, seconds: float, connect
             base.wait_ready()
             base_txn.wait_ready()
             ports = {"router": router.port, "baseline": base.port, "baseline_txn": base_txn.port}
+            pids = {"router": router.proc.pid if router.proc else 0, "baseline": base.proc.pid,
+                    "baseline_txn": base_txn.proc.pid}
             for port in ports.values():
                 _check_get(port, token, docs)
                 wrk(port, script, 2, connections)  # warm-up: pools, caches, prepared plans
@@ -206,7 +218,9 @@ def run(catalog_dsn: str, shard_id: str, shard_dsn: str, seconds: float, connect
             # every side alike; all services stay up, the idle ones cost nothing.
             for r in range(rounds):
                 for side in sides[r % 3:] + sides[:r % 3]:
+                    cpu = cpu_seconds(pids[side])
                     runs[side].append(wrk(ports[side], script, seconds / rounds, connections))
+                    runs[side][-1]["cpu_s"] = cpu_seconds(pids[side]) - cpu
         finally:
             router.stop()
             base.stop()
@@ -220,10 +234,16 @@ def run(catalog_dsn: str, shard_id: str, shard_dsn: str, seconds: float, connect
         result[f"{side}_p50_ms"] = round(statistics.median(f["p50_us"] for f in rs) / 1000, 3)
         result[f"{side}_p99_ms"] = round(max(f["p99_us"] for f in rs) / 1000, 3)
         result[f"{side}_errors"] = sum(f["errors"] for f in rs)
+        cpu = sum(f["cpu_s"] for f in rs)
+        result[f"{side}_cpu_us_per_request"] = round(cpu / max(1, requests) * 1e6, 1)
+        result[f"{side}_rps_per_core"] = round(requests / cpu, 1) if cpu else None
         result[f"{side}_rps_rounds"] = [round(f["requests"] / (f["duration_us"] / 1e6), 1)
                                         for f in rs]
     result["http_ratio"] = round(result["router_rps"] / result["baseline_rps"], 3)
     result["http_ratio_txn_baseline"] = round(result["router_rps"] / result["baseline_txn_rps"], 3)
+    if result["router_rps_per_core"] and result["baseline_rps_per_core"]:
+        result["per_core_ratio"] = round(
+            result["router_rps_per_core"] / result["baseline_rps_per_core"], 3)
     result.update({"load_generator": "wrk -t2", "connections": connections,
                    "seconds": seconds, "rounds": rounds, "docs": docs, "pool_size": settings.pool_max_size})
     return result

@@ -74,8 +74,13 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/
 """Paths served without a token: health and the API description (no data)."""
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def from_ejson(value: Any) -> Any:
     """Extended JSON (already parsed as plain JSON) to BSON-typed Python values."""
+    if isinstance(value, _SCALARS):
+        return value  # only an object can be an Extended JSON wrapper: a scalar is itself
     try:
         return json.loads(json.dumps(value), object_hook=_hook)
     except (ValueError, TypeError, KeyError, ArithmeticError, RecursionError, BSONError) as exc:
@@ -328,12 +333,13 @@ class RequestGuard:
                                   f"request body over {self.max_body} bytes")
                 return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.time_limit_s
         chunks: list[bytes] = []
         size = 0
         receive = ex._receive
+        in_app = False
         try:
-            async with asyncio.timeout_at(deadline):
+            # One deadline for the body and the app (one timer per request).
+            async with asyncio.timeout_at(loop.time() + self.time_limit_s):
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
@@ -348,16 +354,15 @@ class RequestGuard:
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
-        except TimeoutError:
-            await _send_error(ex.send, 408, "RequestTimeout",
-                              f"the request body did not arrive within {self.time_limit_s:g}s")
-            return
-        ex.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        del chunks
-        try:
-            async with asyncio.timeout_at(deadline):
+                ex.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                del chunks
+                in_app = True
                 await self.app(scope, ex.receive, ex.send)
         except TimeoutError:
+            if not in_app:
+                await _send_error(ex.send, 408, "RequestTimeout",
+                                  f"the request body did not arrive within {self.time_limit_s:g}s")
+                return
             log.warning("%s %s exceeded the request time limit (%gs)", scope["method"],
                         scope["path"], self.time_limit_s)
             if ex.status is None:

@@ -30,6 +30,8 @@ JSON_OPTIONS = json_util.CANONICAL_JSON_OPTIONS.with_options(
 
 
 _INT64_MIN, _INT64_END = -(2**63), 2**63
+_INT32_END = 2**31
+_INT32_TEXT, _INT64_TEXT = '{"$numberInt":"%d"}', '{"$numberLong":"%d"}'
 _MAX_DEPTH = 100
 """Nesting deeper than this is refused (BSON documents in MongoDB stop at 100 levels)."""
 
@@ -92,6 +94,10 @@ def encode_document(doc: Mapping[str, Any]) -> str:
 
 def encode_value(value: Any) -> str:
     """One BSON value as canonical Extended JSON text (for ids, filters and patches)."""
+    if type(value) is int and _INT64_MIN <= value < _INT64_END:
+        # The commonest id, spelled as json_util spells it (a property test holds them equal),
+        # without its generic conversion: a routed read encodes its _id on every call.
+        return (_INT32_TEXT if -_INT32_END <= value < _INT32_END else _INT64_TEXT) % value
     check_storable(value)
     try:
         return json_util.dumps(value, json_options=JSON_OPTIONS, separators=(",", ":"))
