@@ -11,20 +11,32 @@ bytes of Extended JSON) and serves them twice, one after the other, each in its 
   and encoded as Extended JSON);
 * ``baseline``: :mod:`bench.http_baseline`, a bare FastAPI + uvicorn (uvloop, httptools) +
   psycopg-pool app doing the same primary-key lookup on the same shard with a pool of the
-  same size (no routing, no fence, no token, the stored text returned as it is).
+  same size (no routing, no fence, no token, the stored text returned as it is), its
+  connections in autocommit like the router's (one round trip per lookup);
+* ``baseline_txn``: the same app as the baseline was measured until December 2026, in
+  psycopg's default transactions (``BEGIN``, the ``SELECT``, ``COMMIT``: three round trips per
+  lookup, which made it slower than the router's one). Kept so the old ratio prints beside
+  the new: ``http_ratio_txn_baseline``.
 
 The load generator is ``wrk`` (Debian's package: ``apt-get install -y wrk``), in its own
 process, 2 threads and ``--connections`` keep-alive connections, each request a
 ``POST .../get`` of a random document (a Lua script picks the key); without ``wrk`` on the
-PATH the bench stops with that message. Both services run side by side; each gets a warm-up
-of 2 s, then ``--rounds`` alternating rounds (router first, then baseline first, ...) share
-``--seconds`` of load per side, so a machine whose load drifts hits both alike. On 2 cores
+PATH the bench stops with that message before it starts anything, exit code 2 (CI has no
+``wrk``). The services run side by side; each gets a warm-up
+of 2 s, then ``--rounds`` alternating rounds (the order rotates each round) share
+``--seconds`` of load per side, so a machine whose load drifts hits all alike. On 2 cores
 wrk, the service and PostgreSQL share the CPUs (as they do for both).
 
 Prints ONE JSON object: ``router_rps`` / ``baseline_rps`` (requests per second),
 ``router_p50_ms`` / ``baseline_p50_ms`` (median of the rounds' p50s) and p99s (the worst
 round's; wrk's latency distribution), ``*_rps_rounds`` (each round's rate),
-``http_ratio`` = ``router_rps / baseline_rps`` (1.0: as fast as the bare app), the error counts wrk
+``http_ratio`` = ``router_rps / baseline_rps`` (1.0: as fast as the bare app),
+``http_ratio_txn_baseline`` = ``router_rps / baseline_txn_rps`` (the ratio as measured before
+the baseline's fix), per core: ``*_cpu_us_per_request`` (the service process's user + system
+CPU time during its rounds, from ``/proc``, per request served; PostgreSQL's and wrk's CPU not
+counted), ``*_rps_per_core`` (requests per CPU-second of the service) and ``per_core_ratio``
+(router / baseline: what one core of each serves; on a machine whose other load takes CPU
+from the services unevenly, the steadier figure), the error counts wrk
 saw (``*_errors``: connect, read, write, timeout and non-2xx responses; every one is a
 failure of the bench), ``load_generator`` and the settings.
 """
@@ -90,13 +102,14 @@ def _free_port() -> int:
 class Baseline:
     """:mod:`bench.http_baseline` under uvicorn in its own process."""
 
-    def __init__(self, dsn: str, pool: int) -> None:
+    def __init__(self, dsn: str, pool: int, *, autocommit: bool = True) -> None:
         self.port = _free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "bench.http_baseline:app", "--host", "127.0.0.1",
              "--port", str(self.port), "--loop", "uvloop", "--http", "httptools",
              "--no-access-log", "--log-level", "warning"],
-            env={**os.environ, "BENCH_BASELINE_DSN": dsn, "BENCH_BASELINE_POOL": str(pool)},
+            env={**os.environ, "BENCH_BASELINE_DSN": dsn, "BENCH_BASELINE_POOL": str(pool),
+                 "BENCH_BASELINE_AUTOCOMMIT": "1" if autocommit else "0"},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
 
@@ -135,6 +148,12 @@ def wrk(port: int, script: Path, seconds: float, connections: int) -> dict[str, 
     return dict(json.loads(line[len("WRKJSON "):]))
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far, from ``/proc/<pid>/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _check_get(port: int, token: str, key: int) -> None:
     """One get through the service: the document comes back (a bench of 404s means nothing)."""
     r = httpx.post(f"http://127.0.0.1:{port}/v1/collections/{COLLECTION}/get",
@@ -171,8 +190,7 @@ async def _load(catalog_dsn: str, shard_id: str, shard_dsn: str, docs: int) -> N
 
 def run(catalog_dsn: str, shard_id: str, shard_dsn: str, seconds: float, connections: int,
         docs: int, rounds: int = 4) -> dict[str, Any]:
-    if shutil.which("wrk") is None:
-        raise SystemExit("bench.http needs wrk on the PATH (Debian: apt-get install -y wrk)")
+    _need_wrk()
     settings = RouterSettings()
     token = settings.http_tokens[0].get_secret_value()
     asyncio.run(_load(catalog_dsn, shard_id, shard_dsn, docs))
@@ -180,25 +198,33 @@ def run(catalog_dsn: str, shard_id: str, shard_dsn: str, seconds: float, connect
     try:
         script = tmp / "get.lua"
         script.write_text(LUA % {"docs": docs, "collection": COLLECTION, "token": token})
-        runs: dict[str, list[dict[str, Any]]] = {"router": [], "baseline": []}
+        sides = ["router", "baseline", "baseline_txn"]
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
         router = HttpServer(catalog_dsn, settings)
-        base = Baseline(DatabaseSettings().router(shard_dsn), settings.pool_max_size)
+        dsn = DatabaseSettings().router(shard_dsn)
+        base = Baseline(dsn, settings.pool_max_size)
+        base_txn = Baseline(dsn, settings.pool_max_size, autocommit=False)
         try:
             router.start()
             base.wait_ready()
-            ports = {"router": router.port, "baseline": base.port}
+            base_txn.wait_ready()
+            ports = {"router": router.port, "baseline": base.port, "baseline_txn": base_txn.port}
+            pids = {"router": router.proc.pid if router.proc else 0, "baseline": base.proc.pid,
+                    "baseline_txn": base_txn.proc.pid}
             for port in ports.values():
                 _check_get(port, token, docs)
                 wrk(port, script, 2, connections)  # warm-up: pools, caches, prepared plans
-            # Alternating rounds (the order swaps each round), so the machine's drift hits
-            # both sides alike; both services stay up, the idle one costs nothing.
+            # Alternating rounds (the order rotates each round), so the machine's drift hits
+            # every side alike; all services stay up, the idle ones cost nothing.
             for r in range(rounds):
-                order = ["router", "baseline"] if r % 2 == 0 else ["baseline", "router"]
-                for side in order:
+                for side in sides[r % 3:] + sides[:r % 3]:
+                    cpu = cpu_seconds(pids[side])
                     runs[side].append(wrk(ports[side], script, seconds / rounds, connections))
+                    runs[side][-1]["cpu_s"] = cpu_seconds(pids[side]) - cpu
         finally:
             router.stop()
             base.stop()
+            base_txn.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result: dict[str, Any] = {}
@@ -208,12 +234,26 @@ def run(catalog_dsn: str, shard_id: str, shard_dsn: str, seconds: float, connect
         result[f"{side}_p50_ms"] = round(statistics.median(f["p50_us"] for f in rs) / 1000, 3)
         result[f"{side}_p99_ms"] = round(max(f["p99_us"] for f in rs) / 1000, 3)
         result[f"{side}_errors"] = sum(f["errors"] for f in rs)
+        cpu = sum(f["cpu_s"] for f in rs)
+        result[f"{side}_cpu_us_per_request"] = round(cpu / max(1, requests) * 1e6, 1)
+        result[f"{side}_rps_per_core"] = round(requests / cpu, 1) if cpu else None
         result[f"{side}_rps_rounds"] = [round(f["requests"] / (f["duration_us"] / 1e6), 1)
                                         for f in rs]
     result["http_ratio"] = round(result["router_rps"] / result["baseline_rps"], 3)
+    result["http_ratio_txn_baseline"] = round(result["router_rps"] / result["baseline_txn_rps"], 3)
+    if result["router_rps_per_core"] and result["baseline_rps_per_core"]:
+        result["per_core_ratio"] = round(
+            result["router_rps_per_core"] / result["baseline_rps_per_core"], 3)
     result.update({"load_generator": "wrk -t2", "connections": connections,
                    "seconds": seconds, "rounds": rounds, "docs": docs, "pool_size": settings.pool_max_size})
     return result
+
+
+def _need_wrk() -> None:
+    if shutil.which("wrk") is None:
+        print("bench.http needs wrk on the PATH (Debian: apt-get install -y wrk); not run",
+              file=sys.stderr)
+        raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4,
                         help="alternating rounds per side; --seconds is split between them")
     args = parser.parse_args(argv)
+    _need_wrk()
 
     from catalog.local_stack import private_stack
 
@@ -235,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(st.catalog_dsn, shard_id, address, args.seconds, args.connections,
                      args.docs, args.rounds)
     print(json.dumps(result))
-    return 0 if result["router_errors"] == 0 and result["baseline_errors"] == 0 else 1
+    return 0 if all(result[f"{side}_errors"] == 0 for side in
+                    ("router", "baseline", "baseline_txn")) else 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ decoded and encoded again). Run it as::
         --http httptools --port N
 
 ``BENCH_BASELINE_POOL`` sets the pool's size (default 8, the router's ``pool_max_size``).
+Its connections are in autocommit, as the router's are: the lookup is one round trip.
+``BENCH_BASELINE_AUTOCOMMIT=0`` gives the baseline as it was until December 2026: psycopg's
+default transactions, so each lookup was three round trips (``BEGIN``, the ``SELECT``, and the
+pool's ``COMMIT``), which made the "thinnest" path slower than the router's one round trip
+(``bench.http`` still measures it, as ``baseline_txn``, beside the new figure).
 """
 
 from __future__ import annotations
@@ -45,8 +50,10 @@ async def _configure(conn: Any) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     size = int(os.environ.get("BENCH_BASELINE_POOL", "8"))
+    autocommit = os.environ.get("BENCH_BASELINE_AUTOCOMMIT", "1") != "0"
     pool = AsyncConnectionPool(os.environ["BENCH_BASELINE_DSN"], min_size=size, max_size=size,
-                               configure=_configure, open=False)
+                               configure=_configure, open=False,
+                               kwargs={"autocommit": autocommit})
     await pool.open(wait=True)
     app.state.pool = pool
     try:

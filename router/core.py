@@ -60,7 +60,7 @@ from router.routes import CollectionRoute, CollectionSummary
 from router.traffic import TrafficCounter, TrafficSink, publish
 from settings import RouterSettings
 from shards import errors as serr
-from shards.codec import encode_value
+from shards.codec import canonical_text, encode_value
 from shards.errors import (
     FenceRejectedError,
     InvalidDocumentError,
@@ -426,6 +426,23 @@ class Router(RouteCache):
             return await (await self.shard(c.shard_id, t)).get(collection, c.ref, h, _id, timeout=t)
 
         return await self._run(collection, "get", op, read_only=True, deadline=deadline)
+
+    async def get_text(self, collection: str, key: Any, _id: Any) -> str | None:
+        """``get``, the document as canonical Extended JSON text (``shards.codec.
+        canonical_text``: the stored text itself unless a number needs re-spelling), for
+        a caller that sends it on as JSON (the HTTP service). Counted as a ``get``."""
+        deadline = self._deadline()
+        await self.route(collection, deadline)
+        h = self._hash(key)
+
+        async def op(r: CollectionRoute, t: float) -> str | None:
+            c = r.lookup(h)
+            self.traffic.count(collection, c.chunk_id)
+            return await (await self.shard(c.shard_id, t)).get_text(collection, c.ref, h, _id,
+                                                                   timeout=t)
+
+        text = await self._run(collection, "get", op, read_only=True, deadline=deadline)
+        return None if text is None else canonical_text(text)
 
     async def get_many(self, collection: str, key: Any, ids: Sequence[Any]
                        ) -> list[dict[str, Any]]:

@@ -31,7 +31,9 @@ import asyncio
 import json
 import logging
 import math
+import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -49,6 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infra import telemetry
+from router import metrics
 from router.core import Router
 from router.errors import (
     BadRequestError,
@@ -71,8 +74,13 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/
 """Paths served without a token: health and the API description (no data)."""
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def from_ejson(value: Any) -> Any:
     """Extended JSON (already parsed as plain JSON) to BSON-typed Python values."""
+    if isinstance(value, _SCALARS):
+        return value  # only an object can be an Extended JSON wrapper: a scalar is itself
     try:
         return json.loads(json.dumps(value), object_hook=_hook)
     except (ValueError, TypeError, KeyError, ArithmeticError, RecursionError, BSONError) as exc:
@@ -87,6 +95,9 @@ def ejson_response(payload: Any, status_code: int = 200) -> Response:
         media_type="application/json",
         status_code=status_code,
     )
+
+
+_DOCUMENT_NONE = b'{"document": null}'
 
 
 def max_body_bytes(settings: RouterSettings) -> int:
@@ -145,8 +156,58 @@ def _bearer_token(scope: Scope) -> bytes | None:
     return None
 
 
+_HTTP_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"})
+"""Methods named as they are in ``http.request.method``; any other is ``_OTHER`` (OpenTelemetry's
+HTTP conventions, as FastAPI's telemetry had it; ``OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS``
+overrides the set)."""
+
+
+def _known_methods() -> frozenset[str]:
+    listed = os.getenv("OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS", "").strip()
+    if not listed:
+        return _HTTP_METHODS
+    return frozenset(m.strip() for m in listed.split(",") if m.strip())
+
+
+def _exception_type(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _Exchange:
+    """One request's state in the guard: what was answered, and whether the body was replayed.
+    One object per request, with no closures: ``send`` and ``receive`` are its bound methods."""
+
+    __slots__ = ("_receive", "_send", "body", "disconnected", "replayed", "status")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive, self._send = receive, send
+        self.status: int | None = None
+        self.body = b""
+        self.replayed = False
+        self.disconnected = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+    async def receive(self) -> Message:
+        if not self.replayed:
+            self.replayed = True
+            body, self.body = self.body, b""
+            return {"type": "http.request", "body": body, "more_body": False}
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+        return message
+
+
 class RequestGuard:
-    """Pure ASGI middleware that bounds what one request may cost before the app sees it.
+    """Pure ASGI middleware that bounds what one request may cost before the app sees it,
+    and records the request's duration (``http.server.request.duration``, once per request)
+    and the requests in flight (``http.server.active_requests``).
 
     In order: a path outside ``OPEN_PATHS`` without a valid bearer token -> 401 (nothing of
     the body read); more than ``max_in_flight`` authorized requests at once -> 503; a declared
@@ -164,6 +225,9 @@ class RequestGuard:
         self.time_limit_s = time_limit_s
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self._methods = _known_methods()
+        self._attributes: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._route_paths: dict[Any, str] | None = None
 
     def _authorized(self, scope: Scope) -> bool:
         given = _bearer_token(scope) or b""
@@ -177,81 +241,133 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
+        method = scope["method"]
+        if method not in self._methods:
+            method = "_OTHER"
+        active = (method, scope.get("scheme", "http"))
+        metrics.http_active[active] = metrics.http_active.get(active, 0) + 1
+        ex = _Exchange(receive, send)
+        error: BaseException | None = None
+        try:
+            await self._checked(scope, ex)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            metrics.http_active[active] -= 1
+            self._record(scope, active, ex, error, time.perf_counter() - started)
+
+    def _record(self, scope: Scope, active: tuple[str, str], ex: _Exchange,
+                error: BaseException | None, seconds: float) -> None:
+        """One histogram record; the attribute sets are made once per distinct kind of
+        request (method, route, status, ...) and reused."""
+        status = ex.status
+        if status is None and error is not None:
+            status = 500  # the app raised before answering: the server's error handler answers
+        if error is not None:
+            failure = _exception_type(error)
+        elif status is None:
+            failure = "ConnectionError" if ex.disconnected else "RuntimeError"
+        elif status >= 500:
+            failure = str(status)
+        else:
+            failure = None
+        route = self._route(scope)
+        key = (active, route, status, failure, scope.get("http_version"))
+        attributes = self._attributes.get(key)
+        if attributes is None:
+            attributes = {"url.scheme": active[1], "http.request.method": active[0]}
+            if key[4]:
+                attributes["network.protocol.version"] = key[4]
+            if route is not None:
+                attributes["http.route"] = route
+            if status is not None:
+                attributes["http.response.status_code"] = status
+            if failure is not None:
+                attributes["error.type"] = failure
+            if len(self._attributes) < 10_000:  # bounded whatever clients send
+                self._attributes[key] = attributes
+        metrics.http_duration.record(seconds, attributes)
+
+    def _route(self, scope: Scope) -> str | None:
+        """The path template of the route that served the request (``http.route``), if any."""
+        route = scope.get("route")
+        if route is not None:
+            path = getattr(route, "path_format", None)
+            if isinstance(path, str):
+                return path
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return None
+        if self._route_paths is None:
+            app = scope.get("app")
+            self._route_paths = {
+                getattr(r, "endpoint", None): r.path_format
+                for r in getattr(app, "routes", ()) if hasattr(r, "path_format")}
+        return self._route_paths.get(endpoint)
+
+    async def _checked(self, scope: Scope, ex: _Exchange) -> None:
         if scope["path"] in OPEN_PATHS:
-            await self._guarded(scope, receive, send)
+            await self._guarded(scope, ex)
             return
         if not self._authorized(scope):
-            await _send_error(send, 401, "Unauthorized", "missing or invalid bearer token",
+            await _send_error(ex.send, 401, "Unauthorized", "missing or invalid bearer token",
                               {"WWW-Authenticate": "Bearer"})
             return
         if self.in_flight >= self.max_in_flight:
-            await _send_error(send, 503, "Overloaded",
+            await _send_error(ex.send, 503, "Overloaded",
                               f"more than {self.max_in_flight} requests in flight; retry later",
                               {"Retry-After": "1"})
             return
         self.in_flight += 1
         try:
-            await self._guarded(scope, receive, send)
+            await self._guarded(scope, ex)
         finally:
             self.in_flight -= 1
 
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _guarded(self, scope: Scope, ex: _Exchange) -> None:
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and (not value.isdigit() or int(value) > self.max_body):
-                await _send_error(send, 413, "RequestTooLarge",
+                await _send_error(ex.send, 413, "RequestTooLarge",
                                   f"request body over {self.max_body} bytes")
                 return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.time_limit_s
         chunks: list[bytes] = []
         size = 0
+        receive = ex._receive
+        in_app = False
         try:
-            async with asyncio.timeout_at(deadline):
+            # One deadline for the body and the app (one timer per request).
+            async with asyncio.timeout_at(loop.time() + self.time_limit_s):
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
+                        ex.disconnected = True
                         return  # the client left: nobody to answer
                     chunk = message.get("body", b"")
                     size += len(chunk)
                     if size > self.max_body:
-                        await _send_error(send, 413, "RequestTooLarge",
+                        await _send_error(ex.send, 413, "RequestTooLarge",
                                           f"request body over {self.max_body} bytes")
                         return
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
+                ex.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                del chunks
+                in_app = True
+                await self.app(scope, ex.receive, ex.send)
         except TimeoutError:
-            await _send_error(send, 408, "RequestTimeout",
-                              f"the request body did not arrive within {self.time_limit_s:g}s")
-            return
-        body = b"".join(chunks)
-        del chunks
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self.app(scope, replay, tracked)
-        except TimeoutError:
+            if not in_app:
+                await _send_error(ex.send, 408, "RequestTimeout",
+                                  f"the request body did not arrive within {self.time_limit_s:g}s")
+                return
             log.warning("%s %s exceeded the request time limit (%gs)", scope["method"],
                         scope["path"], self.time_limit_s)
-            if not started:
+            if ex.status is None:
                 await _send_error(
-                    send, 504, "RequestTimeout",
+                    ex.send, 504, "RequestTimeout",
                     f"the request took longer than {self.time_limit_s:g}s and was stopped; a "
                     "write may or may not have been applied (read to find out)")
 
@@ -348,6 +464,9 @@ def create_app(
         version="1",
         description=__doc__,
         lifespan=lifespan,
+        # The request metrics are the guard's (one record per request, the same names); FastAPI
+        # still traces requests when a tracer provider is configured (an OTLP endpoint).
+        telemetry={"metrics": False},
     )
     app.add_middleware(
         RequestGuard, tokens=tokens, max_body=max_body_bytes(settings),
@@ -355,7 +474,8 @@ def create_app(
     )
     bearer = HTTPBearer(auto_error=False)
 
-    def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+    async def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        # async: FastAPI runs a plain ``def`` dependency in a worker thread, per request.
         # The guard has checked the token before the body was read; this documents the scheme
         # in the OpenAPI description and holds if the app is ever mounted without the guard.
         given = creds.credentials.encode() if creds else b""
@@ -456,8 +576,11 @@ def create_app(
 
     @app.post("/v1/collections/{collection}/get", dependencies=[Auth], responses=ERRORS)
     async def get(collection: str, body: KeyIdBody) -> Response:
-        doc = await router().get(collection, from_ejson(body.key), from_ejson(body.id))
-        return ejson_response({"document": doc})
+        text = await router().get_text(collection, from_ejson(body.key), from_ejson(body.id))
+        # The stored canonical Extended JSON as it is (see shards.codec.canonical_text).
+        return Response(content=_DOCUMENT_NONE if text is None
+                        else b'{"document": ' + text.encode() + b"}",
+                        media_type="application/json")
 
     @app.post("/v1/collections/{collection}/replace", dependencies=[Auth], responses=ERRORS)
     async def replace(collection: str, body: ReplaceBody) -> Response:

@@ -72,6 +72,9 @@ class DocumentShard(Protocol):
     async def get(
         self, collection: str, ref: FenceRef, khash: int, _id: Any
     ) -> dict[str, Any] | None: ...
+    async def get_text(
+        self, collection: str, ref: FenceRef, khash: int, _id: Any
+    ) -> str | None: ...
     async def get_many(
         self, collection: str, ref: FenceRef, khash: int, ids: Sequence[Any]
     ) -> list[dict[str, Any]]: ...

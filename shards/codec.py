@@ -30,6 +30,8 @@ JSON_OPTIONS = json_util.CANONICAL_JSON_OPTIONS.with_options(
 
 
 _INT64_MIN, _INT64_END = -(2**63), 2**63
+_INT32_END = 2**31
+_INT32_TEXT, _INT64_TEXT = '{"$numberInt":"%d"}', '{"$numberLong":"%d"}'
 _MAX_DEPTH = 100
 """Nesting deeper than this is refused (BSON documents in MongoDB stop at 100 levels)."""
 
@@ -92,6 +94,10 @@ def encode_document(doc: Mapping[str, Any]) -> str:
 
 def encode_value(value: Any) -> str:
     """One BSON value as canonical Extended JSON text (for ids, filters and patches)."""
+    if type(value) is int and _INT64_MIN <= value < _INT64_END:
+        # The commonest id, spelled as json_util spells it (a property test holds them equal),
+        # without its generic conversion: a routed read encodes its _id on every call.
+        return (_INT32_TEXT if -_INT32_END <= value < _INT32_END else _INT64_TEXT) % value
     check_storable(value)
     try:
         return json_util.dumps(value, json_options=JSON_OPTIONS, separators=(",", ":"))
@@ -118,3 +124,22 @@ def decode_document(text: str | bytes) -> dict[str, Any]:
     return doc
 
 
+
+
+_REWRITTEN = ('"$numberDouble"', '"$numberDecimal"')
+
+
+def canonical_text(stored: str) -> str:
+    """A stored document's text as the canonical Extended JSON a reader is given: the stored
+    text itself when it already is (no decode, no encode), else decoded and encoded again.
+
+    Stored text is canonical Extended JSON (``encode_document``) as ``jsonb`` prints it: the
+    same separators and key order ``json_util.dumps`` of the decoded document gives. Only
+    numbers computed by the shard (``$inc``) can be spelled otherwise: PostgreSQL prints the
+    double 3.0 as ``"3"`` and the decimal 1E-7 as ``"0.0000001"``; a text with a double or a
+    decimal is therefore re-encoded. What may still differ is JSON's own spelling, never a
+    value: ``jsonb`` writes non-ASCII characters as UTF-8 where ``json_util`` escapes them
+    (``\\u00e9``)."""
+    if _REWRITTEN[0] in stored or _REWRITTEN[1] in stored:
+        return json_util.dumps(decode_document(stored), json_options=JSON_OPTIONS)
+    return stored

@@ -377,6 +377,15 @@ class PostgresShard:
         _, doc = await self._run(st.get, params, collection, ref.chunk_id, timeout)
         return decode_document(doc) if doc is not None else None
 
+    async def get_text(self, collection: str, ref: FenceRef, khash: int,
+                       _id: Any, *, timeout: float | None = None) -> str | None:
+        """``get``, the document as its stored text (canonical Extended JSON, as ``jsonb``
+        prints it), not decoded; fenced the same way."""
+        st = self._st(collection)
+        params = D.fence_params(collection, ref, khash) | {"id": encode_value(_id)}
+        _, doc = await self._run(st.get, params, collection, ref.chunk_id, timeout)
+        return doc  # type: ignore[no-any-return]
+
     async def get_many(self, collection: str, ref: FenceRef, khash: int, ids: Sequence[Any],
                        *, timeout: float | None = None) -> list[dict[str, Any]]:
         """The documents with this khash whose ``_id`` is one of ``ids`` (each compared as

@@ -4,14 +4,17 @@ stored documents exactly as they were; valid input does what it says."""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC
 from typing import Any
 
 import psycopg
-from bson import Decimal128, Int64
+from bson import Decimal128, Int64, ObjectId, json_util
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from router.hashing import khash
+from shards.codec import JSON_OPTIONS, canonical_text, decode_document
 from shards.errors import InvalidDocumentError, InvalidNameError
 from shards.models import FenceRef
 from tests.properties.conftest import DB, FULL, SyncShard, field_paths, hostile_text, hostile_values
@@ -122,3 +125,62 @@ def test_filters_answer_or_refuse(sync_shard: SyncShard, path: Any, value: Any) 
         assert all(d["_id"] == "doc-1" for d in docs)
         if path == "email" and value == "x@example.com":
             assert [d["_id"] for d in docs] == ["doc-1"]
+
+
+typed_values = st.one_of(
+    hostile_values,
+    st.builds(Int64, st.integers(min_value=-(2**63), max_value=2**63 - 1)),
+    st.decimals(min_value=-(10**20), max_value=10**20, allow_nan=False, allow_infinity=False).map(
+        lambda d: Decimal128(str(d)) if len(d.as_tuple().digits) <= 34 else Decimal128("1E-7")),
+    st.datetimes(timezones=st.just(UTC)).map(lambda t: t.replace(microsecond=t.microsecond
+                                                                 // 1000 * 1000)),
+    st.builds(ObjectId, st.binary(min_size=12, max_size=12)),
+    st.uuids(),
+)
+increments = st.dictionaries(st.sampled_from(["d", "m", "i"]), st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**31), 2**31),
+    st.decimals(allow_nan=False, allow_infinity=False, places=7).map(lambda d: Decimal128(str(d)))),
+    max_size=3)
+
+
+@DB
+@given(st.dictionaries(st.one_of(hostile_text, st.sampled_from(["d", "m", "i"])),
+                       st.one_of(typed_values, st.lists(typed_values, max_size=3),
+                                 st.dictionaries(st.text(max_size=3), typed_values, max_size=3)),
+                       max_size=5),
+       increments)
+@example({"d": 1.5}, {"d": 1.5})                                      # stored as "3"
+@example({"m": Decimal128("0.00000005")}, {"m": Decimal128("0.00000005")})  # "0.00000010"
+@example({"s": "b\u00fcro \U0001f600", "n": Int64(5)}, {})
+def test_stored_text_reads_as_the_document(sync_shard: SyncShard, extra: dict[Any, Any],
+                                           inc: dict[str, Any]) -> None:
+    """``canonical_text`` of what a get reads (the HTTP service's answer) is the canonical
+    Extended JSON of the document, value for value, whatever ``$inc`` computed in the shard;
+    it is the stored text itself unless a double or a decimal is in it."""
+    s = sync_shard
+    doc = {**extra, "_id": "t-1", "acct": "a-1"}
+    try:
+        s(s.shard.insert(s.collection, REF, H, doc))
+    except CLEAR:
+        return
+    try:
+        if inc:
+            try:
+                s(s.shard.patch(s.collection, REF, H, "t-1", {"$inc": inc}))
+            except CLEAR:
+                pass  # $inc of a non-number, an overflow: the document stays as it was
+        stored = s(s.shard.get_text(s.collection, REF, H, "t-1"))
+        assert stored is not None
+        try:
+            decoded = decode_document(stored)
+        except CLEAR:
+            return  # a value the decoder refuses (a decimal past 34 digits) is refused alike
+        text = canonical_text(stored)
+        assert json.loads(text) == json.loads(json_util.dumps(decoded, json_options=JSON_OPTIONS))
+        assert json_util.dumps(json_util.loads(text, json_options=JSON_OPTIONS),
+                               json_options=JSON_OPTIONS) == json_util.dumps(
+                                   decoded, json_options=JSON_OPTIONS)  # NaN != NaN: as text
+        if '"$numberDouble"' not in stored and '"$numberDecimal"' not in stored:
+            assert text is stored
+    finally:
+        s(s.shard.delete(s.collection, REF, H, "t-1"))

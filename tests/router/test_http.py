@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 
@@ -10,12 +11,14 @@ import hypothesis
 import pytest
 import schemathesis
 import uvicorn
+from bson import json_util
 
 from infra.net import free_port_block
 from router.core import Router
 from router.http import create_app, max_body_bytes
 from router.service import build_app
 from settings import RouterSettings, Settings
+from shards.codec import JSON_OPTIONS
 from tests.profiles import PARENT, examples
 from tests.router.conftest import Deployment
 
@@ -67,6 +70,35 @@ async def test_extended_json_round_trip(client: httpx.AsyncClient, deployment: D
     assert [d["acct"] for d in r.json()["documents"]] == ["alice"]
     r = await client.post(f"/v1/collections/{c}/insert", json={"document": doc}, headers=AUTH)
     assert r.status_code == 409
+
+
+async def test_get_answers_canonical_extended_json(client: httpx.AsyncClient,
+                                                  deployment: Deployment) -> None:
+    """A get answers the stored text when it is canonical already, and re-spells what the
+    shard computed: the double 3.0 an ``$inc`` stored as "3" comes back as "3.0", the decimal
+    it stored as "0.00000010" as "1.0E-7", as ``json_util`` writes them."""
+    c = deployment.collection
+    doc = {"_id": {"$oid": "6b0a4e15a1eb6a99b1b98cb7"}, "acct": "b\u00fcro \U0001f600",
+           "at": {"$date": {"$numberLong": "1700000000123"}}, "n": {"$numberLong": "5"},
+           "i": 1, "tags": ["x", None, True, {"deep": [1.5]}], "u": {"$binary": {
+               "base64": "AAECAwQFBgcICQoLDA0ODw==", "subType": "00"}},
+           "d": 1.5, "m": {"$numberDecimal": "0.00000005"}}
+    r = await client.post(f"/v1/collections/{c}/insert", json={"document": doc}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    ident = {"key": doc["acct"], "id": doc["_id"]}
+    r = await client.post(f"/v1/collections/{c}/patch", headers=AUTH, json={
+        **ident, "update": {"$inc": {"d": 1.5, "m": {"$numberDecimal": "0.00000005"}}}})
+    assert r.status_code == 200, r.text
+    r = await client.post(f"/v1/collections/{c}/get", headers=AUTH, json=ident)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    got = r.json()["document"]
+    assert got["d"] == {"$numberDouble": "3.0"}
+    assert got["m"] == {"$numberDecimal": "1.0E-7"}
+    assert got == json.loads(json_util.dumps(
+        json_util.loads(json.dumps({**doc, "d": 3.0, "m": {"$numberDecimal": "1.0E-7"}}),
+                        json_options=JSON_OPTIONS), json_options=JSON_OPTIONS))
+    r = await client.post(f"/v1/collections/{c}/get", headers=AUTH, json={**ident, "id": 0})
+    assert r.status_code == 200 and r.json() == {"document": None}
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,63 @@ def test_every_error_status_has_one_shape(server: ServeProcess, deployment: Depl
                                   "application/json"}, content=b'{"document": {'), 422)
 
 
+def _series(text: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (0 when none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_request_metrics_are_served_under_their_names(server: ServeProcess,
+                                                      deployment: Deployment) -> None:
+    """What a dashboard reads from ``/metrics``: each request counted once under
+    ``http_server_request_duration_seconds`` by method, route and status (a 401 without a
+    route), the requests in flight, and the routed operations."""
+    c = f"{server.url}/v1/collections/{deployment.collection}"
+    get = "/v1/collections/{collection}/get"
+    route = {"http_request_method": "POST", "http_route": get}
+    with httpx.Client(timeout=30) as h:
+        def scrape() -> str:
+            r = h.get(f"{server.url}/metrics", headers=AUTH)
+            assert r.status_code == 200, r.text[:300]
+            return r.text
+
+        before = scrape()
+        doc = {"_id": 7, "acct": "m"}
+        assert h.post(f"{c}/insert", headers=AUTH, json={"document": doc}).status_code == 201
+        for _ in range(3):
+            r = h.post(f"{c}/get", headers=AUTH, json={"key": "m", "id": 7})
+            assert r.json()["document"] == {"_id": {"$numberInt": "7"}, "acct": "m"}
+        assert h.post(f"{c}/get", json={"key": "m", "id": 7}).status_code == 401
+        assert h.post(f"{c}/get", headers=AUTH, json={"key": "m"}).status_code == 422
+        after = scrape()
+
+    def grew(name: str, **labels: str) -> float:
+        return _series(after, name, **labels) - _series(before, name, **labels)
+
+    count = "http_server_request_duration_seconds_count"
+    assert grew(count, **route, http_response_status_code="200") == 3
+    assert grew(count, **route, http_response_status_code="422") == 1
+    assert grew(count, http_request_method="POST", http_response_status_code="401",
+                http_route="") == 1
+    assert grew(count, http_request_method="POST", http_route="/v1/collections/{collection}/insert",
+                http_response_status_code="201") == 1
+    assert grew("http_server_request_duration_seconds_bucket", **route,
+                http_response_status_code="200", le="+Inf") == 3
+    assert grew("http_server_request_duration_seconds_sum", **route,
+                http_response_status_code="200") > 0
+    # The scrape itself is the one GET in flight while /metrics is collected.
+    assert _series(after, "http_server_active_requests", http_request_method="GET") == 1
+    assert _series(after, "http_server_active_requests", http_request_method="POST") == 0
+    assert grew("shardshift_router_operation_duration_seconds_count", op="get",
+                outcome="ok") == 3
+
+
 def test_openapi_documents_every_error_status(server: ServeProcess) -> None:
     spec = httpx.get(f"{server.url}/openapi.json", timeout=30).json()
     ops = [op for path, item in spec["paths"].items() if path.startswith("/v1/")
