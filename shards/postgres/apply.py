@@ -214,7 +214,8 @@ class ChangeApplier:
     # -- setup -------------------------------------------------------------------------------
 
     def _open_target(self, timeout: float) -> psycopg.Connection[Any]:
-        conn = psycopg.connect(self.target_dsn, autocommit=True)
+        # UTF-8 on both ends: the documents go from the stream into the COPY as bytes.
+        conn = psycopg.connect(self.target_dsn, autocommit=True, client_encoding="UTF8")
         try:
             ensure_apply_schema(conn)
             name = self.names.origin

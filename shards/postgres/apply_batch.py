@@ -14,7 +14,9 @@ the batch's target transaction:
    insert (no conflict check: half the cost of an upsert), or nothing at all when that last
    change is a delete. Every other key is an upsert (``INSERT ... ON CONFLICT DO UPDATE``)
    or a delete;
-3. the rows go into the session's temporary table ``pg_temp.ss_apply`` with one COPY, and
+3. the rows go into the session's temporary table ``pg_temp.ss_apply`` with one binary COPY
+   (built in one buffer: the key and document bytes exactly as pgoutput sent them, a
+   ``jsonb`` value being its version byte and that text; no per-row formatting), and
    ``DELETE ... USING``, the upsert and the plain insert read it. The plain insert runs in a
    savepoint: should a row be there after all (a target changed behind the applier's back),
    its unique violation rolls back to the savepoint and the same rows are upserted, which is
@@ -28,6 +30,7 @@ transactions are decoded while the target applies the current ones, instead of a
 from __future__ import annotations
 
 import select
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +53,15 @@ STAGING_DDL = (
 )
 """The applier session's staging table (emptied by every commit)."""
 
+_COPY_SQL = "COPY pg_temp.ss_apply (op, khash, id, doc) FROM STDIN (FORMAT binary)"
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, extension length
+_COPY_TRAILER = b"\xff\xff"
+_ROW_HEAD = struct.Struct(">hihiqi")
+"""4 fields; op (int2); khash (int8); the length of id (text)."""
+_DOC_HEAD = struct.Struct(">ib")
+"""The length of doc (jsonb) and its binary format's version byte (1: the text follows)."""
+_NULL = b"\xff\xff\xff\xff"
+
 _UNIQUE_VIOLATION = "23505"
 _SAVEPOINT = "ss_apply_fresh"
 
@@ -58,7 +70,7 @@ _SAVEPOINT = "ss_apply_fresh"
 class Collapsed:
     """A batch reduced to what the target must do."""
 
-    rows: list[tuple[int, int, str, str | None]] = field(default_factory=list)
+    rows: list[tuple[int, int, bytes, bytes | None]] = field(default_factory=list)
     """``(op, khash, id, doc)`` per key, at most one row per key."""
     truncate: bool = False
     """Delete the chunk's range first."""
@@ -74,7 +86,7 @@ def collapse(txns: Sequence[Transaction]) -> Collapsed:
     """The last change per key, classified by whether the target has the key's row at the
     start of the batch (see the module docstring)."""
     # key -> (absent at the start of the batch, op or None for "nothing to do", doc)
-    ops: dict[tuple[int, str], tuple[bool, int | None, str | None]] = {}
+    ops: dict[tuple[int, bytes], tuple[bool, int | None, bytes | None]] = {}
     out = Collapsed()
     truncated = False
     changes = 0
@@ -171,11 +183,8 @@ class BatchWriter:
             conn.execute(self._truncate)
         if not batch.rows:
             return
-        with conn.cursor().copy("COPY pg_temp.ss_apply (op, khash, id, doc) FROM STDIN"
-                                ) as copy:
-            write = copy.write_row
-            for row in batch.rows:
-                write(row)
+        with conn.cursor().copy(_COPY_SQL) as copy:
+            copy.write(copy_data(batch.rows))
         deletes, upserts, inserts = batch.counts
         statements: list[sql.Composable] = []
         if deletes:
@@ -200,6 +209,24 @@ class BatchWriter:
             self.fallbacks += 1
             return
         raise error
+
+
+def copy_data(rows: Sequence[tuple[int, int, bytes, bytes | None]]) -> bytes:
+    """``rows`` as the whole input of a binary ``COPY pg_temp.ss_apply FROM STDIN``."""
+    parts = [_COPY_HEADER]
+    append = parts.append
+    row_head = _ROW_HEAD.pack
+    doc_head = _DOC_HEAD.pack
+    for op, khash, id_, doc in rows:
+        append(row_head(4, 2, op, 8, khash, len(id_)))
+        append(id_)
+        if doc is None:
+            append(_NULL)
+        else:
+            append(doc_head(len(doc) + 1, 1))
+            append(doc)
+    append(_COPY_TRAILER)
+    return b"".join(parts)
 
 
 def _run_pumped(conn: psycopg.Connection[Any], query: bytes, pump: Pump | None,
@@ -242,4 +269,4 @@ def _run_pumped(conn: psycopg.Connection[Any], query: bytes, pump: Pump | None,
     return failed_at, error
 
 
-__all__ = ["STAGING_DDL", "BatchWriter", "Collapsed", "collapse"]
+__all__ = ["STAGING_DDL", "BatchWriter", "Collapsed", "collapse", "copy_data"]
