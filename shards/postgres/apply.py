@@ -9,10 +9,11 @@ the batch in ONE target transaction:
 1. ``pg_advisory_xact_lock(stream)`` and a read of the stream's control row (the hold);
 2. the batch's changes, collapsed to the last change per ``(khash, id)`` (changes to
    different keys commute, so only each key's last change matters; a truncate drops every
-   earlier change and deletes the chunk's range first), copied into a temporary table and
-   applied as one ``DELETE ... USING``, one ``INSERT ... ON CONFLICT DO UPDATE`` and one
-   plain ``INSERT`` of the keys the target cannot hold yet (``shards/postgres/apply_batch.py``;
-   while the target runs them the applier reads and decodes the stream's next transactions);
+   earlier change and deletes the chunk's range first), the deletes and upserts copied into a
+   temporary table and applied as one ``DELETE ... USING`` and one ``INSERT ... ON CONFLICT
+   DO UPDATE``, the keys the target cannot hold yet COPYed straight into the collection's
+   table (``shards/postgres/apply_batch.py``; while the target runs them the applier reads
+   and decodes the stream's next transactions);
 3. ``pg_replication_origin_xact_setup(end_lsn_of_last_source_txn, its_commit_time)``;
 4. the stream's state row (applied LSN, lag, markers seen) updated;
 5. COMMIT; then, and only then, feedback to the source (flush = that end LSN).
@@ -214,7 +215,8 @@ class ChangeApplier:
     # -- setup -------------------------------------------------------------------------------
 
     def _open_target(self, timeout: float) -> psycopg.Connection[Any]:
-        conn = psycopg.connect(self.target_dsn, autocommit=True)
+        # UTF-8 on both ends: the documents go from the stream into the COPY as bytes.
+        conn = psycopg.connect(self.target_dsn, autocommit=True, client_encoding="UTF8")
         try:
             ensure_apply_schema(conn)
             name = self.names.origin

@@ -14,20 +14,26 @@ the batch's target transaction:
    insert (no conflict check: half the cost of an upsert), or nothing at all when that last
    change is a delete. Every other key is an upsert (``INSERT ... ON CONFLICT DO UPDATE``)
    or a delete;
-3. the rows go into the session's temporary table ``pg_temp.ss_apply`` with one COPY, and
-   ``DELETE ... USING``, the upsert and the plain insert read it. The plain insert runs in a
-   savepoint: should a row be there after all (a target changed behind the applier's back),
-   its unique violation rolls back to the savepoint and the same rows are upserted, which is
+3. the deletes and upserts go into the session's temporary table ``pg_temp.ss_apply`` with one
+   binary COPY (built in one buffer: the key and document bytes exactly as pgoutput sent
+   them, a ``jsonb`` value being its version byte and that text; no per-row formatting), read
+   by ``DELETE ... USING`` and the upsert; the plain inserts are COPYed straight into the
+   collection's table (no staging, no ``INSERT ... SELECT``). That COPY runs in a savepoint:
+   should a row be there after all (a target changed behind the applier's back), its unique
+   violation rolls back to the savepoint and the same rows are staged and upserted, which is
    what the batch would have done without the classification.
 
-The statements after the COPY are sent as one query, and while the target works on them the
-applier keeps reading and decoding its change stream (``pump``): the source's next
-transactions are decoded while the target applies the current ones, instead of after.
+The whole batch is one query (``COPY ...; DELETE ...; INSERT ... ON CONFLICT ...; SAVEPOINT;
+COPY ...; RELEASE``, the COPY data sent from a non-blocking connection), and while the target
+works on it, the COPYs included, the applier keeps reading and decoding its change stream
+(``pump``): the source's next transactions are decoded while the target applies the current
+ones, instead of after.
 """
 
 from __future__ import annotations
 
 import select
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +56,17 @@ STAGING_DDL = (
 )
 """The applier session's staging table (emptied by every commit)."""
 
+_COPY_SQL = "COPY pg_temp.ss_apply (op, khash, id, doc) FROM STDIN (FORMAT binary)"
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, extension length
+_COPY_TRAILER = b"\xff\xff"
+_ROW_HEAD = struct.Struct(">hihiqi")
+"""4 fields; op (int2); khash (int8); the length of id (text)."""
+_DOC_HEAD = struct.Struct(">ib")
+"""The length of doc (jsonb) and its binary format's version byte (1: the text follows)."""
+_NULL = b"\xff\xff\xff\xff"
+_FRESH_HEAD = struct.Struct(">hiqi")
+"""3 fields; khash (int8); the length of id (text): a row of the collection's table."""
+
 _UNIQUE_VIOLATION = "23505"
 _SAVEPOINT = "ss_apply_fresh"
 
@@ -58,7 +75,7 @@ _SAVEPOINT = "ss_apply_fresh"
 class Collapsed:
     """A batch reduced to what the target must do."""
 
-    rows: list[tuple[int, int, str, str | None]] = field(default_factory=list)
+    rows: list[tuple[int, int, bytes, bytes | None]] = field(default_factory=list)
     """``(op, khash, id, doc)`` per key, at most one row per key."""
     truncate: bool = False
     """Delete the chunk's range first."""
@@ -74,7 +91,7 @@ def collapse(txns: Sequence[Transaction]) -> Collapsed:
     """The last change per key, classified by whether the target has the key's row at the
     start of the batch (see the module docstring)."""
     # key -> (absent at the start of the batch, op or None for "nothing to do", doc)
-    ops: dict[tuple[int, str], tuple[bool, int | None, str | None]] = {}
+    ops: dict[tuple[int, bytes], tuple[bool, int | None, bytes | None]] = {}
     out = Collapsed()
     truncated = False
     changes = 0
@@ -151,10 +168,8 @@ class BatchWriter:
         )
         self._upsert_some = self._upsert.format(t=t, op=sql.Literal(OP_UPSERT))
         self._upsert_fresh = self._upsert.format(t=t, op=sql.Literal(OP_INSERT))
-        self._insert = sql.SQL(
-            "INSERT INTO {t} (khash, id, doc) SELECT khash, id, doc FROM pg_temp.ss_apply"
-            " WHERE op = {op}"
-        ).format(t=t, op=sql.Literal(OP_INSERT))
+        self._copy_fresh = sql.SQL(
+            "COPY {t} (khash, id, doc) FROM STDIN (FORMAT binary)").format(t=t)
         self._truncate = sql.SQL(
             "DELETE FROM {t} WHERE khash >= {lo}::bigint"
             " AND ({hi}::bigint IS NULL OR khash < {hi}::bigint)"
@@ -166,80 +181,201 @@ class BatchWriter:
     def write(self, conn: psycopg.Connection[Any], batch: Collapsed,
               pump: Pump | None = None, pump_fd: int | None = None) -> None:
         """Apply ``batch`` in the caller's open transaction on ``conn``; while the target
-        works, call ``pump`` whenever ``pump_fd`` is readable."""
+        works (the COPY data included), call ``pump`` whenever ``pump_fd`` is readable."""
         if batch.truncate:
             conn.execute(self._truncate)
         if not batch.rows:
             return
-        with conn.cursor().copy("COPY pg_temp.ss_apply (op, khash, id, doc) FROM STDIN"
-                                ) as copy:
-            write = copy.write_row
-            for row in batch.rows:
-                write(row)
+        staged, fresh = copy_buffers(batch.rows)
         deletes, upserts, inserts = batch.counts
         statements: list[sql.Composable] = []
-        if deletes:
-            statements.append(self._delete)
-        if upserts:
-            statements.append(self._upsert_some)
+        copies: list[bytes] = []
+        if deletes or upserts:
+            statements.append(sql.SQL(_COPY_SQL))
+            copies.append(staged)
+            if deletes:
+                statements.append(self._delete)
+            if upserts:
+                statements.append(self._upsert_some)
         insert_at = -1
         if inserts:
             statements.append(sql.SQL("SAVEPOINT " + _SAVEPOINT))
             insert_at = len(statements)
-            statements.append(self._insert)
+            statements.append(self._copy_fresh)
+            copies.append(fresh)
             statements.append(sql.SQL("RELEASE SAVEPOINT " + _SAVEPOINT))
         query = sql.SQL("; ").join(statements).as_bytes(conn)
-        failed_at, error = _run_pumped(conn, query, pump, pump_fd)
+        failed_at, error = _run_pumped(conn, query, pump, pump_fd, copies)
         if error is None:
             return
         if failed_at == insert_at and error.sqlstate == _UNIQUE_VIOLATION:
-            # A row the batch expected absent is there: upsert those rows instead.
+            # A row the batch expected absent is there: stage those rows and upsert them.
             conn.execute("ROLLBACK TO SAVEPOINT " + _SAVEPOINT)
-            conn.execute(self._upsert_fresh)
+            query = sql.SQL("; ").join([sql.SQL(_COPY_SQL), self._upsert_fresh]).as_bytes(conn)
+            _, error = _run_pumped(conn, query, None, None,
+                                   [copy_data([r for r in batch.rows if r[0] == OP_INSERT])])
+            if error is not None:
+                raise error
             conn.execute("RELEASE SAVEPOINT " + _SAVEPOINT)
             self.fallbacks += 1
             return
         raise error
 
 
+def copy_data(rows: Sequence[tuple[int, int, bytes, bytes | None]]) -> bytes:
+    """``rows`` as the whole input of a binary ``COPY pg_temp.ss_apply FROM STDIN``."""
+    parts = [_COPY_HEADER]
+    append = parts.append
+    row_head = _ROW_HEAD.pack
+    doc_head = _DOC_HEAD.pack
+    for op, khash, id_, doc in rows:
+        append(row_head(4, 2, op, 8, khash, len(id_)))
+        append(id_)
+        if doc is None:
+            append(_NULL)
+        else:
+            append(doc_head(len(doc) + 1, 1))
+            append(doc)
+    append(_COPY_TRAILER)
+    return b"".join(parts)
+
+
+def copy_buffers(rows: Sequence[tuple[int, int, bytes, bytes | None]]) -> tuple[bytes, bytes]:
+    """The binary COPY inputs of a batch: its deletes and upserts for ``pg_temp.ss_apply``
+    (``op, khash, id, doc``), and its plain inserts for the collection's table itself
+    (``khash, id, doc``), in one pass."""
+    staged = [_COPY_HEADER]
+    fresh = [_COPY_HEADER]
+    put_staged = staged.append
+    put_fresh = fresh.append
+    row_head = _ROW_HEAD.pack
+    fresh_head = _FRESH_HEAD.pack
+    doc_head = _DOC_HEAD.pack
+    for op, khash, id_, doc in rows:
+        if op == OP_INSERT:
+            put_fresh(fresh_head(3, 8, khash, len(id_)))
+            put_fresh(id_)
+            if doc is None:
+                put_fresh(_NULL)
+            else:
+                put_fresh(doc_head(len(doc) + 1, 1))
+                put_fresh(doc)
+        else:
+            put_staged(row_head(4, 2, op, 8, khash, len(id_)))
+            put_staged(id_)
+            if doc is None:
+                put_staged(_NULL)
+            else:
+                put_staged(doc_head(len(doc) + 1, 1))
+                put_staged(doc)
+    put_staged(_COPY_TRAILER)
+    put_fresh(_COPY_TRAILER)
+    return b"".join(staged), b"".join(fresh)
+
+
+_COPY_CHUNK = 1 << 20
+
+
 def _run_pumped(conn: psycopg.Connection[Any], query: bytes, pump: Pump | None,
-                pump_fd: int | None) -> tuple[int, psycopg.Error | None]:
+                pump_fd: int | None, copies: Sequence[bytes] = ()
+                ) -> tuple[int, psycopg.Error | None]:
     """Run ``query`` (one or more statements, no parameters) on ``conn`` and, until the
-    target has answered, call ``pump`` whenever ``pump_fd`` is readable.
+    target has answered, call ``pump`` whenever ``pump_fd`` is readable. Each ``COPY ...
+    FROM STDIN`` of the query gets the next buffer of ``copies`` as its data.
 
     Returns the index of the statement that failed and its error (``(-1, None)`` when all
     succeeded); the connection is idle in its transaction either way.
     """
     pgconn = conn.pgconn
     pgconn.send_query(query)  # raises OperationalError when it cannot be sent
-    watch = pump is not None and pump_fd is not None
     target_fd = pgconn.socket
     index = 0
     failed_at, error = -1, None
-    pump_error: BaseException | None = None
-    readable: list[int] = [pump_fd] if watch and pump_fd is not None else []
+    pumping = _Pumping(pump, pump_fd)
+    copies_left = list(copies)
     while True:
-        # The first round pumps without waiting: libpq may hold frames already read.
-        if watch and pump is not None and pump_fd in readable:
-            try:
-                watch = pump()
-            except BaseException as exc:  # noqa: BLE001 - re-raised once the target is idle
-                pump_error, watch = exc, False
-        readable = []
+        pumping.run()
         pgconn.consume_input()
         if pgconn.is_busy():
-            fds = [target_fd, pump_fd] if watch and pump_fd is not None else [target_fd]
-            readable, _, _ = select.select(fds, [], [], 1.0)
+            pumping.wait([target_fd], [])
             continue
         res = pgconn.get_result()
         if res is None:
             break
+        if res.status == pq.ExecStatus.COPY_IN:
+            _put_copy(pgconn, copies_left.pop(0) if copies_left else b"", pumping)
+            continue
         if res.status == pq.ExecStatus.FATAL_ERROR and error is None:
             failed_at, error = index, error_from_result(res, encoding=conn.info.encoding)
         index += 1
-    if pump_error is not None:
-        raise pump_error
+    pumping.raise_error()
     return failed_at, error
 
 
-__all__ = ["STAGING_DDL", "BatchWriter", "Collapsed", "collapse"]
+def _put_copy(pgconn: pq.abc.PGconn, data: bytes, pumping: _Pumping) -> None:
+    """Send ``data`` and the end of the COPY on a non-blocking connection, pumping while
+    the target's socket is full."""
+    fd = pgconn.socket
+    view = memoryview(data)
+    pos = 0
+    while pos < len(view):
+        queued = pgconn.put_copy_data(view[pos:pos + _COPY_CHUNK])
+        if queued == 1:
+            pos += _COPY_CHUNK
+        elif queued == 0:
+            pumping.wait([fd], [fd])
+            pgconn.consume_input()
+        else:
+            raise psycopg.OperationalError(
+                f"COPY data could not be sent: {pgconn.get_error_message()!r}")
+        while pgconn.flush() == 1:
+            pumping.wait([fd], [fd])
+            pgconn.consume_input()
+    while (ended := pgconn.put_copy_end()) == 0:
+        pumping.wait([fd], [fd])
+    if ended != 1:
+        raise psycopg.OperationalError(
+            f"COPY could not be ended: {pgconn.get_error_message()!r}")
+    while pgconn.flush() == 1:
+        pumping.wait([fd], [fd])
+        pgconn.consume_input()
+
+
+class _Pumping:
+    """Calls ``pump`` when ``pump_fd`` is readable, while waiting on the target's socket; an
+    error of the pump is kept until the target is idle (:meth:`raise_error`)."""
+
+    def __init__(self, pump: Pump | None, pump_fd: int | None) -> None:
+        self.pump = pump
+        self.fd = pump_fd
+        self.watch = pump is not None and pump_fd is not None
+        # The first round pumps without waiting: libpq may hold frames already read.
+        self.due = self.watch
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        if self.due and self.pump is not None:
+            self.due = False
+            try:
+                self.watch = self.pump()
+            except BaseException as exc:  # noqa: BLE001 - re-raised once the target is idle
+                self.error, self.watch = exc, False
+
+    def wait(self, read: list[int], write: list[int]) -> None:
+        """Until a socket of ``read``/``write`` is ready (at most 1 s), pumping meanwhile."""
+        while True:
+            fds = read + [self.fd] if self.watch and self.fd is not None else read
+            readable, writable, _ = select.select(fds, write, [], 1.0)
+            if self.watch and self.fd in readable:
+                self.due = True
+                self.run()
+                if not (set(readable) & set(read)) and not writable:
+                    continue
+            return
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+__all__ = ["STAGING_DDL", "BatchWriter", "Collapsed", "collapse", "copy_buffers", "copy_data"]

@@ -26,8 +26,12 @@ The publication's row filter already keeps other chunks' rows on the server. The
 checks the range again because the cost is one integer comparison and a wrong row on the
 target is a correctness bug that nothing downstream would catch.
 
-Every record is a ``slots`` dataclass: the applier's throughput is bounded by how fast Python
-turns bytes into records, so the decoder avoids per-message allocations beyond the records.
+The applier's throughput is bounded by how fast Python turns bytes into records, so the
+document changes are tuples (:class:`Upsert` and :class:`Delete` are ``NamedTuple`` classes, built
+without a Python-level ``__init__``), their key and document stay the bytes the server sent
+(UTF-8 text: the applier stages them with a binary COPY as they are), and a document row's
+TupleData is parsed in one pass without a per-column list (``_doc_row``). The other records
+are ``slots`` dataclasses.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from shards.models import KeyRange
 
@@ -73,12 +78,13 @@ def unix_to_pg_time(seconds: float) -> int:
 # -- typed records -----------------------------------------------------------------------------
 
 
-@dataclass(slots=True, frozen=True)
-class Upsert:
+class Upsert(NamedTuple):
     """A document inserted or updated on the source: the target must hold exactly ``doc``.
 
-    ``doc`` is None only when the source sent the column as "unchanged TOAST" (an UPDATE that
-    kept a large document as it was); the target's copy is then already right.
+    ``id`` and ``doc`` are the column values as the server sent them (UTF-8 text: the ``id``
+    column's text, the ``jsonb`` document's text form). ``doc`` is None only when the source
+    sent the column as "unchanged TOAST" (an UPDATE that kept a large document as it was);
+    the target's copy is then already right.
 
     ``fresh`` is True when the source INSERTed the row: just before this change the source
     had no such document (the applier inserts it without a conflict check when nothing
@@ -86,17 +92,16 @@ class Upsert:
     """
 
     khash: int
-    id: str
-    doc: str | None
+    id: bytes
+    doc: bytes | None
     fresh: bool = False
 
 
-@dataclass(slots=True, frozen=True)
-class Delete:
-    """A document deleted on the source (identified by its primary key)."""
+class Delete(NamedTuple):
+    """A document deleted on the source (identified by its primary key; ``id`` as sent)."""
 
     khash: int
-    id: str
+    id: bytes
 
 
 @dataclass(slots=True, frozen=True)
@@ -181,6 +186,8 @@ class _Relation:
     columns: dict[str, int]
     doc_columns: tuple[int, int, int] = (0, 0, 0)
     """Positions of ``khash``, ``id`` and ``doc`` (a document table)."""
+    doc_row: bool = False
+    """The document table's columns are exactly ``khash, id, doc`` (``_doc_row`` applies)."""
 
 
 class ProtocolError(Exception):
@@ -228,6 +235,35 @@ def _tuple(buf: bytes, pos: int) -> tuple[list[object], int]:
     return out, pos
 
 
+_tnew = tuple.__new__
+
+
+def _doc_row(buf: bytes, pos: int) -> tuple[bytes, bytes, object] | None:
+    """A document row's TupleData at ``pos`` when it is exactly ``(khash, id, doc)`` with a
+    text khash and id (every row of a document table): the three raw values, in one pass
+    without a per-column list (doc: bytes, or _UNCHANGED/None). None: any other shape
+    (the caller falls back to :func:`_tuple`)."""
+    if buf[pos] != 0 or buf[pos + 1] != 3 or buf[pos + 2] != 0x74:
+        return None
+    (ln,) = _I32.unpack_from(buf, pos + 3)
+    p = pos + 7 + ln
+    khash = buf[pos + 7:p]
+    if buf[p] != 0x74:
+        return None
+    (ln,) = _I32.unpack_from(buf, p + 1)
+    e = p + 5 + ln
+    id_ = buf[p + 5:e]
+    kind = buf[e]
+    if kind == 0x74:
+        (ln,) = _I32.unpack_from(buf, e + 1)
+        return khash, id_, buf[e + 5:e + 5 + ln]
+    if kind == 0x75:
+        return khash, id_, _UNCHANGED
+    if kind == 0x6E:
+        return khash, id_, None
+    return None
+
+
 class ChunkDecoder:
     """Decodes pgoutput messages of one slot into :class:`Transaction` records of one chunk.
 
@@ -265,6 +301,20 @@ class ChunkDecoder:
     def feed(self, buf: bytes) -> Transaction | None:
         """Decode one pgoutput message; returns the transaction when ``buf`` is its Commit."""
         tag = buf[0]
+        if (tag == 0x49 or tag == 0x55) and buf[5] == 0x4E:
+            # The hot path: an Insert, or an Update without an old key, of a document row
+            # shaped (khash, id, doc); anything else falls through to the general handlers.
+            (relid,) = _OID.unpack_from(buf, 1)
+            rel = self._relations.get(relid)
+            if rel is not None and rel.doc_row and not self._skip:
+                row = _doc_row(buf, 6)
+                txn = self._txn
+                if row is not None and txn is not None and type(row[2]) is bytes:
+                    khash = int(row[0])
+                    if self.lo <= khash < self.hi:
+                        txn.changes.append(_tnew(Upsert, (khash, row[1], row[2], tag == 0x49)))
+                        self.decoded_changes += 1
+                    return None
         if tag == 0x49:  # 'I' insert
             self._insert(buf)
         elif tag == 0x55:  # 'U' update
@@ -346,6 +396,7 @@ class ChunkDecoder:
         rel = _Relation(kind, f"{namespace}.{name}", columns)
         if kind == _DOCS:
             rel.doc_columns = (columns["khash"], columns["id"], columns["doc"])
+            rel.doc_row = ncols == 3 and rel.doc_columns == (0, 1, 2)
         self._relations[relid] = rel
 
     def _rel(self, buf: bytes) -> _Relation:
@@ -355,7 +406,7 @@ class ChunkDecoder:
             raise ProtocolError(f"change of relation {relid} before its Relation message")
         return rel
 
-    def _doc_key(self, rel: _Relation, values: list[object]) -> tuple[int, str] | None:
+    def _doc_key(self, rel: _Relation, values: list[object]) -> tuple[int, bytes] | None:
         cols = rel.columns
         raw_khash = values[cols["khash"]]
         raw_id = values[cols["id"]]
@@ -364,13 +415,12 @@ class ChunkDecoder:
         khash = int(raw_khash)
         if khash < self.lo or khash >= self.hi:
             return None
-        return khash, raw_id.decode()
+        return khash, raw_id
 
-    def _upsert(self, rel: _Relation, values: list[object], fresh: bool) -> None:
-        """The document row ``values`` as an :class:`Upsert` of the open transaction (when
-        inside the range): the hot path, one call per document change."""
-        k, i, d = rel.doc_columns
-        raw_khash, raw_id, raw_doc = values[k], values[i], values[d]
+    def _upsert(self, rel: _Relation, raw_khash: object, raw_id: object, raw_doc: object,
+                fresh: bool) -> None:
+        """The document row as an :class:`Upsert` of the open transaction (when inside the
+        range): the hot path, one call per document change."""
         if type(raw_khash) is not bytes or type(raw_id) is not bytes:
             raise ProtocolError(f"{rel.name}: a primary key column arrived NULL or unchanged")
         khash = int(raw_khash)
@@ -379,14 +429,27 @@ class ChunkDecoder:
         if raw_doc is _UNCHANGED:
             doc = None
         elif type(raw_doc) is bytes:
-            doc = raw_doc.decode()
+            doc = raw_doc
         else:
             raise ProtocolError(f"{rel.name}: doc arrived NULL")
         txn = self._txn
         if txn is None:
             raise ProtocolError("a document change outside a transaction")
-        txn.changes.append(Upsert(khash, raw_id.decode(), doc, fresh))
+        txn.changes.append(_tnew(Upsert, (khash, raw_id, doc, fresh)))
         self.decoded_changes += 1
+
+    def _upsert_at(self, rel: _Relation, buf: bytes, pos: int, fresh: bool) -> None:
+        """The document row whose TupleData starts at ``pos``."""
+        if rel.doc_row:
+            row = _doc_row(buf, pos)
+            if row is not None:
+                self._upsert(rel, row[0], row[1], row[2], fresh)
+                return
+        values, _ = _tuple(buf, pos)
+        k, i, d = rel.doc_columns
+        if len(values) <= max(k, i, d):
+            raise ProtocolError(f"{rel.name}: a row with {len(values)} columns")
+        self._upsert(rel, values[k], values[i], values[d], fresh)
 
     def _fence(self, rel: _Relation, values: list[object], deleted: bool) -> None:
         cols = rel.columns
@@ -413,11 +476,10 @@ class ChunkDecoder:
             return
         if buf[5] != 0x4E:  # 'N'
             raise ProtocolError("Insert without a new tuple")
-        values, _ = _tuple(buf, 6)
         if rel.kind == _FENCE:
-            self._fence(rel, values, deleted=False)
+            self._fence(rel, _tuple(buf, 6)[0], deleted=False)
             return
-        self._upsert(rel, values, True)
+        self._upsert_at(rel, buf, 6, True)
 
     def _update(self, buf: bytes) -> None:
         rel = self._rel(buf)
@@ -429,9 +491,8 @@ class ChunkDecoder:
             old, pos = _tuple(buf, pos + 1)
         if buf[pos] != 0x4E:
             raise ProtocolError("Update without a new tuple")
-        values, _ = _tuple(buf, pos + 1)
         if rel.kind == _FENCE:
-            self._fence(rel, values, deleted=False)
+            self._fence(rel, _tuple(buf, pos + 1)[0], deleted=False)
             return
         txn = self._require_txn("Update")
         if old is not None:
@@ -441,7 +502,7 @@ class ChunkDecoder:
             if old_key is not None:
                 txn.changes.append(Delete(old_key[0], old_key[1]))
                 self.decoded_changes += 1
-        self._upsert(rel, values, False)
+        self._upsert_at(rel, buf, pos + 1, False)
 
     def _delete(self, buf: bytes) -> None:
         rel = self._rel(buf)

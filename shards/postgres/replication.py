@@ -175,7 +175,10 @@ class SlotSnapshot:
 
 def open_walsender(dsn: str) -> pq.abc.PGconn:
     """A walsender (``replication=database``) connection to ``dsn``."""
-    conn = pq.PGconn.connect(make_conninfo(dsn, replication="database").encode())
+    # UTF-8 whatever the server's encoding: the applier copies column text as bytes into a
+    # target session that is UTF-8 too (shards/postgres/apply.py).
+    conn = pq.PGconn.connect(
+        make_conninfo(dsn, replication="database", client_encoding="UTF8").encode())
     if conn.status != pq.ConnStatus.OK:
         message = conn.get_error_message()
         conn.finish()

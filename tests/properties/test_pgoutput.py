@@ -104,6 +104,9 @@ u32 = st.integers(0, 2**32 - 1)
 lsns = st.integers(0, 2**64 - 1)
 
 
+DOC_LAYOUTS = [["khash", "id", "doc"], ["doc", "khash", "id"], ["khash", "id", "doc", "extra"]]
+
+
 @dataclass
 class Case:
     messages: list[bytes]
@@ -113,8 +116,15 @@ class Case:
 @st.composite
 def streams(draw: st.DrawFn) -> Case:
     docs_oid, fence_oid, other_oid = draw(st.lists(u32, min_size=3, max_size=3, unique=True))
+    # The table's own layout (one-pass fast path), and others a decoder must read by name.
+    layout = draw(st.sampled_from(DOC_LAYOUTS))
+
+    def place(values: list[bytes | None | str]) -> list[bytes | None | str]:
+        named = dict(zip(("khash", "id", "doc"), values, strict=True))
+        return [named.get(c, b"x") for c in layout]
+
     msgs = [
-        relation(docs_oid, "docs", COLLECTION, ["khash", "id", "doc"]),
+        relation(docs_oid, "docs", COLLECTION, layout),
         relation(fence_oid, "shardshift", "chunk_fence",
                  ["collection", "chunk_id", "lo", "hi", "token", "state"]),
         relation(other_oid, "docs", "other_collection", ["khash", "id", "doc"]),
@@ -142,28 +152,29 @@ def streams(draw: st.DrawFn) -> Case:
             h, i, d = draw(khashes), draw(ids), draw(docs)
             row = [str(h).encode(), i.encode(), d.encode()]
             if kind == "ins":
-                msgs.append(insert(docs_oid, row))
+                msgs.append(insert(docs_oid, place(row)))
                 if inside(h):
-                    txn.changes.append(Upsert(h, i, d, fresh=True))
+                    txn.changes.append(Upsert(h, i.encode(), d.encode(), fresh=True))
             elif kind == "upd":
-                msgs.append(update(docs_oid, row))
+                msgs.append(update(docs_oid, place(row)))
                 if inside(h):
-                    txn.changes.append(Upsert(h, i, d))
+                    txn.changes.append(Upsert(h, i.encode(), d.encode()))
             elif kind == "upd_toast":
-                msgs.append(update(docs_oid, [row[0], row[1], "u"]))
+                msgs.append(update(docs_oid, place([row[0], row[1], "u"])))
                 if inside(h):
-                    txn.changes.append(Upsert(h, i, None))
+                    txn.changes.append(Upsert(h, i.encode(), None))
             elif kind == "upd_key":
                 oh, oi = draw(khashes), draw(ids)
-                msgs.append(update(docs_oid, row, old=[str(oh).encode(), oi.encode(), None]))
+                msgs.append(update(docs_oid, place(row),
+                                   old=place([str(oh).encode(), oi.encode(), None])))
                 if inside(oh):
-                    txn.changes.append(Delete(oh, oi))
+                    txn.changes.append(Delete(oh, oi.encode()))
                 if inside(h):
-                    txn.changes.append(Upsert(h, i, d))
+                    txn.changes.append(Upsert(h, i.encode(), d.encode()))
             elif kind == "del":
-                msgs.append(delete(docs_oid, [row[0], row[1], None]))
+                msgs.append(delete(docs_oid, place([row[0], row[1], None])))
                 if inside(h):
-                    txn.changes.append(Delete(h, i))
+                    txn.changes.append(Delete(h, i.encode()))
             elif kind == "other":
                 msgs.append(insert(other_oid, row))
             elif kind in ("fence", "fence_other"):
