@@ -3,8 +3,9 @@
 Invariants
 ----------
 * **A part's rows and its completion commit together.** Each part is one target transaction:
-  claim ``shardshift.import_parts (migration_id, part)``, delete whatever the target holds in
-  the part's sub-range, ``COPY`` the rows, record the row count, commit. A crash anywhere
+  claim ``shardshift.import_parts (migration_id, part)`` with the row count the part file
+  declares and delete whatever the target holds in the part's sub-range (one statement),
+  ``COPY`` the rows, check that the copy sent exactly the declared count, commit. A crash anywhere
   before the commit leaves neither rows nor the record; after it, both. An interrupted import
   therefore resumes at the first part without a record, and the data is exact: no row is
   loaded twice, none is lost.
@@ -293,14 +294,20 @@ def import_part(
         # Read ahead from here on: the first batches decode while the claim and the delete
         # run, and batch i+1 while batch i goes to the server.
         with conn.transaction(), _ReadAhead(encoded(), depth=READ_AHEAD) as batches:
-            claimed = conn.execute(
-                "INSERT INTO shardshift.import_parts (migration_id, part, rows)"
-                " VALUES (%s, %s, 0) ON CONFLICT DO NOTHING",
-                (migration_id, part),
-            ).rowcount
-            if not claimed:
+            # One statement claims the part (recording the row count its file declares, which
+            # the copy must match before the commit) and, only if claimed, empties its range:
+            # each round trip between parts is time the target waits.
+            row = conn.execute(
+                sql.SQL(
+                    "WITH claim AS (INSERT INTO shardshift.import_parts (migration_id, part, rows)"
+                    " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING part),"
+                    " emptied AS (DELETE FROM {} WHERE {} AND EXISTS (SELECT FROM claim))"
+                    " SELECT count(*) FROM claim"
+                ).format(table, range_predicate(sub)),
+                (migration_id, part, pf.metadata.num_rows),
+            ).fetchone()
+            if not row or not row[0]:
                 return None
-            conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(table, range_predicate(sub)))
             with conn.cursor().copy(copy_from_sql(collection)) as copy:
                 copy.write(COPY_HEADER)
                 for n, payload in batches:
@@ -309,16 +316,11 @@ def import_part(
                     if on_batch:
                         on_batch(rows)
                 copy.write(COPY_TRAILER)
-            if rows != pf.metadata.num_rows:
+            if rows != pf.metadata.num_rows:  # the claim recorded the declared count
                 raise StagedPartError(
                     f"migration {migration_id} part {part}: read {rows} rows, the file "
                     f"declares {pf.metadata.num_rows}"
                 )
-            conn.execute(
-                "UPDATE shardshift.import_parts SET rows = %s, done_at = now()"
-                " WHERE migration_id = %s AND part = %s",
-                (rows, migration_id, part),
-            )
     return rows
 
 
