@@ -3,8 +3,9 @@
 Invariants
 ----------
 * **A part's rows and its completion commit together.** Each part is one target transaction:
-  claim ``shardshift.import_parts (migration_id, part)``, delete whatever the target holds in
-  the part's sub-range, ``COPY`` the rows, record the row count, commit. A crash anywhere
+  claim ``shardshift.import_parts (migration_id, part)`` with the row count the part file
+  declares and delete whatever the target holds in the part's sub-range (one statement),
+  ``COPY`` the rows, check that the copy sent exactly the declared count, commit. A crash anywhere
   before the commit leaves neither rows nor the record; after it, both. An interrupted import
   therefore resumes at the first part without a record, and the data is exact: no row is
   loaded twice, none is lost.
@@ -31,10 +32,12 @@ Python step, so the import runs at the speed of the target's ``COPY`` itself.
 from __future__ import annotations
 
 import json
+import queue
 import struct
+import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 import psycopg
 import pyarrow as pa
@@ -282,35 +285,111 @@ def import_part(
     with staging.open_part(migration_id, part) as f:
         pf = pq.ParquetFile(f)
         _check_part_file(pf, manifest, part)
-        with conn.transaction():
-            claimed = conn.execute(
-                "INSERT INTO shardshift.import_parts (migration_id, part, rows)"
-                " VALUES (%s, %s, 0) ON CONFLICT DO NOTHING",
-                (migration_id, part),
-            ).rowcount
-            if not claimed:
+
+        def encoded() -> Iterator[tuple[int, memoryview]]:
+            for batch in pf.iter_batches(batch_size=batch_rows):
+                _check_batch_range(batch, sub, migration_id, part)
+                yield batch.num_rows, encode_copy_rows(batch)
+
+        # Read ahead from here on: the first batches decode while the claim and the delete
+        # run, and batch i+1 while batch i goes to the server.
+        with conn.transaction(), _ReadAhead(encoded(), depth=READ_AHEAD) as batches:
+            # One statement claims the part (recording the row count its file declares, which
+            # the copy must match before the commit) and, only if claimed, empties its range:
+            # each round trip between parts is time the target waits.
+            row = conn.execute(
+                sql.SQL(
+                    "WITH claim AS (INSERT INTO shardshift.import_parts (migration_id, part, rows)"
+                    " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING part),"
+                    " emptied AS (DELETE FROM {} WHERE {} AND EXISTS (SELECT FROM claim))"
+                    " SELECT count(*) FROM claim"
+                ).format(table, range_predicate(sub)),
+                (migration_id, part, pf.metadata.num_rows),
+            ).fetchone()
+            if not row or not row[0]:
                 return None
-            conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(table, range_predicate(sub)))
             with conn.cursor().copy(copy_from_sql(collection)) as copy:
                 copy.write(COPY_HEADER)
-                for batch in pf.iter_batches(batch_size=batch_rows):
-                    _check_batch_range(batch, sub, migration_id, part)
-                    copy.write(encode_copy_rows(batch))
-                    rows += batch.num_rows
+                for n, payload in batches:
+                    copy.write(payload)
+                    rows += n
                     if on_batch:
                         on_batch(rows)
                 copy.write(COPY_TRAILER)
-            if rows != pf.metadata.num_rows:
+            if rows != pf.metadata.num_rows:  # the claim recorded the declared count
                 raise StagedPartError(
                     f"migration {migration_id} part {part}: read {rows} rows, the file "
                     f"declares {pf.metadata.num_rows}"
                 )
-            conn.execute(
-                "UPDATE shardshift.import_parts SET rows = %s, done_at = now()"
-                " WHERE migration_id = %s AND part = %s",
-                (rows, migration_id, part),
-            )
     return rows
+
+
+READ_AHEAD = 2
+"""Encoded batches an import holds ready beyond the one being sent (memory: each is about
+``batch_rows`` rows of COPY payload)."""
+
+
+class _ReadAhead(Generic[_T]):
+    """An iterator's items produced by a thread of their own, at most ``depth`` ahead.
+
+    The importer's loop is read Parquet, decode, encode, send; alone, the target waits while
+    the first three run. Here they run in a second thread (Parquet and the Arrow kernels
+    release the GIL) while the first sends. The producer's exception is raised by the
+    consumer's iteration; leaving the ``with`` block stops the producer and waits for it, so
+    nothing reads the part file after it is closed.
+    """
+
+    def __init__(self, source: Iterator[_T], depth: int) -> None:
+        self._source = source
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="import-read-ahead",
+                                        daemon=True)
+
+    def __enter__(self) -> _ReadAhead[_T]:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # make room for a blocked put, so the producer sees the stop
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(0.05)
+
+    def _produce(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(("error", exc))
+        finally:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                close()
+
+    def _put(self, message: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(message, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[_T]:
+        while True:
+            kind, value = self._queue.get()
+            if kind == "item":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
 
 
 def _check_part_file(pf: pq.ParquetFile, manifest: ExportManifest, part: int) -> None:

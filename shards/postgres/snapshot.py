@@ -184,17 +184,48 @@ def select_rows_sql(collection: str, key_range: KeyRange) -> sql.Composed:
 # -- planning ---------------------------------------------------------------------------------
 
 
+RAMP = (8, 4, 2)
+"""The first and last parts of a plan hold 1/8, 1/4 and 1/2 of the target rows (see
+:func:`part_row_targets`)."""
+RAMP_MIN_ROWS = 500
+"""No ramp for targets whose eighth is smaller: such parts are quick to export anyway."""
+
+
+def part_row_targets(rows: int, target_part_rows: int) -> list[int]:
+    """Rows per part for a chunk of ``rows`` rows: about ``target_part_rows`` each, with a ramp.
+
+    An import that follows the export can only start once the first part is complete, and
+    the last part's import starts only when its export ends; both are time the pipeline runs
+    half empty. A chunk of at least four targets' rows therefore starts and ends with parts of
+    1/8, 1/4 and 1/2 the target (the import starts after an eighth of a part instead of a whole
+    one), and the middle is split evenly into parts of at most the target. Smaller chunks, and
+    targets under ``8 * RAMP_MIN_ROWS`` rows, are split evenly. The sum is always ``rows`` (one
+    part of 0 rows for an empty chunk).
+    """
+    if target_part_rows < 1:
+        raise ValueError("target_part_rows must be at least 1")
+    if rows >= 4 * target_part_rows and target_part_rows // RAMP[0] >= RAMP_MIN_ROWS:
+        head = [target_part_rows // d for d in RAMP]
+        middle = rows - 2 * sum(head)
+        n = math.ceil(middle / target_part_rows)
+        even = [middle // n + (1 if i < middle % n else 0) for i in range(n)]
+        return head + even + head[::-1]
+    n = max(1, math.ceil(rows / target_part_rows))
+    return [rows // n + (1 if i < rows % n else 0) for i in range(n)]
+
+
 def plan_parts(conn: psycopg.Connection, collection: str, key_range: KeyRange,
                target_part_rows: int) -> tuple[KeyRange, ...]:
     """Split a chunk into sub-ranges of about ``target_part_rows`` rows each.
 
-    Equal-width split of the khash range into ``ceil(rows / target)`` parts. khash is a
+    Each part's share of the khash range is its share of the rows in
+    :func:`part_row_targets` (small parts first and last, equal ones between). khash is a
     cryptographic hash of the shard key, so rows are spread uniformly over any khash range:
-    equal widths give parts within a few standard deviations (~sqrt(rows per part)) of the
-    target, without the sort that ``percentile_disc`` over millions of keys would cost. The
-    one skew hashing cannot remove is many documents sharing one shard-key value, and those
-    share one khash, which no khash split can divide anyway. The count is exact (an index-only
-    scan of the PK, inside the export's snapshot).
+    a sub-range holds its width's share of the rows within a few standard deviations
+    (~sqrt(rows per part)), without the sort that ``percentile_disc`` over millions of keys
+    would cost. The one skew hashing cannot remove is many documents sharing one shard-key
+    value, and those share one khash, which no khash split can divide anyway. The count is
+    exact (an index-only scan of the PK, inside the export's snapshot).
     """
     if target_part_rows < 1:
         raise ValueError("target_part_rows must be at least 1")
@@ -204,8 +235,29 @@ def plan_parts(conn: psycopg.Connection, collection: str, key_range: KeyRange,
         )
     ).fetchone()
     rows = int(row[0]) if row else 0
-    parts = max(1, min(math.ceil(rows / target_part_rows), 10_000))
-    return tuple(key_range.split(parts))
+    return split_by_rows(key_range, part_row_targets(rows, target_part_rows))
+
+
+MAX_PLAN_PARTS = 10_000
+
+
+def split_by_rows(key_range: KeyRange, sizes: list[int]) -> tuple[KeyRange, ...]:
+    """Contiguous sub-ranges covering ``key_range``, each as wide as its share of ``sizes``.
+
+    More than :data:`MAX_PLAN_PARTS` parts, a range too narrow for them, or no rows at all
+    fall back to the even split (at most :data:`MAX_PLAN_PARTS` parts).
+    """
+    total, width = sum(sizes), key_range.hi - key_range.lo
+    if total <= 0 or len(sizes) > min(MAX_PLAN_PARTS, width):
+        return tuple(key_range.split(max(1, min(len(sizes), MAX_PLAN_PARTS))))
+    bounds, done = [key_range.lo], 0
+    for size in sizes[:-1]:
+        done += size
+        bounds.append(key_range.lo + width * done // total)
+    bounds.append(key_range.hi)
+    if any(a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
+        return tuple(key_range.split(len(sizes)))
+    return tuple(KeyRange(lo=a, hi=b) for a, b in zip(bounds, bounds[1:], strict=False))
 
 
 def load_manifest(staging: Staging, migration_id: str) -> ExportManifest | None:
@@ -547,8 +599,10 @@ __all__ = [
     "export_chunk",
     "load_manifest",
     "open_snapshot",
+    "part_row_targets",
     "plan_parts",
     "range_predicate",
     "read_part",
     "select_rows_sql",
+    "split_by_rows",
 ]

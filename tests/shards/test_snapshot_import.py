@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from infra.net import free_port_block
@@ -33,6 +35,9 @@ from shards.postgres.snapshot import (
     ExportProgress,
     _decode_rows,
     export_chunk,
+    load_manifest,
+    part_metadata,
+    part_row_targets,
     read_part,
 )
 from shards.staging import Staging, StagingError
@@ -133,6 +138,84 @@ async def test_import_refuses_a_foreign_part(pg18_dsns, collection_name, staging
     with psycopg.connect(dst) as conn:
         parts = conn.execute("SELECT part FROM shardshift.import_parts WHERE migration_id = 'own'")
         assert [r[0] for r in parts] == [0]
+
+
+async def test_import_refuses_rows_outside_the_part_range(pg18_dsns, collection_name, staging):
+    """A part file with the right metadata but a row of another sub-range: the importer (its
+    read-ahead thread finds it) stops before the part commits and leaves no thread behind."""
+    src, dst = pg18_dsns[0], pg18_dsns[1]
+    await prepare(src, collection_name)
+    await prepare(dst, collection_name)
+    load_docs(src, collection_name, make_docs(40))
+    export_chunk(src, collection_name, FULL, staging, "stray", target_part_rows=10)
+    manifest = load_manifest(staging, "stray")
+    assert manifest is not None
+    part0 = pa.Table.from_batches(list(read_part(staging, "stray", 0)))
+    part1 = pa.Table.from_batches(list(read_part(staging, "stray", 1)))
+    forged = pa.concat_tables([part1, part0.slice(0, 1)])  # one row of part 0 at the end
+    schema = PART_SCHEMA.with_metadata(
+        part_metadata("stray", collection_name, 1, manifest.parts[1]))
+    pq.write_table(forged.replace_schema_metadata(schema.metadata),
+                   Path(staging.root) / "stray" / "part-00001.parquet")
+    with pytest.raises(StagedPartError, match="fall outside"):
+        import_parts(dst, collection_name, staging, "stray", batch_rows=4)
+    with psycopg.connect(dst) as conn:
+        parts = conn.execute("SELECT part FROM shardshift.import_parts"
+                             " WHERE migration_id = 'stray'").fetchall()
+    assert [r[0] for r in parts] == [0]
+    assert len(read_docs(dst, collection_name)) == part0.num_rows, "nothing of part 1 committed"
+    assert not [t for t in threading.enumerate() if t.name == "import-read-ahead"]
+
+
+def test_part_plan_ramps_up_and_down_for_large_chunks():
+    """Large chunks start and end with 1/8, 1/4, 1/2-sized parts (an import following the
+    export starts after an eighth of a part); small chunks and small targets split evenly."""
+    sizes = part_row_targets(1_000_000, 25_000)
+    assert sizes[:3] == [3_125, 6_250, 12_500] and sizes[-3:] == [12_500, 6_250, 3_125]
+    assert max(sizes) <= 25_000 and sum(sizes) == 1_000_000 and len(sizes) == 45
+    assert part_row_targets(60, 16) == [15, 15, 15, 15]
+    assert part_row_targets(99_999, 25_000) == [25_000] * 3 + [24_999]
+    assert part_row_targets(0, 50_000) == [0]
+    for rows in (100_000, 123_457, 10**7):
+        sizes = part_row_targets(rows, 50_000)
+        assert sum(sizes) == rows and max(sizes) <= 50_000 and min(sizes) >= 50_000 // 8
+
+
+async def test_ramped_plan_round_trips_with_import_following_export(pg18_dsns, collection_name,
+                                                                   staging):
+    src, dst = pg18_dsns[0], pg18_dsns[1]
+    await prepare(src, collection_name)
+    await prepare(dst, collection_name)
+    docs = make_docs(16_000)
+    load_docs(src, collection_name, docs)
+    errors: list[BaseException] = []
+
+    def export() -> None:
+        try:
+            export_chunk(src, collection_name, FULL, staging, "ramp-1", target_part_rows=4_000)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    exporter = threading.Thread(target=export)
+    exporter.start()
+    try:
+        imported = import_parts(dst, collection_name, staging, "ramp-1", batch_rows=1_000,
+                                follow_export_s=120)
+    finally:
+        exporter.join()
+    assert not errors
+    manifest = load_manifest(staging, "ramp-1")
+    assert manifest is not None
+    rows = [sum(b.num_rows for b in read_part(staging, "ramp-1", p))
+            for p in range(len(manifest.parts))]
+    assert sum(rows) == 16_000 == imported.rows_imported
+    # khash spreads rows uniformly: each part holds its planned share, within sampling noise.
+    assert rows[0] < 1_000 and rows[-1] < 1_000 and max(rows) < 5_000
+    assert imported.imported_parts == tuple(range(len(manifest.parts)))
+    got = read_docs(dst, collection_name)
+    assert len(got) == 16_000 and keyed(got) == keyed(docs)
+    assert diff_checksums(checksum_range(src, collection_name, FULL, buckets=16),
+                          checksum_range(dst, collection_name, FULL, buckets=16)) == []
 
 
 @pytest.fixture(scope="module")
