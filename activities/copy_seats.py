@@ -197,6 +197,10 @@ _meter.create_observable_gauge(
     "shardshift.worker.copy_seats", callbacks=[_observe(lambda s: s.limit)],
     unit="{copy}", description="Copies this worker carries at once at most "
                                "(fleet.worker_max_copies; absent: no limit)")
+_meter.create_observable_counter(
+    "shardshift.worker.copy_seats.refused", callbacks=[_observe(lambda s: s.refused)],
+    unit="{claim}", description="Copies this worker refused (staging_home) because every "
+                                "seat was taken; another worker or a later retry took them")
 _meter.create_observable_gauge(
     "shardshift.worker.copy_seats.taken", callbacks=[_observe(lambda s: s.seated)],
     unit="{copy}", description="Copy seats taken now (claimed or in use)")

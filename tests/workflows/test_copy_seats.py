@@ -45,14 +45,18 @@ def seated_worker(settings: Settings, log: Path, **env: str) -> tuple[WorkerProc
             f"http://127.0.0.1:{port}/metrics")
 
 
-async def copies_peak(url: str) -> float:
-    """The worker's own high-water mark of moves whose copy ran on it at one time."""
+async def metric(url: str, name: str) -> float:
     async with httpx.AsyncClient(timeout=10) as http:
         text = (await http.get(url)).text
     found = [s.value for f in text_string_to_metric_families(text) for s in f.samples
-             if s.name == "shardshift_worker_copies_peak"]
+             if s.name == name]
     assert len(found) == 1, text
     return found[0]
+
+
+async def copies_peak(url: str) -> float:
+    """The worker's own high-water mark of moves whose copy ran on it at one time."""
+    return await metric(url, "shardshift_worker_copies_peak")
 
 
 async def refused_home(handle: WorkflowHandle[Any, Any], times: int, timeout: float) -> None:
@@ -91,6 +95,7 @@ async def test_one_seat_two_moves_the_second_copy_waits(
             # The second copy is refused the seat (again and again) while the first holds it.
             await refused_home(other, 2, timeout=120)
             assert await copies_peak(metrics) == 1
+            assert await metric(metrics, "shardshift_worker_copy_seats_refused_total") >= 2
             await gate.release()
             try:
                 results = await asyncio.wait_for(
