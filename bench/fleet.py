@@ -20,8 +20,6 @@ when both its shards have room; ``--start-all`` leaves it out (every move starts
 carries at once). Each worker count is then run twice, with the seats and without them (the
 old layout, unless ``--no-baseline``), in alternating order (1: unlimited then seated; 2:
 seated then unlimited; ...), so both figures are measured side by side on the same machine.
-``--copy-rows-per-s R`` throttles every move's copy to R rows/s (``copy_throttle``): copies
-that take their time as large chunks' do, a different layout from the default's tiny chunks.
 Every worker serves ``/metrics``; after each run the bench reads each worker's own high-water
 mark of copies running at once (``shardshift_worker_copies_peak``): ``copies_peak``.
 
@@ -224,10 +222,7 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
     names = [s.shard_id for s in shards]
     engines = await open_engines(shards)
     client = await Client.connect(stack.temporal.address, data_converter=pydantic_data_converter)
-    move: dict[str, Any] = {"poll_s": args.poll_s, "cutover_retry_s": 0.2, "part_rows": 1000}
-    if args.copy_rows_per_s is not None:
-        # The moves' copy throttle: copies that take their time (as large chunks' do).
-        move["copy_throttle"] = {"rows_per_s": args.copy_rows_per_s}
+    move = {"poll_s": args.poll_s, "cutover_retry_s": 0.2, "part_rows": 1000}
     # The workflows start a move only when both its shards have room under the workers' lease
     # limit (unless --start-all: every move starts and waits for its leases in registration).
     limits = RunLimits(max_running_per_shard=None if args.start_all else args.per_shard)
@@ -424,7 +419,7 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
     out = {
         "chunks": args.chunks, "shards": len(names), "per_shard_limit": args.per_shard,
         "max_parallel": args.max_parallel, "start_all": args.start_all,
-        "copies_per_worker": args.copies_per_worker, "copy_rows_per_s": args.copy_rows_per_s,
+        "copies_per_worker": args.copies_per_worker,
         "moves": sum(r["moves"] for r in runs) + merge.get("moves", 0),
         "failures": sum(r["failures"] for r in runs) + merge.get("failures", 0),
         "moves_per_min": {str(r["workers"]): r["moves_per_min"] for r in seated},
@@ -524,9 +519,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copies-per-worker", type=int, default=None,
                         help="copy seats per worker process (SHARDSHIFT_FLEET__WORKER_MAX_"
                              "COPIES); each worker count then also runs without them")
-    parser.add_argument("--copy-rows-per-s", type=float, default=None,
-                        help="the moves' copy throttle (rows/s): copies that take their time, "
-                             "as large chunks' do (a different layout: not the default's)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="with --copies-per-worker: skip the runs without seats")
     parser.add_argument("--sample-s", type=float, default=0.25)
