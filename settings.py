@@ -259,6 +259,20 @@ class FleetSettings(_Frozen):
     """Planners weigh a chunk by the operations routers reported for it over this many
     seconds (``SHARDSHIFT_FLEET__TRAFFIC_SPAN_S``); a collection no router reported on in that
     span keeps its recorded ``ops_per_s``."""
+    worker_max_copies: int | None = Field(default=None, ge=1, le=1000)
+    """Move copies (snapshot export + bulk import) one worker process carries at once
+    (``SHARDSHIFT_FLEET__WORKER_MAX_COPIES``; default None: no limit). Size it to the
+    worker's host. A copy takes a seat when its home is chosen (``migrate.staging_home``: a
+    worker with every seat taken refuses, and another worker, or this one a moment later,
+    takes the copy) and runs on that worker's own task queue, also with shared (S3)
+    staging; the seat is freed when the import ends, and expires ``copy_seat_idle_s`` after
+    the last copy activity of its move stopped (a move cancelled or killed never leaks one).
+    Not Temporal's activity slots: a move's long stream runs beside its copy, and slots
+    held by activities waiting for others could deadlock a worker."""
+    copy_seat_idle_s: float = Field(default=60.0, gt=0, le=3600)
+    """A copy seat no copy activity of its move used for this long is free again
+    (``SHARDSHIFT_FLEET__COPY_SEAT_IDLE_S``); a copy activity that starts later takes a
+    seat again (waiting for one if need be)."""
 
 
 class Settings(BaseSettings):

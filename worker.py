@@ -21,9 +21,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import signal
 import socket
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -33,6 +35,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from activities import MoveContext, all_activities
+from activities.copy_seats import CopySeats
 from activities.leases import LeaseKeeper
 from catalog import Catalog
 from infra import Stack, telemetry
@@ -89,7 +92,13 @@ async def _run(settings: Settings, client: Client, task_queue: str | None,
     staging = Staging.from_settings(settings)
     # Staging private to this host: a move's export and import run on this worker's own queue.
     home = None if staging.shared else home_queue(queue, staging)
-    ctx = MoveContext(catalog, staging, db=settings.db, home_queue=home)  # shards as the mover
+    # Copy seats (fleet.worker_max_copies): the copies this worker seats run on a queue only
+    # this process polls, so the seats bound exactly what runs here.
+    limit = settings.fleet.worker_max_copies
+    seats = CopySeats(limit, idle_s=settings.fleet.copy_seat_idle_s,
+                      queue=None if limit is None else seat_queue(queue))
+    ctx = MoveContext(catalog, staging, db=settings.db, home_queue=home,  # shards as the mover
+                      seats=seats)
     stop = stop or _signal_event()
     try:
         common: dict[str, Any] = dict(
@@ -107,9 +116,14 @@ async def _run(settings: Settings, client: Client, task_queue: str | None,
             await workers.enter_async_context(worker)
             if home is not None:
                 await workers.enter_async_context(Worker(client, task_queue=home, **common))
-            log.info("worker on %s (queue %s; staging %s, %s)", settings.temporal.address,
+            if seats.queue is not None:
+                await workers.enter_async_context(Worker(client, task_queue=seats.queue,
+                                                         **common))
+            log.info("worker on %s (queue %s; staging %s, %s; %s)", settings.temporal.address,
                      queue, staging.url,
-                     f"private: copies pinned to queue {home}" if home else "shared")
+                     f"private: copies pinned to queue {home}" if home else "shared",
+                     f"{limit} copies at once, on queue {seats.queue}" if limit
+                     else "copies not limited")
             await stop.wait()
     finally:
         await ctx.close()
@@ -123,6 +137,14 @@ def home_queue(queue: str, staging: Staging) -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40]
     where = hashlib.sha256(staging.root.encode()).hexdigest()[:10]
     return f"{queue}.host.{host}.{where}"
+
+
+def seat_queue(queue: str) -> str:
+    """This process's own task queue, where the copies it seated run (a restarted process
+    polls a new one: a copy pinned to the old one is redone elsewhere after
+    ``pinned_start_timeout_s``)."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40]
+    return f"{queue}.worker.{host}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
 def _signal_event() -> asyncio.Event:

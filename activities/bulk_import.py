@@ -17,6 +17,7 @@ from temporalio.exceptions import ApplicationError
 from activities import metrics
 from activities.availability import shard_dsn, shard_errors
 from activities.context import MoveContext, Stopped, non_retryable
+from activities.copy_seats import seat_key
 from activities.models import (
     CopyCheckpoint,
     CopyProgress,
@@ -77,8 +78,14 @@ class ImportActivities:
 
     @activity.defn(name="migrate.bulk_import")
     async def bulk_import(self, inp: ImportInput) -> ImportResult:
-        async with shard_errors(self.ctx, inp.spec.target):
-            return await self._bulk_import(inp)
+        # Held in this worker's copy seat of the move; an import that ends frees it (the
+        # copy is over: the export ended before it).
+        move = seat_key()
+        async with self.ctx.seats.use(move, activity.heartbeat), \
+                shard_errors(self.ctx, inp.spec.target):
+            result = await self._bulk_import(inp)
+        self.ctx.seats.release(move)
+        return result
 
     async def _bulk_import(self, inp: ImportInput) -> ImportResult:
         spec = inp.spec

@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.copy_seats import CopySeats
 from catalog import Catalog, CatalogError
 from settings import DatabaseSettings, get_settings
 from shards.postgres import PostgresShard
@@ -33,10 +34,12 @@ class MoveContext:
 
     def __init__(self, catalog: Catalog, staging: Staging, *, max_threads: int = 64,
                  address_ttl_s: float = 5.0, db: DatabaseSettings | None = None,
-                 home_queue: str | None = None) -> None:
+                 home_queue: str | None = None, seats: CopySeats | None = None) -> None:
         """Args:
             home_queue: this worker's own task queue (serving the same activities), where a
                 move whose staging is private to this host runs its export and import.
+            seats: this worker's copy seats (``activities.copy_seats``; default: unlimited,
+                only counted).
             db: whom activities connect to shards as (``db.mover_user``; default: the
                 process settings). The catalog's addresses say where.
             address_ttl_s: a shard's address is re-read from the catalog (in the background)
@@ -46,6 +49,7 @@ class MoveContext:
         self.catalog = catalog
         self.staging = staging
         self.home_queue = home_queue
+        self.seats = seats or CopySeats()
         self.db = db or get_settings().db
         self.executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="move")
         self.address_ttl_s = address_ttl_s

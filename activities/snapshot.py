@@ -15,6 +15,7 @@ from temporalio import activity
 
 from activities.availability import shard_dsn, shard_errors
 from activities.context import MoveContext, Stopped, non_retryable
+from activities.copy_seats import seat_key
 from activities.models import CopyCheckpoint, SnapshotInput, SnapshotResult
 from shards.errors import ShardError
 from shards.postgres import replication as repl
@@ -29,7 +30,9 @@ class SnapshotActivities:
 
     @activity.defn(name="migrate.snapshot")
     async def snapshot(self, inp: SnapshotInput) -> SnapshotResult:
-        async with shard_errors(self.ctx, inp.spec.source):
+        # Held in this worker's copy seat of the move (waiting for one if it has none).
+        async with self.ctx.seats.use(seat_key(), activity.heartbeat), \
+                shard_errors(self.ctx, inp.spec.source):
             return await self._snapshot(inp)
 
     async def _snapshot(self, inp: SnapshotInput) -> SnapshotResult:

@@ -2,6 +2,7 @@
 stack with real worker processes.
 
     python -m bench.fleet --chunks 200 --shards 4 [--workers 1,2] [--max-moves 60]
+                          [--copies-per-worker 1] [--no-baseline]
 
 Starts a private stack of ``--shards`` shards (removed at the end, also on Ctrl-C). For each
 worker count of ``--workers`` it provisions a fresh collection of ``--chunks`` chunks laid out
@@ -14,6 +15,14 @@ workflows get the same per-shard limit (``RunLimits.max_running_per_shard``), so
 when both its shards have room; ``--start-all`` leaves it out (every move starts as
 ``max_parallel`` allows and waits for its leases in its registration).
 
+``--copies-per-worker N`` gives each worker process N copy seats
+(``SHARDSHIFT_FLEET__WORKER_MAX_COPIES``: the move copies, snapshot export + import, one worker
+carries at once). Each worker count is then run twice, with the seats and without them (the
+old layout, unless ``--no-baseline``), in alternating order (1: unlimited then seated; 2:
+seated then unlimited; ...), so both figures are measured side by side on the same machine.
+Every worker serves ``/metrics``; after each run the bench reads each worker's own high-water
+mark of copies running at once (``shardshift_worker_copies_peak``): ``copies_peak``.
+
 While it runs a sampler reads the catalog every ``--sample-s`` seconds: the live move
 leases per shard, and the active migrations past registration per shard (as source or
 target). The largest count seen is ``max_concurrent_per_shard``: measured from the catalog,
@@ -25,16 +34,21 @@ After the last rebalance the shards get a declared capacity (``--fill`` of the d
 
 Prints ONE JSON object:
 
-* ``runs``: per worker count, ``moves``, ``moves_completed``, ``failures``, ``seconds``,
+* ``runs``: per run (worker count, ``copies_per_worker``: the seats or None), ``moves``, ``moves_completed``, ``failures``, ``seconds``,
   ``moves_per_min``, ``max_concurrent_per_shard`` (``lease_peak``, ``phase_peak``: the two
   samples), ``mean_moves_running`` (moves holding leases, on average), ``layout_valid`` (``catalog.invariants.check_invariants`` with the shards, after
-  the run), ``lost_writes``, ``client_errors``;
-* ``moves``, ``failures``: over every run; ``moves_per_min``: worker count -> moves a minute;
+  the run), ``lost_writes``, ``client_errors``, ``copies_peak`` (per worker process),
+  ``seats_refused`` (per worker process: copies refused for want of a seat, since the
+  worker started; 0 means the seats never bound);
+* ``moves``, ``failures``: over every run; ``moves_per_min``: worker count -> moves a minute
+  (of the seated runs with ``--copies-per-worker``); ``moves_per_min_unlimited``: the same
+  without seats (the old figure, measured in the same invocation); ``grows_with_workers``:
+  moves a minute of the seated runs strictly grow with the worker count;
   ``max_concurrent_per_shard``: over every run; ``layout_valid``: every run's and the merge's;
 * ``merge``: ``shards_after``, ``shards_lower_bound``, ``moves``, ``failures``, ``seconds``,
   ``lost_writes``, ``layout_valid``;
-* ``ok``: no failure, no lost write, the limit never exceeded, valid layouts, and
-  ``shards_after`` == ``shards_lower_bound``.
+* ``ok``: no failure, no lost write, the limit never exceeded (per shard; and per worker:
+  ``copies_peak`` <= the seats), valid layouts, and ``shards_after`` == ``shards_lower_bound``.
 """
 
 from __future__ import annotations
@@ -182,6 +196,7 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
     from catalog import Catalog, ShardState
     from catalog.admin import provision_collection
     from catalog.local_stack import close_engines, open_engines, register_stack_shards
+    from infra.net import free_port_block
     from settings import Settings, TemporalSettings
     from tests.workflows.procs import WorkerProcess, chunk_keys, preload_chunk
     from workflows import (
@@ -214,15 +229,35 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
     workers: list[WorkerProcess] = []
     collections: list[str] = []
 
-    def start_workers(n: int) -> None:
-        env = {"SHARDSHIFT_FLEET__MAX_MOVES_PER_SHARD": str(args.per_shard)}
+    metrics_urls: list[str] = []
+
+    def start_workers(n: int, copies: int | None) -> None:
+        base = free_port_block(n)
         for i in range(n):
+            port = base + i
+            env = {"SHARDSHIFT_FLEET__MAX_MOVES_PER_SHARD": str(args.per_shard),
+                   "SHARDSHIFT_TELEMETRY__METRICS_PORT": str(port)}
+            if copies is not None:
+                env["SHARDSHIFT_FLEET__WORKER_MAX_COPIES"] = str(copies)
             workers.append(WorkerProcess(settings, work / f"worker-{len(workers)}-{i}.log",
                                          extra_env=env).start())
+            metrics_urls.append(f"http://127.0.0.1:{port}/metrics")
 
     def stop_workers() -> None:
+        metrics_urls.clear()
         while workers:
             workers.pop().stop()
+
+    async def copies_peak() -> list[float | None]:
+        """Each worker's own high-water mark of moves whose copy ran on it at one time."""
+        return [await worker_metric(url, "shardshift_worker_copies_peak")
+                for url in metrics_urls]
+
+    async def seats_refused() -> list[float | None]:
+        """Each worker's count of copies it refused for want of a seat (0 or None: the seats
+        never bound)."""
+        return [await worker_metric(url, "shardshift_worker_copy_seats_refused_total")
+                for url in metrics_urls]
 
     async def ready(collection: str, chunk: Any) -> None:
         """The workers serve once one of them answers a no-op dry run."""
@@ -259,7 +294,7 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
     runs: list[dict[str, Any]] = []
     merge: dict[str, Any] = {}
 
-    async def rebalance(w: int, collection: str) -> dict[str, Any]:
+    async def rebalance(w: int, copies: int | None, collection: str) -> dict[str, Any]:
         sampler = Sampler(catalog, args.sample_s)
         sampler.start()
         t0 = time.monotonic()
@@ -268,7 +303,7 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
             RebalanceInput(collections=[collection], tolerance=0.2, max_moves=args.max_moves,
                            max_moves_per_shard=100, max_parallel=args.max_parallel, rounds=1,
                            split=False, move=move, limits=limits),
-            id=f"fleet-rebalance-w{w}-{uuid.uuid4().hex[:6]}",
+            id=f"fleet-rebalance-w{w}-c{copies or 0}-{uuid.uuid4().hex[:6]}",
             task_queue=settings.temporal.task_queue)
         result = await watch(handle, RebalanceWorkflow.progress, args.deadline_s,
                              f"rebalance with {w} worker(s)")
@@ -278,7 +313,9 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
         done = sum(1 for m in moves if m.outcome == "completed")
         violations = await layout_valid(catalog, collection, engines)
         return {
-            "workers": w, "moves": len(moves), "moves_completed": done,
+            "workers": w, "copies_per_worker": copies, "copies_peak": await copies_peak(),
+            "seats_refused": await seats_refused(),
+            "moves": len(moves), "moves_completed": done,
             "failures": len(moves) - done + (result is None), "seconds": round(seconds, 1),
             "moves_per_min": round(done / (seconds / 60), 1) if seconds else None,
             "max_concurrent_per_shard": sampler.peak, "lease_peak": sampler.lease_peak,
@@ -329,19 +366,24 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
             "layout_valid": not violations, "violations": violations[:3],
         }
 
+    plan = run_plan(args.workers, args.copies_per_worker, not args.no_baseline)
     try:
-        for w in args.workers:
-            collection = f"fleet_w{w}"
+        for i, (w, copies) in enumerate(plan):
+            collection = f"fleet_w{w}_c{copies or 0}"
             keys, preloaded = await provision(collection)
-            start_workers(w)
+            start_workers(w, copies)
             await ready(collection, (await catalog.chunk_map(collection)).chunks[0])
-            last = w == args.workers[-1]
+            last = i == len(plan) - 1
             # One load generator per collection: the last one's runs on through the merge.
             async with Loaded(catalog, collection, keys, args.rate) as loaded:
-                runs.append(await rebalance(w, collection))
-                log(f"rebalance, {w} worker(s): {json.dumps(runs[-1])}")
+                runs.append(await rebalance(w, copies, collection))
+                log(f"rebalance, {w} worker(s), {copies or 'unlimited'} copies each: "
+                    f"{json.dumps(runs[-1])}")
                 if last:
                     merge = await merge_away(collection)
+                    merge["copies_per_worker"] = copies
+                    merge["copies_peak"] = await copies_peak()
+                    merge["seats_refused"] = await seats_refused()
                     log(f"merge: {json.dumps(merge)}")
             judged = await loaded.judge(engines, preloaded)
             runs[-1].update(judged)
@@ -368,12 +410,24 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
         await asyncio.wait_for(catalog.close(), 60)
     peak = max([r["max_concurrent_per_shard"] for r in runs]
                + [merge.get("max_concurrent_per_shard", 0)])
+    seated = [r for r in runs if r["copies_per_worker"] == args.copies_per_worker]
+    unlimited = [r for r in runs if r["copies_per_worker"] is None]
+    rates = [r["moves_per_min"] or 0.0 for r in sorted(seated, key=lambda r: r["workers"])]
+    copies_ok = all(p is not None and p <= r["copies_per_worker"]
+                    for r in [*runs, merge] if r.get("copies_per_worker")
+                    for p in r.get("copies_peak", []))
     out = {
         "chunks": args.chunks, "shards": len(names), "per_shard_limit": args.per_shard,
         "max_parallel": args.max_parallel, "start_all": args.start_all,
+        "copies_per_worker": args.copies_per_worker,
         "moves": sum(r["moves"] for r in runs) + merge.get("moves", 0),
         "failures": sum(r["failures"] for r in runs) + merge.get("failures", 0),
-        "moves_per_min": {str(r["workers"]): r["moves_per_min"] for r in runs},
+        "moves_per_min": {str(r["workers"]): r["moves_per_min"] for r in seated},
+        "moves_per_min_unlimited": ({str(r["workers"]): r["moves_per_min"] for r in unlimited}
+                                    if args.copies_per_worker is not None else None),
+        "grows_with_workers": (len(rates) > 1
+                               and all(a < b for a, b in zip(rates, rates[1:], strict=False))),
+        "copies_within_seats": copies_ok,
         "max_concurrent_per_shard": peak,
         "layout_valid": all(r["layout_valid"] for r in runs) and merge.get("layout_valid", False),
         "lost_writes": sum(r["lost_writes"] for r in runs),  # the last run judges the merge too
@@ -382,9 +436,37 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
         "runs": runs, "merge": merge,
     }
     out["ok"] = (out["failures"] == 0 and out["lost_writes"] == 0
-                 and peak <= args.per_shard and out["layout_valid"]
+                 and peak <= args.per_shard and out["layout_valid"] and copies_ok
                  and out["shards_after"] == out["shards_lower_bound"])
     return out
+
+
+def run_plan(workers: list[int], copies: int | None, baseline: bool
+             ) -> list[tuple[int, int | None]]:
+    """(worker count, copies per worker) of each run, in order: without seats each worker
+    count once; with seats each twice, seated and unlimited (the baseline) in alternating
+    order, so drift of the machine's load weighs on both alike."""
+    if copies is None:
+        return [(w, None) for w in workers]
+    if not baseline:
+        return [(w, copies) for w in workers]
+    pairs: list[list[int | None]] = [[None, copies], [copies, None]]
+    return [(w, c) for i, w in enumerate(workers) for c in pairs[i % 2]]
+
+
+async def worker_metric(url: str, name: str) -> float | None:
+    """A worker's sample ``name`` (the largest if several; None if absent or no answer)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            text = (await http.get(url)).text
+    except httpx.HTTPError:
+        return None
+    found = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+             if s.name == name]
+    return max(found) if found else None
 
 
 async def watch(handle: Any, progress: Any, deadline_s: float, what: str) -> Any:
@@ -434,12 +516,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-all", action="store_true",
                         help="start every move as max_parallel allows; each waits for its "
                              "leases (no per-shard room check in the workflow)")
+    parser.add_argument("--copies-per-worker", type=int, default=None,
+                        help="copy seats per worker process (SHARDSHIFT_FLEET__WORKER_MAX_"
+                             "COPIES); each worker count then also runs without them")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="with --copies-per-worker: skip the runs without seats")
     parser.add_argument("--sample-s", type=float, default=0.25)
     parser.add_argument("--deadline-s", type=float, default=1800.0)
     args = parser.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
     if args.shards < 3 or not args.workers or min(args.workers) < 1 or args.chunks < 2:
         parser.error("need 3+ shards, 2+ chunks and worker counts of 1 or more")
+    if args.copies_per_worker is not None and args.copies_per_worker < 1:
+        parser.error("--copies-per-worker must be 1 or more")
 
     import shutil
 

@@ -61,10 +61,17 @@ def own_dirs() -> Iterator[list[Path]]:
             d.rmdir()
 
 
-def hosts(settings: Settings, dirs: list[Path], tmp_path: Path) -> list[WorkerProcess]:
+def hosts(settings: Settings, dirs: list[Path], tmp_path: Path,
+          env: dict[str, str] | None = None) -> list[WorkerProcess]:
     """Two worker processes on one task queue, each with a staging directory of its own."""
     return [WorkerProcess(settings.model_copy(update={"staging_url": str(d)}),
-                          tmp_path / f"host-{i}.log").start() for i, d in enumerate(dirs)]
+                          tmp_path / f"host-{i}.log", extra_env=env).start()
+            for i, d in enumerate(dirs)]
+
+
+SEATS = {"SHARDSHIFT_FLEET__WORKER_MAX_COPIES": "1"}
+"""Workers with one copy seat each (``fleet.worker_max_copies``): a seated copy runs on its
+worker process's own queue (``.worker.``), private or shared staging alike."""
 
 
 async def scheduled_queues(handle: WorkflowHandle[Any, Any], activity_type: str) -> list[str]:
@@ -135,16 +142,19 @@ async def test_private_staging_pins_each_copy_to_one_worker(
             w.kill()
 
 
+@pytest.mark.parametrize("seats", [None, SEATS], ids=["unlimited", "one-seat"])
 async def test_pinned_worker_killed_after_export(
         deployment: Deployment, worker_settings: Settings, temporal_client: Client,
-        tmp_path: Path, own_dirs: list[Path]) -> None:
+        tmp_path: Path, own_dirs: list[Path], seats: dict[str, str] | None) -> None:
     """The worker holding the staged parts dies once its export is done (its import held
-    between parts): the copy is redone on the other worker and the move completes."""
+    between parts): the copy is redone on the other worker and the move completes. With
+    copy seats the same: the dead worker's seat queue takes no task, and the survivor
+    seats the redone copy."""
     moving, target, other = pick(deployment)
     source_dsn, target_dsn = deployment.shards[moving.shard_id].dsn, deployment.shards[target].dsn
     await asyncio.to_thread(preload_chunk, source_dsn, deployment.collection, moving, 6000)
     queue = worker_settings.temporal.task_queue
-    workers = hosts(worker_settings, own_dirs, tmp_path)
+    workers = hosts(worker_settings, own_dirs, tmp_path, seats)
     gate = None
     try:
         await wait_polling(temporal_client, queue, workers)
@@ -178,6 +188,7 @@ async def test_pinned_worker_killed_after_export(
         assert standby.runs((await activity_runs(handle, "migrate.bulk_import"))[-1][1])
         queues = await scheduled_queues(handle, "migrate.bulk_import")
         assert len(set(queues)) == 2, f"the import moved to the survivor's queue: {queues}"
+        assert all((".worker." if seats else ".host.") in q for q in queues), queues
         await assert_moved(deployment, result, moving, target, load)
         assert count_rows(target_dsn, LEFT_Q, (mid,)) == 0, "import progress rows forgotten"
         leftover = staged_dirs(own_dirs)
@@ -189,10 +200,14 @@ async def test_pinned_worker_killed_after_export(
             w.kill()
 
 
+@pytest.mark.parametrize("seats", [None, SEATS], ids=["unlimited", "one-seat"])
 async def test_move_with_s3_staging(deployment: Deployment, worker_settings: Settings,
-                                    temporal_client: Client, tmp_path: Path) -> None:
+                                    temporal_client: Client, tmp_path: Path,
+                                    seats: dict[str, str] | None) -> None:
     """Two workers stage on one S3 bucket (moto's S3 server): the copy is not pinned, the
-    move completes under load, and the migration's prefix is removed by its cleanup."""
+    move completes under load, and the migration's prefix is removed by its cleanup. With
+    copy seats the copy is pinned to the seating worker's own queue (for its capacity only:
+    any worker could read the parts)."""
     moving, target, other = pick(deployment)
     await asyncio.to_thread(preload_chunk, deployment.shards[moving.shard_id].dsn,
                             deployment.collection, moving, 2000)
@@ -203,7 +218,7 @@ async def test_move_with_s3_staging(deployment: Deployment, worker_settings: Set
                                   endpoint_override=s3.endpoint, scheme="http",
                                   allow_bucket_creation=True)
         maker.create_dir(bucket)
-        env = s3.env(bucket, prefix)
+        env = {**s3.env(bucket, prefix), **(seats or {})}
         workers = [WorkerProcess(worker_settings, tmp_path / f"s3-worker-{i}.log", env).start()
                    for i in range(2)]
         try:
@@ -217,8 +232,12 @@ async def test_move_with_s3_staging(deployment: Deployment, worker_settings: Set
                     print("\n".join(await timeline(handle)))
                     print("\n".join(w.log_tail(60) for w in workers))
                     raise
-            assert set(await scheduled_queues(handle, "migrate.snapshot")) == {queue}
-            assert set(await scheduled_queues(handle, "migrate.bulk_import")) == {queue}
+            copy_queues = {q for a in ("migrate.snapshot", "migrate.bulk_import")
+                           for q in await scheduled_queues(handle, a)}
+            if seats:
+                assert len(copy_queues) == 1 and ".worker." in copy_queues.pop(), copy_queues
+            else:
+                assert copy_queues == {queue}
             await assert_moved(deployment, result, moving, target, load)
             staging = Staging.from_settings(Settings(
                 staging_url=env["SHARDSHIFT_STAGING_URL"],
