@@ -62,7 +62,8 @@ wait loop goes round, not just one activity). The issue's 200 s, longer than the
 budget of every activity (20 attempts backing off to 10 s: ~175 s), is
 ``SHARDSHIFT_TEST_TARGET_OUTAGE_S=200`` here and ``target_stop_long`` in ``bench.faults``."""
 OUTAGE_WINDOW_S = 4.0
-"""``lag_window_s`` of the pause test: the longest one ``wait_reachable`` waits."""
+"""``lag_window_s`` of the pause tests: the longest one ``wait_reachable`` waits, and the
+longest pause between its probes (so a restarted target is seen within seconds)."""
 
 
 def opts(**kw: Any) -> dict[str, Any]:
@@ -365,7 +366,8 @@ async def test_target_outage_in_cutover_pauses_the_move(
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
                                       worker.task_queue, **FAULT_FAST, part_rows=500,
-                                      **opts(target_give_up_s=600.0))
+                                      **opts(target_give_up_s=600.0,
+                                             lag_window_s=OUTAGE_WINDOW_S))
             seen = await poll_progress(
                 handle, lambda p: phase_index(p.phase) >= phase_index("replicate"),
                 timeout=120, what="replicate")
