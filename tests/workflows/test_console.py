@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from psycopg import sql
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
 from temporalio.client import (
@@ -46,13 +47,15 @@ from settings import SEARCH_ATTRIBUTES, DatabaseSettings
 from shards.models import IndexDefinition
 from shards.postgres import PostgresShard
 from shards.postgres.replication import stream_names
-from shards.postgres.stream_control import release_hold, request_hold
+from shards.postgres.schema import collection_table
+from shards.postgres.stream_control import ensure_apply_schema, release_hold
+from shards.staging import Staging
 from tests.conftest import owned_state_dir
 from tests.router.conftest import Deployment
 from tests.workflows.conftest import WorkerHandle
 from tests.workflows.procs import chunk_keys, poll_progress, preload_chunk
 from workflows import MigrateChunkInput, MigrateChunkWorkflow, RebalanceInput, RebalanceWorkflow
-from workflows.migrate_chunk import Progress
+from workflows.migrate_chunk import Progress, migration_id_for
 
 FAST = {"poll_s": 0.2, "cutover_retry_s": 0.2, "part_rows": 500}
 DB = DatabaseSettings()
@@ -250,26 +253,37 @@ async def test_cancel_before_the_commit_point_aborts_and_says_so(
     target = next(s for s in sorted(d.shards) if s != source)
     await asyncio.to_thread(preload_chunk, d.shards[source].dsn, c, moving, 100)
     wf_id = f"move-{c}-{moving.chunk_id}"
-    handle = await temporal_client.start_workflow(
-        MigrateChunkWorkflow.run,
-        MigrateChunkInput(collection=c, chunk_id=moving.chunk_id, target=target,
-                          max_lag_bytes=64 * 1024, verify=False, cutover_attempts=1000,
-                          **FAST),  # type: ignore[arg-type]
-        id=wf_id, task_queue=worker.task_queue)
-    seen = await poll_progress(handle, lambda p: p.phase == "replicate", timeout=60,
-                               what="replicate")
-    names, tdsn = stream_names(seen.migration_id, "fwd"), d.shards[target].dsn
-
-    def hold() -> bool:
-        try:
-            request_hold(tdsn, names)
-            return True
-        except Exception:  # noqa: BLE001 - the applier has not written its state row yet
-            return False
-
-    await until(lambda: asyncio.to_thread(hold), 60, "the applier to take a hold")
+    tdsn = d.shards[target].dsn
+    # The target's table locked: the import waits, so the writes below land after the slot's
+    # snapshot (the manifest is written inside it) and before the replicate phase starts.
+    lock = await psycopg.AsyncConnection.connect(tdsn)
+    await lock.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(collection_table(c)))
     try:
+        handle = await temporal_client.start_workflow(
+            MigrateChunkWorkflow.run,
+            # A short lag window: progress reports the lag at the end of each window, so
+            # the lag built below shows within seconds (the default window is a minute).
+            MigrateChunkInput(collection=c, chunk_id=moving.chunk_id, target=target,
+                              max_lag_bytes=64 * 1024, verify=False, cutover_attempts=1000,
+                              lag_window_s=2.0, **FAST),  # type: ignore[arg-type]
+            id=wf_id, task_queue=worker.task_queue)
+        mid = migration_id_for(wf_id, handle.result_run_id or "")
+        names = stream_names(mid, "fwd")
+        # Hold the applier before it starts (a test hook: the applier reads its hold from
+        # this row): nothing the stream delivers is applied, every lag window ends behind,
+        # and the move stays in replicate however short its windows.
+        with psycopg.connect(tdsn, autocommit=True) as conn:
+            ensure_apply_schema(conn)
+            conn.execute("INSERT INTO shardshift.stream_state (stream, migration_id,"
+                         " hold_at_lsn) VALUES (%s, %s, '0/1')", (names.origin, mid))
+        staging = Staging(worker.settings.staging)
+        await poll_progress(handle, lambda _p: staging.read_manifest(mid) is not None,
+                            timeout=120, what="the move's snapshot")
         await asyncio.to_thread(write_docs, d.shards[source].dsn, c, moving, 2000)
+    finally:
+        await lock.rollback()
+        await lock.close()
+    try:
         lagging = await poll_progress(handle, lambda p: (p.lag_bytes or 0) > 64 * 1024,
                                       timeout=60, what="a lag past admission")
         assert lagging.pause_ms is None

@@ -310,8 +310,11 @@ async def test_doctor_leaves_a_running_move_alone(
     wf_id = f"move-{c}-{uuid.uuid4().hex[:6]}"
     handle = await temporal_client.start_workflow(
         MigrateChunkWorkflow.run,
+        # A short lag window: progress reports the lag at the end of each window, so the
+        # lag built below shows within seconds (the default window is a minute).
         MigrateChunkInput(collection=c, chunk_id=moving.chunk_id, target=target_id,
-                          max_lag_bytes=1024 * 1024, rollback_window_s=300, **FAST),
+                          max_lag_bytes=1024 * 1024, rollback_window_s=300, lag_window_s=2.0,
+                          **FAST),
         id=wf_id, task_queue=worker.task_queue)
     mid = migration_id_for(wf_id, handle.result_run_id or "")
     names = stream_names(mid, "fwd")

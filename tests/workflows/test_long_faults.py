@@ -54,11 +54,16 @@ HISTORY_LIMIT = 150
 HISTORY_SLACK = 80
 """Events a run may add after crossing the threshold (stopping its activities, the
 continue-as-new itself)."""
-TARGET_OUTAGE_S = float(os.environ.get("SHARDSHIFT_TEST_TARGET_OUTAGE_S", "60"))
-"""How long the target stays down in the pause test. 60 s keeps the suite short and still
-fails on the code before the fix (it never reported waiting); the issue's 200 s, longer than
-the old retry budget of every activity (20 attempts backing off to 10 s: ~175 s), is
+TARGET_OUTAGE_S = float(os.environ.get("SHARDSHIFT_TEST_TARGET_OUTAGE_S", "20"))
+"""How long the target stays down in the pause test. 20 s keeps the suite short and still
+fails on the code before the fix (it never reported waiting); with the test's lag window of
+``OUTAGE_WINDOW_S`` the pause outlasts several ``wait_reachable`` windows (the workflow's
+wait loop goes round, not just one activity). The issue's 200 s, longer than the old retry
+budget of every activity (20 attempts backing off to 10 s: ~175 s), is
 ``SHARDSHIFT_TEST_TARGET_OUTAGE_S=200`` here and ``target_stop_long`` in ``bench.faults``."""
+OUTAGE_WINDOW_S = 4.0
+"""``lag_window_s`` of the pause tests: the longest one ``wait_reachable`` waits, and the
+longest pause between its probes (so a restarted target is seen within seconds)."""
 
 
 def opts(**kw: Any) -> dict[str, Any]:
@@ -199,7 +204,8 @@ async def test_target_outage_pauses_the_move(stack: Stack, deployment: Deploymen
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
                                       worker.task_queue, **FAULT_FAST, part_rows=500,
-                                      **opts(target_give_up_s=TARGET_OUTAGE_S + 600))
+                                      **opts(target_give_up_s=TARGET_OUTAGE_S + 600,
+                                             lag_window_s=OUTAGE_WINDOW_S))
             pg, mid = await _stop_in_replicate(stack, deployment, handle, target)
             stopped = time.monotonic()
             waiting = await poll_progress(
@@ -216,8 +222,16 @@ async def test_target_outage_pauses_the_move(stack: Stack, deployment: Deploymen
                 p = await poll_progress(handle, lambda p: True)
                 assert p.outcome is None and p.waiting_for == target, p
                 assert slot in slots_left([source_dsn], mid)
-                await asyncio.sleep(5)
+                await asyncio.sleep(2)
             assert sum(r.outcome == "ok" for r in load.records) > acked_then + 100
+            # The pause outlasted one probe window: the wait went round (a probe per window).
+            probes = 0
+            async for ev in handle.fetch_history_events():
+                if ev.HasField("activity_task_scheduled_event_attributes") and \
+                        ev.activity_task_scheduled_event_attributes.activity_type.name \
+                        == "migrate.wait_reachable":
+                    probes += 1
+            assert probes >= 2, probes
             await asyncio.to_thread(pg.start, 60)
             await poll_progress(handle, lambda p: p.waiting_for is None, timeout=120,
                                 what="the move resuming")
@@ -352,7 +366,8 @@ async def test_target_outage_in_cutover_pauses_the_move(
         async with load_on(deployment, moving, other) as load:
             handle = await start_move(temporal_client, deployment, moving, target,
                                       worker.task_queue, **FAULT_FAST, part_rows=500,
-                                      **opts(target_give_up_s=600.0))
+                                      **opts(target_give_up_s=600.0,
+                                             lag_window_s=OUTAGE_WINDOW_S))
             seen = await poll_progress(
                 handle, lambda p: phase_index(p.phase) >= phase_index("replicate"),
                 timeout=120, what="replicate")
