@@ -42,10 +42,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import activity
 
@@ -73,6 +73,8 @@ from shards.postgres import replication as repl
 from shards.postgres.locks import CutoverLock
 from shards.postgres.server import is_connection_error
 from shards.postgres.stream_control import StreamWatch, measure_lag
+
+_T = TypeVar("_T")
 
 STEPS: list[tuple[str, str]] = [
     ("admit", "check the stream is within {max_lag} bytes of {old}"),
@@ -383,8 +385,11 @@ class _Attempt:
         marker comes after it)."""
         # Outside the pause: the session that will wait for the freeze marker (LISTENing for
         # the applier's notification), and the position the marker must come after.
-        self.watch = await StreamWatch.open(self.new_dsn, self.names)
-        before = await self.old_engine.wal_lsn()
+        # Both heartbeat while they wait: a new connection can take seconds on a loaded
+        # host, longer than the cutover's heartbeat timeout (2 s by default).
+        self.watch = await _heartbeating(StreamWatch.open(self.new_dsn, self.names),
+                                         "opening the session that waits for the marker")
+        before = await _heartbeating(self.old_engine.wal_lsn(), "reading the WAL position")
         activity.heartbeat("freezing")
         self.job.froze_at = utcnow()
         self.pause_start = time.perf_counter()
@@ -401,17 +406,9 @@ class _Attempt:
             with self._step("wait_for_catchup"):
                 # Woken by the applier's notification at the commit of the batch that applied
                 # the freeze (not by a polling interval); heartbeats meanwhile.
-                wait = asyncio.ensure_future(self.watch.wait_for_fence(
+                await _heartbeating(self.watch.wait_for_fence(
                     token=fence.token, state="frozen", after_lsn=before,
-                    timeout=self.inp.catchup_timeout_s))
-                try:
-                    while not (await asyncio.wait({wait}, timeout=0.5))[0]:
-                        activity.heartbeat("waiting for the freeze marker")
-                    wait.result()
-                finally:
-                    if not wait.done():
-                        wait.cancel()
-                        await asyncio.gather(wait, return_exceptions=True)
+                    timeout=self.inp.catchup_timeout_s), "waiting for the freeze marker")
         except TimeoutError:
             return False
         return True
@@ -474,6 +471,19 @@ class _Attempt:
             if isinstance(exc, TokenMismatchError | FenceStateError):
                 return self._refused(f"{type(exc).__name__}: {exc}")
             raise
+
+
+async def _heartbeating(aw: Awaitable[_T], what: str) -> _T:
+    """``await aw``, heartbeating every 0.5 s while it runs (cancelled with the caller)."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while not (await asyncio.wait({task}, timeout=0.5))[0]:
+            activity.heartbeat(what)
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def _ensure_reverse_stream(new_dsn: str, spec: MoveSpec) -> None:
