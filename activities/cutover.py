@@ -11,7 +11,9 @@ steps with the roles swapped (``old`` = target at ``t+1``, ``new`` = source, -> 
 3. ``freeze_old``: the old owner's fence goes to ``t+1, frozen``. In-flight writes commit
    first; every later one is rejected and the router retries. **The pause starts.**
 4. ``wait_for_catchup``: the freeze travels through the stream as a fence marker; once the
-   applier has applied it, the new owner holds every write the old owner ever accepted.
+   applier has applied it, the new owner holds every write the old owner ever accepted. The
+   applier notifies at that batch's commit; the wait (on a session opened before the freeze)
+   wakes on it rather than polling.
 5. ``activate_new``: the new owner's fence becomes ``active`` at the new token.
 6. ``switch_catalog``: compare-and-set of the chunk's placement in the catalog, expecting the
    old token. **The commit point; the pause ends** (routers refresh and find the new owner).
@@ -40,10 +42,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import activity
 
@@ -70,7 +72,9 @@ from shards.postgres import PostgresShard
 from shards.postgres import replication as repl
 from shards.postgres.locks import CutoverLock
 from shards.postgres.server import is_connection_error
-from shards.postgres.stream_control import measure_lag, wait_for_fence
+from shards.postgres.stream_control import StreamWatch, measure_lag
+
+_T = TypeVar("_T")
 
 STEPS: list[tuple[str, str]] = [
     ("admit", "check the stream is within {max_lag} bytes of {old}"),
@@ -161,7 +165,11 @@ class CutoverActivities:
                     outcome = _observed(recovered, inp)
                     return outcome
                 try:
-                    outcome = _observed(await (await _Attempt.prepare(self, run)).run(), inp)
+                    attempt = await _Attempt.prepare(self, run)
+                    try:
+                        outcome = _observed(await attempt.run(), inp)
+                    finally:
+                        await attempt.close()
                     return outcome
                 except CatalogError as exc:
                     if exc.retryable:
@@ -322,6 +330,7 @@ class _Attempt:
         self.names = stream_spec(run.spec, run.inp.direction).names
         self.steps = {s.name: s for s in run.steps}
         self.pause_start = 0.0
+        self.watch: StreamWatch | None = None
 
     @classmethod
     async def prepare(cls, acts: CutoverActivities, run: _Run) -> _Attempt:
@@ -329,6 +338,11 @@ class _Attempt:
         ctx = acts.ctx
         return cls(acts, run, old_dsn=await ctx.dsn(run.old), new_dsn=await ctx.dsn(run.new),
                    old_engine=await ctx.engine(run.old), new_engine=await ctx.engine(run.new))
+
+    async def close(self) -> None:
+        if self.watch is not None:
+            watch, self.watch = self.watch, None
+            await watch.close()
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -369,26 +383,32 @@ class _Attempt:
         """3. The old owner's fence to ``t+1, frozen``: **the pause starts**. Returns the
         frozen fence and the old owner's WAL position just before the freeze (the freeze
         marker comes after it)."""
-        before = await asyncio.to_thread(repl.wal_position, self.old_dsn)
+        # Outside the pause: the session that will wait for the freeze marker (LISTENing for
+        # the applier's notification), and the position the marker must come after.
+        # Both heartbeat while they wait: a new connection can take seconds on a loaded
+        # host, longer than the cutover's heartbeat timeout (2 s by default).
+        self.watch = await _heartbeating(StreamWatch.open(self.new_dsn, self.names),
+                                         "opening the session that waits for the marker")
+        before = await _heartbeating(self.old_engine.wal_lsn(), "reading the WAL position")
         activity.heartbeat("freezing")
         self.job.froze_at = utcnow()
         self.pause_start = time.perf_counter()
         with self._step("freeze_old"):
-            fence, _ = await self.old_engine.freeze(self.spec.collection, self.spec.chunk_id,
-                                                    self.job.old_token)
+            fence = await self.old_engine.freeze_fence(self.spec.collection,
+                                                       self.spec.chunk_id, self.job.old_token)
         return fence, before
 
     async def wait_for_catchup(self, fence: Fence, before: str) -> bool:
         """4. Until the new owner has applied the freeze marker (it then holds every write the
         old owner ever accepted); False when that takes over ``catchup_timeout_s``."""
+        assert self.watch is not None, "freeze_old opens the watch"
         try:
             with self._step("wait_for_catchup"):
-                await self.ctx.run_blocking(
-                    lambda _s: wait_for_fence(self.new_dsn, self.names, token=fence.token,
-                                              state="frozen", after_lsn=before,
-                                              timeout=self.inp.catchup_timeout_s, interval=0.002),
-                    interval=0.5,
-                )
+                # Woken by the applier's notification at the commit of the batch that applied
+                # the freeze (not by a polling interval); heartbeats meanwhile.
+                await _heartbeating(self.watch.wait_for_fence(
+                    token=fence.token, state="frozen", after_lsn=before,
+                    timeout=self.inp.catchup_timeout_s), "waiting for the freeze marker")
         except TimeoutError:
             return False
         return True
@@ -451,6 +471,19 @@ class _Attempt:
             if isinstance(exc, TokenMismatchError | FenceStateError):
                 return self._refused(f"{type(exc).__name__}: {exc}")
             raise
+
+
+async def _heartbeating(aw: Awaitable[_T], what: str) -> _T:
+    """``await aw``, heartbeating every 0.5 s while it runs (cancelled with the caller)."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while not (await asyncio.wait({task}, timeout=0.5))[0]:
+            activity.heartbeat(what)
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def _ensure_reverse_stream(new_dsn: str, spec: MoveSpec) -> None:

@@ -118,6 +118,7 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
     )
     from router.catalog_source import CatalogRouteSource
     from router.core import Router
+    from router.errors import ShardUnavailableError
     from settings import RouterSettings, Settings, TemporalSettings
     from workflows import MigrateChunkInput, MigrateChunkWorkflow
     from workload.checker import check, collect_stored
@@ -150,9 +151,18 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
 
             async def seed(i: int) -> None:
                 async with seed_slots:
-                    await router.insert(COLLECTION, {"_id": f"seed-{i}",
-                                                     "acct": chunk_keys[i % keys],
-                                                     "v": 0, "pad": "s" * 200})
+                    for attempt in range(10):
+                        try:
+                            await router.insert(COLLECTION, {"_id": f"seed-{i}",
+                                                             "acct": chunk_keys[i % keys],
+                                                             "v": 0, "pad": "s" * 200})
+                            return
+                        except ShardUnavailableError:
+                            # Nothing was sent (no shard connection in time: on a loaded
+                            # machine a new connection can take over the 2 s connect
+                            # timeout). Seeding is not measured: try again.
+                            if attempt == 9:
+                                raise
 
             await asyncio.gather(*(seed(i) for i in range(docs)))
             load = LoadGenerator(router, WorkloadConfig(

@@ -4,11 +4,14 @@ How a cutover is absorbed
 -------------------------
 Every operation carries the token of the chunk it addresses, taken from the cached chunk map.
 When a shard's fence refuses it (stale token, chunk frozen, chunk gone), nothing was written;
-the router reloads that collection's map from the catalog and tries again, backing off briefly
-while the map still names the same placement (the chunk is frozen and the catalog not yet
-switched: the cutover pause). Applications therefore see a pause, never an error, unless the
-chunk stays unavailable past ``retry_deadline_s`` (then ``RetryDeadlineExceeded``, and still
-nothing was written).
+the router reloads that collection's map from the catalog and tries again. While the map still
+names the same placement (the chunk is frozen and the catalog not yet switched: the cutover
+pause) it waits for the switch: the catalog's notification reloads the map, and installing a
+map that places the chunk elsewhere wakes every operation waiting on it at once
+(``RouteCache.wait_for_new_placement``); a short growing backoff (``retry_backoff_s`` up to
+50 ms) bounds the wait, so a lost notification costs one more try, never a stall.
+Applications therefore see a pause, never an error, unless the chunk stays unavailable past
+``retry_deadline_s`` (then ``RetryDeadlineExceeded``, and still nothing was written).
 
 A lost notification costs one retry, never a wrong answer: reads are fenced exactly like
 writes, so a stale map can never read "not found" from a shard that no longer owns a chunk.
@@ -248,9 +251,12 @@ class Router(RouteCache):
                     metrics.map_refreshes.add(1, {"reason": "rejection"})
                     metrics.retries.add(1, {"op": op, "reason": "fence"})
                     if fresh.same_placement(route):
-                        # Same placement and tokens: the chunk is frozen mid-cutover. Wait a
-                        # little (growing), never past the deadline.
-                        await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
+                        # Same placement and tokens: the chunk is frozen mid-cutover. Wait
+                        # until the switch's notification brings the new map, or a little
+                        # (growing: a lost notification costs one more try), never past the
+                        # deadline.
+                        await self.wait_for_new_placement(
+                            collection, fresh, min(backoff, max(0.0, deadline - loop.time())))
                         backoff = min(backoff * 2, 0.05)
                 except serr.ShardUnavailableError as exc:
                     # Nothing was sent. The shard may be down, or re-registered elsewhere.

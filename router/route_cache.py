@@ -98,6 +98,7 @@ class RouteCache:
         self._stale: set[str] = set()  # cached maps the catalog said changed: reload soon
         self._retry_at: dict[str, float] = {}  # no background reload before (catalog down)
         self._refreshing: dict[str, asyncio.Future[CollectionRoute]] = {}
+        self._installed: dict[str, asyncio.Event] = {}  # set when a map is (re)installed
         self._shards: dict[str, PostgresShard] = {}
         self._shard_lock = asyncio.Lock()
         self._address_check_at = 0.0
@@ -229,6 +230,9 @@ class RouteCache:
             self._routes[collection] = route
             self._retry_at.pop(collection, None)
             fut.set_result(route)
+            installed = self._installed.pop(collection, None)
+            if installed is not None:
+                installed.set()
             return route
         except BaseException as exc:
             if stale and collection in self._routes:
@@ -238,6 +242,30 @@ class RouteCache:
             raise
         finally:
             del self._refreshing[collection]
+
+    async def wait_for_new_placement(self, collection: str, seen: CollectionRoute,
+                                     timeout: float) -> bool:
+        """Wait until the cached map of ``collection`` places its chunks otherwise than
+        ``seen`` (a cutover's switch, read after the catalog's notification), at most
+        ``timeout`` seconds; True when it does.
+
+        An operation a frozen chunk refused waits here rather than on a timer: the reload
+        the switch's notification starts wakes it as soon as the new map is installed, so
+        the pause it sees ends with the switch, not with its backoff."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + max(0.0, timeout)
+        while True:
+            current = self._routes.get(collection)
+            if current is not None and not current.same_placement(seen):
+                return True
+            left = end - loop.time()
+            if left <= 0:
+                return False
+            event = self._installed.setdefault(collection, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), left)
+            except TimeoutError:
+                return False
 
     async def _read(self, collection: str, timeout: float | None) -> CollectionRoute:
         """The collection's current route: the cached one with the catalog's delta applied

@@ -9,9 +9,10 @@ collection's size. Removed chunks need no tombstones: every chunk a split or mer
 covered by the new chunks that replaced it, which are in the delta (see ``router.routes``).
 
 Both read the catalog version, the collection and the chunks in one statement, hence in one
-snapshot: a delta at version G holds every change up to G and none after it. They run at
-REPEATABLE READ (``CatalogBase._txn(snapshot=True)``): no serializable predicate lock per
-row read.
+snapshot: a delta at version G holds every change up to G and none after it. Each is sent
+alone, without a transaction block (``CatalogBase._txn(one_statement=True)``): one round trip
+(a router reads a delta after every cutover's switch, while clients wait), and no
+serializable predicate lock per row read.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class RouteMaps(CatalogBase):
             await cur.execute(ROUTE_QUERY, {"c": collection}, binary=True)
             return _columns(await _one(cur), collection, complete=True, since=0)
 
-        return await self._txn(body, snapshot=True)
+        return await self._txn(body, one_statement=True)
 
     async def route_delta(self, collection: str, since: int, *, limit: int) -> RouteColumns:
         """The chunks of ``collection`` written after catalog version ``since`` (at most
@@ -102,7 +103,7 @@ class RouteMaps(CatalogBase):
                               binary=True)
             return _columns(await _one(cur), collection, complete=False, since=since)
 
-        return await self._txn(body, snapshot=True)
+        return await self._txn(body, one_statement=True)
 
 
 async def _one(cur: AsyncCursor[Any]) -> tuple[Any, ...] | None:

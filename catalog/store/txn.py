@@ -10,6 +10,7 @@ body, so the version increment and the notification commit with it or not at all
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -103,7 +104,7 @@ class CatalogBase:
 
     async def _txn(
         self, body: Callable[[AsyncCursor[Any]], Awaitable[T]], *, read_only: bool = False,
-        snapshot: bool = False,
+        snapshot: bool = False, one_statement: bool = False, pipeline: bool = False,
     ) -> T:
         """Run ``body`` in one serializable transaction, retrying it on conflicts.
 
@@ -111,12 +112,25 @@ class CatalogBase:
         sees the same consistent state: every change writes ``meta``'s row, so changes commit
         in version order and any snapshot holds exactly the changes up to one version; and it
         takes no serializable predicate locks (one per row read, promoted to page and table
-        locks past a limit: memory, and false conflicts with concurrent changes)."""
-        read_only = read_only or snapshot
+        locks past a limit: memory, and false conflicts with concurrent changes).
+
+        ``one_statement``: a read whose body runs ONE statement, sent as it is (autocommit):
+        a statement always reads one snapshot, so it sees what ``snapshot`` would, in one
+        round trip instead of four (BEGIN, SET TRANSACTION, the statement, COMMIT). The
+        router's route reads, which follow every cutover's switch, are such reads.
+
+        ``pipeline``: the transaction runs in pipeline mode, so ``BEGIN`` travels with the
+        body's first statement (one round trip less; the cutover's switch)."""
+        read_only = read_only or snapshot or one_statement
         delay = 0.002
         for attempt in range(1, self.max_attempts + 1):
             try:
-                async with self._pool.connection() as conn, conn.transaction():
+                if one_statement:
+                    async with self._pool.connection() as conn, conn.cursor() as cur:
+                        return await body(cur)
+                async with self._pool.connection() as conn, (
+                        conn.pipeline() if pipeline else contextlib.nullcontext()), \
+                        conn.transaction():
                     if snapshot:
                         await conn.execute(
                             "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")

@@ -15,7 +15,8 @@ the batch in ONE target transaction:
    table (``shards/postgres/apply_batch.py``; while the target runs them the applier reads
    and decodes the stream's next transactions);
 3. ``pg_replication_origin_xact_setup(end_lsn_of_last_source_txn, its_commit_time)``;
-4. the stream's state row (applied LSN, lag, markers seen) updated;
+4. the stream's state row (applied LSN, lag, markers seen) updated; a batch carrying a fence
+   change also notifies ``STREAM_CHANNEL`` (a waiting cutover wakes at its commit);
 5. COMMIT; then, and only then, feedback to the source (flush = that end LSN).
 
 Invariants
@@ -85,7 +86,12 @@ from shards.postgres.pgoutput import (
     pg_time_to_datetime,
 )
 from shards.postgres.replication import StreamNames, stream_names
-from shards.postgres.stream_control import StreamStateError, batch_lock_sql, ensure_apply_schema
+from shards.postgres.stream_control import (
+    STREAM_CHANNEL,
+    StreamStateError,
+    batch_lock_sql,
+    ensure_apply_schema,
+)
 from shards.postgres.throttle import ApplyThrottle, ThrottleSettings
 
 log = logging.getLogger(__name__)
@@ -465,7 +471,16 @@ class ChangeApplier:
             held = self._reached_hold(stream)
             heartbeat = now - self._last_heartbeat >= self.heartbeat_interval
             if txns or held != self._held or heartbeat:
-                self._write_state(conn, stream, txns, held)
+                # The origin's progress, the markers and the state row in one round trip
+                # (pipeline: sent together, in this order, answered at the end).
+                with conn.pipeline():
+                    if txns:
+                        last = txns[-1]
+                        conn.execute(
+                            "SELECT pg_replication_origin_xact_setup(%s::pg_lsn, %s)",
+                            (lsn_to_str(last.end_lsn), pg_time_to_datetime(last.commit_time_us)),
+                        )
+                    self._write_state(conn, stream, txns, held)
                 self._held = held
                 self._last_heartbeat = now
         commit_wall = time.time()
@@ -501,10 +516,8 @@ class ChangeApplier:
         self._writer.write(conn, batch, self._pump, stream.fileno())
         self.stats.plain_insert_fallbacks = self._writer.fallbacks
         last = txns[-1]
-        conn.execute(
-            "SELECT pg_replication_origin_xact_setup(%s::pg_lsn, %s)",
-            (lsn_to_str(last.end_lsn), pg_time_to_datetime(last.commit_time_us)),
-        )
+        # The origin's progress (pg_replication_origin_xact_setup) is set by _step, with the
+        # state row.
         self._applied_lsn = last.end_lsn
         self._last_commit_us = last.commit_time_us
         self._lag_s = max(0.0, time.time() - last.commit_time_unix)
@@ -531,10 +544,15 @@ class ChangeApplier:
                 body = {"prefix": marker.prefix, "lsn": lsn_to_str(marker.lsn),
                         "content": marker.content.decode(errors="replace")}
                 kind = "message"
+            # A fence change also notifies STREAM_CHANNEL (delivered at this batch's commit,
+            # in the same statement): the cutover waiting for its freeze wakes at once.
             conn.execute(
-                "INSERT INTO shardshift.stream_markers (stream, commit_lsn, ord, kind, body)"
-                " VALUES (%s, %s::pg_lsn, %s, %s, %s::jsonb) ON CONFLICT DO NOTHING",
-                (name, lsn_to_str(lsn), ord_, kind, json.dumps(body)),
+                "WITH m AS (INSERT INTO shardshift.stream_markers"
+                " (stream, commit_lsn, ord, kind, body)"
+                " VALUES (%s, %s::pg_lsn, %s, %s, %s::jsonb) ON CONFLICT DO NOTHING)"
+                " SELECT pg_notify(%s, %s) WHERE %s",
+                (name, lsn_to_str(lsn), ord_, kind, json.dumps(body), STREAM_CHANNEL, name,
+                 kind == "fence"),
             )
         if txns:
             lag = self._lag_s

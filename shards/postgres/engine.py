@@ -242,16 +242,41 @@ class PostgresShard:
 
         After the freeze commits it notifies ``FENCE_CHANNEL``: a change applier paused by its
         throttle runs again at once (``shards/postgres/throttle.py``)."""
+        fence = await self.freeze_fence(collection, chunk_id, token)
+        return fence, await self.wal_lsn()
+
+    async def freeze_fence(self, collection: str, chunk_id: int, token: int) -> Fence:
+        """:meth:`freeze` in one round trip, without the LSN (the cutover's pause starts
+        here): the ``UPDATE`` notifies ``FENCE_CHANNEL`` in its own transaction, so the
+        notification is delivered at its commit. A freeze that changes nothing (already
+        frozen at ``token + 1``: a retry; or refused) takes the general path."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "UPDATE shardshift.chunk_fence SET token = %s, state = %s, updated_at = now()"
+                " WHERE collection = %s AND chunk_id = %s AND token = %s AND state = %s"
+                " RETURNING collection, chunk_id, lo, hi, token, state, pg_notify(%s, %s)",
+                (token + 1, FenceState.FROZEN.value, collection, chunk_id, token,
+                 FenceState.ACTIVE.value, FENCE_CHANNEL, f"{collection}/{chunk_id}"),
+            )
+            row = await cur.fetchone()
+        if row is not None:
+            return _fence(row[:6])
         fence = await self.transition(
             collection, chunk_id, expect_token=token, expect_state=[FenceState.ACTIVE],
             new_token=token + 1, new_state=FenceState.FROZEN,
         )
         async with self._connection() as conn:
-            cur = await conn.execute("SELECT pg_current_wal_lsn()::text, pg_notify(%s, %s)",
-                                     (FENCE_CHANNEL, f"{collection}/{chunk_id}"))
+            await conn.execute("SELECT pg_notify(%s, %s)",
+                               (FENCE_CHANNEL, f"{collection}/{chunk_id}"))
+        return fence
+
+    async def wal_lsn(self) -> str:
+        """The server's current WAL write position (``X/Y``), on a pooled connection."""
+        async with self._connection() as conn:
+            cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
             row = await cur.fetchone()
         assert row is not None
-        return fence, row[0]
+        return str(row[0])
 
     async def unfreeze(self, collection: str, chunk_id: int, frozen_token: int) -> Fence:
         """Undo a freeze before the commit point: back to active at the pre-freeze token (no
@@ -263,13 +288,27 @@ class PostgresShard:
 
     async def activate(self, collection: str, chunk_id: int, token: int) -> Fence:
         """Open a receiving chunk for traffic at ``token`` (the catalog's new token)."""
+        # One round trip (it sits inside a cutover's pause): whatever its token, a receiving
+        # or frozen fence becomes active at ``token``.
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "UPDATE shardshift.chunk_fence SET token = %s, state = %s, updated_at = now()"
+                " WHERE collection = %s AND chunk_id = %s AND state = ANY(%s)"
+                " RETURNING collection, chunk_id, lo, hi, token, state",
+                (token, FenceState.ACTIVE.value, collection, chunk_id,
+                 [FenceState.RECEIVING.value, FenceState.FROZEN.value]),
+            )
+            row = await cur.fetchone()
+        if row is not None:
+            return _fence(row)
         current = await self.fence(collection, chunk_id)
         if current is None:
             raise FenceStateError(f"{self.shard_id}: no fence for {collection}/{chunk_id}")
-        return await self.transition(
-            collection, chunk_id, expect_token=current.token,
-            expect_state=[FenceState.RECEIVING, FenceState.FROZEN], new_token=token,
-            new_state=FenceState.ACTIVE,
+        if current.token == token and current.state == FenceState.ACTIVE:
+            return current  # already active at the token: idempotent
+        raise FenceStateError(
+            f"{self.shard_id}: chunk {collection}/{chunk_id} fence is at token {current.token} "
+            f"({current.state}); expected a receiving or frozen fence to activate at {token}"
         )
 
     async def retire(self, collection: str, chunk_id: int) -> Fence:

@@ -38,6 +38,7 @@ Control surface (other processes, through the target)
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -82,6 +83,10 @@ CREATE TABLE IF NOT EXISTS shardshift.stream_markers (
 """
 
 _DDL_LOCK = 0x5348_4152_4453_4846  # the engine's schema DDL lock (engine._DDL_LOCK)
+
+STREAM_CHANNEL = "shardshift_stream"
+"""Notified (payload: the stream's name) by an applier batch that applied a fence change, at
+its commit: :class:`StreamWatch` wakes on it instead of polling."""
 
 
 class ApplyError(Exception):
@@ -363,15 +368,91 @@ def wait_for_fence(
     through = _as_lsn(through_lsn) if through_lsn is not None else None
 
     def ok(s: StreamState) -> bool:
-        if s.fence_token != token or s.fence_state != state or s.fence_lsn is None:
-            return False
-        if after is not None and lsn_from_str(s.fence_lsn) < after:
-            return False
-        return through is None or (
-            s.caught_up_lsn is not None and lsn_from_str(s.caught_up_lsn) >= through
-        )
+        return _fence_reached(s, token, state, after, through)
 
     return _wait(target_dsn, names, ok, timeout, f"fence token {token} ({state})", interval)
+
+
+def _fence_reached(s: StreamState, token: int, state: str, after: int | None,
+                   through: int | None) -> bool:
+    if s.fence_token != token or s.fence_state != state or s.fence_lsn is None:
+        return False
+    if after is not None and lsn_from_str(s.fence_lsn) < after:
+        return False
+    return through is None or (
+        s.caught_up_lsn is not None and lsn_from_str(s.caught_up_lsn) >= through
+    )
+
+
+class StreamWatch:
+    """A session on a stream's target that LISTENs on :data:`STREAM_CHANNEL`, opened before a
+    wait (the cutover opens it before it freezes, so neither the connection nor the LISTEN
+    is inside the writes' pause).
+
+    :meth:`wait_for_fence` is :func:`wait_for_fence` woken by the applier's notification
+    (sent with the batch that applied the fence change) instead of a polling interval. It
+    reads the state row after every wake, so a notification is only a hint: one missed, or
+    an applier that sends none (an older version), costs at most ``interval``, the fallback
+    re-read, never a wrong answer.
+    """
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], names: StreamNames) -> None:
+        self._conn = conn
+        self.names = names
+
+    @classmethod
+    async def open(cls, target_dsn: str, names: StreamNames) -> StreamWatch:
+        conn = await psycopg.AsyncConnection.connect(target_dsn, autocommit=True)
+        try:
+            await conn.execute(f"LISTEN {STREAM_CHANNEL}")
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn, names)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def __aenter__(self) -> StreamWatch:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _read(self) -> StreamState | None:
+        try:
+            cur = await self._conn.execute(
+                f"SELECT {_STATE_COLUMNS} FROM shardshift.stream_state WHERE stream = %s",  # noqa: S608 - fixed column list
+                (self.names.origin,),
+            )
+        except psycopg.errors.UndefinedTable:
+            return None  # no applier has started on this shard yet (it creates the table)
+        row = await cur.fetchone()
+        return _state(row) if row else None
+
+    async def wait_for_fence(
+        self, *, token: int, state: str = "frozen", after_lsn: str | int | None = None,
+        through_lsn: str | int | None = None, timeout: float = 30.0, interval: float = 0.05,
+    ) -> StreamState:
+        """Until the applier has applied the source's fence change to ``(token, state)``
+        (``after_lsn`` and ``through_lsn`` as in :func:`wait_for_fence`); ``TimeoutError``
+        after ``timeout`` seconds."""
+        after = _as_lsn(after_lsn) if after_lsn is not None else None
+        through = _as_lsn(through_lsn) if through_lsn is not None else None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            last = await self._read()
+            if last is not None and _fence_reached(last, token, state, after, through):
+                return last
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"stream {self.names.origin}: fence token {token} ({state}) "
+                                   f"not reached in {timeout}s (state: {last})")
+            # Any notification on the channel (or one that arrived during the read: psycopg
+            # keeps those) wakes us to read again; else the fallback interval does.
+            async for _ in self._conn.notifies(timeout=min(interval, left), stop_after=1):
+                break
 
 
 def measure_lag(source_dsn: str, target_dsn: str, names: StreamNames) -> Lag:
@@ -390,6 +471,7 @@ def measure_lag(source_dsn: str, target_dsn: str, names: StreamNames) -> Lag:
 
 __all__ = [
     "APPLY_DDL",
+    "STREAM_CHANNEL",
     "ApplyError",
     "HoldLostError",
     "HoldTooLateError",
@@ -398,6 +480,7 @@ __all__ = [
     "StreamHold",
     "StreamState",
     "StreamStateError",
+    "StreamWatch",
     "batch_lock_sql",
     "check_held",
     "ensure_apply_schema",

@@ -26,7 +26,7 @@ from catalog import (
     UnknownShardError,
 )
 from catalog.invariants import check_invariants
-from catalog.models import ChunkStats
+from catalog.models import ChangeKind, ChunkStats
 from shards.errors import InvalidNameError
 from shards.models import KHASH_END, KHASH_MIN, IndexDefinition
 
@@ -358,3 +358,51 @@ async def test_catalog_transactions_are_serializable(catalog: Catalog) -> None:
 
     assert await catalog._txn(isolation) == "serializable"
     assert await catalog._txn(isolation, read_only=True) == "serializable"
+
+
+async def test_move_chunk_is_one_change_stamped_notified_and_checked(
+    catalog: Catalog, shard_ids: list[str], collection_name: str
+) -> None:
+    """The switch (one statement inside its transaction) does all the full path did: the
+    chunk row stamped with the version the bump commits, the collection's layout version,
+    the migration record and one LAYOUT notification carrying that version; and each refusal
+    (a target that is not active, a wrong token) changes nothing and names its cause."""
+    cmap = await make(catalog, collection_name, shard_ids)
+    chunk = cmap.chunks[0]
+    s0, s1, _ = shard_ids
+    mid = f"{collection_name}/one"
+    await catalog.register_migration(mid, kind=MigrationKind.MOVE, collection=collection_name,
+                                     chunk_id=chunk.chunk_id, source=s0, target=s1)
+    changes = catalog.listen()
+    assert (await anext(changes)).change == ChangeKind.RESYNC
+    before = await catalog.version()
+
+    await catalog.set_shard_state(s1, ShardState.DRAINING)
+    with pytest.raises(ShardStateError, match="abort the migration"):
+        await catalog.move_chunk(collection_name, chunk.chunk_id, chunk.token, s1, mid)
+    await catalog.set_shard_state(s1, ShardState.ACTIVE)
+    with pytest.raises(TokenMismatchError):
+        await catalog.move_chunk(collection_name, chunk.chunk_id, chunk.token + 5, s1, mid)
+    unchanged = await catalog.chunk(collection_name, chunk.chunk_id)
+    assert (unchanged.shard_id, unchanged.token) == (s0, chunk.token)
+    assert (await catalog.migration(mid)).cutover_token is None
+
+    moved = await catalog.move_chunk(collection_name, chunk.chunk_id, chunk.token, s1, mid,
+                                     pause_ms=12.5)
+    version = await catalog.version()
+    assert (moved.shard_id, moved.token) == (s1, chunk.token + 1)
+    assert moved == await catalog.chunk(collection_name, chunk.chunk_id)
+    assert (await catalog.collection(collection_name)).layout_version == version
+    delta = await catalog.route_delta(collection_name, version - 1, limit=10)
+    assert (delta.chunk_ids, delta.shard_ids, delta.tokens) == (
+        [chunk.chunk_id], [s1], [chunk.token + 1])
+    record = await catalog.migration(mid)
+    assert (record.cutover_token, record.cutover_shard, record.pause_ms) == (
+        chunk.token + 1, s1, 12.5)
+    # The two shard-state changes, then the switch: one LAYOUT change at the new version.
+    seen = [await anext(changes) for _ in range(3)]
+    await changes.aclose()
+    assert [c.change for c in seen] == [ChangeKind.SHARDS, ChangeKind.SHARDS, ChangeKind.LAYOUT]
+    assert (seen[2].version, seen[2].collection) == (version, collection_name)
+    assert version == before + 3
+    assert await check_invariants(catalog, collection_name) == []

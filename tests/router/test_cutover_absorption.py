@@ -117,3 +117,42 @@ async def test_router_closing_during_a_cutover_lets_operations_in_flight_finish(
     async with Router(CatalogRouteSource(deployment.catalog, listen=False),
                       router_settings()) as fresh:
         assert (await fresh.get(c, key, 1))["n"] == 1
+
+
+async def test_write_blocked_on_a_frozen_chunk_wakes_on_the_switch_not_on_its_backoff(
+        deployment: Deployment) -> None:
+    """A write retrying against a frozen chunk is woken by the catalog's notification of the
+    switch (the route reloaded with the new placement), not by its backoff timer: with a
+    backoff of 1000 s the write still completes right after the switch, on the new owner.
+    (Before, the retry slept out its backoff: the timer added directly to the pause clients
+    saw.)"""
+    c = deployment.collection
+    moving = deployment.initial.chunks[0]
+    target = next(s for s in deployment.shards if s != moving.shard_id)
+    source_shard, target_shard = deployment.shards[moving.shard_id], deployment.shards[target]
+    key = next(k for k in (f"acct-{i}" for i in range(5000)) if moving.range.contains(khash(k)))
+
+    settings = router_settings(retry_backoff_s=1000.0, retry_deadline_s=600.0)
+    async with Router(CatalogRouteSource(deployment.catalog, listen=True), settings) as router:
+        await router.insert(c, {"acct": key, "_id": 1, "n": 0})
+        migration = f"{c}-wake"
+        await deployment.catalog.register_migration(
+            migration, kind=MigrationKind.MOVE, collection=c, chunk_id=moving.chunk_id,
+            source=moving.shard_id, target=target,
+        )
+        await target_shard.put_fence(c, moving.chunk_id, moving.range, moving.token,
+                                     FenceState.RECEIVING, migration)
+        fence, _ = await source_shard.freeze(c, moving.chunk_id, moving.token)
+        reads_before = sum(router.refreshes.values())
+        write = asyncio.create_task(router.replace(c, {"acct": key, "_id": 1, "n": 1}))
+        # The write met the frozen fence: its rejection re-read the route.
+        await _wait_for(lambda: sum(router.refreshes.values()) > reads_before)
+        assert not write.done()
+        await asyncio.to_thread(recopy_range, source_shard.dsn, target_shard.dsn, c, moving.range)
+        await target_shard.activate(c, moving.chunk_id, fence.token)
+        await deployment.catalog.move_chunk(c, moving.chunk_id, moving.token, target, migration)
+        # A liveness bound, far below the backoff: the old retry loop slept 600 s here.
+        assert await asyncio.wait_for(write, timeout=60) is True
+    async with Router(CatalogRouteSource(deployment.catalog, listen=False),
+                      router_settings()) as fresh:
+        assert (await fresh.get(c, key, 1))["n"] == 1

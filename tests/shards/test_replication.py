@@ -44,6 +44,7 @@ from shards.postgres.replication import (
 from shards.postgres.schema import collection_table
 from shards.postgres.stream_control import (
     HoldTooLateError,
+    StreamWatch,
     measure_lag,
     read_state,
     release_hold,
@@ -1072,3 +1073,39 @@ async def test_keys_and_documents_with_any_text_arrive_byte_for_byte(
     for i, text in enumerate(nasty):
         assert by_id[text]["s"] == (text + text if i % 2 == 0 else text)
         assert by_id[text][text] == 1
+
+
+async def test_stream_watch_wakes_on_the_appliers_notification_of_the_freeze(
+    request: pytest.FixtureRequest, cleanup: list[tuple[str, str]],
+    pg18_pair: tuple[PostgresShard, PostgresShard], collection_name: str,
+) -> None:
+    """The cutover's wait for its freeze marker is woken by the applier (a notification sent
+    with the batch that applied the fence change), not by a polling interval: with a fallback
+    interval of 600 s the wait still ends once the freeze is applied, and everything the
+    source accepted before the freeze is then on the target."""
+    source, target = pg18_pair
+    await setup_shards(source, target, collection_name)
+    move = new_move(request, cleanup, source, target, collection_name)
+    await asyncio.to_thread(prepare_stream, move)
+    box = move.start_applier()
+    writer = Writer(source, collection_name, 5, range(40))
+    for _ in range(60):
+        await writer.step()
+
+    async with await StreamWatch.open(target.dsn, move.names) as watch:
+        before = await source.wal_lsn()
+        # The applier has not applied this freeze yet (it has not happened): not reached.
+        with pytest.raises(TimeoutError):
+            await watch.wait_for_fence(token=TOKEN + 1, after_lsn=before, timeout=0.0)
+        fence = await source.freeze_fence(collection_name, CHUNK, TOKEN)
+        assert (fence.token, fence.state) == (TOKEN + 1, FenceState.FROZEN)
+        # A liveness bound far below the fallback interval.
+        state = await asyncio.wait_for(
+            watch.wait_for_fence(token=TOKEN + 1, after_lsn=before, timeout=600, interval=600),
+            timeout=60)
+    assert state.fence_state == "frozen" and state.fence_lsn is not None
+    assert lsn_from_str(state.fence_lsn) >= lsn_from_str(before)
+    assert chunk_rows(target.dsn, collection_name) == chunk_rows(source.dsn, collection_name)
+    # A retried freeze (already frozen) is idempotent and changes nothing.
+    assert await source.freeze_fence(collection_name, CHUNK, TOKEN) == fence
+    assert_running(box)
