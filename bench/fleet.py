@@ -2,7 +2,7 @@
 stack with real worker processes.
 
     python -m bench.fleet --chunks 200 --shards 4 [--workers 1,2] [--max-moves 60]
-                          [--copies-per-worker 1] [--no-baseline]
+                          [--copies-per-worker 1] [--no-baseline] [--copy-rows-per-s R]
 
 Starts a private stack of ``--shards`` shards (removed at the end, also on Ctrl-C). For each
 worker count of ``--workers`` it provisions a fresh collection of ``--chunks`` chunks laid out
@@ -22,6 +22,13 @@ old layout, unless ``--no-baseline``), in alternating order (1: unlimited then s
 seated then unlimited; ...), so both figures are measured side by side on the same machine.
 Every worker serves ``/metrics``; after each run the bench reads each worker's own high-water
 mark of copies running at once (``shardshift_worker_copies_peak``): ``copies_peak``.
+
+``--copy-rows-per-s R`` throttles every move's copy to R rows/s (the moves' ``copy_throttle``,
+what ``--max-copy-rate`` sets from the CLI). With ``--docs`` large enough, the copy is then
+the long part of every move, as it is for chunks of a real size (gigabytes, minutes of copy)
+and not for this bench's default chunks of 20 documents, whose copy is about a second of a
+move's fixed steps: the layout in which a worker's copy capacity, not the per-shard limit or
+the two cores, bounds moves per minute.
 
 While it runs a sampler reads the catalog every ``--sample-s`` seconds: the live move
 leases per shard, and the active migrations past registration per shard (as source or
@@ -222,7 +229,9 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
     names = [s.shard_id for s in shards]
     engines = await open_engines(shards)
     client = await Client.connect(stack.temporal.address, data_converter=pydantic_data_converter)
-    move = {"poll_s": args.poll_s, "cutover_retry_s": 0.2, "part_rows": 1000}
+    move: dict[str, Any] = {"poll_s": args.poll_s, "cutover_retry_s": 0.2, "part_rows": 1000}
+    if args.copy_rows_per_s is not None:
+        move["copy_throttle"] = {"rows_per_s": args.copy_rows_per_s}
     # The workflows start a move only when both its shards have room under the workers' lease
     # limit (unless --start-all: every move starts and waits for its leases in registration).
     limits = RunLimits(max_running_per_shard=None if args.start_all else args.per_shard)
@@ -419,7 +428,8 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
     out = {
         "chunks": args.chunks, "shards": len(names), "per_shard_limit": args.per_shard,
         "max_parallel": args.max_parallel, "start_all": args.start_all,
-        "copies_per_worker": args.copies_per_worker,
+        "copies_per_worker": args.copies_per_worker, "docs_per_chunk": args.docs,
+        "copy_rows_per_s": args.copy_rows_per_s,
         "moves": sum(r["moves"] for r in runs) + merge.get("moves", 0),
         "failures": sum(r["failures"] for r in runs) + merge.get("failures", 0),
         "moves_per_min": {str(r["workers"]): r["moves_per_min"] for r in seated},
@@ -521,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                              "COPIES); each worker count then also runs without them")
     parser.add_argument("--no-baseline", action="store_true",
                         help="with --copies-per-worker: skip the runs without seats")
+    parser.add_argument("--copy-rows-per-s", type=float, default=None,
+                        help="throttle every move's copy to this many rows/s (copy-bound moves)")
     parser.add_argument("--sample-s", type=float, default=0.25)
     parser.add_argument("--deadline-s", type=float, default=1800.0)
     args = parser.parse_args(argv)
