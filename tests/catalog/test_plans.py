@@ -19,13 +19,16 @@ def _moves(n: int, target: str = "t") -> list[StoredMove]:
 async def test_a_plan_is_read_back_in_pages_in_plan_order(catalog: Catalog) -> None:
     plan = f"drain-{uuid.uuid4().hex[:8]}@run"
     moves = _moves(2500)
-    assert await catalog.save_plan(plan, 1, moves) == 2500
-    got: list[StoredMove] = []
-    while page := await catalog.plan_page(plan, 1, len(got), MAX_PAGE):
-        got += page
-    assert got == moves
-    assert await catalog.plan_page(plan, 1, 2499, 10) == moves[-1:]
-    assert await catalog.plan_page(plan, 2, 0, 10) == []  # another round: nothing stored
+    try:
+        assert await catalog.save_plan(plan, 1, moves) == 2500
+        got: list[StoredMove] = []
+        while page := await catalog.plan_page(plan, 1, len(got), MAX_PAGE):
+            got += page
+        assert got == moves
+        assert await catalog.plan_page(plan, 1, 2499, 10) == moves[-1:]
+        assert await catalog.plan_page(plan, 2, 0, 10) == []  # another round: nothing stored
+    finally:
+        await catalog.drop_plan(plan)  # the house clean: no plan left for the doctor to find
 
 
 async def test_storing_a_round_again_replaces_it_and_drop_removes_every_round(
