@@ -356,7 +356,7 @@ class _ReadAhead(Generic[_T]):
             try:  # make room for a blocked put, so the producer sees the stop
                 self._queue.get_nowait()
             except queue.Empty:
-                pass
+                self._thread.join(timeout=0.05)  # it is between puts: wait, don't spin
             self._thread.join(0.05)
 
     def _produce(self) -> None:

@@ -142,7 +142,7 @@ async def test_the_seat_of_a_cancelled_move_expires(
             try:
                 await asyncio.wait_for(first.result(), RESULT_TIMEOUT_S)
             except WorkflowFailureError:
-                pass
+                pass  # cancelled: the move ends as cancelled; only its seat matters here
             try:
                 result = await asyncio.wait_for(other.result(), RESULT_TIMEOUT_S)
             except TimeoutError:
