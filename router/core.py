@@ -42,7 +42,6 @@ from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-import bson
 import psycopg
 from bson.errors import InvalidDocument
 
@@ -63,7 +62,7 @@ from router.routes import CollectionRoute, CollectionSummary
 from router.traffic import TrafficCounter, TrafficSink, publish
 from settings import RouterSettings
 from shards import errors as serr
-from shards.codec import canonical_text, encode_value
+from shards.codec import bson_bytes, canonical_text, encode_value
 from shards.errors import (
     FenceRejectedError,
     InvalidDocumentError,
@@ -107,7 +106,7 @@ def cap_result(docs: list[dict[str, Any]], max_bytes: int) -> FindResult:
     out = FindResult()
     used = 0
     for doc in docs:
-        used += len(bson.encode(doc))
+        used += len(bson_bytes(doc))
         if used > max_bytes:
             out.truncated = True
             break
@@ -308,7 +307,7 @@ class Router(RouteCache):
 
     def _check_size(self, doc: Mapping[str, Any]) -> None:
         try:
-            size = len(bson.encode(doc))
+            size = len(bson_bytes(doc))
         except (InvalidDocument, TypeError, ValueError, OverflowError) as exc:
             raise BadRequestError(f"document cannot be encoded as BSON: {exc}") from exc
         if size > self.settings.max_document_bytes:

@@ -18,8 +18,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import bson
 from bson import json_util
 from bson.binary import UuidRepresentation
+from bson.codec_options import CodecOptions
 from bson.errors import InvalidBSON, InvalidDocument
 
 from shards.errors import InvalidDocumentError
@@ -27,6 +29,16 @@ from shards.errors import InvalidDocumentError
 JSON_OPTIONS = json_util.CANONICAL_JSON_OPTIONS.with_options(
     uuid_representation=UuidRepresentation.STANDARD, tz_aware=True
 )
+BSON_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(
+    tz_aware=True, uuid_representation=UuidRepresentation.STANDARD)
+"""BSON as documents travel here: a UUID is binary subtype 4 (``$binary`` subType ``04``
+in Extended JSON, what drivers send with ``uuidRepresentation`` standard) both ways."""
+
+
+def bson_bytes(doc: Mapping[str, Any]) -> bytes:
+    """``doc`` as BSON (UUIDs as subtype 4); sizes and byte comparisons use this, since
+    ``bson.encode`` without options refuses a ``uuid.UUID``."""
+    return bson.encode(doc, codec_options=BSON_OPTIONS)
 
 
 _INT64_MIN, _INT64_END = -(2**63), 2**63

@@ -23,6 +23,7 @@ import bson
 
 from router.mongo.errors import MongoError
 from router.mongo.registry import ServerContext, Session
+from shards.codec import bson_bytes
 
 IDLE_S = 600.0
 MAX_CURSORS = 1000
@@ -61,7 +62,7 @@ class Cursor:
                     self.exhausted = True
                     break
                 continue
-            n = len(bson.encode(self.buffer[0]))
+            n = len(bson_bytes(self.buffer[0]))
             if out and used + n > BATCH_BYTES:
                 break
             used += n

@@ -19,7 +19,6 @@ from decimal import Decimal
 from typing import Any
 
 from bson import Binary, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
-from bson import encode as bson_encode
 
 from router.mongo.common import collection_arg, require_data_database
 from router.mongo.errors import MongoError
@@ -40,6 +39,7 @@ from router.mongo.writes import (
     upsert_new,
     write_update,
 )
+from shards.codec import bson_bytes
 
 _FIELDS = frozenset({"query", "sort", "remove", "update", "new", "fields", "upsert",
                      "bypassDocumentValidation", "collation", "arrayFilters", "hint", "let"})
@@ -64,9 +64,9 @@ def _rank(v: Any) -> tuple[int, Any]:
     if isinstance(v, str):
         return (3, v.encode("utf-8"))
     if isinstance(v, dict):
-        return (4, bson_encode(v))
+        return (4, bson_bytes(v))
     if isinstance(v, list):
-        return (5, bson_encode({"a": v}))
+        return (5, bson_bytes({"a": v}))
     if isinstance(v, Binary | bytes):
         return (6, bytes(v))
     if isinstance(v, ObjectId):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import uuid
 from collections.abc import Iterator, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -58,7 +59,7 @@ def type_rank(v: Any) -> int:
         return OBJECT
     if isinstance(v, list | tuple):
         return ARRAY
-    if isinstance(v, bytes | Binary):
+    if isinstance(v, bytes | Binary | uuid.UUID):
         return BINARY
     if isinstance(v, ObjectId):
         return OBJECTID
@@ -94,6 +95,8 @@ def sort_key(v: Any) -> tuple[Any, ...]:
     if rank == ARRAY:
         return (rank, tuple(sort_key(x) for x in v))
     if rank == BINARY:
+        if isinstance(v, uuid.UUID):  # binary subtype 4
+            return (rank, 16, 4, v.bytes)
         data = bytes(v)
         return (rank, len(data), getattr(v, "subtype", 0), data)
     if rank == OBJECTID:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,7 +279,7 @@ def _bson_type(x: Any) -> int:
         return 2
     if isinstance(x, ObjectId):
         return 7
-    if isinstance(x, bytes | Binary):
+    if isinstance(x, bytes | Binary | uuid.UUID):
         return 5
     if _is_regex(x):
         return 11

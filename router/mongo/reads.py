@@ -29,6 +29,7 @@ from router.mongo.query import (
 )
 from router.mongo.registry import Sequences, Session, command
 from router.mongo.shape import Projection, SortSpec, parse_projection, parse_sort, sort_key_fn
+from shards.codec import bson_bytes
 from shards.errors import InvalidNameError
 from shards.names import check_collection
 
@@ -77,7 +78,7 @@ async def _sorted(pages: AsyncIterator[list[dict[str, Any]]], spec: SortSpec,
     used = 0
     async for page in pages:
         for doc in page:
-            size = len(bson.encode(doc))
+            size = len(bson_bytes(doc))
             held.append((size, doc))
             used += size
         if keep is not None and len(held) > keep and (

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import bson
 from bson import Decimal128, Int64
 
 from router.mongo.errors import MongoError
+from shards.codec import bson_bytes
 from shards.errors import InvalidNameError
 from shards.names import check_field_path
 
@@ -210,7 +210,7 @@ def _canonical(v: Any) -> Any:
 def same_document(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """The same fields with the same values of the same BSON types. Field order does not
     count: the shards store documents as jsonb, which keeps its own order."""
-    return bson.encode(_canonical(a)) == bson.encode(_canonical(b))
+    return bson_bytes(_canonical(a)) == bson_bytes(_canonical(b))
 
 
 def value_at(doc: dict[str, Any], path: str) -> Any:
@@ -228,7 +228,7 @@ def check_immutable(old: dict[str, Any], new: dict[str, Any], shard_key: str) ->
         a, b = value_at(old, path), value_at(new, path)
         if a is MISSING and b is MISSING:
             continue
-        if a is MISSING or b is MISSING or bson.encode({"v": a}) != bson.encode({"v": b}):
+        if a is MISSING or b is MISSING or bson_bytes({"v": a}) != bson_bytes({"v": b}):
             what = "the shard key field" if path == shard_key else "the immutable field"
             raise MongoError(
                 "ImmutableField",

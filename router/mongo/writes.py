@@ -30,7 +30,6 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-import bson
 from bson import ObjectId
 
 from router.core import Router
@@ -63,6 +62,7 @@ from router.mongo.write_args import (
     write_concern,
 )
 from router.routes import CollectionRoute
+from shards.codec import bson_bytes
 from shards.errors import DuplicateDocumentError, InvalidDocumentError
 
 MULTI_WRITE_MAX = 9_999
@@ -197,7 +197,7 @@ async def write_update(s: Session, coll: str, route: CollectionRoute, doc: dict[
     check_immutable(doc, new, route.shard_key)
     if same_document(doc, new):
         return False, doc
-    if len(bson.encode(new)) > s.settings.max_document_bytes:
+    if len(bson_bytes(new)) > s.settings.max_document_bytes:
         raise MongoError("BSONObjectTooLarge",
                          f"the updated document would exceed {s.settings.max_document_bytes} "
                          "bytes of BSON")
@@ -277,7 +277,7 @@ async def update_statement(s: Session, db: str, coll: str, route: CollectionRout
 
 
 def _same_bson(a: Any, b: Any) -> bool:
-    return bson.encode({"v": a}) == bson.encode({"v": b})
+    return bson_bytes({"v": a}) == bson_bytes({"v": b})
 
 
 async def _replace_pinned(s: Session, coll: str, route: CollectionRoute, q: dict[str, Any],
@@ -299,7 +299,7 @@ async def _replace_pinned(s: Session, coll: str, route: CollectionRoute, q: dict
     if new_key is MISSING or not _same_bson(new_key, key):
         return False
     try:
-        if len(bson.encode(new)) > s.settings.max_document_bytes:
+        if len(bson_bytes(new)) > s.settings.max_document_bytes:
             return False  # BSONObjectTooLarge, once a match is known
         matched, written = await s.router.replace_pinned(coll, new)
     except (BadRequestError, DocumentTooLargeError, InvalidDocumentError):

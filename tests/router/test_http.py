@@ -72,6 +72,20 @@ async def test_extended_json_round_trip(client: httpx.AsyncClient, deployment: D
     assert r.status_code == 409
 
 
+async def test_uuids_round_trip(client: httpx.AsyncClient, deployment: Deployment) -> None:
+    """A UUID (``$binary`` subtype 04) as ``_id`` and as a field is stored and read back as
+    it was sent (it was refused with 400: the BSON size check could not encode a UUID)."""
+    c = deployment.collection
+    u = {"$binary": {"base64": "AQIDBAUGBwgJCgsMDQ4PEA==", "subType": "04"}}
+    doc = {"_id": u, "acct": "uuid", "ref": u}
+    r = await client.post(f"/v1/collections/{c}/insert", json={"document": doc}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    r = await client.post(f"/v1/collections/{c}/get", headers=AUTH,
+                          json={"key": "uuid", "id": u})
+    assert r.status_code == 200, r.text
+    assert r.json()["document"] == doc
+
+
 async def test_get_answers_canonical_extended_json(client: httpx.AsyncClient,
                                                   deployment: Deployment) -> None:
     """A get answers the stored text when it is canonical already, and re-spells what the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+import uuid
 from decimal import Decimal
 from typing import Any
 
@@ -105,6 +106,20 @@ def test_insert_generates_an_id_in_the_body_and_in_a_document_sequence(
     docs = everything(deployment, mongo)
     assert len(docs) == 6 and all(isinstance(d["_id"], ObjectId) for d in docs)
     assert {d["acct"] for d in docs} == {"body", "seq"}
+
+
+def test_uuids_are_stored_and_found(mongo: MongoFront, deployment: Deployment) -> None:
+    """A UUID (BSON binary subtype 4, as drivers send it with ``uuidRepresentation``
+    standard) as ``_id`` and as a field: stored, found by it, and read back as a UUID."""
+    u, v = uuid.UUID(int=0x0102030405060708090A0B0C0D0E0F10), uuid.uuid4()
+    with mongo.client() as client:
+        coll = client.shardshift[deployment.collection]
+        coll.insert_one({"_id": u, "acct": "uuid", "ref": v})
+        assert coll.find_one({"_id": u, "acct": "uuid"}) == {"_id": u, "acct": "uuid",
+                                                              "ref": v}
+        assert coll.find_one({"ref": v})["_id"] == u
+        coll.update_one({"_id": u, "acct": "uuid"}, {"$set": {"ref2": v}})
+        assert coll.find_one({"_id": u, "acct": "uuid"})["ref2"] == v
 
 
 @pytest.mark.parametrize("name", ["a.b", "$x", "a\x00b", "x" * 300, "system.users"])
