@@ -28,6 +28,14 @@ Prints ONE JSON object:
   snapshot through the cutover and the cleanup), "steady" when it lies wholly between moves
   (or before the first, after the load's first second, or after the last). The goal compares
   the two: what a running move costs every client of the collection.
+* ``moving_by_phase``: the "moving" operations broken down by the move's phase at their
+  start, from the move's timeline in the catalog (``phase.*`` marks; ``pause``: overlapping
+  the cutover's freeze-to-switch; ``after_switch``: started in the 100 ms after it; ``other``:
+  outside every mark, e.g. the workflow's start before registration): ``ops``, ``p50``,
+  ``p99``, ``max`` (ms) and ``tail``, how many of the phase's operations are at or above
+  ``p99_ms_moving`` (the operations that make up the moving p99). ``moving_by_chunk`` /
+  ``steady_by_chunk``: the same split by chunk (``moving`` / ``other``: with
+  ``--other-keys``, load on the chunk that stays put too; default 0, the load as before).
 """
 
 from __future__ import annotations
@@ -88,6 +96,81 @@ def _max_gap_ms(times: list[float], lo: float, hi: float) -> float:
     return max((b - a for a, b in zip(ts, ts[1:], strict=False)), default=0.0) * 1000
 
 
+PHASE_ORDER = ("registered", "snapshot", "import", "replicate", "verify", "cutover",
+               "rollback_window", "cleanup", "done")
+
+
+def _phase_windows(marks: list[tuple[float, str, float | None]], end: float
+                   ) -> tuple[list[tuple[float, float, str]], tuple[float, float] | None]:
+    """A move's phases as ``(start, end, phase)`` from its timeline's marks (monotonic
+    seconds, sorted), and its committed pause ``(freeze, switch)``."""
+    phases = [(t, n.removeprefix("phase.")) for t, n, _ in marks if n.startswith("phase.")]
+    finish = next((t for t, n, _ in marks if n == "finish"), end)
+    out = [(t, (phases[i + 1][0] if i + 1 < len(phases) else max(finish, t)), name)
+           for i, (t, name) in enumerate(phases)]
+    start = next((t for t, n, _ in marks if n == "cutover.start"), None)
+    commit = next((v for _, n, v in marks if n == "cutover.commit"), None)
+    pause = None if start is None or commit is None else (start, start + commit / 1000)
+    return out, pause
+
+
+def _phase_of(r: Any, phases: list[tuple[float, float, str]],
+              pause: tuple[float, float] | None) -> str:
+    if pause is not None and r.started <= pause[1] and r.finished >= pause[0]:
+        return "pause"
+    if pause is not None and pause[1] < r.started <= pause[1] + 0.1:
+        return "after_switch"
+    return next((name for lo, hi, name in phases if lo <= r.started < hi), "other")
+
+
+def _summary(values: list[float], tail_ms: float | None) -> dict[str, Any]:
+    return {"ops": len(values), "p50": _pct(values, 50), "p99": _pct(values, 99),
+            "max": round(max(values), 2) if values else None,
+            "tail": sum(1 for v in values if tail_ms is not None and v >= tail_ms)}
+
+
+def _breakdown(records: list[Any], windows: list[tuple[float, float]],
+               timelines: list[tuple[list[tuple[float, float, str]],
+                                     tuple[float, float] | None]],
+               since: float, moving_chunk: Any, tail_ms: float | None
+               ) -> dict[str, dict[str, Any]]:
+    """The successful operations' latencies by the move's phase and by chunk."""
+    by_phase: dict[str, list[float]] = {}
+    by_chunk: dict[str, dict[str, list[float]]] = {"moving": {}, "steady": {}}
+    for r in records:
+        if r.outcome != "ok" or r.started < since:
+            continue
+        ms = (r.finished - r.started) * 1000
+        chunk = "moving" if moving_chunk.contains(r.khash) else "other"
+        hit = next((i for i, (lo, hi) in enumerate(windows)
+                    if r.started <= hi and r.finished >= lo), None)
+        if hit is None:
+            by_chunk["steady"].setdefault(chunk, []).append(ms)
+            continue
+        by_chunk["moving"].setdefault(chunk, []).append(ms)
+        phases, pause = timelines[hit] if hit < len(timelines) else ([], None)
+        by_phase.setdefault(_phase_of(r, phases, pause), []).append(ms)
+    order = [*PHASE_ORDER, "pause", "after_switch", "other"]
+    return {
+        "moving_by_phase": {k: _summary(by_phase[k], tail_ms)
+                            for k in sorted(by_phase, key=lambda k: (
+                                order.index(k) if k in order else len(order), k))},
+        "moving_by_chunk": {k: _summary(v, tail_ms) for k, v in by_chunk["moving"].items()},
+        "steady_by_chunk": {k: _summary(v, tail_ms) for k, v in by_chunk["steady"].items()},
+    }
+
+
+async def _timeline(catalog: Any, migration_id: str, offset: float, end: float
+                    ) -> tuple[list[tuple[float, float, str]], tuple[float, float] | None]:
+    """A move's phase windows from the catalog's timeline (``offset``: wall - monotonic)."""
+    from catalog.timeline import SampleKind
+
+    samples = await catalog.move_samples(migration_id)
+    marks = sorted((s.at.timestamp() - offset, s.name, s.value) for s in samples
+                   if s.kind == SampleKind.MARK)
+    return _phase_windows(marks, end)
+
+
 def _split_latencies(records: list[Any], windows: list[tuple[float, float]], since: float
                      ) -> tuple[list[float], list[float]]:
     """Latencies (ms) of the successful operations overlapping a move / wholly outside."""
@@ -105,7 +188,8 @@ def _split_latencies(records: list[Any], windows: list[tuple[float, float]], sin
 
 
 async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys: int,
-              stock_worker: bool, steady_s: float = 1.0) -> dict[str, Any]:
+              stock_worker: bool, steady_s: float = 1.0, other_keys: int = 0
+              ) -> dict[str, Any]:
     from temporalio.client import Client
     from temporalio.contrib.pydantic import pydantic_data_converter
 
@@ -140,6 +224,9 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
         chunk = cmap.chunks[0]
         names = [s.shard_id for s in shards]
         chunk_keys = keys_in(chunk.range, keys)
+        # With ``other_keys``: load on the chunk that stays put too, at the same rate per key.
+        still = next(c for c in cmap.chunks if c.chunk_id != chunk.chunk_id)
+        load_keys = chunk_keys + keys_in(still.range, other_keys)
         client = await Client.connect(stack.temporal.address,
                                       data_converter=pydantic_data_converter)
         worker_task = asyncio.create_task(_worker(settings, client, stop, stock_worker))
@@ -166,10 +253,12 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
 
             await asyncio.gather(*(seed(i) for i in range(docs)))
             load = LoadGenerator(router, WorkloadConfig(
-                collection=COLLECTION, rate=rate, workers=16, only_keys=chunk_keys,
+                collection=COLLECTION, rate=rate * len(load_keys) / keys, workers=16,
+                only_keys=load_keys,
                 mix={"insert": 0.35, "replace": 0.25, "inc": 0.3, "delete": 0.1},
             ))
             t_load = time.monotonic()
+            offset = time.time() - time.monotonic()
             await load.start()
             await asyncio.sleep(1.0)
             t_warm = time.monotonic()
@@ -198,6 +287,8 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
             finally:
                 await load.stop()
             t_end = time.monotonic()
+        timelines = [await _timeline(catalog, r.migration_id, offset, hi)
+                     for r, (_, hi) in zip(results, windows, strict=True)]
         stored = await collect_stored(engines, COLLECTION)
         report = check(load.records, stored)
         seeds_ok = sum(1 for d in stored if d.startswith("seed-")) == docs
@@ -206,6 +297,8 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
         pauses = [r.pause_ms for r in results if r.pause_ms is not None]
         lat_moving, lat_steady = _split_latencies(load.records, windows, t_warm)
         secs = [hi - lo for lo, hi in windows]
+        parts = _breakdown(load.records, windows, timelines, t_warm, chunk.range,
+                           _pct(lat_moving, 99))
         return {
             "moves": moves,
             "moves_completed": sum(1 for r in results if r.outcome.value == "completed"),
@@ -234,6 +327,8 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
             "ops_steady": len(lat_steady),
             "steady_s_between_moves": steady_s,
             "worker": "stock" if stock_worker else "heartbeat-throttle-1s",
+            "other_keys": other_keys,
+            **parts,
         }
     finally:
         stop.set()
@@ -255,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker.run_worker as is (default heartbeat throttling)")
     parser.add_argument("--steady", type=float, default=2.0,
                         help="seconds of load without a move after each move")
+    parser.add_argument("--other-keys", type=int, default=0,
+                        help="shard-key values of the chunk that stays put to load too "
+                             "(at the moving chunk's rate per key)")
     args = parser.parse_args(argv)
 
     from catalog.local_stack import private_stack
@@ -262,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     with private_stack(2) as st:
         state = st.state_dir
         result = asyncio.run(run(st, state, args.moves, args.rate, args.docs, args.keys,
-                                 args.stock_worker, args.steady))
+                                 args.stock_worker, args.steady, args.other_keys))
     print(json.dumps(result))
     ok = (result["client_errors"] == 0 and result["lost_writes"] == 0
           and result["moves_completed"] == result["moves"])
