@@ -46,7 +46,7 @@ class ChunkRoute(BaseModel):
         ref = private.get("_ref") if private is not None else None
         if ref is None:
             ref = self._ref = FenceRef(chunk_id=self.chunk_id, token=self.token)
-        return ref  # type: ignore[no-any-return]
+        return ref
 
 
 class RouteDeltaError(ValueError):
