@@ -78,6 +78,9 @@ SCAN_FANOUT = 16
 """Ranges a narrowed scan reads at once."""
 SCAN_POINT_KEYS = 64
 """Up to this many shard key values, a scan reads each one's khash alone (concurrently)."""
+_OP_ATTRIBUTES: dict[tuple[str, str], dict[str, str]] = {}
+"""``op_duration``'s attribute sets, made once per (operation, outcome) and reused (the
+operation names and outcomes are a handful of constants)."""
 
 
 log = logging.getLogger(__name__)
@@ -203,10 +206,12 @@ class Router(RouteCache):
         *,
         read_only: bool,
         deadline: float | None = None,
+        route: CollectionRoute | None = None,
     ) -> T:
         """Run ``fn(route, time_left)`` until it succeeds, retrying what is safe to retry
         (see the module docstring) until ``deadline`` (default: ``retry_deadline_s`` from
-        now; an operation passes the one it started with)."""
+        now; an operation passes the one it started with). ``route``: the map the caller
+        has just read (no await since), for the first attempt; later ones read it again."""
         if self._closed:
             raise RouterClosedError(f"the router is closed ({op} on {collection})")
         loop = asyncio.get_running_loop()
@@ -216,6 +221,7 @@ class Router(RouteCache):
         backoff = self.settings.retry_backoff_s
         attempts = 0
         outcome = "error"
+        first = route
         self._inflight += 1
         self._idle.clear()
 
@@ -231,11 +237,14 @@ class Router(RouteCache):
 
         try:
             while True:
-                route = await self.route(collection, deadline)
+                if first is not None:
+                    cur, first = first, None
+                else:
+                    cur = await self.route(collection, deadline)
                 attempts += 1
                 self.statements[op] = self.statements.get(op, 0) + 1
                 try:
-                    result = await fn(route, max(0.0, deadline - loop.time()))
+                    result = await fn(cur, max(0.0, deadline - loop.time()))
                     outcome = "ok"
                     return result
                 except (FenceRejectedError, KeyOutsideChunkError) as exc:
@@ -246,10 +255,10 @@ class Router(RouteCache):
                         fresh = await self._refresh(collection,
                                                     timeout=max(0.0, deadline - loop.time()))
                     except RouteUnavailableError:
-                        fresh = route  # the catalog is down: wait for it, within the deadline
+                        fresh = cur  # the catalog is down: wait for it, within the deadline
                     metrics.map_refreshes.add(1, {"reason": "rejection"})
                     metrics.retries.add(1, {"op": op, "reason": "fence"})
-                    if fresh.same_placement(route):
+                    if fresh.same_placement(cur):
                         # Same placement and tokens: the chunk is frozen mid-cutover. Wait
                         # until the switch's notification brings the new map, or a little
                         # (growing: a lost notification costs one more try), never past the
@@ -287,9 +296,10 @@ class Router(RouteCache):
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
-            metrics.op_duration.record(
-                time.perf_counter() - started, {"op": op, "outcome": outcome}
-            )
+            attributes = _OP_ATTRIBUTES.get((op, outcome))
+            if attributes is None:
+                attributes = _OP_ATTRIBUTES[op, outcome] = {"op": op, "outcome": outcome}
+            metrics.op_duration.record(time.perf_counter() - started, attributes)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -334,9 +344,11 @@ class Router(RouteCache):
         async def op(r: CollectionRoute, t: float) -> None:
             c = r.lookup(h)
             self.traffic.count(collection, c.chunk_id)
-            await (await self.shard(c.shard_id, t)).insert(collection, c.ref, h, doc, timeout=t)
+            shard = self._shards.get(c.shard_id) or await self.shard(c.shard_id, t)
+            await shard.insert(collection, c.ref, h, doc, timeout=t)
 
-        await self._run(collection, "insert", op, read_only=False, deadline=deadline)
+        await self._run(collection, "insert", op, read_only=False,
+                               deadline=deadline, route=route)
 
     async def replace(
         self, collection: str, doc: Mapping[str, Any], *, key: Any = _MISSING
@@ -360,10 +372,12 @@ class Router(RouteCache):
         async def op(r: CollectionRoute, t: float) -> bool:
             c = r.lookup(h)
             self.traffic.count(collection, c.chunk_id)
-            return await (await self.shard(c.shard_id, t)).replace(
+            shard = self._shards.get(c.shard_id) or await self.shard(c.shard_id, t)
+            return await shard.replace(
                 collection, c.ref, h, doc, timeout=t)
 
-        return await self._run(collection, "replace", op, read_only=False, deadline=deadline)
+        return await self._run(collection, "replace", op, read_only=False,
+                               deadline=deadline, route=route)
 
     async def replace_pinned(self, collection: str, doc: Mapping[str, Any]) -> tuple[int, int]:
         """Replace the document whose shard key and ``_id`` are, as stored (same BSON type
@@ -380,10 +394,12 @@ class Router(RouteCache):
         async def op(r: CollectionRoute, t: float) -> tuple[int, int]:
             c = r.lookup(h)
             self.traffic.count(collection, c.chunk_id)
-            return await (await self.shard(c.shard_id, t)).replace_pinned(
+            shard = self._shards.get(c.shard_id) or await self.shard(c.shard_id, t)
+            return await shard.replace_pinned(
                 collection, c.ref, h, shard_key, doc, timeout=t)
 
-        return await self._run(collection, "replace", op, read_only=False, deadline=deadline)
+        return await self._run(collection, "replace", op, read_only=False,
+                               deadline=deadline, route=route)
 
     async def patch(
         self, collection: str, key: Any, _id: Any, update: Mapping[str, Any]
@@ -397,56 +413,63 @@ class Router(RouteCache):
         async def op(r: CollectionRoute, t: float) -> dict[str, Any] | None:
             c = r.lookup(h)
             self.traffic.count(collection, c.chunk_id)
-            return await (await self.shard(c.shard_id, t)).patch(
+            shard = self._shards.get(c.shard_id) or await self.shard(c.shard_id, t)
+            return await shard.patch(
                 collection, c.ref, h, _id, update, protected, timeout=t
             )
 
         try:
-            return await self._run(collection, "patch", op, read_only=False, deadline=deadline)
+            return await self._run(collection, "patch", op, read_only=False,
+                               deadline=deadline, route=route)
         except (InvalidDocumentError, InvalidNameError) as exc:
             raise BadRequestError(str(exc)) from exc
 
     async def delete(self, collection: str, key: Any, _id: Any) -> bool:
         deadline = self._deadline()
         route = await self.route(collection, deadline)
-        del route
         h = self._hash(key)
 
         async def op(r: CollectionRoute, t: float) -> bool:
             c = r.lookup(h)
             self.traffic.count(collection, c.chunk_id)
-            return await (await self.shard(c.shard_id, t)).delete(
+            shard = self._shards.get(c.shard_id) or await self.shard(c.shard_id, t)
+            return await shard.delete(
                 collection, c.ref, h, _id, timeout=t)
 
-        return await self._run(collection, "delete", op, read_only=False, deadline=deadline)
+        return await self._run(collection, "delete", op, read_only=False,
+                               deadline=deadline, route=route)
 
     async def get(self, collection: str, key: Any, _id: Any) -> dict[str, Any] | None:
         deadline = self._deadline()
-        await self.route(collection, deadline)
+        route = await self.route(collection, deadline)
         h = self._hash(key)
 
         async def op(r: CollectionRoute, t: float) -> dict[str, Any] | None:
             c = r.lookup(h)
             self.traffic.count(collection, c.chunk_id)
-            return await (await self.shard(c.shard_id, t)).get(collection, c.ref, h, _id, timeout=t)
+            shard = self._shards.get(c.shard_id) or await self.shard(c.shard_id, t)
+            return await shard.get(collection, c.ref, h, _id, timeout=t)
 
-        return await self._run(collection, "get", op, read_only=True, deadline=deadline)
+        return await self._run(collection, "get", op, read_only=True,
+                               deadline=deadline, route=route)
 
     async def get_text(self, collection: str, key: Any, _id: Any) -> str | None:
         """``get``, the document as canonical Extended JSON text (``shards.codec.
         canonical_text``: the stored text itself unless a number needs re-spelling), for
         a caller that sends it on as JSON (the HTTP service). Counted as a ``get``."""
         deadline = self._deadline()
-        await self.route(collection, deadline)
+        route = await self.route(collection, deadline)
         h = self._hash(key)
 
         async def op(r: CollectionRoute, t: float) -> str | None:
             c = r.lookup(h)
             self.traffic.count(collection, c.chunk_id)
-            return await (await self.shard(c.shard_id, t)).get_text(collection, c.ref, h, _id,
+            shard = self._shards.get(c.shard_id) or await self.shard(c.shard_id, t)
+            return await shard.get_text(collection, c.ref, h, _id,
                                                                    timeout=t)
 
-        text = await self._run(collection, "get", op, read_only=True, deadline=deadline)
+        text = await self._run(collection, "get", op, read_only=True,
+                               deadline=deadline, route=route)
         return None if text is None else canonical_text(text)
 
     async def get_many(self, collection: str, key: Any, ids: Sequence[Any]
@@ -454,16 +477,18 @@ class Router(RouteCache):
         """The documents with shard key ``key`` whose ``_id`` is one of ``ids`` (compared as
         stored), from the one chunk that owns the key: one fenced statement."""
         deadline = self._deadline()
-        await self.route(collection, deadline)
+        route = await self.route(collection, deadline)
         h = self._hash(key)
 
         async def op(r: CollectionRoute, t: float) -> list[dict[str, Any]]:
             c = r.lookup(h)
             self.traffic.count(collection, c.chunk_id)
-            return await (await self.shard(c.shard_id, t)).get_many(collection, c.ref, h, ids,
+            shard = self._shards.get(c.shard_id) or await self.shard(c.shard_id, t)
+            return await shard.get_many(collection, c.ref, h, ids,
                                                                     timeout=t)
 
-        return await self._run(collection, "get", op, read_only=True, deadline=deadline)
+        return await self._run(collection, "get", op, read_only=True,
+                               deadline=deadline, route=route)
 
     async def find(
         self, collection: str, filter: Mapping[str, Any], *, limit: int = 100
@@ -488,7 +513,8 @@ class Router(RouteCache):
             async def by_key(r: CollectionRoute, t: float) -> list[dict[str, Any]]:
                 c = r.lookup(h)
                 self.traffic.count(collection, c.chunk_id)
-                return await (await self.shard(c.shard_id, t)).find_by_shard_key(
+                shard = self._shards.get(c.shard_id) or await self.shard(c.shard_id, t)
+                return await shard.find_by_shard_key(
                     collection, c.ref, h, r.shard_key, value, limit, timeout=t
                 )
 

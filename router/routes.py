@@ -40,9 +40,13 @@ class ChunkRoute(BaseModel):
     @property
     def ref(self) -> FenceRef:
         """The fence reference routed operations carry (built once per route)."""
-        if self._ref is None:
-            self._ref = FenceRef(chunk_id=self.chunk_id, token=self.token)
-        return self._ref
+        # Read from pydantic's private-attribute dict itself: ``self._ref`` goes through
+        # ``BaseModel.__getattr__`` (two Python calls per routed operation).
+        private = self.__pydantic_private__
+        ref = private.get("_ref") if private is not None else None
+        if ref is None:
+            ref = self._ref = FenceRef(chunk_id=self.chunk_id, token=self.token)
+        return ref
 
 
 class RouteDeltaError(ValueError):

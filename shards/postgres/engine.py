@@ -20,7 +20,7 @@ from shards.errors import DuplicateDocumentError, FenceStateError
 from shards.models import KHASH_END, Fence, FenceRef, FenceState, IndexDefinition, KeyRange
 from shards.names import check_collection, check_field_path, check_index_name
 from shards.postgres import documents as D
-from shards.postgres.pool import ShardPool
+from shards.postgres.pool import KEEP_RESULT_CHARS, ShardPool
 from shards.postgres.schema import (
     DDL,
     DOCS,
@@ -341,15 +341,25 @@ class PostgresShard:
         """One routed statement. ``ShardUnavailableError``: nothing was sent (retry freely);
         ``ShardConnectionLostError``: sent, outcome unknown; fence errors: nothing written."""
         pool = self._pool
-        conn = await pool.getconn(timeout)
+        # The pool's usual cases (an idle live connection; giving it back) without a coroutine.
+        conn = pool.take_idle() or await pool.getconn(timeout)
         try:
-            cur = await conn.execute(query, params)
+            cur = pool.cursor(conn, query)
+            await cur.execute(query, params)
             row = await cur.fetchone()
         except psycopg.Error as exc:
+            pool.drop_cursor(conn, query)
             raise D.translate_error(exc, collection, chunk_id) from exc
         finally:
-            await pool.putconn(conn)
+            if not pool.put_idle(conn):
+                await pool.putconn(conn)
         assert row is not None
+        for value in row:
+            # A large result (a big document, an array of them) is let go with its cursor.
+            if isinstance(value, list) or (isinstance(value, str)
+                                           and len(value) > KEEP_RESULT_CHARS):
+                pool.drop_cursor(conn, query)
+                break
         return tuple(row)
 
     async def insert(self, collection: str, ref: FenceRef, khash: int,
@@ -357,7 +367,8 @@ class PostgresShard:
         """Insert a new document; ``DuplicateDocumentError`` when its key and _id exist."""
         st = self._st(collection)
         id_text, doc_text = D.encode_for_store(doc)
-        params = D.fence_params(collection, ref, khash) | {"id": id_text, "doc": doc_text}
+        params = {"c": collection, "k": ref.chunk_id, "t": ref.token, "h": khash, "id": id_text,
+                  "doc": doc_text}
         _, n = await self._run(st.insert, params, collection, ref.chunk_id, timeout)
         if n == 0:
             raise DuplicateDocumentError(
@@ -369,7 +380,8 @@ class PostgresShard:
         """Replace a whole document (same shard key and _id); False when none matched."""
         st = self._st(collection)
         id_text, doc_text = D.encode_for_store(doc)
-        params = D.fence_params(collection, ref, khash) | {"id": id_text, "doc": doc_text}
+        params = {"c": collection, "k": ref.chunk_id, "t": ref.token, "h": khash, "id": id_text,
+                  "doc": doc_text}
         _, n = await self._run(st.replace, params, collection, ref.chunk_id, timeout)
         return bool(n)
 
@@ -405,14 +417,16 @@ class PostgresShard:
     async def delete(self, collection: str, ref: FenceRef, khash: int, _id: Any, *,
                      timeout: float | None = None) -> bool:
         st = self._st(collection)
-        params = D.fence_params(collection, ref, khash) | {"id": encode_value(_id)}
+        params = {"c": collection, "k": ref.chunk_id, "t": ref.token, "h": khash,
+                  "id": encode_value(_id)}
         _, n = await self._run(st.delete, params, collection, ref.chunk_id, timeout)
         return bool(n)
 
     async def get(self, collection: str, ref: FenceRef, khash: int,
                   _id: Any, *, timeout: float | None = None) -> dict[str, Any] | None:
         st = self._st(collection)
-        params = D.fence_params(collection, ref, khash) | {"id": encode_value(_id)}
+        params = {"c": collection, "k": ref.chunk_id, "t": ref.token, "h": khash,
+                  "id": encode_value(_id)}
         _, doc = await self._run(st.get, params, collection, ref.chunk_id, timeout)
         return decode_document(doc) if doc is not None else None
 
@@ -421,7 +435,8 @@ class PostgresShard:
         """``get``, the document as its stored text (canonical Extended JSON, as ``jsonb``
         prints it), not decoded; fenced the same way."""
         st = self._st(collection)
-        params = D.fence_params(collection, ref, khash) | {"id": encode_value(_id)}
+        params = {"c": collection, "k": ref.chunk_id, "t": ref.token, "h": khash,
+                  "id": encode_value(_id)}
         _, doc = await self._run(st.get, params, collection, ref.chunk_id, timeout)
         return doc  # type: ignore[no-any-return]
 

@@ -49,6 +49,12 @@ from shards.errors import ShardUnavailableError
 
 log = logging.getLogger(__name__)
 
+MAX_CURSORS = 16
+"""Statements per connection whose cursor ``ShardPool.cursor`` keeps."""
+KEEP_RESULT_CHARS = 64 * 1024
+"""A kept cursor that has just returned a text value longer than this is dropped, so kept
+cursors never pin a large result between statements."""
+
 _KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                "keepalives_count": 3}
 
@@ -105,6 +111,9 @@ class ShardPool:
         self._acquire_timeout_s = acquire_timeout_s
         self._idle: deque[psycopg.AsyncConnection[Any]] = deque()
         self._gen_of: dict[int, int] = {}  # id(connection) -> generation
+        # id(connection) -> (its cursors by statement): see ``cursor``. Dropped with the
+        # connection (``_discard``).
+        self._cursors: dict[int, dict[bytes, psycopg.AsyncCursor[Any]]] = {}
         self._gen = 0
         self._size = 0  # connections open or being opened
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -148,6 +157,53 @@ class ShardPool:
                 fut.set_result(None)
 
     # -- checkout ----------------------------------------------------------------------------
+
+    def take_idle(self) -> psycopg.AsyncConnection[Any] | None:
+        """The most recently used idle connection, when it is live, of the current address
+        and needs no check (``check`` off): ``getconn``'s usual case without a coroutine.
+        None: call ``getconn`` (which also discards the connection this one refused)."""
+        if self._closed or self._check or not self._idle:
+            return None
+        conn = self._idle[-1]
+        if self._gen_of.get(id(conn)) != self._gen or hung_up(conn):
+            return None
+        return self._idle.pop()
+
+    def cursor(self, conn: psycopg.AsyncConnection[Any], query: bytes
+               ) -> psycopg.AsyncCursor[Any]:
+        """A cursor of ``conn`` kept for ``query`` (a statement rendered once, always the
+        same bytes object). psycopg keeps a cursor's adapters (its ``Transformer``: the
+        dumpers of the parameters' types, the loaders of the result's columns) while it
+        runs the same query object again; a new cursor per statement builds them anew every
+        time. At most ``MAX_CURSORS`` statements per connection; the caller runs one
+        statement at a time on a connection it has checked out, and drops a cursor
+        (``drop_cursor``) that holds a large result."""
+        per = self._cursors.get(id(conn))
+        if per is None:
+            per = self._cursors[id(conn)] = {}
+        cur = per.get(query)
+        if cur is None or cur.connection is not conn:
+            cur = conn.cursor()
+            if len(per) < MAX_CURSORS:
+                per[query] = cur
+        return cur
+
+    def drop_cursor(self, conn: psycopg.AsyncConnection[Any], query: bytes) -> None:
+        """Forget ``conn``'s cursor of ``query`` (and the last result it holds)."""
+        per = self._cursors.get(id(conn))
+        if per is not None:
+            per.pop(query, None)
+
+    def put_idle(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """``putconn``'s usual case without a coroutine: a connection of the current address,
+        idle outside a transaction, goes back to the pool (True). False: call ``putconn``."""
+        if (self._closed or self._gen_of.get(id(conn)) != self._gen
+                or conn.pgconn.transaction_status != TransactionStatus.IDLE):
+            return False
+        self._idle.append(conn)
+        if self._waiters:
+            self._wake_one()
+        return True
 
     async def getconn(self, timeout: float | None = None) -> psycopg.AsyncConnection[Any]:
         """A live connection within ``timeout`` seconds, else ``ShardUnavailableError``."""
@@ -264,6 +320,7 @@ class ShardPool:
             await self.putconn(conn)
 
     async def _discard(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._cursors.pop(id(conn), None)
         if self._gen_of.pop(id(conn), None) is not None:
             self._size -= 1
         try:

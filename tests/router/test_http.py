@@ -149,6 +149,36 @@ async def test_malformed_json_is_422(client: httpx.AsyncClient, deployment: Depl
     assert await _total(deployment) == 0
 
 
+async def test_get_fast_path_answers_as_the_app_does(
+    client: httpx.AsyncClient, deployment: Deployment
+) -> None:
+    """A get the guard answers itself (``fast_get``: ``content-type: application/json``, a
+    body of exactly ``key`` and ``id``) gets the very bytes, status and headers the app's
+    endpoint gives the same request (another content type takes the app's path): found,
+    not found, an unknown collection, a bad Extended JSON value, a bad collection name."""
+    c = deployment.collection
+    doc = {"_id": {"$oid": "6b0a4e15a1eb6a99b1b98cb6"}, "acct": "zoë", "n": {"$numberLong": "5"}}
+    r = await client.post(f"/v1/collections/{c}/insert", json={"document": doc}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    cases = [
+        (c, {"key": "zoë", "id": {"$oid": "6b0a4e15a1eb6a99b1b98cb6"}}),
+        (c, {"key": "zoë", "id": 1}),
+        ("no_such_collection", {"key": 1, "id": 1}),
+        (c, {"key": {"$oid": "zz"}, "id": 1}),
+        ("bad$name", {"key": 1, "id": 1}),
+    ]
+    for collection, body in cases:
+        content = json.dumps(body).encode()
+        answers = []
+        for ctype in ("application/json", "application/json; charset=utf-8"):
+            r = await client.post(f"/v1/collections/{collection}/get", content=content,
+                                  headers={**AUTH, "content-type": ctype})
+            answers.append((r.status_code, r.headers.get("content-type"),
+                            r.headers.get("content-length"), r.content))
+        assert answers[0] == answers[1], (collection, body, answers)
+    assert answers[0][0] == 400 or answers[0][0] == 404  # the last case is refused
+
+
 # -- schema-based fuzz against a real server --------------------------------------------------
 
 

@@ -333,3 +333,33 @@ async def test_replace_pinned_matches_by_stored_types_writes_only_a_change_and_i
                                    {"_id": 1, "user": 7, "v": 3})
     await shard.unfreeze(coll, 1, 2)
     assert (await shard.get(coll, REF, h, 1))["v"] == 2
+
+
+async def test_kept_cursors_answer_alike_and_let_large_results_go(
+        shard: PostgresShard, coll: str) -> None:
+    """The engine keeps a cursor per connection and statement (``ShardPool.cursor``): the
+    same statement again answers the new parameters; a document larger than
+    ``KEEP_RESULT_CHARS`` lets its cursor (and result) go; a fence rejection leaves the next
+    statement on that connection answering normally; a discarded connection's cursors go."""
+    from shards.postgres.pool import KEEP_RESULT_CHARS
+
+    pool = shard._pool
+    small = {"_id": 1, "user": "a", "n": 1}
+    big = {"_id": 2, "user": "b", "pad": "x" * (KEEP_RESULT_CHARS + 10)}
+    for doc in (small, big):
+        await shard.insert(coll, REF, khash(doc["user"]), doc)
+    for n in range(2, 5):
+        assert await shard.replace(coll, REF, khash("a"), {**small, "n": n})
+        assert await shard.get(coll, REF, khash("a"), 1) == {**small, "n": n}
+    st = shard._st(coll)
+    kept = [per for per in pool._cursors.values() if st.get in per]
+    assert kept, "a get's cursor is kept"
+    assert await shard.get(coll, REF, khash("b"), 2) == big
+    assert not any(st.get in per for per in pool._cursors.values()), "a large result's goes"
+    with pytest.raises(FenceRejectedError):
+        await shard.get(coll, FenceRef(chunk_id=1, token=99), khash("a"), 1)
+    assert await shard.get(coll, REF, khash("a"), 1) == {**small, "n": 4}
+    conn = await pool.getconn()
+    assert id(conn) in pool._cursors
+    await pool._discard(conn)  # as a broken or stale connection is
+    assert id(conn) not in pool._cursors
