@@ -17,6 +17,10 @@ bytes of Extended JSON) and serves them twice, one after the other, each in its 
   psycopg's default transactions (``BEGIN``, the ``SELECT``, ``COMMIT``: three round trips per
   lookup, which made it slower than the router's one). Kept so the old ratio prints beside
   the new: ``http_ratio_txn_baseline``.
+* ``baseline_asgi``: the same lookup as a plain ASGI callable under uvicorn, no FastAPI
+  (``bench.http_baseline:asgi_app``): the thinnest Python HTTP path, measured since the
+  router's keyed get skips FastAPI's routing and body model: ``http_ratio_asgi_baseline``
+  and ``per_core_ratio_asgi_baseline``.
 
 The load generator is ``wrk`` (Debian's package: ``apt-get install -y wrk``), in its own
 process, 2 threads and ``--connections`` keep-alive connections, each request a
@@ -102,10 +106,11 @@ def _free_port() -> int:
 class Baseline:
     """:mod:`bench.http_baseline` under uvicorn in its own process."""
 
-    def __init__(self, dsn: str, pool: int, *, autocommit: bool = True) -> None:
+    def __init__(self, dsn: str, pool: int, *, autocommit: bool = True,
+                 app: str = "app") -> None:
         self.port = _free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "bench.http_baseline:app", "--host", "127.0.0.1",
+            [sys.executable, "-m", "uvicorn", f"bench.http_baseline:{app}", "--host", "127.0.0.1",
              "--port", str(self.port), "--loop", "uvloop", "--http", "httptools",
              "--no-access-log", "--log-level", "warning"],
             env={**os.environ, "BENCH_BASELINE_DSN": dsn, "BENCH_BASELINE_POOL": str(pool),
@@ -198,26 +203,28 @@ def run(catalog_dsn: str, shard_id: str, shard_dsn: str, seconds: float, connect
     try:
         script = tmp / "get.lua"
         script.write_text(LUA % {"docs": docs, "collection": COLLECTION, "token": token})
-        sides = ["router", "baseline", "baseline_txn"]
+        sides = ["router", "baseline", "baseline_txn", "baseline_asgi"]
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
         router = HttpServer(catalog_dsn, settings)
         dsn = DatabaseSettings().router(shard_dsn)
         base = Baseline(dsn, settings.pool_max_size)
         base_txn = Baseline(dsn, settings.pool_max_size, autocommit=False)
+        base_asgi = Baseline(dsn, settings.pool_max_size, app="asgi_app")
         try:
             router.start()
-            base.wait_ready()
-            base_txn.wait_ready()
-            ports = {"router": router.port, "baseline": base.port, "baseline_txn": base_txn.port}
+            for b in (base, base_txn, base_asgi):
+                b.wait_ready()
+            ports = {"router": router.port, "baseline": base.port, "baseline_txn": base_txn.port,
+                     "baseline_asgi": base_asgi.port}
             pids = {"router": router.proc.pid if router.proc else 0, "baseline": base.proc.pid,
-                    "baseline_txn": base_txn.proc.pid}
+                    "baseline_txn": base_txn.proc.pid, "baseline_asgi": base_asgi.proc.pid}
             for port in ports.values():
                 _check_get(port, token, docs)
                 wrk(port, script, 2, connections)  # warm-up: pools, caches, prepared plans
             # Alternating rounds (the order rotates each round), so the machine's drift hits
             # every side alike; all services stay up, the idle ones cost nothing.
             for r in range(rounds):
-                for side in sides[r % 3:] + sides[:r % 3]:
+                for side in sides[r % len(sides):] + sides[:r % len(sides)]:
                     cpu = cpu_seconds(pids[side])
                     runs[side].append(wrk(ports[side], script, seconds / rounds, connections))
                     runs[side][-1]["cpu_s"] = cpu_seconds(pids[side]) - cpu
@@ -225,6 +232,7 @@ def run(catalog_dsn: str, shard_id: str, shard_dsn: str, seconds: float, connect
             router.stop()
             base.stop()
             base_txn.stop()
+            base_asgi.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result: dict[str, Any] = {}
@@ -241,6 +249,11 @@ def run(catalog_dsn: str, shard_id: str, shard_dsn: str, seconds: float, connect
                                         for f in rs]
     result["http_ratio"] = round(result["router_rps"] / result["baseline_rps"], 3)
     result["http_ratio_txn_baseline"] = round(result["router_rps"] / result["baseline_txn_rps"], 3)
+    result["http_ratio_asgi_baseline"] = round(
+        result["router_rps"] / result["baseline_asgi_rps"], 3)
+    if result["router_rps_per_core"] and result["baseline_asgi_rps_per_core"]:
+        result["per_core_ratio_asgi_baseline"] = round(
+            result["router_rps_per_core"] / result["baseline_asgi_rps_per_core"], 3)
     if result["router_rps_per_core"] and result["baseline_rps_per_core"]:
         result["per_core_ratio"] = round(
             result["router_rps_per_core"] / result["baseline_rps_per_core"], 3)
@@ -277,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                      args.docs, args.rounds)
     print(json.dumps(result))
     return 0 if all(result[f"{side}_errors"] == 0 for side in
-                    ("router", "baseline", "baseline_txn")) else 1
+                    ("router", "baseline", "baseline_txn", "baseline_asgi")) else 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ decoded and encoded again). Run it as::
     BENCH_BASELINE_DSN=... python -m uvicorn bench.http_baseline:app --loop uvloop \\
         --http httptools --port N
 
+``bench.http_baseline:asgi_app`` is thinner still: the same lookup as a plain ASGI callable,
+no FastAPI at all (no routing, no body model: the path split by hand and the body read with
+``json.loads``). Since the router's keyed get skips FastAPI's routing and body model
+(``router/http.py``, ``fast_get``), ``bench.http`` measures it beside the FastAPI app.
+
 ``BENCH_BASELINE_POOL`` sets the pool's size (default 8, the router's ``pool_max_size``).
 Its connections are in autocommit, as the router's are: the lookup is one round trip.
 ``BENCH_BASELINE_AUTOCOMMIT=0`` gives the baseline as it was until December 2026: psycopg's
@@ -20,6 +25,7 @@ pool's ``COMMIT``), which made the "thinnest" path slower than the router's one 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -81,3 +87,66 @@ async def get(collection: str, body: KeyId) -> Response:
     if row is None:
         raise HTTPException(404, "no such document")
     return Response(b'{"document":' + row[0].encode() + b"}", media_type="application/json")
+
+
+async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The same lookup with no framework: ``POST /v1/collections/{collection}/get`` and
+    ``GET /readyz``, anything else 404."""
+    if scope["type"] == "lifespan":
+        pool: AsyncConnectionPool | None = None
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                size = int(os.environ.get("BENCH_BASELINE_POOL", "8"))
+                pool = AsyncConnectionPool(os.environ["BENCH_BASELINE_DSN"], min_size=size,
+                                           max_size=size, configure=_configure, open=False,
+                                           kwargs={"autocommit": True})
+                await pool.open(wait=True)
+                _ASGI["pool"] = pool
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if pool is not None:
+                    await pool.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    path: str = scope["path"]
+    if path == "/readyz":
+        await _answer(send, 200, b'{"status":"ready"}')
+        return
+    parts = path.split("/")
+    if (scope["method"] != "POST" or len(parts) != 5 or parts[1:3] != ["v1", "collections"]
+            or parts[4] != "get"):
+        await _answer(send, 404, b'{"detail":"Not Found"}')
+        return
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    try:
+        check_collection(parts[3])
+        data = json.loads(body)
+        params = (khash(data["key"]), encode_value(data["id"]))
+    except (ValueError, KeyError, TypeError):
+        await _answer(send, 422, b'{"detail":"bad request"}')
+        return
+    stmt = sql.SQL("SELECT doc FROM {} WHERE khash = %s AND id = %s").format(
+        collection_table(parts[3]))
+    async with _ASGI["pool"].connection() as conn:
+        cur = await conn.execute(stmt, params)
+        row = await cur.fetchone()
+    if row is None:
+        await _answer(send, 404, b'{"detail":"no such document"}')
+        return
+    await _answer(send, 200, b'{"document":' + row[0].encode() + b"}")
+
+
+_ASGI: dict[str, Any] = {}
+
+
+async def _answer(send: Any, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
