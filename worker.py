@@ -43,6 +43,7 @@ from infra.temporal_client import connect
 from settings import Settings, get_settings
 from shards.staging import Staging
 from workflows import ALL_WORKFLOWS
+from workflows.drain_shard import DrainShardInput
 from workflows.migrate_chunk import MigrateChunkWorkflow, migration_id_for
 
 log = logging.getLogger("shardshift.worker")
@@ -213,6 +214,25 @@ class TemporalMoveProbe:
         if desc.status != WorkflowExecutionStatus.RUNNING:
             return False
         return bool((getattr(desc.raw_info, "first_run_id", "") or desc.run_id) == first)
+
+
+    async def draining_shards(self) -> set[str]:
+        """``activities.doctor.DrainProbe``: the shards that running drains empty, read from
+        each running ``DrainShardWorkflow``'s input (the first event of its current run: no
+        worker needs to answer, so a drain whose workers are down still counts)."""
+        held: set[str] = set()
+        query = "WorkflowType = 'DrainShardWorkflow' AND ExecutionStatus = 'Running'"
+        async for wf in self.client.list_workflows(query):
+            handle = self.client.get_workflow_handle(wf.id, run_id=wf.run_id)
+            async for event in handle.fetch_history_events():
+                attrs = event.workflow_execution_started_event_attributes
+                payloads = list(attrs.input.payloads)
+                if payloads:
+                    inp, = await self.client.data_converter.decode(payloads[:1],
+                                                                   [DrainShardInput])
+                    held |= set(inp.shards)
+                break  # the first event is the start
+        return held
 
 
 def main(metrics_port: int | None = None,

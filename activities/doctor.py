@@ -95,6 +95,11 @@ PlanProbe = Callable[[str], Awaitable[bool]]
 """Whether the fleet operation that stored a plan (plan id ``{workflow id}@{first run id}``)
 still runs. Raising means "cannot tell": the plan is then left alone."""
 
+DrainProbe = Callable[[], Awaitable[set[str]]]
+"""The shards that running drain operations are emptying (a shard in state ``draining``
+that none of them names was left so by a drain that no longer runs). Raising means "cannot
+tell": every draining shard is then left alone."""
+
 
 _STREAM_KINDS = {
     StreamObjectKind.SLOT: FindingKind.SLOT,
@@ -107,7 +112,7 @@ _STREAM_KINDS = {
 _ORDER = [FindingKind.SHARD, FindingKind.SLOT, FindingKind.PUBLICATION, FindingKind.ORIGIN,
           FindingKind.STREAM_STATE, FindingKind.FENCE, FindingKind.ROWS,
           FindingKind.IMPORT_PARTS, FindingKind.STAGING, FindingKind.LEASE,
-          FindingKind.MIGRATION, FindingKind.FLEET_PLAN]
+          FindingKind.MIGRATION, FindingKind.FLEET_PLAN, FindingKind.DRAINING_SHARD]
 
 
 class Doctor(DoctorRepairs):
@@ -127,14 +132,20 @@ class Doctor(DoctorRepairs):
             plans are not examined). A drain stores its plan in the catalog and drops it when
             it ends, cancelled or not; a terminated drain (or one whose drop failed) leaves
             it. Plans are examined only without a collection filter.
+        drains_running: The Temporal check for draining shards (see ``DrainProbe``; None:
+            not examined). A drain that is cancelled or fails sets its shards active again;
+            a terminated one leaves them ``draining``, and a draining shard never receives a
+            chunk. Examined only without a collection filter.
     """
 
     def __init__(self, catalog: Catalog, staging: Staging | None, is_running: MoveProbe, *,
                  collections: Iterable[str] | None = None, delete_batch: int = 5_000,
                  delete_pause_s: float = 0.0, db: DatabaseSettings | None = None,
-                 plan_running: PlanProbe | None = None) -> None:
+                 plan_running: PlanProbe | None = None,
+                 drains_running: DrainProbe | None = None) -> None:
         self.catalog = catalog
         self.plan_running = plan_running
+        self.drains_running = drains_running
         self.db = db or get_settings().db
         self.staging = staging
         self.is_running = is_running
@@ -220,7 +231,43 @@ class Doctor(DoctorRepairs):
         items += self._lease_items(leases, ctx)
         items += self._migration_items(ctx, unknown, items)
         items += await self._plan_items()
+        items += await self._draining_items()
         return items
+
+    async def _draining_items(self) -> list[Item]:
+        """Shards left ``draining`` by a drain that no longer runs (read after the plans: a
+        drain that starts later marks its shards after this read, or its shards are named
+        by the probe)."""
+        if self.drains_running is None or self.scope is not None:
+            return []
+        draining = [s.shard_id for s in await self.catalog.list_shards(ShardState.DRAINING)]
+        if not draining:
+            return []
+        try:
+            held = await self.drains_running()
+        except Exception as exc:  # noqa: BLE001 - cannot tell: leave them alone
+            return [Item(Finding(
+                kind=FindingKind.DRAINING_SHARD, shard=shard, object=shard,
+                detail=f"draining; cannot tell whether a drain still empties it "
+                       f"({type(exc).__name__}: {exc})",
+                action="none: nothing is touched; check Temporal, then run doctor again"))
+                for shard in draining]
+        return [Item(
+            Finding(kind=FindingKind.DRAINING_SHARD, shard=shard, object=shard,
+                    detail="draining, but no running drain empties it (a drain that was "
+                           "terminated): it receives no chunks",
+                    action="set the shard active again (chunks already moved stay moved)"),
+            fix=self._fix_reactivate(shard))
+            for shard in draining if shard not in held]
+
+    def _fix_reactivate(self, shard: str) -> Callable[[], Awaitable[None]]:
+        async def fix() -> None:
+            assert self.drains_running is not None
+            if shard in await self.drains_running():
+                return  # a drain started since the report: it is its shard now
+            if (await self.catalog.shard(shard)).state == ShardState.DRAINING:
+                await self.catalog.set_shard_state(shard, ShardState.ACTIVE)
+        return fix
 
     async def _plan_items(self) -> list[Item]:
         """Stored plans of fleet operations that no longer run (read after the shards and
@@ -529,4 +576,4 @@ class Doctor(DoctorRepairs):
         return out
 
 
-__all__ = ["Doctor", "MoveProbe", "PlanProbe"]
+__all__ = ["Doctor", "DrainProbe", "MoveProbe", "PlanProbe"]

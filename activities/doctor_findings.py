@@ -31,6 +31,7 @@ class FindingKind(StrEnum):
     LEASE = "lease"
     MIGRATION = "migration"
     FLEET_PLAN = "fleet_plan"
+    DRAINING_SHARD = "draining_shard"
 
 
 class Finding(BaseModel):

@@ -45,13 +45,17 @@ async def _doctor(args: argparse.Namespace) -> int:
         async def plan_unknown(plan_id: str) -> bool:
             raise RuntimeError(reason)
 
-        probe, plans = unreachable, plan_unknown
+        async def drains_unknown() -> set[str]:
+            raise RuntimeError(reason)
+
+        probe, plans, drains = unreachable, plan_unknown, drains_unknown
     else:
         temporal_probe = TemporalMoveProbe(client)
         probe, plans = temporal_probe, temporal_probe.plan_running
+        drains = temporal_probe.draining_shards
     async with Catalog(catalog_dsn(settings), max_size=2) as cat:
         doctor = Doctor(cat, Staging.from_settings(settings), probe, collections=args.collection,
-                        db=settings.db, plan_running=plans)
+                        db=settings.db, plan_running=plans, drains_running=drains)
         report = await doctor.run(repair=args.repair)
     if args.json:
         print(json.dumps(report.model_dump(mode="json"), indent=2))

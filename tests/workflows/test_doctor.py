@@ -27,6 +27,7 @@ from catalog.models import (
     MigrationOutcome,
     MigrationPhase,
     MigrationRecord,
+    ShardState,
 )
 from catalog.store.plans import StoredMove
 from infra import Stack
@@ -52,6 +53,8 @@ from tests.workflows.procs import chunk_keys, poll_progress, preload_chunk
 from workflows import (
     ChangeIndexesInput,
     ChangeIndexesWorkflow,
+    DrainShardInput,
+    DrainShardWorkflow,
     MigrateChunkInput,
     MigrateChunkWorkflow,
 )
@@ -462,3 +465,47 @@ async def test_doctor_drops_the_plan_of_a_fleet_operation_that_no_longer_runs(
                 await handle.terminate("test teardown")
         for plan_id in plans.values():
             await cat.drop_plan(plan_id)
+
+
+async def test_doctor_reactivates_a_shard_a_terminated_drain_left_draining(
+    deployment: Deployment, worker_settings: Settings, stack: Stack, temporal_client: Client
+) -> None:
+    """A drain that is cancelled or fails sets its shards active again; a terminated one
+    leaves them ``draining`` for good, and a draining shard receives no chunks. The doctor
+    reports a draining shard that no running drain names, and ``--repair`` sets it active;
+    the shard of a drain that runs (here one whose workers are all down) is left alone."""
+    cat = deployment.catalog
+    kept, left = sorted(deployment.shards)[:2]
+    queue = f"no-worker-{uuid.uuid4().hex[:8]}"  # nobody polls it: the drain stays running
+    running = await temporal_client.start_workflow(
+        DrainShardWorkflow.run, DrainShardInput(shards=[kept]),
+        id=f"drain-{uuid.uuid4().hex[:8]}", task_queue=queue)
+
+    async def found(*args: str) -> tuple[int, dict[str, dict[str, Any]]]:
+        rc, report = await doctor_json(stack, worker_settings, *args)
+        return rc, {f["object"]: f for f in report["findings"]
+                    if f["kind"] == "draining_shard" and f["object"] in (kept, left)}
+
+    try:
+        for shard in (kept, left):
+            await cat.set_shard_state(shard, ShardState.DRAINING)
+        rc, ours = await found()
+        assert rc == 1 and set(ours) == {left}, ours
+        assert "no running drain" in ours[left]["detail"] and not ours[left]["repaired"]
+        assert (await cat.shard(left)).state == ShardState.DRAINING  # a report changes nothing
+
+        rc, ours = await found("--repair")
+        assert set(ours) == {left} and ours[left]["repaired"], ours
+        assert (await cat.shard(left)).state == ShardState.ACTIVE
+        assert (await cat.shard(kept)).state == ShardState.DRAINING
+
+        await running.terminate("as an operator might")
+        rc, ours = await found("--repair")
+        assert set(ours) == {kept} and ours[kept]["repaired"], ours
+        assert (await cat.shard(kept)).state == ShardState.ACTIVE
+    finally:
+        with contextlib.suppress(Exception):
+            await running.terminate("test teardown")
+        for shard in (kept, left):
+            if (await cat.shard(shard)).state == ShardState.DRAINING:
+                await cat.set_shard_state(shard, ShardState.ACTIVE)
