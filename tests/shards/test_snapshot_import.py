@@ -311,17 +311,19 @@ def test_binary_copy_rows_decode_and_bad_framing_is_refused():
     for n in sizes:
         rows.append(payload[at:at + n])
         at += n
-    assert _decode_rows(rows, [len(r) for r in rows]).equals(table)
+    assert _decode_rows(b"".join(rows), [len(r) for r in rows]).equals(table)
 
     merged = [rows[0] + rows[1], *rows[2:]]  # two rows in one message
     with pytest.raises(ValueError, match="malformed"):
-        _decode_rows(merged, [len(r) for r in merged])
+        _decode_rows(b"".join(merged), [len(r) for r in merged])
     bad_len = [rows[0][:14] + (10**6).to_bytes(4, "big") + rows[0][18:]]  # id past the row
     with pytest.raises(ValueError, match="malformed"):
-        _decode_rows(bad_len, [len(bad_len[0])])
+        _decode_rows(bad_len[0], [len(bad_len[0])])
     bad_utf8 = [rows[0][:-1] + b"\xff"]
     with pytest.raises(pa.ArrowInvalid):
-        _decode_rows(bad_utf8, [len(bad_utf8[0])])
+        _decode_rows(bad_utf8[0], [len(bad_utf8[0])])
+    with pytest.raises(ValueError, match="malformed"):  # lengths that do not add up
+        _decode_rows(b"".join(rows), [len(r) for r in rows[1:]])
 
 
 # -- range delete --------------------------------------------------------------------------------
