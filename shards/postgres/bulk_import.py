@@ -26,7 +26,10 @@ each row is ``int16 3 | int32 8 | int64 khash | int32 len | id | int32 len+1 | 0
 (jsonb's binary input is a version byte and its text), assembled by
 ``binary_join_element_wise`` from byte-reversed (big-endian) views of the integer columns.
 The joined array's data buffer *is* the COPY payload, handed to the server without a per-row
-Python step, so the import runs at the speed of the target's ``COPY`` itself.
+Python step. Reading, checking and encoding run in one thread of their own (:class:`_Feed`)
+that goes through the parts in order without stopping at part boundaries, bounded by bytes,
+so the target has the next part's first rows the moment the previous part commits and the
+importer's own thread only claims, sends and commits.
 """
 
 from __future__ import annotations
