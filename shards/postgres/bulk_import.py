@@ -388,7 +388,7 @@ class _Feed:
             kind, got, value = self._items.popleft()
             if kind == "batch":
                 self._bytes -= len(value[1])
-                self._cond.notify_all()
+            self._cond.notify_all()  # any pop may be the room the thread waits for
         if got != part:
             raise RuntimeError(f"import feed out of step: part {got} while loading {part}")
         if kind == "error":
