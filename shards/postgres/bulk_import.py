@@ -26,18 +26,21 @@ each row is ``int16 3 | int32 8 | int64 khash | int32 len | id | int32 len+1 | 0
 (jsonb's binary input is a version byte and its text), assembled by
 ``binary_join_element_wise`` from byte-reversed (big-endian) views of the integer columns.
 The joined array's data buffer *is* the COPY payload, handed to the server without a per-row
-Python step, so the import runs at the speed of the target's ``COPY`` itself.
+Python step. Reading, checking and encoding run in one thread of their own (:class:`_Feed`)
+that goes through the parts in order without stopping at part boundaries, bounded by bytes,
+so the target has the next part's first rows the moment the previous part commits and the
+importer's own thread only claims, sends and commits.
 """
 
 from __future__ import annotations
 
+import collections
 import json
-import queue
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import pyarrow as pa
@@ -180,10 +183,11 @@ def import_parts(
     staging: Staging,
     migration_id: str,
     *,
-    batch_rows: int = 16_384,
+    batch_rows: int = 4_096,
     progress: ImportProgressFn | None = None,
     follow_export_s: float | None = None,
     poll_s: float = 0.05,
+    read_ahead_bytes: int = 16 << 20,
 ) -> ImportResult:
     """Load every staged part of a migration into the target, resuming where it stopped.
 
@@ -198,6 +202,8 @@ def import_parts(
             manifest and for each missing part to appear, at most this many seconds per part.
             Without it, a missing part is an error.
         poll_s: How often to look for a part while following an export.
+        read_ahead_bytes: Encoded COPY payload the reading thread may hold ready beyond the
+            batch being sent (see :class:`_Feed`; at least one batch is always allowed).
 
     Returns:
         An :class:`ImportResult`; ``skipped_parts`` were already imported by earlier attempts.
@@ -224,39 +230,41 @@ def import_parts(
         skipped = [p for p in range(total) if p in done]
         rows_done = sum(done.values())
         rows_here = 0
-        for part in range(total):
-            if part in done:
-                continue
-            if not staging.exists(migration_id, part):
-                def staged(p: int = part) -> bool | None:
-                    return staging.exists(migration_id, p) or None
+        todo = [p for p in range(total) if p not in done]
 
-                found = _wait_for(staged, follow_export_s, poll_s)
-                if not found:
-                    raise StagedPartError(
-                        f"migration {migration_id}: part {part} is not staged (export incomplete)"
-                    )
+        def feed_from(i: int) -> _Feed:
+            return _Feed(staging, manifest, todo[i:], batch_rows=batch_rows,
+                         max_bytes=read_ahead_bytes, follow_export_s=follow_export_s,
+                         poll_s=poll_s)
 
-            def on_batch(rows: int, _before: int = rows_done, _part: int = part,
-                         _here: int = rows_here) -> None:
+        feed = feed_from(0)
+        try:
+            for i, part in enumerate(todo):
+
+                def on_batch(rows: int, _before: int = rows_done, _part: int = part,
+                             _here: int = rows_here) -> None:
+                    if progress:
+                        progress(ImportProgress(rows_done=_before + rows,
+                                                parts_done=len(skipped) + len(imported),
+                                                parts_total=total, part_in_flight=_part,
+                                                rows_committed_here=_here))
+
+                n = _load_part(conn, manifest, part, feed, on_batch=on_batch)
+                if n is None:  # another importer committed it meanwhile
+                    skipped.append(part)
+                    if not feed.skip(part):  # its rows failed a check nobody needed: go on
+                        feed.close()
+                        feed = feed_from(i + 1)
+                    continue
+                rows_done += n
+                rows_here += n
+                imported.append(part)
                 if progress:
-                    progress(ImportProgress(rows_done=_before + rows,
+                    progress(ImportProgress(rows_done=rows_done,
                                             parts_done=len(skipped) + len(imported),
-                                            parts_total=total, part_in_flight=_part,
-                                            rows_committed_here=_here))
-
-            n = import_part(conn, manifest, staging, part, batch_rows=batch_rows,
-                            on_batch=on_batch)
-            if n is None:  # another importer committed it meanwhile
-                skipped.append(part)
-                continue
-            rows_done += n
-            rows_here += n
-            imported.append(part)
-            if progress:
-                progress(ImportProgress(rows_done=rows_done,
-                                        parts_done=len(skipped) + len(imported),
-                                        parts_total=total, rows_committed_here=rows_here))
+                                            parts_total=total, rows_committed_here=rows_here))
+        finally:
+            feed.close()
     return ImportResult(
         migration_id=migration_id, parts_total=total, imported_parts=tuple(imported),
         skipped_parts=tuple(sorted(skipped)), rows_imported=rows_done,
@@ -270,7 +278,7 @@ def import_part(
     staging: Staging,
     part: int,
     *,
-    batch_rows: int = 16_384,
+    batch_rows: int = 4_096,
     on_batch: Callable[[int], None] | None = None,
 ) -> int | None:
     """Load one staged part in one transaction with its ``import_parts`` record.
@@ -278,118 +286,183 @@ def import_part(
     Returns:
         Rows loaded, or None when the part was already imported (nothing changed).
     """
+    with _Feed(staging, manifest, [part], batch_rows=batch_rows) as feed:
+        return _load_part(conn, manifest, part, feed, on_batch=on_batch)
+
+
+def _load_part(conn: psycopg.Connection, manifest: ExportManifest, part: int, feed: _Feed, *,
+               on_batch: Callable[[int], None] | None = None) -> int | None:
+    """One part's transaction: claim, empty the range, COPY the feed's batches, check, commit.
+
+    The feed has usually read, checked and encoded the part's first batches while the
+    previous part was finishing, so the COPY starts sending at once."""
     migration_id, collection = manifest.migration_id, manifest.collection
     sub = manifest.parts[part]
     table = collection_table(check_collection(collection))
+    declared = feed.open(part)  # the file checked against the manifest (raises if foreign)
     rows = 0
-    with staging.open_part(migration_id, part) as f:
-        pf = pq.ParquetFile(f)
-        _check_part_file(pf, manifest, part)
-
-        def encoded() -> Iterator[tuple[int, memoryview]]:
-            for batch in pf.iter_batches(batch_size=batch_rows):
-                _check_batch_range(batch, sub, migration_id, part)
-                yield batch.num_rows, encode_copy_rows(batch)
-
-        # Read ahead from here on: the first batches decode while the claim and the delete
-        # run, and batch i+1 while batch i goes to the server.
-        with conn.transaction(), _ReadAhead(encoded(), depth=READ_AHEAD) as batches:
-            # One statement claims the part (recording the row count its file declares, which
-            # the copy must match before the commit) and, only if claimed, empties its range:
-            # each round trip between parts is time the target waits.
-            row = conn.execute(
-                sql.SQL(
-                    "WITH claim AS (INSERT INTO shardshift.import_parts (migration_id, part, rows)"
-                    " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING part),"
-                    " emptied AS (DELETE FROM {} WHERE {} AND EXISTS (SELECT FROM claim))"
-                    " SELECT count(*) FROM claim"
-                ).format(table, range_predicate(sub)),
-                (migration_id, part, pf.metadata.num_rows),
-            ).fetchone()
-            if not row or not row[0]:
-                return None
-            with conn.cursor().copy(copy_from_sql(collection)) as copy:
-                copy.write(COPY_HEADER)
-                for n, payload in batches:
-                    copy.write(payload)
-                    rows += n
-                    if on_batch:
-                        on_batch(rows)
-                copy.write(COPY_TRAILER)
-            if rows != pf.metadata.num_rows:  # the claim recorded the declared count
-                raise StagedPartError(
-                    f"migration {migration_id} part {part}: read {rows} rows, the file "
-                    f"declares {pf.metadata.num_rows}"
-                )
+    with conn.transaction():
+        # One statement claims the part (recording the row count its file declares, which
+        # the copy must match before the commit) and, only if claimed, empties its range:
+        # each round trip between parts is time the target waits.
+        row = conn.execute(
+            sql.SQL(
+                "WITH claim AS (INSERT INTO shardshift.import_parts (migration_id, part, rows)"
+                " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING part),"
+                " emptied AS (DELETE FROM {} WHERE {} AND EXISTS (SELECT FROM claim))"
+                " SELECT count(*) FROM claim"
+            ).format(table, range_predicate(sub)),
+            (migration_id, part, declared),
+        ).fetchone()
+        if not row or not row[0]:
+            return None
+        with conn.cursor().copy(copy_from_sql(collection)) as copy:
+            copy.write(COPY_HEADER)
+            for n, payload in feed.batches(part):
+                copy.write(payload)
+                rows += n
+                if on_batch:
+                    on_batch(rows)
+            copy.write(COPY_TRAILER)
+        if rows != declared:  # the claim recorded the declared count
+            raise StagedPartError(
+                f"migration {migration_id} part {part}: read {rows} rows, the file "
+                f"declares {declared}"
+            )
     return rows
 
 
-READ_AHEAD = 2
-"""Encoded batches an import holds ready beyond the one being sent (memory: each is about
-``batch_rows`` rows of COPY payload)."""
+class _Feed:
+    """Encoded COPY batches of a migration's parts, in order, read by a thread of their own.
 
+    The importer's loop is read Parquet, decode, check, encode, send; alone, the target waits
+    while the first four run, and again at every part boundary (the next part's file opened
+    and its first batch encoded only after the previous commit). Here one thread reads the
+    parts one after the other, across part boundaries, and hands over messages in order:
+    ``("open", part, declared_rows)``, then ``("batch", part, (rows, payload))`` per batch,
+    then ``("end", part, None)``; the consumer only claims, sends and commits. Waiting for a
+    part to be staged (following an export) and every check of a part's file and batches
+    happen in the thread; a failure becomes an ``("error", part, exc)`` message, raised when
+    the consumer reaches that part (so parts before it still commit), and ends the thread.
 
-class _ReadAhead(Generic[_T]):
-    """An iterator's items produced by a thread of their own, at most ``depth`` ahead.
-
-    The importer's loop is read Parquet, decode, encode, send; alone, the target waits while
-    the first three run. Here they run in a second thread (Parquet and the Arrow kernels
-    release the GIL) while the first sends. The producer's exception is raised by the
-    consumer's iteration; leaving the ``with`` block stops the producer and waits for it, so
-    nothing reads the part file after it is closed.
+    Memory: the thread waits while the queued payloads reach ``max_bytes`` (one batch is
+    always allowed), so at most ``max_bytes`` plus the batch being sent and the one being
+    built are held, whatever the part sizes. :meth:`close` (also on leaving a ``with``)
+    stops the thread and waits for it, so nothing reads a part file afterwards.
     """
 
-    def __init__(self, source: Iterator[_T], depth: int) -> None:
-        self._source = source
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
+    def __init__(self, staging: Staging, manifest: ExportManifest, parts: list[int], *,
+                 batch_rows: int, max_bytes: int = 16 << 20,
+                 follow_export_s: float | None = None, poll_s: float = 0.05) -> None:
+        self._staging, self._manifest, self._parts = staging, manifest, parts
+        self._batch_rows, self._max_bytes = max(1, batch_rows), max_bytes
+        self._follow_s, self._poll_s = follow_export_s, poll_s
+        self._items: collections.deque[tuple[str, int, Any]] = collections.deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._stopped = False
         self._thread = threading.Thread(target=self._produce, name="import-read-ahead",
                                         daemon=True)
-
-    def __enter__(self) -> _ReadAhead[_T]:
         self._thread.start()
+
+    def __enter__(self) -> _Feed:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        while self._thread.is_alive():
-            try:  # make room for a blocked put, so the producer sees the stop
-                self._queue.get_nowait()
-            except queue.Empty:
-                self._thread.join(timeout=0.05)  # it is between puts: wait, don't spin
-            self._thread.join(0.05)
+        self.close()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._items.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+        self._thread.join()
+
+    # -- the consumer's side ----------------------------------------------------------------
+
+    def _next(self, part: int) -> tuple[str, Any]:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            kind, got, value = self._items.popleft()
+            if kind == "batch":
+                self._bytes -= len(value[1])
+            self._cond.notify_all()  # any pop may be the room the thread waits for
+        if got != part:
+            raise RuntimeError(f"import feed out of step: part {got} while loading {part}")
+        if kind == "error":
+            raise value
+        return kind, value
+
+    def open(self, part: int) -> int:
+        """The part's declared row count, once its file passed the checks."""
+        kind, value = self._next(part)
+        if kind != "open":
+            raise RuntimeError(f"import feed out of step: {kind} opening part {part}")
+        return int(value)
+
+    def batches(self, part: int) -> Iterator[tuple[int, memoryview]]:
+        while True:
+            kind, value = self._next(part)
+            if kind == "end":
+                return
+            yield value
+
+    def skip(self, part: int) -> bool:
+        """Discard the rest of a part nobody will load; False when its reading failed (the
+        thread has ended: the caller starts a new feed for the parts after it)."""
+        try:
+            for _ in self.batches(part):
+                pass
+        except Exception:  # noqa: BLE001 - a check of rows that will not be loaded
+            return False
+        return True
+
+    # -- the thread's side ------------------------------------------------------------------
+
+    def _put(self, kind: str, part: int, value: Any) -> bool:
+        size = len(value[1]) if kind == "batch" else 0
+        with self._cond:
+            while (not self._stopped and self._items
+                   and self._bytes + size > self._max_bytes):
+                self._cond.wait()
+            if self._stopped:
+                return False
+            self._items.append((kind, part, value))
+            self._bytes += size
+            self._cond.notify_all()
+            return True
 
     def _produce(self) -> None:
+        migration_id, manifest = self._manifest.migration_id, self._manifest
+        part = self._parts[0] if self._parts else -1
         try:
-            for item in self._source:
-                if not self._put(("item", item)):
+            for part in self._parts:
+                if not self._staging.exists(migration_id, part):
+                    def staged(p: int = part) -> bool | None:
+                        return self._staging.exists(migration_id, p) or self._stopped or None
+
+                    if not _wait_for(staged, self._follow_s, self._poll_s):
+                        raise StagedPartError(f"migration {migration_id}: part {part} is not "
+                                              "staged (export incomplete)")
+                    if self._stopped:
+                        return
+                sub = manifest.parts[part]
+                with self._staging.open_part(migration_id, part) as f:
+                    pf = pq.ParquetFile(f)
+                    _check_part_file(pf, manifest, part)
+                    if not self._put("open", part, pf.metadata.num_rows):
+                        return
+                    for batch in pf.iter_batches(batch_size=self._batch_rows):
+                        _check_batch_range(batch, sub, migration_id, part)
+                        if not self._put("batch", part, (batch.num_rows,
+                                                         encode_copy_rows(batch))):
+                            return
+                if not self._put("end", part, None):
                     return
-            self._put(("end", None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            self._put(("error", exc))
-        finally:
-            close = getattr(self._source, "close", None)
-            if close is not None:
-                close()
-
-    def _put(self, message: tuple[str, Any]) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(message, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[_T]:
-        while True:
-            kind, value = self._queue.get()
-            if kind == "item":
-                yield value
-            elif kind == "end":
-                return
-            else:
-                raise value
+            self._put("error", part, exc)
 
 
 def _check_part_file(pf: pq.ParquetFile, manifest: ExportManifest, part: int) -> None:

@@ -40,7 +40,7 @@ Memory and speed
 Rows stream from ``COPY (SELECT ...) TO STDOUT (FORMAT binary)``, read by a plain index range
 scan of the primary key (the export's transaction turns off the sort, bitmap and parallel plans
 the planner would otherwise pick for a part; see :func:`_plan_for_key_order`). The server sends
-one message per row; about ``batch_bytes`` of them are joined into one buffer and split into
+one message per row; about ``batch_bytes`` of them are copied into one buffer as they arrive and split into
 Arrow columns by vectorized kernels (:func:`_decode_rows`: no per-row Python besides receiving
 the COPY messages themselves, no quoting or parsing of text on either side), which the Parquet
 writer appends as a row group. Memory is a few blocks, flat in the number of rows. Every row's
@@ -447,9 +447,8 @@ def _copy_batches(conn: psycopg.Connection, query: sql.Composed,
     """
     copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(query)
     limit = max(1, min(batch_bytes, _MAX_BLOCK))
-    chunks: list[Buffer] = []
+    block = bytearray()
     lengths: list[int] = []
-    size = 0
     header = True
     with conn.cursor().copy(copy_sql) as copy:
         for data in copy:
@@ -461,15 +460,16 @@ def _copy_batches(conn: psycopg.Connection, query: sql.Composed,
                 if n and bytes(data) != _COPY_TRAILER:
                     raise ValueError("malformed binary COPY stream: short message")
                 continue
-            # Each message owns its buffer (psycopg frees it with the object): keep, don't copy.
-            chunks.append(data)
+            # Copied into one block as it arrives (the message is freed at once): no object
+            # per row outlives the loop, which keeps the garbage collector from walking
+            # thousands of buffers per batch, and the block needs no join.
+            block += data
             lengths.append(n)
-            size += n
-            if size >= limit:
-                yield _decode_rows(chunks, lengths)
-                chunks, lengths, size = [], [], 0
-    if chunks:
-        yield _decode_rows(chunks, lengths)
+            if len(block) >= limit:
+                yield _decode_rows(block, lengths)
+                block, lengths = bytearray(), []
+    if lengths:
+        yield _decode_rows(block, lengths)
 
 
 def _strip_copy_header(data: Buffer) -> memoryview:
@@ -482,17 +482,19 @@ def _strip_copy_header(data: Buffer) -> memoryview:
     return view[_COPY_HEADER_LEN + ext:]
 
 
-def _decode_rows(chunks: list[Buffer], lengths: list[int]) -> pa.Table:
-    """Binary COPY rows ``(khash bigint, id text, doc jsonb)``, one per chunk, as a table.
+def _decode_rows(block: Buffer, lengths: list[int]) -> pa.Table:
+    """Binary COPY rows ``(khash bigint, id text, doc jsonb)``, back to back in ``block``
+    with the given lengths, as a table (which may share ``block``'s memory).
 
-    Vectorized: the chunks are joined into one buffer and viewed as a binary array (one
-    value per row); the fixed-position fields are sliced out of every row at once, and the
+    Vectorized: the block is viewed as a binary array (one value per row); the fixed-position fields are sliced out of every row at once, and the
     variable ones are cut by a second view with four values per row (fixed head, id, doc
     length and jsonb version, doc text) whose id and doc values are gathered with ``take``.
     Every row's framing is checked before any offset derived from it is used.
     """
     n = len(lengths)
-    data = pa.py_buffer(b"".join(chunks))
+    data = pa.py_buffer(block)
+    if data.size != sum(lengths):
+        raise ValueError("malformed binary COPY stream: block and row lengths differ")
     row_len = pa.array(lengths, pa.int32())
     ends = pc.cumulative_sum(row_len)
     bounds = pa.concat_arrays([pa.array([0], pa.int32()), ends])

@@ -167,6 +167,45 @@ async def test_import_refuses_rows_outside_the_part_range(pg18_dsns, collection_
     assert not [t for t in threading.enumerate() if t.name == "import-read-ahead"]
 
 
+async def test_import_skips_a_part_another_importer_committed_meanwhile(pg18_dsns,
+                                                                         collection_name,
+                                                                         staging):
+    """A part claimed by someone else after this import started (a zombie attempt) is skipped,
+    with the batches the reading thread had already queued for it, and the parts after it
+    still load; a part skipped that way is not read to the end, so a bad row in it (which
+    only its loader would have checked) stops nothing."""
+    src, dst = pg18_dsns[0], pg18_dsns[1]
+    await prepare(src, collection_name)
+    await prepare(dst, collection_name)
+    docs = make_docs(60)
+    load_docs(src, collection_name, docs)
+    export_chunk(src, collection_name, FULL, staging, "zombie", target_part_rows=10)
+    manifest = load_manifest(staging, "zombie")
+    assert manifest is not None and len(manifest.parts) == 6
+    part2 = pa.Table.from_batches(list(read_part(staging, "zombie", 2)))
+    part0 = pa.Table.from_batches(list(read_part(staging, "zombie", 0)))
+    forged = pa.concat_tables([part2, part0.slice(0, 1)])  # a row of part 0 at the end
+    schema = PART_SCHEMA.with_metadata(
+        part_metadata("zombie", collection_name, 2, manifest.parts[2]))
+    pq.write_table(forged.replace_schema_metadata(schema.metadata),
+                   Path(staging.root) / "zombie" / "part-00002.parquet")
+
+    def claim_elsewhere(p) -> None:
+        if p.part_in_flight == 0 and p.parts_done == 0:
+            with psycopg.connect(dst, autocommit=True) as other:
+                for part in (1, 2):
+                    other.execute("INSERT INTO shardshift.import_parts (migration_id, part, rows)"
+                                  " VALUES ('zombie', %s, 0) ON CONFLICT DO NOTHING", (part,))
+
+    imported = import_parts(dst, collection_name, staging, "zombie", batch_rows=3,
+                            read_ahead_bytes=1, progress=claim_elsewhere)
+    assert imported.skipped_parts == (1, 2)
+    assert imported.imported_parts == (0, 3, 4, 5)
+    parts = [pa.Table.from_batches(list(read_part(staging, "zombie", p))) for p in (1, 2)]
+    assert len(read_docs(dst, collection_name)) == 60 - sum(t.num_rows for t in parts) + 1
+    assert not [t for t in threading.enumerate() if t.name == "import-read-ahead"]
+
+
 def test_part_plan_ramps_up_and_down_for_large_chunks():
     """Large chunks start and end with 1/8, 1/4, 1/2-sized parts (an import following the
     export starts after an eighth of a part); small chunks and small targets split evenly."""
@@ -311,17 +350,19 @@ def test_binary_copy_rows_decode_and_bad_framing_is_refused():
     for n in sizes:
         rows.append(payload[at:at + n])
         at += n
-    assert _decode_rows(rows, [len(r) for r in rows]).equals(table)
+    assert _decode_rows(b"".join(rows), [len(r) for r in rows]).equals(table)
 
     merged = [rows[0] + rows[1], *rows[2:]]  # two rows in one message
     with pytest.raises(ValueError, match="malformed"):
-        _decode_rows(merged, [len(r) for r in merged])
+        _decode_rows(b"".join(merged), [len(r) for r in merged])
     bad_len = [rows[0][:14] + (10**6).to_bytes(4, "big") + rows[0][18:]]  # id past the row
     with pytest.raises(ValueError, match="malformed"):
-        _decode_rows(bad_len, [len(bad_len[0])])
+        _decode_rows(bad_len[0], [len(bad_len[0])])
     bad_utf8 = [rows[0][:-1] + b"\xff"]
     with pytest.raises(pa.ArrowInvalid):
-        _decode_rows(bad_utf8, [len(bad_utf8[0])])
+        _decode_rows(bad_utf8[0], [len(bad_utf8[0])])
+    with pytest.raises(ValueError, match="malformed"):  # lengths that do not add up
+        _decode_rows(b"".join(rows), [len(r) for r in rows[1:]])
 
 
 # -- range delete --------------------------------------------------------------------------------
