@@ -41,9 +41,7 @@ and undoes what was done when one fails before the commit point.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -73,11 +71,10 @@ from catalog.timeline import MarkName, MoveSample, SampleKind
 from shards.errors import FenceStateError
 from shards.models import Fence, FenceState
 from shards.postgres import PostgresShard
-from shards.postgres import engine as shard_engine
 from shards.postgres import replication as repl
 from shards.postgres.locks import CutoverLock
 from shards.postgres.server import is_connection_error
-from shards.postgres.stream_control import BlockingStreamWatch, StreamState, measure_lag
+from shards.postgres.stream_control import StreamWatch, measure_lag
 
 _T = TypeVar("_T")
 
@@ -335,10 +332,9 @@ class _Attempt:
         self.names = stream_spec(run.spec, run.inp.direction).names
         self.steps = {s.name: s for s in run.steps}
         self.pause_start = 0.0
-        self.pause: _PauseThread | None = None
-        """The thread the freeze and the catch-up wait run on, with their sessions."""
-        self.activator: psycopg.AsyncConnection[Any] | None = None
-        """The session on the new owner that activates (opened before the pause)."""
+        self.watch: StreamWatch | None = None
+        self.freezer: psycopg.AsyncConnection[Any] | None = None
+        """The session on the old owner that freezes (opened before the pause)."""
 
     @classmethod
     async def prepare(cls, acts: CutoverActivities, run: _Run) -> _Attempt:
@@ -348,12 +344,12 @@ class _Attempt:
                    old_engine=await ctx.engine(run.old), new_engine=await ctx.engine(run.new))
 
     async def close(self) -> None:
-        if self.pause is not None:
-            pause, self.pause = self.pause, None
-            await pause.close()
-        if self.activator is not None:
-            activator, self.activator = self.activator, None
-            await activator.close()
+        if self.freezer is not None:
+            freezer, self.freezer = self.freezer, None
+            await freezer.close()
+        if self.watch is not None:
+            watch, self.watch = self.watch, None
+            await watch.close()
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -364,10 +360,6 @@ class _Attempt:
         yield
         self.steps[name] = self.steps[name].model_copy(
             update={"done": True, "ms": (time.perf_counter() - started) * 1000})
-
-    def _done(self, name: str, ms: float) -> None:
-        """Mark a step done with its milliseconds (a step timed on the pause thread)."""
-        self.steps[name] = self.steps[name].model_copy(update={"done": True, "ms": ms})
 
     def _result(self, **kw: Any) -> CutoverResult:
         return CutoverResult(steps=[self.steps[s.name] for s in self.job.steps], **kw)
@@ -394,87 +386,44 @@ class _Attempt:
             await self.ctx.run_blocking(lambda _s: _ensure_reverse_stream(self.new_dsn, self.spec),
                                         interval=0.5)
 
-    async def open_pause(self) -> str:
-        """Before the pause: the thread the freeze and the catch-up wait run on, their
-        sessions (the old owner's for the freeze; the new owner's LISTENing for the
-        applier's notification), the new owner's session for the activation, and the old
-        owner's WAL position the freeze marker must come after (returned).
-
-        Each heartbeats while it waits: a new connection can take seconds on a loaded host,
-        longer than the cutover's heartbeat timeout (2 s by default)."""
-        self.pause = _PauseThread()
-        await _heartbeating(self.pause.open(self.old_dsn, self.new_dsn, self.names),
-                            "opening the sessions that freeze and wait for the marker")
-        self.activator = await _heartbeating(self.new_engine.connect_async(),
-                                             "opening the session that activates")
-        return await _heartbeating(self.old_engine.wal_lsn(), "reading the WAL position")
-
-    async def freeze_old(self, before: str) -> tuple[Fence, asyncio.Future[StreamState | None]]:
+    async def freeze_old(self) -> tuple[Fence, str]:
         """3. The old owner's fence to ``t+1, frozen``: **the pause starts**. Returns the
-        frozen fence, and step 4 already under way: the pause thread goes on from the freeze
-        to the wait for its marker without waiting for this coroutine to come round."""
-        assert self.pause is not None, "open_pause opens it"
-        pause, spec, token = self.pause, self.spec, self.job.old_token
+        frozen fence and the old owner's WAL position just before the freeze (the freeze
+        marker comes after it)."""
+        # Outside the pause: the session that will wait for the freeze marker (LISTENing for
+        # the applier's notification), and the position the marker must come after.
+        # Both heartbeat while they wait: a new connection can take seconds on a loaded
+        # host, longer than the cutover's heartbeat timeout (2 s by default).
+        # The freeze itself runs on a session of its own opened here too (no pool checkout
+        # and no checkout's check inside the pause); the activation (step 5) runs on the
+        # watch's session, which has just answered.
+        self.watch = await _heartbeating(StreamWatch.open(self.new_dsn, self.names),
+                                         "opening the session that waits for the marker")
+        self.freezer = await _heartbeating(self.old_engine.connect_async(),
+                                           "opening the session that freezes")
+        before = await _heartbeating(self.old_engine.wal_lsn(), "reading the WAL position")
         activity.heartbeat("freezing")
-        marks: dict[str, float] = {}
+        self.job.froze_at = utcnow()
+        self.pause_start = time.perf_counter()
+        with self._step("freeze_old"):
+            fence = await self.old_engine.freeze_fence(self.spec.collection,
+                                                       self.spec.chunk_id, self.job.old_token,
+                                                       conn=self.freezer)
+        return fence, before
 
-        def freeze(_: threading.Event) -> Fence | None:
-            assert pause.freezer is not None
-            self.job.froze_at = utcnow()
-            self.pause_start = marks["start"] = time.perf_counter()
-            fence = shard_engine.freeze_fence_blocking(pause.freezer, spec.collection,
-                                                       spec.chunk_id, token)
-            marks["end"] = time.perf_counter()
-            return fence
-
-        frozen = pause.submit_raw(freeze)
-        waited = self._submit_wait(pause, frozen, before)
-        fence = await asyncio.wrap_future(frozen)
-        if fence is None:
-            # The one round trip changed nothing (a retry found it frozen, or a refusal):
-            # the general path says which (or raises), then the wait starts.
-            fence = await self.old_engine.freeze_fence(spec.collection, spec.chunk_id, token)
-            waited = self._submit_wait(pause, None, before, fence)
-        self._done("freeze_old", (marks.get("end", 0.0) - marks.get("start", 0.0)) * 1000)
-        return fence, waited
-
-    def _submit_wait(self, pause: _PauseThread, frozen: concurrent.futures.Future[Any] | None,
-                     before: str, fence: Fence | None = None
-                     ) -> asyncio.Future[StreamState | None]:
-        """4. on the pause thread, right after the freeze ``frozen`` (None: after ``fence``)
-        when it froze; None when it did not (nothing waited)."""
-        timeout = self.inp.catchup_timeout_s
-
-        def wait(stop: threading.Event) -> StreamState | None:
-            target = fence
-            if frozen is not None:
-                if frozen.cancelled() or frozen.exception() is not None:
-                    return None
-                target = frozen.result()
-                if target is None:
-                    return None
-            assert target is not None and pause.watch is not None
-            started = time.perf_counter()
-            state = pause.watch.wait_for_fence(token=target.token, state="frozen",
-                                               after_lsn=before, timeout=timeout, stop=stop)
-            self._done("wait_for_catchup", (time.perf_counter() - started) * 1000)
-            return state
-
-        waited = asyncio.wrap_future(pause.submit_raw(wait))
-        # An attempt that stopped listening (cancelled, or undone) still retrieves it.
-        waited.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return waited
-
-    async def wait_for_catchup(self, waited: asyncio.Future[StreamState | None]) -> bool:
+    async def wait_for_catchup(self, fence: Fence, before: str) -> bool:
         """4. Until the new owner has applied the freeze marker (it then holds every write the
-        old owner ever accepted); False when that takes over ``catchup_timeout_s``. The pause
-        thread waits (woken by the applier's notification at the commit of the batch that
-        applied the freeze, not by a polling interval); this heartbeats meanwhile."""
+        old owner ever accepted); False when that takes over ``catchup_timeout_s``."""
+        assert self.watch is not None, "freeze_old opens the watch"
         try:
-            state = await _heartbeating(asyncio.shield(waited), "waiting for the freeze marker")
+            with self._step("wait_for_catchup"):
+                # Woken by the applier's notification at the commit of the batch that applied
+                # the freeze (not by a polling interval); heartbeats meanwhile.
+                await _heartbeating(self.watch.wait_for_fence(
+                    token=fence.token, state="frozen", after_lsn=before,
+                    timeout=self.inp.catchup_timeout_s), "waiting for the freeze marker")
         except TimeoutError:
             return False
-        assert state is not None, "waited only after a freeze"
         return True
 
     async def activate_new(self) -> None:
@@ -482,7 +431,7 @@ class _Attempt:
         with self._step("activate_new"):
             await self.new_engine.activate(
                 self.spec.collection, self.spec.chunk_id, self.job.new_token,
-                conn=self.activator)
+                conn=None if self.watch is None else self.watch.connection)
 
     async def activate_and_switch(self) -> None:
         """5 and 6 overlapped: the activation's round trip to the new owner runs while the
@@ -528,11 +477,10 @@ class _Attempt:
         if "create_reverse_stream" in self.steps:
             await self.create_reverse_stream()
 
-        before = await self.open_pause()
-        _fence, waited = await self.freeze_old(before)
+        fence, before = await self.freeze_old()
         activated = False
         try:
-            if not await self.wait_for_catchup(waited):
+            if not await self.wait_for_catchup(fence, before):
                 await self.acts._undo(run, activated=False)
                 return self._refused(f"catch-up took over {self.inp.catchup_timeout_s}s")
             # The activation may have run (or be undone) whatever the switch's outcome.
@@ -544,8 +492,6 @@ class _Attempt:
         except (asyncio.CancelledError, Exception) as exc:
             if isinstance(exc, CatalogUnavailableError):
                 raise
-            if self.pause is not None:
-                await self.pause.join()  # nothing of the pause still runs while we undo
             if await self.acts._committed(run):
                 raise
             await self.acts._undo(run, activated=activated)
@@ -554,55 +500,6 @@ class _Attempt:
             if isinstance(exc, TokenMismatchError | FenceStateError):
                 return self._refused(f"{type(exc).__name__}: {exc}")
             raise
-
-
-class _PauseThread:
-    """The thread of one cutover attempt's pause, with its blocking sessions: the freeze on
-    the old owner and the wait for its marker on the new owner run here, each answer taken
-    as it arrives, not when the worker's event loop (busy with every other activity, and in
-    the bench with the load too) comes round to it. One worker thread: jobs run in the
-    order submitted, so the wait queued behind the freeze starts the moment it returns.
-
-    ``join`` stops a wait (within its 50 ms re-read interval) and returns once nothing runs
-    here any more; ``close`` also closes the sessions."""
-
-    def __init__(self) -> None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="cutover-pause")
-        self.stop = threading.Event()
-        self.freezer: psycopg.Connection[Any] | None = None
-        self.watch: BlockingStreamWatch | None = None
-
-    def submit_raw(self, fn: Any) -> concurrent.futures.Future[Any]:
-        return self._executor.submit(fn, self.stop)
-
-    def submit(self, fn: Any) -> asyncio.Future[Any]:
-        return asyncio.wrap_future(self.submit_raw(fn))
-
-    async def open(self, old_dsn: str, new_dsn: str, names: Any) -> None:
-        def open_sessions(_: threading.Event) -> None:
-            self.watch = BlockingStreamWatch.open(new_dsn, names)
-            self.freezer = psycopg.connect(old_dsn, autocommit=True)
-
-        await self.submit(open_sessions)
-
-    async def join(self) -> None:
-        self.stop.set()
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(self.submit(lambda _s: None))
-
-    async def close(self) -> None:
-        self.stop.set()
-
-        def close_sessions(_: threading.Event) -> None:
-            for session in (self.freezer, self.watch):
-                if session is not None:
-                    with contextlib.suppress(Exception):
-                        session.close()
-
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(self.submit(close_sessions))
-        self._executor.shutdown(wait=False)
 
 
 async def _heartbeating(aw: Awaitable[_T], what: str) -> _T:

@@ -69,17 +69,6 @@ def install() -> None:
     around(ac._Attempt, "activate_new", None, "activated")
     around(ac._Attempt, "switch_catalog", None, "switch_committed")
     around(eng.PostgresShard, "freeze_fence", "freeze_start", "freeze_committed")
-    # The cutover's freeze on its pause thread (the same events; the async method above is
-    # then only its general path).
-    freeze_blocking = eng.freeze_fence_blocking
-
-    def freeze_blocking_w(*a: Any, **kw: Any) -> Any:
-        _ev("freeze_start")
-        result = freeze_blocking(*a, **kw)
-        _ev("freeze_committed")
-        return result
-
-    eng.freeze_fence_blocking = freeze_blocking_w
 
     receive, step = ap.ChangeApplier._receive, ap.ChangeApplier._step
 

@@ -255,14 +255,23 @@ class PostgresShard:
         fence = await self.freeze_fence(collection, chunk_id, token)
         return fence, await self.wal_lsn()
 
-    async def freeze_fence(self, collection: str, chunk_id: int, token: int) -> Fence:
+    async def freeze_fence(self, collection: str, chunk_id: int, token: int, *,
+                           conn: psycopg.AsyncConnection[Any] | None = None) -> Fence:
         """:meth:`freeze` in one round trip, without the LSN (the cutover's pause starts
         here): the ``UPDATE`` notifies ``FENCE_CHANNEL`` in its own transaction, so the
         notification is delivered at its commit. A freeze that changes nothing (already
-        frozen at ``token + 1``: a retry; or refused) takes the general path. The cutover
-        sends the same round trip from its pause thread (:func:`freeze_fence_blocking`)."""
-        async with self._connection() as conn:
-            cur = await conn.execute(_FREEZE_SQL, _freeze_params(collection, chunk_id, token))
+        frozen at ``token + 1``: a retry; or refused) takes the general path.
+
+        ``conn``: an autocommit session opened before the pause (the cutover's), so the
+        freeze needs neither a pool checkout nor its check's round trip."""
+        async with self._connection_or(conn) as conn:
+            cur = await conn.execute(
+                "UPDATE shardshift.chunk_fence SET token = %s, state = %s, updated_at = now()"
+                " WHERE collection = %s AND chunk_id = %s AND token = %s AND state = %s"
+                " RETURNING collection, chunk_id, lo, hi, token, state, pg_notify(%s, %s)",
+                (token + 1, FenceState.FROZEN.value, collection, chunk_id, token,
+                 FenceState.ACTIVE.value, FENCE_CHANNEL, f"{collection}/{chunk_id}"),
+            )
             row = await cur.fetchone()
         if row is not None:
             return _fence(row[:6])
@@ -293,10 +302,8 @@ class PostgresShard:
 
     async def activate(self, collection: str, chunk_id: int, token: int, *,
                        conn: psycopg.AsyncConnection[Any] | None = None) -> Fence:
-        """Open a receiving chunk for traffic at ``token`` (the catalog's new token).
-
-        ``conn``: an autocommit session opened before the pause (the cutover's), so the
-        activation needs neither a pool checkout nor its check's round trip."""
+        """Open a receiving chunk for traffic at ``token`` (the catalog's new token);
+        ``conn`` as for :meth:`freeze_fence`."""
         # One round trip (it sits inside a cutover's pause): whatever its token, a receiving
         # or frozen fence becomes active at ``token``.
         async with self._connection_or(conn) as conn:
@@ -643,29 +650,5 @@ def _fence(row: Sequence[Any]) -> Fence:
         token=token, state=FenceState(state),
     )
 
-
-
-_FREEZE_SQL = (
-    "UPDATE shardshift.chunk_fence SET token = %s, state = %s, updated_at = now()"
-    " WHERE collection = %s AND chunk_id = %s AND token = %s AND state = %s"
-    " RETURNING collection, chunk_id, lo, hi, token, state, pg_notify(%s, %s)"
-)
-"""The freeze's one round trip (:meth:`PostgresShard.freeze_fence`): active at ``token`` to
-frozen at ``token + 1``, notifying ``FENCE_CHANNEL`` at its commit."""
-
-
-def _freeze_params(collection: str, chunk_id: int, token: int) -> tuple[Any, ...]:
-    return (token + 1, FenceState.FROZEN.value, collection, chunk_id, token,
-            FenceState.ACTIVE.value, FENCE_CHANNEL, f"{collection}/{chunk_id}")
-
-
-def freeze_fence_blocking(conn: psycopg.Connection[Any], collection: str, chunk_id: int,
-                          token: int) -> Fence | None:
-    """:meth:`PostgresShard.freeze_fence`'s one round trip on a blocking autocommit session
-    (the cutover's pause thread); None when it changed nothing (then
-    :meth:`PostgresShard.freeze_fence` takes the general path and says why, or finds the
-    fence already frozen by this very call's retry)."""
-    row = conn.execute(_FREEZE_SQL, _freeze_params(collection, chunk_id, token)).fetchone()
-    return None if row is None else _fence(row[:6])
 
 __all__ = ["PostgresShard"]

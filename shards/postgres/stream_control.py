@@ -410,6 +410,12 @@ class StreamWatch:
             raise
         return cls(conn, names)
 
+    @property
+    def connection(self) -> psycopg.AsyncConnection[Any]:
+        """The session itself (autocommit), for a statement the waiter runs right after the
+        wait on the same server (the cutover's activation of the new owner)."""
+        return self._conn
+
     async def close(self) -> None:
         await self._conn.close()
 
@@ -455,60 +461,6 @@ class StreamWatch:
                 break
 
 
-class BlockingStreamWatch:
-    """:class:`StreamWatch` for a thread: a blocking session on the stream's target that
-    LISTENs on :data:`STREAM_CHANNEL` (the cutover's pause runs its freeze and this wait on a
-    thread of its own, so neither waits for a busy event loop to come round)."""
-
-    def __init__(self, conn: psycopg.Connection[Any], names: StreamNames) -> None:
-        self._conn = conn
-        self.names = names
-
-    @classmethod
-    def open(cls, target_dsn: str, names: StreamNames) -> BlockingStreamWatch:
-        conn = psycopg.connect(target_dsn, autocommit=True)
-        try:
-            conn.execute(f"LISTEN {STREAM_CHANNEL}")
-        except BaseException:
-            conn.close()
-            raise
-        return cls(conn, names)
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def _read(self) -> StreamState | None:
-        try:
-            row = self._conn.execute(
-                f"SELECT {_STATE_COLUMNS} FROM shardshift.stream_state WHERE stream = %s",  # noqa: S608 - fixed column list
-                (self.names.origin,),
-            ).fetchone()
-        except psycopg.errors.UndefinedTable:
-            return None
-        return _state(row) if row else None
-
-    def wait_for_fence(
-        self, *, token: int, state: str = "frozen", after_lsn: str | int | None = None,
-        through_lsn: str | int | None = None, timeout: float = 30.0, interval: float = 0.05,
-        stop: threading.Event | None = None,
-    ) -> StreamState:
-        """As :meth:`StreamWatch.wait_for_fence`, blocking; ``stop`` set ends it (within
-        ``interval``) with ``TimeoutError``."""
-        after = _as_lsn(after_lsn) if after_lsn is not None else None
-        through = _as_lsn(through_lsn) if through_lsn is not None else None
-        deadline = time.monotonic() + timeout
-        while True:
-            last = self._read()
-            if last is not None and _fence_reached(last, token, state, after, through):
-                return last
-            left = deadline - time.monotonic()
-            if left <= 0 or (stop is not None and stop.is_set()):
-                raise TimeoutError(f"stream {self.names.origin}: fence token {token} ({state}) "
-                                   f"not reached in {timeout}s (state: {last})")
-            for _ in self._conn.notifies(timeout=min(interval, left), stop_after=1):
-                break
-
-
 def measure_lag(source_dsn: str, target_dsn: str, names: StreamNames) -> Lag:
     """Source WAL position vs the target's caught-up position, and the commit-time lag."""
     with psycopg.connect(source_dsn, autocommit=True) as conn:
@@ -525,7 +477,6 @@ def measure_lag(source_dsn: str, target_dsn: str, names: StreamNames) -> Lag:
 
 __all__ = [
     "APPLY_DDL",
-    "BlockingStreamWatch",
     "STREAM_CHANNEL",
     "ApplyError",
     "HoldLostError",

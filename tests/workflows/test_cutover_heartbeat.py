@@ -1,18 +1,15 @@
-"""The cutover heartbeats while it prepares its pause (``activities.cutover._Attempt.open_pause``).
+"""The cutover heartbeats while it prepares its pause (``activities.cutover._Attempt.freeze_old``).
 
-Opening the sessions of the pause (the pause thread's: the freeze's on the old owner and the
-one that waits for the freeze marker on the new owner; the activation's) and reading the old
-owner's WAL position come before the freeze; on a loaded host a new connection can outlast
-the cutover's short heartbeat timeout (2 s), and a missed heartbeat cancels the attempt. Each
-step heartbeats while it waits. Here they wait on purpose until the activity has heartbeated
-(no clock in the assertion: a step that never heartbeats leaves its wait to the guard and
-fails). Then the freeze and the wait run on the pause thread, on those sessions.
+Opening the session that waits for the freeze marker and reading the old owner's WAL position
+come before the freeze; on a loaded host a new connection can outlast the cutover's short
+heartbeat timeout (2 s), and a missed heartbeat cancels the attempt. Both steps heartbeat
+while they wait. Here they wait on purpose until the activity has heartbeated (no clock in
+the assertion: a step that never heartbeats leaves its wait to the guard and fails).
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import pytest
@@ -25,120 +22,77 @@ from shards.models import Fence, FenceState, KeyRange
 GUARD_S = 60.0
 """Only against a hang (a step that never heartbeats): no timing is asserted."""
 
-OPEN_PAUSE = "opening the sessions that freeze and wait for the marker"
 
-
-class _Beats:
-    """The heartbeats seen so far, waitable from the event loop and from threads."""
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-        self.cond = threading.Condition()
-
-    def add(self, what: str) -> None:
-        with self.cond:
-            self.seen.append(what)
-            self.cond.notify_all()
-
-    def wait_blocking(self, what: str) -> None:
-        with self.cond:
-            assert self.cond.wait_for(lambda: what in self.seen, GUARD_S), what
-
-    async def wait(self, what: str) -> None:
-        await asyncio.to_thread(self.wait_blocking, what)
-
-
-class _Session:
-    closed = False
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class _AsyncSession:
+class _Watch:
     closed = False
 
     async def close(self) -> None:
         self.closed = True
 
 
-class _Watch(_Session):
-    def __init__(self) -> None:
-        self.waited_in: str | None = None
-
-    def wait_for_fence(self, *, token: int, state: str, after_lsn: Any, timeout: float,
-                       stop: threading.Event) -> str:
-        assert (token, state, after_lsn) == (4, "frozen", "0/10")
-        self.waited_in = threading.current_thread().name
-        return "caught up"
-
-
 class _Engine:
-    def __init__(self, beats: _Beats) -> None:
-        self.beats = beats
-        self.activator: _AsyncSession | None = None
-
-    async def connect_async(self) -> _AsyncSession:
-        await self.beats.wait("opening the session that activates")
-        self.activator = _AsyncSession()
-        return self.activator
+    def __init__(self, beats: list[str], seen: asyncio.Event) -> None:
+        self.beats, self.seen = beats, seen
+        self.freezer: _Watch | None = None
 
     async def wal_lsn(self) -> str:
-        await self.beats.wait("reading the WAL position")
+        await _until_beat(self.beats, self.seen, "reading the WAL position")
         return "0/10"
 
+    async def connect_async(self) -> _Watch:
+        await _until_beat(self.beats, self.seen, "opening the session that freezes")
+        self.freezer = _Watch()
+        return self.freezer
 
-@pytest.mark.asyncio
-async def test_open_pause_heartbeats_while_opening_its_sessions_and_reading_the_position(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    beats = _Beats()
-    watch, freezer = _Watch(), _Session()
-    frozen_in: list[tuple[str, Any]] = []
-
-    def slow_open(dsn: str, names: Any) -> _Watch:
-        beats.wait_blocking(OPEN_PAUSE)
-        return watch
-
-    def connect(dsn: str, **kw: Any) -> _Session:
-        assert (dsn, kw) == ("old", {"autocommit": True})
-        return freezer
-
-    def freeze(conn: Any, collection: str, chunk_id: int, token: int) -> Fence:
-        frozen_in.append((threading.current_thread().name, conn))
+    async def freeze_fence(self, collection: str, chunk_id: int, token: int, *,
+                           conn: Any = None) -> Fence:
+        assert conn is self.freezer  # the session opened before the pause
         return Fence(collection=collection, chunk_id=chunk_id, range=KeyRange(lo=0, hi=10),
                      token=token + 1, state=FenceState.FROZEN)
 
-    monkeypatch.setattr(ac.BlockingStreamWatch, "open", staticmethod(slow_open))
-    monkeypatch.setattr(ac.psycopg, "connect", connect)
-    monkeypatch.setattr(ac.shard_engine, "freeze_fence_blocking", freeze)
+
+async def _until_beat(beats: list[str], seen: asyncio.Event, what: str) -> None:
+    """Return once the activity heartbeated ``what`` (the step waits on purpose)."""
+    while what not in beats:
+        seen.clear()
+        await asyncio.wait_for(seen.wait(), GUARD_S)
+
+
+@pytest.mark.asyncio
+async def test_freeze_old_heartbeats_while_opening_the_wait_session_and_reading_the_position(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    beats: list[str] = []
+    seen = asyncio.Event()
+    watch = _Watch()
+
+    async def slow_open(dsn: str, names: Any) -> _Watch:
+        await _until_beat(beats, seen, "opening the session that waits for the marker")
+        return watch
+
+    monkeypatch.setattr(ac.StreamWatch, "open", staticmethod(slow_open))
     spec = MoveSpec(migration_id="m-heartbeat", collection="c", chunk_id=1,
                     key_range=KeyRange(lo=0, hi=10), source="s1", target="s2", token=3)
     run = ac._Run.of(CutoverInput(spec=spec))
-    engine = _Engine(beats)
+    engine = _Engine(beats, seen)
     attempt = ac._Attempt(ac.CutoverActivities(ctx=None),  # type: ignore[arg-type]
                           run, old_dsn="old", new_dsn="new", old_engine=engine,  # type: ignore[arg-type]
                           new_engine=engine)  # type: ignore[arg-type]
 
     env = ActivityEnvironment()
-    env.on_heartbeat = lambda *details: [beats.add(str(d)) for d in details]
 
-    async def pause() -> tuple[str, Fence, bool]:
-        before = await attempt.open_pause()
-        fence, waited = await attempt.freeze_old(before)
-        return before, fence, await attempt.wait_for_catchup(waited)
+    def on_heartbeat(*details: Any) -> None:
+        beats.extend(str(d) for d in details)
+        seen.set()
 
-    before, fence, caught_up = await env.run(pause)
-    assert (before, fence.token, fence.state, caught_up) == ("0/10", 4, FenceState.FROZEN, True)
-    seen = beats.seen
-    assert seen.index(OPEN_PAUSE) < seen.index("opening the session that activates") \
-        < seen.index("reading the WAL position") < seen.index("freezing")
-    # The freeze and the wait ran on the pause thread, the freeze on the session opened first.
-    assert [c for _, c in frozen_in] == [freezer]
-    assert frozen_in[0][0].startswith("cutover-pause")
-    assert watch.waited_in is not None and watch.waited_in.startswith("cutover-pause")
-    assert attempt.steps["freeze_old"].done and attempt.steps["wait_for_catchup"].done
-    assert attempt.activator is engine.activator
+    env.on_heartbeat = on_heartbeat
+    fence, before = await env.run(attempt.freeze_old)
+    assert (fence.token, fence.state, before) == (4, FenceState.FROZEN, "0/10")
+    assert beats.index("opening the session that waits for the marker") \
+        < beats.index("opening the session that freezes") \
+        < beats.index("reading the WAL position") < beats.index("freezing")
+    assert attempt.watch is watch
+    assert attempt.freezer is engine.freezer
     await attempt.close()
-    assert watch.closed and freezer.closed
-    assert engine.activator is not None and engine.activator.closed
+    assert watch.closed
+    assert engine.freezer is not None and engine.freezer.closed
