@@ -14,7 +14,8 @@ steps with the roles swapped (``old`` = target at ``t+1``, ``new`` = source, -> 
    applier has applied it, the new owner holds every write the old owner ever accepted. The
    applier notifies at that batch's commit; the wait (on a session opened before the freeze)
    wakes on it rather than polling.
-5. ``activate_new``: the new owner's fence becomes ``active`` at the new token.
+5. ``activate_new``: the new owner's fence becomes ``active`` at the new token. Its round
+   trip overlaps step 6's statement; step 6 commits only after it succeeded.
 6. ``switch_catalog``: compare-and-set of the chunk's placement in the catalog, expecting the
    old token. **The commit point; the pause ends** (routers refresh and find the new owner).
 
@@ -42,11 +43,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+import psycopg
 from temporalio import activity
 
 from activities import metrics
@@ -331,6 +333,8 @@ class _Attempt:
         self.steps = {s.name: s for s in run.steps}
         self.pause_start = 0.0
         self.watch: StreamWatch | None = None
+        self.freezer: psycopg.AsyncConnection[Any] | None = None
+        """The session on the old owner that freezes (opened before the pause)."""
 
     @classmethod
     async def prepare(cls, acts: CutoverActivities, run: _Run) -> _Attempt:
@@ -340,6 +344,9 @@ class _Attempt:
                    old_engine=await ctx.engine(run.old), new_engine=await ctx.engine(run.new))
 
     async def close(self) -> None:
+        if self.freezer is not None:
+            freezer, self.freezer = self.freezer, None
+            await freezer.close()
         if self.watch is not None:
             watch, self.watch = self.watch, None
             await watch.close()
@@ -387,15 +394,21 @@ class _Attempt:
         # the applier's notification), and the position the marker must come after.
         # Both heartbeat while they wait: a new connection can take seconds on a loaded
         # host, longer than the cutover's heartbeat timeout (2 s by default).
+        # The freeze itself runs on a session of its own opened here too (no pool checkout
+        # and no checkout's check inside the pause); the activation (step 5) runs on the
+        # watch's session, which has just answered.
         self.watch = await _heartbeating(StreamWatch.open(self.new_dsn, self.names),
                                          "opening the session that waits for the marker")
+        self.freezer = await _heartbeating(self.old_engine.connect_async(),
+                                           "opening the session that freezes")
         before = await _heartbeating(self.old_engine.wal_lsn(), "reading the WAL position")
         activity.heartbeat("freezing")
         self.job.froze_at = utcnow()
         self.pause_start = time.perf_counter()
         with self._step("freeze_old"):
             fence = await self.old_engine.freeze_fence(self.spec.collection,
-                                                       self.spec.chunk_id, self.job.old_token)
+                                                       self.spec.chunk_id, self.job.old_token,
+                                                       conn=self.freezer)
         return fence, before
 
     async def wait_for_catchup(self, fence: Fence, before: str) -> bool:
@@ -416,10 +429,26 @@ class _Attempt:
     async def activate_new(self) -> None:
         """5. The new owner's fence becomes ``active`` at the new token."""
         with self._step("activate_new"):
-            await self.new_engine.activate(self.spec.collection, self.spec.chunk_id,
-                                           self.job.new_token)
+            await self.new_engine.activate(
+                self.spec.collection, self.spec.chunk_id, self.job.new_token,
+                conn=None if self.watch is None else self.watch.connection)
 
-    async def switch_catalog(self) -> None:
+    async def activate_and_switch(self) -> None:
+        """5 and 6 overlapped: the activation's round trip to the new owner runs while the
+        catalog's switch statement does; the switch commits only once the activation has
+        succeeded (``move_chunk``'s ``before_commit``), so the commit point still follows
+        it, and a failed activation commits nothing. Returns (or raises) only once the
+        activation has ended, so an undo never races it."""
+        activation = asyncio.ensure_future(self.activate_new())
+        try:
+            await self.switch_catalog(before_commit=lambda: asyncio.shield(activation))
+        finally:
+            if not activation.done():
+                activation.cancel()
+            await asyncio.gather(activation, return_exceptions=True)
+
+    async def switch_catalog(
+            self, before_commit: Callable[[], Awaitable[object]] | None = None) -> None:
         """6. The catalog's compare-and-set of the chunk's placement: **the commit point**.
 
         A lost answer is settled by reading the catalog; when that cannot be read either, the
@@ -431,7 +460,7 @@ class _Attempt:
             try:
                 await self.ctx.catalog.move_chunk(
                     spec.collection, spec.chunk_id, run.old_token, run.new, spec.migration_id,
-                    pause_ms=pause_ms,
+                    pause_ms=pause_ms, before_commit=before_commit,
                 )
             except CatalogUnavailableError:
                 if not await self.acts._committed(run):
@@ -454,9 +483,9 @@ class _Attempt:
             if not await self.wait_for_catchup(fence, before):
                 await self.acts._undo(run, activated=False)
                 return self._refused(f"catch-up took over {self.inp.catchup_timeout_s}s")
-            await self.activate_new()
+            # The activation may have run (or be undone) whatever the switch's outcome.
             activated = True
-            await self.switch_catalog()
+            await self.activate_and_switch()
             pause_ms = (time.perf_counter() - self.pause_start) * 1000
             return self._result(committed=True, new_token=run.new_token, new_owner=run.new,
                                 pause_ms=pause_ms)

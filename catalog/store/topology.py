@@ -9,7 +9,7 @@ had before. Each is a ``LAYOUT`` change of the collection.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from psycopg import AsyncCursor
@@ -72,6 +72,11 @@ this bump commits; the caller checks that and the counts, and rolls back otherwi
 class _SlowPath(Exception):
     """The one-statement switch changed nothing (or not as expected): roll back and take the
     full path, which finds the precise error."""
+
+
+class _BeforeCommitFailed(Exception):
+    """``move_chunk``'s ``before_commit`` raised (carried as the cause): the transaction rolls
+    back and the caller gets that error itself, never a catalog error in its place."""
 
 
 class Topology(CatalogBase):
@@ -292,8 +297,15 @@ class Topology(CatalogBase):
         migration_id: str,
         *,
         pause_ms: float | None = None,
+        before_commit: Callable[[], Awaitable[object]] | None = None,
     ) -> Chunk:
         """Switch a chunk's placement: the commit point of a cutover (compare-and-set).
+
+        ``before_commit``: awaited inside the transaction, after its statements and before
+        its COMMIT (again if the transaction is retried); when it raises, nothing commits and
+        its error propagates as it is. The cutover activates the new owner there, so the
+        activation's round trip overlaps the switch's statement while the commit point stays
+        after the activation.
 
         Places the chunk on ``new_shard`` at token ``expect_token + 1`` and records the cutover
         (token, shard, time, pause) in the migration record, in one transaction. The migration
@@ -324,12 +336,24 @@ class Topology(CatalogBase):
                 "chan": NOTIFY_CHANNEL, "layout": ChangeKind.LAYOUT.value})
             if row is None or row[11] != row[12] or row[13] != 1 or row[14] != 1:
                 raise _SlowPath
+            await hook()
             return to_chunk(row[:11])
+
+        async def hook() -> None:
+            if before_commit is None:
+                return
+            try:
+                await before_commit()
+            except Exception as exc:
+                raise _BeforeCommitFailed from exc
 
         try:
             return await self._txn(fast, pipeline=True)
         except _SlowPath:
             pass  # nothing committed: the full path below says why (or moves the chunk)
+        except _BeforeCommitFailed as exc:
+            assert exc.__cause__ is not None
+            raise exc.__cause__ from None
 
         async def body(cur: AsyncCursor[Any]) -> Chunk:
             chunk = await chunk_in(cur, collection, chunk_id, lock=True)
@@ -370,6 +394,12 @@ class Topology(CatalogBase):
                 (new_token, new_shard, pause_ms, migration_id),
             )
             await bump(cur, ChangeKind.LAYOUT, collection)
-            return await chunk_in(cur, collection, chunk_id)
+            moved = await chunk_in(cur, collection, chunk_id)
+            await hook()
+            return moved
 
-        return await self._txn(body)
+        try:
+            return await self._txn(body)
+        except _BeforeCommitFailed as exc:
+            assert exc.__cause__ is not None
+            raise exc.__cause__ from None

@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from pydantic import BaseModel, ConfigDict
 
 from shards.models import KeyRange
@@ -135,6 +136,18 @@ class ApplierStats:
     plain_insert_fallbacks: int = 0
     """Batches whose plain insert met a row it expected absent and upserted instead (a
     target written behind the applier's back; see ``shards/postgres/apply_batch.py``)."""
+
+
+def _rollback(conn: psycopg.Connection[Any]) -> None:
+    """End the batch's transaction after an error (what ``conn.transaction()`` did); a
+    broken connection is left as it is (the applier closes it)."""
+    if conn.closed or conn.pgconn.transaction_status not in (
+            TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except psycopg.Error:
+        log.debug("rollback after a failed batch failed", exc_info=True)
 
 
 def _lsn_text(lsn: int | None) -> str | None:
@@ -459,11 +472,19 @@ class ChangeApplier:
         name = self.names.origin
         now = time.monotonic()
         self._last_control = now
-        with conn.transaction():
-            conn.execute(batch_lock_sql(), (name,))
-            row = conn.execute(
-                "SELECT hold_at_lsn::text FROM shardshift.stream_state WHERE stream = %s", (name,)
-            ).fetchone()
+        # The transaction is begun and ended by hand (the connection is in autocommit) so
+        # that BEGIN travels with the batch lock and the control row's read, and COMMIT with
+        # the state row: two round trips for a batch without rows (the one carrying a
+        # cutover's freeze marker) instead of five. Pipelined statements still run one after
+        # the other, each in its own snapshot: the read follows the lock as before.
+        try:
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                conn.execute(batch_lock_sql(), (name,))
+                row = conn.execute(
+                    "SELECT hold_at_lsn::text FROM shardshift.stream_state WHERE stream = %s",
+                    (name,),
+                ).fetchone()
             if row is None:
                 raise StreamStateError(f"stream {name}: its stream_state row was deleted")
             hold = lsn_from_str(row[0]) if row[0] else None
@@ -483,8 +504,9 @@ class ChangeApplier:
             held = self._reached_hold(stream)
             heartbeat = now - self._last_heartbeat >= self.heartbeat_interval
             if txns or held != self._held or heartbeat:
-                # The origin's progress, the markers and the state row in one round trip
-                # (pipeline: sent together, in this order, answered at the end).
+                # The origin's progress, the markers, the state row and COMMIT in one round
+                # trip (pipeline: sent together, in this order, answered at the end; an error
+                # skips the rest, COMMIT included).
                 with conn.pipeline():
                     if txns:
                         last = txns[-1]
@@ -493,8 +515,14 @@ class ChangeApplier:
                             (lsn_to_str(last.end_lsn), pg_time_to_datetime(last.commit_time_us)),
                         )
                     self._write_state(conn, stream, txns, held)
+                    conn.execute("COMMIT")
                 self._held = held
                 self._last_heartbeat = now
+            else:
+                conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
         commit_wall = time.time()
         if txns:
             end = txns[-1].end_lsn

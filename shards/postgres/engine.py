@@ -93,6 +93,16 @@ class PostgresShard:
         async with self._pool.connection() as conn:
             yield conn
 
+    @asynccontextmanager
+    async def _connection_or(self, conn: psycopg.AsyncConnection[Any] | None
+                             ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """``conn`` when given (a session the caller opened beforehand), else a pooled one."""
+        if conn is not None:
+            yield conn
+        else:
+            async with self._connection() as pooled:
+                yield pooled
+
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         """A new blocking connection to this shard (for data-movement code in threads)."""
         return psycopg.connect(self.dsn, **kwargs)
@@ -245,12 +255,16 @@ class PostgresShard:
         fence = await self.freeze_fence(collection, chunk_id, token)
         return fence, await self.wal_lsn()
 
-    async def freeze_fence(self, collection: str, chunk_id: int, token: int) -> Fence:
+    async def freeze_fence(self, collection: str, chunk_id: int, token: int, *,
+                           conn: psycopg.AsyncConnection[Any] | None = None) -> Fence:
         """:meth:`freeze` in one round trip, without the LSN (the cutover's pause starts
         here): the ``UPDATE`` notifies ``FENCE_CHANNEL`` in its own transaction, so the
         notification is delivered at its commit. A freeze that changes nothing (already
-        frozen at ``token + 1``: a retry; or refused) takes the general path."""
-        async with self._connection() as conn:
+        frozen at ``token + 1``: a retry; or refused) takes the general path.
+
+        ``conn``: an autocommit session opened before the pause (the cutover's), so the
+        freeze needs neither a pool checkout nor its check's round trip."""
+        async with self._connection_or(conn) as conn:
             cur = await conn.execute(
                 "UPDATE shardshift.chunk_fence SET token = %s, state = %s, updated_at = now()"
                 " WHERE collection = %s AND chunk_id = %s AND token = %s AND state = %s"
@@ -286,11 +300,13 @@ class PostgresShard:
             new_token=frozen_token - 1, new_state=FenceState.ACTIVE,
         )
 
-    async def activate(self, collection: str, chunk_id: int, token: int) -> Fence:
-        """Open a receiving chunk for traffic at ``token`` (the catalog's new token)."""
+    async def activate(self, collection: str, chunk_id: int, token: int, *,
+                       conn: psycopg.AsyncConnection[Any] | None = None) -> Fence:
+        """Open a receiving chunk for traffic at ``token`` (the catalog's new token);
+        ``conn`` as for :meth:`freeze_fence`."""
         # One round trip (it sits inside a cutover's pause): whatever its token, a receiving
         # or frozen fence becomes active at ``token``.
-        async with self._connection() as conn:
+        async with self._connection_or(conn) as conn:
             cur = await conn.execute(
                 "UPDATE shardshift.chunk_fence SET token = %s, state = %s, updated_at = now()"
                 " WHERE collection = %s AND chunk_id = %s AND state = ANY(%s)"

@@ -410,6 +410,12 @@ class StreamWatch:
             raise
         return cls(conn, names)
 
+    @property
+    def connection(self) -> psycopg.AsyncConnection[Any]:
+        """The session itself (autocommit), for a statement the waiter runs right after the
+        wait on the same server (the cutover's activation of the new owner)."""
+        return self._conn
+
     async def close(self) -> None:
         await self._conn.close()
 

@@ -27,6 +27,7 @@ from catalog import (
 )
 from catalog.invariants import check_invariants
 from catalog.models import ChangeKind, ChunkStats
+from catalog.store import topology
 from shards.errors import InvalidNameError
 from shards.models import KHASH_END, KHASH_MIN, IndexDefinition
 
@@ -405,4 +406,61 @@ async def test_move_chunk_is_one_change_stamped_notified_and_checked(
     assert [c.change for c in seen] == [ChangeKind.SHARDS, ChangeKind.SHARDS, ChangeKind.LAYOUT]
     assert (seen[2].version, seen[2].collection) == (version, collection_name)
     assert version == before + 3
+    assert await check_invariants(catalog, collection_name) == []
+
+
+async def test_move_chunk_commits_only_after_before_commit_and_never_when_it_fails(
+    catalog: Catalog, shard_ids: list[str], collection_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``before_commit`` (the cutover activates the new owner there) runs inside the switch's
+    transaction: while it runs, the switch is not visible; when it raises, nothing commits
+    and its own error comes out (not a catalog error); when it succeeds, the switch commits.
+    Also on the full path (a first switch that changed nothing)."""
+    cmap = await make(catalog, collection_name, shard_ids)
+    chunk = cmap.chunks[0]
+    s0, s1, _ = shard_ids
+    mid = f"{collection_name}/hook"
+    await catalog.register_migration(mid, kind=MigrationKind.MOVE, collection=collection_name,
+                                     chunk_id=chunk.chunk_id, source=s0, target=s1)
+
+    class ActivationFailed(Exception):
+        pass
+
+    async def fail() -> None:
+        raise ActivationFailed("the new owner refused")
+
+    with pytest.raises(ActivationFailed, match="refused"):
+        await catalog.move_chunk(collection_name, chunk.chunk_id, chunk.token, s1, mid,
+                                 before_commit=fail)
+    unchanged = await catalog.chunk(collection_name, chunk.chunk_id)
+    assert (unchanged.shard_id, unchanged.token) == (s0, chunk.token)
+    assert (await catalog.migration(mid)).cutover_token is None
+
+    seen_during: list[tuple[str, int]] = []
+
+    async def look() -> None:
+        during = await catalog.chunk(collection_name, chunk.chunk_id)
+        seen_during.append((during.shard_id, during.token))
+
+    moved = await catalog.move_chunk(collection_name, chunk.chunk_id, chunk.token, s1, mid,
+                                     before_commit=look)
+    assert seen_during == [(s0, chunk.token)]
+    assert (moved.shard_id, moved.token) == (s1, chunk.token + 1)
+    assert moved == await catalog.chunk(collection_name, chunk.chunk_id)
+
+    # The full path (the one statement made to change nothing, as a state changed under
+    # it would): the same guarantees. The move back is the migration's rollback.
+    monkeypatch.setattr(topology, "MOVE_CHUNK_SQL", "SELECT 1 WHERE %(mid)s::text IS NULL")
+    back_token = chunk.token + 1
+    with pytest.raises(ActivationFailed):
+        await catalog.move_chunk(collection_name, chunk.chunk_id, back_token, s0, mid,
+                                 before_commit=fail)
+    still = await catalog.chunk(collection_name, chunk.chunk_id)
+    assert (still.shard_id, still.token) == (s1, back_token)
+    seen_during.clear()
+    back = await catalog.move_chunk(collection_name, chunk.chunk_id, back_token, s0, mid,
+                                    before_commit=look)
+    assert seen_during == [(s1, back_token)]
+    assert (back.shard_id, back.token) == (s0, back_token + 1)
     assert await check_invariants(catalog, collection_name) == []

@@ -33,12 +33,20 @@ class _Watch:
 class _Engine:
     def __init__(self, beats: list[str], seen: asyncio.Event) -> None:
         self.beats, self.seen = beats, seen
+        self.freezer: _Watch | None = None
 
     async def wal_lsn(self) -> str:
         await _until_beat(self.beats, self.seen, "reading the WAL position")
         return "0/10"
 
-    async def freeze_fence(self, collection: str, chunk_id: int, token: int) -> Fence:
+    async def connect_async(self) -> _Watch:
+        await _until_beat(self.beats, self.seen, "opening the session that freezes")
+        self.freezer = _Watch()
+        return self.freezer
+
+    async def freeze_fence(self, collection: str, chunk_id: int, token: int, *,
+                           conn: Any = None) -> Fence:
+        assert conn is self.freezer  # the session opened before the pause
         return Fence(collection=collection, chunk_id=chunk_id, range=KeyRange(lo=0, hi=10),
                      token=token + 1, state=FenceState.FROZEN)
 
@@ -81,7 +89,10 @@ async def test_freeze_old_heartbeats_while_opening_the_wait_session_and_reading_
     fence, before = await env.run(attempt.freeze_old)
     assert (fence.token, fence.state, before) == (4, FenceState.FROZEN, "0/10")
     assert beats.index("opening the session that waits for the marker") \
+        < beats.index("opening the session that freezes") \
         < beats.index("reading the WAL position") < beats.index("freezing")
     assert attempt.watch is watch
+    assert attempt.freezer is engine.freezer
     await attempt.close()
     assert watch.closed
+    assert engine.freezer is not None and engine.freezer.closed
