@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -21,6 +22,9 @@ from catalog.local_stack import up_and_provision
 from infra import Stack
 from infra.private import new_state_dir, private_settings
 from settings import InfraSettings
+
+if TYPE_CHECKING:
+    from catalog import Catalog
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 HAS_PG15 = (PG15_BIN / "postgres").exists()
@@ -31,6 +35,21 @@ def make_stack_settings(shards: int, pg15_shards: int = 0) -> InfraSettings:
 
 
 TEST_STATE_PREFIX = "shardshift-test-"
+
+# Every session-scoped ``Catalog`` this process opened (the fixtures add and remove them) on the session stack's catalog. A package
+# that imports another's fixture gets a second instance of it (``tests/workflows`` imports
+# ``router_catalog``), so there are several, opened at first use, in whatever order the run
+# (or an xdist worker's share of it) reaches them.
+SESSION_CATALOGS: list[Catalog] = []
+
+
+async def refresh_session_catalogs() -> None:
+    """After a test restarted the session stack's catalog server: drop the dead connections of
+    EVERY session catalog pool, not only the one the test used. A pool left stale fails a later
+    test's first catalog call with ``AdminShutdown`` (seen under xdist, where a package's tests
+    can open their catalog client before another package's restart test runs)."""
+    for cat in SESSION_CATALOGS:
+        await cat._pool.check()
 
 
 def owned_state_dir(kind: str = "") -> Path:

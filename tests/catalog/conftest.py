@@ -10,6 +10,7 @@ import pytest
 
 from catalog import Catalog
 from shards.postgres.engine import PostgresShard
+from tests.conftest import SESSION_CATALOGS
 
 
 @pytest.fixture(scope="session")
@@ -18,9 +19,11 @@ async def catalog(catalog_dsn: str) -> AsyncIterator[Catalog]:
     await cat.open()
     await cat.ensure_schema()
     await cat.ensure_schema()  # idempotent: a second run must not fail
+    SESSION_CATALOGS.append(cat)
     try:
         yield cat
     finally:
+        SESSION_CATALOGS.remove(cat)
         await cat.close()
 
 

@@ -20,6 +20,7 @@ from router.core import Router
 from settings import RouterSettings
 from shards.models import IndexDefinition
 from shards.postgres import PostgresShard
+from tests.conftest import SESSION_CATALOGS
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +28,11 @@ async def router_catalog(catalog_dsn: str) -> AsyncIterator[Catalog]:
     cat = Catalog(catalog_dsn, max_size=16)
     await cat.open()
     await cat.ensure_schema()
+    SESSION_CATALOGS.append(cat)
     try:
         yield cat
     finally:
+        SESSION_CATALOGS.remove(cat)
         await cat.close()
 
 

@@ -17,13 +17,13 @@ import httpx
 import pytest
 from bson import json_util
 
-from catalog import Catalog
 from catalog.admin import provision_collection, split_chunk
 from infra import Stack
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.hashing import khash
 from router.http import create_app
+from tests.conftest import refresh_session_catalogs
 from tests.router.conftest import Deployment, router_settings
 from tests.router.serve import AUTH, ServeProcess, assert_error_shape
 from workload.generator import keys_in
@@ -50,10 +50,10 @@ async def uncached(deployment: Deployment) -> AsyncIterator[str]:
             await s.drop_collection(name)
 
 
-async def restart_catalog(stack: Stack, catalog_dsn: str, catalog: Catalog,
+async def restart_catalog(stack: Stack, catalog_dsn: str,
                           down: Callable[[], Awaitable[None]] | None = None) -> None:
     """Stop the catalog server, run ``down`` while it is stopped, start it again. The session
-    catalog's pool (the tests' own, not the router's) drops its dead connections after."""
+    catalog pools (the tests' own, not the router's) drop their dead connections after."""
     pg = stack.instance_for_dsn(catalog_dsn)
     await asyncio.to_thread(pg.stop, 30)
     try:
@@ -61,7 +61,7 @@ async def restart_catalog(stack: Stack, catalog_dsn: str, catalog: Catalog,
             await down()
     finally:
         await asyncio.to_thread(pg.start, 60)
-        await catalog._pool.check()
+        await refresh_session_catalogs()
 
 
 async def warm(source: CatalogRouteSource) -> None:
@@ -88,7 +88,7 @@ async def test_restart_costs_uncached_reads_and_route_refreshes_nothing(
         for i, k in enumerate(keys):
             await r.insert(c, {"_id": i, "acct": k, "v": 0})
         await warm(source)
-        await restart_catalog(stack, catalog_dsn, deployment.catalog)
+        await restart_catalog(stack, catalog_dsn)
         await split_chunk(deployment.catalog, deployment.shards, c, chunk.chunk_id)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(r)),
                                      base_url="http://r") as http:
@@ -142,7 +142,7 @@ async def test_short_catalog_outage_waits_within_the_deadline(
                     json={"document": {"_id": 1, "acct": key, "v": 1}})))
                 await asyncio.sleep(2.0)  # the outage lasts two more seconds
 
-            await restart_catalog(stack, catalog_dsn, deployment.catalog, outage)
+            await restart_catalog(stack, catalog_dsn, outage)
             got, replaced = await asyncio.gather(*waiting)
             assert got.status_code == 200, got.text
             assert body(got)["document"] == {"_id": 1, "acct": "u"}
@@ -176,7 +176,7 @@ async def test_router_serve_starts_while_the_catalog_is_down(
                                     json={"key": "s", "id": 1})
                 assert assert_error_shape(r, 503, pg.port)["type"] == "RouteUnavailableError"
 
-        await restart_catalog(stack, catalog_dsn, deployment.catalog, down)
+        await restart_catalog(stack, catalog_dsn, down)
         async with httpx.AsyncClient(base_url=serve.url, timeout=30) as http:
             async with asyncio.timeout(30):
                 while (await http.get("/readyz")).status_code != 200:

@@ -31,6 +31,7 @@ from router.service import is_loopback
 from settings import RouterSettings, as_role
 from shards.codec import encode_value
 from shards.postgres.schema import collection_table
+from tests.conftest import refresh_session_catalogs
 from tests.router.conftest import Deployment
 from tests.router.serve import AUTH, MB, TOKEN, ServeProcess, assert_error_shape
 
@@ -266,7 +267,7 @@ async def test_a_stopped_shard_or_catalog_leaks_nothing(
             assert assert_error_shape(r, 503, *ports)["type"] == "RouteUnavailableError"
         finally:
             await asyncio.to_thread(catalog_pg.start, 60)
-            await deployment.catalog._pool.check()  # the session catalog's pool: drop dead links
+            await refresh_session_catalogs()  # every session catalog pool: drop dead links
     log = "".join(own_tight.log)
     assert str(catalog_pg.port) in log or str(shard_pg.port) in log, log[-3000:]
 
