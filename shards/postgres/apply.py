@@ -163,11 +163,6 @@ class ChangeApplier:
         target_dsn: the shard the changes are applied to (the collection's table must exist).
         max_batch_changes: upper bound on source changes per target transaction (a source
             transaction is never split, so one larger transaction is applied whole).
-        first_batch_changes: the bound of the first batch after the applier starts or
-            catches up; each batch after it may be twice as large, up to
-            ``max_batch_changes``. A backlog's first batch then reaches the target after a
-            few thousand changes instead of ``max_batch_changes``, and the rest is decoded
-            while the target applies it.
         control_interval: seconds between reads of the control row while idle or held.
         reply_interval: seconds between requests for the server's position while idle or
             waiting for a hold.
@@ -186,7 +181,6 @@ class ChangeApplier:
         target_dsn: str,
         *,
         max_batch_changes: int = 50_000,
-        first_batch_changes: int = 5_000,
         max_pending_changes: int = 500_000,
         control_interval: float = 0.1,
         reply_interval: float = 0.2,
@@ -201,8 +195,6 @@ class ChangeApplier:
         self.source_dsn = source_dsn
         self.target_dsn = target_dsn
         self.max_batch_changes = max_batch_changes
-        self.first_batch_changes = max(1, min(first_batch_changes, max_batch_changes))
-        self._batch_limit = self.first_batch_changes
         self.max_pending_changes = max_pending_changes
         self.control_interval = control_interval
         self.reply_interval = reply_interval
@@ -384,14 +376,14 @@ class ChangeApplier:
             # Throttled: leave the stream in the server's socket (the walsender stops
             # decoding once it is full); keep the session alive.
             stream.maybe_send_status()
-        elif ready and self._pending_changes >= self._batch_limit:
+        elif ready and self._pending_changes >= self.max_batch_changes:
             # A full batch is waiting: apply it first (the stream is read while the target
             # works on it, see _pump).
             stream.maybe_send_status()
         elif self._pending_changes < self.max_pending_changes:
             # Read about one batch before applying, so the target starts early and the
             # rest is decoded while it works.
-            room = self._batch_limit - self._pending_changes
+            room = self.max_batch_changes - self._pending_changes
             self._receive(stream.poll(0.0 if ready else self.control_interval,
                                       max_changes=room if room > 0 else None))
         else:
@@ -460,7 +452,7 @@ class ChangeApplier:
                 continue
             if self._hold is not None and item.commit_lsn >= self._hold:
                 break
-            if txns and n + len(item.changes) > self._batch_limit:
+            if txns and n + len(item.changes) > self.max_batch_changes:
                 break
             pending.popleft()
             self._pending_changes -= len(item.changes)
@@ -494,10 +486,6 @@ class ChangeApplier:
             txns, position = self._take_batch()
             if txns:
                 self._apply(conn, stream, txns)
-            # Ramp: a backlog's batches grow from first_batch_changes; caught up (nothing
-            # pending), the next backlog starts small again.
-            self._batch_limit = (min(self.max_batch_changes, self._batch_limit * 2)
-                                 if self._pending else self.first_batch_changes)
             # Positions are consumed only behind applied transactions (see _take_batch), so
             # once this commits everything before them is on the target.
             self._caught_up_lsn = max(self._caught_up_lsn, self._applied_lsn, position)
