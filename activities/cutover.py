@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-import psycopg
 from temporalio import activity
 
 from activities import metrics
@@ -72,6 +71,7 @@ from shards.errors import FenceStateError
 from shards.models import Fence, FenceState
 from shards.postgres import PostgresShard
 from shards.postgres import replication as repl
+from shards.postgres.engine import Session
 from shards.postgres.locks import CutoverLock
 from shards.postgres.server import is_connection_error
 from shards.postgres.stream_control import StreamWatch, measure_lag
@@ -333,7 +333,7 @@ class _Attempt:
         self.steps = {s.name: s for s in run.steps}
         self.pause_start = 0.0
         self.watch: StreamWatch | None = None
-        self.freezer: psycopg.AsyncConnection[Any] | None = None
+        self.freezer: Session | None = None
         """The session on the old owner that freezes (opened before the pause)."""
 
     @classmethod

@@ -34,6 +34,11 @@ from shards.postgres.throttle import FENCE_CHANNEL
 _DDL_LOCK = 0x5348_4152_4453_4846  # "SHARDSHF": serializes schema DDL across processes
 
 
+
+Session = psycopg.AsyncConnection[Any]
+"""A session of its own on a shard (``PostgresShard.connect_async``), held by a caller that
+must not import the driver (activities: see tests/test_seams.py)."""
+
 class PostgresShard:
     """One PostgreSQL shard: its documents, fences and (via sibling modules) data movement."""
 
@@ -107,7 +112,7 @@ class PostgresShard:
         """A new blocking connection to this shard (for data-movement code in threads)."""
         return psycopg.connect(self.dsn, **kwargs)
 
-    async def connect_async(self, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
+    async def connect_async(self, **kwargs: Any) -> Session:
         """A new async connection outside the pool (autocommit)."""
         return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, **kwargs)
 
@@ -666,4 +671,4 @@ def _fence(row: Sequence[Any]) -> Fence:
     )
 
 
-__all__ = ["PostgresShard"]
+__all__ = ["PostgresShard", "Session"]
