@@ -4,6 +4,7 @@ task queue, watching a workflow (Ctrl-C detaches; ``shardshift watch ID`` re-att
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -93,6 +94,17 @@ async def watch(handle: Any, query: Any, fmt: Callable[[Any, float], str], *,
     """
     out = out or sys.stdout
     tty = out.isatty() if tty is None else tty
+    # Ctrl-C sets this (in the main thread): every wait below ends on it, even one inside
+    # the SDK that would swallow asyncio.run's cancellation (a query to a workflow no worker
+    # answers went on for 30 s after Ctrl-C now and then).
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+        own_sigint = True
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+        own_sigint = False
+    stop = asyncio.ensure_future(interrupted.wait())
     await _warn_without_worker(handle)
     result = asyncio.ensure_future(handle.result())
     start = time.monotonic()
@@ -100,8 +112,13 @@ async def watch(handle: Any, query: Any, fmt: Callable[[Any, float], str], *,
     try:
         while True:
             finished = result.done()
+            query_task = asyncio.ensure_future(handle.query(query))
+            await asyncio.wait([query_task, stop], return_when=asyncio.FIRST_COMPLETED)
+            if interrupted.is_set():
+                query_task.cancel()
+                raise asyncio.CancelledError
             try:
-                p = await handle.query(query)
+                p = query_task.result()
             except Exception:  # noqa: BLE001 - not started yet, or already closed
                 p = None
             now = time.monotonic()
@@ -116,16 +133,24 @@ async def watch(handle: Any, query: Any, fmt: Callable[[Any, float], str], *,
                     last_phase, last_print = p.phase, now
             if finished:
                 break  # the line above is the final state
-            await asyncio.wait([result], timeout=interval)
-    except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels the main task on SIGINT)
+            await asyncio.wait([result, stop], timeout=interval,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if interrupted.is_set():
+                raise asyncio.CancelledError
+    except asyncio.CancelledError:  # Ctrl-C (ours, or asyncio.run cancelling the main task)
         if tty:
             out.write("\n")
             out.flush()
             tty = False
         print(f"detached from {handle.id}: it keeps running (re-attach: shardshift watch "
               f"{handle.id}; stop it: shardshift cancel {handle.id})", file=sys.stderr)
+        if interrupted.is_set():
+            raise KeyboardInterrupt from None  # exit 130, as asyncio.run's own Ctrl-C does
         raise
     finally:
+        if own_sigint:
+            loop.remove_signal_handler(signal.SIGINT)
+        stop.cancel()
         if tty:
             out.write("\n")
             out.flush()
