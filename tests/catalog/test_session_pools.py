@@ -29,11 +29,8 @@ async def test_a_catalog_restart_refreshes_every_session_pool(
     assert catalog._pool.get_stats()["pool_available"] >= held  # idle connections, to go stale
     assert catalog in SESSION_CATALOGS
     pg = stack.instance_for_dsn(catalog_dsn)
-    await asyncio.to_thread(pg.stop, 30)
-    try:
-        pass  # every pooled connection dies with the server
-    finally:
-        await asyncio.to_thread(pg.start, 60)
-        await refresh_session_catalogs()
+    await asyncio.to_thread(pg.stop, 30)  # every pooled connection dies with the server
+    await asyncio.to_thread(pg.start, 60)
+    await refresh_session_catalogs()
     # As many connections at once as were idle before: none of them is a dead one.
     await asyncio.gather(*(use() for _ in range(held)))
