@@ -1,9 +1,11 @@
 """Benchmark of chunk moves under write load: the cutover pause and what clients see.
 
     python -m bench.cutover --moves 20 --rate 500 [--docs 3000] [--keys 64] [--steady 2.0]
+                            [--worker in-process|process]
 
 Starts a private two-shard stack in a temporary directory (removed at the end), provisions a
-collection with one chunk per shard, starts a worker in-process on a fresh task queue and a
+collection with one chunk per shard, starts a worker in-process (``--worker process``: in a
+process of its own, as deployed; ``worker_mode`` says which) on a fresh task queue and a
 load generator writing through the router at ``--rate`` writes/s, all aimed at the moving
 chunk. Then it moves that chunk back and forth between the two shards ``--moves`` times, one
 ``MigrateChunkWorkflow`` after the other with ``--steady`` seconds without a move between
@@ -43,7 +45,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -89,6 +94,52 @@ async def _worker(settings: Any, client: Any, stop: asyncio.Event, stock: bool) 
     finally:
         await ctx.close()
         await catalog.close()
+
+
+class _WorkerProcess:
+    """The worker in a process of its own (``--worker process``), as deployed: the load
+    generator and the router then do not share an interpreter (and its GIL) with the
+    move's activities. Same worker as in-process (``_worker``), stopped by SIGTERM."""
+
+    def __init__(self, settings: Any, stock: bool) -> None:
+        self.settings, self.stock = settings, stock
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, SHARDSHIFT_BENCH_WORKER_SETTINGS=self.settings.model_dump_json())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.cutover", "--serve-worker"]
+            + (["--stock-worker"] if self.stock else []), env=env)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _serve_worker(stock: bool) -> int:
+    """``--serve-worker``: the body of ``_WorkerProcess`` (settings from the environment)."""
+    from temporalio.client import Client
+    from temporalio.contrib.pydantic import pydantic_data_converter
+
+    from settings import Settings
+
+    settings = Settings.model_validate_json(os.environ["SHARDSHIFT_BENCH_WORKER_SETTINGS"])
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        client = await Client.connect(settings.temporal.address,
+                                      data_converter=pydantic_data_converter)
+        await _worker(settings, client, stop, stock)
+
+    asyncio.run(serve())
+    return 0
 
 
 def _max_gap_ms(times: list[float], lo: float, hi: float) -> float:
@@ -188,8 +239,8 @@ def _split_latencies(records: list[Any], windows: list[tuple[float, float]], sin
 
 
 async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys: int,
-              stock_worker: bool, steady_s: float = 1.0, other_keys: int = 0
-              ) -> dict[str, Any]:
+              stock_worker: bool, steady_s: float = 1.0, other_keys: int = 0,
+              worker_mode: str = "in-process") -> dict[str, Any]:
     from temporalio.client import Client
     from temporalio.contrib.pydantic import pydantic_data_converter
 
@@ -218,6 +269,7 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
     engines = await open_engines(shards)
     stop = asyncio.Event()
     worker_task: asyncio.Task[None] | None = None
+    worker_proc: _WorkerProcess | None = None
     try:
         cmap = await provision_collection(catalog, engines, COLLECTION, "acct",
                                           chunks_per_shard=1)
@@ -229,7 +281,11 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
         load_keys = chunk_keys + keys_in(still.range, other_keys)
         client = await Client.connect(stack.temporal.address,
                                       data_converter=pydantic_data_converter)
-        worker_task = asyncio.create_task(_worker(settings, client, stop, stock_worker))
+        if worker_mode == "process":
+            worker_proc = _WorkerProcess(settings, stock_worker)
+            worker_proc.start()
+        else:
+            worker_task = asyncio.create_task(_worker(settings, client, stop, stock_worker))
         router_settings = RouterSettings(retry_deadline_s=5.0, pool_max_size=8)
         async with Router(CatalogRouteSource(catalog), router_settings) as router:
             # Seeded 16 at a time: thousands at once queue on the router's pool and, on a
@@ -327,11 +383,14 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
             "ops_steady": len(lat_steady),
             "steady_s_between_moves": steady_s,
             "worker": "stock" if stock_worker else "heartbeat-throttle-1s",
+            "worker_mode": worker_mode,
             "other_keys": other_keys,
             **parts,
         }
     finally:
         stop.set()
+        if worker_proc is not None:
+            await asyncio.to_thread(worker_proc.stop)
         if worker_task is not None:
             await asyncio.gather(worker_task, return_exceptions=True)
         await asyncio.gather(*(e.drop_collection(COLLECTION) for e in engines.values()),
@@ -353,14 +412,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--other-keys", type=int, default=0,
                         help="shard-key values of the chunk that stays put to load too "
                              "(at the moving chunk's rate per key)")
+    parser.add_argument("--worker", choices=["in-process", "process"], default="in-process",
+                        help="the worker in the bench's own process (as before) or in one "
+                             "of its own (as deployed)")
+    parser.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_worker:
+        return _serve_worker(args.stock_worker)
 
     from catalog.local_stack import private_stack
 
     with private_stack(2) as st:
         state = st.state_dir
         result = asyncio.run(run(st, state, args.moves, args.rate, args.docs, args.keys,
-                                 args.stock_worker, args.steady, args.other_keys))
+                                 args.stock_worker, args.steady, args.other_keys,
+                                 args.worker))
     print(json.dumps(result))
     ok = (result["client_errors"] == 0 and result["lost_writes"] == 0
           and result["moves_completed"] == result["moves"])
