@@ -522,6 +522,18 @@ def _ensure_reverse_stream(new_dsn: str, spec: MoveSpec) -> None:
     repl.ensure_slot(new_dsn, names)
 
 
+PAUSE_STEPS = ("freeze_old", "wait_for_catchup", "activate_new", "switch_catalog")
+"""The steps inside the pause (``activate_new`` overlaps ``switch_catalog``)."""
+
+
+def pause_breakdown(steps: list[CutoverStep]) -> str:
+    """Where a committed pause went, for the timeline's commit mark (an operator reading the
+    timeline sees which step held the writes): ``": freeze_old 2.1 ms, ..."``."""
+    parts = [f"{s.name} {s.ms:.1f} ms" for s in steps
+             if s.name in PAUSE_STEPS and s.done and s.ms is not None]
+    return ": " + ", ".join(parts) if parts else ""
+
+
 def _marks(run: _Run, outcome: CutoverResult | BaseException | None) -> list[MoveSample]:
     """The timeline's marks of one cutover attempt: when it froze the old owner, and how it
     ended (committed with its pause, undone, failed), or how the catalog settled it."""
@@ -539,7 +551,7 @@ def _marks(run: _Run, outcome: CutoverResult | BaseException | None) -> list[Mov
         if outcome.committed and run.froze_at is not None:
             pause = outcome.pause_ms or 0.0
             add(MarkName.CUTOVER_COMMIT, run.froze_at + timedelta(milliseconds=pause),
-                value=outcome.pause_ms, detail=direction)
+                value=outcome.pause_ms, detail=direction + pause_breakdown(outcome.steps))
         elif run.froze_at is not None:
             add(MarkName.CUTOVER_UNDONE, utcnow(), detail=f"{direction}: {outcome.reason}")
         elif outcome.reason and outcome.reason.startswith(("recovered", "the switch did not")):

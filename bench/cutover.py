@@ -16,7 +16,10 @@ Prints ONE JSON object:
 
 * ``moves`` / ``moves_completed``: moves run / moves whose outcome was ``completed``.
 * ``pause_ms_p50`` / ``pause_ms_p99`` / ``pause_ms_max``: the writes' pause per cutover as
-  the workflow measured it (fence freeze to catalog switch).
+  the workflow measured it (fence freeze to catalog switch). ``pause_steps_ms_p50``: the
+  median of each step inside the pause, from each commit's timeline mark (``freeze_old``:
+  the freeze's statement, waiting for writes in flight; ``wait_for_catchup``: until the
+  target applied the freeze; ``activate_new`` overlaps ``switch_catalog``, the commit).
 * ``client_gap_ms_p50`` / ``client_gap_ms_max``: per move, the longest gap between two
   successful writes on the chunk as the clients saw it (includes the router's retry and
   map refresh, and the load's own spacing).
@@ -222,6 +225,22 @@ async def _timeline(catalog: Any, migration_id: str, offset: float, end: float
     return _phase_windows(marks, end)
 
 
+async def _pause_steps(catalog: Any, migration_id: str) -> dict[str, float]:
+    """The committed cutover's steps inside the pause (ms), from its timeline's commit mark
+    (``"fwd: freeze_old 2.1 ms, ..."``)."""
+    from catalog.timeline import MarkName
+
+    samples = await catalog.move_samples(migration_id)
+    commit = next((s for s in reversed(samples) if s.name == MarkName.CUTOVER_COMMIT), None)
+    if commit is None or not commit.detail or ": " not in commit.detail:
+        return {}
+    out: dict[str, float] = {}
+    for part in commit.detail.split(": ", 1)[1].split(", "):
+        name, ms, _unit = part.rsplit(" ", 2)
+        out[name] = float(ms)
+    return out
+
+
 def _split_latencies(records: list[Any], windows: list[tuple[float, float]], since: float
                      ) -> tuple[list[float], list[float]]:
     """Latencies (ms) of the successful operations overlapping a move / wholly outside."""
@@ -345,6 +364,7 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
             t_end = time.monotonic()
         timelines = [await _timeline(catalog, r.migration_id, offset, hi)
                      for r, (_, hi) in zip(results, windows, strict=True)]
+        steps = [await _pause_steps(catalog, r.migration_id) for r in results]
         stored = await collect_stored(engines, COLLECTION)
         report = check(load.records, stored)
         seeds_ok = sum(1 for d in stored if d.startswith("seed-")) == docs
@@ -362,6 +382,8 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
             "pause_ms_p50": _pct(pauses, 50),
             "pause_ms_p99": _pct(pauses, 99),
             "pause_ms_max": round(max(pauses), 2) if pauses else None,
+            "pause_steps_ms_p50": {n: _pct([st[n] for st in steps if n in st], 50)
+                                   for n in sorted({n for st in steps for n in st})},
             "client_gap_ms_p50": _pct(gaps, 50),
             "client_gap_ms_max": round(max(gaps), 2) if gaps else None,
             "client_errors": report.client_errors,

@@ -88,8 +88,10 @@ def move_report(record: MigrationRecord, samples: list[MoveSample], *,
         lag_s_peak=max(lag_s) if lag_s else None,
         cutover_attempts=sum(1 for m in marks if m.name == MarkName.CUTOVER_START
                              and m.detail == Direction.FORWARD),
+        # A commit's detail is its direction, then (since December 2026) its steps' times.
         pause_ms=next((m.value for m in reversed(marks) if m.name == MarkName.CUTOVER_COMMIT
-                       and m.detail == Direction.FORWARD and m.value is not None), record.pause_ms),
+                       and (m.detail or "").split(":", 1)[0] == Direction.FORWARD
+                       and m.value is not None), record.pause_ms),
         marks=[Mark(at=m.at, t=_t(m.at, start), name=m.name, value=m.value, detail=m.detail)
                for m in marks],
         copy_samples=copies, lag_samples=lags,

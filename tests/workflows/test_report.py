@@ -100,6 +100,12 @@ async def test_move_records_its_timeline_and_report_agrees(
         <= at["phase.cleanup"] <= at[MarkName.FINISH]
     commit = next(m for m in marks if m.name == MarkName.CUTOVER_COMMIT)
     assert commit.value == result.pause_ms
+    # Where the pause went, step by step (the activation overlaps the switch).
+    assert commit.detail is not None and commit.detail.startswith(f"{Direction.FORWARD.value}: freeze_old ")
+    steps = dict(part.rsplit(" ", 2)[:2] for part in commit.detail.split(": ", 1)[1].split(", "))
+    assert list(steps) == ["freeze_old", "wait_for_catchup", "activate_new", "switch_catalog"]
+    assert sum(float(steps[n]) for n in ("freeze_old", "wait_for_catchup", "switch_catalog")) \
+        <= (result.pause_ms or 0) + 0.5
     assert next(m for m in marks if m.name == MarkName.FINISH).detail == "completed"
     assert all(lags[0].at <= m.at for m in marks if m.name == MarkName.CUTOVER_START)
 
