@@ -82,6 +82,12 @@ PART_SCHEMA = pa.schema(
 )
 """Staged rows: the table's primary key and the document as canonical jsonb text."""
 
+DEFAULT_COMPRESSION = "lz4"
+"""The staged parts' codec. lz4 costs about half the CPU of zstd writing and reading them back
+(on 1 KB JSON documents: about 0.4 CPU-s per 200,000 rows less, end to end), for about twice
+the staged bytes on poorly compressible text (zstd's entropy coding halves random hex, lz4
+does not); pass ``zstd`` where staging space or upload bandwidth is the scarcer resource."""
+
 _SNAPSHOT_NAME = re.compile(r"[0-9A-Fa-f]{1,16}-[0-9A-Fa-f]{1,16}(-[0-9]{1,10})?")
 _META_PREFIX = "shardshift."
 
@@ -297,7 +303,7 @@ def export_chunk(
     snapshot: str | None = None,
     target_part_rows: int = 50_000,
     resume: bool = True,
-    compression: str = "zstd",
+    compression: str = DEFAULT_COMPRESSION,
     batch_bytes: int = 8 << 20,
     progress: ExportProgressFn | None = None,
     throttle: CopyThrottle | None = None,
@@ -316,7 +322,8 @@ def export_chunk(
             manifest exists).
         resume: Skip parts already staged. False re-exports every part (same names, so the
             files are overwritten).
-        compression: Parquet codec (``zstd``, ``lz4``, ``snappy``, ``none``).
+        compression: Parquet codec (``lz4``, ``zstd``, ``snappy``, ``none``); see
+            :data:`DEFAULT_COMPRESSION`.
         batch_bytes: Bytes of COPY rows turned into one record batch (bounds memory).
         progress: Called after every batch and part with an :class:`ExportProgress`.
         throttle: Paces the reads and pauses them while the source is busy (see
@@ -592,6 +599,7 @@ def estimate_chunk_rows(dsn: str, collection: str, key_range: KeyRange, *,
 
 
 __all__ = [
+    "DEFAULT_COMPRESSION",
     "PART_SCHEMA",
     "ExportManifest",
     "ExportProgress",
