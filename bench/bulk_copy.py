@@ -47,7 +47,7 @@ from router.hashing import khash
 from shards.models import KHASH_END, KHASH_MIN, IndexDefinition, KeyRange
 from shards.postgres import PostgresShard
 from shards.postgres.bulk_import import import_parts
-from shards.postgres.snapshot import export_chunk
+from shards.postgres.snapshot import DEFAULT_COMPRESSION, export_chunk
 from shards.staging import Staging
 
 FULL = KeyRange(lo=KHASH_MIN, hi=KHASH_END)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=200_000)
     parser.add_argument("--part-rows", type=int, default=25_000)
-    parser.add_argument("--compression", default="zstd")
+    parser.add_argument("--compression", default=DEFAULT_COMPRESSION)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
 

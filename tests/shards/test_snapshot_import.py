@@ -33,6 +33,7 @@ from shards.postgres.range_delete import DeleteProgress, LiveChunkError, delete_
 from shards.postgres.snapshot import (
     PART_SCHEMA,
     ExportProgress,
+    _copy_batches,
     _decode_rows,
     export_chunk,
     load_manifest,
@@ -363,6 +364,25 @@ def test_binary_copy_rows_decode_and_bad_framing_is_refused():
         _decode_rows(bad_utf8[0], [len(bad_utf8[0])])
     with pytest.raises(ValueError, match="malformed"):  # lengths that do not add up
         _decode_rows(b"".join(rows), [len(r) for r in rows[1:]])
+
+
+def test_copy_out_read_whole_and_a_server_error_mid_stream_raised(pg18_dsns):
+    """The export's COPY reader (messages taken from libpq's buffer, psycopg's read only to
+    wait) yields every row, and a COPY the server fails after sending rows raises the
+    server's own error, leaving the connection usable after a rollback."""
+    row = ("SELECT g::bigint AS khash, 'id' || g AS id,"
+           " jsonb_build_object('n', {}) AS doc FROM generate_series(1, 20000) g ORDER BY g")
+    with psycopg.connect(pg18_dsns[0]) as conn:
+        tables = list(_copy_batches(conn, psycopg.sql.SQL(row.format("g")), 1 << 16))
+        assert len(tables) > 1  # several blocks
+        got = pa.concat_tables(tables)
+        assert got["khash"].to_pylist() == list(range(1, 20001))
+        assert got["doc"][19999].as_py() == '{"n": 20000}'
+        conn.rollback()
+        with pytest.raises(psycopg.errors.DivisionByZero):  # fails at row 15,000
+            list(_copy_batches(conn, psycopg.sql.SQL(row.format("1 / (15000 - g)")), 1 << 16))
+        conn.rollback()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 # -- range delete --------------------------------------------------------------------------------
