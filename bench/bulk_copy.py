@@ -47,7 +47,7 @@ from router.hashing import khash
 from shards.models import KHASH_END, KHASH_MIN, IndexDefinition, KeyRange
 from shards.postgres import PostgresShard
 from shards.postgres.bulk_import import import_parts
-from shards.postgres.snapshot import DEFAULT_COMPRESSION, export_chunk
+from shards.postgres.snapshot import export_chunk
 from shards.staging import Staging
 
 FULL = KeyRange(lo=KHASH_MIN, hi=KHASH_END)
@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=200_000)
     parser.add_argument("--part-rows", type=int, default=25_000)
-    parser.add_argument("--compression", default=DEFAULT_COMPRESSION)
+    parser.add_argument("--compression", default=None,
+                        help="the parts' codec (default: the staging area's, lz4 on a local "
+                             "path; before December 2026 zstd)")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "copy_pipe_runs_s": [round(x, 3) for x in pipe_runs],
             "shardshift_runs_s": [round(x, 3) for x in pipelined_runs],
-            "compression": args.compression,
+            "compression": args.compression or staging.compression,
             "shardshift_mode": "end to end: export to Parquet and import, overlapped by part",
             "shardshift_rows_per_s": round(n / pipelined_s),
             "copy_pipe_rows_per_s": round(n / pipe_s),

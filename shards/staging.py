@@ -50,6 +50,7 @@ MAX_PARTS = 100_000
 
 # Filesystems private to one host (or process): staging there is not shared by default.
 _PRIVATE = {"local", "mock"}
+_LOCAL_FILES = {"local"}
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
 
 
@@ -101,7 +102,7 @@ class Staging:
     """
 
     def __init__(self, url: str | Path, filesystem: pafs.FileSystem | None = None, *,
-                 shared: bool | None = None) -> None:
+                 shared: bool | None = None, compression: str | None = None) -> None:
         text = str(url)
         if filesystem is not None:
             self.fs, root = filesystem, text.split("://", 1)[-1]
@@ -114,6 +115,11 @@ class Staging:
         self.shared = shared if shared is not None else self.fs.type_name not in _PRIVATE
         """Whether every worker sees this staging area (else a move's import must run on the
         worker that exported)."""
+        self.compression = compression or (
+            "lz4" if self.fs.type_name in _LOCAL_FILES else "zstd")
+        """The codec of the parts exported here (``Settings.staging_compression``): by
+        default lz4 on a local path (CPU is what a copy runs out of), zstd on an object
+        store (about half the bytes to upload and download on poorly compressible text)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Staging:
@@ -123,8 +129,9 @@ class Staging:
             root = url.removeprefix("s3://").strip("/")
             if not root:
                 raise StagingError(f"staging url {url!r} names no bucket")
-            return cls(f"s3://{root}", s3_filesystem(settings.s3), shared=settings.staging_shared)
-        return cls(url, shared=settings.staging_shared)
+            return cls(f"s3://{root}", s3_filesystem(settings.s3), shared=settings.staging_shared,
+                       compression=settings.staging_compression)
+        return cls(url, shared=settings.staging_shared, compression=settings.staging_compression)
 
     def __repr__(self) -> str:
         return f"Staging({self.url!r})"

@@ -83,12 +83,6 @@ PART_SCHEMA = pa.schema(
 )
 """Staged rows: the table's primary key and the document as canonical jsonb text."""
 
-DEFAULT_COMPRESSION = "lz4"
-"""The staged parts' codec. lz4 costs about half the CPU of zstd writing and reading them back
-(on 1 KB JSON documents: about 0.4 CPU-s per 200,000 rows less, end to end), for about twice
-the staged bytes on poorly compressible text (zstd's entropy coding halves random hex, lz4
-does not); pass ``zstd`` where staging space or upload bandwidth is the scarcer resource."""
-
 _SNAPSHOT_NAME = re.compile(r"[0-9A-Fa-f]{1,16}-[0-9A-Fa-f]{1,16}(-[0-9]{1,10})?")
 _META_PREFIX = "shardshift."
 
@@ -304,7 +298,7 @@ def export_chunk(
     snapshot: str | None = None,
     target_part_rows: int = 50_000,
     resume: bool = True,
-    compression: str = DEFAULT_COMPRESSION,
+    compression: str | None = None,
     batch_bytes: int = 8 << 20,
     progress: ExportProgressFn | None = None,
     throttle: CopyThrottle | None = None,
@@ -323,8 +317,10 @@ def export_chunk(
             manifest exists).
         resume: Skip parts already staged. False re-exports every part (same names, so the
             files are overwritten).
-        compression: Parquet codec (``lz4``, ``zstd``, ``snappy``, ``none``); see
-            :data:`DEFAULT_COMPRESSION`.
+        compression: Parquet codec (``lz4``, ``zstd``, ``snappy``, ``none``); default: the
+            staging area's (``Staging.compression``: lz4 on a local path, about half zstd's
+            CPU to write and read back; zstd on an object store, about half lz4's bytes on
+            poorly compressible text).
         batch_bytes: Bytes of COPY rows turned into one record batch (bounds memory).
         progress: Called after every batch and part with an :class:`ExportProgress`.
         throttle: Paces the reads and pauses them while the source is busy (see
@@ -360,7 +356,7 @@ def export_chunk(
             if throttle is not None:
                 throttle.before()
             rows = _export_part(conn, collection, sub, staging, migration_id, part,
-                                compression=compression,
+                                compression=compression or staging.compression,
                                 batch_bytes=batch_bytes if throttle is None
                                 else min(batch_bytes, 1 << 20),
                                 on_batch=on_batch, throttle=throttle)
@@ -638,7 +634,6 @@ def estimate_chunk_rows(dsn: str, collection: str, key_range: KeyRange, *,
 
 
 __all__ = [
-    "DEFAULT_COMPRESSION",
     "PART_SCHEMA",
     "ExportManifest",
     "ExportProgress",

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 from pydantic import SecretStr
 
@@ -55,6 +56,23 @@ def _objects(staging: Staging, mid: str) -> list[str]:
                   if i.type == pafs.FileType.File)
 
 
+def _codec(staging: Staging, mid: str, part: int) -> str:
+    with staging.fs.open_input_file(staging.part_path(mid, part)) as f:
+        return str(pq.ParquetFile(f).metadata.row_group(0).column(0).compression)
+
+
+def test_the_parts_codec_follows_the_staging_area_unless_set(s3: S3Server, tmp_path) -> None:
+    assert Staging(tmp_path).compression == "lz4"  # a local path: CPU is the scarcer
+    assert Staging.from_settings(Settings(staging_url=f"s3://{BUCKET}/x",
+                                          s3=_settings(s3))).compression == "zstd"
+    assert Staging.from_settings(Settings(staging_url=str(tmp_path),
+                                          staging_compression="zstd")).compression == "zstd"
+    assert Staging.from_settings(Settings(staging_url=f"s3://{BUCKET}/x", s3=_settings(s3),
+                                          staging_compression="lz4")).compression == "lz4"
+    with pytest.raises(ValueError, match="staging_compression"):
+        Settings(staging_compression="gzip9")  # type: ignore[arg-type]
+
+
 def test_s3_staging_is_shared_and_keeps_credentials_out_of_its_repr(staging: Staging) -> None:
     assert staging.shared and staging.fs.type_name == "s3"
     assert SECRET_KEY not in repr(staging) and ACCESS_KEY not in repr(staging)
@@ -86,6 +104,8 @@ async def test_export_import_and_retried_export_on_s3(pg18_dsns, collection_name
     first = export_chunk(src, collection_name, FULL, staging, "s3-retry", target_part_rows=10)
     names = _objects(staging, "s3-retry")
     assert names == ["manifest.json"] + [f"part-{p:05d}.parquet" for p in range(3)]
+    # On an object store the parts are zstd by default: bytes cross the network twice.
+    assert staging.compression == "zstd" and _codec(staging, "s3-retry", 0) == "ZSTD"
 
     # A retried export resumes (nothing rewritten), a full one overwrites the same names.
     load_docs(src, collection_name, make_docs(30, tag="more"))
