@@ -362,6 +362,11 @@ class ChunkDecoder:
             raise ProtocolError(f"unexpected pgoutput message {chr(tag)!r}")
         return None
 
+    def hot_relids(self) -> tuple[int, ...]:
+        """Relations whose Insert/Update :meth:`feed` takes on its hot path: document tables
+        shaped ``(khash, id, doc)`` (the C accelerator decodes exactly those)."""
+        return tuple(relid for relid, rel in self._relations.items() if rel.doc_row)
+
     # -- message handlers ----------------------------------------------------------------------
 
     def _require_txn(self, what: str) -> Transaction:
