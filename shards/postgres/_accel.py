@@ -61,14 +61,31 @@ def libpq_functions(lib: ctypes.CDLL) -> tuple[int, int]:
     return getcopy or 0, freemem or 0
 
 
+_compiled: list[ModuleType | None] = []
+
+
+def compiled() -> ModuleType | None:
+    """The compiled module for what needs no libpq (the batch's collapse and COPY buffers),
+    or None (no compiled module, or ``SHARDSHIFT_PURE_PYTHON`` set: read at every call)."""
+    if pure_python_forced():
+        return None
+    if not _compiled:
+        try:
+            from shards.postgres import _pgoutput_fast  # type: ignore[attr-defined]  # noqa: PLC0415 - optional, compiled
+
+            _compiled.append(_pgoutput_fast)
+        except ImportError as exc:
+            log.debug("C accelerator off: %s", exc)
+            _compiled.append(None)
+    return _compiled[0]
+
+
 def _load() -> ModuleType | None:
     if pure_python_forced():
         log.debug("C decoder off: %s is set", PURE_PYTHON_ENV)
         return None
-    try:
-        from shards.postgres import _pgoutput_fast  # type: ignore[attr-defined]  # noqa: PLC0415 - optional, compiled
-    except ImportError as exc:
-        log.debug("C decoder off: %s", exc)
+    _pgoutput_fast = compiled()
+    if _pgoutput_fast is None:
         return None
     try:
         lib = libpq()

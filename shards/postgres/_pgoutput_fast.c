@@ -331,11 +331,344 @@ fail:
     return NULL;
 }
 
+/* -- the batch: collapse and COPY buffers (shards/postgres/apply_batch.py) -------------- */
+
+#define OP_DELETE 0
+#define OP_UPSERT 1
+#define OP_INSERT 2
+#define OP_NOTHING (-1)
+
+typedef struct {
+    PyObject *khash;  /* borrowed from the changes (alive for the call) */
+    PyObject *id;
+    PyObject *doc;    /* borrowed, or NULL for None */
+    int absent;
+    int op;
+} Entry;
+
+static PyObject *
+row4(long op, PyObject *khash, PyObject *id, PyObject *doc)
+{
+    PyObject *o = PyLong_FromLong(op);
+    if (o == NULL)
+        return NULL;
+    PyObject *t = PyTuple_New(4);
+    if (t == NULL) {
+        Py_DECREF(o);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, o);
+    PyTuple_SET_ITEM(t, 1, Py_NewRef(khash));
+    PyTuple_SET_ITEM(t, 2, Py_NewRef(id));
+    PyTuple_SET_ITEM(t, 3, Py_NewRef(doc == NULL ? Py_None : doc));
+    PyObject_GC_UnTrack(t);  /* ints, bytes, None: never in a cycle */
+    return t;
+}
+
+/* collapse_changes(txns, Upsert, Delete, TruncateChunk)
+ *   -> (rows, truncate, changes, deletes, upserts, inserts)
+ * apply_batch.collapse's loop over the changes, exactly (the Python function is the
+ * reference; tests/properties/test_pgoutput_fast.py holds them equal). */
+static PyObject *
+collapse_changes(PyObject *self, PyObject *args)
+{
+    PyObject *txns, *upsert_t, *delete_t, *truncate_t;
+    PyObject *ops = NULL, *rows = NULL, *txns_fast = NULL, *changes_name = NULL;
+    Entry *entries = NULL;
+    Py_ssize_t n_entries = 0, cap = 0, i, j;
+    long long changes = 0, deletes = 0, upserts = 0, inserts = 0;
+    int truncated = 0;
+
+    if (!PyArg_ParseTuple(args, "OOOO", &txns, &upsert_t, &delete_t, &truncate_t))
+        return NULL;
+    txns_fast = PySequence_Fast(txns, "txns must be a sequence");
+    if (txns_fast == NULL)
+        return NULL;
+    ops = PyDict_New();
+    rows = PyList_New(0);
+    changes_name = PyUnicode_InternFromString("changes");
+    if (ops == NULL || rows == NULL || changes_name == NULL)
+        goto fail;
+    /* The changes lists are read while the txns are alive; no Python code runs here. */
+    PyObject **lists = NULL;
+    Py_ssize_t ntx = PySequence_Fast_GET_SIZE(txns_fast);
+    lists = PyMem_Calloc(ntx > 0 ? ntx : 1, sizeof(PyObject *));
+    if (lists == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (i = 0; i < ntx; i++) {
+        PyObject *lst = PyObject_GetAttr(PySequence_Fast_GET_ITEM(txns_fast, i), changes_name);
+        if (lst == NULL)
+            goto fail_lists;
+        if (!PyList_Check(lst)) {
+            Py_DECREF(lst);
+            PyErr_SetString(PyExc_TypeError, "Transaction.changes must be a list");
+            goto fail_lists;
+        }
+        lists[i] = lst;
+    }
+    for (i = 0; i < ntx; i++) {
+        PyObject *lst = lists[i];
+        for (j = 0; j < PyList_GET_SIZE(lst); j++) {
+            PyObject *ch = PyList_GET_ITEM(lst, j);
+            PyObject *t = (PyObject *)Py_TYPE(ch);
+            changes++;
+            if (t == upsert_t || t == delete_t) {
+                if (PyTuple_GET_SIZE(ch) < (t == upsert_t ? 4 : 2)) {
+                    PyErr_SetString(PyExc_TypeError, "a change with too few fields");
+                    goto fail_lists;
+                }
+                PyObject *khash = PyTuple_GET_ITEM(ch, 0), *id = PyTuple_GET_ITEM(ch, 1);
+                PyObject *key = PyTuple_Pack(2, khash, id);
+                if (key == NULL)
+                    goto fail_lists;
+                PyObject *found = PyDict_GetItemWithError(ops, key);
+                if (found == NULL && PyErr_Occurred()) {
+                    Py_DECREF(key);
+                    goto fail_lists;
+                }
+                Entry *e;
+                if (found == NULL) {
+                    if (n_entries == cap) {
+                        Py_ssize_t ncap = cap ? cap * 2 : 1024;
+                        Entry *ne = PyMem_Realloc(entries, ncap * sizeof(Entry));
+                        if (ne == NULL) {
+                            Py_DECREF(key);
+                            PyErr_NoMemory();
+                            goto fail_lists;
+                        }
+                        entries = ne;
+                        cap = ncap;
+                    }
+                    PyObject *idx = PyLong_FromSsize_t(n_entries);
+                    if (idx == NULL || PyDict_SetItem(ops, key, idx) < 0) {
+                        Py_XDECREF(idx);
+                        Py_DECREF(key);
+                        goto fail_lists;
+                    }
+                    Py_DECREF(idx);
+                    e = &entries[n_entries++];
+                    e->khash = khash;
+                    e->id = id;
+                    if (t == upsert_t) {
+                        PyObject *doc = PyTuple_GET_ITEM(ch, 2);
+                        int fresh = PyObject_IsTrue(PyTuple_GET_ITEM(ch, 3));
+                        if (fresh < 0) {
+                            Py_DECREF(key);
+                            goto fail_lists;
+                        }
+                        e->absent = fresh || truncated;
+                        e->op = doc == Py_None ? OP_NOTHING : OP_UPSERT;
+                        e->doc = doc == Py_None ? NULL : doc;
+                    } else {
+                        e->absent = truncated;
+                        e->op = OP_DELETE;
+                        e->doc = NULL;
+                    }
+                } else {
+                    e = &entries[PyLong_AsSsize_t(found)];
+                    if (t == upsert_t) {
+                        PyObject *doc = PyTuple_GET_ITEM(ch, 2);
+                        if (doc != Py_None) {
+                            e->op = OP_UPSERT;
+                            e->doc = doc;
+                        }
+                    } else {
+                        e->op = OP_DELETE;
+                        e->doc = NULL;
+                    }
+                }
+                Py_DECREF(key);
+            } else if (t == truncate_t) {
+                PyDict_Clear(ops);
+                n_entries = 0;
+                truncated = 1;
+            }
+        }
+    }
+    for (i = 0; i < n_entries; i++) {
+        Entry *e = &entries[i];
+        PyObject *row;
+        if (e->op == OP_NOTHING)
+            continue;
+        if (e->op == OP_DELETE) {
+            if (e->absent)
+                continue;
+            deletes++;
+            row = row4(OP_DELETE, e->khash, e->id, NULL);
+        } else if (e->absent) {
+            inserts++;
+            row = row4(OP_INSERT, e->khash, e->id, e->doc);
+        } else {
+            upserts++;
+            row = row4(OP_UPSERT, e->khash, e->id, e->doc);
+        }
+        if (row == NULL || PyList_Append(rows, row) < 0) {
+            Py_XDECREF(row);
+            goto fail_lists;
+        }
+        Py_DECREF(row);
+    }
+    for (i = 0; i < ntx; i++)
+        Py_XDECREF(lists[i]);
+    PyMem_Free(lists);
+    PyMem_Free(entries);
+    Py_DECREF(ops);
+    Py_DECREF(txns_fast);
+    Py_DECREF(changes_name);
+    return Py_BuildValue("(NOLLLL)", rows, truncated ? Py_True : Py_False, changes, deletes,
+                         upserts, inserts);
+
+fail_lists:
+    for (i = 0; i < ntx; i++)
+        Py_XDECREF(lists[i]);
+    PyMem_Free(lists);
+fail:
+    PyMem_Free(entries);
+    Py_XDECREF(ops);
+    Py_XDECREF(rows);
+    Py_XDECREF(txns_fast);
+    Py_XDECREF(changes_name);
+    return NULL;
+}
+
+static const char COPY_HEADER[19] = "PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+static inline char *
+put16(char *p, int v)
+{
+    p[0] = (char)((v >> 8) & 0xff);
+    p[1] = (char)(v & 0xff);
+    return p + 2;
+}
+
+static inline char *
+put32(char *p, uint32_t v)
+{
+    p[0] = (char)(v >> 24);
+    p[1] = (char)(v >> 16);
+    p[2] = (char)(v >> 8);
+    p[3] = (char)v;
+    return p + 4;
+}
+
+static inline char *
+put64(char *p, uint64_t v)
+{
+    p = put32(p, (uint32_t)(v >> 32));
+    return put32(p, (uint32_t)v);
+}
+
+/* copy_buffers(rows) -> (staged, fresh): apply_batch.copy_buffers, exactly. */
+static PyObject *
+copy_buffers(PyObject *self, PyObject *args)
+{
+    PyObject *rows_obj, *rows;
+    Py_ssize_t n, i, staged_len = 19 + 2, fresh_len = 19 + 2;
+    PyObject *staged = NULL, *fresh = NULL;
+    char *sp, *fp;
+
+    if (!PyArg_ParseTuple(args, "O", &rows_obj))
+        return NULL;
+    rows = PySequence_Fast(rows_obj, "rows must be a sequence");
+    if (rows == NULL)
+        return NULL;
+    n = PySequence_Fast_GET_SIZE(rows);
+    /* First pass: check the rows and size the buffers. */
+    for (i = 0; i < n; i++) {
+        PyObject *r = PySequence_Fast_GET_ITEM(rows, i);
+        if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 4 ||
+            !PyLong_Check(PyTuple_GET_ITEM(r, 0)) || !PyLong_Check(PyTuple_GET_ITEM(r, 1)) ||
+            !PyBytes_Check(PyTuple_GET_ITEM(r, 2)) ||
+            (PyTuple_GET_ITEM(r, 3) != Py_None && !PyBytes_Check(PyTuple_GET_ITEM(r, 3)))) {
+            PyErr_SetString(PyExc_TypeError, "a row must be (op, khash, id: bytes, doc)");
+            Py_DECREF(rows);
+            return NULL;
+        }
+        long op = PyLong_AsLong(PyTuple_GET_ITEM(r, 0));
+        if (op == -1 && PyErr_Occurred()) {
+            Py_DECREF(rows);
+            return NULL;
+        }
+        PyObject *doc = PyTuple_GET_ITEM(r, 3);
+        Py_ssize_t size = PyBytes_GET_SIZE(PyTuple_GET_ITEM(r, 2)) +
+                          (doc == Py_None ? 4 : 5 + PyBytes_GET_SIZE(doc));
+        if (op == OP_INSERT)
+            fresh_len += 2 + 4 + 8 + 4 + size;
+        else
+            staged_len += 2 + 4 + 2 + 4 + 8 + 4 + size;
+    }
+    staged = PyBytes_FromStringAndSize(NULL, staged_len);
+    fresh = PyBytes_FromStringAndSize(NULL, fresh_len);
+    if (staged == NULL || fresh == NULL)
+        goto fail;
+    sp = PyBytes_AS_STRING(staged);
+    fp = PyBytes_AS_STRING(fresh);
+    memcpy(sp, COPY_HEADER, 19);
+    memcpy(fp, COPY_HEADER, 19);
+    sp += 19;
+    fp += 19;
+    for (i = 0; i < n; i++) {
+        PyObject *r = PySequence_Fast_GET_ITEM(rows, i);
+        long op = PyLong_AsLong(PyTuple_GET_ITEM(r, 0));
+        int overflow;
+        long long khash = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(r, 1), &overflow);
+        if (overflow || (khash == -1 && PyErr_Occurred()) || op < -32768 || op > 32767) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_OverflowError, "khash or op out of range");
+            goto fail;
+        }
+        PyObject *id = PyTuple_GET_ITEM(r, 2), *doc = PyTuple_GET_ITEM(r, 3);
+        Py_ssize_t idlen = PyBytes_GET_SIZE(id);
+        char *p = op == OP_INSERT ? fp : sp;
+        if (op == OP_INSERT) {
+            p = put16(p, 3);
+        } else {
+            p = put16(p, 4);
+            p = put32(p, 2);
+            p = put16(p, (int)op);
+        }
+        p = put32(p, 8);
+        p = put64(p, (uint64_t)khash);
+        p = put32(p, (uint32_t)idlen);
+        memcpy(p, PyBytes_AS_STRING(id), idlen);
+        p += idlen;
+        if (doc == Py_None) {
+            p = put32(p, 0xffffffffu);
+        } else {
+            Py_ssize_t dl = PyBytes_GET_SIZE(doc);
+            p = put32(p, (uint32_t)(dl + 1));
+            *p++ = 1;
+            memcpy(p, PyBytes_AS_STRING(doc), dl);
+            p += dl;
+        }
+        if (op == OP_INSERT)
+            fp = p;
+        else
+            sp = p;
+    }
+    sp = put16(sp, 0xffff);
+    fp = put16(fp, 0xffff);
+    Py_DECREF(rows);
+    return Py_BuildValue("(NN)", staged, fresh);
+
+fail:
+    Py_XDECREF(staged);
+    Py_XDECREF(fresh);
+    Py_DECREF(rows);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(PQgetCopyData_address, PQfreemem_address): the libpq psycopg uses."},
     {"drain", drain, METH_VARARGS,
      "Drain buffered CopyData frames; decode the hot document rows (see the source)."},
+    {"collapse_changes", collapse_changes, METH_VARARGS,
+     "apply_batch.collapse's loop over the changes (see the source)."},
+    {"copy_buffers", copy_buffers, METH_VARARGS,
+     "apply_batch.copy_buffers: the binary COPY inputs of a batch."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,6 +1,7 @@
-"""The C accelerator of the change stream (shards/postgres/_pgoutput_fast.c) against the
-pure-Python path, its reference: the same frames, read through :meth:`ChangeStream.poll` both
-ways, give the same transactions and positions in the same calls, whatever the limits.
+"""The C accelerator of the applier (shards/postgres/_pgoutput_fast.c) against the pure-Python
+path, its reference: the same frames, read through :meth:`ChangeStream.poll` both ways, give
+the same transactions and positions in the same calls, whatever the limits; the same
+transactions collapse to the same batch and the same COPY buffers.
 
 The frames come from a stand-in for libpq's CopyData buffer (the C side calls it through the
 same function pointer it would call ``PQgetCopyData`` through); the stream's messages are
@@ -26,8 +27,24 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shards.postgres import _accel
+from shards.postgres.apply_batch import (
+    OP_DELETE,
+    OP_INSERT,
+    OP_UPSERT,
+    collapse,
+    collapse_py,
+    copy_buffers_py,
+)
 from shards.postgres.change_stream import ChangeStream
-from shards.postgres.pgoutput import ChunkDecoder, Position, Transaction
+from shards.postgres.pgoutput import (
+    ChunkDecoder,
+    Delete,
+    MessageMarker,
+    Position,
+    Transaction,
+    TruncateChunk,
+    Upsert,
+)
 from shards.postgres.replication import StreamNames
 from tests.properties.conftest import PURE
 from tests.properties.test_pgoutput import CHUNK, COLLECTION, PREFIX, RANGE, Case, streams
@@ -172,3 +189,35 @@ def test_many_document_rows_come_back_as_upserts_of_the_open_transaction() -> No
         assert len(changes) == sum(1 for i in range(2000) if -1000 <= (i * 7919) % 4000 - 2000
                                    < 1000)
     assert c.stats.frames == len(frames)
+
+
+# -- the batch: collapse and COPY buffers ------------------------------------------------------
+
+_changes = st.one_of(
+    st.builds(Upsert, st.integers(-3, 3), st.sampled_from([b"a", b"b", b"\xc3\xa9"]),
+              st.one_of(st.none(), st.binary(max_size=8)), st.booleans()),
+    st.builds(Delete, st.integers(-3, 3), st.sampled_from([b"a", b"b", b"\xc3\xa9"])),
+    st.just(TruncateChunk()),
+)
+_txns = st.lists(
+    st.builds(lambda xid, changes, marks: Transaction(
+        xid=xid, commit_lsn=xid * 10, changes=changes,
+        markers=[MessageMarker(PREFIX, b"m", xid) for _ in range(marks)]),
+        st.integers(1, 1000), st.lists(_changes, max_size=30), st.integers(0, 2)),
+    max_size=6)
+
+
+@PURE
+@given(_txns)
+def test_c_collapse_and_copy_buffers_equal_the_python_ones(txns: list[Transaction]) -> None:
+    assert FAST is not None
+    batch = collapse(txns)
+    assert batch == collapse_py(txns)
+    assert FAST.copy_buffers(batch.rows) == copy_buffers_py(batch.rows)
+
+
+def test_copy_buffers_at_the_khash_extremes() -> None:
+    assert FAST is not None
+    rows = [(OP_UPSERT, -(2**63), b"x", b"{}"), (OP_INSERT, 2**63 - 1, b"", None),
+            (OP_DELETE, 0, b"y" * 300, None)]
+    assert FAST.copy_buffers(rows) == copy_buffers_py(rows)
