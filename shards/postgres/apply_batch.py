@@ -96,6 +96,11 @@ def collapse(txns: Sequence[Transaction]) -> Collapsed:
     fast = _accel.compiled()
     if fast is None:
         return collapse_py(txns)
+    return collapse_with(fast, txns)
+
+
+def collapse_with(fast: Any, txns: Sequence[Transaction]) -> Collapsed:
+    """:func:`collapse` through the C module ``fast``."""
     rows, truncate, changes, deletes, upserts, inserts = fast.collapse_changes(
         txns, Upsert, Delete, TruncateChunk)
     out = Collapsed(rows=rows, truncate=truncate, changes=changes,

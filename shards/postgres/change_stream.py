@@ -228,11 +228,12 @@ class ChangeStream:
                     if self._take(items, decoder, out, max_items, change_limit):
                         break
                     continue
-                budget = -1 if change_limit is None else change_limit - decoder.decoded_changes
+                budget = (-1 if change_limit is None
+                          else max(0, change_limit - decoder.decoded_changes))
                 n, items, frames, nbytes = fast.drain(
-                    _accel.conn_address(conn), Upsert, decoder.hot_relids, decoder.lo, decoder.hi,
-                    decoder._txn is not None, decoder._skip, decoder.skip_origins, len(out),
-                    max_items, max(budget, 0) if budget >= 0 else -1,
+                    _accel.conn_address(conn), Upsert, decoder.hot_relids, decoder.lo,
+                    decoder.hi, decoder._txn is not None, decoder._skip, decoder.skip_origins,
+                    len(out), max_items, budget,
                 )
                 self.stats.frames += frames
                 self.stats.bytes += nbytes

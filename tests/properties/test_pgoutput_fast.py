@@ -31,8 +31,8 @@ from shards.postgres.apply_batch import (
     OP_DELETE,
     OP_INSERT,
     OP_UPSERT,
-    collapse,
     collapse_py,
+    collapse_with,
     copy_buffers_py,
 )
 from shards.postgres.change_stream import ChangeStream
@@ -211,7 +211,7 @@ _txns = st.lists(
 @given(_txns)
 def test_c_collapse_and_copy_buffers_equal_the_python_ones(txns: list[Transaction]) -> None:
     assert FAST is not None
-    batch = collapse(txns)
+    batch = collapse_with(FAST, txns)
     assert batch == collapse_py(txns)
     assert FAST.copy_buffers(batch.rows) == copy_buffers_py(batch.rows)
 
