@@ -5,7 +5,7 @@ transactions collapse to the same batch and the same COPY buffers.
 
 The frames come from a stand-in for libpq's CopyData buffer (the C side calls it through the
 same function pointer it would call ``PQgetCopyData`` through); the stream's messages are
-test_pgoutput's generated ones (every message kind: out-of-range rows, TOAST-unchanged
+pgoutput_streams' generated ones (every message kind: out-of-range rows, TOAST-unchanged
 documents, deletes, key changes, fence rows, logical messages, truncates, origin-skipped
 transactions, document tables of other layouts), with keepalives between them. The real
 stream through real libpq is tests/shards/test_replication.py's, which runs on the C path
@@ -47,7 +47,7 @@ from shards.postgres.pgoutput import (
 )
 from shards.postgres.replication import StreamNames
 from tests.properties.conftest import PURE
-from tests.properties.test_pgoutput import CHUNK, COLLECTION, PREFIX, RANGE, Case, streams
+from tests.properties.pgoutput_streams import CHUNK, COLLECTION, PREFIX, RANGE, Case, streams
 
 try:
     from shards.postgres import _pgoutput_fast as FAST  # type: ignore[attr-defined]
@@ -169,7 +169,7 @@ def test_c_path_polls_exactly_what_the_python_path_polls(
 def test_many_document_rows_come_back_as_upserts_of_the_open_transaction() -> None:
     """The hot path proper: a long transaction of inserts and updates in and out of the
     range, read in one C call, cut by ``max_changes`` as the Python path cuts it."""
-    from tests.properties.test_pgoutput import begin, commit, insert, relation, update
+    from tests.properties.pgoutput_streams import begin, commit, insert, relation, update
 
     rows = []
     for i in range(2000):
