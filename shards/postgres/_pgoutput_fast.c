@@ -106,7 +106,7 @@ decode_hot(const unsigned char *m, Py_ssize_t mlen, PyTypeObject *upsert_type,
     if (i == nrel)
         return 0;
     p = m + 6;
-    if (p[0] != 0 || p[1] != 3 || p[2] != 't')
+    if (end - p < 7 || p[0] != 0 || p[1] != 3 || p[2] != 't')
         return 0;
     ln = be32(p + 3);
     if (ln > (uint32_t)(end - (p + 7)))
