@@ -40,6 +40,10 @@ Prints ONE JSON object:
   not: then the lag figures are those of the rate the source did sustain).
 * ``writer_cpu_share``: the share of one core the writers' process used in the live phase
   (near 1.0: the writers, not the servers or the applier, limited ``source_writes_per_s``).
+* ``decoder``: which path read the stream in the drain, ``"c"`` (the optional accelerator,
+  ``shards/postgres/_pgoutput_fast.c``) or ``"python"`` (``SHARDSHIFT_PURE_PYTHON=1``, or
+  no compiled module); ``applier_cpu_s_per_100k``: the drain's applier process CPU-seconds
+  (user + system) per 100,000 applied changes.
 * ``verified``: after catch-up the source chunk and the target chunk are identical.
 
 Without DSNs it starts a private two-shard stack in a temporary directory and removes it at
@@ -102,10 +106,12 @@ def _applier_main(spec_json: str, source: str, target: str, stop: Any, out: Any,
     go.wait()
     applier = ChangeApplier(spec, source, target)
     try:
+        cpu0 = time.process_time()
         stats = applier.run(stop)
         out.put({
             "applied_changes": stats.applied_changes, "applied_txns": stats.applied_txns,
             "batches": stats.batches, "lags": list(stats.lag_samples),
+            "cpu_s": time.process_time() - cpu0, "decoder": stats.decoder,
         })
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         out.put({"error": repr(exc)})
@@ -503,6 +509,9 @@ def _run_ours(source: str, target: str, seconds: float, writers: int, rate: floa
             "backlog_changes": drained["applied_changes"],
             "backlog_drain_s": round(cold_s, 3),
             "backlog_drain_warm_s": round(drain_s, 3),
+            "decoder": drained["decoder"],
+            "applier_cpu_s_per_100k": round(
+                drained["cpu_s"] * 100_000 / max(drained["applied_changes"], 1), 3),
         }
     finally:
         for dsn in (source, target):

@@ -136,6 +136,9 @@ class ApplierStats:
     plain_insert_fallbacks: int = 0
     """Batches whose plain insert met a row it expected absent and upserted instead (a
     target written behind the applier's back; see ``shards/postgres/apply_batch.py``)."""
+    decoder: str = ""
+    """Which path read the stream: ``"c"`` (the accelerator) or ``"python"``
+    (``ChangeStream.decoder_path``)."""
 
 
 def _rollback(conn: psycopg.Connection[Any]) -> None:
@@ -342,6 +345,7 @@ class ChangeApplier:
             )
             with stream:
                 self._stream = stream
+                self.stats.decoder = stream.decoder_path
                 while not stop.is_set():
                     if until is not None and until(self):
                         break

@@ -43,6 +43,7 @@ from psycopg import pq, sql
 from psycopg.errors import error_from_result
 
 from shards.models import KeyRange
+from shards.postgres import _accel
 from shards.postgres.pgoutput import Delete, Marker, Transaction, TruncateChunk, Upsert
 from shards.postgres.schema import collection_table
 
@@ -89,7 +90,29 @@ class Collapsed:
 
 def collapse(txns: Sequence[Transaction]) -> Collapsed:
     """The last change per key, classified by whether the target has the key's row at the
-    start of the batch (see the module docstring)."""
+    start of the batch (see the module docstring). With the C accelerator built, its
+    ``collapse_changes`` does the loop over the changes; :func:`collapse_py` is the
+    reference (tests/properties/test_pgoutput_fast.py holds them equal)."""
+    fast = _accel.compiled()
+    if fast is None:
+        return collapse_py(txns)
+    return collapse_with(fast, txns)
+
+
+def collapse_with(fast: Any, txns: Sequence[Transaction]) -> Collapsed:
+    """:func:`collapse` through the C module ``fast``."""
+    rows, truncate, changes, deletes, upserts, inserts = fast.collapse_changes(
+        txns, Upsert, Delete, TruncateChunk)
+    out = Collapsed(rows=rows, truncate=truncate, changes=changes,
+                    counts=(deletes, upserts, inserts))
+    for txn in txns:
+        for marker in txn.markers:
+            out.markers.append((txn.commit_lsn, marker))
+    return out
+
+
+def collapse_py(txns: Sequence[Transaction]) -> Collapsed:
+    """:func:`collapse` in Python (the reference, and the path without the accelerator)."""
     # key -> (absent at the start of the batch, op or None for "nothing to do", doc)
     ops: dict[tuple[int, bytes], tuple[bool, int | None, bytes | None]] = {}
     out = Collapsed()
@@ -243,7 +266,17 @@ def copy_data(rows: Sequence[tuple[int, int, bytes, bytes | None]]) -> bytes:
 def copy_buffers(rows: Sequence[tuple[int, int, bytes, bytes | None]]) -> tuple[bytes, bytes]:
     """The binary COPY inputs of a batch: its deletes and upserts for ``pg_temp.ss_apply``
     (``op, khash, id, doc``), and its plain inserts for the collection's table itself
-    (``khash, id, doc``), in one pass."""
+    (``khash, id, doc``), in one pass (in C when the accelerator is built)."""
+    fast = _accel.compiled()
+    if fast is None:
+        return copy_buffers_py(rows)
+    staged, fresh = fast.copy_buffers(rows)
+    return staged, fresh
+
+
+def copy_buffers_py(rows: Sequence[tuple[int, int, bytes, bytes | None]]
+                    ) -> tuple[bytes, bytes]:
+    """:func:`copy_buffers` in Python (the reference)."""
     staged = [_COPY_HEADER]
     fresh = [_COPY_HEADER]
     put_staged = staged.append

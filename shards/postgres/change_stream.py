@@ -31,14 +31,18 @@ import select
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from psycopg import pq
 
 from shards.models import KeyRange
+from shards.postgres import _accel
 from shards.postgres.pgoutput import (
     ChunkDecoder,
     Position,
+    ProtocolError,
     Transaction,
+    Upsert,
     lsn_to_str,
     unix_to_pg_time,
 )
@@ -100,10 +104,17 @@ class ChangeStream:
     confirmed_lsn: int = 0
     """What the last status update told the server is durably applied."""
     server_version: int = 0
+    decoder_path: str = "python"
+    """``"c"`` when the C accelerator reads and decodes the hot frames (shards/postgres/
+    _accel.py), ``"python"`` when the pure-Python path runs (the reference)."""
 
     def __post_init__(self) -> None:
         self._conn: pq.abc.PGconn | None = None
         self._decoder: ChunkDecoder | None = None
+        self._fast: Any = None
+        self._items: list[bytes | list[Upsert]] = []
+        """Frames the C path drained that :meth:`poll` has not taken yet (it stopped at a
+        limit): the next call takes them first, in order."""
         self._last_status = 0.0
         self._want_reply = False
 
@@ -159,6 +170,10 @@ class ChangeStream:
                 raise SlotMissingError(f"START_REPLICATION on {self.names.slot}: {message}")
             raise ReplicationError(f"START_REPLICATION on {self.names.slot} failed: {message}")
         conn.nonblocking = 1
+        fast = _accel.accelerator()
+        self._fast = fast if fast is not None and _accel.usable_with(conn) else None
+        self._items = []
+        self.decoder_path = "c" if self._fast is not None else "python"
         self.confirmed_lsn = self.start_lsn
         self._last_status = time.monotonic()
         return self
@@ -203,16 +218,44 @@ class ChangeStream:
         out: list[Transaction | Position] = []
         deadline = time.monotonic() + timeout
         change_limit = None if max_changes is None else decoder.decoded_changes + max_changes
+        fast = self._fast
         while True:
-            n, data = conn.get_copy_data(1)
-            if n > 0:
-                self._frame(bytes(data), decoder, out)
-                if len(out) >= max_items:
+            if fast is not None:
+                # The C path: every buffered frame in one call, the hot ones decoded
+                # (_pgoutput_fast.c); then the same limits as below, item by item.
+                if self._items:
+                    items, self._items = self._items, []
+                    if self._take(items, decoder, out, max_items, change_limit):
+                        break
+                    continue
+                budget = (-1 if change_limit is None
+                          else max(0, change_limit - decoder.decoded_changes))
+                n, items, frames, nbytes = fast.drain(
+                    _accel.conn_address(conn), Upsert, decoder.hot_relids, decoder.lo,
+                    decoder.hi, decoder._txn is not None, decoder._skip, decoder.skip_origins,
+                    len(out), max_items, budget,
+                )
+                self.stats.frames += frames
+                self.stats.bytes += nbytes
+                if self._take(items, decoder, out, max_items, change_limit):
                     break
-                if (change_limit is not None and out
-                        and decoder.decoded_changes >= change_limit):
-                    break
-                continue
+                if n == 1:  # stopped at a limit or a Relation: Python's limits did not hold
+                    continue
+                if n == -2:
+                    raise ReplicationError(
+                        f"replication stream of {self.names.slot} failed: "
+                        f"{conn.get_error_message()}"
+                    )
+            else:
+                n, data = conn.get_copy_data(1)
+                if n > 0:
+                    self._frame(bytes(data), decoder, out)
+                    if len(out) >= max_items:
+                        break
+                    if (change_limit is not None and out
+                            and decoder.decoded_changes >= change_limit):
+                        break
+                    continue
             if n == -1:
                 res = conn.get_result()
                 message = (res.error_message if res else b"") or b"stream ended"
@@ -230,6 +273,36 @@ class ChangeStream:
                 break
             conn.consume_input()
         return out
+
+    def _take(self, items: list[bytes | list[Upsert]], decoder: ChunkDecoder,
+              out: list[Transaction | Position], max_items: int,
+              change_limit: int | None) -> bool:
+        """The C path's items in order (a frame's bytes, or Upserts the C side decoded for
+        the open transaction), with the pure path's limits checked after each frame; True:
+        a limit holds, the rest waits in ``_items`` for the next :meth:`poll`."""
+        for i, item in enumerate(items):
+            if type(item) is bytes:
+                self._frame(item, decoder, out)
+            else:
+                assert isinstance(item, list)
+                txn = decoder._txn
+                if txn is None or decoder._skip:
+                    raise ProtocolError("decoded document changes outside a transaction")
+                if change_limit is not None and out:
+                    room = change_limit - decoder.decoded_changes
+                    if room < len(item):
+                        # The pure path stops after the change that reaches the limit.
+                        txn.changes.extend(item[:room])
+                        decoder.decoded_changes += room
+                        self._items = [item[room:], *items[i + 1:]]
+                        return True
+                txn.changes.extend(item)
+                decoder.decoded_changes += len(item)
+            if len(out) >= max_items or (change_limit is not None and out
+                                         and decoder.decoded_changes >= change_limit):
+                self._items = items[i + 1:]
+                return True
+        return False
 
     def _frame(self, data: bytes, decoder: ChunkDecoder,
                out: list[Transaction | Position]) -> None:

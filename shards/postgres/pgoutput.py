@@ -297,6 +297,9 @@ class ChunkDecoder:
         self._skip = False
         self.decoded_changes = 0
         """Document changes kept so far (for throughput metrics)."""
+        self.hot_relids: tuple[int, ...] = ()
+        """Relations whose Insert/Update :meth:`feed` takes on its hot path: document tables
+        shaped ``(khash, id, doc)`` (the C accelerator decodes exactly those)."""
 
     def feed(self, buf: bytes) -> Transaction | None:
         """Decode one pgoutput message; returns the transaction when ``buf`` is its Commit."""
@@ -398,6 +401,7 @@ class ChunkDecoder:
             rel.doc_columns = (columns["khash"], columns["id"], columns["doc"])
             rel.doc_row = ncols == 3 and rel.doc_columns == (0, 1, 2)
         self._relations[relid] = rel
+        self.hot_relids = tuple(r for r, v in self._relations.items() if v.doc_row)
 
     def _rel(self, buf: bytes) -> _Relation:
         (relid,) = _OID.unpack_from(buf, 1)

@@ -1109,3 +1109,70 @@ async def test_stream_watch_wakes_on_the_appliers_notification_of_the_freeze(
     # A retried freeze (already frozen) is idempotent and changes nothing.
     assert await source.freeze_fence(collection_name, CHUNK, TOKEN) == fence
     assert_running(box)
+
+
+async def test_c_and_python_decoders_read_the_same_stream_alike(
+    request: pytest.FixtureRequest, cleanup: list[tuple[str, str]],
+    pg18_pair: tuple[PostgresShard, PostgresShard], collection_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same slot read twice, through the C accelerator and through the pure-Python path
+    (``SHARDSHIFT_PURE_PYTHON=1``; nothing confirmed, so the second read gets the same
+    stream): the same transactions, changes and markers. The stream has inserts, updates,
+    deletes, documents kept as unchanged TOAST, rows outside the decoder's range, logical
+    messages and the freeze (tests/properties/test_pgoutput_fast.py adds origin-skipped
+    transactions, which PostgreSQL 16+ filters on the server)."""
+    from shards.postgres import _accel
+    from shards.postgres.change_stream import ChangeStream
+    from shards.postgres.pgoutput import Transaction, Upsert
+
+    source, target = pg18_pair
+    await setup_shards(source, target, collection_name)
+    move = new_move(request, cleanup, source, target, collection_name)
+    await asyncio.to_thread(prepare_stream, move)
+    writer = Writer(source, collection_name, 11, range(300))
+    for _ in range(600):
+        await writer.step()
+    # A large document (stored out of line) in the decoder's range, then an UPDATE that
+    # leaves it as it is: pgoutput sends it as "unchanged TOAST".
+    big = next(k for k in range(10**6, 10**6 + 1000) if 0 <= khash(k) < 2**62)
+    rng = random.Random(5)
+    pad = "".join(rng.choice(string.ascii_letters) for _ in range(20_000))
+    await source.insert(collection_name, FenceRef(chunk_id=CHUNK, token=TOKEN), khash(big),
+                        {"_id": big, "k": big, "pad": pad})
+    with psycopg.connect(source.dsn, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("UPDATE {} SET doc = doc WHERE khash = %s").format(
+            collection_table(collection_name)), (khash(big),))
+        emit_marker(conn, move.names, "m-1")
+    _, after_freeze = await source.freeze(collection_name, CHUNK, TOKEN)
+    end = lsn_from_str(after_freeze)
+    # A narrower range than the publication's: the decoder drops rows outside it.
+    narrow = KeyRange(lo=RANGE.lo, hi=2**62)
+
+    def read(pure: bool) -> tuple[str, list[Transaction]]:
+        if pure:
+            monkeypatch.setenv(_accel.PURE_PYTHON_ENV, "1")
+        else:
+            monkeypatch.delenv(_accel.PURE_PYTHON_ENV, raising=False)
+        stream = ChangeStream(source.dsn, move.names, collection_name, CHUNK, narrow)
+        txns: list[Transaction] = []
+        with stream:
+            while stream.received_lsn < end:
+                txns.extend(t for t in stream.poll(1.0, max_changes=97)
+                            if isinstance(t, Transaction))
+        return stream.decoder_path, txns
+
+    monkeypatch.delenv(_accel.PURE_PYTHON_ENV, raising=False)
+    built = _accel.accelerator() is not None
+    c_path, c_txns = await asyncio.to_thread(read, False)
+    py_path, py_txns = await asyncio.to_thread(read, True)
+    assert py_path == "python"
+    assert c_path == ("c" if built else "python")
+    assert c_txns == py_txns
+    changes = [c for t in c_txns for c in t.changes]
+    assert any(type(c) is Upsert and c.doc is None for c in changes)  # unchanged TOAST
+    assert any(type(c) is Upsert and c.fresh for c in changes)
+    assert any(type(c) is not Upsert for c in changes)  # deletes
+    assert all(RANGE.lo <= c.khash < narrow.hi for c in changes)  # type: ignore[union-attr]
+    assert [type(m).__name__ for t in c_txns for m in t.markers] == ["MessageMarker",
+                                                                     "FenceMarker"]
