@@ -191,6 +191,39 @@ def test_many_document_rows_come_back_as_upserts_of_the_open_transaction() -> No
     assert c.stats.frames == len(frames)
 
 
+def _outcome(frames: list[bytes], fast: bool) -> object:
+    """What reading ``frames`` gives: the polls, or the error's type and message."""
+    try:
+        return _run(frames, fast, 100_000, None)[0]
+    except Exception as exc:  # noqa: BLE001 - the error is the outcome compared
+        return (type(exc).__name__, str(exc))
+
+
+@PURE
+@given(st.data())
+def test_a_damaged_document_frame_reads_alike_on_both_paths(data: st.DataObject) -> None:
+    """A hot frame cut short, grown or with a byte changed (a length, a kind, a digit of the
+    khash): the C side must never read past it nor make up a row; it hands what it cannot
+    decode to Python, so both paths give the same transactions or the same error."""
+    from tests.properties.pgoutput_streams import begin, commit, insert, relation, update
+
+    h = data.draw(st.integers(-2000, 1999))
+    row = [str(h).encode(), b"id", b'{"a": 1}']
+    hot = data.draw(st.sampled_from([insert(16385, row), update(16385, row)]))
+    how = data.draw(st.sampled_from(["cut", "grow", "flip"]))
+    if how == "cut":
+        hot = hot[:data.draw(st.integers(0, len(hot) - 1))]
+    elif how == "grow":
+        hot = hot + data.draw(st.binary(min_size=1, max_size=8))
+    else:
+        i = data.draw(st.integers(0, len(hot) - 1))
+        hot = hot[:i] + bytes([data.draw(st.integers(0, 255))]) + hot[i + 1:]
+    msgs = [relation(16385, "docs", COLLECTION, ["khash", "id", "doc"]), begin(10, 0, 5),
+            insert(16385, [b"1", b"ok", b"{}"]), hot, commit(10, 11, 0)]
+    frames = [_xlog(m) for m in msgs]
+    assert _outcome(frames, True) == _outcome(frames, False)
+
+
 # -- the batch: collapse and COPY buffers ------------------------------------------------------
 
 _changes = st.one_of(
