@@ -298,10 +298,9 @@ class Settings(BaseSettings):
     private to its host (a move's import then runs on the worker that exported), a URI
     (``s3://...``) is shared. Set True for a local path every host mounts (NFS)."""
     staging_compression: Literal["lz4", "zstd", "snappy", "none"] | None = None
-    """The staged Parquet parts' codec. None (default): ``lz4`` on a local or mounted path
-    (about half zstd's CPU to write and read back; there the copy's CPU is the scarcer
-    resource), ``zstd`` on an object store (about half lz4's bytes on poorly compressible
-    documents: bytes are uploaded and downloaded once each)."""
+    """The staged Parquet parts' codec; None (default): ``zstd``. ``lz4`` takes about half
+    zstd's CPU to write and read back, for about twice the staged bytes on poorly
+    compressible documents: for workers short of CPU with staging space to spare."""
     s3: S3Settings = S3Settings()
     temporal: TemporalSettings = TemporalSettings()
     infra: InfraSettings = InfraSettings()

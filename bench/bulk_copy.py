@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=200_000)
     parser.add_argument("--part-rows", type=int, default=25_000)
     parser.add_argument("--compression", default=None,
-                        help="the parts' codec (default: the staging area's, lz4 on a local "
-                             "path; before December 2026 zstd)")
+                        help="the parts' codec (default: the staging area's, zstd)")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
 

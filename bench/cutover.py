@@ -24,6 +24,8 @@ Prints ONE JSON object:
   successful writes on the chunk as the clients saw it (includes the router's retry and
   map refresh, and the load's own spacing).
 * ``client_errors``: operations that failed in the client; ``unknown_outcomes``.
+* ``gc_pause_ms_max`` / ``gc_pauses_over_20ms``: the bench process's garbage collections
+  while the load ran (with the worker in-process they stall its cutover too).
 * ``lost_writes``: checker lost + altered + duplicated + resurrected documents.
 * ``move_seconds_p50`` / ``move_seconds_max``: workflow start to result, per move.
 * ``writes_acked``, ``writes_per_s``: acknowledged writes and their rate over the run.
@@ -47,6 +49,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import signal
@@ -97,6 +101,30 @@ async def _worker(settings: Any, client: Any, stop: asyncio.Event, stock: bool) 
     finally:
         await ctx.close()
         await catalog.close()
+
+
+class _GcPauses:
+    """The bench process's garbage collections while the load runs: the longest, and how
+    many took over 20 ms (in-process, they stall the worker's activities and the clients
+    alike; the load's records make a large heap)."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self.over_20ms = 0
+        self._started = 0.0
+        gc.callbacks.append(self._on)
+
+    def _on(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._started
+        self.longest = max(self.longest, took)
+        self.over_20ms += took > 0.02
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on)
 
 
 class _WorkerProcess:
@@ -334,6 +362,7 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
             ))
             t_load = time.monotonic()
             offset = time.time() - time.monotonic()
+            gc_pauses = _GcPauses()
             await load.start()
             await asyncio.sleep(1.0)
             t_warm = time.monotonic()
@@ -362,6 +391,7 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
             finally:
                 await load.stop()
             t_end = time.monotonic()
+            gc_pauses.close()
         timelines = [await _timeline(catalog, r.migration_id, offset, hi)
                      for r, (_, hi) in zip(results, windows, strict=True)]
         steps = [await _pause_steps(catalog, r.migration_id) for r in results]
@@ -406,6 +436,8 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
             "steady_s_between_moves": steady_s,
             "worker": "stock" if stock_worker else "heartbeat-throttle-1s",
             "worker_mode": worker_mode,
+            "gc_pause_ms_max": round(gc_pauses.longest * 1000, 1),
+            "gc_pauses_over_20ms": gc_pauses.over_20ms,
             "other_keys": other_keys,
             **parts,
         }

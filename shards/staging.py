@@ -50,7 +50,6 @@ MAX_PARTS = 100_000
 
 # Filesystems private to one host (or process): staging there is not shared by default.
 _PRIVATE = {"local", "mock"}
-_LOCAL_FILES = {"local"}
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
 
 
@@ -115,11 +114,13 @@ class Staging:
         self.shared = shared if shared is not None else self.fs.type_name not in _PRIVATE
         """Whether every worker sees this staging area (else a move's import must run on the
         worker that exported)."""
-        self.compression = compression or (
-            "lz4" if self.fs.type_name in _LOCAL_FILES else "zstd")
-        """The codec of the parts exported here (``Settings.staging_compression``): by
-        default lz4 on a local path (CPU is what a copy runs out of), zstd on an object
-        store (about half the bytes to upload and download on poorly compressible text)."""
+        self.compression = compression or "zstd"
+        """The codec of the parts exported here (``Settings.staging_compression``, default
+        zstd). lz4 takes about half zstd's CPU to write and read back, for about twice the
+        staged bytes on poorly compressible text; on a quiet 2-core host it bought no
+        wall-clock time (the target's COPY sets the pace), so it is the operator's choice
+        for workers short of CPU, not the default (docs/architecture.md, "Performance: bulk
+        copy")."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Staging:

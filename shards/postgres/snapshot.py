@@ -317,10 +317,8 @@ def export_chunk(
             manifest exists).
         resume: Skip parts already staged. False re-exports every part (same names, so the
             files are overwritten).
-        compression: Parquet codec (``lz4``, ``zstd``, ``snappy``, ``none``); default: the
-            staging area's (``Staging.compression``: lz4 on a local path, about half zstd's
-            CPU to write and read back; zstd on an object store, about half lz4's bytes on
-            poorly compressible text).
+        compression: Parquet codec (``zstd``, ``lz4``, ``snappy``, ``none``); default: the
+            staging area's (``Staging.compression``, zstd unless set).
         batch_bytes: Bytes of COPY rows turned into one record batch (bounds memory).
         progress: Called after every batch and part with an :class:`ExportProgress`.
         throttle: Paces the reads and pauses them while the source is busy (see

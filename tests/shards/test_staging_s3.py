@@ -61,12 +61,12 @@ def _codec(staging: Staging, mid: str, part: int) -> str:
         return str(pq.ParquetFile(f).metadata.row_group(0).column(0).compression)
 
 
-def test_the_parts_codec_follows_the_staging_area_unless_set(s3: S3Server, tmp_path) -> None:
-    assert Staging(tmp_path).compression == "lz4"  # a local path: CPU is the scarcer
+def test_the_parts_codec_is_zstd_unless_set(s3: S3Server, tmp_path) -> None:
+    assert Staging(tmp_path).compression == "zstd"
     assert Staging.from_settings(Settings(staging_url=f"s3://{BUCKET}/x",
                                           s3=_settings(s3))).compression == "zstd"
     assert Staging.from_settings(Settings(staging_url=str(tmp_path),
-                                          staging_compression="zstd")).compression == "zstd"
+                                          staging_compression="lz4")).compression == "lz4"
     assert Staging.from_settings(Settings(staging_url=f"s3://{BUCKET}/x", s3=_settings(s3),
                                           staging_compression="lz4")).compression == "lz4"
     with pytest.raises(ValueError, match="staging_compression"):
@@ -104,7 +104,6 @@ async def test_export_import_and_retried_export_on_s3(pg18_dsns, collection_name
     first = export_chunk(src, collection_name, FULL, staging, "s3-retry", target_part_rows=10)
     names = _objects(staging, "s3-retry")
     assert names == ["manifest.json"] + [f"part-{p:05d}.parquet" for p in range(3)]
-    # On an object store the parts are zstd by default: bytes cross the network twice.
     assert staging.compression == "zstd" and _codec(staging, "s3-retry", 0) == "ZSTD"
 
     # A retried export resumes (nothing rewritten), a full one overwrites the same names.
