@@ -487,6 +487,7 @@ def _copy_messages(conn: psycopg.Connection, copy: psycopg.Copy) -> Iterator[Buf
     """
     get_copy_data = conn.pgconn.get_copy_data
     data: Buffer
+    first = True
     while True:
         n, data = get_copy_data(1)
         if n == 0:  # nothing complete buffered: psycopg waits for the socket
@@ -495,10 +496,24 @@ def _copy_messages(conn: psycopg.Connection, copy: psycopg.Copy) -> Iterator[Buf
         elif n < 0:  # the COPY ended before its trailer: the server's result says why
             _raise_copy_end(conn)
         yield data
-        if len(data) == 2 and data == _COPY_TRAILER:
+        if _ends_rows(data, first):
             while data := copy.read():  # the end of the COPY (nothing should follow)
                 yield data
             return
+        first = False
+
+
+def _ends_rows(data: Buffer, first: bool) -> bool:
+    """Whether a CopyData message ends the rows: the trailer alone, or, when there is no row
+    at all, the first message, which then carries the file header and the trailer."""
+    n = len(data)
+    if n == 2:
+        return bytes(data) == _COPY_TRAILER
+    if not first or n < _COPY_HEADER_LEN + 2:
+        return False
+    view = memoryview(data)
+    (ext,) = struct.unpack_from("!I", view, _COPY_HEADER_LEN - 4)
+    return n == _COPY_HEADER_LEN + ext + 2 and bytes(view[-2:]) == _COPY_TRAILER
 
 
 def _raise_copy_end(conn: psycopg.Connection) -> NoReturn:

@@ -385,6 +385,19 @@ def test_copy_out_read_whole_and_a_server_error_mid_stream_raised(pg18_dsns):
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+@pytest.mark.parametrize("rows", [0, 1])
+def test_copy_out_of_an_empty_or_one_row_range(pg18_dsns, rows):
+    """With no row, the server sends the file header and the trailer in one message; the
+    reader must take that as the end of the data, not as a COPY cut short (an empty chunk
+    is an ordinary move: a drain moves them all)."""
+    query = ("SELECT g::bigint AS khash, 'id' || g AS id, jsonb_build_object('n', g) AS doc"
+             f" FROM generate_series(1, {rows}) g")
+    with psycopg.connect(pg18_dsns[0]) as conn:
+        got = list(_copy_batches(conn, psycopg.sql.SQL(query), 1 << 16))
+        assert sum(t.num_rows for t in got) == rows
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 # -- range delete --------------------------------------------------------------------------------
 
 
