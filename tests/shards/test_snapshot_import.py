@@ -390,10 +390,11 @@ def test_copy_out_of_an_empty_or_one_row_range(pg18_dsns, rows):
     """With no row, the server sends the file header and the trailer in one message; the
     reader must take that as the end of the data, not as a COPY cut short (an empty chunk
     is an ordinary move: a drain moves them all)."""
-    query = ("SELECT g::bigint AS khash, 'id' || g AS id, jsonb_build_object('n', g) AS doc"
-             f" FROM generate_series(1, {rows}) g")
+    query = psycopg.sql.SQL(
+        "SELECT g::bigint AS khash, 'id' || g AS id, jsonb_build_object('n', g) AS doc"
+        " FROM generate_series(1, {}) g").format(psycopg.sql.Literal(rows))
     with psycopg.connect(pg18_dsns[0]) as conn:
-        got = list(_copy_batches(conn, psycopg.sql.SQL(query), 1 << 16))
+        got = list(_copy_batches(conn, query, 1 << 16))
         assert sum(t.num_rows for t in got) == rows
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
