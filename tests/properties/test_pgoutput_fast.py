@@ -88,7 +88,7 @@ class Buffered:
         return len(frame)
 
     def consume_input(self) -> None:
-        pass
+        """Nothing to read: every frame of the stand-in is buffered from the start."""
 
     def close(self) -> None:
         for s in self._pair:

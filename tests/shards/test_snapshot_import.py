@@ -141,6 +141,18 @@ async def test_import_refuses_a_foreign_part(pg18_dsns, collection_name, staging
         assert [r[0] for r in parts] == [0]
 
 
+def _append_a_row_of_part_0(staging, mid: str, collection: str, manifest, part: int) -> pa.Table:
+    """Rewrite staged ``part`` with the first row of part 0 appended (a row outside its
+    range, under the part's own metadata); returns part 0."""
+    part0 = pa.Table.from_batches(list(read_part(staging, mid, 0)))
+    rows = pa.Table.from_batches(list(read_part(staging, mid, part)))
+    forged = pa.concat_tables([rows, part0.slice(0, 1)])
+    schema = PART_SCHEMA.with_metadata(part_metadata(mid, collection, part, manifest.parts[part]))
+    pq.write_table(forged.replace_schema_metadata(schema.metadata),
+                   Path(staging.root) / mid / f"part-{part:05d}.parquet")
+    return part0
+
+
 async def test_import_refuses_rows_outside_the_part_range(pg18_dsns, collection_name, staging):
     """A part file with the right metadata but a row of another sub-range: the importer (its
     read-ahead thread finds it) stops before the part commits and leaves no thread behind."""
@@ -151,13 +163,7 @@ async def test_import_refuses_rows_outside_the_part_range(pg18_dsns, collection_
     export_chunk(src, collection_name, FULL, staging, "stray", target_part_rows=10)
     manifest = load_manifest(staging, "stray")
     assert manifest is not None
-    part0 = pa.Table.from_batches(list(read_part(staging, "stray", 0)))
-    part1 = pa.Table.from_batches(list(read_part(staging, "stray", 1)))
-    forged = pa.concat_tables([part1, part0.slice(0, 1)])  # one row of part 0 at the end
-    schema = PART_SCHEMA.with_metadata(
-        part_metadata("stray", collection_name, 1, manifest.parts[1]))
-    pq.write_table(forged.replace_schema_metadata(schema.metadata),
-                   Path(staging.root) / "stray" / "part-00001.parquet")
+    part0 = _append_a_row_of_part_0(staging, "stray", collection_name, manifest, 1)
     with pytest.raises(StagedPartError, match="fall outside"):
         import_parts(dst, collection_name, staging, "stray", batch_rows=4)
     with psycopg.connect(dst) as conn:
@@ -183,13 +189,7 @@ async def test_import_skips_a_part_another_importer_committed_meanwhile(pg18_dsn
     export_chunk(src, collection_name, FULL, staging, "zombie", target_part_rows=10)
     manifest = load_manifest(staging, "zombie")
     assert manifest is not None and len(manifest.parts) == 6
-    part2 = pa.Table.from_batches(list(read_part(staging, "zombie", 2)))
-    part0 = pa.Table.from_batches(list(read_part(staging, "zombie", 0)))
-    forged = pa.concat_tables([part2, part0.slice(0, 1)])  # a row of part 0 at the end
-    schema = PART_SCHEMA.with_metadata(
-        part_metadata("zombie", collection_name, 2, manifest.parts[2]))
-    pq.write_table(forged.replace_schema_metadata(schema.metadata),
-                   Path(staging.root) / "zombie" / "part-00002.parquet")
+    _append_a_row_of_part_0(staging, "zombie", collection_name, manifest, 2)
 
     def claim_elsewhere(p) -> None:
         if p.part_in_flight == 0 and p.parts_done == 0:
