@@ -534,6 +534,18 @@ def pause_breakdown(steps: list[CutoverStep]) -> str:
     return ": " + ", ".join(parts) if parts else ""
 
 
+def read_pause_breakdown(detail: str | None) -> dict[str, float]:
+    """:func:`pause_breakdown` read back from a commit mark's detail: step -> ms (empty for
+    a mark written before the steps were recorded)."""
+    if not detail or ": " not in detail:
+        return {}
+    steps: dict[str, float] = {}
+    for part in detail.split(": ", 1)[1].split(", "):
+        name, ms, _unit = part.rsplit(" ", 2)
+        steps[name] = float(ms)
+    return steps
+
+
 def _marks(run: _Run, outcome: CutoverResult | BaseException | None) -> list[MoveSample]:
     """The timeline's marks of one cutover attempt: when it froze the old owner, and how it
     ended (committed with its pause, undone, failed), or how the catalog settled it."""

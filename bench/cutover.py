@@ -256,17 +256,12 @@ async def _timeline(catalog: Any, migration_id: str, offset: float, end: float
 async def _pause_steps(catalog: Any, migration_id: str) -> dict[str, float]:
     """The committed cutover's steps inside the pause (ms), from its timeline's commit mark
     (``"fwd: freeze_old 2.1 ms, ..."``)."""
+    from activities.cutover import read_pause_breakdown
     from catalog.timeline import MarkName
 
     samples = await catalog.move_samples(migration_id)
     commit = next((s for s in reversed(samples) if s.name == MarkName.CUTOVER_COMMIT), None)
-    if commit is None or not commit.detail or ": " not in commit.detail:
-        return {}
-    out: dict[str, float] = {}
-    for part in commit.detail.split(": ", 1)[1].split(", "):
-        name, ms, _unit = part.rsplit(" ", 2)
-        out[name] = float(ms)
-    return out
+    return read_pause_breakdown(commit.detail if commit else None)
 
 
 def _split_latencies(records: list[Any], windows: list[tuple[float, float]], since: float
