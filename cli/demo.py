@@ -30,6 +30,7 @@ from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import Runtime
 
 from catalog import Catalog
 from catalog.admin import provision_collection
@@ -38,6 +39,7 @@ from cli.moves import watch_migration
 from cli.render import print_result
 from cli.report import build, write_plot
 from infra import Stack
+from infra.temporal_client import outlive_interpreter
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.mongo.server import serving
@@ -191,7 +193,8 @@ async def _demo(settings: Settings, stack: Stack, via: str) -> int:
 
             client = await Client.connect(stack.temporal.address,
                                           namespace=settings.temporal.namespace,
-                                          data_converter=pydantic_data_converter)
+                                          data_converter=pydantic_data_converter,
+                                          runtime=outlive_interpreter(Runtime.default()))
             worker_task = asyncio.create_task(
                 run_worker(worker_settings, stop=stop_worker, client=client), name="demo-worker")
             _step(f"worker running in-process on task queue {task_queue!r}")

@@ -95,8 +95,9 @@ async def watch(handle: Any, query: Any, fmt: Callable[[Any, float], str], *,
     out = out or sys.stdout
     tty = out.isatty() if tty is None else tty
     # Ctrl-C sets this (in the main thread): every wait below ends on it, even one inside
-    # the SDK that would swallow asyncio.run's cancellation (a query to a workflow no worker
-    # answers went on for 30 s after Ctrl-C now and then).
+    # the SDK that would swallow asyncio.run's cancellation. (The process that then hung now
+    # and then on its way out was the SDK's runtime torn down at exit: see
+    # infra.temporal_client.outlive_interpreter.)
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
     try:

@@ -6,6 +6,8 @@ workflows and activities the worker hosts (a shorter ``shardshift`` start).
 
 from __future__ import annotations
 
+import ctypes
+
 from temporalio.client import Client, TLSConfig
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import Runtime
@@ -38,5 +40,23 @@ async def connect(
         api_key=temporal.api_key.get_secret_value() if temporal.api_key else None,
         data_converter=pydantic_data_converter,
         interceptors=[telemetry.tracing_interceptor()],
-        runtime=runtime,
+        runtime=outlive_interpreter(runtime or Runtime.default()),
     )
+
+
+_KEPT: set[int] = set()
+
+
+def outlive_interpreter(runtime: Runtime) -> Runtime:
+    """``runtime``, kept alive until the process ends: never torn down at interpreter exit.
+
+    Tearing the SDK's runtime down waits for its threads. A thread that completes a call still
+    in flight as the process leaves (a query no worker answers when Ctrl-C detaches ``watch``,
+    a cancelled long poll) waits for the GIL, and once the interpreter is finalizing it never
+    gets it: the exit hung for good (the SDK's futures resolve through pyo3-async-runtimes, see
+    temporalio/sdk-python#300). With one reference nobody releases, the runtime is never
+    dropped and the process's exit ends its threads."""
+    if id(runtime) not in _KEPT:
+        _KEPT.add(id(runtime))
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(runtime))
+    return runtime

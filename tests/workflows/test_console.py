@@ -350,6 +350,57 @@ async def test_without_a_worker_commands_say_so_and_ctrl_c_detaches(
         await handle.terminate("test over")
 
 
+# A process of ours leaving while Temporal calls are still in flight: what Ctrl-C on ``watch``
+# does when the query and the long poll for the result are both waiting on a workflow no
+# worker runs. Run as its own interpreter: the exit itself is under test.
+LEAVE_WITH_CALLS_IN_FLIGHT = """
+import asyncio, sys
+from infra.temporal_client import connect
+from settings import TemporalSettings
+
+async def main() -> None:
+    client = await connect(TemporalSettings(address=sys.argv[1]))
+    handle = client.get_workflow_handle(sys.argv[2])
+    calls = [asyncio.ensure_future(handle.query("progress")) for _ in range(10)]
+    calls += [asyncio.ensure_future(handle.result()) for _ in range(10)]
+    _, pending = await asyncio.wait(calls, timeout=0.5)
+    print("in flight:", len(pending), flush=True)
+    raise KeyboardInterrupt
+
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+async def test_leaving_with_temporal_calls_in_flight_exits_at_once(
+    temporal_client: Client, stack: Stack,
+) -> None:
+    """The SDK's runtime, torn down at interpreter exit, waited for a thread completing a
+    cancelled call, which waited for the GIL of an interpreter already finalizing: the
+    process hung for good (14 of 15 such exits before ``outlive_interpreter``)."""
+    wf_id = f"leave-nobody-{uuid.uuid4().hex[:6]}"
+    handle = await temporal_client.start_workflow(
+        "NobodyRunsThis", id=wf_id, task_queue=f"nobody-{uuid.uuid4().hex[:6]}")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", LEAVE_WITH_CALLS_IN_FLIGHT, stack.temporal.address, wf_id,
+            env=cli_env(stack), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            if proc.returncode is None:  # hung on its way out
+                proc.kill()
+                await proc.wait()
+        assert out.strip() == b"in flight: 20", (out, err)
+        assert proc.returncode == 130, (out, err)
+        assert err == b"", err
+    finally:
+        await handle.terminate("test over")
+
+
 # -- shard add, list, remove ------------------------------------------------------------------------
 
 
