@@ -157,7 +157,9 @@ def _serve_worker(stock: bool) -> int:
     """``--serve-worker``: the body of ``_WorkerProcess`` (settings from the environment)."""
     from temporalio.client import Client
     from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.runtime import Runtime
 
+    from infra.temporal_client import outlive_interpreter
     from settings import Settings
 
     settings = Settings.model_validate_json(os.environ["SHARDSHIFT_BENCH_WORKER_SETTINGS"])
@@ -166,7 +168,8 @@ def _serve_worker(stock: bool) -> int:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         client = await Client.connect(settings.temporal.address,
-                                      data_converter=pydantic_data_converter)
+                                      data_converter=pydantic_data_converter,
+                                      runtime=outlive_interpreter(Runtime.default()))
         await _worker(settings, client, stop, stock)
 
     asyncio.run(serve())
