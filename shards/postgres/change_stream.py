@@ -321,6 +321,8 @@ class ChangeStream:
                 else:
                     out.append(txn)
         elif kind == 0x6B:  # 'k' primary keepalive
+            if len(data) < 1 + _KEEPALIVE.size:
+                raise ProtocolError(f"malformed keepalive ({len(data)} bytes)")
             wal_end, _send_time, reply = _KEEPALIVE.unpack_from(data, 1)
             self.stats.keepalives += 1
             if wal_end > self.server_lsn:

@@ -302,68 +302,76 @@ class ChunkDecoder:
         shaped ``(khash, id, doc)`` (the C accelerator decodes exactly those)."""
 
     def feed(self, buf: bytes) -> Transaction | None:
-        """Decode one pgoutput message; returns the transaction when ``buf`` is its Commit."""
-        tag = buf[0]
-        if (tag == 0x49 or tag == 0x55) and buf[5] == 0x4E:
-            # The hot path: an Insert, or an Update without an old key, of a document row
-            # shaped (khash, id, doc); anything else falls through to the general handlers.
-            (relid,) = _OID.unpack_from(buf, 1)
-            rel = self._relations.get(relid)
-            if rel is not None and rel.doc_row and not self._skip:
-                row = _doc_row(buf, 6)
-                txn = self._txn
-                if row is not None and txn is not None and type(row[2]) is bytes:
-                    khash = int(row[0])
-                    if self.lo <= khash < self.hi:
-                        txn.changes.append(_tnew(Upsert, (khash, row[1], row[2], tag == 0x49)))
-                        self.decoded_changes += 1
-                    return None
-        if tag == 0x49:  # 'I' insert
-            self._insert(buf)
-        elif tag == 0x55:  # 'U' update
-            self._update(buf)
-        elif tag == 0x44:  # 'D' delete
-            self._delete(buf)
-        elif tag == 0x42:  # 'B' begin
-            if self._txn is not None:
-                raise ProtocolError("Begin inside an open transaction")
-            final_lsn, ts, xid = _BEGIN.unpack_from(buf, 1)
-            self._txn = Transaction(xid=xid, commit_lsn=final_lsn, commit_time_us=ts)
-            self._skip = False
-        elif tag == 0x43:  # 'C' commit
-            txn = self._require_txn("Commit")
-            _flags, commit_lsn, end_lsn, ts = _COMMIT.unpack_from(buf, 1)
-            if commit_lsn != txn.commit_lsn:
-                raise ProtocolError(
-                    f"Commit at {lsn_to_str(commit_lsn)} closes the transaction that began "
-                    f"with final LSN {lsn_to_str(txn.commit_lsn)}"
-                )
-            txn.end_lsn = end_lsn
-            txn.commit_time_us = ts
-            self._txn = None
-            if self._skip:
-                # Keep the position (the server has sent it; the slot may move past it) but
-                # none of the foreign transaction's content.
-                txn.changes = []
-                txn.markers = []
-            return txn
-        elif tag == 0x52:  # 'R' relation
-            self._relation(buf)
-        elif tag == 0x4F:  # 'O' origin
-            txn = self._require_txn("Origin")
-            _origin_lsn, = _ORIGIN.unpack_from(buf, 1)
-            txn.origin, _ = _cstring(buf, 9)
-            if self.skip_origins:
-                self._skip = True
-        elif tag == 0x4D:  # 'M' logical message
-            self._message(buf)
-        elif tag == 0x54:  # 'T' truncate
-            self._truncate(buf)
-        elif tag == 0x59:  # 'Y' type: only describes custom types; ours are built in
-            pass
-        else:
-            raise ProtocolError(f"unexpected pgoutput message {chr(tag)!r}")
-        return None
+        """Decode one pgoutput message; returns the transaction when ``buf`` is its Commit.
+
+        A message this decoder cannot read (cut short, a bad length or number) is a
+        :class:`ProtocolError` naming it, whatever failed inside."""
+        try:
+            tag = buf[0]
+            if (tag == 0x49 or tag == 0x55) and buf[5] == 0x4E:
+                # The hot path: an Insert, or an Update without an old key, of a document row
+                # shaped (khash, id, doc); anything else falls through to the general handlers.
+                (relid,) = _OID.unpack_from(buf, 1)
+                rel = self._relations.get(relid)
+                if rel is not None and rel.doc_row and not self._skip:
+                    row = _doc_row(buf, 6)
+                    txn = self._txn
+                    if row is not None and txn is not None and type(row[2]) is bytes:
+                        khash = int(row[0])
+                        if self.lo <= khash < self.hi:
+                            txn.changes.append(_tnew(Upsert, (khash, row[1], row[2], tag == 0x49)))
+                            self.decoded_changes += 1
+                        return None
+            if tag == 0x49:  # 'I' insert
+                self._insert(buf)
+            elif tag == 0x55:  # 'U' update
+                self._update(buf)
+            elif tag == 0x44:  # 'D' delete
+                self._delete(buf)
+            elif tag == 0x42:  # 'B' begin
+                if self._txn is not None:
+                    raise ProtocolError("Begin inside an open transaction")
+                final_lsn, ts, xid = _BEGIN.unpack_from(buf, 1)
+                self._txn = Transaction(xid=xid, commit_lsn=final_lsn, commit_time_us=ts)
+                self._skip = False
+            elif tag == 0x43:  # 'C' commit
+                txn = self._require_txn("Commit")
+                _flags, commit_lsn, end_lsn, ts = _COMMIT.unpack_from(buf, 1)
+                if commit_lsn != txn.commit_lsn:
+                    raise ProtocolError(
+                        f"Commit at {lsn_to_str(commit_lsn)} closes the transaction that began "
+                        f"with final LSN {lsn_to_str(txn.commit_lsn)}"
+                    )
+                txn.end_lsn = end_lsn
+                txn.commit_time_us = ts
+                self._txn = None
+                if self._skip:
+                    # Keep the position (the server has sent it; the slot may move past it) but
+                    # none of the foreign transaction's content.
+                    txn.changes = []
+                    txn.markers = []
+                return txn
+            elif tag == 0x52:  # 'R' relation
+                self._relation(buf)
+            elif tag == 0x4F:  # 'O' origin
+                txn = self._require_txn("Origin")
+                _origin_lsn, = _ORIGIN.unpack_from(buf, 1)
+                txn.origin, _ = _cstring(buf, 9)
+                if self.skip_origins:
+                    self._skip = True
+            elif tag == 0x4D:  # 'M' logical message
+                self._message(buf)
+            elif tag == 0x54:  # 'T' truncate
+                self._truncate(buf)
+            elif tag == 0x59:  # 'Y' type: only describes custom types; ours are built in
+                pass
+            else:
+                raise ProtocolError(f"unexpected pgoutput message {chr(tag)!r}")
+            return None
+        except (IndexError, ValueError, struct.error) as exc:  # UnicodeDecodeError too
+            kind = repr(chr(buf[0])) if buf else "(empty)"
+            raise ProtocolError(f"malformed pgoutput message {kind} ({len(buf)} bytes): "
+                                f"{exc}") from exc
 
     # -- message handlers ----------------------------------------------------------------------
 

@@ -224,6 +224,20 @@ def test_a_damaged_document_frame_reads_alike_on_both_paths(data: st.DataObject)
     assert _outcome(frames, True) == _outcome(frames, False)
 
 
+def test_a_frame_cut_short_is_a_protocol_error_on_both_paths() -> None:
+    """A keepalive or an XLogData frame cut anywhere (its header or its message): both paths
+    refuse it as a ``ProtocolError`` (found: a short keepalive was a bare ``struct.error``, an
+    XLogData frame without its message a bare ``IndexError``)."""
+    from tests.properties.pgoutput_streams import begin
+
+    for whole in (_keepalive(7), _xlog(begin(10, 0, 5))):
+        for n in range(1, len(whole)):
+            for fast in (False, True):
+                outcome = _outcome([whole[:n]], fast)
+                assert isinstance(outcome, tuple) and outcome[0] == "ProtocolError", \
+                    (whole[:1], n, fast, outcome)
+
+
 # -- the batch: collapse and COPY buffers ------------------------------------------------------
 
 _changes = st.one_of(
