@@ -288,6 +288,7 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
               worker_mode: str = "in-process") -> dict[str, Any]:
     from temporalio.client import Client
     from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.runtime import Runtime
 
     from catalog import Catalog
     from catalog.admin import provision_collection
@@ -296,6 +297,7 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
         open_engines,
         register_stack_shards,
     )
+    from infra.temporal_client import outlive_interpreter
     from router.catalog_source import CatalogRouteSource
     from router.core import Router
     from router.errors import ShardUnavailableError
@@ -325,7 +327,8 @@ async def run(stack: Any, state: Path, moves: int, rate: float, docs: int, keys:
         still = next(c for c in cmap.chunks if c.chunk_id != chunk.chunk_id)
         load_keys = chunk_keys + keys_in(still.range, other_keys)
         client = await Client.connect(stack.temporal.address,
-                                      data_converter=pydantic_data_converter)
+                                      data_converter=pydantic_data_converter,
+                                      runtime=outlive_interpreter(Runtime.default()))
         if worker_mode == "process":
             worker_proc = _WorkerProcess(settings, stock_worker)
             worker_proc.start()

@@ -46,6 +46,7 @@ from catalog.admin import provision_collection
 from catalog.local_stack import private_stack, register_stack_shards
 from catalog.models import MigrationOutcome
 from infra import Stack
+from infra.temporal_client import outlive_interpreter
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from settings import RouterSettings, Settings, TemporalSettings
@@ -233,7 +234,7 @@ async def main(rounds: int, kinds: list[str]) -> int:
         # here and would be a warning).
         quiet = Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(
             filter=TelemetryFilter(core_level="ERROR", other_level="ERROR"))))
-        client = await Client.connect(stack.temporal.address, runtime=quiet,
+        client = await Client.connect(stack.temporal.address, runtime=outlive_interpreter(quiet),
                                       data_converter=pydantic_data_converter)
         staging = stack.state_dir / "staging"
         settings = Settings(catalog_dsn=stack.catalog_dsn, staging_url=str(staging),

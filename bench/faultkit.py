@@ -65,6 +65,7 @@ import psycopg
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError
 
 from catalog import Catalog
@@ -74,6 +75,7 @@ from catalog.local_stack import close_engines, open_engines, register_stack_shar
 from catalog.models import Chunk, MigrationOutcome
 from infra import Stack
 from infra.postgres import PostgresInstance
+from infra.temporal_client import outlive_interpreter
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from settings import RouterSettings, Settings, TemporalSettings
@@ -176,7 +178,8 @@ class Rig:
             await catalog.ensure_schema()
             shards = await register_stack_shards(catalog, stack)
             client = await Client.connect(stack.temporal.address,
-                                          data_converter=pydantic_data_converter)
+                                          data_converter=pydantic_data_converter,
+                                          runtime=outlive_interpreter(Runtime.default()))
         except BaseException:
             await catalog.close()
             raise

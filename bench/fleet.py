@@ -199,11 +199,13 @@ async def layout_valid(catalog: Any, collection: str, engines: dict[str, Any]) -
 async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from temporalio.client import Client
     from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.runtime import Runtime
 
     from catalog import Catalog, ShardState
     from catalog.admin import provision_collection
     from catalog.local_stack import close_engines, open_engines, register_stack_shards
     from infra.net import free_port_block
+    from infra.temporal_client import outlive_interpreter
     from settings import Settings, TemporalSettings
     from tests.workflows.procs import WorkerProcess, chunk_keys, preload_chunk
     from workflows import (
@@ -228,7 +230,8 @@ async def run(stack: Any, work: Path, args: argparse.Namespace) -> dict[str, Any
     shards = await register_stack_shards(catalog, stack)
     names = [s.shard_id for s in shards]
     engines = await open_engines(shards)
-    client = await Client.connect(stack.temporal.address, data_converter=pydantic_data_converter)
+    client = await Client.connect(stack.temporal.address, data_converter=pydantic_data_converter,
+                                  runtime=outlive_interpreter(Runtime.default()))
     move: dict[str, Any] = {"poll_s": args.poll_s, "cutover_retry_s": 0.2, "part_rows": 1000}
     if args.copy_rows_per_s is not None:
         move["copy_throttle"] = {"rows_per_s": args.copy_rows_per_s}

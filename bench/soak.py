@@ -55,11 +55,13 @@ async def run(stack: Any, work: Path, minutes: float, chunks: int, parallel: int
               docs: int) -> dict[str, Any]:
     from temporalio.client import Client, WorkflowFailureError
     from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.runtime import Runtime
 
     from bench.faultkit import leftovers, rss_mb
     from catalog import Catalog
     from catalog.admin import provision_collection
     from catalog.local_stack import close_engines, open_engines, register_stack_shards
+    from infra.temporal_client import outlive_interpreter
     from router.catalog_source import CatalogRouteSource
     from router.core import Router
     from settings import RouterSettings, Settings, TemporalSettings
@@ -87,7 +89,8 @@ async def run(stack: Any, work: Path, minutes: float, chunks: int, parallel: int
     names = [s.shard_id for s in shards]
     engines = await open_engines(shards)
     worker = WorkerProcess(settings, work / "worker.log")
-    client = await Client.connect(stack.temporal.address, data_converter=pydantic_data_converter)
+    client = await Client.connect(stack.temporal.address, data_converter=pydantic_data_converter,
+                                  runtime=outlive_interpreter(Runtime.default()))
     try:
         per_shard = max(1, chunks // len(names))
         cmap = await provision_collection(catalog, engines, COLLECTION, "acct",
