@@ -55,7 +55,9 @@ def outlive_interpreter(runtime: Runtime) -> Runtime:
     a cancelled long poll) waits for the GIL, and once the interpreter is finalizing it never
     gets it: the exit hung for good (the SDK's futures resolve through pyo3-async-runtimes, see
     temporalio/sdk-python#300). With one reference nobody releases, the runtime is never
-    dropped and the process's exit ends its threads."""
+    dropped and the process's exit ends its threads. The price: a runtime passed here is never
+    freed, so a process makes its runtimes once (the default one, a worker's own), not per
+    connection."""
     if id(runtime) not in _KEPT:
         _KEPT.add(id(runtime))
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(runtime))
