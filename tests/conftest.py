@@ -17,21 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from temporalio.runtime import Runtime
 
 from catalog.local_stack import up_and_provision
 from infra import Stack
 from infra.private import new_state_dir, private_settings
-from infra.temporal_client import outlive_interpreter
 from settings import InfraSettings
 
 if TYPE_CHECKING:
     from catalog import Catalog
-
-# The tests' Temporal clients use the SDK's default runtime: like every runtime of ours it is
-# never torn down, so a test process leaving with a call in flight exits (see
-# ``infra.temporal_client.outlive_interpreter``).
-outlive_interpreter(Runtime.default())
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 HAS_PG15 = (PG15_BIN / "postgres").exists()
