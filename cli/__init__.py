@@ -6,6 +6,6 @@ module (``infra``, ``router``, ``worker``, ``collection``, ``moves``, ``fleet``,
 ``temporal`` connects to Temporal and watches workflows, ``common`` holds what they share.
 """
 
-from cli.app import main
+from cli.app import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]

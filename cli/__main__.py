@@ -1,7 +1,5 @@
 """``python -m cli``: the ``shardshift`` command."""
 
-import sys
+from cli.app import run
 
-from cli.app import main
-
-sys.exit(main())
+run()

@@ -38,8 +38,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -497,6 +499,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"shardshift: {type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
+
+
+def run() -> None:
+    """``shardshift``: :func:`main`, then leave without the interpreter's teardown.
+
+    A Temporal call still in flight (Ctrl-C on ``watch``) is completed by an SDK thread that
+    needs the GIL; during finalization that thread hangs the exit (the runtime's teardown waits
+    for it) or, once the interpreter is gone, crashes it (SIGSEGV). So the exit handlers run,
+    what is written is flushed, and the process ends with ``os._exit``."""
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run(args: argparse.Namespace) -> int:
