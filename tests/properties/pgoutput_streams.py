@@ -201,3 +201,14 @@ def streams(draw: st.DrawFn) -> Case:
             txn.changes, txn.markers = [], []
         expected.append(txn)
     return Case(msgs, expected)
+
+
+def damage(data: st.DataObject, message: bytes) -> bytes:
+    """``message`` cut short, grown by a few bytes, or with one byte changed (drawn)."""
+    how = data.draw(st.sampled_from(["cut", "grow", "flip"]))
+    if how == "cut":
+        return message[:data.draw(st.integers(0, len(message) - 1))]
+    if how == "grow":
+        return message + data.draw(st.binary(min_size=1, max_size=8))
+    i = data.draw(st.integers(0, len(message) - 1))
+    return message[:i] + bytes([data.draw(st.integers(0, 255))]) + message[i + 1:]

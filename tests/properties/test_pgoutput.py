@@ -17,6 +17,7 @@ from tests.properties.pgoutput_streams import (
     Case,
     begin,
     commit,
+    damage,
     streams,
 )
 
@@ -45,16 +46,7 @@ def test_a_damaged_message_is_a_protocol_error(case: Case, data: st.DataObject) 
     "unpack_from requires a buffer of at least 8 bytes" for a broken stream)."""
     messages = list(case.messages)
     i = data.draw(st.integers(0, len(messages) - 1))
-    m = messages[i]
-    how = data.draw(st.sampled_from(["cut", "grow", "flip"]))
-    if how == "cut":
-        m = m[:data.draw(st.integers(0, len(m) - 1))]
-    elif how == "grow":
-        m = m + data.draw(st.binary(min_size=1, max_size=8))
-    else:
-        j = data.draw(st.integers(0, len(m) - 1))
-        m = m[:j] + bytes([data.draw(st.integers(0, 255))]) + m[j + 1:]
-    messages[i] = m
+    messages[i] = damage(data, messages[i])
     decoder = ChunkDecoder(COLLECTION, CHUNK, RANGE, PREFIX)
     try:
         for message in messages:

@@ -205,19 +205,18 @@ def test_a_damaged_document_frame_reads_alike_on_both_paths(data: st.DataObject)
     """A hot frame cut short, grown or with a byte changed (a length, a kind, a digit of the
     khash): the C side must never read past it nor make up a row; it hands what it cannot
     decode to Python, so both paths give the same transactions or the same error."""
-    from tests.properties.pgoutput_streams import begin, commit, insert, relation, update
+    from tests.properties.pgoutput_streams import (
+        begin,
+        commit,
+        damage,
+        insert,
+        relation,
+        update,
+    )
 
     h = data.draw(st.integers(-2000, 1999))
     row = [str(h).encode(), b"id", b'{"a": 1}']
-    hot = data.draw(st.sampled_from([insert(16385, row), update(16385, row)]))
-    how = data.draw(st.sampled_from(["cut", "grow", "flip"]))
-    if how == "cut":
-        hot = hot[:data.draw(st.integers(0, len(hot) - 1))]
-    elif how == "grow":
-        hot = hot + data.draw(st.binary(min_size=1, max_size=8))
-    else:
-        i = data.draw(st.integers(0, len(hot) - 1))
-        hot = hot[:i] + bytes([data.draw(st.integers(0, 255))]) + hot[i + 1:]
+    hot = damage(data, data.draw(st.sampled_from([insert(16385, row), update(16385, row)])))
     msgs = [relation(16385, "docs", COLLECTION, ["khash", "id", "doc"]), begin(10, 0, 5),
             insert(16385, [b"1", b"ok", b"{}"]), hot, commit(10, 11, 0)]
     frames = [_xlog(m) for m in msgs]
