@@ -41,6 +41,7 @@ from catalog import Catalog
 from infra import Stack, telemetry
 from infra.temporal_client import connect
 from settings import Settings, get_settings
+from shards.arrow_memory import use_copy_pool
 from shards.staging import Staging
 from workflows import ALL_WORKFLOWS
 from workflows.drain_shard import DrainShardInput
@@ -91,6 +92,7 @@ async def _run(settings: Settings, client: Client, task_queue: str | None,
     await catalog.ensure_schema()
     queue = task_queue or settings.temporal.task_queue
     staging = Staging.from_settings(settings)
+    arrow_pool = use_copy_pool()  # before any copy allocates: see shards/arrow_memory.py
     # Staging private to this host: a move's export and import run on this worker's own queue.
     home = None if staging.shared else home_queue(queue, staging)
     # Copy seats (fleet.worker_max_copies): the copies this worker seats run on a queue only
@@ -120,11 +122,11 @@ async def _run(settings: Settings, client: Client, task_queue: str | None,
             if seats.queue is not None:
                 await workers.enter_async_context(Worker(client, task_queue=seats.queue,
                                                          **common))
-            log.info("worker on %s (queue %s; staging %s, %s; %s)", settings.temporal.address,
-                     queue, staging.url,
+            log.info("worker on %s (queue %s; staging %s, %s; %s; Arrow pool %s)",
+                     settings.temporal.address, queue, staging.url,
                      f"private: copies pinned to queue {home}" if home else "shared",
                      f"{limit} copies at once, on queue {seats.queue}" if limit
-                     else "copies not limited")
+                     else "copies not limited", arrow_pool)
             await stop.wait()
     finally:
         await ctx.close()

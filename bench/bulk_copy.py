@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pyarrow as pa
 from psycopg import sql
 
 from infra import Stack
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_rows_per_s": round(n / load_s),
             "rss_before_move_mb": round(rss_before_mb, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "arrow_pool": pa.default_memory_pool().backend_name,
             "cpus": os.cpu_count(),
         }
         print(json.dumps(result))

@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict
 
+from shards.arrow_memory import use_copy_pool
 from shards.models import KeyRange
 from shards.names import check_collection
 from shards.postgres.schema import collection_table
@@ -214,6 +215,7 @@ def import_parts(
     """
     check_collection(collection)
     check_migration_id(migration_id)
+    use_copy_pool()
     started = time.monotonic()
     manifest = _wait_for(lambda: load_manifest(staging, migration_id), follow_export_s, poll_s)
     if manifest is None:
@@ -286,6 +288,7 @@ def import_part(
     Returns:
         Rows loaded, or None when the part was already imported (nothing changed).
     """
+    use_copy_pool()
     with _Feed(staging, manifest, [part], batch_rows=batch_rows) as feed:
         return _load_part(conn, manifest, part, feed, on_batch=on_batch)
 

@@ -66,6 +66,7 @@ from psycopg import sql
 from psycopg.abc import Buffer
 from pydantic import BaseModel, ConfigDict, Field
 
+from shards.arrow_memory import use_copy_pool
 from shards.models import KeyRange
 from shards.names import check_collection
 from shards.postgres.schema import collection_table
@@ -331,6 +332,7 @@ def export_chunk(
     check_migration_id(migration_id)
     if snapshot is not None:
         check_snapshot_name(snapshot)
+    use_copy_pool()
     started = time.monotonic()
     exported: list[int] = []
     skipped: list[int] = []
