@@ -39,6 +39,7 @@ from activities.copy_seats import CopySeats
 from activities.leases import LeaseKeeper
 from catalog import Catalog
 from infra import Stack, telemetry
+from infra.heap import settle_heap
 from infra.temporal_client import connect
 from settings import Settings, get_settings
 from shards.arrow_memory import use_copy_pool
@@ -127,6 +128,7 @@ async def _run(settings: Settings, client: Client, task_queue: str | None,
                      f"private: copies pinned to queue {home}" if home else "shared",
                      f"{limit} copies at once, on queue {seats.queue}" if limit
                      else "copies not limited", arrow_pool)
+            settle_heap("worker")  # the workers are up: start-up is over (see infra/heap.py)
             await stop.wait()
     finally:
         await ctx.close()

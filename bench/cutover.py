@@ -85,6 +85,7 @@ async def _worker(settings: Any, client: Any, stop: asyncio.Event, stock: bool) 
 
     from activities import MoveContext, all_activities
     from catalog import Catalog
+    from infra.heap import settle_heap
     from shards.staging import Staging
     from workflows import ALL_WORKFLOWS
 
@@ -97,6 +98,7 @@ async def _worker(settings: Any, client: Any, stop: asyncio.Event, stock: bool) 
                           graceful_shutdown_timeout=timedelta(seconds=10),
                           max_heartbeat_throttle_interval=timedelta(seconds=1),
                           default_heartbeat_throttle_interval=timedelta(seconds=1)):
+            settle_heap("worker")  # as worker.py does once its workers are up
             await stop.wait()
     finally:
         await ctx.close()

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from fastapi import FastAPI
 
 from infra import telemetry
+from infra.heap import settle_heap
 from router.catalog_source import CatalogRouteSource
 from router.core import Router
 from router.http import create_app
@@ -152,6 +153,7 @@ def serve(
     server = (telemetry.serve_metrics(tel, port_m, settings.telemetry.metrics_host)
               if port_m is not None else None)
     scheme = "https" if tls_cert else "http"
+    settle_heap("router")  # everything is imported and built: start-up is over
     log.info("router HTTP service on %s://%s:%d (OpenAPI: /docs)%s", scheme, host, port,
              f"; metrics on http://{server.host}:{server.port}/metrics" if server else "")
     try:

@@ -251,6 +251,13 @@ async def test_metrics_of_a_move_scraped_from_the_worker_and_the_router(
     router_lines = (logs_dir / "router.log").read_text().splitlines()
     assert all(line.startswith("{") and json.loads(line)["msg"] for line in router_lines), \
         router_lines
+    # Both long-running processes set their start-up heap aside from the collector (see
+    # infra/heap.py), once: tens of thousands of objects a full collection no longer walks.
+    for who, log_lines in (("worker", lines), ("router", map(json.loads, router_lines))):
+        settled = [x for x in log_lines if x["logger"] == "shardshift.heap"]
+        assert len(settled) == 1 and settled[0]["msg"].startswith(f"{who}: heap settled, "), \
+            settled
+        assert int(settled[0]["msg"].split(", ")[1].split()[0]) > 20_000, settled
 
 
 async def test_a_move_is_one_linked_trace(
