@@ -26,7 +26,7 @@ import re
 import signal
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -66,8 +66,13 @@ async def run_worker(
     client: Client | None = None,
     workflows: Sequence[type] = ALL_WORKFLOWS,
     metrics_port: int | None = None,
+    ready: Callable[[], object] | None = None,
 ) -> None:
     """Run a worker until ``stop`` is set (or a signal arrives when ``stop`` is None).
+
+    ``ready`` is called once the Temporal workers are up (polling their queues). The worker
+    process (:func:`main`) settles its heap there (``infra/heap.py``); a worker embedded in
+    another process (the demo, tests) leaves its host's heap alone.
 
     ``metrics_port`` (default ``settings.telemetry.metrics_port``; 0 picks a free port):
     serve ``/metrics`` there. Without ``client``, the worker's own client bridges the
@@ -83,11 +88,12 @@ async def run_worker(
             server = telemetry.serve_metrics(tel, port, settings.telemetry.metrics_host)
             stack.callback(server.close)
             log.info("metrics on http://%s:%d/metrics", server.host, server.port)
-        await _run(settings, client, task_queue, stop, workflows)
+        await _run(settings, client, task_queue, stop, workflows, ready)
 
 
 async def _run(settings: Settings, client: Client, task_queue: str | None,
-               stop: asyncio.Event | None, workflows: Sequence[type]) -> None:
+               stop: asyncio.Event | None, workflows: Sequence[type],
+               ready: Callable[[], object] | None = None) -> None:
     catalog = await Catalog(catalog_dsn(settings), max_size=8,
                             max_moves_per_shard=settings.fleet.max_moves_per_shard).open()
     await catalog.ensure_schema()
@@ -128,7 +134,8 @@ async def _run(settings: Settings, client: Client, task_queue: str | None,
                      f"private: copies pinned to queue {home}" if home else "shared",
                      f"{limit} copies at once, on queue {seats.queue}" if limit
                      else "copies not limited", arrow_pool)
-            settle_heap("worker")  # the workers are up: start-up is over (see infra/heap.py)
+            if ready is not None:
+                ready()
             await stop.wait()
     finally:
         await ctx.close()
@@ -244,7 +251,9 @@ def main(metrics_port: int | None = None,
     """The worker process: ``--metrics-port`` / ``--log-format`` override the settings."""
     settings = get_settings()
     telemetry.configure_logging(log_format or settings.telemetry.log_format)
-    asyncio.run(run_worker(settings, metrics_port=metrics_port))
+    # The process is the worker's: once its workers are up, start-up is over.
+    asyncio.run(run_worker(settings, metrics_port=metrics_port,
+                           ready=lambda: settle_heap("worker")))
 
 
 if __name__ == "__main__":

@@ -73,19 +73,26 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(s[k], 2)
 
 
-async def _worker(settings: Any, client: Any, stop: asyncio.Event, stock: bool) -> None:
+async def _worker(settings: Any, client: Any, stop: asyncio.Event, stock: bool,
+                  own_process: bool = False) -> None:
     """The shardshift worker in-process. Unless ``stock``: with a 1 s heartbeat throttle, so
-    a cancelled replication activity learns of it at once (see the module's report)."""
+    a cancelled replication activity learns of it at once (see the module's report). In a
+    process of its own (``own_process``) it settles its heap once up, as ``worker.py``'s
+    process does; in the bench's process it leaves the heap alone, as any embedded worker."""
+    from infra.heap import settle_heap
     from worker import run_worker
 
+    def ready() -> None:
+        if own_process:
+            settle_heap("worker")
+
     if stock:
-        await run_worker(settings, stop=stop, client=client)
+        await run_worker(settings, stop=stop, client=client, ready=ready)
         return
     from temporalio.worker import Worker
 
     from activities import MoveContext, all_activities
     from catalog import Catalog
-    from infra.heap import settle_heap
     from shards.staging import Staging
     from workflows import ALL_WORKFLOWS
 
@@ -98,7 +105,7 @@ async def _worker(settings: Any, client: Any, stop: asyncio.Event, stock: bool) 
                           graceful_shutdown_timeout=timedelta(seconds=10),
                           max_heartbeat_throttle_interval=timedelta(seconds=1),
                           default_heartbeat_throttle_interval=timedelta(seconds=1)):
-            settle_heap("worker")  # as worker.py does once its workers are up
+            ready()
             await stop.wait()
     finally:
         await ctx.close()
@@ -172,7 +179,7 @@ def _serve_worker(stock: bool) -> int:
         client = await Client.connect(settings.temporal.address,
                                       data_converter=pydantic_data_converter,
                                       runtime=outlive_interpreter(Runtime.default()))
-        await _worker(settings, client, stop, stock)
+        await _worker(settings, client, stop, stock, own_process=True)
 
     asyncio.run(serve())
     return 0

@@ -10,8 +10,11 @@ so a later full collection visits only what the process made since (15 ms in the
 What is frozen is still freed by reference counting; only cycles among those start-up
 objects would stay, and start-up made them to keep them.
 
-The worker calls :func:`settle_heap` once its Temporal workers are up (their workflow
-sandbox has imported the workflows by then), ``router serve`` before it starts serving.
+The worker process (``worker.main``: ``shardshift worker``, ``python worker.py``) calls
+:func:`settle_heap` once its Temporal workers are up (their workflow sandbox has imported
+the workflows by then), ``router serve`` before it starts serving. A worker embedded in
+another process (``run_worker`` in the demo, the tests, the in-process bench) leaves its
+host's heap alone: the freeze is the process owner's decision.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -321,3 +322,21 @@ async def test_a_move_is_one_linked_trace(
     for s in activities:
         assert s.parent is not None and by_id[s.parent.span_id].name.startswith(
             "StartActivity:"), s.name
+
+
+async def test_an_embedded_worker_says_when_it_is_up_and_leaves_its_hosts_heap_alone(
+    worker_settings: Settings, temporal_client: Client,
+) -> None:
+    """``run_worker(ready=...)`` is called once the workers poll (the demo starts its load
+    then); only the worker's own process (``worker.main``) freezes its heap there."""
+    frozen_before = gc.get_freeze_count()
+    up, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_worker(worker_settings, stop=stop, client=temporal_client,
+                                          ready=up.set))
+    try:
+        await asyncio.wait_for(up.wait(), 60)
+        assert not task.done()
+        assert gc.get_freeze_count() == frozen_before
+    finally:
+        stop.set()
+        await task
