@@ -269,6 +269,13 @@ class FleetSettings(_Frozen):
     the last copy activity of its move stopped (a move cancelled or killed never leaks one).
     Not Temporal's activity slots: a move's long stream runs beside its copy, and slots
     held by activities waiting for others could deadlock a worker."""
+    import_streams: int = Field(default=2, ge=1, le=16)
+    """Parts a move's import loads into the target at once, each on a target session of its
+    own (``SHARDSHIFT_FLEET__IMPORT_STREAMS``). One session's ``COPY`` keeps about one of the
+    target's cores busy (parsing the documents, maintaining the indexes); a second lets the
+    import use another core while the export still runs beside it. Each stream holds its
+    own read-ahead (up to 16 MiB of encoded rows) in the worker. 1: one part after the
+    other, as before."""
     copy_seat_idle_s: float = Field(default=60.0, gt=0, le=3600)
     """A copy seat no copy activity of its move used for this long is free again
     (``SHARDSHIFT_FLEET__COPY_SEAT_IDLE_S``); a copy activity that starts later takes a

@@ -136,11 +136,13 @@ class ImportActivities:
                     raise Stopped()  # cancelled: stop between parts (a retry resumes)
 
             result = import_parts(dsn, spec.collection, self.ctx.staging, staged,
-                                  progress=progress, follow_export_s=inp.follow_export_s)
+                                  progress=progress, follow_export_s=inp.follow_export_s,
+                                  streams=self.ctx.import_streams)
             sample(result.rows_imported, final=True)
-            metrics.log.info("imported %d parts into %s: %d rows (%d by this attempt) in %.1fs",
-                             result.parts_total, spec.target, result.rows_imported,
-                             counted["rows"], time.monotonic() - started)
+            metrics.log.info("imported %d parts into %s: %d rows (%d by this attempt, %d "
+                             "streams) in %.1fs", result.parts_total, spec.target,
+                             result.rows_imported, counted["rows"], self.ctx.import_streams,
+                             time.monotonic() - started)
             return ImportResult(parts=result.parts_total, rows=result.rows_imported)
 
         try:

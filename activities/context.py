@@ -34,7 +34,8 @@ class MoveContext:
 
     def __init__(self, catalog: Catalog, staging: Staging, *, max_threads: int = 64,
                  address_ttl_s: float = 5.0, db: DatabaseSettings | None = None,
-                 home_queue: str | None = None, seats: CopySeats | None = None) -> None:
+                 home_queue: str | None = None, seats: CopySeats | None = None,
+                 import_streams: int | None = None) -> None:
         """Args:
             home_queue: this worker's own task queue (serving the same activities), where a
                 move whose staging is private to this host runs its export and import.
@@ -42,6 +43,8 @@ class MoveContext:
                 only counted).
             db: whom activities connect to shards as (``db.mover_user``; default: the
                 process settings). The catalog's addresses say where.
+            import_streams: parts a move's import loads at once (default: the process
+                settings' ``fleet.import_streams``).
             address_ttl_s: a shard's address is re-read from the catalog (in the background)
                 when it was last read longer ago than this, so a shard re-registered at a new
                 address is followed within about that long.
@@ -51,6 +54,7 @@ class MoveContext:
         self.home_queue = home_queue
         self.seats = seats or CopySeats()
         self.db = db or get_settings().db
+        self.import_streams = import_streams or get_settings().fleet.import_streams
         self.executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="move")
         self.address_ttl_s = address_ttl_s
         self._engines: dict[str, PostgresShard] = {}

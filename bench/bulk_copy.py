@@ -11,7 +11,9 @@ index, created before any data, as on a real target):
 * ``shardshift``: :func:`export_chunk` (Parquet parts in a local staging directory) and
   :func:`import_parts` running concurrently, the importer following the exporter part by part
   (``follow_export_s``): also end to end, read and write overlapping, but every row passes
-  through Parquet on disk. The run also times the two stages one after the other
+  through Parquet on disk. The import loads ``--import-streams`` parts at once (default: what a
+  worker does, ``fleet.import_streams``, 2; before that setting the import was one stream,
+  ``--import-streams 1``). The run also times the two stages one after the other
   (``sequential_rows_per_s``), which is what a workflow that runs the snapshot and import
   activities strictly in sequence gets.
 
@@ -45,6 +47,7 @@ from psycopg import sql
 
 from infra import Stack
 from router.hashing import khash
+from settings import FleetSettings
 from shards.models import KHASH_END, KHASH_MIN, IndexDefinition, KeyRange
 from shards.postgres import PostgresShard
 from shards.postgres.bulk_import import import_parts
@@ -160,7 +163,8 @@ def pipelined(src: str, dst: str, staging: Staging, migration_id: str,
     exporter = threading.Thread(target=run_export, name="export")
     exporter.start()
     try:
-        import_parts(dst, "bench", staging, migration_id, follow_export_s=600)
+        import_parts(dst, "bench", staging, migration_id, follow_export_s=600,
+                     streams=args.import_streams)
     finally:
         exporter.join()
     if errors:
@@ -175,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compression", default=None,
                         help="the parts' codec (default: the staging area's, zstd)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--import-streams", type=int, default=FleetSettings().import_streams,
+                        help="parts the import loads at once (default: a worker's, %(default)s)")
     args = parser.parse_args(argv)
 
     stack, state = private_stack(2)
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                      compression=args.compression)
         export_s = time.perf_counter() - t
         t = time.perf_counter()
-        import_parts(dst, "bench", staging, "bench-seq")
+        import_parts(dst, "bench", staging, "bench-seq", streams=args.import_streams)
         import_s = time.perf_counter() - t
 
         for table in ("bench", "bench_pipe"):
@@ -226,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             "doc_bytes_avg": round(_avg_doc_bytes(src), 1),
             "parts": len(staging.parts("bench-seq")),
             "rounds": args.rounds,
+            "import_streams": args.import_streams,
             "copy_pipe_runs_s": [round(x, 3) for x in pipe_runs],
             "shardshift_runs_s": [round(x, 3) for x in pipelined_runs],
             "compression": args.compression or staging.compression,

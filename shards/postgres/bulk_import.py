@@ -189,6 +189,7 @@ def import_parts(
     follow_export_s: float | None = None,
     poll_s: float = 0.05,
     read_ahead_bytes: int = 16 << 20,
+    streams: int = 1,
 ) -> ImportResult:
     """Load every staged part of a migration into the target, resuming where it stopped.
 
@@ -198,13 +199,20 @@ def import_parts(
         staging: Where the parts are.
         migration_id: The migration whose parts to load.
         batch_rows: Rows per record batch read from Parquet and encoded at once.
-        progress: Called after every batch and part with an :class:`ImportProgress`.
+        progress: Called after every batch and part with an :class:`ImportProgress` (never
+            from two threads at once; an exception it raises stops the import).
         follow_export_s: When set, import while the export is still running: wait for the
             manifest and for each missing part to appear, at most this many seconds per part.
             Without it, a missing part is an error.
         poll_s: How often to look for a part while following an export.
-        read_ahead_bytes: Encoded COPY payload the reading thread may hold ready beyond the
-            batch being sent (see :class:`_Feed`; at least one batch is always allowed).
+        read_ahead_bytes: Encoded COPY payload each stream's reading thread may hold ready
+            beyond the batch being sent (see :class:`_Feed`; at least one batch is always
+            allowed).
+        streams: How many parts are loaded at once, each on a target session of its own
+            (the parts are dealt out in turn: stream ``k`` of ``n`` loads the ``k``-th, the
+            ``k+n``-th, ... part still to load). One part is still one transaction with its
+            claim, so what an interrupted import leaves and how it resumes are unchanged;
+            only which parts are committed when it stops differs.
 
     Returns:
         An :class:`ImportResult`; ``skipped_parts`` were already imported by earlier attempts.
@@ -215,6 +223,8 @@ def import_parts(
     """
     check_collection(collection)
     check_migration_id(migration_id)
+    if streams < 1:
+        raise ValueError(f"streams must be at least 1, not {streams}")
     use_copy_pool()
     started = time.monotonic()
     manifest = _wait_for(lambda: load_manifest(staging, migration_id), follow_export_s, poll_s)
@@ -225,53 +235,159 @@ def import_parts(
             f"migration {migration_id} staged collection {manifest.collection}, not {collection}"
         )
     total = len(manifest.parts)
-    imported: list[int] = []
-    with psycopg.connect(dsn, application_name=f"shardshift-import-{migration_id}") as conn:
+    app = f"shardshift-import-{migration_id}"
+    with psycopg.connect(dsn, application_name=app) as conn:
         done = done_parts(conn, migration_id)
         conn.rollback()
-        skipped = [p for p in range(total) if p in done]
-        rows_done = sum(done.values())
-        rows_here = 0
         todo = [p for p in range(total) if p not in done]
+        tally = _Tally(total, [p for p in range(total) if p in done], sum(done.values()),
+                       progress)
 
-        def feed_from(i: int) -> _Feed:
-            return _Feed(staging, manifest, todo[i:], batch_rows=batch_rows,
-                         max_bytes=read_ahead_bytes, follow_export_s=follow_export_s,
+        def lane(parts: list[int]) -> _Lane:
+            return _Lane(manifest, staging, parts, tally, batch_rows=batch_rows,
+                         read_ahead_bytes=read_ahead_bytes, follow_export_s=follow_export_s,
                          poll_s=poll_s)
 
-        feed = feed_from(0)
-        try:
-            for i, part in enumerate(todo):
-
-                def on_batch(rows: int, _before: int = rows_done, _part: int = part,
-                             _here: int = rows_here) -> None:
-                    if progress:
-                        progress(ImportProgress(rows_done=_before + rows,
-                                                parts_done=len(skipped) + len(imported),
-                                                parts_total=total, part_in_flight=_part,
-                                                rows_committed_here=_here))
-
-                n = _load_part(conn, manifest, part, feed, on_batch=on_batch)
-                if n is None:  # another importer committed it meanwhile
-                    skipped.append(part)
-                    if not feed.skip(part):  # its rows failed a check nobody needed: go on
-                        feed.close()
-                        feed = feed_from(i + 1)
-                    continue
-                rows_done += n
-                rows_here += n
-                imported.append(part)
-                if progress:
-                    progress(ImportProgress(rows_done=rows_done,
-                                            parts_done=len(skipped) + len(imported),
-                                            parts_total=total, rows_committed_here=rows_here))
-        finally:
-            feed.close()
+        n = max(1, min(streams, len(todo)))
+        lanes = [lane(todo[k::n]) for k in range(n)]
+        if n == 1:
+            lanes[0].run(conn)
+        else:
+            _run_lanes(dsn, app, conn, lanes)
     return ImportResult(
-        migration_id=migration_id, parts_total=total, imported_parts=tuple(imported),
-        skipped_parts=tuple(sorted(skipped)), rows_imported=rows_done,
+        migration_id=migration_id, parts_total=total, imported_parts=tuple(sorted(tally.imported)),
+        skipped_parts=tuple(sorted(tally.skipped)), rows_imported=tally.rows_done,
         seconds=time.monotonic() - started,
     )
+
+
+class _Tally:
+    """What the streams of one import have done, and its progress calls (one at a time)."""
+
+    def __init__(self, total: int, skipped: list[int], rows_done: int,
+                 progress: ImportProgressFn | None) -> None:
+        self.total, self.skipped, self.rows_done = total, skipped, rows_done
+        self.imported: list[int] = []
+        self.rows_here = 0
+        self._sending: dict[int, int] = {}  # part in flight -> rows sent, not yet committed
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    def sent(self, part: int, rows: int) -> None:
+        with self._lock:
+            self._sending[part] = rows
+            self._report(part)
+
+    def committed(self, part: int, rows: int) -> None:
+        with self._lock:
+            self._sending.pop(part, None)
+            self.rows_done += rows
+            self.rows_here += rows
+            self.imported.append(part)
+            self._report(None)
+
+    def skip(self, part: int) -> None:
+        with self._lock:
+            self._sending.pop(part, None)
+            self.skipped.append(part)
+
+    def _report(self, part: int | None) -> None:
+        if self._progress:
+            self._progress(ImportProgress(
+                rows_done=self.rows_done + sum(self._sending.values()),
+                parts_done=len(self.skipped) + len(self.imported), parts_total=self.total,
+                part_in_flight=part, rows_committed_here=self.rows_here))
+
+
+class _LaneStopped(Exception):
+    """Another stream of the same import failed: this one stops (its part rolls back)."""
+
+
+class _Lane:
+    """One stream of an import: its parts, in order, on one target session."""
+
+    def __init__(self, manifest: ExportManifest, staging: Staging, parts: list[int],
+                 tally: _Tally, *, batch_rows: int, read_ahead_bytes: int,
+                 follow_export_s: float | None, poll_s: float) -> None:
+        self.manifest, self.staging, self.parts, self.tally = manifest, staging, parts, tally
+        self._feed_args: dict[str, Any] = dict(batch_rows=batch_rows, max_bytes=read_ahead_bytes,
+                                               follow_export_s=follow_export_s, poll_s=poll_s)
+        self._lock = threading.Lock()
+        self._feed: _Feed | None = None
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Stop between batches: the part being sent rolls back; a wait for a part ends."""
+        with self._lock:
+            self._stopped = True
+            if self._feed is not None:
+                self._feed.abort()
+
+    def _check(self) -> None:
+        if self._stopped:
+            raise _LaneStopped()
+
+    def _feed_from(self, i: int) -> _Feed:
+        with self._lock:
+            self._check()
+            self._feed = _Feed(self.staging, self.manifest, self.parts[i:], **self._feed_args)
+            return self._feed
+
+    def run(self, conn: psycopg.Connection) -> None:
+        feed = self._feed_from(0)
+        try:
+            for i, part in enumerate(self.parts):
+
+                def on_batch(rows: int, _part: int = part) -> None:
+                    self._check()
+                    self.tally.sent(_part, rows)
+
+                self._check()
+                n = _load_part(conn, self.manifest, part, feed, on_batch=on_batch)
+                if n is None:  # another importer committed it meanwhile
+                    self.tally.skip(part)
+                    if not feed.skip(part):  # its rows failed a check nobody needed: go on
+                        feed.close()
+                        feed = self._feed_from(i + 1)
+                    continue
+                self.tally.committed(part, n)
+        finally:
+            feed.close()
+
+
+def _run_lanes(dsn: str, app: str, conn: psycopg.Connection, lanes: list[_Lane]) -> None:
+    """The first lane on ``conn`` in this thread, the others on threads and sessions of their
+    own; the first failure stops the rest and is raised once all have ended."""
+    errors: list[BaseException] = []
+    errors_lock = threading.Lock()
+
+    def failed(exc: BaseException) -> None:
+        with errors_lock:
+            if not isinstance(exc, _LaneStopped):
+                errors.append(exc)
+        for other in lanes:
+            other.stop()
+
+    def run_own(lane: _Lane) -> None:
+        try:
+            with psycopg.connect(dsn, application_name=app) as own:
+                lane.run(own)
+        except BaseException as exc:  # noqa: BLE001 - raised by the calling thread
+            failed(exc)
+
+    threads = [threading.Thread(target=run_own, args=(lane,), name=f"import-stream-{k}",
+                                daemon=True) for k, lane in enumerate(lanes[1:], 1)]
+    for t in threads:
+        t.start()
+    try:
+        lanes[0].run(conn)
+    except BaseException as exc:  # noqa: BLE001 - raised below, after the others stopped
+        failed(exc)
+    finally:
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
 
 
 def import_part(
@@ -375,18 +491,25 @@ class _Feed:
         self.close()
 
     def close(self) -> None:
+        self.abort()
+        self._thread.join()
+
+    def abort(self) -> None:
+        """Stop the thread and wake a consumer waiting for a message (it raises
+        :class:`_LaneStopped`); any thread may call it. :meth:`close` also waits."""
         with self._cond:
             self._stopped = True
             self._items.clear()
             self._bytes = 0
             self._cond.notify_all()
-        self._thread.join()
 
     # -- the consumer's side ----------------------------------------------------------------
 
     def _next(self, part: int) -> tuple[str, Any]:
         with self._cond:
             while not self._items:
+                if self._stopped:
+                    raise _LaneStopped()
                 self._cond.wait()
             kind, got, value = self._items.popleft()
             if kind == "batch":

@@ -258,6 +258,163 @@ async def test_ramped_plan_round_trips_with_import_following_export(pg18_dsns, c
                           checksum_range(dst, collection_name, FULL, buckets=16)) == []
 
 
+# -- several parts at once (``import_parts(streams=...)``, a worker's ``fleet.import_streams``) --
+
+
+def _import_threads() -> list[str]:
+    return [t.name for t in threading.enumerate()
+            if t.name == "import-read-ahead" or t.name.startswith("import-stream-")]
+
+
+def _committed(dst: str, mid: str) -> dict[int, int]:
+    with psycopg.connect(dst) as conn:
+        return {int(p): int(n) for p, n in conn.execute(
+            "SELECT part, rows FROM shardshift.import_parts WHERE migration_id = %s", (mid,))}
+
+
+async def test_import_in_streams_follows_the_export_with_parts_loading_at_once(
+        pg18_dsns, collection_name, staging):
+    """Three streams following a running export: every part loaded once, the target equal to
+    the source, and parts were in flight on more than one session at a time."""
+    src, dst = pg18_dsns[0], pg18_dsns[1]
+    await prepare(src, collection_name)
+    await prepare(dst, collection_name)
+    docs = make_docs(12_000)
+    load_docs(src, collection_name, docs)
+    errors: list[BaseException] = []
+    in_flight: dict[str, set[int]] = {}
+
+    def export() -> None:
+        try:
+            export_chunk(src, collection_name, FULL, staging, "streams-1", target_part_rows=1_500)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    def seen(p) -> None:
+        if p.part_in_flight is not None:
+            in_flight.setdefault(threading.current_thread().name, set()).add(p.part_in_flight)
+
+    exporter = threading.Thread(target=export)
+    exporter.start()
+    try:
+        imported = import_parts(dst, collection_name, staging, "streams-1", batch_rows=500,
+                                follow_export_s=120, progress=seen, streams=3)
+    finally:
+        exporter.join()
+    assert not errors
+    total = imported.parts_total
+    assert total >= 6 and imported.imported_parts == tuple(range(total))
+    assert imported.rows_imported == 12_000 and sum(_committed(dst, "streams-1").values()) == 12_000
+    assert len(in_flight) == 3, in_flight  # the calling thread and two stream threads
+    assert sorted(p for parts in in_flight.values() for p in parts) == list(range(total))
+    got = read_docs(dst, collection_name)
+    assert len(got) == 12_000 and keyed(got) == keyed(docs)
+    assert diff_checksums(checksum_range(src, collection_name, FULL, buckets=16),
+                          checksum_range(dst, collection_name, FULL, buckets=16)) == []
+    assert not _import_threads()
+
+
+async def test_a_failing_stream_stops_the_others_even_one_waiting_for_a_part(
+        pg18_dsns, collection_name, staging):
+    """Two streams: stream 0 (parts 0, 2, 4) waits for part 4, which the export has not
+    staged yet (it may wait 10 minutes), when stream 1 (parts 1, 3, 5) finds a row of another
+    part in part 5. The import raises that at once, only whole parts are committed, and no
+    thread is left."""
+    src, dst = pg18_dsns[0], pg18_dsns[1]
+    await prepare(src, collection_name)
+    await prepare(dst, collection_name)
+    load_docs(src, collection_name, make_docs(60))
+    export_chunk(src, collection_name, FULL, staging, "streams-bad", target_part_rows=10)
+    manifest = load_manifest(staging, "streams-bad")
+    assert manifest is not None and len(manifest.parts) == 6
+    _append_a_row_of_part_0(staging, "streams-bad", collection_name, manifest, 5)
+    (Path(staging.root) / "streams-bad" / "part-00004.parquet").unlink()  # "still exporting"
+    stream0_done_two = threading.Event()
+    stream0_waiting = threading.Event()
+    probes_of_4: list[float] = []
+
+    class Watched(Staging):
+        def exists(self, migration_id: str, part: int) -> bool:
+            if part == 4 and stream0_done_two.is_set():
+                probes_of_4.append(0.0)
+                if len(probes_of_4) >= 3:  # its reading thread polls: stream 0 is waiting
+                    stream0_waiting.set()
+            return super().exists(migration_id, part)
+
+        def open_part(self, migration_id: str, part: int):
+            if part == 5:  # stream 1's reading thread: fail only once stream 0 waits
+                assert stream0_waiting.wait(60), "stream 0 never waited for part 4"
+            return super().open_part(migration_id, part)
+
+    commits: dict[str, int] = {}
+
+    def progress(p) -> None:
+        name = threading.current_thread().name
+        if p.part_in_flight is None:
+            commits[name] = commits.get(name, 0) + 1
+            if name != "import-stream-1" and commits[name] == 2:
+                stream0_done_two.set()
+
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            import_parts(dst, collection_name, Watched(staging.root), "streams-bad",
+                         batch_rows=4, follow_export_s=600, progress=progress, streams=2)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            outcome.append(exc)
+
+    importer = threading.Thread(target=run)
+    importer.start()
+    importer.join(timeout=120)  # a stream left waiting would hold it for 600 s
+    assert not importer.is_alive(), "stream 0 kept waiting after stream 1 failed"
+    assert stream0_waiting.is_set()
+    assert len(outcome) == 1 and isinstance(outcome[0], StagedPartError)
+    assert "fall outside" in str(outcome[0])
+    committed = _committed(dst, "streams-bad")
+    assert sorted(committed) == [0, 1, 2, 3]
+    rows = {p: sum(b.num_rows for b in read_part(staging, "streams-bad", p)) for p in committed}
+    assert committed == rows, "each committed part is whole"
+    assert len(read_docs(dst, collection_name)) == sum(rows.values())
+    assert not _import_threads()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+async def test_a_multi_stream_import_stopped_by_its_progress_resumes_exactly(
+        pg18_dsns, collection_name, staging):
+    """The activity stops an import by raising from ``progress`` (cancellation): with three
+    streams the exception comes out as itself, the parts in flight roll back, and the next
+    attempt loads exactly the parts still missing."""
+    src, dst = pg18_dsns[0], pg18_dsns[1]
+    await prepare(src, collection_name)
+    await prepare(dst, collection_name)
+    docs = make_docs(300)
+    load_docs(src, collection_name, docs)
+    export_chunk(src, collection_name, FULL, staging, "streams-stop", target_part_rows=20)
+
+    def stop_after_two(p) -> None:
+        if p.parts_done >= 2:
+            raise _Cancelled()
+
+    with pytest.raises(_Cancelled):
+        import_parts(dst, collection_name, staging, "streams-stop", batch_rows=5,
+                     progress=stop_after_two, streams=3)
+    assert not _import_threads()
+    committed = _committed(dst, "streams-stop")
+    assert 2 <= len(committed) < 15
+    assert len(read_docs(dst, collection_name)) == sum(committed.values())
+
+    resumed = import_parts(dst, collection_name, staging, "streams-stop", streams=3)
+    assert resumed.skipped_parts == tuple(sorted(committed))
+    assert sorted(resumed.imported_parts + resumed.skipped_parts) == list(range(15))
+    assert resumed.rows_imported == 300
+    got = read_docs(dst, collection_name)
+    assert len(got) == 300 and keyed(got) == keyed(docs)
+
+
 @pytest.fixture(scope="module")
 def private_pg() -> Iterator[PostgresInstance]:
     """A PostgreSQL 18 of this module's own, which a test may stop without disturbing others."""
