@@ -530,7 +530,7 @@ def test_copy_out_read_whole_and_a_server_error_mid_stream_raised(pg18_dsns):
     wait) yields every row, and a COPY the server fails after sending rows raises the
     server's own error, leaving the connection usable after a rollback."""
     row = ("SELECT g::bigint AS khash, 'id' || g AS id,"
-           " jsonb_build_object('n', {}) AS doc FROM generate_series(1, 30000) g ORDER BY g")
+           " jsonb_build_object('n', {}) AS doc FROM generate_series(1, 20000) g ORDER BY g")
     with psycopg.connect(pg18_dsns[0]) as conn:
         tables = list(_copy_batches(conn, psycopg.sql.SQL(row.format("g")), 1 << 16))
         assert len(tables) > 1  # several blocks
