@@ -382,7 +382,7 @@ async def test_a_failing_stream_stops_the_others_even_one_waiting_for_a_part(
 
 
 class _Cancelled(Exception):
-    pass
+    """What an activity's progress callback raises when the activity is cancelled."""
 
 
 async def test_a_multi_stream_import_stopped_by_its_progress_resumes_exactly(
