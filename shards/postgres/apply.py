@@ -17,7 +17,18 @@ the batch in ONE target transaction:
 3. ``pg_replication_origin_xact_setup(end_lsn_of_last_source_txn, its_commit_time)``;
 4. the stream's state row (applied LSN, lag, markers seen) updated; a batch carrying a fence
    change also notifies ``STREAM_CHANNEL`` (a waiting cutover wakes at its commit);
-5. COMMIT; then, and only then, feedback to the source (flush = that end LSN).
+5. COMMIT; then, and only then, feedback to the source (flush = the end LSN of the last
+   batch whose commit is durable, see below).
+
+A batch's COMMIT does not wait for the target's WAL flush (``SET LOCAL synchronous_commit =
+off``, what PostgreSQL's own apply worker does by default) unless it carries a marker,
+changes whether the stream is held, or comes ``flush_interval`` seconds after the last
+commit that waited; state-row writes without data (heartbeats) always wait. A commit that
+waits makes every earlier one durable too (the WAL is one sequence, and it waits for
+whatever the target's ``synchronous_commit`` and standbys ask), so the feedback names only
+what the last waiting commit covered: the source keeps the rest until then. A target that
+crashes loses at most the batches after that commit, together with their origin progress
+and state row (one commit record holds all three), and the stream sends them again.
 
 Invariants
 ----------
@@ -33,10 +44,12 @@ Invariants
   older, confirmed position). A crash between the commit and the feedback therefore costs a
   resend, never a double apply; a crash before the commit loses nothing because the source
   keeps everything after the last feedback.
-* **Feedback never runs ahead of the target.** The flush LSN sent to the source is the end of
-  the last committed batch, or a keepalive position that arrived after every transaction
-  already applied (nothing of ours lies before it). Since the server discards WAL only up to
-  the flush LSN, the target's history plus the slot is always the full source history.
+* **Feedback never runs ahead of the target's disk.** The flush LSN sent to the source is
+  the end of the last batch a durable commit covers, or a keepalive position that arrived
+  after every transaction already applied (nothing of ours lies before it), once no
+  asynchronous commit is left unflushed. Since the server discards WAL only up to the flush
+  LSN, the target's durable history plus the slot is always the full source history, also
+  after the target crashes.
 * **Order.** Batches are applied in commit order and each batch keeps, per key, the last
   change in source order, so the target passes through source states at batch boundaries
   only: after each commit it equals the source as of that batch's last commit.
@@ -133,6 +146,8 @@ class ApplierStats:
     """Times the throttle paused the applier (see ``throttle``)."""
     throttled_s: float = 0.0
     """Time spent paused by the throttle."""
+    async_commits: int = 0
+    """Batches committed without waiting for the target's WAL flush (``flush_interval``)."""
     plain_insert_fallbacks: int = 0
     """Batches whose plain insert met a row it expected absent and upserted instead (a
     target written behind the applier's back; see ``shards/postgres/apply_batch.py``)."""
@@ -170,6 +185,10 @@ class ChangeApplier:
         reply_interval: seconds between requests for the server's position while idle or
             waiting for a hold.
         heartbeat_interval: seconds between state-row refreshes while idle.
+        flush_interval: the longest a batch's commit goes without waiting for the target's
+            WAL flush: commits carrying data are asynchronous, and the first one after this
+            many seconds since the last one that waited waits (see the module notes); the
+            source learns only what a waiting commit covered. 0: every commit waits.
         after_commit: fault-injection hook for tests, called after a batch's target commit
             and before the feedback is sent (the window the exactly-once proof is about).
         on_batch: called after each applied batch with the stats (activity heartbeats).
@@ -188,6 +207,7 @@ class ChangeApplier:
         control_interval: float = 0.1,
         reply_interval: float = 0.2,
         heartbeat_interval: float = 1.0,
+        flush_interval: float = 1.0,
         after_commit: Callable[[int], None] | None = None,
         on_batch: Callable[[ApplierStats], None] | None = None,
         throttle: ThrottleSettings | None = None,
@@ -202,6 +222,7 @@ class ChangeApplier:
         self.control_interval = control_interval
         self.reply_interval = reply_interval
         self.heartbeat_interval = heartbeat_interval
+        self.flush_interval = flush_interval
         self.after_commit = after_commit
         self.on_batch = on_batch
         self.throttle_settings = throttle if throttle is not None and throttle.max_active \
@@ -213,6 +234,11 @@ class ChangeApplier:
         self._pending_changes = 0
         self._applied_lsn = 0
         self._caught_up_lsn = 0
+        self._durable_lsn = 0
+        """What the last commit that waited for the flush covered (the feedback's limit)."""
+        self._unflushed = False
+        """Has a commit not waited for the flush since the last one that did?"""
+        self._last_flush = 0.0
         self._hold: int | None = None
         self._held = False
         self._last_control = 0.0
@@ -302,6 +328,8 @@ class ChangeApplier:
             )
             self._applied_lsn = progress
             self._caught_up_lsn = progress
+            self._durable_lsn = progress  # pg_replication_origin_progress(..., true) flushed
+            self._last_flush = time.monotonic()
             self._hold = lsn_from_str(state[1]) if state[1] else None
             self._held = bool(state[2])
             self.stats.applied_lsn = progress
@@ -350,12 +378,27 @@ class ChangeApplier:
                     if until is not None and until(self):
                         break
                     self._cycle(conn, stream)
+                self._flush_at_stop(conn, stream)
         finally:
             conn.close()
             if self.throttle is not None:
                 self.throttle.close()
                 self._throttle_stats()
         return self.stats
+
+    def _flush_at_stop(self, conn: psycopg.Connection[Any], stream: ChangeStream) -> None:
+        """A stopping applier makes its batches durable and tells the source: the next one
+        then resumes where this one ended, not at its last flushed commit (the walsender
+        would decode everything after that again)."""
+        if not self._unflushed:
+            return
+        # With flush => true the target's WAL is flushed through the origin's last commit,
+        # this session's last batch.
+        conn.execute("SELECT pg_replication_origin_progress(%s, true)", (self.names.origin,))
+        self._durable_lsn = self._caught_up_lsn
+        self._unflushed = False
+        if self._durable_lsn:
+            stream.confirm(self._durable_lsn)
 
     def _throttle_stats(self) -> None:
         t = self.throttle
@@ -495,7 +538,12 @@ class ChangeApplier:
             self._caught_up_lsn = max(self._caught_up_lsn, self._applied_lsn, position)
             held = self._reached_hold(stream)
             heartbeat = now - self._last_heartbeat >= self.heartbeat_interval
-            if txns or held != self._held or heartbeat:
+            wrote = bool(txns) or held != self._held or heartbeat
+            # Only a batch of data nobody waits for leaves its flush to the WAL writer (see
+            # the module notes).
+            waits = wrote and (not txns or bool(self._pending_markers) or held != self._held
+                               or now - self._last_flush >= self.flush_interval)
+            if wrote:
                 # The origin's progress, the markers, the state row and COMMIT in one round
                 # trip (pipeline: sent together, in this order, answered at the end; an error
                 # skips the rest, COMMIT included).
@@ -507,6 +555,8 @@ class ChangeApplier:
                             (lsn_to_str(last.end_lsn), pg_time_to_datetime(last.commit_time_us)),
                         )
                     self._write_state(conn, stream, txns, held)
+                    if not waits:
+                        conn.execute("SET LOCAL synchronous_commit = off")
                     conn.execute("COMMIT")
                 self._held = held
                 self._last_heartbeat = now
@@ -515,6 +565,18 @@ class ChangeApplier:
         except BaseException:
             _rollback(conn)
             raise
+        if waits:
+            # This commit flushed the WAL through its own record: every batch before it too.
+            self._durable_lsn = self._caught_up_lsn
+            self._unflushed = False
+            self._last_flush = now
+        elif wrote:
+            self._unflushed = True
+            self.stats.async_commits += 1
+        elif not self._unflushed:
+            # Nothing applied since the last flushed commit: the positions consumed are as
+            # durable as it is.
+            self._durable_lsn = self._caught_up_lsn
         commit_wall = time.time()
         if txns:
             end = txns[-1].end_lsn
@@ -527,9 +589,9 @@ class ChangeApplier:
             self.stats.applied_lsn = end
             if self.after_commit is not None:
                 self.after_commit(end)
-        # Feedback strictly after the commit above.
-        if self._caught_up_lsn:
-            stream.confirm(self._caught_up_lsn)
+        # Feedback strictly after a commit that waited for the flush (see the module notes).
+        if self._durable_lsn:
+            stream.confirm(self._durable_lsn)
         if txns and self.on_batch is not None:
             self.on_batch(self.stats)
 

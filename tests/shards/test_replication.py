@@ -645,6 +645,64 @@ async def test_hold_at_lsn_and_release(
     assert_running(box)
 
 
+def slot_feedback(dsn: str, slot: str) -> tuple[int, float]:
+    """The slot's confirmed position and when its walsender last heard from the applier
+    (``pg_stat_replication.reply_time``, epoch seconds; 0 before any reply)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT coalesce(s.confirmed_flush_lsn, '0/0')::text,"
+            " coalesce(extract(epoch FROM r.reply_time), 0)::float8"
+            " FROM pg_replication_slots s LEFT JOIN pg_stat_replication r"
+            " ON r.pid = s.active_pid WHERE s.slot_name = %s", (slot,),
+        ).fetchone()
+    assert row is not None, f"no slot {slot}"
+    return lsn_from_str(row[0]), float(row[1])
+
+
+async def test_the_source_learns_only_what_a_flushed_commit_covers(
+    request: pytest.FixtureRequest, cleanup: list[tuple[str, str]],
+    pg18_pair: tuple[PostgresShard, PostgresShard], collection_name: str,
+) -> None:
+    """Batches commit without waiting for the target's WAL flush; until a commit that waits
+    covers them, the source is not told they are applied (a target crash may still lose
+    them, and the source must then send them again)."""
+    source, target = pg18_pair
+    await setup_shards(source, target, collection_name)
+    move = new_move(request, cleanup, source, target, collection_name)
+    await asyncio.to_thread(prepare_stream, move)
+    # No commit waits on its own for the length of the test: only the hold below makes one.
+    box = move.start_applier(flush_interval=3600, heartbeat_interval=3600)
+    writer = Writer(source, collection_name, 13, range(200))
+    for _ in range(400):
+        await writer.step()
+    # (Not wait_applied: without heartbeats the state row's caught-up position stays at the
+    # last batch, short of the source's current position.)
+    expected = chunk_rows(source.dsn, collection_name)
+    await wait_until(lambda: chunk_rows(target.dsn, collection_name) == expected,
+                     what="the writes on the target")
+    stats: ApplierStats = box["applier"].stats
+    assert stats.batches > 0 and stats.async_commits == stats.batches
+    first_applied = min(stats.applied_commit_lsns)
+
+    # The applier reports to the walsender at least every reply_interval while idle: once a
+    # report sent after the rows were visible has arrived, its flush position is what the
+    # applier would confirm.
+    visible_at = time.time()
+    await wait_until(lambda: slot_feedback(source.dsn, move.names.slot)[1] > visible_at,
+                     what="a status update after the batches")
+    confirmed, _ = slot_feedback(source.dsn, move.names.slot)
+    assert confirmed < first_applied, "the source was told of batches not yet flushed"
+
+    # A hold is committed waiting for the flush: it makes every batch before it durable.
+    held_at = await asyncio.to_thread(request_hold, target.dsn, move.names, None)
+    await asyncio.to_thread(wait_held, target.dsn, move.names, held_at, 15)
+    await wait_until(
+        lambda: slot_feedback(source.dsn, move.names.slot)[0] >= stats.applied_lsn,
+        what="the feedback after the flushed commit")
+    release_hold(target.dsn, move.names)
+    assert_running(box)
+
+
 async def bidirectional(request: pytest.FixtureRequest, cleanup: list[tuple[str, str]],
                         a: PostgresShard, b: PostgresShard, collection: str) -> None:
     """A->B and B->A at once, both under origins: each write arrives once and never returns."""

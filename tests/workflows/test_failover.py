@@ -228,9 +228,11 @@ async def test_pg18_target_failover_mid_move(ha_stack: Stack, ha_catalog: Catalo
                                              ha_worker: Settings, ha_client: Client,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """shard-2, the move's target, loses its primary while the move replicates; its standby
-    is promoted. What the target holds (the imported copy, the applier's replication origin
-    and state row) was committed synchronously to the standby, so the applier resumes on the
-    new primary from where the origin says: the move completes, verifies, nothing is lost."""
+    is promoted. The imported copy was committed synchronously to the standby; the applier's
+    batches commit without waiting, so the new primary may lack the last ones, with their
+    origin progress and state row, but the source was told only of batches a waiting commit
+    covered and sends the rest again: the applier resumes on the new primary from where its
+    origin says, the move completes, verifies, nothing is lost."""
     async with deployed(ha_stack, ha_catalog, "ha18t", ["shard-1", "shard-2"]) as d:
         async with replicating(d, ha_client, ha_worker, monkeypatch, "shard-1", "shard-2") as m:
             acked = sum(r.outcome == "ok" for r in m.load.records)
