@@ -193,11 +193,12 @@ class BatchWriter:
         self._upsert_fresh = self._upsert.format(t=t, op=sql.Literal(OP_INSERT))
         self._copy_fresh = sql.SQL(
             "COPY {t} (khash, id, doc) FROM STDIN (FORMAT binary)").format(t=t)
+        # Both bounds, the top one inclusive (the end of the khash space is no bigint): a lone
+        # ``khash >= lo`` on the top chunk is priced at a third of a table without
+        # statistics, and deleted with a sequential scan of every chunk's rows.
         self._truncate = sql.SQL(
-            "DELETE FROM {t} WHERE khash >= {lo}::bigint"
-            " AND ({hi}::bigint IS NULL OR khash < {hi}::bigint)"
-        ).format(t=t, lo=sql.Literal(str(r.lo)),
-                 hi=sql.Literal(None if r.sql_hi is None else str(r.sql_hi)))
+            "DELETE FROM {t} WHERE khash >= {lo}::bigint AND khash <= {top}::bigint"
+        ).format(t=t, lo=sql.Literal(str(r.lo)), top=sql.Literal(str(r.hi - 1)))
         self.fallbacks = 0
         """Batches whose plain insert met an existing row and was upserted instead."""
 

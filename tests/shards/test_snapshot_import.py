@@ -22,6 +22,7 @@ from settings import DatabaseSettings, InfraSettings
 from shards.errors import InvalidNameError
 from shards.models import KHASH_END, KHASH_MIN, FenceState, KeyRange
 from shards.postgres import PostgresShard
+from shards.postgres.apply_batch import BatchWriter
 from shards.postgres.bulk_import import (
     StagedPartError,
     encode_copy_rows,
@@ -603,6 +604,38 @@ async def test_a_range_is_read_through_the_index_even_without_statistics(
             assert "Seq Scan" not in plan and "Index" in plan, plan
         assert conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
             table, range_predicate(KeyRange(lo=KHASH_MIN, hi=KHASH_END)))).fetchone() == (30000,)
+
+
+async def test_the_applier_s_truncate_of_the_top_chunk_reads_through_the_index(
+        pg18_dsns, collection_name):
+    """A source TRUNCATE reaches the target as a delete of the chunk's range
+    (``BatchWriter``): on the top chunk of a table without statistics it must not read the
+    whole table (the other chunks' rows), as the import's delete once did. Its range was
+    ``khash >= lo AND (NULL IS NULL OR ...)``, a lone inequality: at 300,000 other rows the
+    planner chose a sequential scan."""
+    dst = pg18_dsns[1]
+    await prepare(dst, collection_name)
+    table = sql.SQL("docs.{}").format(sql.Identifier(collection_name))
+    with psycopg.connect(dst, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(table))
+        conn.execute(sql.SQL("INSERT INTO {} (khash, id, doc) SELECT -1000000 - g, g::text,"
+                             " '{{}}'::jsonb"
+                             " FROM generate_series(1, 300000) g").format(table))
+        writer = BatchWriter(collection_name, KeyRange(lo=2**62, hi=KHASH_END))
+        plan = "\n".join(r[0] for r in conn.execute(sql.SQL("EXPLAIN ") + writer._truncate))
+        assert "Seq Scan" not in plan and "Index" in plan, plan
+
+        # And it deletes its range, bounds included, and nothing else.
+        edges = [2**62 - 1, 2**62, 2**62 + 2**40 - 1, 2**62 + 2**40, 2**63 - 1]
+        conn.execute(sql.SQL("INSERT INTO {} (khash, id, doc) SELECT h, 'edge', '{{}}'"
+                             " FROM unnest(%s::bigint[]) h").format(table), (edges,))
+        for key_range, left in ((KeyRange(lo=2**62, hi=2**62 + 2**40), [0, 3, 4]),
+                                (KeyRange(lo=2**62, hi=KHASH_END), [0])):
+            with conn.transaction(force_rollback=True):
+                conn.execute(BatchWriter(collection_name, key_range)._truncate)
+                kept = [h for (h,) in conn.execute(sql.SQL(
+                    "SELECT khash FROM {} WHERE id = 'edge' ORDER BY khash").format(table))]
+                assert kept == [edges[i] for i in left], key_range
 
 
 # -- range delete --------------------------------------------------------------------------------
