@@ -562,6 +562,21 @@ def test_copy_out_of_an_empty_or_one_row_range(pg18_dsns, rows):
 # -- range predicates ----------------------------------------------------------------------------
 
 
+async def _table_without_statistics(dsn: str, collection: str, rows: int, *,
+                                    pad: int) -> sql.Composed:
+    """The collection's table holding ``rows`` rows of other chunks, below ``2**62`` (documents
+    of ``pad`` bytes), with autovacuum off and no ANALYZE: no statistics, as a target's new
+    collection has. Returns the table's name."""
+    await prepare(dsn, collection)
+    table = sql.SQL("docs.{}").format(sql.Identifier(collection))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(table))
+        conn.execute(sql.SQL("INSERT INTO {} (khash, id, doc) SELECT -1000000 - g, g::text,"
+                             " jsonb_build_object('pad', repeat('x', %s))"
+                             " FROM generate_series(1, %s) g").format(table), (pad, rows))
+    return table
+
+
 @pytest.mark.parametrize("top", [True, False], ids=["unbounded-top", "bounded"])
 async def test_a_range_is_read_through_the_index_even_without_statistics(
         pg18_dsns, collection_name, top):
@@ -574,14 +589,8 @@ async def test_a_range_is_read_through_the_index_even_without_statistics(
     WAL for every page whose hint bits it set (at 1M documents: 1.2 GB of WAL beside 1.4 GB
     of rows, on the import's last part)."""
     dst = pg18_dsns[1]
-    await prepare(dst, collection_name)
-    table = sql.SQL("docs.{}").format(sql.Identifier(collection_name))
+    table = await _table_without_statistics(dst, collection_name, 30000, pad=1000)
     with psycopg.connect(dst, autocommit=True) as conn:
-        conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(table))
-        # Other chunks' rows, below the range (no ANALYZE: no statistics).
-        conn.execute(sql.SQL("INSERT INTO {} (khash, id, doc) SELECT -1000000 - g, g::text,"
-                             " jsonb_build_object('pad', repeat('x', 1000))"
-                             " FROM generate_series(1, 30000) g").format(table))
         assert conn.execute("SELECT count(*) FROM pg_stats WHERE schemaname = 'docs'"
                             " AND tablename = %s", (collection_name,)).fetchone() == (0,)
         key_range = KeyRange(lo=2**62, hi=KHASH_END if top else 2**62 + 2**40)
@@ -614,13 +623,8 @@ async def test_the_applier_s_truncate_of_the_top_chunk_reads_through_the_index(
     ``khash >= lo AND (NULL IS NULL OR ...)``, a lone inequality: at 300,000 other rows the
     planner chose a sequential scan."""
     dst = pg18_dsns[1]
-    await prepare(dst, collection_name)
-    table = sql.SQL("docs.{}").format(sql.Identifier(collection_name))
+    table = await _table_without_statistics(dst, collection_name, 300000, pad=0)
     with psycopg.connect(dst, autocommit=True) as conn:
-        conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(table))
-        conn.execute(sql.SQL("INSERT INTO {} (khash, id, doc) SELECT -1000000 - g, g::text,"
-                             " '{{}}'::jsonb"
-                             " FROM generate_series(1, 300000) g").format(table))
         writer = BatchWriter(collection_name, KeyRange(lo=2**62, hi=KHASH_END))
         plan = "\n".join(r[0] for r in conn.execute(sql.SQL("EXPLAIN ") + writer._truncate))
         assert "Seq Scan" not in plan and "Index" in plan, plan
