@@ -45,7 +45,7 @@ from psycopg.errors import error_from_result
 from shards.models import KeyRange
 from shards.postgres import _accel
 from shards.postgres.pgoutput import Delete, Marker, Transaction, TruncateChunk, Upsert
-from shards.postgres.schema import collection_table
+from shards.postgres.schema import collection_table, range_predicate
 
 OP_DELETE, OP_UPSERT, OP_INSERT = 0, 1, 2
 """The ``op`` column of ``pg_temp.ss_apply``."""
@@ -180,7 +180,6 @@ class BatchWriter:
 
     def __init__(self, collection: str, key_range: KeyRange) -> None:
         t = collection_table(collection)
-        r = key_range
         self._delete = sql.SQL(
             "DELETE FROM {t} d USING pg_temp.ss_apply s"
             " WHERE s.op = 0 AND d.khash = s.khash AND d.id = s.id"
@@ -193,12 +192,10 @@ class BatchWriter:
         self._upsert_fresh = self._upsert.format(t=t, op=sql.Literal(OP_INSERT))
         self._copy_fresh = sql.SQL(
             "COPY {t} (khash, id, doc) FROM STDIN (FORMAT binary)").format(t=t)
-        # Both bounds, the top one inclusive (the end of the khash space is no bigint): a lone
-        # ``khash >= lo`` on the top chunk is priced at a third of a table without
-        # statistics, and deleted with a sequential scan of every chunk's rows.
-        self._truncate = sql.SQL(
-            "DELETE FROM {t} WHERE khash >= {lo}::bigint AND khash <= {top}::bigint"
-        ).format(t=t, lo=sql.Literal(str(r.lo)), top=sql.Literal(str(r.hi - 1)))
+        # Both bounds (range_predicate): a lone ``khash >= lo`` on the top chunk is priced at a
+        # third of a table without statistics and deleted with a scan of every chunk's rows.
+        self._truncate = sql.SQL("DELETE FROM {t} WHERE {w}").format(
+            t=t, w=range_predicate(key_range))
         self.fallbacks = 0
         """Batches whose plain insert met an existing row and was upserted instead."""
 

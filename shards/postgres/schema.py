@@ -23,6 +23,8 @@ import hashlib
 
 from psycopg import sql
 
+from shards.models import KeyRange
+
 DOCS = "docs"
 
 SCHEMA_VERSION = 1
@@ -198,6 +200,27 @@ def collection_ddl(collection: str) -> sql.Composed:
         " doc jsonb NOT NULL,"
         " PRIMARY KEY (khash, id))"
     ).format(collection_table(collection))
+
+
+KHASH_SQL_MAX = 2**63 - 1
+"""The largest bigint: the inclusive top of an unbounded range's predicate."""
+
+
+def range_predicate(key_range: KeyRange) -> sql.Composed:
+    """``khash >= lo AND khash < hi`` as literals (COPY takes no parameters): the export, the
+    import, verify, cleanup and the applier's delete of a truncated chunk all use it.
+
+    An unbounded top (``hi`` is the end of the khash space, which no bigint reaches) is
+    ``khash <= 9223372036854775807``, not left out: the same rows, but a pair of bounds,
+    which the planner prices as a narrow range (half a percent of the table) when it has no
+    statistics for the column, where a lone ``khash >= lo`` is priced at a third of the
+    table and read with a sequential scan of every row once the table is large (a new
+    collection on a target, before autovacuum analyzes it; see
+    ``test_a_range_is_read_through_the_index_even_without_statistics``)."""
+    lo = sql.SQL("khash >= {}").format(sql.Literal(key_range.lo))
+    if key_range.sql_hi is None:
+        return sql.SQL("{} AND khash <= {}").format(lo, sql.Literal(KHASH_SQL_MAX))
+    return sql.SQL("{} AND khash < {}").format(lo, sql.Literal(key_range.sql_hi))
 
 
 def field_expr(path: tuple[str, ...], column: str = "doc") -> sql.Composed:

@@ -69,7 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from shards.arrow_memory import use_copy_pool
 from shards.models import KeyRange
 from shards.names import check_collection
-from shards.postgres.schema import collection_table
+from shards.postgres.schema import collection_table, range_predicate
 from shards.postgres.throttle import CopyThrottle
 from shards.staging import Staging, check_migration_id
 
@@ -165,26 +165,6 @@ def open_snapshot(dsn: str, snapshot: str | None, *, application_name: str) -> p
         conn.close()
         raise
     return conn
-
-
-KHASH_SQL_MAX = 2**63 - 1
-"""The largest bigint: the inclusive top of an unbounded range's predicate."""
-
-
-def range_predicate(key_range: KeyRange) -> sql.Composed:
-    """``khash >= lo AND khash < hi`` as literals (COPY takes no parameters).
-
-    An unbounded top (``hi`` is the end of the khash space, which no bigint reaches) is
-    ``khash <= 9223372036854775807``, not left out: the same rows, but a pair of bounds,
-    which the planner prices as a narrow range (half a percent of the table) when it has no
-    statistics for the column, where a lone ``khash >= lo`` is priced at a third of the
-    table and read with a sequential scan of every row once the table is large (a new
-    collection on a target, before autovacuum analyzes it; see
-    ``test_a_range_is_read_through_the_index_even_without_statistics``)."""
-    lo = sql.SQL("khash >= {}").format(sql.Literal(key_range.lo))
-    if key_range.sql_hi is None:
-        return sql.SQL("{} AND khash <= {}").format(lo, sql.Literal(KHASH_SQL_MAX))
-    return sql.SQL("{} AND khash < {}").format(lo, sql.Literal(key_range.sql_hi))
 
 
 def select_rows_sql(collection: str, key_range: KeyRange) -> sql.Composed:
